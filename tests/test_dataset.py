@@ -1,0 +1,80 @@
+import shutil
+
+import pandas as pd
+import pytest
+from conftest import SAMPLE, save_png
+
+from tprobe.dataset import discover, parse_wang_name
+from tprobe.errors import TprobeError
+
+
+def test_bundled_sample_layout():
+    ds = discover()
+    t = ds.table
+    assert ds.layout == "folders" and len(t) == 852 and not ds.skipped
+    assert sorted(t["donor"].unique()) == [f"donor_{i}" for i in range(1, 7)]
+    assert set(t["label"]) == {0, 1}
+    # labels from folders agree with the names; batch/plate/cell parsed
+    assert (t["label"] == t["path"].str.contains("_act_").astype(int)).all()
+    assert t["batch"].notna().all() and set(t["cell_type"]) <= {"CD3", "CD8"}
+
+
+def test_parse_wang_name():
+    assert parse_wang_name("CD8_12_noact_3_2_101.png") == {
+        "cell_type": "CD8",
+        "donor": "donor_12",
+        "label": 0,
+        "batch": 3,
+        "plate": 2,
+        "cell": 101,
+    }
+    assert parse_wang_name("cell_7.png") is None
+
+
+def test_flat_folder_and_unparsable_name(tmp_path):
+    for f in sorted((SAMPLE / "donor_2" / "activated").glob("*.png"))[:3]:
+        shutil.copy(f, tmp_path / f.name)
+    shutil.copy(f, tmp_path / "mystery.png")
+    ds = discover(tmp_path)
+    assert ds.layout == "flat" and len(ds.table) == 3
+    assert ds.table["donor"].eq("donor_2").all() and ds.table["label"].eq(1).all()
+    assert len(ds.skipped) == 1 and "mystery.png" in str(ds.skipped[0])
+    assert "rename" in ds.skipped[0].reason
+
+
+def test_unknown_label_folder_is_skipped_with_fix(small_data):
+    src = next((small_data / "donor_1" / "activated").glob("*.png"))
+    (small_data / "donor_1" / "maybe").mkdir()
+    shutil.copy(src, small_data / "donor_1" / "maybe" / "x.png")
+    ds = discover(small_data)
+    assert len(ds.table) == 24
+    assert len(ds.skipped) == 1 and "'maybe' is not a label name" in ds.skipped[0].reason
+
+
+def test_csv_manifest(tmp_path, small_data):
+    files = sorted(small_data.rglob("*.png"))
+    df = pd.DataFrame(
+        {
+            "path": [str(f.relative_to(tmp_path)) for f in files],
+            "label": ["activated" if "/activated/" in str(f) else 0 for f in files],
+            "donor": [f.parts[-3] for f in files],
+            "well": "A1",
+        }
+    )
+    df.loc[0, "label"] = "banana"
+    df.to_csv(tmp_path / "m.csv", index=False)
+    ds = discover(tmp_path / "m.csv")
+    assert ds.layout == "table" and len(ds.table) == len(files) - 1
+    assert "well" in ds.table.columns and "banana" in ds.skipped[0].reason
+    pd.DataFrame({"path": ["a.png"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(TprobeError, match="lacks column.*label"):
+        discover(tmp_path / "bad.csv")
+
+
+def test_empty_and_missing(tmp_path):
+    with pytest.raises(TprobeError, match="no usable images"):
+        discover(tmp_path)
+    with pytest.raises(TprobeError, match="no such file"):
+        discover(tmp_path / "nope")
+    save_png(tmp_path / "donor_1" / "activated" / "a.png", __import__("numpy").zeros((3, 3), "uint8"))
+    assert len(discover(tmp_path).table) == 1

@@ -1,0 +1,122 @@
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import tprobe.store
+from tprobe.backbones import Backbone, resolve_model
+from tprobe.dataset import discover
+from tprobe.errors import TprobeError
+from tprobe.extract import extract, find_store
+from tprobe.preprocess import PreprocessConfig, load_view, preprocess
+from tprobe.store import FeatureStore
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+@pytest.mark.parametrize("model", ["tiny_reg", "tiny_plain"])
+def test_store_layout_and_equality_with_model_outputs(request, tmp_path, small_data, fmt, model):
+    path = request.getfixturevalue(model)
+    pre = preprocess(discover(small_data))
+    res = extract(pre, resolve_model(str(path)), cache=tmp_path / "c", fmt=fmt, dtype="float32",
+                  chunk_rows=16, batch_size=5, progress=False)  # fmt: skip
+    assert res.status == "written" and res.path.name == f"float32.{'zarr' if fmt == 'zarr' else 'h5'}"
+    store = FeatureStore.open(res.path)
+    n, R = len(pre.kept), (4 if model == "tiny_reg" else 0)
+    assert store.shapes["cls"] == (n, 32) and store.shapes["patches"] == (n, 100, 32)
+    assert ("registers" in store.shapes) == bool(R) and store.num_registers == R
+    a = store.attrs
+    assert a["num_register_tokens"] == R and a["patch_grid"] == [10, 10] and a["hidden_size"] == 32
+    assert a["preprocess_hash"] == pre.config.hash and a["dataset_fingerprint"] == pre.fingerprint
+    assert a["resolved_revision"] and a["tprobe_version"]
+    manifest = pd.read_parquet(res.path.parent / "manifest.parquet")
+    assert manifest["image_id"].tolist() == pre.kept["image_id"].tolist()
+    # tokens equal the model's own last_hidden_state for the same inputs
+    bb = Backbone.from_pretrained(str(path), device="cpu")
+    rows = [0, 7, n - 1]
+    imgs = np.stack([load_view(manifest.path[i], manifest.view[i], pre.config) for i in rows])
+    with torch.inference_mode():
+        hidden = bb(bb.pixel_values(imgs)).last_hidden_state.numpy()
+    np.testing.assert_allclose(store.read("cls")[rows], hidden[:, 0], atol=1e-5)
+    np.testing.assert_allclose(store.read("patches")[rows], hidden[:, 1 + R :], atol=1e-5)
+    if R:
+        np.testing.assert_allclose(store.read("registers")[rows], hidden[:, 1 : 1 + R], atol=1e-5)
+    # pooling: the patch mean excludes registers
+    np.testing.assert_allclose(store.pooled("mean")[rows], hidden[:, 1 + R :].mean(1), atol=1e-5)
+    assert store.pooled("concat").shape == (n, (1 + R + 100) * 32)
+    if not R:
+        with pytest.raises(TprobeError, match="no register tokens"):
+            store.pooled("registers")
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_interrupted_extract_resumes_and_matches_uninterrupted(
+    tmp_path, small_data, tiny_reg, monkeypatch, fmt
+):
+    pre = preprocess(discover(small_data))
+    ref = resolve_model(str(tiny_reg))
+    kw = dict(fmt=fmt, chunk_rows=8, batch_size=4, progress=False)
+    full = FeatureStore.open(extract(pre, ref, cache=tmp_path / "a", **kw).path).read("patches")
+
+    real_write = FeatureStore.write_unit
+    calls = []
+
+    def dying_write(self, unit, tokens):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # Ctrl-C after three finished chunks
+        calls.append(unit)
+        real_write(self, unit, tokens)
+
+    monkeypatch.setattr(FeatureStore, "write_unit", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        extract(pre, ref, cache=tmp_path / "b", **kw)
+    monkeypatch.setattr(FeatureStore, "write_unit", real_write)
+    path = next((tmp_path / "b").rglob(f"float16.{'zarr' if fmt == 'zarr' else 'h5'}.progress")).with_suffix(
+        ""
+    )
+    with pytest.raises(TprobeError, match="incomplete \\(3/.*rerun the same"):
+        FeatureStore.open(path)
+    res = extract(pre, ref, cache=tmp_path / "b", **kw)
+    assert res.status == "written" and res.images == len(pre.kept) - 3 * 8
+    np.testing.assert_array_equal(FeatureStore.open(res.path).read("patches"), full)
+    assert extract(pre, ref, cache=tmp_path / "b", **kw).status == "up to date"
+
+
+def test_changed_preprocessing_never_reuses_the_cache(tmp_path, small_data, tiny_reg):
+    ref = resolve_model(str(tiny_reg))
+    pre = preprocess(discover(small_data))
+    first = extract(pre, ref, cache=tmp_path, progress=False)
+    other = preprocess(discover(small_data), PreprocessConfig(views="orig"))
+    second = extract(other, ref, cache=tmp_path, progress=False)
+    assert second.status == "written" and second.path != first.path
+    assert find_store(tmp_path, other, ref) == second.path
+    with pytest.raises(TprobeError, match="run `tprobe extract --model"):
+        find_store(tmp_path, preprocess(discover(small_data), PreprocessConfig(canvas=154)), ref)
+
+
+def test_corrupt_image_is_skipped_and_the_rest_extracted(tmp_path, small_data, tiny_reg):
+    bad = small_data / "donor_1" / "activated" / "CD3_1_act_1_1_1.png"
+    bad.write_bytes(b"\x89PNG\r\n garbage")
+    pre = preprocess(discover(small_data))
+    assert any("CD3_1_act_1_1_1.png" in str(s) for s in pre.skipped)
+    res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path / "c", progress=False)
+    assert FeatureStore.open(res.path).n == len(pre.kept) > 0
+
+
+def test_shards_write_disjoint_units(tmp_path, small_data, tiny_reg):
+    pre = preprocess(discover(small_data))
+    ref = resolve_model(str(tiny_reg))
+    kw = dict(cache=tmp_path, chunk_rows=8, progress=False)
+    r0 = extract(pre, ref, shard=(0, 2), **kw)
+    assert r0.status == "partial (shard)"
+    r1 = extract(pre, ref, shard=(1, 2), **kw)
+    assert r1.status == "written" and FeatureStore.open(r1.path).complete
+
+
+def test_zarr_chunks_are_aligned_with_units(tmp_path, small_data, tiny_reg):
+    import zarr
+
+    pre = preprocess(discover(small_data))
+    res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, chunk_rows=8, progress=False)
+    arr = zarr.open_array(res.path / "patches", mode="r")
+    assert arr.chunks[0] == 8 and arr.dtype == np.float16
+    assert tprobe.store.FeatureStore.open(res.path).chunk_rows == 8

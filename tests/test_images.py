@@ -1,0 +1,49 @@
+import numpy as np
+import pytest
+import tifffile
+from conftest import save_png
+
+from tprobe.errors import TprobeError
+from tprobe.images import read_image
+
+
+def test_8bit_png_unchanged(tmp_path):
+    arr = np.arange(30, dtype=np.uint8).reshape(5, 6)
+    out = read_image(save_png(tmp_path / "a.png", arr))
+    assert out.dtype == np.float32 and np.array_equal(out, arr)
+
+
+def test_16bit_tiff_scaled_by_documented_rule(tmp_path):
+    arr = np.array([[0, 257, 65535]], dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "a.tif", arr)
+    assert np.allclose(read_image(tmp_path / "a.tif"), [[0, 1, 255]])
+    arr12 = np.array([[0, 4095]], dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "b.tif", arr12)
+    assert np.allclose(read_image(tmp_path / "b.tif", max_value=4095), [[0, 255]])
+
+
+def test_16bit_above_max_value_is_an_error_not_clipped(tmp_path):
+    tifffile.imwrite(tmp_path / "a.tif", np.array([[5000]], dtype=np.uint16))
+    with pytest.raises(TprobeError, match="exceeds --max-value 4095"):
+        read_image(tmp_path / "a.tif", max_value=4095)
+
+
+def test_grey_saved_as_rgb_is_accepted_colour_is_refused(tmp_path):
+    grey = np.random.default_rng(0).integers(0, 255, (4, 4), dtype=np.uint8)
+    rgb = np.stack([grey] * 3, -1)
+    assert np.array_equal(read_image(save_png(tmp_path / "g.png", rgb)), grey)
+    rgb[0, 0, 1] += 1
+    with pytest.raises(TprobeError, match="RGB colour image.*greyscale"):
+        read_image(save_png(tmp_path / "c.png", rgb))
+    rgba = np.dstack([rgb, np.full((4, 4), 128, np.uint8)])
+    with pytest.raises(TprobeError, match="RGBA"):
+        read_image(save_png(tmp_path / "d.png", rgba))
+
+
+def test_corrupt_and_empty_files(tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(TprobeError, match="bad.png: cannot be read"):
+        read_image(tmp_path / "bad.png")
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(TprobeError, match="zero.png"):
+        read_image(tmp_path / "zero.png")

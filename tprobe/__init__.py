@@ -1,0 +1,7 @@
+"""tprobe: embedding cache + linear probes for microscopy cell images."""
+
+__version__ = "0.1.0"
+
+from tprobe.errors import TprobeError  # noqa: E402
+
+__all__ = ["TprobeError", "__version__"]

@@ -1,0 +1,181 @@
+"""Finding images and their labels, donors and cells.
+
+Three layouts are accepted:
+
+(a) ``DIR/donor_<N>/{activated,quiescent}/*.png`` (the bundled sample's layout);
+(b) a flat folder of Wang et al. names ``CD{3|8}_{donor}_{act|noact}_{batch}_{plate}_{cell}.png``;
+(c) a CSV or Parquet table with at least ``path,label`` (paths relative to the table's folder),
+    optional ``donor`` and any other columns (kept as they are).
+
+Files that cannot be used are returned as :class:`Skipped` rows with a reason naming the fix.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from tprobe.errors import TprobeError
+from tprobe.images import IMAGE_SUFFIXES
+
+__all__ = ["Dataset", "Skipped", "discover", "parse_wang_name", "DEFAULT_DATA"]
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "tcell-sample"
+
+WANG_NAME = re.compile(
+    r"^(?P<cell_type>CD\d+)_(?P<donor>\d+)_(?P<cond>act|noact)_(?P<batch>\d+)_(?P<plate>\d+)_(?P<cell>\d+)$",
+    re.IGNORECASE,
+)
+LABEL_NAMES = {
+    "activated": 1, "act": 1, "active": 1, "1": 1,
+    "quiescent": 0, "noact": 0, "nonactivated": 0, "non-activated": 0, "inactive": 0, "0": 0,
+}  # fmt: skip
+COLUMNS = ["path", "label", "donor", "cell_type", "batch", "plate", "cell"]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file left out, with the reason and the fix in one line."""
+
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}" if self.reason.find(self.path) < 0 else self.reason
+
+
+@dataclass
+class Dataset:
+    """The images found: one row per file (``COLUMNS``), plus the files left out."""
+
+    root: Path
+    table: pd.DataFrame
+    skipped: list[Skipped] = field(default_factory=list)
+    layout: str = ""
+
+
+def parse_wang_name(name: str) -> dict | None:
+    """Parse ``CD3_1_act_9_1_12.png`` into its fields; None when the name does not fit."""
+    m = WANG_NAME.match(Path(name).stem)
+    if not m:
+        return None
+    return {
+        "cell_type": m["cell_type"].upper(),
+        "donor": f"donor_{int(m['donor'])}",
+        "label": 1 if m["cond"].lower() == "act" else 0,
+        "batch": int(m["batch"]),
+        "plate": int(m["plate"]),
+        "cell": int(m["cell"]),
+    }
+
+
+def discover(data: str | Path | None = None) -> Dataset:
+    """Find the images under ``data`` (folder or table; default: the bundled sample)."""
+    root = Path(data) if data is not None else DEFAULT_DATA
+    if not root.exists():
+        raise TprobeError(f"{root}: no such file or folder; pass --data with your image folder")
+    if root.is_file():
+        ds = _from_table(root)
+    elif any(p.is_dir() and _label_of(p.name) is not None for p in root.glob("*/*")) or any(
+        p.is_dir() and _label_of(p.name) is not None for p in root.iterdir()
+    ):
+        ds = _from_folders(root)
+    else:
+        ds = _from_flat(root)
+    if ds.table.empty:
+        raise TprobeError(
+            f"{root}: no usable images found ({len(ds.skipped)} skipped); expected "
+            "donor_N/{activated,quiescent}/*.png, Wang-style file names, or a CSV with path,label"
+        )
+    ds.table = ds.table.sort_values("path", kind="stable").reset_index(drop=True)
+    return ds
+
+
+def _label_of(name: str) -> int | None:
+    return LABEL_NAMES.get(name.lower())
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _from_folders(root: Path) -> Dataset:
+    rows, skipped = [], []
+    for sub in sorted(p for p in root.rglob("*") if p.is_dir()):
+        if any(_label_of(part) is not None for part in sub.relative_to(root).parts[:-1]):
+            continue  # nested inside a label folder: read with it
+        direct = [p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        label = _label_of(sub.name)
+        if label is None:
+            if direct and not any(_label_of(c.name) is not None for c in sub.iterdir()):
+                skipped += [
+                    Skipped(str(p), f"folder '{sub.name}' is not a label name; rename it to "
+                            "'activated' or 'quiescent'")
+                    for p in direct
+                ]  # fmt: skip
+            continue
+        donor = sub.parent.name if sub.parent != root else "donor_unknown"
+        for path in _images(sub):
+            parsed = parse_wang_name(path.name) or {}
+            if parsed and parsed["label"] != label:
+                skipped.append(Skipped(str(path), f"name says label {parsed['label']} but folder "
+                                       f"'{sub.name}' says {label}; move or rename the file"))  # fmt: skip
+                continue
+            rows.append({**parsed, "path": str(path), "label": label, "donor": donor})
+    return Dataset(root, _frame(rows), skipped, "folders")
+
+
+def _from_flat(root: Path) -> Dataset:
+    rows, skipped = [], []
+    for path in _images(root):
+        parsed = parse_wang_name(path.name)
+        if parsed is None:
+            skipped.append(Skipped(str(path), "file name does not parse; rename it "
+                                   "CD3_<donor>_<act|noact>_<batch>_<plate>_<cell>.png, put it in "
+                                   "an activated/quiescent folder, or list it in a CSV manifest"))  # fmt: skip
+            continue
+        rows.append({**parsed, "path": str(path)})
+    return Dataset(root, _frame(rows), skipped, "flat")
+
+
+def _from_table(table_path: Path) -> Dataset:
+    suffix = table_path.suffix.lower()
+    if suffix == ".csv":
+        df = pd.read_csv(table_path)
+    elif suffix in (".parquet", ".pq"):
+        df = pd.read_parquet(table_path)
+    else:
+        raise TprobeError(f"{table_path}: expected a folder, .csv or .parquet manifest")
+    missing = {"path", "label"} - set(df.columns)
+    if missing:
+        raise TprobeError(f"{table_path}: manifest lacks column(s) {sorted(missing)}; it needs path,label")
+    rows, skipped = [], []
+    for rec in df.to_dict("records"):
+        path = Path(str(rec["path"]))
+        path = path if path.is_absolute() else table_path.parent / path
+        label = _label_of(str(rec["label"]).strip().removesuffix(".0"))
+        if label is None:
+            skipped.append(Skipped(str(path), f"label '{rec['label']}' is not one of "
+                                   "activated/quiescent/1/0; fix the manifest row"))  # fmt: skip
+            continue
+        rows.append({**rec, "path": str(path), "label": label,
+                     "donor": str(rec.get("donor", "donor_unknown"))})  # fmt: skip
+    return Dataset(table_path, _frame(rows), skipped, "table")
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    df = pd.DataFrame(rows)
+    for col in COLUMNS:
+        if col not in df.columns:
+            df[col] = pd.NA
+    rest = [c for c in df.columns if c not in COLUMNS]
+    df = df[COLUMNS + rest]
+    df["label"] = df["label"].astype("int64") if len(df) else df["label"]
+    df["donor"] = df["donor"].astype(str)
+    for col in ("batch", "plate", "cell"):
+        df[col] = pd.to_numeric(df[col], errors="coerce").astype("Int64")
+    df["cell_type"] = df["cell_type"].astype("string")
+    return df

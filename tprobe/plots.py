@@ -1,0 +1,100 @@
+"""Figures: preprocessing contact sheet, ROC curves, confusion matrix, sweep bar chart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = ["contact_sheet", "roc_curves", "confusion_matrix_plot", "sweep_bars"]
+
+
+def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group: int = 8) -> Path:
+    """A grid of kept and dropped example images (by drop reason), each titled with its reason."""
+    from tprobe.images import read_image
+    from tprobe.preprocess import pad_to_canvas
+
+    src = manifest[manifest["view"] == "orig"]
+    groups = [("kept", src[src["kept"]])] + [
+        (reason, src[src["drop_reason"] == reason])
+        for reason in ("dim", "multi_cell", "too_large", "duplicate")
+        if (src["drop_reason"] == reason).any()
+    ]
+    fig, axes = plt.subplots(len(groups), per_group, figsize=(1.4 * per_group, 1.6 * len(groups)),
+                             squeeze=False)  # fmt: skip
+    for r, (name, rows) in enumerate(groups):
+        rows = rows.sample(min(per_group, len(rows)), random_state=0) if len(rows) else rows
+        for c in range(per_group):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c >= len(rows):
+                continue
+            row = rows.iloc[c]
+            img = read_image(row["path"], max_value=config.max_value)
+            if name != "too_large":
+                img = pad_to_canvas(img, config)
+            ax.imshow(img, cmap="magma", vmin=0, vmax=max(1.0, float(img.max())))
+            label = "act" if row["label"] == 1 else "qui"
+            ax.set_title(f"{name}\n{row['donor']} {label} H={row['entropy']:.1f}", fontsize=6)
+    fig.suptitle(f"kept and dropped examples (of {len(src)} images)", fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def roc_curves(predictions: pd.DataFrame, out: str | Path, *, title: str = "") -> Path:
+    """One ROC curve per held-out donor, with its AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for donor, d in predictions.groupby("donor"):
+        if d["label"].nunique() < 2:
+            continue
+        fpr, tpr, _ = roc_curve(d["label"], d["p_activated"])
+        ax.plot(fpr, tpr, lw=1.4, label=f"{donor} (AUC {roc_auc_score(d['label'], d['p_activated']):.2f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC by held-out donor")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold: float = 0.5) -> Path:
+    """Confusion matrix of all out-of-fold predictions at ``threshold``."""
+    from sklearn.metrics import confusion_matrix
+
+    cm = confusion_matrix(predictions["label"], predictions["p_activated"] >= threshold, labels=[0, 1])
+    fig, ax = plt.subplots(figsize=(3.6, 3.2))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="black" if v < cm.max() / 2 else "white")
+    names = ["quiescent", "activated"]
+    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=names, yticklabels=names,
+           xlabel="predicted", ylabel="true", title="out-of-fold predictions")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") -> Path:
+    """Bar chart of mean ``metric`` (± sd over donors) by head x pooling."""
+    piv = summary.pivot(index="pool", columns="head", values=f"{metric}_mean")
+    err = summary.pivot(index="pool", columns="head", values=f"{metric}_sd")
+    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(piv), 3.6))
+    piv.plot.bar(yerr=err, ax=ax, capsize=2, rot=0)
+    ax.axhline(0.5, ls="--", c="grey", lw=0.8)
+    ax.set(ylabel=f"{metric} (mean ± sd over donors)", ylim=(0, 1), title="probe sweep")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
