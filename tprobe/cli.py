@@ -223,5 +223,193 @@ def extract(model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_ro
     _finish(pre)
 
 
+def _echo_table(df, floatfmt="{:.3f}"):
+    import pandas as pd
+
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 30, "display.float_format", floatfmt.format
+    ):
+        click.echo(df.to_string(index=False))
+
+
+@main.command()
+@click.option(
+    "--model",
+    default="dinov2-small-reg",
+    show_default=True,
+    help="Model whose cached store to use (alias, hub id or local folder).",
+)
+@click.option("--revision", default=None, help="Hub revision of --model.")
+@click.option("--store", type=click.Path(path_type=Path), default=None, help="Use this store directly.")
+@click.option(
+    "--features",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Your own feature table (CSV/Parquet, one row per image) instead of a store.",
+)
+@click.option("--id-column", default=None, help="Column of --features holding file names or image ids.")
+@click.option("--exclude", multiple=True, help="Column of --features to leave out (repeatable).")
+@click.option("--head", default="logreg", show_default=True, help="logreg, mlp, xgboost or all.")
+@click.option(
+    "--pool", default="cls", show_default=True, help="cls, mean, registers, cls+mean, concat or all."
+)
+@click.option(
+    "--split",
+    type=click.Choice(["leave-one-donor-out", "group-kfold", "test-donor"]),
+    default="leave-one-donor-out",
+    show_default=True,
+)
+@click.option(
+    "--test-donor", default=None, help="Donor held out with --split test-donor (e.g. 4 or donor_4)."
+)
+@click.option("--folds", default=5, show_default=True, help="Folds for --split group-kfold.")
+@click.option("--tta", is_flag=True, help="Score each cell by its views' mean probability.")
+@click.option(
+    "--train-views",
+    type=click.Choice(["orig", "all"]),
+    default="orig",
+    show_default=True,
+    help="Train on original views only, or on every augmented view too (about 4x slower).",
+)
+@click.option(
+    "--penalty", type=click.Choice(["l2", "l1"]), default="l2", show_default=True, help="logreg penalty."
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--bootstrap", "n_boot", default=2000, show_default=True, help="Bootstrap resamples for the CI."
+)
+@click.option("--no-final-head", is_flag=True, help="Skip refitting a head on all donors (no predict).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--offline", is_flag=True, help="Never contact the hub.")
+@data_options
+def probe(model, revision, store, features, id_column, exclude, head, pool, split, test_donor, folds, tta,
+          train_views, penalty, seed, n_boot, no_final_head, out, cache, offline, data, prep):  # fmt: skip
+    """Train heads on cached features with donor-held-out nested CV; write run directories.
+
+    Prints per-donor accuracy, balanced accuracy, average precision (beside the donor's
+    prevalence), ROC AUC and F1, with mean ± sd and the frequency classifier. The last line of
+    stdout is the run (or sweep) directory.
+
+    \b
+    Examples:
+      tprobe probe --head logreg
+      tprobe probe --head xgboost --model dinov2-base-reg --pool cls+mean
+      tprobe probe --head mlp --pool registers --split test-donor --test-donor 4
+      tprobe probe --head all --pool all                      # the sweep, one table
+      tprobe probe --features cellprofiler.csv --id-column FileName_NADH
+    """
+    import pandas as pd
+
+    from tprobe.features import from_store, from_table
+    from tprobe.heads import HEADS
+    from tprobe.probe import ProbeRun
+    from tprobe.store import POOLS
+
+    heads = list(HEADS) if head == "all" else [head]
+    pools = list(POOLS) if pool == "all" else [pool]
+    for h in heads:
+        if h not in HEADS:
+            raise TprobeError(f"--head {h!r} is not one of {', '.join(HEADS)}, all")
+    for p in pools:
+        if p not in POOLS:
+            raise TprobeError(f"--pool {p!r} is not one of {', '.join(POOLS)}, all")
+    if features is not None:
+        pre = _prepare(data, prep, progress=False)
+        sources = [
+            ("table", lambda _p: from_table(features, pre.manifest, id_column=id_column, exclude=exclude))
+        ]
+    else:
+        if store is None:
+            from tprobe.backbones import resolve_model
+            from tprobe.extract import find_store
+
+            pre = _prepare(data, prep, progress=False)
+            store = find_store(cache, pre, resolve_model(model, revision, offline=offline))
+        sources = [(p, lambda p: from_store(store, p)) for p in pools]
+    sweep = len(heads) * len(sources) > 1
+    base = out
+    if sweep:
+        from tprobe.runs import make_run_dir
+
+        base = make_run_dir(out, "sweep")
+    rows, last = [], None
+    for pool_name, load in sources:
+        try:
+            fs = load(pool_name)
+        except TprobeError as exc:
+            if not sweep:
+                raise
+            click.echo(f"skipping pool {pool_name}: {exc}", err=True)
+            continue
+        for h in heads:
+            click.echo(f"== {fs.name} · {h}: {len(fs.meta)} rows x {fs.X.shape[1]} features")
+            run = ProbeRun(head=h, split=split, test_donor=test_donor, n_splits=folds, tta=tta,
+                           train_views=train_views, penalty=penalty, seed=seed, n_boot=n_boot,
+                           final_head=not no_final_head).fit(fs)  # fmt: skip
+            last = run.save(base, f"{fs.name}-{h}")
+            _echo_table(run.table())
+            s = run.summary_
+            rows.append({"features": fs.source.get("model", fs.name), "pool": fs.source.get("pool", "table"),
+                         "head": h, **{f"{m}_{k}": s[m][k] for m in ("roc_auc", "average_precision", "accuracy")
+                                        for k in ("mean", "sd")},
+                         "freq_roc_auc": run.reference_["frequency"]["roc_auc"]["mean"],
+                         "seconds": round(run.seconds_, 1), "run": last.name})  # fmt: skip
+            click.echo(f"   {run.seconds_:.1f} s; run dir {last}")
+    if sweep:
+        from tprobe.plots import sweep_bars
+        from tprobe.runs import write_json
+
+        summary = pd.DataFrame(rows)
+        summary.to_parquet(base / "summary.parquet", index=False)
+        write_json(base / "summary.json", summary.to_dict("records"))
+        sweep_bars(summary, base / "sweep_auc.png")
+        click.echo("== sweep summary (mean over held-out donors)")
+        _echo_table(summary.drop(columns=["run", "features"]))
+        last = base
+    if last is not None:
+        click.echo(str(last))
+
+
+@main.command()
+@click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(path_type=Path, exists=True),
+    help="A run directory written by `tprobe probe`.",
+)
+@click.argument("images", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CSV to write [default: <run>/predictions-<images-folder>.csv].",
+)
+@click.option("--threshold", default=0.5, show_default=True, help="p_activated at or above -> activated.")
+@click.option("--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--offline", is_flag=True, help="Never contact the hub.")
+def predict(run_dir, images, out, threshold, cache, device, offline):
+    """Label new images with a trained run: path, p_activated, label (CSV).
+
+    Images that fail the quality filters are listed with the reason, not dropped.
+
+    \b
+    Example:
+      tprobe predict --run runs/20261125-101500-dinov2-small-reg-cls-logreg new_plate/
+    """
+    from tprobe.predict import predict as run_predict
+
+    table = run_predict(run_dir, images, cache=cache, device=device, offline=offline, threshold=threshold)
+    out = out or Path(run_dir) / f"predictions-{Path(images).resolve().name}.csv"
+    table.to_csv(out, index=False)
+    kept = table["kept"].sum()
+    click.echo(f"{kept} of {len(table)} images scored; {int((table['label'] == 1).sum())} activated")
+    for rec in table[~table["kept"]].itertuples():
+        click.echo(f"not scored: {rec.path}: {rec.drop_reason}", err=True)
+    click.echo(str(out))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

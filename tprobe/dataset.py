@@ -21,7 +21,7 @@ import pandas as pd
 from tprobe.errors import TprobeError
 from tprobe.images import IMAGE_SUFFIXES
 
-__all__ = ["Dataset", "Skipped", "discover", "parse_wang_name", "DEFAULT_DATA"]
+__all__ = ["Dataset", "Skipped", "discover", "discover_unlabelled", "parse_wang_name", "DEFAULT_DATA"]
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "tcell-sample"
 
@@ -92,6 +92,23 @@ def discover(data: str | Path | None = None) -> Dataset:
         )
     ds.table = ds.table.sort_values("path", kind="stable").reset_index(drop=True)
     return ds
+
+
+def discover_unlabelled(data: str | Path) -> Dataset:
+    """Every image under ``data`` (file or folder) for prediction; label -1 where unknown."""
+    root = Path(data)
+    if not root.exists():
+        raise TprobeError(f"{root}: no such file or folder; pass the images to label")
+    files = [root] if root.is_file() else _images(root)
+    rows = []
+    for path in files:
+        parsed = parse_wang_name(path.name) or {}
+        folder = _label_of(path.parent.name)
+        label = parsed.get("label", folder if folder is not None else -1)
+        rows.append({**parsed, "path": str(path), "label": label, "donor": parsed.get("donor", "unknown")})
+    if not rows:
+        raise TprobeError(f"{root}: no .png/.tif images found")
+    return Dataset(root, _frame(rows), [], "unlabelled")
 
 
 def _label_of(name: str) -> int | None:

@@ -203,6 +203,7 @@ def _attrs(pre: Preprocessed, backbone: Backbone, grid: int, dtype: str) -> dict
     ref = backbone.ref
     return {
         "model": ref.name,
+        "model_source": ref.source,
         "model_id": ref.source if not ref.is_local else f"local:{Path(ref.source).name}",
         "revision": ref.revision or "",
         "resolved_revision": ref.resolved,

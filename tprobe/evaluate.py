@@ -1,0 +1,213 @@
+"""Donor-grouped splits, nested cross-validation and per-donor metrics.
+
+Honesty rules enforced here: a donor (and so every view of a cell) is never on both sides of a
+split; hyperparameters are chosen on validation donors taken from the training donors only; by
+default only original views are scored, with ``tta=True`` averaging over each cell's views.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    roc_auc_score,
+)
+from sklearn.model_selection import GroupKFold
+
+from tprobe.errors import TprobeError
+
+__all__ = ["Fold", "split_plan", "check_plan", "nested_cv", "donor_metrics", "summarise", "SPLITS", "METRICS"]
+log = logging.getLogger(__name__)
+
+SPLITS = ("leave-one-donor-out", "group-kfold", "test-donor")
+METRICS = ("accuracy", "balanced_accuracy", "average_precision", "roc_auc", "f1")
+
+
+@dataclass
+class Fold:
+    """One outer split: the donors held out and the row indices on each side."""
+
+    index: int
+    test_donors: list[str]
+    train: np.ndarray
+    test: np.ndarray
+
+    def to_dict(self, meta: pd.DataFrame) -> dict:
+        return {"fold": self.index, "test_donors": self.test_donors,
+                "train_donors": sorted(meta["donor"].iloc[self.train].unique().tolist()),
+                "n_train_rows": int(len(self.train)), "n_test_rows": int(len(self.test)),
+                "test_groups": sorted(meta["group"].iloc[self.test].unique().tolist())}  # fmt: skip
+
+
+def split_plan(meta: pd.DataFrame, split: str = "leave-one-donor-out", *, test_donor: str | None = None,
+               n_splits: int = 5) -> list[Fold]:  # fmt: skip
+    """Outer folds over donors. ``meta`` needs ``donor`` and ``group`` columns."""
+    if split not in SPLITS:
+        raise TprobeError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+    donors = np.asarray(meta["donor"].astype(str))
+    names = sorted(set(donors))
+    if split == "test-donor":
+        if test_donor is None:
+            raise TprobeError("--split test-donor needs --test-donor NAME")
+        test_donor = test_donor if test_donor in names else f"donor_{test_donor}"
+        if test_donor not in names:
+            raise TprobeError(f"--test-donor {test_donor} not in the data; donors: {', '.join(names)}")
+        sets = [[test_donor]]
+    elif split == "leave-one-donor-out":
+        if len(names) < 2:
+            raise TprobeError(
+                f"leave-one-donor-out needs at least 2 donors, found {names}; "
+                "use --split group-kfold to split by cell instead"
+            )
+        sets = [[d] for d in names]
+    else:  # group-kfold on donors when there are enough, else on cells
+        key = donors if len(names) >= n_splits else np.asarray(meta["group"])
+        gkf = GroupKFold(n_splits=n_splits)
+        folds = []
+        for i, (tr, te) in enumerate(gkf.split(np.zeros(len(meta)), groups=key)):
+            folds.append(Fold(i, sorted(set(donors[te])), tr, te))
+        return folds
+    return [
+        Fold(i, s, np.flatnonzero(~np.isin(donors, s)), np.flatnonzero(np.isin(donors, s)))
+        for i, s in enumerate(sets)
+    ]
+
+
+def check_plan(plan: list[Fold], meta: pd.DataFrame) -> None:
+    """Raise if any cell group (or, for donor splits, any donor) is on both sides of a fold."""
+    for f in plan:
+        g_tr, g_te = set(meta["group"].iloc[f.train]), set(meta["group"].iloc[f.test])
+        if g_tr & g_te:
+            raise TprobeError(f"fold {f.index}: cells on both sides of the split: {sorted(g_tr & g_te)[:3]}")
+        d_tr = set(meta["donor"].iloc[f.train])
+        if set(f.test_donors) <= set(meta["donor"].iloc[f.test]) and d_tr & set(f.test_donors):
+            raise TprobeError(f"fold {f.index}: donor on both sides: {sorted(d_tr & set(f.test_donors))}")
+
+
+@dataclass
+class CVResult:
+    predictions: pd.DataFrame  # image_id, donor, group, label, p_activated, fold (scored rows)
+    chosen: list[dict] = field(default_factory=list)  # per fold: params, inner scores
+
+
+def _score_rows(meta: pd.DataFrame, idx: np.ndarray, proba: np.ndarray, tta: bool) -> pd.DataFrame:
+    rows = meta.iloc[idx][["image_id", "donor", "group", "label", "view"]].assign(p_activated=proba)
+    if tta:
+        mean_p = rows.groupby("group")["p_activated"].transform("mean")
+        rows = rows.assign(p_activated=mean_p)
+    return rows[rows["view"] == "orig"].drop(columns="view")
+
+
+def _fit_predict(make, params, X, y, train, test):
+    model = make(**params)
+    model.fit(X[train], y[train])
+    return model, model.predict_proba(X[test])[:, 1]
+
+
+def nested_cv(make, grid: list[dict], X: np.ndarray, meta: pd.DataFrame, plan: list[Fold], *,
+              train_views: str = "orig", tta: bool = False, n_jobs: int = -1, progress=None) -> CVResult:  # fmt: skip
+    """Outer folds from ``plan``; inside each, leave-one-training-donor-out picks the grid point
+    with the best mean average precision; the head is then refit on all training donors.
+
+    ``make(**params)`` returns a fresh estimator with ``fit``/``predict_proba``.
+    """
+    y = meta["label"].to_numpy()
+    is_orig = (meta["view"] == "orig").to_numpy()
+    preds, chosen = [], []
+    for fold in plan:
+        train = fold.train if train_views == "all" else fold.train[is_orig[fold.train]]
+        best, scores = inner_search(make, grid, X, y, meta, train, is_orig, n_jobs)
+        _, proba = _fit_predict(make, best, X, y, train, fold.test)
+        preds.append(_score_rows(meta, fold.test, proba, tta).assign(fold=fold.index))
+        chosen.append({"fold": fold.index, "params": best, "inner_ap": scores})
+        if progress:
+            progress(fold)
+    return CVResult(pd.concat(preds, ignore_index=True), chosen)
+
+
+def inner_search(make, grid, X, y, meta, train, is_orig, n_jobs: int = -1):
+    """Leave-one-training-donor-out over ``grid``: returns (best params, {params: mean AP})."""
+    if len(grid) == 1:
+        return grid[0], {}
+    donors = meta["donor"].to_numpy()[train]
+    inner = sorted(set(donors))
+    if len(inner) < 2:
+        log.warning("one training donor: no inner validation; using the first grid point")
+        return grid[0], {}
+    jobs = []
+    for i, params in enumerate(grid):
+        for d in inner:
+            tr, va = train[donors != d], train[(donors == d) & is_orig[train]]
+            if len(np.unique(y[tr])) == 2 and len(np.unique(y[va])) == 2:  # else AP undefined
+                jobs.append((i, params, tr, va))
+    aps = Parallel(n_jobs=n_jobs)(
+        delayed(_inner_ap)(make, params, X, y, tr, va) for _, params, tr, va in jobs
+    )
+    scores = {}
+    for i, params in enumerate(grid):
+        mine = [ap for (j, *_), ap in zip(jobs, aps, strict=True) if j == i]
+        scores[str(params)] = float(np.mean(mine)) if mine else float("nan")
+    best = max(grid, key=lambda p: -np.inf if np.isnan(scores[str(p)]) else scores[str(p)])
+    return best, scores
+
+
+def _inner_ap(make, params, X, y, tr, va) -> float:
+    _, p = _fit_predict(make, params, X, y, tr, va)
+    return float(average_precision_score(y[va], p))
+
+
+def donor_metrics(pred: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+    """One row per held-out donor: n, prevalence, accuracy, balanced accuracy, AP, AUC, F1, confusion."""
+    rows = []
+    for donor, d in pred.groupby("donor", sort=True):
+        y, p = d["label"].to_numpy(), d["p_activated"].to_numpy()
+        yhat = (p >= threshold).astype(int)
+        two = len(np.unique(y)) == 2
+        tn, fp, fn, tp = confusion_matrix(y, yhat, labels=[0, 1]).ravel()
+        rows.append({
+            "donor": donor, "fold": int(d["fold"].iloc[0]), "n": len(d), "prevalence": float(y.mean()),
+            "accuracy": accuracy_score(y, yhat),
+            "balanced_accuracy": balanced_accuracy_score(y, yhat) if two else float("nan"),
+            "average_precision": average_precision_score(y, p) if y.any() else float("nan"),
+            "roc_auc": roc_auc_score(y, p) if two else float("nan"),
+            "f1": f1_score(y, yhat, zero_division=0.0),
+            "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
+            "note": "" if two else "single-class donor: AUC and balanced accuracy undefined (NaN)",
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def summarise(per_donor: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean, sd and a bootstrap 95% CI (resampling donors) of each metric across donors."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for m in METRICS:
+        v = per_donor[m].to_numpy(dtype=float)
+        v = v[~np.isnan(v)]
+        if not len(v):
+            out[m] = {"mean": None, "sd": None, "ci_low": None, "ci_high": None, "n_donors": 0}
+            continue
+        boots = rng.choice(v, size=(n_boot, len(v)), replace=True).mean(1)
+        out[m] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                  "ci_low": float(np.percentile(boots, 2.5)), "ci_high": float(np.percentile(boots, 97.5)),
+                  "n_donors": int(len(v))}  # fmt: skip
+    return out
+
+
+def frequency_predictions(meta: pd.DataFrame, plan: list[Fold], *, tta: bool = False) -> pd.DataFrame:
+    """The frequency classifier: every test row gets its training donors' activated fraction."""
+    y = meta["label"].to_numpy()
+    out = []
+    for f in plan:
+        p = np.full(len(f.test), y[f.train].mean())
+        out.append(_score_rows(meta, f.test, p, tta).assign(fold=f.index))
+    return pd.concat(out, ignore_index=True)

@@ -1,0 +1,66 @@
+"""Run directories: one folder per trained model with everything needed to read or rerun it.
+
+Contents: ``config.json`` (all options, feature source, versions), ``metrics.json``
+(``summary.<metric>.{mean,sd,ci_low,ci_high}``, ``folds[]``, ``reference``), ``per_donor.parquet``,
+``predictions.parquet`` (``image_id, donor, label, p_activated, fold``), ``splits.json``,
+figures, and the final head refit on every donor (``head.joblib``).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tprobe import __version__
+from tprobe.errors import TprobeError
+
+__all__ = ["make_run_dir", "write_json", "read_json", "versions"]
+
+
+def make_run_dir(out: str | Path, name: str) -> Path:
+    """A new, unique run folder ``out/<timestamp>-<name>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in name)
+    base = Path(out) / f"{stamp}-{safe}"
+    path, i = base, 1
+    while path.exists():
+        path, i = base.with_name(f"{base.name}-{i}"), i + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def _default(o):
+    if isinstance(o, np.integer | np.floating):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def write_json(path: Path, obj) -> None:
+    text = json.dumps(obj, indent=2, default=_default, allow_nan=True)
+    Path(path).write_text(text.replace("NaN", "null"))
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise TprobeError(f"{path}: not found; is this a tprobe run directory?") from None
+
+
+def versions() -> dict:
+    import sklearn
+    import torch
+    import transformers
+    import xgboost
+
+    return {"tprobe": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "scikit-learn": sklearn.__version__,
+            "xgboost": xgboost.__version__, "numpy": np.__version__}  # fmt: skip
