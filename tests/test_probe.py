@@ -90,7 +90,14 @@ def test_cli_probe_writes_the_run_directory(sample_store, tmp_path):
     assert [f["test_donor"] for f in metrics["folds"]] == [f"donor_{i}" for i in range(1, 7)]
     pred = pd.read_parquet(run / "predictions.parquet")
     assert {"image_id", "donor", "label", "p_activated", "fold"} <= set(pred.columns)
-    for name in ("config.json", "splits.json", "roc.png", "confusion.png", "head.joblib", "per_donor.parquet"):
+    for name in (
+        "config.json",
+        "splits.json",
+        "roc.png",
+        "confusion.png",
+        "head.joblib",
+        "per_donor.parquet",
+    ):
         assert (run / name).exists(), name
     assert "frequency (mean)" in res.output
 
@@ -113,7 +120,9 @@ def test_predict_round_trip(sample_store, tmp_path):
     assert table.loc[table["path"].str.endswith("broken.png"), "drop_reason"].item() == "unreadable"
     # same image, same model, same head -> the probability the final head gives on the store
     row = table[table["kept"]].iloc[0]
-    i = fs.meta.index[(fs.meta["view"] == "orig") & fs.meta["path"].str.endswith(row["path"].split("/")[-1])][0]
+    i = fs.meta.index[(fs.meta["view"] == "orig") & fs.meta["path"].str.endswith(row["path"].split("/")[-1])][
+        0
+    ]
     expected = run.final_["model"].predict_proba(fs.X[[i]])[0, 1]
     assert row["p_activated"] == pytest.approx(expected, abs=1e-6)
     assert set(table.loc[table["kept"], "label_name"]) <= {"activated", "quiescent"}

@@ -186,7 +186,7 @@ class Backbone:
         """(B, H, W) grey in [0, 1] -> (B, 3, H, W) normalised with the backbone's mean/std."""
         x = torch.as_tensor(images, dtype=torch.float32)
         x = x.unsqueeze(1).expand(-1, 3, -1, -1)
-        return (x - self._mean) / self._std
+        return (x - self._mean.to(x.device)) / self._std.to(x.device)
 
     def split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``last_hidden_state`` -> (cls (B,D), registers (B,R,D), patches (B,P,D))."""

@@ -411,5 +411,188 @@ def predict(run_dir, images, out, threshold, cache, device, offline):
     click.echo(str(out))
 
 
+@main.command()
+@click.option("--model", default="dinov2-small-reg", show_default=True, help="Alias, hub id or local folder.")
+@click.option("--revision", default=None, help="Hub revision of --model.")
+@click.option(
+    "--pool",
+    default="concat",
+    show_default=True,
+    help="Head input: cls, mean, registers, cls+mean, or concat (CLS + registers + patches, as the study).",
+)
+@click.option(
+    "--freeze", is_flag=True, help="Frozen backbone: train the linear head only (the study's 'Frozen')."
+)
+@click.option(
+    "--unfreeze-last", type=int, default=None, help="Train only the last K transformer layers + head."
+)
+@click.option("--epochs", default=10, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", "lr_backbone", default=1e-5, show_default=True, help="Backbone learning rate.")
+@click.option("--lr-head", default=1e-3, show_default=True)
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option(
+    "--patience", default=3, show_default=True, help="Early stopping: epochs without better val AUC."
+)
+@click.option(
+    "--pos-weight",
+    default="auto",
+    show_default=True,
+    help="BCE positive-class weight: auto (negatives/positives), none, or a number.",
+)
+@click.option(
+    "--split",
+    type=click.Choice(["leave-one-donor-out", "group-kfold", "test-donor"]),
+    default="leave-one-donor-out",
+    show_default=True,
+)
+@click.option("--test-donor", default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option(
+    "--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True
+)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--saliency-n", default=8, show_default=True, help="Images per saliency grid (0 = none).")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option(
+    "--resume",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="Continue an interrupted run directory from its last finished epoch.",
+)
+@click.option("--offline", is_flag=True, help="Never contact the hub.")
+@data_options
+def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, lr_backbone, lr_head, weight_decay,
+             patience, pos_weight, split, test_donor, device, precision, seed, saliency_n, out, resume, offline,
+             data, prep):  # fmt: skip
+    """Train backbone + linear head end to end on the probe's donor splits (skips the cache).
+
+    Writes the probe's run-directory files plus curves.csv/curves.png, per-fold weights and
+    saliency grids; prints per-donor metrics.
+
+    \b
+    Examples:
+      tprobe finetune --model dinov2-small-reg
+      tprobe finetune --model dinov2-small-reg --freeze
+      tprobe finetune --model dinov2-base --unfreeze-last 2 --epochs 20 --lr 1e-5 --batch-size 32
+      tprobe finetune --resume runs/20261125-101500-dinov2-small-reg-concat-finetuned
+    """
+    from tprobe.backbones import resolve_model
+    from tprobe.finetune import FinetuneRun
+    from tprobe.runs import make_run_dir
+    from tprobe.training import TrainConfig
+
+    try:
+        pw = None if pos_weight == "none" else (pos_weight if pos_weight == "auto" else float(pos_weight))
+    except ValueError:
+        raise TprobeError(f"--pos-weight {pos_weight!r}: use auto, none or a number") from None
+    pre = _prepare(data, prep, progress=False)
+    ref = resolve_model(model, revision, offline=offline)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr_head=lr_head, lr_backbone=lr_backbone,
+                      weight_decay=weight_decay, patience=patience, pos_weight=pw, seed=seed, precision=precision)  # fmt: skip
+    job = FinetuneRun(ref, pool=pool, freeze=freeze, unfreeze_last=unfreeze_last, split=split,
+                      test_donor=test_donor, device=device, train=cfg, data=str(data) if data else None)  # fmt: skip
+    name = job.config(pre)["features"]["name"]
+    run = resume or make_run_dir(out, name)
+
+    def log(row):
+        click.echo(
+            "   " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        )
+
+    job.fit(pre, run, log=log)
+    _echo_table(job.evaluation_.table())
+    if saliency_n:
+        from tprobe.saliency_report import saliency_for_run
+
+        for path in saliency_for_run(run, pre, n=saliency_n):
+            click.echo(f"saliency: {path}")
+    click.echo(str(run))
+
+
+@main.command()
+@click.option(
+    "--run",
+    "run_dir",
+    required=True,
+    type=click.Path(path_type=Path, exists=True),
+    help="A run directory written by `tprobe finetune`.",
+)
+@click.option("--n", default=8, show_default=True, help="Images per grid (half right, half wrong calls).")
+@click.option("--offline", is_flag=True)
+def saliency(run_dir, n, offline):
+    """Saliency grids (gradient, gradient x input, CLS attention) for right and wrong calls per donor.
+
+    \b
+    Example:
+      tprobe saliency --run runs/<run-id> --n 8
+    """
+    from tprobe.saliency_report import saliency_for_run
+
+    for path in saliency_for_run(run_dir, None, n=n):
+        click.echo(f"saliency: {path}")
+
+
+@main.command()
+@click.option(
+    "--name", default="all", show_default=True, help="frequency, pixel-logreg, pixel-mlp, lenet or all."
+)
+@click.option(
+    "--split",
+    type=click.Choice(["leave-one-donor-out", "group-kfold", "test-donor"]),
+    default="leave-one-donor-out",
+    show_default=True,
+)
+@click.option("--test-donor", default=None)
+@click.option("--epochs", default=30, show_default=True, help="LeNet epochs (early stopping may end sooner).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--bootstrap", "n_boot", default=2000, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@data_options
+def baseline(name, split, test_donor, epochs, device, seed, n_boot, out, data, prep):
+    """Wang et al.'s baselines on the same splits and run-directory schema as `tprobe probe`.
+
+    \b
+    Examples:
+      tprobe baseline --name all
+      tprobe baseline --name lenet --epochs 40 --split test-donor --test-donor 4
+    """
+    from tprobe.baselines import BASELINES, run_baseline
+
+    names = list(BASELINES) if name == "all" else [name]
+    for n in names:
+        if n not in BASELINES:
+            raise TprobeError(f"--name {n!r} is not one of {', '.join(BASELINES)}, all")
+    pre = _prepare(data, prep, progress=False)
+    for n in names:
+        click.echo(f"== baseline {n}")
+        run, ev = run_baseline(n, pre, out, split=split, test_donor=test_donor, seed=seed, n_boot=n_boot,
+                               epochs=epochs, device=device, log=lambda row: None)  # fmt: skip
+        _echo_table(ev.table())
+        click.echo(str(run))
+
+
+@main.command()
+@click.argument("runs_dir", type=click.Path(path_type=Path, exists=True), default=Path("runs"))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
+def report(runs_dir, out):
+    """Collect run directories into one table + figures: report.md, report.html, summary.parquet.
+
+    \b
+    Example:
+      tprobe report runs/ --out report/
+    """
+    from tprobe.report import PUBLISHED, write_report
+
+    res = write_report(runs_dir, out)
+    click.echo("== measured (mean ± sd over held-out donors)")
+    click.echo(res["table"].to_string(index=False))
+    click.echo("== published reference numbers (not measured here)")
+    click.echo(PUBLISHED.to_string(index=False, na_rep="–"))
+    for p in res["paths"]:
+        click.echo(str(p))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -25,7 +25,18 @@ from sklearn.model_selection import GroupKFold
 
 from tprobe.errors import TprobeError
 
-__all__ = ["Fold", "split_plan", "check_plan", "nested_cv", "donor_metrics", "summarise", "SPLITS", "METRICS"]
+__all__ = [
+    "Evaluation",
+    "evaluate",
+    "Fold",
+    "split_plan",
+    "check_plan",
+    "nested_cv",
+    "donor_metrics",
+    "summarise",
+    "SPLITS",
+    "METRICS",
+]
 log = logging.getLogger(__name__)
 
 SPLITS = ("leave-one-donor-out", "group-kfold", "test-donor")
@@ -211,3 +222,34 @@ def frequency_predictions(meta: pd.DataFrame, plan: list[Fold], *, tta: bool = F
         p = np.full(len(f.test), y[f.train].mean())
         out.append(_score_rows(meta, f.test, p, tta).assign(fold=f.index))
     return pd.concat(out, ignore_index=True)
+
+
+@dataclass
+class Evaluation:
+    """Scored out-of-fold predictions with per-donor metrics, their summary and the reference rows."""
+
+    predictions: pd.DataFrame
+    per_donor: pd.DataFrame
+    summary: dict
+    reference: dict
+
+    def table(self) -> pd.DataFrame:
+        """Per-donor metrics plus mean, sd and frequency-classifier rows, for printing."""
+        cols = ["donor", "n", "prevalence", *METRICS]
+        t = self.per_donor[cols].astype({"n": "float"})
+        extra = [
+            {"donor": "mean", "n": t["n"].sum(), "prevalence": t["prevalence"].mean(),
+             **{m: self.summary[m]["mean"] for m in METRICS}},
+            {"donor": "sd", **{m: self.summary[m]["sd"] for m in METRICS}},
+            {"donor": "frequency (mean)", **{m: self.reference["frequency"][m]["mean"] for m in METRICS}},
+        ]  # fmt: skip
+        return pd.concat([t, pd.DataFrame(extra)], ignore_index=True)
+
+
+def evaluate(predictions: pd.DataFrame, meta: pd.DataFrame, plan: list[Fold], *, tta: bool = False,
+             n_boot: int = 2000, seed: int = 0) -> Evaluation:  # fmt: skip
+    """Per-donor metrics and their summary, beside the frequency classifier on the same folds."""
+    per_donor = donor_metrics(predictions)
+    freq = donor_metrics(frequency_predictions(meta, plan, tta=tta))
+    return Evaluation(predictions, per_donor, summarise(per_donor, n_boot=n_boot, seed=seed),
+                      {"frequency": summarise(freq, n_boot=n_boot, seed=seed)})  # fmt: skip

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 
-from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
@@ -12,11 +11,9 @@ from sklearn.preprocessing import StandardScaler
 
 from tprobe.errors import TprobeError
 
-__all__ = ["HEADS", "make_head", "param_grid", "MAX_DIMS"]
+__all__ = ["HEADS", "make_head", "param_grid"]
 
 HEADS = ("logreg", "mlp", "xgboost")
-MAX_DIMS = 2048  # wider inputs (e.g. --pool concat) are PCA-reduced to PCA_DIMS inside the head
-PCA_DIMS = 256
 
 GRIDS = {
     "logreg": {"clf__C": [0.001, 0.01, 0.1, 1.0]},
@@ -26,15 +23,14 @@ GRIDS = {
 
 
 def make_head(name: str, *, n_features: int, seed: int = 0, class_weight: str | None = "balanced",
-              penalty: str = "l2", n_jobs: int = 1, **params) -> Pipeline:  # fmt: skip
-    """A fresh unfitted head: standardise (+ PCA when wide) then the classifier."""
+              penalty: str = "l2", n_jobs: int = 1,
+              **params) -> Pipeline:  # fmt: skip
+    """A fresh unfitted head: standardise, then the classifier."""
     if name not in HEADS:
         raise TprobeError(f"head {name!r} is not one of {', '.join(HEADS)} (or all)")
     if penalty not in ("l1", "l2"):
         raise TprobeError(f"penalty {penalty!r} is not l1 or l2")
     steps = [("scale", StandardScaler())]
-    if n_features > MAX_DIMS:
-        steps.append(("pca", PCA(PCA_DIMS, svd_solver="randomized", random_state=seed)))
     if name == "logreg":
         clf = LogisticRegression(
             C=0.1, l1_ratio=1.0 if penalty == "l1" else 0.0, solver="saga" if penalty == "l1" else "lbfgs",

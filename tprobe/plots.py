@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-__all__ = ["contact_sheet", "roc_curves", "confusion_matrix_plot", "sweep_bars"]
+__all__ = ["contact_sheet", "roc_curves", "confusion_matrix_plot", "sweep_bars", "learning_curves"]
 
 
 def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group: int = 8) -> Path:
@@ -96,5 +96,21 @@ def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") 
     ax.set(ylabel=f"{metric} (mean ± sd over donors)", ylim=(0, 1), title="probe sweep")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+def learning_curves(curves: pd.DataFrame, out: str | Path) -> Path:
+    """Train/validation loss and validation AUC per epoch, one line per fold."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
+    for fold, c in curves.groupby("fold"):
+        a.plot(c["epoch"], c["train_loss"], "-", lw=1, label=f"fold {fold} train")
+        a.plot(c["epoch"], c["val_loss"], "--", lw=1, label=f"fold {fold} val")
+        b.plot(c["epoch"], c["val_auc"], "-o", ms=3, lw=1, label=f"fold {fold}")
+    a.set(xlabel="epoch", ylabel="BCE loss", title="loss")
+    b.set(xlabel="epoch", ylabel="validation ROC AUC", ylim=(0, 1), title="validation AUC")
+    b.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
     plt.close(fig)
     return Path(out)

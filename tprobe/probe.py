@@ -15,21 +15,20 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pandas as pd
+from sklearn.pipeline import Pipeline
+from sklearn.random_projection import GaussianRandomProjection
 
 from tprobe.errors import TprobeError
 from tprobe.evaluate import (
-    Fold,
     check_plan,
-    donor_metrics,
-    frequency_predictions,
+    evaluate,
     inner_search,
     nested_cv,
     split_plan,
-    summarise,
 )
 from tprobe.features import FeatureSet
 from tprobe.heads import HEADS, make_head, param_grid
-from tprobe.runs import make_run_dir, versions, write_json
+from tprobe.runs import make_run_dir, save_run
 
 __all__ = ["ProbeRun"]
 
@@ -48,6 +47,7 @@ class ProbeRun:
     seed: int = 0
     n_boot: int = 2000
     final_head: bool = True
+    max_dims: int | None = 2048  # wider inputs get a fixed random projection to this width; None = never
 
     def _validate(self):
         if self.head not in HEADS:
@@ -63,74 +63,63 @@ class ProbeRun:
             raise TprobeError("the data has one class only; a probe needs activated and quiescent cells")
         plan = split_plan(meta, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
         check_plan(plan, meta)
-        make = partial(make_head, self.head, n_features=fs.X.shape[1], seed=self.seed, penalty=self.penalty)
+        X, self.projection_ = fs.X, None
+        if self.max_dims is not None and X.shape[1] > self.max_dims:
+            # data-independent (drawn from the seed and the width only), so applying it to every
+            # row before the splits cannot leak; it keeps inner-CV fits cheap on --pool concat
+            self.projection_ = GaussianRandomProjection(self.max_dims, random_state=self.seed).fit(X[:1])
+            X = self.projection_.transform(X).astype(np.float32)
+        make = partial(make_head, self.head, n_features=X.shape[1], seed=self.seed, penalty=self.penalty)
         grid = param_grid(self.head)
-        cv = nested_cv(make, grid, fs.X, meta, plan, train_views=self.train_views, tta=self.tta,
+        cv = nested_cv(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta,
                        progress=progress)  # fmt: skip
         self.features_ = fs
         self.plan_ = plan
         self.grid_ = grid
         self.chosen_ = cv.chosen
+        self.evaluation_ = evaluate(
+            cv.predictions, meta, plan, tta=self.tta, n_boot=self.n_boot, seed=self.seed
+        )
         self.predictions_ = cv.predictions
-        self.per_donor_ = donor_metrics(cv.predictions)
-        self.summary_ = summarise(self.per_donor_, n_boot=self.n_boot, seed=self.seed)
-        freq = donor_metrics(frequency_predictions(meta, plan, tta=self.tta))
-        self.reference_ = {"frequency": summarise(freq, n_boot=self.n_boot, seed=self.seed)}
-        self.final_ = self._final_head(make, grid, fs) if self.final_head else None
+        self.per_donor_ = self.evaluation_.per_donor
+        self.summary_ = self.evaluation_.summary
+        self.reference_ = self.evaluation_.reference
+        self.final_ = self._final_head(make, grid, X, fs.meta) if self.final_head else None
         self.seconds_ = time.perf_counter() - t0
         return self
 
-    def _final_head(self, make, grid, fs: FeatureSet):
+    def _final_head(self, make, grid, X, meta):
         """Refit on every donor, hyperparameters chosen by leave-one-donor-out on all of them."""
-        every = Fold(-1, [], np.arange(len(fs.meta)), np.arange(0))
-        keep = every.train if self.train_views == "all" else np.flatnonzero(fs.meta["view"] == "orig")
-        y = fs.meta["label"].to_numpy()
-        best, _ = inner_search(make, grid, fs.X, y, fs.meta, keep, (fs.meta["view"] == "orig").to_numpy())
-        model = make(**best)
-        model.fit(fs.X[keep], y[keep])
+        is_orig = (meta["view"] == "orig").to_numpy()
+        keep = np.arange(len(meta)) if self.train_views == "all" else np.flatnonzero(is_orig)
+        y = meta["label"].to_numpy()
+        best, _ = inner_search(make, grid, X, y, meta, keep, is_orig)
+        model = make(**best).fit(X[keep], y[keep])
+        if self.projection_ is not None:
+            model = Pipeline([("project", self.projection_), ("head", model)])
         return {"model": model, "params": best}
 
     def table(self) -> pd.DataFrame:
-        """Per-donor metrics with a mean ± sd row, for printing."""
-        cols = [
-            "donor",
-            "n",
-            "prevalence",
-            "accuracy",
-            "balanced_accuracy",
-            "average_precision",
-            "roc_auc",
-            "f1",
-        ]
-        t = self.per_donor_[cols].copy()
-        mean = {c: self.summary_[c]["mean"] for c in self.summary_}
-        sd = {c: self.summary_[c]["sd"] for c in self.summary_}
-        t.loc[len(t)] = {"donor": "mean", "n": t["n"].sum(), "prevalence": t["prevalence"].mean(), **mean}
-        t.loc[len(t)] = {"donor": "sd", **sd}
-        freq = self.reference_["frequency"]
-        t.loc[len(t)] = {"donor": "frequency (mean)", **{c: freq[c]["mean"] for c in freq}}
-        return t
+        """Per-donor metrics with mean, sd and frequency rows, for printing."""
+        return self.evaluation_.table()
 
     def save(self, out: str | Path, name: str | None = None, *, extra_config: dict | None = None) -> Path:
         """Write the run directory under ``out``; return its path."""
-        from tprobe.plots import confusion_matrix_plot, roc_curves
-
         fs = self.features_
-        run = make_run_dir(out, name or f"{fs.name}-{self.head}")
         config = {"command": "probe", "head": self.head, "split": self.split, "test_donor": self.test_donor,
                   "n_splits": self.n_splits, "tta": self.tta, "train_views": self.train_views,
-                  "penalty": self.penalty, "seed": self.seed, "n_boot": self.n_boot, "grid": self.grid_,
-                  "features": fs.source, "n_rows": len(fs.meta), "n_features": int(fs.X.shape[1]),
-                  "versions": versions(), "seconds": round(self.seconds_, 2), **(extra_config or {})}  # fmt: skip
-        write_json(run / "config.json", config)
-        folds = self.per_donor_.rename(columns={"donor": "test_donor"}).to_dict("records")
-        write_json(run / "metrics.json", {"summary": self.summary_, "folds": folds,
-                                          "reference": self.reference_, "chosen": self.chosen_})  # fmt: skip
-        write_json(run / "splits.json", [f.to_dict(fs.meta) for f in self.plan_])
-        self.per_donor_.to_parquet(run / "per_donor.parquet", index=False)
-        self.predictions_.to_parquet(run / "predictions.parquet", index=False)
-        roc_curves(self.predictions_, run / "roc.png", title=f"{fs.name} · {self.head}")
-        confusion_matrix_plot(self.predictions_, run / "confusion.png")
+                  "penalty": self.penalty, "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot,
+                  "grid": self.grid_, "features": fs.source, "n_rows": len(fs.meta),
+                  "n_features": int(fs.X.shape[1]), "seconds": round(self.seconds_, 2), **(extra_config or {})}  # fmt: skip
+        run = make_run_dir(out, name or f"{fs.name}-{self.head}")
+        save_run(
+            run,
+            config=config,
+            evaluation=self.evaluation_,
+            plan=self.plan_,
+            meta=fs.meta,
+            chosen=self.chosen_,
+        )
         if self.final_ is not None:
             joblib.dump(self.final_, run / "head.joblib")
         return run

@@ -18,7 +18,7 @@ import numpy as np
 from tprobe import __version__
 from tprobe.errors import TprobeError
 
-__all__ = ["make_run_dir", "write_json", "read_json", "versions"]
+__all__ = ["make_run_dir", "save_run", "write_json", "read_json", "versions"]
 
 
 def make_run_dir(out: str | Path, name: str) -> Path:
@@ -64,3 +64,21 @@ def versions() -> dict:
     return {"tprobe": __version__, "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "scikit-learn": sklearn.__version__,
             "xgboost": xgboost.__version__, "numpy": np.__version__}  # fmt: skip
+
+
+def save_run(run: Path, *, config: dict, evaluation, plan, meta, chosen=None) -> Path:
+    """Write the shared run-directory files (config, metrics, splits, predictions, figures) into ``run``."""
+    from tprobe.plots import confusion_matrix_plot, roc_curves
+
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(run / "config.json", {**config, "versions": versions()})
+    folds = evaluation.per_donor.rename(columns={"donor": "test_donor"}).to_dict("records")
+    write_json(run / "metrics.json", {"summary": evaluation.summary, "folds": folds,
+                                      "reference": evaluation.reference, "chosen": chosen or []})  # fmt: skip
+    write_json(run / "splits.json", [f.to_dict(meta) for f in plan])
+    evaluation.per_donor.to_parquet(run / "per_donor.parquet", index=False)
+    evaluation.predictions.to_parquet(run / "predictions.parquet", index=False)
+    roc_curves(evaluation.predictions, run / "roc.png", title=run.name)
+    confusion_matrix_plot(evaluation.predictions, run / "confusion.png")
+    return run

@@ -1,0 +1,78 @@
+"""Where a fine-tuned model looks: input-gradient saliency and last-layer CLS attention.
+
+- ``gradient``: |d logit / d pixel|;
+- ``grad_x_input``: |gradient x pixel| (zero on the padding, by construction);
+- ``attention``: mean over heads of the last layer's CLS-to-patch attention, upsampled to pixels
+  (needs ``attn_implementation="eager"``; SDPA returns no attention weights).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tprobe.preprocess import PreprocessConfig, load_view
+
+__all__ = ["saliency_maps", "saliency_grid"]
+
+
+def saliency_maps(model, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Maps of shape (B, H, W) for a DinoClassifier and grey images (B, H, W) in [0, 1]."""
+    dev = next(model.parameters()).device
+    x = torch.as_tensor(images, dtype=torch.float32, device=dev).requires_grad_(True)
+    model.eval()
+    model.encoder.set_attn_implementation("eager")
+    logit, attentions = model(x, output_attentions=True)
+    (grad,) = torch.autograd.grad(logit.sum(), x)
+    r = model.backbone.num_registers
+    side = images.shape[-1]
+    g = model.backbone.grid(side)
+    att = attentions[-1][:, :, 0, 1 + r :].mean(1).reshape(-1, g, g).detach().cpu().numpy()
+    scale = side // g
+    att = np.kron(att, np.ones((scale, scale), dtype=att.dtype))
+    grad = grad.detach().cpu().numpy()
+    return {"gradient": np.abs(grad), "grad_x_input": np.abs(grad * images), "attention": att,
+            "p_activated": torch.sigmoid(logit).detach().cpu().numpy()}  # fmt: skip
+
+
+def _crop(a: np.ndarray, size: int) -> np.ndarray:
+    c0 = (a.shape[-1] - size) // 2
+    return a[..., c0 : c0 + size, c0 : c0 + size]
+
+
+def saliency_grid(
+    model, rows: pd.DataFrame, prep: PreprocessConfig, out: str | Path, *, title: str = ""
+) -> Path:
+    """A PNG grid: one column per image (title: truth, p), rows image / gradient / grad x input / attention."""
+    import matplotlib.pyplot as plt
+
+    images = np.stack([load_view(p, v, prep) for p, v in zip(rows["path"], rows["view"], strict=True)])
+    maps = saliency_maps(model, images)
+    size = int(min(prep.canvas, max(28, 8 + rows[["height", "width"]].to_numpy().max())))
+    n = len(rows)
+    fig, axes = plt.subplots(4, n, figsize=(1.5 * n, 6.2), squeeze=False)
+    names = ["image", "gradient", "grad_x_input", "attention"]
+    for j in range(n):
+        truth = "act" if rows["label"].iloc[j] == 1 else "qui"
+        for i, name in enumerate(names):
+            ax = axes[i, j]
+            ax.axis("off")
+            img = _crop(images[j] if name == "image" else maps[name][j], size)
+            if name == "image":
+                ax.imshow(img, cmap="gray")
+                ax.set_title(f"{truth} p={maps['p_activated'][j]:.2f}", fontsize=7)
+            else:
+                ax.imshow(_crop(images[j], size), cmap="gray")
+                ax.imshow(img, cmap="inferno", alpha=0.6)
+            if j == 0:
+                ax.text(
+                    -0.1, 0.5, name, transform=ax.transAxes, rotation=90, va="center", ha="right", fontsize=7
+                )
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
