@@ -84,7 +84,9 @@ def test_saliency_maps_have_the_input_shape_and_vary(learnable, tiny_reg):
     from tprobe.preprocess import load_view
 
     rows = learnable.kept.head(3)
-    imgs = np.stack([load_view(p, v, learnable.config) for p, v in zip(rows["path"], rows["view"], strict=True)])
+    imgs = np.stack(
+        [load_view(p, v, learnable.config) for p, v in zip(rows["path"], rows["view"], strict=True)]
+    )
     maps = saliency_maps(model, imgs)
     for name in ("gradient", "grad_x_input", "attention"):
         assert maps[name].shape == imgs.shape and maps[name].std() > 0, name

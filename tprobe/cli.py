@@ -119,12 +119,41 @@ def _parse_shard(value: str) -> tuple[int, int]:
     return i, k
 
 
+CACHE_OPTION = click.option(
+    "--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
+    help="Cache folder of manifests and feature stores.",
+)  # fmt: skip
+OFFLINE_OPTION = click.option("--offline", is_flag=True, help="Never contact the hub; use the HF cache only.")
+DEVICE_OPTION = click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps.",
+)
+
+
+def split_options(f):
+    """--split and --test-donor, shared by probe, finetune and baseline."""
+    f = click.option(
+        "--test-donor", default=None, help="Donor held out with --split test-donor (e.g. 4 or donor_4)."
+    )(f)
+    return click.option(
+        "--split", type=click.Choice(["leave-one-donor-out", "group-kfold", "test-donor"]),
+        default="leave-one-donor-out", show_default=True, help="Outer split; donors never straddle it.",
+    )(f)  # fmt: skip
+
+
+def run_option(command: str):
+    return click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, exists=True),
+                        help=f"A run directory written by `tprobe {command}`.")  # fmt: skip
+
+
 # ---- commands -------------------------------------------------------------------------------
 @main.command()
 @data_options
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: cache/<dataset>/<preprocess-hash>/].")  # fmt: skip
-@click.option("--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@CACHE_OPTION
 def preprocess(data, prep, out, cache):
     """Filter, pad and augment images; write manifest.parquet, counts and a contact sheet.
 
@@ -163,7 +192,7 @@ def models():
 @click.option("--model", required=True, help="Alias (see `tprobe models`), hub id or local folder.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit [default: main].")
 @data_options
-@click.option("--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
+@CACHE_OPTION
 @click.option("--format", "fmt", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True)
 @click.option(
     "--dtype",
@@ -176,9 +205,7 @@ def models():
 @click.option(
     "--chunk-rows", type=int, default=64, show_default=True, help="Rows per store chunk (unit of resume)."
 )
-@click.option(
-    "--device", default="auto", show_default=True, help="auto (cuda, mps, cpu), cpu, cuda, cuda:1, mps."
-)
+@DEVICE_OPTION
 @click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
@@ -193,7 +220,7 @@ def models():
 @click.option(
     "--shard", default="0/1", show_default=True, help="Take units i::N of the store (SLURM arrays)."
 )
-@click.option("--offline", is_flag=True, help="Never contact the hub; use the HF cache only.")
+@OFFLINE_OPTION
 def extract(model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_rows, device, precision,
             compile_, workers, shard, offline):  # fmt: skip
     """Run every kept image view through a DINOv2 model once; store CLS, register, patch tokens.
@@ -221,6 +248,19 @@ def extract(model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_ro
         click.echo(f"{res.status}: {res.images} views in {res.seconds:.1f} s ({res.images_per_s:.1f} img/s)")
     click.echo(str(res.path))
     _finish(pre)
+
+
+def _check_store_matches(store, pre) -> None:
+    """--store with --data: the store must come from that data and preprocessing."""
+    from tprobe.store import FeatureStore
+
+    attrs = FeatureStore.open(store).attrs
+    if (attrs.get("dataset_fingerprint"), attrs.get("preprocess_hash")) != (pre.fingerprint, pre.config.hash):
+        raise TprobeError(
+            f"{store}: was extracted from another dataset or preprocessing (dataset "
+            f"{attrs.get('dataset_fingerprint')}, preprocess {attrs.get('preprocess_hash')}; --data gives "
+            f"{pre.fingerprint}, {pre.config.hash}); run `tprobe extract` on this data or drop --store"
+        )
 
 
 def _echo_table(df, floatfmt="{:.3f}"):
@@ -253,15 +293,7 @@ def _echo_table(df, floatfmt="{:.3f}"):
 @click.option(
     "--pool", default="cls", show_default=True, help="cls, mean, registers, cls+mean, concat or all."
 )
-@click.option(
-    "--split",
-    type=click.Choice(["leave-one-donor-out", "group-kfold", "test-donor"]),
-    default="leave-one-donor-out",
-    show_default=True,
-)
-@click.option(
-    "--test-donor", default=None, help="Donor held out with --split test-donor (e.g. 4 or donor_4)."
-)
+@split_options
 @click.option("--folds", default=5, show_default=True, help="Folds for --split group-kfold.")
 @click.option("--tta", is_flag=True, help="Score each cell by its views' mean probability.")
 @click.option(
@@ -280,8 +312,8 @@ def _echo_table(df, floatfmt="{:.3f}"):
 )
 @click.option("--no-final-head", is_flag=True, help="Skip refitting a head on all donors (no predict).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-@click.option("--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
-@click.option("--offline", is_flag=True, help="Never contact the hub.")
+@CACHE_OPTION
+@OFFLINE_OPTION
 @data_options
 def probe(model, revision, store, features, id_column, exclude, head, pool, split, test_donor, folds, tta,
           train_views, penalty, seed, n_boot, no_final_head, out, cache, offline, data, prep):  # fmt: skip
@@ -326,6 +358,8 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
 
             pre = _prepare(data, prep, progress=False)
             store = find_store(cache, pre, resolve_model(model, revision, offline=offline))
+        elif data is not None:
+            _check_store_matches(store, _prepare(data, prep, progress=False))
         sources = [(p, lambda p: from_store(store, p)) for p in pools]
     sweep = len(heads) * len(sources) > 1
     base = out
@@ -372,13 +406,7 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
 
 
 @main.command()
-@click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(path_type=Path, exists=True),
-    help="A run directory written by `tprobe probe`.",
-)
+@run_option("probe")
 @click.argument("images", type=click.Path(path_type=Path))
 @click.option(
     "--out",
@@ -387,9 +415,9 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
     help="CSV to write [default: <run>/predictions-<images-folder>.csv].",
 )
 @click.option("--threshold", default=0.5, show_default=True, help="p_activated at or above -> activated.")
-@click.option("--cache", type=click.Path(path_type=Path), default=Path("cache"), show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--offline", is_flag=True, help="Never contact the hub.")
+@CACHE_OPTION
+@DEVICE_OPTION
+@OFFLINE_OPTION
 def predict(run_dir, images, out, threshold, cache, device, offline):
     """Label new images with a trained run: path, p_activated, label (CSV).
 
@@ -440,14 +468,8 @@ def predict(run_dir, images, out, threshold, cache, device, offline):
     show_default=True,
     help="BCE positive-class weight: auto (negatives/positives), none, or a number.",
 )
-@click.option(
-    "--split",
-    type=click.Choice(["leave-one-donor-out", "group-kfold", "test-donor"]),
-    default="leave-one-donor-out",
-    show_default=True,
-)
-@click.option("--test-donor", default=None)
-@click.option("--device", default="auto", show_default=True)
+@split_options
+@DEVICE_OPTION
 @click.option(
     "--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True
 )
@@ -460,7 +482,7 @@ def predict(run_dir, images, out, threshold, cache, device, offline):
     default=None,
     help="Continue an interrupted run directory from its last finished epoch.",
 )
-@click.option("--offline", is_flag=True, help="Never contact the hub.")
+@OFFLINE_OPTION
 @data_options
 def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, lr_backbone, lr_head, weight_decay,
              patience, pos_weight, split, test_donor, device, precision, seed, saliency_n, out, resume, offline,
@@ -511,16 +533,9 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
 
 
 @main.command()
-@click.option(
-    "--run",
-    "run_dir",
-    required=True,
-    type=click.Path(path_type=Path, exists=True),
-    help="A run directory written by `tprobe finetune`.",
-)
+@run_option("finetune")
 @click.option("--n", default=8, show_default=True, help="Images per grid (half right, half wrong calls).")
-@click.option("--offline", is_flag=True)
-def saliency(run_dir, n, offline):
+def saliency(run_dir, n):
     """Saliency grids (gradient, gradient x input, CLS attention) for right and wrong calls per donor.
 
     \b
@@ -537,15 +552,9 @@ def saliency(run_dir, n, offline):
 @click.option(
     "--name", default="all", show_default=True, help="frequency, pixel-logreg, pixel-mlp, lenet or all."
 )
-@click.option(
-    "--split",
-    type=click.Choice(["leave-one-donor-out", "group-kfold", "test-donor"]),
-    default="leave-one-donor-out",
-    show_default=True,
-)
-@click.option("--test-donor", default=None)
+@split_options
 @click.option("--epochs", default=30, show_default=True, help="LeNet epochs (early stopping may end sooner).")
-@click.option("--device", default="auto", show_default=True)
+@DEVICE_OPTION
 @click.option("--seed", default=0, show_default=True)
 @click.option("--bootstrap", "n_boot", default=2000, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)

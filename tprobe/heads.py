@@ -33,7 +33,7 @@ def make_head(name: str, *, n_features: int, seed: int = 0, class_weight: str | 
     steps = [("scale", StandardScaler())]
     if name == "logreg":
         clf = LogisticRegression(
-            C=0.1, l1_ratio=1.0 if penalty == "l1" else 0.0, solver="saga" if penalty == "l1" else "lbfgs",
+            C=0.1, l1_ratio=1.0 if penalty == "l1" else 0.0, solver="liblinear" if penalty == "l1" else "lbfgs",
             class_weight=class_weight, max_iter=2000, random_state=seed,
         )  # fmt: skip
     elif name == "mlp":

@@ -153,6 +153,10 @@ def train_fold(make_model: Callable[[], torch.nn.Module], train: pd.DataFrame, v
                "images_per_s": n / seconds if seconds else float("nan")}  # fmt: skip
         if device.type == "cuda":
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        else:
+            import resource
+
+            row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
         state["curves"].append(row)
         log(row)
         score = val_auc if not math.isnan(val_auc) else -val_loss

@@ -1,0 +1,80 @@
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import save_png
+
+from tprobe import __version__
+from tprobe.cli import main
+
+COMMANDS = [
+    "preprocess",
+    "models",
+    "extract",
+    "probe",
+    "predict",
+    "finetune",
+    "saliency",
+    "baseline",
+    "report",
+]
+
+
+def test_version_and_help():
+    r = CliRunner().invoke(main, ["--version"])
+    assert r.exit_code == 0 and __version__ in r.output
+    r = CliRunner().invoke(main, ["--help"])
+    assert all(c in r.output for c in COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help_with_an_example(command):
+    r = CliRunner().invoke(main, [command, "--help"])
+    assert r.exit_code == 0
+    assert command == "models" or "tprobe " + command in r.output
+
+
+def test_preprocess_on_the_bundled_sample(tmp_path):
+    r = CliRunner().invoke(main, ["preprocess", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip().splitlines()[-1] == str(tmp_path / "manifest.parquet")
+    assert "total                852" in r.output
+    for name in ("manifest.parquet", "contact_sheet.png", "counts.csv", "preprocess.json"):
+        assert (tmp_path / name).exists()
+
+
+def test_bad_input_is_reported_and_exit_status_says_so(small_data, tmp_path):
+    (small_data / "donor_1" / "activated" / "CD3_1_act_9_9_9.png").write_bytes(b"garbage")
+    save_png(small_data / "donor_1" / "quiescent" / "rgb.png", np.dstack([np.eye(9, dtype=np.uint8) * 200,
+             np.zeros((9, 9), np.uint8), np.zeros((9, 9), np.uint8)]))  # fmt: skip
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 3
+    assert "skipped: " in r.output and "CD3_1_act_9_9_9.png: cannot be read" in r.output
+    assert "rgb.png: RGB colour image" in r.output and "Traceback" not in r.output
+    assert (tmp_path / "o" / "manifest.parquet").exists()
+
+
+def test_errors_are_one_line_with_status_2(tmp_path):
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and r.output.startswith("error: ")
+    r = CliRunner().invoke(main, ["extract", "--model", "dinov2-huge"])
+    assert r.exit_code == 2 and "aliases: dinov2-small" in r.output
+    r = CliRunner().invoke(main, ["probe", "--head", "svm"])
+    assert r.exit_code == 2 and "logreg, mlp, xgboost" in r.output
+
+
+def test_extract_cli_prints_the_store_path_last_and_is_idempotent(small_data, tmp_path, tiny_plain):
+    args = ["extract", "--model", str(tiny_plain), "--data", str(small_data), "--cache", str(tmp_path)]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    path = first.output.strip().splitlines()[-1]
+    assert path.endswith("float16.zarr") and path.startswith(str(tmp_path))
+    again = CliRunner().invoke(main, args)
+    assert "up to date" in again.output and again.output.strip().splitlines()[-1] == path
+
+
+def test_store_from_other_data_is_refused(small_data, tmp_path, tiny_plain):
+    r = CliRunner().invoke(main, ["extract", "--model", str(tiny_plain), "--data", str(small_data), "--cache",
+                                  str(tmp_path)])  # fmt: skip
+    store = r.output.strip().splitlines()[-1]
+    r = CliRunner().invoke(main, ["probe", "--store", store, "--views", "orig", "--data", str(small_data)])
+    assert r.exit_code == 2 and "another dataset or preprocessing" in r.output
