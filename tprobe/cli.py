@@ -27,6 +27,14 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: finished chunks are kept; rerun the same command to resume", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as exc:  # a bug, not bad input: one line, with the way to the traceback
+            if "-v" in sys.argv or "--verbose" in sys.argv:
+                raise
+            click.echo(f"error: unexpected {type(exc).__name__}: {exc}; rerun with `tprobe -v ...` for the "
+                       "traceback and report it", err=True)  # fmt: skip
+            ctx.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -35,9 +35,12 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     head = joblib.load(run / "head.joblib")["model"]
     prep = PreprocessConfig(**{k: v for k, v in src["preprocess"].items() if k != "version"})
     pre = preprocess(discover_unlabelled(data), prep)
-    ref = resolve_model(src["model_source"], offline=offline)
+    source = src.get("model_source") or src.get("model")
+    if not source:
+        raise TprobeError(f"{run}/config.json: records no model to extract with; retrain the probe")
+    ref = resolve_model(source, offline=offline)
     if ref.resolved != src["resolved_revision"]:
-        raise TprobeError(f"model {src['model_source']} has changed since run {run.name} "
+        raise TprobeError(f"model {source} has changed since run {run.name} "
                           f"({ref.resolved[:12]} != {src['resolved_revision'][:12]}); retrain the probe")  # fmt: skip
     out = pre.manifest[pre.manifest["view"] == "orig"][["path", "kept", "drop_reason", "source_id"]]
     out = out.assign(p_activated=float("nan"))
