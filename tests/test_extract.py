@@ -120,3 +120,35 @@ def test_zarr_chunks_are_aligned_with_units(tmp_path, small_data, tiny_reg):
     arr = zarr.open_array(res.path / "patches", mode="r")
     assert arr.chunks[0] == 8 and arr.dtype == np.float16
     assert tprobe.store.FeatureStore.open(res.path).chunk_rows == 8
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_kill_9_mid_run_then_resume(tmp_path, tiny_reg, fmt):
+    """A real SIGKILL of `tprobe extract` keeps finished chunks; the rerun completes the store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "tprobe.cli", "extract", "--model", str(tiny_reg), "--cache", str(tmp_path / "c"),
+            "--chunk-rows", "8", "--batch-size", "1", "--format", fmt]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    markers = []
+    while time.time() < deadline and len(markers) < 5 and proc.poll() is None:
+        markers = list((tmp_path / "c").rglob("unit_*.done"))
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(markers) >= 5, "extract finished or stalled before it could be killed"
+    args[args.index("--batch-size") + 1] = "32"  # resuming with another batch size is fine: units are chunks
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    store = FeatureStore.open(rerun.stdout.strip().splitlines()[-1])
+    pre = preprocess(discover())
+    assert store.n == len(pre.kept) and store.complete
+    ref = extract(
+        pre, resolve_model(str(tiny_reg)), cache=tmp_path / "fresh", fmt=fmt, chunk_rows=8, progress=False
+    )
+    np.testing.assert_array_equal(store.read("cls"), FeatureStore.open(ref.path).read("cls"))
