@@ -391,6 +391,8 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
                            final_head=not no_final_head).fit(fs)  # fmt: skip
             last = run.save(base, f"{fs.name}-{h}")
             _echo_table(run.table())
+            chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in run.chosen_)
+            click.echo(f"   grid {run.grid_} -> chosen by inner donor CV (mean AP): {chosen}")
             s = run.summary_
             rows.append({"features": fs.source.get("model", fs.name), "pool": fs.source.get("pool", "table"),
                          "head": h, **{f"{m}_{k}": s[m][k] for m in ("roc_auc", "average_precision", "accuracy")
