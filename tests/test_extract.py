@@ -152,3 +152,25 @@ def test_kill_9_mid_run_then_resume(tmp_path, tiny_reg, fmt):
         pre, resolve_model(str(tiny_reg)), cache=tmp_path / "fresh", fmt=fmt, chunk_rows=8, progress=False
     )
     np.testing.assert_array_equal(store.read("cls"), FeatureStore.open(ref.path).read("cls"))
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_concurrent_shard_workers_build_one_store(tmp_path, tiny_reg, fmt):
+    """Two `--shard i/2` processes started together create, fill and seal one store."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "tprobe.cli", "extract", "--model", str(tiny_reg), "--cache", str(tmp_path),
+            "--chunk-rows", "32", "--format", fmt]  # fmt: skip
+    procs = [
+        subprocess.Popen([*base, "--shard", f"{i}/2"], stdout=subprocess.PIPE, text=True) for i in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    path = outs[0].strip().splitlines()[-1]
+    store = FeatureStore.open(path)
+    pre = preprocess(discover())
+    ref = extract(
+        pre, resolve_model(str(tiny_reg)), cache=tmp_path / "one", fmt=fmt, chunk_rows=32, progress=False
+    )
+    np.testing.assert_array_equal(store.read("patches"), FeatureStore.open(ref.path).read("patches"))

@@ -169,7 +169,12 @@ def extract(
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    status = "written" if store.finalize() else "partial (shard)"
+    sealed = store.finalize()
+    if not sealed and shard == (0, 1) and not store.pending_units():
+        # the only worker, all units done: a finalize.lock left by a killed earlier run is stale
+        (store.progress_dir / "finalize.lock").unlink(missing_ok=True)
+        sealed = store.finalize()
+    status = "written" if sealed else "partial (shard)"
     return ExtractResult(path, status, len(kept), seconds, todo)
 
 

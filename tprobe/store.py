@@ -34,6 +34,18 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _wait_for(meta: Path, path: Path, seconds: float = 120.0) -> None:
+    """Wait while another worker is creating the store (its meta.json appears last)."""
+    import time
+
+    end = time.monotonic() + seconds
+    while not meta.exists() and not (path.exists() and not meta.parent.exists()):
+        if time.monotonic() > end:
+            raise TprobeError(f"{path}: another worker began creating this store but never finished; "
+                              f"delete {meta.parent} and {path} and rerun")  # fmt: skip
+        time.sleep(0.2)
+
+
 class FeatureStore:
     """One store of token arrays; create with :meth:`create`, reopen with :meth:`open`."""
 
@@ -70,16 +82,27 @@ class FeatureStore:
             shapes["registers"] = [n, registers, hidden]
         meta = {"format": fmt, "n": n, "chunk_rows": chunk_rows, "dtype": dtype,
                 "shapes": shapes, "attrs": attrs or {}}  # fmt: skip
-        if path.exists() or (path.with_name(path.name + ".progress") / "meta.json").exists():
-            store = cls.open(path, allow_incomplete=True)
+        store = cls(path, meta)
+        if path.exists() and not store.progress_dir.exists():  # complete already
+            store = cls.open(path)
             if store.meta["shapes"] != shapes or store.meta["dtype"] != dtype:
                 raise TprobeError(f"{path}: exists with another layout; delete it to re-extract")
             return store
-        store = cls(path, meta)
         store.progress_dir.mkdir(parents=True, exist_ok=True)
-        if fmt == "zarr":
-            store._create_zarr()
-        _atomic_write(store.progress_dir / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+        try:  # exactly one of several concurrent workers (--shard) creates the arrays
+            os.close(os.open(store.progress_dir / "create.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            creator = not path.exists()
+        except FileExistsError:
+            creator = False
+        if creator:
+            if fmt == "zarr":
+                store._create_zarr()
+            _atomic_write(store.progress_dir / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+            return store
+        _wait_for(store.progress_dir / "meta.json", path)
+        store = cls.open(path, allow_incomplete=True)
+        if store.meta["shapes"] != shapes or store.meta["dtype"] != dtype:
+            raise TprobeError(f"{path}: exists with another layout; delete it to re-extract")
         return store
 
     def _create_zarr(self) -> None:
@@ -172,7 +195,11 @@ class FeatureStore:
             return True
         if len(self.done_units()) < self.n_units:
             return False
-        meta = {k: v for k, v in self.meta.items()}
+        try:  # one sealer only, when several shard workers finish at once
+            os.close(os.open(self.progress_dir / "finalize.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        meta = dict(self.meta)
         if self.format == "zarr":
             import zarr
 
