@@ -108,3 +108,37 @@ def test_finetune_run_writes_probe_schema_and_fold_weights(learnable, tiny_reg, 
     assert set(job.evaluation_.per_donor["donor"]) == {"donor_1", "donor_2", "donor_3"}
     model = load_fold_model(run, 0)
     assert model.encoder.config._attn_implementation == "eager"
+
+
+def test_cli_finetune_interrupted_then_resumed(tmp_path, tiny_reg, monkeypatch):
+    """Ctrl-C during fold 2 keeps fold 0-1 checkpoints; --resume finishes with the recorded options."""
+    from click.testing import CliRunner
+
+    import tprobe.training as training
+    from tprobe.cli import main
+
+    data = tmp_path / "d"
+    from conftest import copy_subset
+
+    copy_subset(data, donors=("donor_1", "donor_3", "donor_6"), per_class=5)
+    args = ["finetune", "--model", str(tiny_reg), "--data", str(data), "--pool", "cls", "--freeze",
+            "--epochs", "1", "--batch-size", "8", "--saliency-n", "2", "--out", str(tmp_path / "runs")]  # fmt: skip
+    real = training.train_fold
+    calls = []
+
+    def flaky(*a, **kw):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(training, "train_fold", flaky)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 130 and "rerun" in r.output
+    run = next((tmp_path / "runs").iterdir())
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["fold0.pt", "fold1.pt"]
+    monkeypatch.setattr(training, "train_fold", real)
+    r = CliRunner().invoke(main, ["finetune", "--resume", str(run), "--epochs", "99"])
+    assert r.exit_code == 0, r.output
+    assert "recorded options" in r.output and (run / "metrics.json").exists()
+    assert (run / "saliency_donor_1.png").exists()

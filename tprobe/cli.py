@@ -25,7 +25,11 @@ class _Group(click.Group):
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished chunks are kept; rerun the same command to resume", err=True)
+            click.echo(
+                "interrupted: finished work is kept (store chunks, training epochs); rerun the same command "
+                "to resume (finetune: --resume RUN_DIR)",
+                err=True,
+            )
             ctx.exit(130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
@@ -490,7 +494,7 @@ def predict(run_dir, images, out, threshold, cache, device, offline):
     "--resume",
     type=click.Path(path_type=Path, exists=True),
     default=None,
-    help="Continue an interrupted run directory from its last finished epoch.",
+    help="Continue an interrupted run directory from its last finished epoch, with its recorded options.",
 )
 @OFFLINE_OPTION
 @data_options
@@ -518,14 +522,30 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
         pw = None if pos_weight == "none" else (pos_weight if pos_weight == "auto" else float(pos_weight))
     except ValueError:
         raise TprobeError(f"--pos-weight {pos_weight!r}: use auto, none or a number") from None
+    if resume is not None:  # the run's own options win: a resumed run must train what it started
+        from tprobe.preprocess import PreprocessConfig
+        from tprobe.runs import read_json
+
+        old = read_json(Path(resume) / "config.json")
+        click.echo(f"resuming {resume} with its recorded options (command-line training options ignored)")
+        model, revision, pool, freeze = old["model_source"], None, old["pool"], old["freeze"]
+        unfreeze_last, split, test_donor, data = (
+            old["unfreeze_last"],
+            old["split"],
+            old["test_donor"],
+            old["data"],
+        )
+        prep = PreprocessConfig(**{k: v for k, v in old["features"]["preprocess"].items() if k != "version"})
+        cfg = TrainConfig(**old["train"])
+    else:
+        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr_head=lr_head, lr_backbone=lr_backbone,
+                          weight_decay=weight_decay, patience=patience, pos_weight=pw, seed=seed,
+                          precision=precision)  # fmt: skip
     pre = _prepare(data, prep, progress=False)
     ref = resolve_model(model, revision, offline=offline)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr_head=lr_head, lr_backbone=lr_backbone,
-                      weight_decay=weight_decay, patience=patience, pos_weight=pw, seed=seed, precision=precision)  # fmt: skip
     job = FinetuneRun(ref, pool=pool, freeze=freeze, unfreeze_last=unfreeze_last, split=split,
                       test_donor=test_donor, device=device, train=cfg, data=str(data) if data else None)  # fmt: skip
-    name = job.config(pre)["features"]["name"]
-    run = resume or make_run_dir(out, name)
+    run = resume or make_run_dir(out, job.config(pre)["features"]["name"])
 
     def log(row):
         click.echo(
