@@ -212,7 +212,7 @@ def preprocess(
 
     rows, skipped, seen = [], list(dataset.skipped), {}
     records = dataset.table.to_dict("records")
-    for rec in tqdm(records, desc="preprocess", unit="img", disable=not progress):
+    for rec in tqdm(records, desc="preprocess", unit="img", disable=None if progress else True):
         path = rec["path"]
         base = {**rec, "source_id": "", "image_id": "", "group": "", "view": "orig"}
         try:
