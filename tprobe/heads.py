@@ -22,7 +22,7 @@ GRIDS = {
 }
 
 
-def make_head(name: str, *, n_features: int, seed: int = 0, class_weight: str | None = "balanced",
+def make_head(name: str, *, seed: int = 0, class_weight: str | None = "balanced",
               penalty: str = "l2", n_jobs: int = 1,
               **params) -> Pipeline:  # fmt: skip
     """A fresh unfitted head: standardise, then the classifier."""

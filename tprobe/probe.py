@@ -69,7 +69,7 @@ class ProbeRun:
             # row before the splits cannot leak; it keeps inner-CV fits cheap on --pool concat
             self.projection_ = GaussianRandomProjection(self.max_dims, random_state=self.seed).fit(X[:1])
             X = self.projection_.transform(X).astype(np.float32)
-        make = partial(make_head, self.head, n_features=X.shape[1], seed=self.seed, penalty=self.penalty)
+        make = partial(make_head, self.head, seed=self.seed, penalty=self.penalty)
         grid = param_grid(self.head)
         cv = nested_cv(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta,
                        progress=progress)  # fmt: skip
