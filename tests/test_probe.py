@@ -144,3 +144,11 @@ def test_bring_your_own_feature_table(tmp_path):
     assert feature_columns(table, "FileName", exclude=["Entropy"]) == ["Intensity_Mean", "AreaShape_Area"]
     with pytest.raises(TprobeError, match="unknown column"):
         from_table(tmp_path / "cp.csv", pre.manifest, exclude=["nope"])
+
+
+def test_run_json_writes_nan_as_null_but_keeps_strings(tmp_path):
+    from tprobe.runs import read_json, write_json
+
+    write_json(tmp_path / "m.json", {"auc": float("nan"), "v": [np.float32("nan"), 1.5],
+                                     "note": "AUC undefined (NaN)"})  # fmt: skip
+    assert read_json(tmp_path / "m.json") == {"auc": None, "v": [None, 1.5], "note": "AUC undefined (NaN)"}

@@ -43,9 +43,19 @@ def _default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def _nan_to_none(obj):
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_nan_to_none(v) for v in obj]
+    if isinstance(obj, float | np.floating) and np.isnan(obj):
+        return None
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
-    text = json.dumps(obj, indent=2, default=_default, allow_nan=True)
-    Path(path).write_text(text.replace("NaN", "null"))
+    """Write JSON with NaN as null (strict JSON), leaving strings that mention NaN alone."""
+    Path(path).write_text(json.dumps(_nan_to_none(obj), indent=2, default=_default, allow_nan=False))
 
 
 def read_json(path: Path) -> dict:
