@@ -84,10 +84,7 @@ class FeatureStore:
                 "shapes": shapes, "attrs": attrs or {}}  # fmt: skip
         store = cls(path, meta)
         if path.exists() and not store.progress_dir.exists():  # complete already
-            store = cls.open(path)
-            if store.meta["shapes"] != shapes or store.meta["dtype"] != dtype:
-                raise TprobeError(f"{path}: exists with another layout; delete it to re-extract")
-            return store
+            return cls.open(path)._check_layout(shapes, dtype)
         store.progress_dir.mkdir(parents=True, exist_ok=True)
         try:  # exactly one of several concurrent workers (--shard) creates the arrays
             os.close(os.open(store.progress_dir / "create.lock", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
@@ -100,10 +97,12 @@ class FeatureStore:
             _atomic_write(store.progress_dir / "meta.json", lambda p: p.write_text(json.dumps(meta)))
             return store
         _wait_for(store.progress_dir / "meta.json", path)
-        store = cls.open(path, allow_incomplete=True)
-        if store.meta["shapes"] != shapes or store.meta["dtype"] != dtype:
-            raise TprobeError(f"{path}: exists with another layout; delete it to re-extract")
-        return store
+        return cls.open(path, allow_incomplete=True)._check_layout(shapes, dtype)
+
+    def _check_layout(self, shapes: dict, dtype: str) -> FeatureStore:
+        if self.meta["shapes"] != shapes or self.meta["dtype"] != dtype:
+            raise TprobeError(f"{self.path}: exists with another layout; delete it to re-extract")
+        return self
 
     def _create_zarr(self) -> None:
         import zarr
