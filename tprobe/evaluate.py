@@ -125,7 +125,7 @@ def _fit_predict(make, params, X, y, train, test):
 
 
 def nested_cv(make, grid: list[dict], X: np.ndarray, meta: pd.DataFrame, plan: list[Fold], *,
-              train_views: str = "orig", tta: bool = False, n_jobs: int = -1, progress=None) -> CVResult:  # fmt: skip
+              train_views: str = "orig", tta: bool = False, n_jobs: int = -1) -> CVResult:  # fmt: skip
     """Outer folds from ``plan``; inside each, leave-one-training-donor-out picks the grid point
     with the best mean average precision; the head is then refit on all training donors.
 
@@ -140,8 +140,6 @@ def nested_cv(make, grid: list[dict], X: np.ndarray, meta: pd.DataFrame, plan: l
         _, proba = _fit_predict(make, best, X, y, train, fold.test)
         preds.append(_score_rows(meta, fold.test, proba, tta).assign(fold=fold.index))
         chosen.append({"fold": fold.index, "params": best, "inner_ap": scores})
-        if progress:
-            progress(fold)
     return CVResult(pd.concat(preds, ignore_index=True), chosen)
 
 

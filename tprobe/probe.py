@@ -55,7 +55,7 @@ class ProbeRun:
         if self.train_views not in ("all", "orig"):
             raise TprobeError(f"--train-views {self.train_views!r} is not all or orig")
 
-    def fit(self, fs: FeatureSet, progress=None) -> ProbeRun:
+    def fit(self, fs: FeatureSet) -> ProbeRun:
         self._validate()
         t0 = time.perf_counter()
         meta = fs.meta
@@ -71,8 +71,7 @@ class ProbeRun:
             X = self.projection_.transform(X).astype(np.float32)
         make = partial(make_head, self.head, seed=self.seed, penalty=self.penalty)
         grid = param_grid(self.head)
-        cv = nested_cv(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta,
-                       progress=progress)  # fmt: skip
+        cv = nested_cv(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta)
         self.features_ = fs
         self.plan_ = plan
         self.grid_ = grid
@@ -80,10 +79,6 @@ class ProbeRun:
         self.evaluation_ = evaluate(
             cv.predictions, meta, plan, tta=self.tta, n_boot=self.n_boot, seed=self.seed
         )
-        self.predictions_ = cv.predictions
-        self.per_donor_ = self.evaluation_.per_donor
-        self.summary_ = self.evaluation_.summary
-        self.reference_ = self.evaluation_.reference
         self.final_ = self._final_head(make, grid, X, fs.meta) if self.final_head else None
         self.seconds_ = time.perf_counter() - t0
         return self
@@ -98,6 +93,22 @@ class ProbeRun:
         if self.projection_ is not None:
             model = Pipeline([("project", self.projection_), ("head", model)])
         return {"model": model, "params": best}
+
+    @property
+    def predictions_(self) -> pd.DataFrame:
+        return self.evaluation_.predictions
+
+    @property
+    def per_donor_(self) -> pd.DataFrame:
+        return self.evaluation_.per_donor
+
+    @property
+    def summary_(self) -> dict:
+        return self.evaluation_.summary
+
+    @property
+    def reference_(self) -> dict:
+        return self.evaluation_.reference
 
     def table(self) -> pd.DataFrame:
         """Per-donor metrics with mean, sd and frequency rows, for printing."""
