@@ -106,7 +106,7 @@ def data_options(f):
 
 
 def _prepare(data, prep, *, progress=True):
-    """Discover + preprocess, echo skipped files to stderr; returns (Preprocessed, n_skipped)."""
+    """Discover + preprocess; echo skipped files to stderr; return the Preprocessed result."""
     from tprobe.dataset import discover
     from tprobe.preprocess import preprocess
 
@@ -313,7 +313,7 @@ def _echo_table(df, floatfmt="{:.3f}"):
     type=click.Choice(["orig", "all"]),
     default="orig",
     show_default=True,
-    help="Train on original views only, or on every augmented view too (about 4x slower).",
+    help="Train on original views only, or on every augmented view too (2-8x slower).",
 )
 @click.option(
     "--penalty", type=click.Choice(["l2", "l1"]), default="l2", show_default=True, help="logreg penalty."
