@@ -29,7 +29,10 @@ def test_unreachable_hub_without_cache_gives_one_clear_error(tmp_path):
                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "weights not reachable" in lines[0] and "--model /path/to/local" in lines[0]
+    # one line saying it is trying, then one line with the fix (the hub id is known)
+    assert len(lines) == 2 and "contacting the Hugging Face hub" in lines[0]
+    assert "weights not reachable" in lines[1] and "--model /path/to/local" in lines[1]
+    assert "`hf download facebook/dinov2-with-registers-small`" in lines[1]
     assert "Traceback" not in proc.stderr
 
 
@@ -50,7 +53,7 @@ def test_layout_read_from_config(request, fixture, registers):
     assert torch.allclose(x[:, 0] * 0.229 + 0.485, x[:, 2] * 0.225 + 0.406, atol=1e-6)
     with torch.inference_mode():
         hidden = bb(x).last_hidden_state
-    cls, regs, patches = bb.split(hidden)
+    cls, regs, patches = bb.layout(28).split(hidden)
     assert cls.shape == (2, 32) and regs.shape == (2, registers, 32) and patches.shape == (2, 4, 32)
     with pytest.raises(TprobeError, match="multiple of the patch size 14; set --canvas to 140"):
         bb.grid(134)

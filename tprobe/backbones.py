@@ -1,14 +1,18 @@
-"""DINOv2 backbones: the alias registry, real ``from_pretrained`` loading, and the token layout.
+"""DINOv2 backbones: the alias registry, real ``from_pretrained`` loading, and model identity.
 
-Hugging Face's ``last_hidden_state`` (already final-layernormed) is laid out as
-``[CLS, R register tokens, P patch tokens]`` with ``R = config.num_register_tokens`` (4 for the
-``-with-registers`` checkpoints, 0 otherwise); nothing here hard-codes R, the patch size or the
-hidden size: they are read from the model's config.
+The token layout (:class:`tprobe.tokens.TokenLayout`) is read from the model's config: nothing here
+hard-codes the register count, the patch size or the hidden size.
+
+Model identity is content, never a label: a hub model is keyed by the commit its Hugging Face cache
+snapshot resolves to (``refs/<revision>`` -> ``snapshots/<commit>``), and its weights are then loaded
+from exactly that commit; a local folder is keyed by a hash of its config and weight files. An
+identity that cannot be resolved is an error.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +20,10 @@ import numpy as np
 import torch
 
 from tprobe.errors import TprobeError
+from tprobe.tokens import TokenLayout
 
 __all__ = ["ALIASES", "ModelRef", "Backbone", "resolve_model", "pick_device"]
+log = logging.getLogger(__name__)
 
 ALIASES = {
     "dinov2-small": "facebook/dinov2-small",
@@ -48,6 +54,16 @@ class ModelRef:
         return Path(self.source).is_dir()
 
     @property
+    def load_revision(self) -> str | None:
+        """What ``from_pretrained`` loads: the resolved commit of a hub model, so weights match the key."""
+        return None if self.is_local else self.resolved
+
+    @property
+    def random_init(self) -> bool:
+        """True for models saved by :func:`tprobe.testing.save_random_dinov2` (random weights)."""
+        return bool(getattr(self.config, "tprobe_random_init", False))
+
+    @property
     def slug(self) -> str:
         base = f"local--{Path(self.source).name}" if self.is_local else self.source.replace("/", "--")
         return f"{base}@{self.resolved[:12]}"
@@ -64,11 +80,42 @@ def _hub_error(name: str, exc: Exception) -> TprobeError:
             f"model {name!r} is not a known alias, a hub id (owner/name) or a local directory; "
             f"aliases: {aliases}"
         )
+    hub_id = ALIASES.get(name, name)
     return TprobeError(
         f"model {name!r}: weights not reachable ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-        "the Hugging Face hub cannot be reached and they are not in the HF cache — download them "
-        "where the hub is reachable (huggingface-cli download <id>) or pass --model /path/to/local/dir"
+        f"the Hugging Face hub cannot be reached and they are not in the HF cache — download them where "
+        f"the hub is reachable (`hf download {hub_id}`) or pass --model /path/to/local/dir "
+        "(to check the pipeline offline, see the README's random-model check)"
     )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick request to the hub endpoint, so an unreachable hub fails in seconds, not minutes."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # the server answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _snapshot_commit(source: str, revision: str | None) -> str:
+    """The commit that the HF cache resolves ``revision`` (default main) of ``source`` to."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(source, "config.json", revision=revision)
+    if not isinstance(found, str):
+        raise TprobeError(
+            f"model {source!r}: cannot resolve revision {revision or 'main'!r} to a snapshot commit in the HF "
+            f"cache; run `hf download {source}` (with --revision) where the hub is reachable, or pass a local folder"
+        )
+    return Path(found).parent.name
 
 
 def resolve_model(model: str, revision: str | None = None, *, offline: bool = False) -> ModelRef:
@@ -86,11 +133,19 @@ def resolve_model(model: str, revision: str | None = None, *, offline: bool = Fa
         resolved = _dir_hash(local)
         source = str(local.resolve())
     else:
+        if "/" not in source:
+            raise _hub_error(model, FileNotFoundError(source))
+        forced = False
+        if not offline:
+            log.info("contacting the Hugging Face hub for %s ...", source)
+            forced = offline = not _hub_reachable()
         try:
             config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=offline)
         except (OSError, ValueError) as exc:
             raise _hub_error(model, exc) from None
-        resolved = getattr(config, "_commit_hash", None) or revision or "unknown"
+        resolved = _snapshot_commit(source, revision)
+        if forced:
+            log.info("hub unreachable: using the cached snapshot %s", resolved[:12])
     if getattr(config, "model_type", "") not in ("dinov2", "dinov2_with_registers"):
         raise TprobeError(
             f"model {model!r} is a {getattr(config, 'model_type', '?')!r} model; tprobe reads "
@@ -163,7 +218,7 @@ class Backbone:
         try:
             net = AutoModel.from_pretrained(
                 ref.source,
-                revision=ref.revision,
+                revision=ref.load_revision,
                 local_files_only=offline or ref.is_local,
                 attn_implementation=attn_implementation,
             )
@@ -182,16 +237,15 @@ class Backbone:
             )
         return side // self.patch_size
 
+    def layout(self, side: int) -> TokenLayout:
+        """The token layout of a square input of ``side`` pixels."""
+        return TokenLayout(self.hidden_size, self.num_registers, self.grid(side))
+
     def pixel_values(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, H, W) grey in [0, 1] -> (B, 3, H, W) normalised with the backbone's mean/std."""
         x = torch.as_tensor(images, dtype=torch.float32)
         x = x.unsqueeze(1).expand(-1, 3, -1, -1)
         return (x - self._mean.to(x.device)) / self._std.to(x.device)
-
-    def split(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``last_hidden_state`` -> (cls (B,D), registers (B,R,D), patches (B,P,D))."""
-        r = self.num_registers
-        return hidden[:, 0], hidden[:, 1 : 1 + r], hidden[:, 1 + r :]
 
     def __call__(self, pixel_values: torch.Tensor, **kw):
         return self.model(pixel_values=pixel_values, **kw)
@@ -202,7 +256,7 @@ def _normalisation(ref: ModelRef, offline: bool) -> tuple[tuple, tuple]:
     from transformers import AutoImageProcessor
 
     try:
-        proc = AutoImageProcessor.from_pretrained(ref.source, revision=ref.revision, local_files_only=True)
+        proc = AutoImageProcessor.from_pretrained(ref.source, revision=ref.load_revision, local_files_only=True)
         return tuple(proc.image_mean), tuple(proc.image_std)
     except (OSError, ValueError, KeyError, TypeError):
         return IMAGENET_MEAN, IMAGENET_STD

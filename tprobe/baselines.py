@@ -21,10 +21,10 @@ from torch import nn
 
 from tprobe.errors import TprobeError
 from tprobe.evaluate import check_plan, evaluate, frequency_predictions, split_plan
-from tprobe.features import META, FeatureSet
+from tprobe.features import META, FeatureSet, FeatureSource
 from tprobe.preprocess import Preprocessed, load_view
 from tprobe.probe import ProbeRun
-from tprobe.runs import make_run_dir, save_run
+from tprobe.runs import RunRecord, make_run_dir, save_run
 
 __all__ = ["BASELINES", "PIXEL_CANVAS", "LeNet", "pixel_features", "run_baseline"]
 
@@ -41,8 +41,8 @@ def pixel_features(pre: Preprocessed) -> FeatureSet:
     rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
     prep = _pixel_prep(pre)
     X = np.stack([load_view(p, "orig", prep).ravel() for p in rows["path"]]).astype(np.float32)
-    source = {"kind": "pixels", "canvas": PIXEL_CANVAS, "preprocess": pre.config.to_dict(),
-              "preprocess_hash": pre.config.hash, "dataset_fingerprint": pre.fingerprint, "name": "pixels"}  # fmt: skip
+    source = FeatureSource(kind="pixels", name="pixels", canvas=PIXEL_CANVAS, preprocess=pre.config.to_dict(),
+                           preprocess_hash=pre.config.hash, dataset_fingerprint=pre.fingerprint)  # fmt: skip
     return FeatureSet(X, rows[META], source)
 
 
@@ -77,23 +77,24 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     """Run one baseline; returns (run directory, Evaluation)."""
     if name not in BASELINES:
         raise TprobeError(f"baseline {name!r} is not one of {', '.join(BASELINES)}, all")
-    common = {"command": "baseline", "baseline": name, "split": split, "test_donor": test_donor, "seed": seed}
+    common = {"baseline": name, "split": split, "test_donor": test_donor, "seed": seed}
     if name in ("pixel-logreg", "pixel-mlp"):
         fs = pixel_features(pre)
         head, penalty = ("logreg", "l1") if name == "pixel-logreg" else ("mlp", "l2")
         probe = ProbeRun(head=head, penalty=penalty, split=split, test_donor=test_donor, seed=seed,
                          n_boot=n_boot, max_dims=None, final_head=False).fit(fs)  # fmt: skip
-        run = probe.save(out, f"baseline-{name}", extra_config=common)
+        run = probe.save(out, f"baseline-{name}", command="baseline", extra_options=common)
         return run, probe.evaluation_
     rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
     plan = split_plan(rows, split, test_donor=test_donor)
     check_plan(plan, rows)
     run = make_run_dir(out, f"baseline-{name}")
-    features = {"kind": "baseline", "name": name, "preprocess": pre.config.to_dict(),
-                "preprocess_hash": pre.config.hash, "dataset_fingerprint": pre.fingerprint}  # fmt: skip
+    features = FeatureSource(kind="baseline", name=name, preprocess=pre.config.to_dict(),
+                             preprocess_hash=pre.config.hash, dataset_fingerprint=pre.fingerprint)  # fmt: skip
+    record = RunRecord(command="baseline", name=run.name, features=features, options=common)
     if name == "frequency":
         ev = evaluate(frequency_predictions(rows, plan), rows, plan, n_boot=n_boot, seed=seed)
-        save_run(run, config={**common, "features": features}, evaluation=ev, plan=plan, meta=rows)
+        save_run(run, record=record, evaluation=ev, plan=plan, meta=rows)
         return run, ev
     from tprobe.backbones import pick_device
     from tprobe.plots import learning_curves
@@ -102,8 +103,9 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr_head=1e-3, weight_decay=1e-4, patience=5, seed=seed)
     preds, curves = run_folds(LeNet, rows, plan, _pixel_prep(pre), cfg, pick_device(device), run, log=log)
     ev = evaluate(preds, rows, plan, n_boot=n_boot, seed=seed)
-    save_run(run, config={**common, "train": cfg.to_dict(), "features": {**features, "canvas": PIXEL_CANVAS}},
-             evaluation=ev, plan=plan, meta=rows)  # fmt: skip
+    record.options["train"] = cfg.to_dict()
+    record.features.canvas = PIXEL_CANVAS
+    save_run(run, record=record, evaluation=ev, plan=plan, meta=rows)
     curves.to_csv(run / "curves.csv", index=False)
     learning_curves(curves, run / "curves.png")
     return run, ev

@@ -54,6 +54,7 @@ def main(verbose: bool):
       tprobe probe --head logreg             # donor-held-out metrics, plots, run dir
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    logging.getLogger("tprobe").setLevel(logging.INFO)  # our own progress and notes reach stderr
     try:
         import transformers
 
@@ -74,7 +75,8 @@ def data_options(f):
     d = PreprocessConfig()
     opts = [
         click.option("--data", type=click.Path(path_type=Path), default=None,
-                     help="Image folder or CSV/Parquet manifest [default: bundled T-cell sample]."),
+                     help="Image folder, CSV/Parquet manifest, or a `tprobe preprocess --out` folder "
+                          "[default: bundled T-cell sample]."),
         click.option("--canvas", type=int, default=d.canvas, show_default=True,
                      help="Square canvas side in px (a multiple of the patch size, 14)."),
         click.option("--fit", type=click.Choice(["pad", "resize", "fill"]), default=d.fit, show_default=True,
@@ -106,10 +108,16 @@ def data_options(f):
 
 
 def _prepare(data, prep, *, progress=True):
-    """Discover + preprocess; echo skipped files to stderr; return the Preprocessed result."""
+    """Discover + preprocess (or open a saved, verified ``tprobe preprocess --out`` folder); echo skipped files."""
     from tprobe.dataset import discover
-    from tprobe.preprocess import preprocess
+    from tprobe.preprocess import PreprocessConfig, Preprocessed, is_saved, preprocess
 
+    if is_saved(data):
+        pre = Preprocessed.load(data)
+        if prep not in (PreprocessConfig(), pre.config):
+            raise TprobeError(f"{data}: is a preprocessed folder with its own options; drop the preprocessing "
+                              "options or pass the image folder as --data")  # fmt: skip
+        return pre
     pre = preprocess(discover(data), prep, progress=progress)
     for s in pre.skipped:
         click.echo(f"skipped: {s}", err=True)
@@ -227,14 +235,18 @@ def models():
 )
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (pays off on long runs).")
 @click.option(
-    "--workers", type=int, default=None, help="DataLoader workers [default: 0 on CPU, up to 8 on GPU]."
+    "--workers", type=int, default=None, help="Image-decoding processes [default: 0 on CPU, up to 8 on GPU]."
 )
+@click.option("--tokens", default="cls,registers,patches", show_default=True,
+              help="Token arrays to store: any of cls, registers, patches (patches are ~98% of the bytes).")
+@click.option("--compression", type=click.Choice(["zstd", "lz4", "none"]), default="zstd", show_default=True,
+              help="Chunk compression (recorded in the store).")
 @click.option(
     "--shard", default="0/1", show_default=True, help="Take units i::N of the store (SLURM arrays)."
 )
 @OFFLINE_OPTION
 def extract(model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_rows, device, precision,
-            compile_, workers, shard, offline):  # fmt: skip
+            compile_, workers, tokens, compression, shard, offline):  # fmt: skip
     """Run every kept image view through a DINOv2 model once; store CLS, register, patch tokens.
 
     The store lands under cache/<dataset>/<preprocess-hash>/<model>@<revision>/; its path is the
@@ -251,28 +263,35 @@ def extract(model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_ro
 
     pre = _prepare(data, prep, progress=False)
     ref = resolve_model(model, revision, offline=offline)
+    names = tuple(t.strip() for t in tokens.split(",") if t.strip())
     res = run_extract(pre, ref, cache=cache, fmt=fmt, dtype=dtype, batch_size=batch_size,
                       chunk_rows=chunk_rows, device=device, precision=precision, compile=compile_,
-                      workers=workers, shard=_parse_shard(shard), offline=offline)  # fmt: skip
+                      workers=workers, shard=_parse_shard(shard), offline=offline, tokens=names,
+                      compression=compression)  # fmt: skip
+    if ref.random_init:
+        click.echo("note: this model has random weights; its features are for plumbing checks, not results")
     if res.status == "up to date":
         click.echo(f"up to date: {res.rows} rows already extracted for {ref.slug}")
     else:
-        click.echo(f"{res.status}: {res.images} views in {res.seconds:.1f} s ({res.images_per_s:.1f} img/s)")
+        click.echo(f"{res.status}: {res.images} views in {res.seconds:.1f} s ({res.images_per_s:.1f} views/s); "
+                   f"{res.times.line()}")  # fmt: skip
     click.echo(str(res.path))
     _finish(pre)
 
 
 def _check_store_matches(store, pre) -> None:
-    """--store with --data: the store must come from that data and preprocessing."""
+    """--store with --data: the store must come from that data and preprocessing, row for row."""
     from tprobe.store import FeatureStore
 
-    attrs = FeatureStore.open(store).attrs
+    fs = FeatureStore.open(store)
+    attrs = fs.attrs
     if (attrs.get("dataset_fingerprint"), attrs.get("preprocess_hash")) != (pre.fingerprint, pre.config.hash):
         raise TprobeError(
             f"{store}: was extracted from another dataset or preprocessing (dataset "
             f"{attrs.get('dataset_fingerprint')}, preprocess {attrs.get('preprocess_hash')}; --data gives "
             f"{pre.fingerprint}, {pre.config.hash}); run `tprobe extract` on this data or drop --store"
         )
+    fs.verify_rows(pre.kept["image_id"].tolist(), "--data")
 
 
 def _echo_table(df, floatfmt="{:.3f}"):
@@ -396,7 +415,8 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
             last = run.save(base, f"{fs.name}-{h}")
             _echo_table(run.table())
             chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in run.chosen_)
-            click.echo(f"   grid {run.grid_} -> chosen by inner donor CV (mean AP): {chosen}")
+            how = sorted({c["selection"] for c in run.chosen_})
+            click.echo(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
             s = run.summary_
             rows.append({"features": fs.source.get("model", fs.name), "pool": fs.source.get("pool", "table"),
                          "head": h, **{f"{m}_{k}": s[m][k] for m in ("roc_auc", "average_precision", "accuracy")
@@ -523,20 +543,17 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
     except ValueError:
         raise TprobeError(f"--pos-weight {pos_weight!r}: use auto, none or a number") from None
     if resume is not None:  # the run's own options win: a resumed run must train what it started
-        from tprobe.preprocess import PreprocessConfig
-        from tprobe.runs import read_json
+        from tprobe.runs import RunRecord
 
-        old = read_json(Path(resume) / "config.json")
+        old = RunRecord.load(resume)
+        if old.command != "finetune":
+            raise TprobeError(f"{resume}: is not a `tprobe finetune` run; --resume continues fine-tuning runs")
         click.echo(f"resuming {resume} with its recorded options (command-line training options ignored)")
-        model, revision, pool, freeze = old["model_source"], None, old["pool"], old["freeze"]
-        unfreeze_last, split, test_donor, data = (
-            old["unfreeze_last"],
-            old["split"],
-            old["test_donor"],
-            old["data"],
-        )
-        prep = PreprocessConfig(**{k: v for k, v in old["features"]["preprocess"].items() if k != "version"})
-        cfg = TrainConfig(**old["train"])
+        o = old.options
+        model, revision, pool, freeze = old.features.model_source, None, o["pool"], o["freeze"]
+        unfreeze_last, split, test_donor, data = o["unfreeze_last"], o["split"], o["test_donor"], old.data
+        prep = old.preprocess_config()
+        cfg = TrainConfig(**o["train"])
     else:
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr_head=lr_head, lr_backbone=lr_backbone,
                           weight_decay=weight_decay, patience=patience, pos_weight=pw, seed=seed,
@@ -545,7 +562,7 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
     ref = resolve_model(model, revision, offline=offline)
     job = FinetuneRun(ref, pool=pool, freeze=freeze, unfreeze_last=unfreeze_last, split=split,
                       test_donor=test_donor, device=device, train=cfg, data=str(data) if data else None)  # fmt: skip
-    run = resume or make_run_dir(out, job.config(pre)["features"]["name"])
+    run = resume or make_run_dir(out, job.record(pre).name)
 
     def log(row):
         click.echo(

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tprobe.errors import TprobeError
@@ -160,15 +161,25 @@ def _from_flat(root: Path) -> Dataset:
 
 def _from_table(table_path: Path) -> Dataset:
     suffix = table_path.suffix.lower()
-    if suffix == ".csv":
-        df = pd.read_csv(table_path)
-    elif suffix in (".parquet", ".pq"):
-        df = pd.read_parquet(table_path)
-    else:
+    if suffix not in (".csv", ".parquet", ".pq"):
         raise TprobeError(f"{table_path}: expected a folder, .csv or .parquet manifest")
+    try:
+        df = pd.read_csv(table_path) if suffix == ".csv" else pd.read_parquet(table_path)
+    except pd.errors.EmptyDataError:
+        raise TprobeError(f"{table_path}: the manifest is empty; it needs a header row path,label[,donor]") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
+        raise TprobeError(f"{table_path}: cannot be read as a manifest ({type(exc).__name__}); "
+                          "save it as CSV or Parquet with columns path,label[,donor]") from None  # fmt: skip
     missing = {"path", "label"} - set(df.columns)
     if missing:
         raise TprobeError(f"{table_path}: manifest lacks column(s) {sorted(missing)}; it needs path,label")
+    if "donor" in df.columns:
+        empty = df["donor"].isna() | (df["donor"].astype(str).str.strip() == "")
+        if empty.any():
+            rows = (np.flatnonzero(empty.to_numpy()) + 2).tolist()  # +2: header line, 1-based
+            raise TprobeError(f"{table_path}: {int(empty.sum())} row(s) have an empty donor (line {rows[0]}"
+                              f"{', ...' if len(rows) > 1 else ''}); fill the donor column, or drop it to "
+                              "treat all images as one donor")  # fmt: skip
     rows, skipped = [], []
     for rec in df.to_dict("records"):
         path = Path(str(rec["path"]))

@@ -33,6 +33,7 @@ __all__ = [
     "check_plan",
     "nested_cv",
     "donor_metrics",
+    "selection",
     "summarise",
     "SPLITS",
     "METRICS",
@@ -63,21 +64,21 @@ def split_plan(meta: pd.DataFrame, split: str = "leave-one-donor-out", *, test_d
                n_splits: int = 5) -> list[Fold]:  # fmt: skip
     """Outer folds over donors. ``meta`` needs ``donor`` and ``group`` columns."""
     if split not in SPLITS:
-        raise TprobeError(f"--split {split!r} is not one of {', '.join(SPLITS)}")
+        raise TprobeError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     donors = np.asarray(meta["donor"].astype(str))
     names = sorted(set(donors))
     if split == "test-donor":
         if test_donor is None:
-            raise TprobeError("--split test-donor needs --test-donor NAME")
+            raise TprobeError("split 'test-donor' needs a test donor (--test-donor NAME)")
         test_donor = test_donor if test_donor in names else f"donor_{test_donor}"
         if test_donor not in names:
-            raise TprobeError(f"--test-donor {test_donor} not in the data; donors: {', '.join(names)}")
+            raise TprobeError(f"test donor {test_donor} is not in the data; donors: {', '.join(names)}")
         sets = [[test_donor]]
     elif split == "leave-one-donor-out":
         if len(names) < 2:
             raise TprobeError(
                 f"leave-one-donor-out needs at least 2 donors, found {names}; "
-                "use --split group-kfold to split by cell instead"
+                "split 'group-kfold' splits the cells of one donor instead (not donor-held-out)"
             )
         sets = [[d] for d in names]
     else:  # group-kfold on donors when there are enough, else on cells
@@ -139,7 +140,8 @@ def nested_cv(make, grid: list[dict], X: np.ndarray, meta: pd.DataFrame, plan: l
         best, scores = inner_search(make, grid, X, y, meta, train, is_orig, n_jobs)
         _, proba = _fit_predict(make, best, X, y, train, fold.test)
         preds.append(_score_rows(meta, fold.test, proba, tta).assign(fold=fold.index))
-        chosen.append({"fold": fold.index, "params": best, "inner_ap": scores})
+        chosen.append({"fold": fold.index, "params": best, "inner_ap": scores,
+                       "selection": selection(grid, scores)})  # fmt: skip
     return CVResult(pd.concat(preds, ignore_index=True), chosen)
 
 
@@ -169,6 +171,15 @@ def inner_search(make, grid, X, y, meta, train, is_orig, n_jobs: int = -1):
     return best, scores
 
 
+def selection(grid: list[dict], scores: dict) -> str:
+    """How a fold's hyperparameters were chosen, in words (for the console and the run record)."""
+    if len(grid) == 1:
+        return "single grid point"
+    if not scores or all(np.isnan(v) for v in scores.values()):
+        return "no inner validation (one training donor or no two-class validation donor): first grid point"
+    return "chosen by inner donor CV (mean AP)"
+
+
 def _inner_ap(make, params, X, y, tr, va) -> float:
     _, p = _fit_predict(make, params, X, y, tr, va)
     return float(average_precision_score(y[va], p))
@@ -186,11 +197,11 @@ def donor_metrics(pred: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
             "donor": donor, "fold": int(d["fold"].iloc[0]), "n": len(d), "prevalence": float(y.mean()),
             "accuracy": accuracy_score(y, yhat),
             "balanced_accuracy": balanced_accuracy_score(y, yhat) if two else float("nan"),
-            "average_precision": average_precision_score(y, p) if y.any() else float("nan"),
+            "average_precision": average_precision_score(y, p) if two else float("nan"),
             "roc_auc": roc_auc_score(y, p) if two else float("nan"),
             "f1": f1_score(y, yhat, zero_division=0.0),
             "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
-            "note": "" if two else "single-class donor: AUC and balanced accuracy undefined (NaN)",
+            "note": "" if two else "single-class donor: AUC, AP and balanced accuracy undefined (NaN)",
         })  # fmt: skip
     return pd.DataFrame(rows)
 

@@ -1,16 +1,27 @@
 """Run every kept image view through a backbone once and write its tokens to a store.
 
-Shape of the loop (after clip-retrieval): a reader (DataLoader over manifest rows, batches never
-crossing a store unit) -> a mapper (the model under ``inference_mode``) -> a writer (buffers one
-unit, writes it whole, marks it done). Units already done are skipped, so a rerun resumes.
+The pipeline (after clip-retrieval's reader -> mapper -> writer -> runner):
+
+- **reader**: a ``DataLoader`` over whole batches (batches never cross a store unit). Each batch
+  decodes each of its source images once and derives that cell's views from the one decode
+  (``--workers`` processes decode ahead of the model).
+- **mapper**: the model under ``inference_mode`` and autocast; tokens split by the
+  :class:`~tprobe.tokens.TokenLayout`.
+- **writer**: a background thread behind a bounded queue compresses, writes and fsyncs whole units
+  (chunks) and marks each done, while the model computes the next one.
+- **runner** (:func:`extract`): keys, resume, shards, progress and per-stage timings.
+
+Units already done are skipped, so a rerun resumes; ``shard=(i, N)`` takes units ``i::N``.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,34 +30,62 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tprobe import __version__
-from tprobe.backbones import Backbone, ModelRef
+from tprobe.backbones import Backbone, ModelRef, pick_device
 from tprobe.errors import TprobeError
-from tprobe.preprocess import PreprocessConfig, Preprocessed, load_view
-from tprobe.store import FORMATS, FeatureStore
+from tprobe.images import read_image
+from tprobe.preprocess import PreprocessConfig, Preprocessed, apply_view, pad_to_canvas
+from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, rows_hash
 
-__all__ = ["ExtractResult", "extract", "store_dir", "store_path", "find_store", "DEFAULT_CACHE"]
+__all__ = ["ExtractResult", "StageTimes", "extract", "store_dir", "store_path", "store_name", "manifest_path",
+           "find_store", "resolve_precision", "estimate_bytes", "DEFAULT_CACHE", "PRECISIONS"]  # fmt: skip
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path("cache")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+# ---- keys ------------------------------------------------------------------------------------
 def store_dir(cache: str | Path, pre: Preprocessed, ref: ModelRef) -> Path:
-    """``cache/<dataset-fingerprint>/<preprocess-hash>/<model-slug>@<revision>``."""
+    """``cache/<dataset-fingerprint>/<preprocess-hash>/<model-slug>@<resolved-revision>``."""
     return Path(cache) / pre.fingerprint / pre.config.hash / ref.slug
 
 
-def store_path(cache, pre: Preprocessed, ref: ModelRef, dtype="float16", fmt="zarr") -> Path:
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> fp16 on CUDA, fp32 elsewhere; checks the choice against the device."""
+    if precision not in PRECISIONS:
+        raise TprobeError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise TprobeError("precision fp16 is for GPUs; on CPU use bf16 or fp32")
+    return precision
+
+
+def store_name(pre: Preprocessed, *, dtype: str = "float16", precision: str = "fp32", fmt: str = "zarr",
+               tokens=TOKENS) -> str:  # fmt: skip
+    """``<dtype>-<precision>-<rows-hash>[-<tokens>].zarr|.h5``: all that keys a store beyond its folder."""
     if fmt not in FORMATS:
-        raise TprobeError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}")
-    return store_dir(cache, pre, ref) / f"{dtype}{FORMATS[fmt]}"
+        raise TprobeError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    part = "" if set(tokens) == set(TOKENS) else "-" + "+".join(t for t in TOKENS if t in tokens)
+    return f"{dtype}-{precision}-{rows_hash(pre.kept['image_id'])[:8]}{part}{FORMATS[fmt]}"
 
 
-def find_store(cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None) -> Path:
-    """The complete store for this data, preprocessing and model; error naming the fix if none."""
-    folder = store_dir(cache, pre, ref)
+def store_path(cache, pre: Preprocessed, ref: ModelRef, dtype="float16", fmt="zarr", precision="fp32",
+               tokens=TOKENS) -> Path:  # fmt: skip
+    return store_dir(cache, pre, ref) / store_name(pre, dtype=dtype, precision=precision, fmt=fmt, tokens=tokens)
+
+
+def manifest_path(store: str | Path) -> Path:
+    """The store's own manifest (its rows, in order), written beside it before its first row."""
+    store = Path(store)
+    return store.with_name(store.name + ".manifest.parquet")
+
+
+def find_store(cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None, precision=None) -> Path:
+    """The complete store for this data, preprocessing, row order and model; error naming the fix if none."""
     candidates = [
-        folder / f"{d}{FORMATS[f]}"
+        store_path(cache, pre, ref, d, f, p)
         for d in ([dtype] if dtype else ["float16", "float32"])
+        for p in ([precision] if precision else ["fp32", "bf16", "fp16"])
         for f in ([fmt] if fmt else list(FORMATS))
     ]
     for path in candidates:
@@ -54,22 +93,104 @@ def find_store(cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None) ->
             return path
     raise TprobeError(
         f"no complete feature store for model {ref.name!r} on this data and preprocessing under "
-        f"{folder}; run `tprobe extract --model {ref.name}` with the same --data and "
+        f"{store_dir(cache, pre, ref)}; run `tprobe extract --model {ref.name}` with the same --data and "
         "preprocessing options first"
     )
 
 
-class _Views(Dataset):
-    def __init__(self, rows: pd.DataFrame, config: PreprocessConfig):
+def estimate_bytes(n_rows: int, hidden: int, registers: int, patches: int, dtype: str = "float16",
+                   tokens=TOKENS) -> int:  # fmt: skip
+    """Uncompressed size of a store's token arrays (random-weight tokens compress little)."""
+    per = {"cls": 1, "registers": registers, "patches": patches}
+    return n_rows * hidden * np.dtype(dtype).itemsize * sum(per[t] for t in tokens)
+
+
+# ---- reader ----------------------------------------------------------------------------------
+class _Batches(Dataset):
+    """Item ``b`` is batch ``b`` stacked: each source image decoded once, its views derived from it."""
+
+    def __init__(self, rows: pd.DataFrame, batches: list[list[int]], config: PreprocessConfig):
         self.paths = rows["path"].tolist()
         self.views = rows["view"].tolist()
+        self.batches = batches
         self.config = config
 
     def __len__(self):
-        return len(self.paths)
+        return len(self.batches)
 
-    def __getitem__(self, i):
-        return torch.from_numpy(load_view(self.paths[i], self.views[i], self.config))
+    def __getitem__(self, b):
+        t0 = time.perf_counter()
+        canvases, out = {}, []
+        for i in self.batches[b]:
+            path = self.paths[i]
+            if path not in canvases:
+                canvases[path] = pad_to_canvas(read_image(path, max_value=self.config.max_value), self.config)
+            out.append(apply_view(canvases[path], self.views[i]) / 255.0)
+        return torch.from_numpy(np.stack(out)), len(canvases), time.perf_counter() - t0
+
+
+# ---- writer ----------------------------------------------------------------------------------
+class _Writer:
+    """A background thread writing whole units from a bounded queue; errors surface in the runner."""
+
+    def __init__(self, store: FeatureStore, depth: int = 2):
+        self.store, self.seconds, self.error = store, 0.0, None
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.thread = threading.Thread(target=self._run, name="tprobe-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                t0 = time.perf_counter()
+                try:
+                    self.store.write_unit(*item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the runner thread
+                    self.error = exc
+                self.seconds += time.perf_counter() - t0
+
+    def put(self, unit: int, tokens: dict) -> float:
+        """Queue a unit; returns the seconds spent waiting for room (the writer was behind)."""
+        self.check()
+        t0 = time.perf_counter()
+        self.queue.put((unit, tokens))
+        return time.perf_counter() - t0
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+
+    def close(self, *, drain: bool = True):
+        if not drain:  # interrupted: finish the unit in hand, drop the rest (they are not marked done)
+            while not self.queue.empty():
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+
+# ---- runner ----------------------------------------------------------------------------------
+@dataclass
+class StageTimes:
+    """Seconds per stage of one extract run (the writer's seconds overlap the model's)."""
+
+    read: float = 0.0  # decode + views, summed over reader workers (in the loop when workers=0)
+    wait_data: float = 0.0  # the model waited for the reader
+    forward: float = 0.0  # model forward + copy to host
+    write: float = 0.0  # compress + write + fsync, in the writer thread
+    wait_write: float = 0.0  # the model waited for the writer's queue
+    total: float = 0.0
+    decodes: int = 0  # source images decoded
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+    def line(self) -> str:
+        return (f"read {self.read:.1f} s, model waited {self.wait_data:.1f} s for data, forward {self.forward:.1f} s, "
+                f"write {self.write:.1f} s (waited {self.wait_write:.1f} s)")  # fmt: skip
 
 
 @dataclass
@@ -79,6 +200,7 @@ class ExtractResult:
     rows: int
     seconds: float = 0.0
     images: int = 0
+    times: StageTimes = field(default_factory=StageTimes)
 
     @property
     def images_per_s(self) -> float:
@@ -101,81 +223,129 @@ def extract(
     shard: tuple[int, int] = (0, 1),
     offline: bool = False,
     progress: bool | None = None,
+    tokens=TOKENS,
+    compression: str = "zstd",
+    check_disk: bool = True,
 ) -> ExtractResult:
-    """Extract CLS, register and patch tokens of every kept view of ``pre`` into the cache.
+    """Extract the chosen tokens (CLS, registers, patches) of every kept view of ``pre`` into the cache.
 
-    Returns the store path; a complete store with the same key is left as it is ("up to date").
+    The store is keyed by the data, preprocessing, row order, model content, precision, dtype and
+    tokens; a complete store with the same key is left as it is ("up to date").
     """
-    if precision not in PRECISIONS:
-        raise TprobeError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     ref = model.ref if isinstance(model, Backbone) else model
-    path = store_path(cache, pre, ref, dtype, fmt)
+    dev = model.device if isinstance(model, Backbone) else pick_device(device)
+    precision = resolve_precision(precision, dev)
+    tokens = tuple(t for t in TOKENS if t in tokens)
+    path = store_path(cache, pre, ref, dtype, fmt, precision, tokens)
     kept = pre.kept
     if path.exists() and not path.with_name(path.name + ".progress").exists():
         return ExtractResult(path, "up to date", len(kept))
-    backbone = (
-        model
-        if isinstance(model, Backbone)
-        else Backbone.from_pretrained(ref, device=device, offline=offline)
-    )
-    grid = backbone.grid(pre.config.canvas)
-    _write_manifest(path.parent / "manifest.parquet", kept)
-    attrs = _attrs(pre, backbone, grid, dtype)
+    if isinstance(model, Backbone):
+        backbone = model
+    else:
+        backbone = Backbone.from_pretrained(ref, device=str(dev), offline=offline)
+    layout = backbone.layout(pre.config.canvas)
+    if check_disk and not path.with_name(path.name + ".progress").exists():
+        _check_disk(path, estimate_bytes(len(kept), layout.hidden, layout.registers, layout.patches, dtype, tokens))
+    _write_manifest(manifest_path(path), kept)
     store = FeatureStore.create(
-        path, n=len(kept), hidden=backbone.hidden_size, registers=backbone.num_registers,
-        patches=grid * grid, chunk_rows=chunk_rows, dtype=dtype, attrs=attrs,
+        path, row_ids=kept["image_id"].tolist(), hidden=layout.hidden, registers=layout.registers,
+        patches=layout.patches, chunk_rows=chunk_rows, dtype=dtype, tokens=tokens, compression=compression,
+        attrs=_attrs(pre, backbone, layout, dtype, precision),
     )  # fmt: skip
     units = store.pending_units(shard)
-    dev = backbone.device
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
-    batches = [
-        list(range(s, min(store.unit_slice(u).stop, s + batch_size)))
-        for u in units
-        for s in range(store.unit_slice(u).start, store.unit_slice(u).stop, batch_size)
-    ]
+    batches, owner = [], []
+    for u in units:
+        sl = store.unit_slice(u)
+        for s in range(sl.start, sl.stop, batch_size):
+            batches.append(list(range(s, min(sl.stop, s + batch_size))))
+            owner.append(u)
     workers = workers if workers is not None else (min(8, _cpus()) if dev.type == "cuda" else 0)
-    loader = DataLoader(
-        _Views(kept, pre.config), batch_sampler=batches, num_workers=workers,
-        pin_memory=dev.type == "cuda", persistent_workers=False,
-    )  # fmt: skip
+    loader = DataLoader(_Batches(kept, batches, pre.config), batch_size=None, shuffle=False, num_workers=workers,
+                        pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)  # fmt: skip
     forward = _forward_fn(backbone, precision, compile)
-    todo = sum(store.unit_slice(u).stop - store.unit_slice(u).start for u in units)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(
-        total=todo, unit="img", desc=f"extract {ref.name}", disable=None if progress is None else not progress
-    )
-    buffer: dict[str, list] = {}
-    unit_iter = iter(units)
-    unit = next(unit_iter, None)
+    todo = sum(len(b) for b in batches)
+    times = StageTimes()
+    names = list(store.shapes)
     t0 = time.perf_counter()
+    bar = _Progress(todo, f"extract {ref.name}", progress)
+    writer = _Writer(store)
+    buffer: dict[str, list] = {n: [] for n in names}
+    ok = False
     try:
-        for images in loader:
-            hidden = forward(backbone.pixel_values(images).to(dev, non_blocking=True))
-            cls, regs, patches = (t.float().cpu().numpy() for t in backbone.split(hidden))
-            for name, arr in (("cls", cls), ("registers", regs), ("patches", patches)):
-                buffer.setdefault(name, []).append(arr)
+        it = iter(loader)
+        for b in range(len(batches)):
+            tw = time.perf_counter()
+            images, decodes, read_s = next(it)
+            times.wait_data += time.perf_counter() - tw
+            times.read += read_s
+            times.decodes += decodes
+            tf = time.perf_counter()
+            hidden = forward(backbone.pixel_values(images.to(dev, non_blocking=True)))
+            parts = dict(zip(TOKENS, layout.split(hidden), strict=True))
+            for n in names:
+                buffer[n].append(parts[n].float().cpu().numpy())
+            times.forward += time.perf_counter() - tf
             bar.update(len(images))
-            rows = sum(len(a) for a in buffer["cls"])
-            sl = store.unit_slice(unit)
-            if rows == sl.stop - sl.start:
-                store.write_unit(unit, {k: np.concatenate(v) for k, v in buffer.items()})
-                buffer, unit = {}, next(unit_iter, None)
+            if b + 1 == len(batches) or owner[b + 1] != owner[b]:  # the unit is whole
+                times.wait_write += writer.put(owner[b], {n: np.concatenate(v) for n, v in buffer.items()})
+                buffer = {n: [] for n in names}
+        ok = True
     except torch.cuda.OutOfMemoryError:
         raise TprobeError(
-            f"out of GPU memory at --batch-size {batch_size}; finished chunks are kept — "
+            f"out of GPU memory at batch size {batch_size}; finished chunks are kept — "
             "rerun with a smaller --batch-size to resume"
         ) from None
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
-    sealed = store.finalize()
-    if not sealed and shard == (0, 1) and not store.pending_units():
-        # the only worker, all units done: a finalize.lock left by a killed earlier run is stale
-        (store.progress_dir / "finalize.lock").unlink(missing_ok=True)
-        sealed = store.finalize()
+        writer.close(drain=ok)
+    times.write = writer.seconds
+    times.total = time.perf_counter() - t0
+    sealed = store.finalize()  # any worker that finds every unit done seals the store
     status = "written" if sealed else "partial (shard)"
-    return ExtractResult(path, status, len(kept), seconds, todo)
+    return ExtractResult(path, status, len(kept), times.total, todo, times)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain log lines every ~10 s otherwise (so logs show progress)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool | None):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.total, self.desc, self.done, self.t0 = total, desc, 0, time.monotonic()
+        self.last = self.t0
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="img", desc=desc, disable=not tty if enabled is None else not enabled)
+        self.plain = enabled is not False and not tty
+
+    def update(self, n: int):
+        self.bar.update(n)
+        self.done += n
+        now = time.monotonic()
+        if self.plain and now - self.last >= 10:
+            self.last = now
+            rate = self.done / (now - self.t0)
+            eta = (self.total - self.done) / rate if rate else float("nan")
+            log.info("%s: %d/%d views (%.0f%%), %.1f views/s, about %.0f s left", self.desc, self.done,
+                     self.total, 100 * self.done / max(1, self.total), rate, eta)  # fmt: skip
+
+    def close(self):
+        self.bar.close()
+
+
+def _check_disk(path: Path, need: int) -> None:
+    import shutil
+
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    log.info("storage estimate: %.2f GB uncompressed for %s (%.1f GB free)", need / 1e9, path.name, free / 1e9)
+    if need > free:
+        raise TprobeError(f"{folder}: the store needs about {need / 1e9:.1f} GB (uncompressed) but the disk has "
+                          f"{free / 1e9:.1f} GB free; free space, pick --tokens cls,registers, or --cache elsewhere")  # fmt: skip
 
 
 def _cpus() -> int:
@@ -187,11 +357,7 @@ def _cpus() -> int:
 def _forward_fn(backbone: Backbone, precision: str, compile: bool):
     """Build the model call: inference mode, autocast per ``precision``, optional torch.compile."""
     dev = backbone.device
-    if precision == "auto":
-        precision = "fp16" if dev.type == "cuda" else "fp32"
-    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if amp is torch.float16 and dev.type == "cpu":
-        raise TprobeError("--precision fp16 is for GPUs; on CPU use bf16 or fp32")
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(precision, dev)]
     net = backbone.model
     if compile:
         net = torch.compile(net)
@@ -204,7 +370,7 @@ def _forward_fn(backbone: Backbone, precision: str, compile: bool):
     return forward
 
 
-def _attrs(pre: Preprocessed, backbone: Backbone, grid: int, dtype: str) -> dict:
+def _attrs(pre: Preprocessed, backbone: Backbone, layout, dtype: str, precision: str) -> dict:
     ref = backbone.ref
     return {
         "model": ref.name,
@@ -212,14 +378,16 @@ def _attrs(pre: Preprocessed, backbone: Backbone, grid: int, dtype: str) -> dict
         "model_id": ref.source if not ref.is_local else f"local:{Path(ref.source).name}",
         "revision": ref.revision or "",
         "resolved_revision": ref.resolved,
+        "model_random_init": ref.random_init,
         "model_type": ref.config.model_type,
-        "hidden_size": backbone.hidden_size,
-        "num_register_tokens": backbone.num_registers,
+        "hidden_size": layout.hidden,
+        "num_register_tokens": layout.registers,
         "patch_size": backbone.patch_size,
-        "patch_grid": [grid, grid],
+        "patch_grid": [layout.grid, layout.grid],
         "token_layout": "cls, registers[R], patches[grid*grid] (row-major) of last_hidden_state",
         "tokens_source": "last_hidden_state (final layernorm applied)",
         "dtype": dtype,
+        "precision": precision,
         "preprocess": pre.config.to_dict(),
         "preprocess_hash": pre.config.hash,
         "dataset_fingerprint": pre.fingerprint,
@@ -228,6 +396,10 @@ def _attrs(pre: Preprocessed, backbone: Backbone, grid: int, dtype: str) -> dict
 
 
 def _write_manifest(path: Path, kept: pd.DataFrame) -> None:
+    """Write the store's own manifest (atomically); an existing one must list the same rows."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        kept.assign(row=np.arange(len(kept))).to_parquet(path, index=False)
+    if path.exists():
+        old = pd.read_parquet(path, columns=["image_id"])["image_id"].tolist()
+        if old == kept["image_id"].tolist():
+            return
+    _atomic_write(path, lambda p: kept.assign(row=np.arange(len(kept))).to_parquet(p, index=False))

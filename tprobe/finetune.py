@@ -16,26 +16,13 @@ from torch import nn
 from tprobe.backbones import Backbone, ModelRef, pick_device
 from tprobe.errors import TprobeError
 from tprobe.evaluate import check_plan, evaluate, split_plan
+from tprobe.features import FeatureSource
 from tprobe.preprocess import Preprocessed
-from tprobe.runs import read_json, save_run, write_json
-from tprobe.store import POOLS
+from tprobe.runs import RunRecord, save_run
+from tprobe.tokens import check_pool, pool_tokens
 from tprobe.training import TrainConfig, run_folds
 
-__all__ = ["DinoClassifier", "FinetuneRun", "pool_tokens"]
-
-
-def pool_tokens(hidden: torch.Tensor, pool: str, registers: int) -> torch.Tensor:
-    """Pool ``last_hidden_state`` like the store's pools (patch mean excludes registers)."""
-    cls, regs, patches = hidden[:, 0], hidden[:, 1 : 1 + registers], hidden[:, 1 + registers :]
-    if pool == "cls":
-        return cls
-    if pool == "mean":
-        return patches.mean(1)
-    if pool == "registers":
-        return regs.mean(1)
-    if pool == "cls+mean":
-        return torch.cat([cls, patches.mean(1)], 1)
-    return hidden.flatten(1)  # concat: CLS, registers, patches
+__all__ = ["DinoClassifier", "FinetuneRun", "load_fold_model"]
 
 
 class DinoClassifier(nn.Module):
@@ -44,17 +31,12 @@ class DinoClassifier(nn.Module):
     def __init__(self, backbone: Backbone, *, pool: str = "concat", canvas: int = 140,
                  freeze: bool = False, unfreeze_last: int | None = None):  # fmt: skip
         super().__init__()
-        if pool not in POOLS:
-            raise TprobeError(f"--pool {pool!r} is not one of {', '.join(POOLS)}")
-        if pool == "registers" and not backbone.num_registers:
-            raise TprobeError(f"--pool registers: model {backbone.ref.name!r} has no register tokens; "
-                              "use a -reg model or another --pool")  # fmt: skip
+        check_pool(pool, backbone.num_registers)
         self.encoder = backbone.model
         self.backbone = backbone
         self.pool = pool
-        d, r, g = backbone.hidden_size, backbone.num_registers, backbone.grid(canvas)
-        width = {"cls": d, "mean": d, "registers": d, "cls+mean": 2 * d, "concat": (1 + r + g * g) * d}[pool]
-        self.head = nn.Linear(width, 1)
+        self.layout = backbone.layout(canvas)
+        self.head = nn.Linear(self.layout.width(pool), 1)
         if freeze or unfreeze_last is not None:
             for p in self.encoder.parameters():
                 p.requires_grad_(False)
@@ -70,9 +52,7 @@ class DinoClassifier(nn.Module):
         out = self.encoder(
             pixel_values=self.backbone.pixel_values(images), output_attentions=output_attentions
         )
-        logit = self.head(pool_tokens(out.last_hidden_state, self.pool, self.backbone.num_registers)).squeeze(
-            1
-        )
+        logit = self.head(pool_tokens(*self.layout.split(out.last_hidden_state), self.pool)).squeeze(1)
         return (logit, out.attentions) if output_attentions else logit
 
     def param_groups(self, lr_head: float, lr_backbone: float) -> list[dict]:
@@ -110,31 +90,49 @@ class FinetuneRun:
 
         return make
 
-    def config(self, pre: Preprocessed) -> dict:
-        return {"command": "finetune", "data": self.data, "model": self.model.name, "model_source": self.model.source,
-                "resolved_revision": self.model.resolved, "pool": self.pool, "freeze": self.freeze,
-                "unfreeze_last": self.unfreeze_last, "split": self.split, "test_donor": self.test_donor,
-                "n_splits": self.n_splits, "train": self.train.to_dict(), "n_boot": self.n_boot,
-                "features": {"kind": "finetune", "model": self.model.name, "pool": self.pool,
-                             "preprocess": pre.config.to_dict(), "preprocess_hash": pre.config.hash,
-                             "dataset_fingerprint": pre.fingerprint,
-                             "name": f"{Path(self.model.name).name}-{self.pool}-"
-                                     f"{'frozen' if self.freeze else 'finetuned'}"}}  # fmt: skip
+    def record(self, pre: Preprocessed) -> RunRecord:
+        """The run record (config.json) of this fine-tuning run."""
+        m = self.model
+        mode = "frozen" if self.freeze else "finetuned"
+        features = FeatureSource(kind="finetune", name=f"{Path(m.name).name}-{self.pool}-{mode}", pool=self.pool,
+                                 model=m.name, model_source=m.source, resolved_revision=m.resolved,
+                                 random_init=m.random_init, preprocess=pre.config.to_dict(),
+                                 preprocess_hash=pre.config.hash, dataset_fingerprint=pre.fingerprint)  # fmt: skip
+        options = {"pool": self.pool, "freeze": self.freeze, "unfreeze_last": self.unfreeze_last,
+                   "split": self.split, "test_donor": self.test_donor, "n_splits": self.n_splits,
+                   "train": self.train.to_dict(), "n_boot": self.n_boot}  # fmt: skip
+        return RunRecord(command="finetune", name=features.name, features=features, options=options, data=self.data)
+
+    def _check_donors(self, rows, plan) -> None:
+        """Each fold needs one training donor with both classes for early stopping and another to train on."""
+        for fold in plan:
+            train = sorted(set(rows["donor"].iloc[fold.train]))
+            if len(train) < 2:
+                donors = sorted(set(rows["donor"]))
+                raise TprobeError(f"fine-tuning needs at least 2 training donors per fold (one for early stopping, "
+                                  f"one or more to train on); with split {self.split!r} and {len(donors)} donor(s) "
+                                  f"({', '.join(donors)}) fold {fold.index} has {len(train)} — add donors")  # fmt: skip
 
     def fit(self, pre: Preprocessed, run: Path, log=print) -> FinetuneRun:
         run = Path(run)
         run.mkdir(parents=True, exist_ok=True)
-        config = self.config(pre)
+        record = self.record(pre)
         if (run / "config.json").exists():
-            old = read_json(run / "config.json")
-            if {k: old.get(k) for k in config} != config:
+            old = RunRecord.load(run)
+            if (old.options, old.features.to_dict()) != (record.options, record.features.to_dict()):
                 raise TprobeError(f"{run}: holds a run with other options; use a new --out to start fresh")
         else:
-            write_json(run / "config.json", config)
-        dev = pick_device(self.device)
+            record.save(run)
         rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
+        donors = sorted(set(rows["donor"]))
+        if self.split != "group-kfold" and len(donors) < 3:
+            raise TprobeError(f"fine-tuning with split {self.split!r} needs at least 3 donors (one held out, one "
+                              f"for early stopping, one or more to train on); the data has {len(donors)} "
+                              f"({', '.join(donors)})")  # fmt: skip
+        dev = pick_device(self.device)
         plan = split_plan(rows, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
         check_plan(plan, rows)
+        self._check_donors(rows, plan)
         predictions, self.curves_ = run_folds(
             self._make(dev, pre.config.canvas),
             rows,
@@ -148,7 +146,7 @@ class FinetuneRun:
         )
         self.evaluation_ = evaluate(predictions, rows, plan, n_boot=self.n_boot, seed=self.train.seed)
         self.plan_, self.rows_ = plan, rows
-        save_run(run, config=config, evaluation=self.evaluation_, plan=plan, meta=rows)
+        save_run(run, record=record, evaluation=self.evaluation_, plan=plan, meta=rows)
         self.curves_.to_csv(run / "curves.csv", index=False)
         from tprobe.plots import learning_curves
 
@@ -157,21 +155,27 @@ class FinetuneRun:
 
 
 def load_fold_model(run: str | Path, fold: int, *, device: str = "cpu", attn_implementation: str = "eager"):
-    """Rebuild a finetune run's classifier for ``fold`` from its saved trainable weights."""
+    """Rebuild a finetune run's classifier for ``fold`` from its saved trainable weights (tensors only)."""
     from tprobe.backbones import resolve_model
 
     run = Path(run)
-    cfg = read_json(run / "config.json")
-    if cfg.get("command") != "finetune":
+    record = RunRecord.load(run)
+    if record.command != "finetune":
         raise TprobeError(f"{run}: is not a `tprobe finetune` run; saliency needs a fine-tuned model")
-    ref = resolve_model(cfg["model_source"])
+    ref = resolve_model(record.features.model_source)
+    if ref.resolved != record.features.resolved_revision:
+        raise TprobeError(f"model {ref.name} has changed since run {run.name}; its fold weights do not apply")
     bb = Backbone.from_pretrained(ref, device=device, attn_implementation=attn_implementation)
-    canvas = cfg["features"]["preprocess"]["canvas"]
-    model = DinoClassifier(bb, pool=cfg["pool"], canvas=canvas, freeze=cfg["freeze"],
-                           unfreeze_last=cfg["unfreeze_last"])  # fmt: skip
-    state = torch.load(run / f"fold{fold}.pt", map_location=device, weights_only=True)
-    missing = set(state) - set(model.state_dict())
-    if missing:
-        raise TprobeError(f"{run}/fold{fold}.pt: weights do not fit the model ({sorted(missing)[:2]})")
+    o = record.options
+    model = DinoClassifier(bb, pool=o["pool"], canvas=record.preprocess_config().canvas, freeze=o["freeze"],
+                           unfreeze_last=o["unfreeze_last"])  # fmt: skip
+    path = run / f"fold{fold}.pt"
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - weights_only refuses anything but tensors and containers
+        raise TprobeError(f"{path}: not a weights file tprobe can load safely ({type(exc).__name__}); "
+                          "rerun the fine-tuning") from None  # fmt: skip
+    if not isinstance(state, dict) or set(state) - set(model.state_dict()):
+        raise TprobeError(f"{path}: weights do not fit the model; rerun the fine-tuning")
     model.load_state_dict(state, strict=False)
     return model.to(bb.device).eval()

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-import joblib
 import pandas as pd
 
 from tprobe.backbones import resolve_model
@@ -12,44 +12,59 @@ from tprobe.dataset import discover_unlabelled
 from tprobe.errors import TprobeError
 from tprobe.extract import DEFAULT_CACHE, extract
 from tprobe.features import from_store
-from tprobe.preprocess import PreprocessConfig, preprocess
-from tprobe.runs import read_json
+from tprobe.preprocess import preprocess
+from tprobe.probe import load_head
+from tprobe.runs import RunRecord
 
-__all__ = ["predict"]
+__all__ = ["predict", "resolve_run"]
+log = logging.getLogger(__name__)
+
+
+def resolve_run(run: str | Path) -> Path:
+    """A run directory; a sweep directory resolves to its best run by mean ROC AUC (and says which)."""
+    run = Path(run)
+    if (run / "config.json").exists() or not (run / "summary.parquet").exists():
+        return run
+    summary = pd.read_parquet(run / "summary.parquet")
+    if "run" not in summary.columns or "roc_auc_mean" not in summary.columns or summary.empty:
+        raise TprobeError(f"{run}: a sweep folder without a usable summary.parquet; pass one of its runs")
+    best = summary.sort_values("roc_auc_mean", ascending=False).iloc[0]
+    chosen = run / str(best["run"])
+    log.warning("%s is a sweep: using its best run by mean ROC AUC, %s (AUC %.3f); pass --run %s/<run> "
+                "to choose another", run, chosen.name, best["roc_auc_mean"], run)  # fmt: skip
+    return chosen
 
 
 def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CACHE, device: str = "auto",
             offline: bool = False, threshold: float = 0.5) -> pd.DataFrame:  # fmt: skip
-    """One row per input image: ``path, p_activated, label, kept, drop_reason``.
+    """One row per input image: ``path, p_activated, label, label_name, kept, drop_reason``.
 
     Images that fail the run's quality filters keep their row, with no probability and the reason.
+    The model must be the one the run was trained on (same resolved snapshot or content hash).
     """
-    run = Path(run)
-    config = read_json(run / "config.json")
-    if not (run / "head.joblib").exists():
-        raise TprobeError(f"{run}: has no head.joblib; rerun `tprobe probe` without --no-final-head")
-    src = config["features"]
-    if src.get("kind") != "store":
-        raise TprobeError(f"{run}: was trained on a feature table; compute the same features for the new "
-                          "images and use the saved head.joblib directly")  # fmt: skip
-    head = joblib.load(run / "head.joblib")["model"]
-    prep = PreprocessConfig(**{k: v for k, v in src["preprocess"].items() if k != "version"})
-    pre = preprocess(discover_unlabelled(data), prep)
-    source = src.get("model_source") or src.get("model")
+    run = resolve_run(run)
+    record = RunRecord.load(run)
+    src = record.features
+    if src.kind != "store":
+        raise TprobeError(f"{run}: was trained on {src.kind} features; compute the same features for the new "
+                          "images and score them with tprobe.probe.load_head(run)")  # fmt: skip
+    head = load_head(run)
+    pre = preprocess(discover_unlabelled(data), record.preprocess_config())
+    source = src.model_source or src.model
     if not source:
         raise TprobeError(f"{run}/config.json: records no model to extract with; retrain the probe")
     ref = resolve_model(source, offline=offline)
-    if ref.resolved != src["resolved_revision"]:
+    if ref.resolved != src.resolved_revision:
         raise TprobeError(f"model {source} has changed since run {run.name} "
-                          f"({ref.resolved[:12]} != {src['resolved_revision'][:12]}); retrain the probe")  # fmt: skip
+                          f"({ref.resolved[:12]} != {str(src.resolved_revision)[:12]}); retrain the probe")  # fmt: skip
     out = pre.manifest[pre.manifest["view"] == "orig"][["path", "kept", "drop_reason", "source_id"]]
     out = out.assign(p_activated=float("nan"))
     if pre.manifest["kept"].any():
-        res = extract(pre, ref, cache=cache, fmt=src.get("format", "zarr"), dtype=src.get("dtype", "float16"),
-                      device=device, offline=offline)  # fmt: skip
-        fs = from_store(res.path, src["pool"])
+        res = extract(pre, ref, cache=cache, fmt=src.format or "zarr", dtype=src.dtype or "float16",
+                      precision=src.precision or "auto", device=device, offline=offline)  # fmt: skip
+        fs = from_store(res.path, src.pool)
         scored = fs.meta.assign(p=head.predict_proba(fs.X)[:, 1])
-        if config.get("tta"):
+        if record.options.get("tta"):
             scored["p"] = scored.groupby("group")["p"].transform("mean")
         p = scored[scored["view"] == "orig"].set_index("group")["p"]
         out["p_activated"] = out["source_id"].map(p)

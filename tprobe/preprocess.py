@@ -39,7 +39,7 @@ from tprobe.images import read_image
 
 __all__ = [
     "PreprocessConfig", "Preprocessed", "preprocess", "load_view", "apply_view", "pad_to_canvas",
-    "measure", "VIEW_SETS", "PREPROCESS_VERSION",
+    "measure", "VIEW_SETS", "PREPROCESS_VERSION", "is_saved",
 ]  # fmt: skip
 
 PREPROCESS_VERSION = 1  # bump when the algorithm changes, so old caches are not reused
@@ -84,6 +84,14 @@ class PreprocessConfig:
     def to_dict(self) -> dict:
         return {**asdict(self), "version": PREPROCESS_VERSION}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> PreprocessConfig:
+        """The inverse of :meth:`to_dict`; a record from another preprocessing version is refused."""
+        if d.get("version", PREPROCESS_VERSION) != PREPROCESS_VERSION:
+            raise TprobeError(f"preprocessing version {d.get('version')} was recorded; this tprobe runs version "
+                              f"{PREPROCESS_VERSION}: preprocess and extract again")  # fmt: skip
+        return cls(**{k: v for k, v in d.items() if k != "version"})
+
     @property
     def hash(self) -> str:
         return _hash(json.dumps(self.to_dict(), sort_keys=True))
@@ -118,17 +126,54 @@ class Preprocessed:
         return pd.concat([table, total]).astype(int)
 
     def save(self, out: str | Path) -> Path:
-        """Write ``manifest.parquet`` and ``preprocess.json`` into ``out``; return the manifest path."""
+        """Write ``manifest.parquet``, ``preprocess.json`` and ``counts.csv`` into ``out``; return the manifest path.
+
+        ``preprocess.json`` is written last, so a folder holding it holds a whole artifact.
+        """
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "manifest.parquet"
         self.manifest.to_parquet(path, index=False)
-        meta = {"config": self.config.to_dict(), "preprocess_hash": self.config.hash,
-                "dataset_fingerprint": self.fingerprint,
-                "skipped": [str(s) for s in self.skipped]}  # fmt: skip
-        (out / "preprocess.json").write_text(json.dumps(meta, indent=2))
         self.counts().to_csv(out / "counts.csv")
+        meta = {"artifact": "tprobe.Preprocessed", "config": self.config.to_dict(),
+                "preprocess_hash": self.config.hash, "dataset_fingerprint": self.fingerprint,
+                "n_rows": len(self.manifest), "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped]}  # fmt: skip
+        (out / "preprocess.json").write_text(json.dumps(meta, indent=2))
         return path
+
+    @classmethod
+    def load(cls, folder: str | Path, *, verify_files: bool = True) -> Preprocessed:
+        """Open a saved artifact and verify it: the manifest's fingerprint and the config's hash must be
+        the recorded ones and (``verify_files``) every kept source file must still hash to its ``source_id``.
+        """
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "preprocess.json").read_text())
+            manifest = pd.read_parquet(folder / "manifest.parquet")
+        except FileNotFoundError as exc:
+            raise TprobeError(f"{folder}: not a preprocessed folder ({Path(exc.filename).name} missing); "
+                              "run `tprobe preprocess --out` first") from None  # fmt: skip
+        except (ValueError, OSError) as exc:
+            raise TprobeError(f"{folder}: preprocess.json or manifest.parquet is unreadable ({type(exc).__name__}); "
+                              "run `tprobe preprocess` again") from None  # fmt: skip
+        config = PreprocessConfig.from_dict(meta["config"])
+        fingerprint = _fingerprint(manifest)
+        if config.hash != meta.get("preprocess_hash") or fingerprint != meta.get("dataset_fingerprint") \
+                or len(manifest) != meta.get("n_rows"):  # fmt: skip
+            raise TprobeError(f"{folder}: manifest.parquet does not match preprocess.json (edited or mixed up); "
+                              "run `tprobe preprocess` again")  # fmt: skip
+        if verify_files:
+            src = manifest[manifest["kept"] & (manifest["view"] == "orig")]
+            for path, sid in zip(src["path"], src["source_id"], strict=True):
+                try:
+                    same = _hash(Path(path).read_bytes(), 16) == sid
+                except OSError:
+                    same = False
+                if not same:
+                    raise TprobeError(f"{path}: changed or missing since {folder} was preprocessed; "
+                                      "run `tprobe preprocess` again")  # fmt: skip
+        skipped = [Skipped(s["path"], s["reason"]) for s in meta.get("skipped", []) if isinstance(s, dict)]
+        return cls(manifest, config, fingerprint, skipped)
 
 
 def _hash(text: str | bytes, n: int = 12) -> str:
@@ -242,6 +287,11 @@ def preprocess(
     manifest = pd.DataFrame(rows)
     fingerprint = _fingerprint(manifest)
     return Preprocessed(manifest, config, fingerprint, skipped)
+
+
+def is_saved(folder: str | Path | None) -> bool:
+    """Whether ``folder`` holds a saved :class:`Preprocessed` (what ``tprobe preprocess --out`` writes)."""
+    return folder is not None and (Path(folder) / "preprocess.json").is_file()
 
 
 def _fingerprint(manifest: pd.DataFrame) -> str:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pandas as pd
 from sklearn.pipeline import Pipeline
@@ -27,10 +26,32 @@ from tprobe.evaluate import (
     split_plan,
 )
 from tprobe.features import FeatureSet
-from tprobe.heads import HEADS, make_head, param_grid
-from tprobe.runs import make_run_dir, save_run
+from tprobe.heads import HEADS, load_head_file, make_head, param_grid, save_head
+from tprobe.runs import RunRecord, make_run_dir, save_run
 
-__all__ = ["ProbeRun"]
+__all__ = ["ProbeRun", "load_head", "projection"]
+HEAD_FILE = "head.skops"
+
+
+def projection(n_features: int, n_components: int, seed: int) -> GaussianRandomProjection:
+    """The fixed Gaussian random projection for wide inputs: determined by (width, components, seed)."""
+    return GaussianRandomProjection(n_components, random_state=seed).fit(np.zeros((1, n_features), np.float32))
+
+
+def load_head(run: str | Path):
+    """A run's final head, ready for ``predict_proba`` on the run's own features (projection rebuilt).
+
+    Loads only data: the head from its skops file with trusted types, the projection from its seed.
+    """
+    run = Path(run)
+    record = RunRecord.load(run)
+    if not record.head_file:
+        raise TprobeError(f"{run}: has no final head; rerun `tprobe probe` without --no-final-head")
+    head = load_head_file(run / record.head_file)
+    p = record.projection
+    if p:
+        return Pipeline([("project", projection(p["n_features"], p["n_components"], p["seed"])), ("head", head)])
+    return head
 
 
 @dataclass
@@ -51,9 +72,9 @@ class ProbeRun:
 
     def _validate(self):
         if self.head not in HEADS:
-            raise TprobeError(f"--head {self.head!r} is not one of {', '.join(HEADS)}, all")
+            raise TprobeError(f"head {self.head!r} is not one of {', '.join(HEADS)}")
         if self.train_views not in ("all", "orig"):
-            raise TprobeError(f"--train-views {self.train_views!r} is not all or orig")
+            raise TprobeError(f"train_views {self.train_views!r} is not 'all' or 'orig'")
 
     def fit(self, fs: FeatureSet) -> ProbeRun:
         self._validate()
@@ -67,7 +88,7 @@ class ProbeRun:
         if self.max_dims is not None and X.shape[1] > self.max_dims:
             # data-independent (drawn from the seed and the width only), so applying it to every
             # row before the splits cannot leak; it keeps inner-CV fits cheap on --pool concat
-            self.projection_ = GaussianRandomProjection(self.max_dims, random_state=self.seed).fit(X[:1])
+            self.projection_ = projection(X.shape[1], self.max_dims, self.seed)
             X = self.projection_.transform(X).astype(np.float32)
         make = partial(make_head, self.head, seed=self.seed, penalty=self.penalty)
         grid = param_grid(self.head)
@@ -89,10 +110,9 @@ class ProbeRun:
         keep = np.arange(len(meta)) if self.train_views == "all" else np.flatnonzero(is_orig)
         y = meta["label"].to_numpy()
         best, _ = inner_search(make, grid, X, y, meta, keep, is_orig)
-        model = make(**best).fit(X[keep], y[keep])
-        if self.projection_ is not None:
-            model = Pipeline([("project", self.projection_), ("head", model)])
-        return {"model": model, "params": best}
+        head = make(**best).fit(X[keep], y[keep])
+        model = head if self.projection_ is None else Pipeline([("project", self.projection_), ("head", head)])
+        return {"model": model, "head": head, "params": best}
 
     @property
     def predictions_(self) -> pd.DataFrame:
@@ -114,23 +134,28 @@ class ProbeRun:
         """Per-donor metrics with mean, sd and frequency rows, for printing."""
         return self.evaluation_.table()
 
-    def save(self, out: str | Path, name: str | None = None, *, extra_config: dict | None = None) -> Path:
-        """Write the run directory under ``out``; return its path."""
+    def record(self, name: str, *, command: str = "probe", extra: dict | None = None) -> RunRecord:
+        """The run record (config.json) of this fitted probe."""
         fs = self.features_
-        config = {"command": "probe", "head": self.head, "split": self.split, "test_donor": self.test_donor,
-                  "n_splits": self.n_splits, "tta": self.tta, "train_views": self.train_views,
-                  "penalty": self.penalty, "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot,
-                  "grid": self.grid_, "features": fs.source, "n_rows": len(fs.meta),
-                  "n_features": int(fs.X.shape[1]), "seconds": round(self.seconds_, 2), **(extra_config or {})}  # fmt: skip
-        run = make_run_dir(out, name or f"{fs.name}-{self.head}")
-        save_run(
-            run,
-            config=config,
-            evaluation=self.evaluation_,
-            plan=self.plan_,
-            meta=fs.meta,
-            chosen=self.chosen_,
-        )
+        options = {"head": self.head, "split": self.split, "test_donor": self.test_donor, "n_splits": self.n_splits,
+                   "tta": self.tta, "train_views": self.train_views, "penalty": self.penalty,
+                   "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot, **(extra or {})}  # fmt: skip
+        p = self.projection_
+        proj = None if p is None else {"method": "gaussian", "n_components": int(p.n_components_),
+                                       "n_features": int(p.n_features_in_), "seed": self.seed}  # fmt: skip
+        return RunRecord(command=command, name=name, features=fs.source, options=options,
+                         n_rows=len(fs.meta), n_features=int(fs.X.shape[1]), grid=self.grid_, projection=proj,
+                         head_file=HEAD_FILE if self.final_ is not None else None,
+                         seconds=round(self.seconds_, 2))  # fmt: skip
+
+    def save(self, out: str | Path, name: str | None = None, *, command: str = "probe",
+             extra_options: dict | None = None) -> Path:  # fmt: skip
+        """Write the run directory under ``out``; return its path."""
+        name = name or f"{self.features_.name}-{self.head}"
+        run = make_run_dir(out, name)
+        record = self.record(run.name, command=command, extra=extra_options)
+        save_run(run, record=record, evaluation=self.evaluation_, plan=self.plan_, meta=self.features_.meta,
+                 chosen=self.chosen_)  # fmt: skip
         if self.final_ is not None:
-            joblib.dump(self.final_, run / "head.joblib")
+            save_head(self.final_["head"], run / HEAD_FILE)
         return run

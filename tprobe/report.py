@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import html
-import json
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +15,7 @@ import pandas as pd
 from tprobe.errors import TprobeError
 
 __all__ = ["collect_runs", "write_report", "PUBLISHED"]
+log = logging.getLogger(__name__)
 
 # Published results, as reported (not measured here).
 PUBLISHED = pd.DataFrame([
@@ -31,41 +32,51 @@ PUBLISHED = pd.DataFrame([
 METRICS = ("accuracy", "average_precision", "roc_auc")
 
 
-def _family(cfg: dict) -> tuple[str, str]:
-    cmd = cfg.get("command", "probe")
+def _family(record) -> tuple[str, str]:
+    cmd = record.command
     if cmd == "baseline":
-        return "baseline", cfg["baseline"]
-    feats = cfg.get("features", {})
-    model = Path(str(feats.get("model") or cfg.get("model") or feats.get("name", "?"))).name
+        return "baseline", record.options.get("baseline", record.features.name)
+    feats = record.features
+    model = Path(str(feats.model or feats.name)).name
     if cmd == "finetune":
-        mode = (
-            "frozen"
-            if cfg.get("freeze")
-            else (f"last {cfg['unfreeze_last']}" if cfg.get("unfreeze_last") else "full")
-        )
-        return "finetune", f"{model} · {cfg.get('pool')} · {mode}"
-    if feats.get("kind") == "table":
-        return "probe", f"{feats.get('name')} · {cfg.get('head')}"
-    return "probe", f"{model} · {feats.get('pool')} · {cfg.get('head')}"
+        o = record.options
+        mode = "frozen" if o.get("freeze") else (f"last {o['unfreeze_last']}" if o.get("unfreeze_last") else "full")
+        return "finetune", f"{model} · {o.get('pool')} · {mode}"
+    if feats.kind == "table":
+        return "probe", f"{feats.name} · {record.options.get('head')}"
+    return "probe", f"{model} · {feats.pool} · {record.options.get('head')}"
 
 
 def collect_runs(root: str | Path) -> pd.DataFrame:
-    """One row per run directory below ``root`` (any folder with config.json + metrics.json)."""
+    """One row per run directory below ``root`` (any folder with config.json + metrics.json).
+
+    A run whose files cannot be read as a tprobe run is skipped with a warning naming it.
+    """
+    from tprobe.runs import RunRecord, read_json
+
     rows = []
     for metrics_path in sorted(Path(root).rglob("metrics.json")):
         run = metrics_path.parent
         if not (run / "config.json").exists():
             continue
-        cfg, met = json.loads((run / "config.json").read_text()), json.loads(metrics_path.read_text())
-        family, name = _family(cfg)
-        row = {"family": family, "model": name, "run": str(run), "n_donors": len(met.get("folds", []))}
+        try:
+            record, met = RunRecord.load(run), read_json(metrics_path)
+            summary = met["summary"]
+        except (TprobeError, KeyError, TypeError) as exc:
+            log.warning("skipping %s: %s", run, exc)
+            continue
+        family, name = _family(record)
+        if record.random_init:
+            name += " · RANDOM WEIGHTS"
+        row = {"family": family, "model": name, "run": str(run), "n_donors": len(met.get("folds", [])),
+               "random_init": record.random_init}  # fmt: skip
         for m in METRICS:
-            s = met["summary"].get(m, {})
+            s = summary.get(m) or {}
             row[f"{m}_mean"], row[f"{m}_sd"] = s.get("mean"), s.get("sd")
         rows.append(row)
     if not rows:
         raise TprobeError(
-            f"{root}: no run directories (metrics.json + config.json) found; run `tprobe probe` first"
+            f"{root}: no readable run directories (metrics.json + config.json) found; run `tprobe probe` first"
         )
     return (
         pd.DataFrame(rows)

@@ -1,9 +1,13 @@
 """Run directories: one folder per trained model with everything needed to read or rerun it.
 
-Contents: ``config.json`` (all options, feature source, versions), ``metrics.json``
-(``summary.<metric>.{mean,sd,ci_low,ci_high}``, ``folds[]``, ``reference``), ``per_donor.parquet``,
-``predictions.parquet`` (``image_id, donor, label, p_activated, fold``), ``splits.json``,
-figures, and the final head refit on every donor (``head.joblib``).
+Contents: ``config.json`` (the :class:`RunRecord`: command, options, feature source, versions,
+whether the model had random weights), ``metrics.json`` (``summary.<metric>.{mean,sd,ci_low,
+ci_high}``, ``folds[]``, ``reference``), ``per_donor.parquet``, ``predictions.parquet``
+(``image_id, donor, group, label, p_activated, fold``), ``splits.json``, figures, and the final
+head refit on every donor (``head.skops``, data only — see :mod:`tprobe.heads`).
+
+Everything that reads a run (predict, report, saliency, finetune --resume, sweeps) goes through
+:meth:`RunRecord.load`; nothing in a run directory is unpickled.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,8 @@ import numpy as np
 from tprobe import __version__
 from tprobe.errors import TprobeError
 
-__all__ = ["make_run_dir", "save_run", "write_json", "read_json", "versions"]
+__all__ = ["RunRecord", "make_run_dir", "save_run", "write_json", "read_json", "versions", "RUN_SCHEMA"]
+RUN_SCHEMA = 2
 
 
 def make_run_dir(out: str | Path, name: str) -> Path:
@@ -59,10 +65,14 @@ def write_json(path: Path, obj) -> None:
 
 
 def read_json(path: Path) -> dict:
+    """Read a JSON file; a missing or malformed one is a one-line error naming it."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise TprobeError(f"{path}: not found; is this a tprobe run directory?") from None
+    except (ValueError, UnicodeDecodeError):
+        raise TprobeError(f"{path}: is not valid JSON (damaged or not written by tprobe); rerun the command "
+                          "that made it") from None  # fmt: skip
 
 
 def versions() -> dict:
@@ -76,19 +86,111 @@ def versions() -> dict:
             "xgboost": xgboost.__version__, "numpy": np.__version__}  # fmt: skip
 
 
-def save_run(run: Path, *, config: dict, evaluation, plan, meta, chosen=None) -> Path:
-    """Write the shared run-directory files (config, metrics, splits, predictions, figures) into ``run``."""
+@dataclass
+class RunRecord:
+    """A run's ``config.json``: what was run, on which features, with which options.
+
+    ``options`` holds the estimator's parameters (a :class:`~tprobe.probe.ProbeRun`'s fields, a
+    :class:`~tprobe.finetune.FinetuneRun`'s, or a baseline's). ``random_init`` marks results of a
+    randomly initialised model: plumbing checks, not results.
+    """
+
+    command: str  # probe | finetune | baseline
+    name: str
+    features: object  # FeatureSource
+    options: dict = field(default_factory=dict)
+    data: str | None = None  # --data as given (None = the bundled sample)
+    random_init: bool = False
+    n_rows: int = 0
+    n_features: int = 0
+    grid: list = field(default_factory=list)
+    projection: dict | None = None  # {"method", "n_components", "n_features", "seed"}: rebuilt, never stored
+    head_file: str | None = None
+    seconds: float = 0.0
+    versions: dict = field(default_factory=dict)
+    schema: int = RUN_SCHEMA
+
+    def __post_init__(self):
+        from tprobe.features import FeatureSource
+
+        if isinstance(self.features, dict):
+            self.features = FeatureSource.from_dict(self.features)
+        self.random_init = bool(self.random_init or self.features.random_init)
+
+    def get(self, key: str, default=None):
+        """An option's value (``head``, ``pool``, ``split`` ...), falling back to the feature source."""
+        if key in self.options:
+            return self.options[key]
+        return self.features.get(key, default)
+
+    @property
+    def title(self) -> str:
+        """What the run is, for plot titles: model · pool · head · split (· random weights)."""
+        f = self.features
+        model = Path(str(f.model)).name if f.model else f.name
+        parts = [model, f.pool, self.options.get("head") or self.options.get("baseline"),
+                 self.options.get("split")]  # fmt: skip
+        if self.command == "finetune":
+            parts[2] = "frozen" if self.options.get("freeze") else "fine-tuned"
+        text = " · ".join(str(p) for p in parts if p)
+        return text + (" · RANDOM WEIGHTS (plumbing check)" if self.random_init else "")
+
+    def preprocess_config(self):
+        from tprobe.preprocess import PreprocessConfig
+
+        if not self.features.preprocess:
+            raise TprobeError(f"run {self.name}: records no preprocessing; it was trained on a feature table")
+        return PreprocessConfig.from_dict(self.features.preprocess)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["features"] = self.features.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunRecord:
+        if not isinstance(d, dict) or "command" not in d or "features" not in d:
+            raise TprobeError("config.json is not a tprobe run record (no command or features)")
+        if int(d.get("schema", 1)) < RUN_SCHEMA:  # schema 1: options at the top level
+            keys = {"command", "features", "versions", "grid", "n_rows", "n_features", "seconds", "data"}
+            d = {"command": d["command"], "features": d["features"], "options": {k: v for k, v in d.items()
+                 if k not in keys}, "name": d["features"].get("name", "run"), "data": d.get("data"),
+                 "grid": d.get("grid", []), "versions": d.get("versions", {})}  # fmt: skip
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, run: str | Path) -> Path:
+        path = Path(run) / "config.json"
+        write_json(path, {**self.to_dict(), "versions": self.versions or versions(), "schema": RUN_SCHEMA})
+        return path
+
+    @classmethod
+    def load(cls, run: str | Path) -> RunRecord:
+        path = Path(run) / "config.json"
+        try:
+            return cls.from_dict(read_json(path))
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise TprobeError(f"{path}: not a valid tprobe run record ({type(exc).__name__}); rerun the command "
+                              "that made it") from None  # fmt: skip
+        except TprobeError as exc:
+            if str(path) in str(exc):
+                raise
+            raise TprobeError(f"{path}: {exc}") from None
+
+
+def save_run(run: Path, *, record: RunRecord, evaluation, plan, meta, chosen=None) -> Path:
+    """Write the shared run-directory files (record, metrics, splits, predictions, figures) into ``run``."""
     from tprobe.plots import confusion_matrix_plot, roc_curves
 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    write_json(run / "config.json", {**config, "versions": versions()})
+    record.save(run)
     folds = evaluation.per_donor.rename(columns={"donor": "test_donor"}).to_dict("records")
     write_json(run / "metrics.json", {"summary": evaluation.summary, "folds": folds,
                                       "reference": evaluation.reference, "chosen": chosen or []})  # fmt: skip
     write_json(run / "splits.json", [f.to_dict(meta) for f in plan])
     evaluation.per_donor.to_parquet(run / "per_donor.parquet", index=False)
     evaluation.predictions.to_parquet(run / "predictions.parquet", index=False)
-    roc_curves(evaluation.predictions, run / "roc.png", title=run.name)
+    roc_curves(evaluation.predictions, run / "roc.png", title=record.title)
     confusion_matrix_plot(evaluation.predictions, run / "confusion.png")
     return run

@@ -27,10 +27,10 @@ def saliency_maps(model, images: np.ndarray) -> dict[str, np.ndarray]:
     model.encoder.set_attn_implementation("eager")
     logit, attentions = model(x, output_attentions=True)
     (grad,) = torch.autograd.grad(logit.sum(), x)
-    r = model.backbone.num_registers
     side = images.shape[-1]
-    g = model.backbone.grid(side)
-    att = attentions[-1][:, :, 0, 1 + r :].mean(1).reshape(-1, g, g).detach().cpu().numpy()
+    layout = model.backbone.layout(side)
+    g = layout.grid
+    att = attentions[-1][:, :, 0, layout.patch_start :].mean(1).reshape(-1, g, g).detach().cpu().numpy()
     scale = side // g
     att = np.kron(att, np.ones((scale, scale), dtype=att.dtype))
     grad = grad.detach().cpu().numpy()

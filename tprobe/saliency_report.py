@@ -14,17 +14,23 @@ __all__ = ["saliency_for_run"]
 def saliency_for_run(run: str | Path, pre: Preprocessed | None, *, n: int = 8) -> list[Path]:
     """Write ``saliency_<donor>.png`` for each fold of ``run``; returns the paths."""
     from tprobe.dataset import discover
+    from tprobe.errors import TprobeError
     from tprobe.finetune import load_fold_model
-    from tprobe.preprocess import PreprocessConfig, preprocess
-    from tprobe.runs import read_json
+    from tprobe.preprocess import preprocess
+    from tprobe.runs import RunRecord
     from tprobe.saliency import saliency_grid
 
     run = Path(run)
-    cfg = read_json(run / "config.json")
-    pred = pd.read_parquet(run / "predictions.parquet")
-    prep = PreprocessConfig(**{k: v for k, v in cfg["features"]["preprocess"].items() if k != "version"})
+    record = RunRecord.load(run)
+    if record.command != "finetune":
+        raise TprobeError(f"{run}: is not a `tprobe finetune` run; saliency needs a fine-tuned model")
+    try:
+        pred = pd.read_parquet(run / "predictions.parquet")
+    except (OSError, ValueError) as exc:
+        raise TprobeError(f"{run / 'predictions.parquet'}: unreadable ({type(exc).__name__}); rerun the fine-tuning") from None
+    prep = record.preprocess_config()
     if pre is None:
-        pre = preprocess(discover(cfg.get("data")), prep)
+        pre = preprocess(discover(record.data), prep)
     rows = pre.kept.set_index("image_id")
     pred = pred[pred["image_id"].isin(rows.index)]
     pred = pred.assign(right=(pred["p_activated"] >= 0.5) == (pred["label"] == 1))
@@ -38,6 +44,7 @@ def saliency_for_run(run: str | Path, pre: Preprocessed | None, *, n: int = 8) -
         model = load_fold_model(run, int(fold))
         sample = rows.loc[pick["image_id"]].reset_index()
         out = run / f"saliency_{donor}.png"
-        saliency_grid(model, sample, prep, out, title=f"{donor}: {len(right)} right, {len(wrong)} wrong")
+        saliency_grid(model, sample, prep, out,
+                      title=f"{record.title} — held-out {donor}: {len(right)} right, {len(wrong)} wrong calls")  # fmt: skip
         paths.append(out)
     return paths

@@ -31,9 +31,12 @@ def save_random_dinov2(path: str | Path, *, shape: str = "tiny", registers: int 
                   patch_size=14, image_size=518, mlp_ratio=4)  # fmt: skip
     torch.manual_seed(seed)
     if registers:
-        model = Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common))
+        config = Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
+        model = Dinov2WithRegistersModel(config)
     else:
         model = Dinov2Model(Dinov2Config(**common))
+    # recorded in config.json, so stores, runs and reports can mark results as plumbing checks
+    model.config.tprobe_random_init = True
     path = Path(path)
     model.save_pretrained(path)
     BitImageProcessor(

@@ -99,6 +99,18 @@ def predict_rows(
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def _load_checkpoint(path: Path, device) -> dict:
+    """A training checkpoint, loaded with ``weights_only=True`` (tensors, numbers, containers: no code)."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - the safe unpickler refuses anything else
+        raise TprobeError(f"{path}: not a checkpoint tprobe can load safely ({type(exc).__name__}); delete it to "
+                          "restart this fold") from None  # fmt: skip
+    if not isinstance(ck, dict) or not {"model", "opt", "sched", "state"} <= set(ck):
+        raise TprobeError(f"{path}: not a tprobe checkpoint; delete it to restart this fold")
+    return ck
+
+
 def train_fold(make_model: Callable[[], torch.nn.Module], train: pd.DataFrame, val: pd.DataFrame,
                prep: PreprocessConfig, cfg: TrainConfig, device: torch.device, *,
                checkpoint: Path | None = None, log: Callable[[dict], None] = print):  # fmt: skip
@@ -120,7 +132,7 @@ def train_fold(make_model: Callable[[], torch.nn.Module], train: pd.DataFrame, v
     scaler = torch.amp.GradScaler(enabled=use_scaler)
     state = {"epoch": 0, "best": -math.inf, "best_state": None, "bad": 0, "curves": []}
     if checkpoint is not None and checkpoint.exists():
-        ck = torch.load(checkpoint, map_location=device, weights_only=False)
+        ck = _load_checkpoint(checkpoint, device)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
@@ -147,7 +159,7 @@ def train_fold(make_model: Callable[[], torch.nn.Module], train: pd.DataFrame, v
         yv = val["label"].to_numpy()
         val_loss = float(torch.nn.functional.binary_cross_entropy(torch.tensor(p).clamp(1e-6, 1 - 1e-6),
                                                                   torch.tensor(yv, dtype=torch.float32)))  # fmt: skip
-        val_auc = roc_auc_score(yv, p) if len(set(yv)) == 2 else float("nan")
+        val_auc = float(roc_auc_score(yv, p)) if len(set(yv)) == 2 else float("nan")
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "train_loss": total / max(1, n), "val_loss": val_loss, "val_auc": val_auc,
                "images_per_s": n / seconds if seconds else float("nan")}  # fmt: skip
