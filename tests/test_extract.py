@@ -7,7 +7,7 @@ import tprobe.store
 from tprobe.backbones import Backbone, resolve_model
 from tprobe.dataset import discover
 from tprobe.errors import TprobeError
-from tprobe.extract import extract, find_store
+from tprobe.extract import extract, find_store, manifest_path
 from tprobe.preprocess import PreprocessConfig, load_view, preprocess
 from tprobe.store import FeatureStore
 
@@ -19,7 +19,8 @@ def test_store_layout_and_equality_with_model_outputs(request, tmp_path, small_d
     pre = preprocess(discover(small_data))
     res = extract(pre, resolve_model(str(path)), cache=tmp_path / "c", fmt=fmt, dtype="float32",
                   chunk_rows=16, batch_size=5, progress=False)  # fmt: skip
-    assert res.status == "written" and res.path.name == f"float32.{'zarr' if fmt == 'zarr' else 'h5'}"
+    assert res.status == "written" and res.path.name.startswith("float32-fp32-")
+    assert res.path.suffix == (".zarr" if fmt == "zarr" else ".h5")
     store = FeatureStore.open(res.path)
     n, R = len(pre.kept), (4 if model == "tiny_reg" else 0)
     assert store.shapes["cls"] == (n, 32) and store.shapes["patches"] == (n, 100, 32)
@@ -28,7 +29,7 @@ def test_store_layout_and_equality_with_model_outputs(request, tmp_path, small_d
     assert a["num_register_tokens"] == R and a["patch_grid"] == [10, 10] and a["hidden_size"] == 32
     assert a["preprocess_hash"] == pre.config.hash and a["dataset_fingerprint"] == pre.fingerprint
     assert a["resolved_revision"] and a["tprobe_version"]
-    manifest = pd.read_parquet(res.path.parent / "manifest.parquet")
+    manifest = pd.read_parquet(manifest_path(res.path))
     assert manifest["image_id"].tolist() == pre.kept["image_id"].tolist()
     # tokens equal the model's own last_hidden_state for the same inputs
     bb = Backbone.from_pretrained(str(path), device="cpu")
@@ -70,9 +71,9 @@ def test_interrupted_extract_resumes_and_matches_uninterrupted(
     with pytest.raises(KeyboardInterrupt):
         extract(pre, ref, cache=tmp_path / "b", **kw)
     monkeypatch.setattr(FeatureStore, "write_unit", real_write)
-    path = next((tmp_path / "b").rglob(f"float16.{'zarr' if fmt == 'zarr' else 'h5'}.progress")).with_suffix(
-        ""
-    )
+    path = next(
+        (tmp_path / "b").rglob(f"float16-*.{'zarr' if fmt == 'zarr' else 'h5'}.progress")
+    ).with_suffix("")
     with pytest.raises(TprobeError, match="incomplete \\(3/.*rerun the same"):
         FeatureStore.open(path)
     res = extract(pre, ref, cache=tmp_path / "b", **kw)

@@ -95,7 +95,7 @@ def test_cli_probe_writes_the_run_directory(sample_store, tmp_path):
         "splits.json",
         "roc.png",
         "confusion.png",
-        "head.joblib",
+        "head.skops",
         "per_donor.parquet",
     ):
         assert (run / name).exists(), name

@@ -256,7 +256,9 @@ def _normalisation(ref: ModelRef, offline: bool) -> tuple[tuple, tuple]:
     from transformers import AutoImageProcessor
 
     try:
-        proc = AutoImageProcessor.from_pretrained(ref.source, revision=ref.load_revision, local_files_only=True)
+        proc = AutoImageProcessor.from_pretrained(
+            ref.source, revision=ref.load_revision, local_files_only=True
+        )
         return tuple(proc.image_mean), tuple(proc.image_std)
     except (OSError, ValueError, KeyError, TypeError):
         return IMAGENET_MEAN, IMAGENET_STD

@@ -237,10 +237,19 @@ def models():
 @click.option(
     "--workers", type=int, default=None, help="Image-decoding processes [default: 0 on CPU, up to 8 on GPU]."
 )
-@click.option("--tokens", default="cls,registers,patches", show_default=True,
-              help="Token arrays to store: any of cls, registers, patches (patches are ~98% of the bytes).")
-@click.option("--compression", type=click.Choice(["zstd", "lz4", "none"]), default="zstd", show_default=True,
-              help="Chunk compression (recorded in the store).")
+@click.option(
+    "--tokens",
+    default="cls,registers,patches",
+    show_default=True,
+    help="Token arrays to store: any of cls, registers, patches (patches are ~98% of the bytes).",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["zstd", "lz4", "none"]),
+    default="zstd",
+    show_default=True,
+    help="Chunk compression (recorded in the store).",
+)
 @click.option(
     "--shard", default="0/1", show_default=True, help="Take units i::N of the store (SLURM arrays)."
 )
@@ -547,7 +556,9 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
 
         old = RunRecord.load(resume)
         if old.command != "finetune":
-            raise TprobeError(f"{resume}: is not a `tprobe finetune` run; --resume continues fine-tuning runs")
+            raise TprobeError(
+                f"{resume}: is not a `tprobe finetune` run; --resume continues fine-tuning runs"
+            )
         click.echo(f"resuming {resume} with its recorded options (command-line training options ignored)")
         o = old.options
         model, revision, pool, freeze = old.features.model_source, None, o["pool"], o["freeze"]

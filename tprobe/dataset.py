@@ -166,7 +166,9 @@ def _from_table(table_path: Path) -> Dataset:
     try:
         df = pd.read_csv(table_path) if suffix == ".csv" else pd.read_parquet(table_path)
     except pd.errors.EmptyDataError:
-        raise TprobeError(f"{table_path}: the manifest is empty; it needs a header row path,label[,donor]") from None
+        raise TprobeError(
+            f"{table_path}: the manifest is empty; it needs a header row path,label[,donor]"
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
         raise TprobeError(f"{table_path}: cannot be read as a manifest ({type(exc).__name__}); "
                           "save it as CSV or Parquet with columns path,label[,donor]") from None  # fmt: skip

@@ -71,7 +71,9 @@ def store_name(pre: Preprocessed, *, dtype: str = "float16", precision: str = "f
 
 def store_path(cache, pre: Preprocessed, ref: ModelRef, dtype="float16", fmt="zarr", precision="fp32",
                tokens=TOKENS) -> Path:  # fmt: skip
-    return store_dir(cache, pre, ref) / store_name(pre, dtype=dtype, precision=precision, fmt=fmt, tokens=tokens)
+    return store_dir(cache, pre, ref) / store_name(
+        pre, dtype=dtype, precision=precision, fmt=fmt, tokens=tokens
+    )
 
 
 def manifest_path(store: str | Path) -> Path:
@@ -246,7 +248,9 @@ def extract(
         backbone = Backbone.from_pretrained(ref, device=str(dev), offline=offline)
     layout = backbone.layout(pre.config.canvas)
     if check_disk and not path.with_name(path.name + ".progress").exists():
-        _check_disk(path, estimate_bytes(len(kept), layout.hidden, layout.registers, layout.patches, dtype, tokens))
+        _check_disk(
+            path, estimate_bytes(len(kept), layout.hidden, layout.registers, layout.patches, dtype, tokens)
+        )
     _write_manifest(manifest_path(path), kept)
     store = FeatureStore.create(
         path, row_ids=kept["image_id"].tolist(), hidden=layout.hidden, registers=layout.registers,
@@ -318,7 +322,9 @@ class _Progress:
         self.total, self.desc, self.done, self.t0 = total, desc, 0, time.monotonic()
         self.last = self.t0
         tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, unit="img", desc=desc, disable=not tty if enabled is None else not enabled)
+        self.bar = tqdm(
+            total=total, unit="img", desc=desc, disable=not tty if enabled is None else not enabled
+        )
         self.plain = enabled is not False and not tty
 
     def update(self, n: int):
@@ -342,7 +348,9 @@ def _check_disk(path: Path, need: int) -> None:
     folder = path.parent
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
-    log.info("storage estimate: %.2f GB uncompressed for %s (%.1f GB free)", need / 1e9, path.name, free / 1e9)
+    log.info(
+        "storage estimate: %.2f GB uncompressed for %s (%.1f GB free)", need / 1e9, path.name, free / 1e9
+    )
     if need > free:
         raise TprobeError(f"{folder}: the store needs about {need / 1e9:.1f} GB (uncompressed) but the disk has "
                           f"{free / 1e9:.1f} GB free; free space, pick --tokens cls,registers, or --cache elsewhere")  # fmt: skip

@@ -138,9 +138,13 @@ def read_table(path: str | Path) -> pd.DataFrame:
             return pd.read_parquet(path)
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:
-        raise TprobeError(f"{path}: the table is empty; it needs a header row and one row per image") from None
+        raise TprobeError(
+            f"{path}: the table is empty; it needs a header row and one row per image"
+        ) from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, ValueError) as exc:
-        raise TprobeError(f"{path}: cannot be read as a table ({type(exc).__name__}); save it as CSV or Parquet") from None
+        raise TprobeError(
+            f"{path}: cannot be read as a table ({type(exc).__name__}); save it as CSV or Parquet"
+        ) from None
 
 
 def _path_keys(paths: pd.Series) -> dict[str, list[int]]:
@@ -205,7 +209,9 @@ def from_table(path: str | Path, manifest: pd.DataFrame, *, id_column: str | Non
     bad = ~np.isfinite(X)
     if bad.any():
         col = cols[int(np.flatnonzero(bad.any(0))[0])]
-        raise TprobeError(f"{path}: feature column {col!r} holds NaN or infinite values; fill them or --exclude {col}")
+        raise TprobeError(
+            f"{path}: feature column {col!r} holds NaN or infinite values; fill them or --exclude {col}"
+        )
     source = FeatureSource(kind="table", name=f"table:{path.stem}", table=str(path), id_column=id_column,
                            columns=cols, unmatched_images=int(pos.isna().sum()))  # fmt: skip
     return FeatureSet(X, meta[META], source)

@@ -101,7 +101,9 @@ class FinetuneRun:
         options = {"pool": self.pool, "freeze": self.freeze, "unfreeze_last": self.unfreeze_last,
                    "split": self.split, "test_donor": self.test_donor, "n_splits": self.n_splits,
                    "train": self.train.to_dict(), "n_boot": self.n_boot}  # fmt: skip
-        return RunRecord(command="finetune", name=features.name, features=features, options=options, data=self.data)
+        return RunRecord(
+            command="finetune", name=features.name, features=features, options=options, data=self.data
+        )
 
     def _check_donors(self, rows, plan) -> None:
         """Each fold needs one training donor with both classes for early stopping and another to train on."""

@@ -92,7 +92,9 @@ def load_head_file(path: str | Path):
     except FileNotFoundError:
         raise TprobeError(f"{path}: not found; rerun `tprobe probe` without --no-final-head") from None
     except (zipfile.BadZipFile, ValueError, KeyError, OSError) as exc:
-        raise TprobeError(f"{path}: not a tprobe head file ({type(exc).__name__}); it was not loaded") from None
+        raise TprobeError(
+            f"{path}: not a tprobe head file ({type(exc).__name__}); it was not loaded"
+        ) from None
     refused = sorted(set(untrusted) - set(TRUSTED_TYPES))
     if refused:
         raise TprobeError(f"{path}: names types tprobe does not trust ({', '.join(refused[:3])}); "
@@ -100,4 +102,6 @@ def load_head_file(path: str | Path):
     try:
         return sio.load(path, trusted=untrusted)
     except Exception as exc:  # noqa: BLE001 - any failure to build the head is the file's fault
-        raise TprobeError(f"{path}: cannot be loaded as a head ({type(exc).__name__}); retrain the probe") from None
+        raise TprobeError(
+            f"{path}: cannot be loaded as a head ({type(exc).__name__}); retrain the probe"
+        ) from None

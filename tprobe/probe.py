@@ -35,7 +35,9 @@ HEAD_FILE = "head.skops"
 
 def projection(n_features: int, n_components: int, seed: int) -> GaussianRandomProjection:
     """The fixed Gaussian random projection for wide inputs: determined by (width, components, seed)."""
-    return GaussianRandomProjection(n_components, random_state=seed).fit(np.zeros((1, n_features), np.float32))
+    return GaussianRandomProjection(n_components, random_state=seed).fit(
+        np.zeros((1, n_features), np.float32)
+    )
 
 
 def load_head(run: str | Path):
@@ -50,7 +52,9 @@ def load_head(run: str | Path):
     head = load_head_file(run / record.head_file)
     p = record.projection
     if p:
-        return Pipeline([("project", projection(p["n_features"], p["n_components"], p["seed"])), ("head", head)])
+        return Pipeline(
+            [("project", projection(p["n_features"], p["n_components"], p["seed"])), ("head", head)]
+        )
     return head
 
 
@@ -111,7 +115,9 @@ class ProbeRun:
         y = meta["label"].to_numpy()
         best, _ = inner_search(make, grid, X, y, meta, keep, is_orig)
         head = make(**best).fit(X[keep], y[keep])
-        model = head if self.projection_ is None else Pipeline([("project", self.projection_), ("head", head)])
+        model = (
+            head if self.projection_ is None else Pipeline([("project", self.projection_), ("head", head)])
+        )
         return {"model": model, "head": head, "params": best}
 
     @property

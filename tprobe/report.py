@@ -40,7 +40,11 @@ def _family(record) -> tuple[str, str]:
     model = Path(str(feats.model or feats.name)).name
     if cmd == "finetune":
         o = record.options
-        mode = "frozen" if o.get("freeze") else (f"last {o['unfreeze_last']}" if o.get("unfreeze_last") else "full")
+        mode = (
+            "frozen"
+            if o.get("freeze")
+            else (f"last {o['unfreeze_last']}" if o.get("unfreeze_last") else "full")
+        )
         return "finetune", f"{model} · {o.get('pool')} · {mode}"
     if feats.kind == "table":
         return "probe", f"{feats.name} · {record.options.get('head')}"
@@ -76,7 +80,7 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         rows.append(row)
     if not rows:
         raise TprobeError(
-            f"{root}: no readable run directories (metrics.json + config.json) found; run `tprobe probe` first"
+            f"{root}: no run directories (readable metrics.json + config.json) found; run `tprobe probe` first"
         )
     return (
         pd.DataFrame(rows)

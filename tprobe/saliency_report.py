@@ -27,7 +27,9 @@ def saliency_for_run(run: str | Path, pre: Preprocessed | None, *, n: int = 8) -
     try:
         pred = pd.read_parquet(run / "predictions.parquet")
     except (OSError, ValueError) as exc:
-        raise TprobeError(f"{run / 'predictions.parquet'}: unreadable ({type(exc).__name__}); rerun the fine-tuning") from None
+        raise TprobeError(
+            f"{run / 'predictions.parquet'}: unreadable ({type(exc).__name__}); rerun the fine-tuning"
+        ) from None
     prep = record.preprocess_config()
     if pre is None:
         pre = preprocess(discover(record.data), prep)

@@ -130,7 +130,14 @@ class FeatureStore:
         shapes = {k: v for k, v in shapes.items() if k in tokens and not (k == "registers" and not registers)}
         attrs = {**(attrs or {}), "rows_hash": rows_hash(row_ids), "compression": compression,
                  "tokens": [t for t in TOKENS if t in shapes]}  # fmt: skip
-        meta = {"format": fmt, "n": n, "chunk_rows": chunk_rows, "dtype": dtype, "shapes": shapes, "attrs": attrs}
+        meta = {
+            "format": fmt,
+            "n": n,
+            "chunk_rows": chunk_rows,
+            "dtype": dtype,
+            "shapes": shapes,
+            "attrs": attrs,
+        }
         store = cls(path, meta)
         if path.exists() and not store.progress_dir.exists():  # complete already
             return cls.open(path)._check_layout(meta)
@@ -241,7 +248,9 @@ class FeatureStore:
 
                 meta = dict(zarr.open_group(path, mode="r").attrs)["tprobe_meta"]
         except (OSError, KeyError, ValueError) as exc:
-            raise TprobeError(f"{path}: not a readable tprobe store ({type(exc).__name__}); re-extract it") from None
+            raise TprobeError(
+                f"{path}: not a readable tprobe store ({type(exc).__name__}); re-extract it"
+            ) from None
         return cls(path, meta)
 
     # ---- writing ------------------------------------------------------------------------

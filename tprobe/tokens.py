@@ -60,7 +60,9 @@ def check_pool(pool: str, registers: int) -> None:
     if pool not in POOLS:
         raise TprobeError(f"pool {pool!r} is not one of {', '.join(POOLS)}")
     if pool == "registers" and not registers:
-        raise TprobeError("pool 'registers': the model has no register tokens; use a -reg model or another pool")
+        raise TprobeError(
+            "pool 'registers': the model has no register tokens; use a -reg model or another pool"
+        )
 
 
 def pool_tokens(cls, registers, patches, pool: str):

@@ -1,0 +1,145 @@
+"""The extract pipeline (reader -> mapper -> writer) and the typed stage artifacts around it."""
+
+from __future__ import annotations
+
+import shutil
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tprobe.backbones import Backbone, resolve_model
+from tprobe.cli import main
+from tprobe.dataset import discover
+from tprobe.errors import TprobeError
+from tprobe.extract import extract
+from tprobe.features import from_store
+from tprobe.preprocess import Preprocessed, load_view, preprocess
+from tprobe.store import FeatureStore
+from tprobe.tokens import POOLS, TokenLayout, pool_tokens
+
+
+def _reference_tokens(pre, model_dir, batch_size, chunk_rows):
+    """Today's path before the pipeline: every view read and decoded on its own, same batches."""
+    bb = Backbone.from_pretrained(str(model_dir), device="cpu")
+    layout = bb.layout(pre.config.canvas)
+    kept = pre.kept
+    out = {"cls": [], "registers": [], "patches": []}
+    for start in range(0, len(kept), chunk_rows):
+        stop = min(len(kept), start + chunk_rows)
+        for s in range(start, stop, batch_size):
+            rows = range(s, min(stop, s + batch_size))
+            x = torch.from_numpy(np.stack([load_view(kept.path[i], kept.view[i], pre.config) for i in rows]))
+            with torch.inference_mode():
+                hidden = bb(bb.pixel_values(x)).last_hidden_state
+            for name, t in zip(("cls", "registers", "patches"), layout.split(hidden), strict=True):
+                out[name].append(t.float().numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pipelined_store_equals_the_per_view_path_bit_for_bit(tmp_path, small_data, tiny_reg, workers):
+    pre = preprocess(discover(small_data))
+    res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, dtype="float32", chunk_rows=16,
+                  batch_size=5, workers=workers, progress=False)  # fmt: skip
+    store = FeatureStore.open(res.path)
+    ref = _reference_tokens(pre, tiny_reg, batch_size=5, chunk_rows=16)
+    for name, arr in ref.items():
+        np.testing.assert_array_equal(store.read(name), arr)
+    # each source image decoded once per batch, not once per view
+    assert res.times.decodes < len(pre.kept) / 2
+    assert res.times.forward > 0 and res.times.write > 0
+
+
+def test_token_selection_and_compression_are_keyed_and_recorded(tmp_path, small_data, tiny_reg):
+    pre = preprocess(discover(small_data))
+    ref = resolve_model(str(tiny_reg))
+    full = extract(pre, ref, cache=tmp_path, progress=False)
+    slim = extract(pre, ref, cache=tmp_path, tokens=("cls", "registers"), compression="none", progress=False)
+    assert slim.path != full.path and slim.status == "written"
+    store = FeatureStore.open(slim.path)
+    assert set(store.shapes) == {"cls", "registers"} and store.attrs["compression"] == "none"
+    np.testing.assert_array_equal(store.read("cls"), FeatureStore.open(full.path).read("cls"))
+    assert from_store(slim.path, "registers").X.shape[1] == 32
+    with pytest.raises(TprobeError, match="needs patches tokens"):
+        from_store(slim.path, "mean")
+
+
+def test_the_disk_estimate_refuses_a_store_that_cannot_fit(tmp_path, small_data, tiny_reg, monkeypatch):
+    pre = preprocess(discover(small_data))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 100, 100))
+    with pytest.raises(TprobeError, match="needs about .* GB"):
+        extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, progress=False)
+    assert not list(tmp_path.rglob("*.zarr"))  # nothing half-made
+
+
+def test_a_writer_failure_surfaces_and_keeps_finished_units(tmp_path, small_data, tiny_reg, monkeypatch):
+    pre = preprocess(discover(small_data))
+    real, calls = FeatureStore.write_unit, []
+
+    def failing(self, unit, tokens):
+        if len(calls) == 2:
+            raise OSError("disk full")
+        calls.append(unit)
+        real(self, unit, tokens)
+
+    monkeypatch.setattr(FeatureStore, "write_unit", failing)
+    with pytest.raises(OSError, match="disk full"):
+        extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, chunk_rows=8, progress=False)
+    monkeypatch.setattr(FeatureStore, "write_unit", real)
+    res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, chunk_rows=8, progress=False)
+    assert res.status == "written" and res.images == len(pre.kept) - 2 * 8
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_one_pooling_function_for_numpy_and_torch(pool):
+    layout = TokenLayout(hidden=8, registers=4, grid=3)
+    hidden = torch.randn(5, 1 + 4 + 9, 8)
+    cls, regs, patches = layout.split(hidden)
+    t = pool_tokens(cls, regs, patches, pool)
+    n = pool_tokens(*(a.numpy() for a in (cls, regs, patches)), pool)
+    np.testing.assert_allclose(t.numpy(), n, rtol=1e-5, atol=1e-6)
+    assert n.shape == (5, layout.width(pool))
+
+
+def test_preprocessed_artifact_round_trips_and_detects_changed_files(tmp_path, small_data):
+    pre = preprocess(discover(small_data))
+    pre.save(tmp_path / "prep")
+    back = Preprocessed.load(tmp_path / "prep")
+    assert back.fingerprint == pre.fingerprint and back.config == pre.config
+    assert back.kept["image_id"].tolist() == pre.kept["image_id"].tolist()
+    victim = pre.kept["path"].iloc[0]
+    shutil.copy(pre.kept["path"].iloc[-1], victim)  # an image edited after preprocessing
+    with pytest.raises(TprobeError, match="changed or missing"):
+        Preprocessed.load(tmp_path / "prep")
+    m = back.manifest.copy()
+    m.loc[0, "label"] = 1 - m.loc[0, "label"]  # a manifest edited by hand
+    m.to_parquet(tmp_path / "prep" / "manifest.parquet")
+    with pytest.raises(TprobeError, match="does not match preprocess.json"):
+        Preprocessed.load(tmp_path / "prep", verify_files=False)
+
+
+def test_commands_open_a_saved_preprocessed_folder(tmp_path, small_data, tiny_reg):
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--out", str(tmp_path / "prep")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(tmp_path / "prep"),
+                                  "--cache", str(tmp_path / "c")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    pre = preprocess(discover(small_data))
+    assert (
+        FeatureStore.open(r.output.strip().splitlines()[-1]).attrs["dataset_fingerprint"] == pre.fingerprint
+    )
+    r = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(tmp_path / "prep"),
+                                  "--canvas", "154", "--cache", str(tmp_path / "c")])  # fmt: skip
+    assert r.exit_code == 2 and "own options" in r.output
+
+
+def test_store_attrs_mark_random_weights_and_precision(tmp_path, small_data, tiny_reg):
+    pre = preprocess(discover(small_data))
+    res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, progress=False)
+    a = FeatureStore.open(res.path).attrs
+    assert a["model_random_init"] is True and a["precision"] == "fp32" and a["rows_hash"]
+    assert FeatureStore.open(res.path).row_ids().tolist() == pre.kept["image_id"].tolist()
