@@ -301,7 +301,7 @@ def _echo_table(df, floatfmt="{:.3f}"):
 )
 @click.option("--id-column", default=None, help="Column of --features holding file names or image ids.")
 @click.option("--exclude", multiple=True, help="Column of --features to leave out (repeatable).")
-@click.option("--head", default="logreg", show_default=True, help="logreg, mlp, xgboost or all.")
+@click.option("--head", default="logreg", show_default=True, help="logreg, mlp, xgboost, knn, prototype or all (every head).")
 @click.option(
     "--pool", default="cls", show_default=True, help="cls, mean, registers, cls+mean, concat or all."
 )
