@@ -624,11 +624,19 @@ def report(runs_dir, out):
     """
     from tprobe.report import PUBLISHED, write_report
 
+    from tprobe.stats import TEST_NOTE
+
     res = write_report(runs_dir, out)
-    click.echo("== measured (mean ± sd over held-out donors)")
+    click.echo("== measured (mean ± sd over held-out donors; 95% CI: bootstrap over donors)")
     click.echo(res["table"].to_string(index=False))
     click.echo("== published reference numbers (not measured here)")
     click.echo(PUBLISHED.to_string(index=False, na_rep="–"))
+    for line in res["headline"]:
+        click.echo(line.replace("**", ""))
+    if len(res["paired"]):
+        click.echo("== paired comparisons: each run vs the best run, per-donor differences")
+        click.echo(res["paired"].drop(columns=["diffs"]).to_string(index=False))
+        click.echo(TEST_NOTE)
     for p in res["paths"]:
         click.echo(str(p))
 

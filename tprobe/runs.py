@@ -78,7 +78,7 @@ def versions() -> dict:
 
 def save_run(run: Path, *, config: dict, evaluation, plan, meta, chosen=None) -> Path:
     """Write the shared run-directory files (config, metrics, splits, predictions, figures) into ``run``."""
-    from tprobe.plots import confusion_matrix_plot, roc_curves
+    from tprobe.plots import confusion_matrix_plot, experiment_title, roc_curves
 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -89,6 +89,6 @@ def save_run(run: Path, *, config: dict, evaluation, plan, meta, chosen=None) ->
     write_json(run / "splits.json", [f.to_dict(meta) for f in plan])
     evaluation.per_donor.to_parquet(run / "per_donor.parquet", index=False)
     evaluation.predictions.to_parquet(run / "predictions.parquet", index=False)
-    roc_curves(evaluation.predictions, run / "roc.png", title=run.name)
+    roc_curves(evaluation.predictions, run / "roc.png", title=experiment_title(config))
     confusion_matrix_plot(evaluation.predictions, run / "confusion.png")
     return run
