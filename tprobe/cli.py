@@ -301,7 +301,12 @@ def _echo_table(df, floatfmt="{:.3f}"):
 )
 @click.option("--id-column", default=None, help="Column of --features holding file names or image ids.")
 @click.option("--exclude", multiple=True, help="Column of --features to leave out (repeatable).")
-@click.option("--head", default="logreg", show_default=True, help="logreg, mlp, xgboost, knn, prototype or all (every head).")
+@click.option(
+    "--head",
+    default="logreg",
+    show_default=True,
+    help="logreg, mlp, xgboost, knn, prototype or all (every head).",
+)
 @click.option(
     "--pool", default="cls", show_default=True, help="cls, mean, registers, cls+mean, concat or all."
 )
@@ -524,7 +529,9 @@ def curve(stores, models, revision, pool, features, id_column, exclude, pixels, 
         for h in heads:
             c = LabelCurve(head=h, shots=ks, repeats=repeats, seed=seed, split=split, test_donor=test_donor,
                            train_views=train_views, n_jobs=jobs).fit(fs)  # fmt: skip
-            click.echo(f"== {fs.name} · {h}: {len(fs.meta)} rows x {fs.X.shape[1]} features, {c.seconds_:.1f} s")
+            click.echo(
+                f"== {fs.name} · {h}: {len(fs.meta)} rows x {fs.X.shape[1]} features, {c.seconds_:.1f} s"
+            )
             results.append(c.results_)
             draws.append(c.draws_.assign(head=h))
             meta.append({"source": fs.source, "head": h, "seconds": round(c.seconds_, 2)})
@@ -548,6 +555,65 @@ def curve(stores, models, revision, pool, features, id_column, exclude, pixels, 
         click.echo(wide.to_string())
     for r in randoms:
         click.echo(f"note: {r} comes from a randomly initialised model: a plumbing check, not a result")
+    click.echo(str(run))
+
+
+@main.command("map")
+@source_options
+@click.option("--no-umap", is_flag=True, help="PCA only (skips umap-learn).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@CACHE_OPTION
+@OFFLINE_OPTION
+@data_options
+def map_(stores, models, revision, pool, features, id_column, exclude, pixels, no_umap, seed, out, cache,
+         offline, data, prep):  # fmt: skip
+    """Embedding map (PCA, UMAP) coloured by label, donor and imaging batch, with donor diagnostics.
+
+    Prints and saves how well activation, donor and batch can be predicted from the features (same
+    classifier, CV grouped by cell, against the majority-class rate) and silhouettes by label, donor
+    and batch; warns when donor is more predictable than activation. Writes map-<source>.png,
+    map-<source>.parquet (coordinates) and diagnostics.json; the folder is the last line of stdout.
+
+    \b
+    Examples:
+      tprobe map --model dinov2-small-reg
+      tprobe map --store cache/.../float16.zarr --pool mean --pixels
+    """
+    from tprobe.curve import is_random_source
+    from tprobe.embedmap import diagnose, embed, map_data, plot_map
+    from tprobe.runs import make_run_dir, write_json
+
+    sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
+                               offline, data, prep)  # fmt: skip
+    manifest = None if data is None else _prepare(data, prep, progress=False).manifest
+    run = make_run_dir(out, "map")
+    diags = []
+    for fs in sources:
+        md = map_data(fs, manifest if fs.source.get("kind") != "store" else None)
+        if md.meta["batch"].isna().all() and manifest is None and fs.source.get("kind") != "store":
+            md = map_data(fs, _prepare(data, prep, progress=False).manifest)
+        diag = diagnose(md, seed=seed)
+        diag["random_init"] = is_random_source(fs.source)
+        coords = embed(md, umap=not no_umap, seed=seed)
+        safe = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in fs.name)
+        coords.to_parquet(run / f"map-{safe}.parquet", index=False)
+        title = f"{fs.name}: {diag['n_cells']} cells (original views), pooled features" + (
+            " — random weights: plumbing check" if diag["random_init"] else "")  # fmt: skip
+        plot_map(coords, diag, run / f"map-{safe}.png", title=title)
+        diags.append(diag)
+        click.echo(f"== {fs.name}: {diag['n_cells']} cells x {diag['n_features']} features"
+                   + (" (random weights: plumbing check)" if diag["random_init"] else ""))  # fmt: skip
+        for t, v in diag["predictability"].items():
+            if v["accuracy"] is not None:
+                click.echo(f"   {t:<10s} predicted with accuracy {v['accuracy']:.3f} (chance {v['chance']:.3f}, "
+                           f"{v['n_classes']} classes; skill {v['skill']:.2f})")  # fmt: skip
+        sil = ", ".join(f"{k} {v:.3f}" for k, v in diag["silhouette"].items() if v is not None)
+        click.echo(f"   silhouette (cosine): {sil}")
+        if diag["warning"]:
+            click.echo(diag["warning"])
+        click.echo(f"   map: {run / f'map-{safe}.png'}")
+    write_json(run / "diagnostics.json", diags)
     click.echo(str(run))
 
 

@@ -221,7 +221,11 @@ def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_au
     ax.set_xticklabels([names.get(float(t), f"all\n(~{t:.0f}/class)") for t in ticks], fontsize=8)
     ax.minorticks_off()
     ax.set_xlabel("labelled cells per class (drawn from the training donors; log scale)")
-    nice = {"roc_auc": "ROC AUC", "average_precision": "average precision", "balanced_accuracy": "balanced accuracy"}
+    nice = {
+        "roc_auc": "ROC AUC",
+        "average_precision": "average precision",
+        "balanced_accuracy": "balanced accuracy",
+    }
     ax.set_ylabel(f"{nice.get(metric, metric)} on the held-out donor")
     lo = min(0.45, float(np.nanmin(band["low"])) - 0.02) if len(band) else 0.45
     ax.set_ylim(lo, 1.0)

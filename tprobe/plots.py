@@ -11,7 +11,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-__all__ = ["contact_sheet", "roc_curves", "confusion_matrix_plot", "sweep_bars", "learning_curves", "experiment_title"]
+__all__ = [
+    "contact_sheet",
+    "roc_curves",
+    "confusion_matrix_plot",
+    "sweep_bars",
+    "learning_curves",
+    "experiment_title",
+]
 
 
 def experiment_title(config: dict) -> str:
@@ -120,8 +127,12 @@ def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") 
     """Bar chart of mean ``metric`` (± sd over donors) by head x pooling, pools and heads in table order."""
     pools = list(dict.fromkeys(summary["pool"]))
     heads = list(dict.fromkeys(summary["head"]))
-    piv = summary.pivot(index="pool", columns="head", values=f"{metric}_mean").reindex(index=pools, columns=heads)
-    err = summary.pivot(index="pool", columns="head", values=f"{metric}_sd").reindex(index=pools, columns=heads)
+    piv = summary.pivot(index="pool", columns="head", values=f"{metric}_mean").reindex(
+        index=pools, columns=heads
+    )
+    err = summary.pivot(index="pool", columns="head", values=f"{metric}_sd").reindex(
+        index=pools, columns=heads
+    )
     fig, ax = plt.subplots(figsize=(2.6 + 0.35 * len(heads) * len(piv), 3.8))
     piv.plot.bar(yerr=err, ax=ax, capsize=2, rot=0)
     ax.axhline(0.5, ls="--", c="grey", lw=0.8, label="chance (0.5)")

@@ -176,7 +176,9 @@ def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="held-out donor",
               title_fontsize=7, frameon=False)  # fmt: skip
     ax.set_xlabel("ROC AUC on the held-out donor (each point: one donor)")
-    ax.set_title("ROC AUC per held-out donor, by run (red label: random weights, a plumbing check)", fontsize=9)
+    ax.set_title(
+        "ROC AUC per held-out donor, by run (red label: random weights, a plumbing check)", fontsize=9
+    )
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
