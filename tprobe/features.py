@@ -50,6 +50,7 @@ def from_store(path: str | Path, pool: str = "cls") -> FeatureSet:
     a = store.attrs
     source = {"kind": "store", "store": str(path), "pool": pool, "model": a.get("model"),
               "model_id": a.get("model_id"), "model_source": a.get("model_source"), "resolved_revision": a.get("resolved_revision"),
+              "model_random_init": a.get("model_random_init"),
               "preprocess_hash": a.get("preprocess_hash"), "preprocess": a.get("preprocess"),
               "dataset_fingerprint": a.get("dataset_fingerprint"), "dtype": a.get("dtype"),
               "format": store.format, "name": f"{Path(str(a.get('model'))).name}-{pool}"}  # fmt: skip
