@@ -167,6 +167,14 @@ def _scatter(ax, xy: np.ndarray, values, title: str, *, legend: bool, cmap="tab1
     for i, c in enumerate(cats):
         sel = vals == c
         ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.75, color=colours(i % colours.N), label=c, lw=0)
+    lo, hi = np.percentile(xy, 0.5, axis=0), np.percentile(xy, 99.5, axis=0)
+    pad = 0.08 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    outside = int((~((xy >= lo) & (xy <= hi)).all(axis=1)).sum())
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(lo[1], hi[1])
+    if outside:  # a few outliers would otherwise squeeze the map into a corner
+        title += f"\n(axes: 0.5-99.5th percentiles; {outside} outlying cells not shown)"
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
