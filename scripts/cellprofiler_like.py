@@ -34,8 +34,8 @@ def features(path: str, threshold: float = 20.0) -> dict:
     nz = hist[hist > 0]
     row.update({
         "AreaShape_Area": r.area, "AreaShape_Perimeter": r.perimeter, "AreaShape_Eccentricity": r.eccentricity,
-        "AreaShape_Solidity": r.solidity, "AreaShape_MajorAxisLength": r.major_axis_length,
-        "AreaShape_MinorAxisLength": r.minor_axis_length, "AreaShape_FormFactor": 4 * np.pi * r.area / max(r.perimeter, 1) ** 2,
+        "AreaShape_Solidity": r.solidity, "AreaShape_MajorAxisLength": r.axis_major_length,
+        "AreaShape_MinorAxisLength": r.axis_minor_length, "AreaShape_FormFactor": 4 * np.pi * r.area / max(r.perimeter, 1) ** 2,
         "Intensity_MeanIntensity": vals.mean(), "Intensity_StdIntensity": vals.std(), "Intensity_MaxIntensity": vals.max(),
         "Intensity_IntegratedIntensity": vals.sum(), "Intensity_MedianIntensity": float(np.median(vals)),
         "Texture_Entropy": float(-(nz * np.log2(nz)).sum()),
