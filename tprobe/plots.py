@@ -137,8 +137,10 @@ def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") 
     piv.plot.bar(yerr=err, ax=ax, capsize=2, rot=0)
     ax.axhline(0.5, ls="--", c="grey", lw=0.8, label="chance (0.5)")
     features = summary["features"].iloc[0] if "features" in summary else ""
-    ax.set(ylabel=f"{metric} (mean ± sd over donors)", ylim=(0, 1), xlabel="pooling")
-    ax.set_title(f"probe sweep: {Path(str(features)).name} · held-out donors", fontsize=9)
+    ax.set(ylabel=f"{metric} (mean ± sd over donors)", ylim=(0, 1.08), xlabel="pooling")
+    ax.set_yticks(np.arange(0, 1.01, 0.2))
+    rnd = " (random weights: plumbing check)" if "random" in str(features).lower() else ""
+    ax.set_title(f"probe sweep: {Path(str(features)).name}{rnd} · donor-held-out CV", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head", frameon=False)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
