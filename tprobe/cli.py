@@ -831,8 +831,9 @@ def report(runs_dir, out):
     for line in res["headline"]:
         click.echo(line.replace("**", ""))
     if len(res["paired"]):
-        click.echo("== paired comparisons: each run vs the best run, per-donor differences")
-        click.echo(res["paired"].drop(columns=["diffs"]).to_string(index=False))
+        click.echo("== paired comparisons: each run vs the best run on the same held-out donors")
+        click.echo(res["reference_line"].replace("`", ""))
+        click.echo(res["paired"].drop(columns=["AUC diff per donor"]).to_string(index=False))
         click.echo(TEST_NOTE)
     for p in res["paths"]:
         click.echo(str(p))

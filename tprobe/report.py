@@ -201,11 +201,26 @@ def _headline(summary: pd.DataFrame) -> list[str]:
     return lines
 
 
-def _paired_display(pairs: pd.DataFrame) -> pd.DataFrame:
-    t = pairs[["label", "reference_label", "metric", "n_donors", "mean_diff", "p", "p_holm", "diffs", "note"]]
-    t = t.rename(columns={"label": "run", "reference_label": "vs (reference)", "mean_diff": "mean diff"})
-    return t.assign(**{c: [("–" if pd.isna(v) else f"{v:+.3f}" if c == "mean diff" else f"{v:.4f}")
-                           for v in t[c]] for c in ("mean diff", "p", "p_holm")})  # fmt: skip
+def _paired_display(pairs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per compared run: difference from the reference, p and Holm-adjusted p, per metric."""
+    if not len(pairs):
+        return pd.DataFrame()
+    rnd = dict(zip(summary["run"], summary["random_init"], strict=True))
+    short = {"roc_auc": "AUC", "average_precision": "AP"}
+    rows = []
+    for run, d in pairs.groupby("run", sort=False):
+        row = {"run": Path(run).name + (" (RANDOM WEIGHTS)" if rnd.get(run) else ""),
+               "n_donors": int(d["n_donors"].iloc[0])}  # fmt: skip
+        for r in d.itertuples():
+            m = short.get(r.metric, r.metric)
+            row[f"{m} diff"] = "–" if pd.isna(r.mean_diff) else f"{r.mean_diff:+.3f}"
+            row[f"{m} p"] = "–" if pd.isna(r.p) else f"{r.p:.4f}"
+            row[f"{m} p_holm"] = "–" if pd.isna(r.p_holm) else f"{r.p_holm:.4f}"
+        auc = d[d["metric"] == "roc_auc"]
+        row["AUC diff per donor"] = auc["diffs"].iloc[0] if len(auc) else ""
+        row["note"] = d["note"].iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def write_report(root: str | Path, out: str | Path) -> dict:
@@ -224,7 +239,9 @@ def write_report(root: str | Path, out: str | Path) -> dict:
     table = display_table(summary)
     pairs = paired_comparisons(summary)
     pairs.to_csv(out / "paired.csv", index=False)
-    paired = _paired_display(pairs)
+    paired = _paired_display(pairs, summary)
+    ref_line = (f"Reference: the best run by mean ROC AUC, `{Path(pairs['reference'].iloc[0]).name}`; "
+                "diff = run minus reference, per held-out donor, then averaged.") if len(pairs) else ""  # fmt: skip
     dots = _donor_auc_plot(summary, out / "donor_auc.png")
     best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
     best_per_family = summary.loc[summary.groupby("family")["roc_auc_mean"].idxmax()]
@@ -241,7 +258,7 @@ def write_report(root: str | Path, out: str | Path) -> dict:
     md = ["# tprobe report", "", header, "", "## Measured", "", _md(table), "",
           "## Published reference numbers (not measured here)", "", _md(PUBLISHED), "",
           *[line + "\n" for line in headline],
-          "## Paired comparisons (each run vs the best run, same held-out donors)", "",
+          "## Paired comparisons (each run vs the best run, same held-out donors)", "", ref_line, "",
           _md(paired) if len(paired) else "Only one run: nothing to compare.", "", TEST_NOTE, "",
           "![per-donor AUC](donor_auc.png)", ""]  # fmt: skip
     figs = [_img(dots, "ROC AUC per held-out donor; colour = donor, bar = mean")]
@@ -268,7 +285,7 @@ img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:b
 <h2>Measured</h2>{table_html}
 <h2>Published reference numbers (not measured here)</h2><div class="ref">{PUBLISHED.to_html(index=False, na_rep="–")}</div>
 {"".join(f"<p>{html.escape(line)}</p>" for line in headline)}
-<h2>Paired comparisons (each run vs the best run, same held-out donors)</h2>{paired_html}<p>{html.escape(TEST_NOTE)}</p>
+<h2>Paired comparisons (each run vs the best run, same held-out donors)</h2><p>{html.escape(ref_line)}</p>{paired_html}<p>{html.escape(TEST_NOTE)}</p>
 <h2>Figures</h2>{"".join(figs)}</body></html>"""
     (out / "report.html").write_text(page)
     return {
@@ -276,5 +293,6 @@ img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:b
         "table": table,
         "paired": paired,
         "headline": headline,
+        "reference_line": ref_line,
         "paths": [out / "report.md", out / "report.html", out / "summary.parquet", out / "paired.csv"],
     }

@@ -28,7 +28,8 @@ TEST_NOTE = (
     "sign patterns enumerated, no normal approximation). With n donors the smallest possible p is "
     "2/2^n (1/32 for 6 donors), the same floor as Wilcoxon's exact signed-rank test, which would also "
     "discard the sizes of the differences. p_holm: Holm's correction across the comparisons shown for "
-    "that metric."
+    "that metric; with m comparisons its smallest value is m times the floor (m/32 for 6 donors), so "
+    "with 6 donors only a few planned comparisons can reach 0.05."
 )
 
 
