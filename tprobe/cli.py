@@ -598,7 +598,8 @@ def map_(stores, models, revision, pool, features, id_column, exclude, pixels, n
         coords = embed(md, umap=not no_umap, seed=seed)
         safe = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in fs.name)
         coords.to_parquet(run / f"map-{safe}.parquet", index=False)
-        title = f"{fs.name}: {diag['n_cells']} cells (original views), pooled features" + (
+        what = "pooled tokens" if fs.source.get("kind") == "store" else "features"
+        title = f"{fs.name}: {diag['n_cells']} cells (original views), {what}" + (
             " — random weights: plumbing check" if diag["random_init"] else "")  # fmt: skip
         plot_map(coords, diag, run / f"map-{safe}.png", title=title)
         diags.append(diag)

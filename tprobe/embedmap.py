@@ -222,7 +222,7 @@ def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | 
     text = ("Predictable from the features (5-fold CV grouped by cell; skill 0 = chance, 1 = perfect): "
             + "; ".join(fmt(t) for t in p) + f".\nSilhouette (cosine; higher = tighter clusters): {sil}."
             + (f"\n{diag['warning']}" if diag.get("warning") else ""))  # fmt: skip
-    fig.suptitle(title or f"{diag['source']}: {diag['n_cells']} cells (original views), pooled features",
+    fig.suptitle(title or f"{diag['source']}: {diag['n_cells']} cells (original views)",
                  fontsize=10)  # fmt: skip
     fig.tight_layout(rect=(0, 0.1, 1, 0.97))
     fig.text(0.01, 0.01, text, fontsize=7.5, va="bottom", ha="left", wrap=True,
