@@ -231,9 +231,11 @@ def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_au
     ax.set_ylim(lo, 1.0)
     n_d = int(band["n_donors"].max()) if len(band) else 0
     reps = int(results["repeat"].max()) + 1 if len(results) else 0
-    ax.set_title(title or (f"Label efficiency: {', '.join(sorted(set(band['head'])))} head, leave-one-donor-out "
-                           f"({n_d} donors), {reps} draws per k\nline: mean; band: 95% bootstrap over donors "
-                           "and draws"), fontsize=9)  # fmt: skip
+    heads = sorted(set(band["head"]))
+    split = "leave-one-donor-out" if n_d > 1 else "one held-out donor"
+    ax.set_title(title or (f"Label efficiency: {', '.join(heads)} head{'s' if len(heads) > 1 else ''}, {split} "
+                           f"({n_d} donor{'s' if n_d > 1 else ''}), {reps} draws per k\nline: mean; band: 95% "
+                           "bootstrap over donors and draws"), fontsize=9)  # fmt: skip
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(alpha=0.25)
     fig.savefig(out, dpi=120, bbox_inches="tight")
