@@ -302,3 +302,19 @@ def test_report_marks_random_weights_pairs_runs_and_counts_cells(tmp_path):
     assert (
         "AUC 95% CI" in res.output and "PLUMBING CHECK" in res.output and "paired comparisons" in res.output
     )
+
+
+def test_map_cli_writes_figure_coordinates_and_diagnostics(small_data_store, tmp_path):
+    data, store = small_data_store
+    res = CliRunner().invoke(main, ["map", "--data", str(data), "--store", str(store), "--pixels", "--no-umap",
+                                    "--out", str(tmp_path)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    run = tmp_path / res.output.strip().splitlines()[-1].split("/")[-1]
+    diags = json.loads((run / "diagnostics.json").read_text())
+    assert [d["source"] for d in diags] == ["tiny-reg-cls", "pixels"]
+    for d in diags:
+        assert {"activation", "donor", "batch"} <= set(d["predictability"])
+        assert d["predictability"]["donor"]["chance"] == pytest.approx(1 / 3, abs=0.1)
+    coords = pd.read_parquet(run / "map-pixels.parquet")
+    assert {"pca1", "pca2", "batch"} <= set(coords.columns) and coords["batch"].str.startswith("donor_").all()
+    assert (run / "map-tiny-reg-cls.png").exists() and "predicted with accuracy" in res.output
