@@ -482,7 +482,7 @@ def source_options(f):
 @main.command()
 @source_options
 @click.option("--head", default="logreg", show_default=True,
-              help="Head(s), comma-separated: logreg, mlp, xgboost, knn, prototype.")  # fmt: skip
+              help="Head(s), comma-separated: logreg, mlp, xgboost, knn, prototype; or all.")  # fmt: skip
 @click.option("--shots", default="1,2,4,8,16,32,64,all", show_default=True,
               help="Labelled cells per class, comma-separated; all = every training cell.")  # fmt: skip
 @click.option("--repeats", default=10, show_default=True, help="Draws per k (all is drawn once).")
@@ -519,7 +519,9 @@ def curve(stores, models, revision, pool, features, id_column, exclude, pixels, 
         ks = tuple("all" if k.strip() == "all" else int(k) for k in shots.split(","))
     except ValueError:
         raise TprobeError(f"--shots {shots!r}: use comma-separated positive integers and all") from None
-    heads = [h.strip() for h in head.split(",")]
+    from tprobe.heads import HEADS
+
+    heads = list(HEADS) if head == "all" else [h.strip() for h in head.split(",")]
     sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
                                offline, data, prep)  # fmt: skip
     results, draws, randoms, meta = [], [], [], []
@@ -586,13 +588,13 @@ def map_(stores, models, revision, pool, features, id_column, exclude, pixels, n
 
     sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
                                offline, data, prep)  # fmt: skip
-    manifest = None if data is None else _prepare(data, prep, progress=False).manifest
+    manifest = None  # tables and pixels take the batch column from the data's manifest (stores: their own)
     run = make_run_dir(out, "map")
     diags = []
     for fs in sources:
+        if fs.source.get("kind") != "store" and manifest is None:
+            manifest = _prepare(data, prep, progress=False).manifest
         md = map_data(fs, manifest if fs.source.get("kind") != "store" else None)
-        if md.meta["batch"].isna().all() and manifest is None and fs.source.get("kind") != "store":
-            md = map_data(fs, _prepare(data, prep, progress=False).manifest)
         diag = diagnose(md, seed=seed)
         diag["random_init"] = is_random_source(fs.source)
         coords = embed(md, umap=not no_umap, seed=seed)
