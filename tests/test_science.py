@@ -318,3 +318,49 @@ def test_map_cli_writes_figure_coordinates_and_diagnostics(small_data_store, tmp
     coords = pd.read_parquet(run / "map-pixels.parquet")
     assert {"pca1", "pca2", "batch"} <= set(coords.columns) and coords["batch"].str.startswith("donor_").all()
     assert (run / "map-tiny-reg-cls.png").exists() and "predicted with accuracy" in res.output
+
+
+def test_table_n_is_an_integer_and_the_mean_row_does_not_sum_it():
+    from tprobe.evaluate import METRICS, Evaluation
+
+    per = pd.DataFrame(
+        {"donor": ["a", "b"], "n": [3, 4], "prevalence": [0.5, 0.25], **{m: [0.5, 0.7] for m in METRICS}}
+    )
+    summ = {m: {"mean": 0.6, "sd": 0.1} for m in METRICS}
+    t = Evaluation(None, per, summ, {"frequency": summ}).table().set_index("donor")
+    assert str(t["n"].dtype) == "Int64" and t.loc["a", "n"] == 3
+    assert pd.isna(t.loc["mean", "n"]) and t.loc["mean", "roc_auc"] == 0.6
+
+
+def test_experiment_titles_and_sweep_order(tmp_path):
+    from tprobe.plots import experiment_title, sweep_bars
+
+    cfg = {"command": "probe", "head": "knn", "split": "test-donor", "test_donor": "4",
+           "features": {"kind": "store", "model": "/m/random-vits14-reg", "pool": "cls"}}  # fmt: skip
+    assert (
+        experiment_title(cfg)
+        == "random-vits14-reg · cls · knn · test donor 4 (random weights: plumbing check)"
+    )
+    assert experiment_title({"command": "baseline", "baseline": "lenet", "split": "leave-one-donor-out"}) == (
+        "baseline lenet · leave-one-donor-out"
+    )
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    orig = plt.Figure.savefig
+
+    def spy(self, *a, **k):
+        ax = self.axes[0]
+        captured["ticks"] = [t.get_text() for t in ax.get_xticklabels()]
+        captured["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
+        return orig(self, *a, **k)
+
+    plt.Figure.savefig = spy
+    try:
+        rows = [{"features": "f", "pool": p, "head": h, "roc_auc_mean": 0.8, "roc_auc_sd": 0.1}
+                for p in ("mean", "cls", "concat") for h in ("mlp", "logreg")]  # fmt: skip
+        sweep_bars(pd.DataFrame(rows), tmp_path / "s.png")
+    finally:
+        plt.Figure.savefig = orig
+    assert captured["ticks"] == ["mean", "cls", "concat"]  # table order, not alphabetical
+    assert captured["legend"][0] == "chance (0.5)" and captured["legend"][1:] == ["mlp", "logreg"]
