@@ -329,7 +329,12 @@ def _echo_table(df, floatfmt="{:.3f}"):
 )
 @click.option("--id-column", default=None, help="Column of --features holding file names or image ids.")
 @click.option("--exclude", multiple=True, help="Column of --features to leave out (repeatable).")
-@click.option("--head", default="logreg", show_default=True, help="logreg, mlp, xgboost or all.")
+@click.option(
+    "--head",
+    default="logreg",
+    show_default=True,
+    help="logreg, mlp, xgboost, knn, prototype or all (every head).",
+)
 @click.option(
     "--pool", default="cls", show_default=True, help="cls, mean, registers, cls+mean, concat or all."
 )
@@ -446,6 +451,202 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
         last = base
     if last is not None:
         click.echo(str(last))
+
+
+def _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache, offline,
+                     data, prep):  # fmt: skip
+    """FeatureSets for curve/map: each --store, each --model's cached store, each --features table, pixels."""
+    from tprobe.features import from_store, from_table
+
+    pre = None
+
+    def prepared():
+        nonlocal pre
+        pre = pre or _prepare(data, prep, progress=False)
+        return pre
+
+    stores = list(stores)
+    if models:
+        from tprobe.backbones import resolve_model
+        from tprobe.extract import find_store
+
+        stores += [find_store(cache, prepared(), resolve_model(m, revision, offline=offline)) for m in models]
+    for st in stores:
+        if data is not None:
+            _check_store_matches(st, prepared())
+    out = [from_store(st, pool) for st in stores]
+    out += [from_table(f, prepared().manifest, id_column=id_column, exclude=exclude) for f in features]
+    if pixels:
+        from tprobe.baselines import pixel_features
+
+        out.append(pixel_features(prepared()))
+    if not out:
+        raise TprobeError("no features: pass --store PATH, --model M, --features TABLE and/or --pixels")
+    names = [fs.name for fs in out]
+    for i, fs in enumerate(out):  # two stores of the same model name stay distinguishable
+        if names.count(fs.name) > 1:
+            fs.source["name"] = f"{fs.name}#{i + 1}"
+    return out
+
+
+def source_options(f):
+    """Feature sources shared by `curve` and `map`: several stores, tables and the pixel baseline."""
+    opts = [
+        click.option("--store", "stores", multiple=True, type=click.Path(path_type=Path, exists=True),
+                     help="A feature store (repeatable)."),
+        click.option("--model", "models", multiple=True, help="Use this model's cached store (repeatable)."),
+        click.option("--revision", default=None, help="Hub revision of --model."),
+        click.option("--pool", default="cls", show_default=True, help="Pooling of the store tokens."),
+        click.option("--features", multiple=True, type=click.Path(path_type=Path),
+                     help="A feature table, CSV/Parquet, one row per image (repeatable)."),
+        click.option("--id-column", default=None, help="Column of --features holding file names or image ids."),
+        click.option("--exclude", multiple=True, help="Column of --features to leave out (repeatable)."),
+        click.option("--pixels", is_flag=True, help="Add the raw-pixel baseline (64 px canvas) as a source."),
+    ]  # fmt: skip
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@source_options
+@click.option("--head", default="logreg", show_default=True,
+              help="Head(s), comma-separated: logreg, mlp, xgboost, knn, prototype; or all.")  # fmt: skip
+@click.option("--shots", default="1,2,4,8,16,32,64,all", show_default=True,
+              help="Labelled cells per class, comma-separated; all = every training cell.")  # fmt: skip
+@click.option("--repeats", default=10, show_default=True, help="Draws per k (all is drawn once).")
+@split_options
+@click.option("--train-views", type=click.Choice(["orig", "all"]), default="orig", show_default=True,
+              help="Train on a drawn cell's original view, or on all its views (stores only).")  # fmt: skip
+@click.option("--seed", default=0, show_default=True)
+@click.option("--jobs", default=1, show_default=True, help="Parallel (fold, repeat) fits.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@CACHE_OPTION
+@OFFLINE_OPTION
+@data_options
+def curve(stores, models, revision, pool, features, id_column, exclude, pixels, head, shots, repeats, split,
+          test_donor, train_views, seed, jobs, out, cache, offline, data, prep):  # fmt: skip
+    """Label-efficiency curves: held-out-donor AUC against labelled cells per class, several sources.
+
+    For each held-out donor, k cells per class are drawn from the training donors (a cell brings
+    its views; nothing from the held-out donor), a head with fixed hyperparameters is fitted and
+    scores the held-out donor; repeated --repeats times. Writes curve.parquet, draws.parquet,
+    curve_band.csv and curve.png into a new folder; its path is the last line of stdout.
+
+    \b
+    Examples:
+      tprobe curve --model dinov2-small-reg --pixels
+      tprobe curve --store cache/.../float16.zarr --features cellprofiler.csv --id-column FileName --pixels
+      tprobe curve --pixels --head logreg,knn,prototype --shots 1,4,16,all --repeats 20
+    """
+    import pandas as pd
+
+    from tprobe.curve import LabelCurve, curve_band, is_random_source, plot_curves
+    from tprobe.runs import make_run_dir, write_json
+
+    try:
+        ks = tuple("all" if k.strip() == "all" else int(k) for k in shots.split(","))
+    except ValueError:
+        raise TprobeError(f"--shots {shots!r}: use comma-separated positive integers and all") from None
+    from tprobe.heads import HEADS
+
+    heads = list(HEADS) if head == "all" else [h.strip() for h in head.split(",")]
+    sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
+                               offline, data, prep)  # fmt: skip
+    results, draws, randoms, meta = [], [], [], []
+    for fs in sources:
+        if is_random_source(fs.source):
+            randoms.append(fs.name)
+        for h in heads:
+            c = LabelCurve(head=h, shots=ks, repeats=repeats, seed=seed, split=split, test_donor=test_donor,
+                           train_views=train_views, n_jobs=jobs).fit(fs)  # fmt: skip
+            click.echo(
+                f"== {fs.name} · {h}: {len(fs.meta)} rows x {fs.X.shape[1]} features, {c.seconds_:.1f} s"
+            )
+            results.append(c.results_)
+            draws.append(c.draws_.assign(head=h))
+            meta.append({"source": fs.source, "head": h, "seconds": round(c.seconds_, 2)})
+    res = pd.concat(results, ignore_index=True)
+    run = make_run_dir(out, "curve")
+    res.to_parquet(run / "curve.parquet", index=False)
+    pd.concat(draws, ignore_index=True).to_parquet(run / "draws.parquet", index=False)
+    band = curve_band(res)
+    band.to_csv(run / "curve_band.csv", index=False)
+    plot_curves(res, run / "curve.png", random_sources=randoms)
+    write_json(run / "config.json", {"command": "curve", "heads": heads, "shots": list(ks), "repeats": repeats,
+                                     "seed": seed, "split": split, "test_donor": test_donor,
+                                     "train_views": train_views, "sources": meta,
+                                     "random_init_sources": randoms})  # fmt: skip
+    click.echo("== mean ROC AUC over held-out donors [95% bootstrap over donors and draws]")
+    band = band.assign(auc=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
+                            zip(band["mean"], band["low"], band["high"], strict=True)])  # fmt: skip
+    wide = band.pivot(index=["source", "head"], columns="shots", values="auc")
+    wide = wide[[str(k) for k in ks if str(k) in wide.columns]]
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        click.echo(wide.to_string())
+    for r in randoms:
+        click.echo(f"note: {r} comes from a randomly initialised model: a plumbing check, not a result")
+    click.echo(str(run))
+
+
+@main.command("map")
+@source_options
+@click.option("--no-umap", is_flag=True, help="PCA only (skips umap-learn).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@CACHE_OPTION
+@OFFLINE_OPTION
+@data_options
+def map_(stores, models, revision, pool, features, id_column, exclude, pixels, no_umap, seed, out, cache,
+         offline, data, prep):  # fmt: skip
+    """Embedding map (PCA, UMAP) coloured by label, donor and imaging batch, with donor diagnostics.
+
+    Prints and saves how well activation, donor and batch can be predicted from the features (same
+    classifier, CV grouped by cell, against the majority-class rate) and silhouettes by label, donor
+    and batch; warns when donor is more predictable than activation. Writes map-<source>.png,
+    map-<source>.parquet (coordinates) and diagnostics.json; the folder is the last line of stdout.
+
+    \b
+    Examples:
+      tprobe map --model dinov2-small-reg
+      tprobe map --store cache/.../float16.zarr --pool mean --pixels
+    """
+    from tprobe.curve import is_random_source
+    from tprobe.embedmap import diagnose, embed, map_data, plot_map
+    from tprobe.runs import make_run_dir, write_json
+
+    sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
+                               offline, data, prep)  # fmt: skip
+    manifest = None  # tables and pixels take the batch column from the data's manifest (stores: their own)
+    run = make_run_dir(out, "map")
+    diags = []
+    for fs in sources:
+        if fs.source.get("kind") != "store" and manifest is None:
+            manifest = _prepare(data, prep, progress=False).manifest
+        md = map_data(fs, manifest if fs.source.get("kind") != "store" else None)
+        diag = diagnose(md, seed=seed)
+        diag["random_init"] = is_random_source(fs.source)
+        coords = embed(md, umap=not no_umap, seed=seed)
+        safe = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in fs.name)
+        coords.to_parquet(run / f"map-{safe}.parquet", index=False)
+        what = "pooled tokens" if fs.source.get("kind") == "store" else "features"
+        title = f"{fs.name}: {diag['n_cells']} cells (original views), {what}" + (
+            " — random weights: plumbing check" if diag["random_init"] else "")  # fmt: skip
+        plot_map(coords, diag, run / f"map-{safe}.png", title=title)
+        diags.append(diag)
+        click.echo(f"== {fs.name}: {diag['n_cells']} cells x {diag['n_features']} features"
+                   + (" (random weights: plumbing check)" if diag["random_init"] else ""))  # fmt: skip
+        for t, v in diag["predictability"].items():
+            if v["accuracy"] is not None:
+                click.echo(f"   {t:<10s} predicted with accuracy {v['accuracy']:.3f} (chance {v['chance']:.3f}, "
+                           f"{v['n_classes']} classes; skill {v['skill']:.2f})")  # fmt: skip
+        sil = ", ".join(f"{k} {v:.3f}" for k, v in diag["silhouette"].items() if v is not None)
+        click.echo(f"   silhouette (cosine): {sil}")
+        if diag["warning"]:
+            click.echo(diag["warning"])
+        click.echo(f"   map: {run / f'map-{safe}.png'}")
+    write_json(run / "diagnostics.json", diags)
+    click.echo(str(run))
 
 
 @main.command()
@@ -651,12 +852,20 @@ def report(runs_dir, out):
       tprobe report runs/ --out report/
     """
     from tprobe.report import PUBLISHED, write_report
+    from tprobe.stats import TEST_NOTE
 
     res = write_report(runs_dir, out)
-    click.echo("== measured (mean ± sd over held-out donors)")
+    click.echo("== measured (mean ± sd over held-out donors; 95% CI: bootstrap over donors)")
     click.echo(res["table"].to_string(index=False))
     click.echo("== published reference numbers (not measured here)")
     click.echo(PUBLISHED.to_string(index=False, na_rep="–"))
+    for line in res["headline"]:
+        click.echo(line.replace("**", ""))
+    if len(res["paired"]):
+        click.echo("== paired comparisons: each run vs the best run on the same held-out donors")
+        click.echo(res["reference_line"].replace("`", ""))
+        click.echo(res["paired"].drop(columns=["AUC diff per donor"]).to_string(index=False))
+        click.echo(TEST_NOTE)
     for p in res["paths"]:
         click.echo(str(p))
 

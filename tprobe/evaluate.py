@@ -245,14 +245,15 @@ class Evaluation:
     def table(self) -> pd.DataFrame:
         """Per-donor metrics plus mean, sd and frequency-classifier rows, for printing."""
         cols = ["donor", "n", "prevalence", *METRICS]
-        t = self.per_donor[cols].astype({"n": "float"})
-        extra = [
-            {"donor": "mean", "n": t["n"].sum(), "prevalence": t["prevalence"].mean(),
+        t = self.per_donor[cols]
+        extra = [  # the mean row averages the metrics; n (cells per donor) is not summed into it
+            {"donor": "mean", "prevalence": t["prevalence"].mean(),
              **{m: self.summary[m]["mean"] for m in METRICS}},
             {"donor": "sd", **{m: self.summary[m]["sd"] for m in METRICS}},
             {"donor": "frequency (mean)", **{m: self.reference["frequency"][m]["mean"] for m in METRICS}},
         ]  # fmt: skip
-        return pd.concat([t, pd.DataFrame(extra)], ignore_index=True)
+        out = pd.concat([t, pd.DataFrame(extra)], ignore_index=True)
+        return out.astype({"n": "Int64"})  # an integer column; blank (<NA>) on the summary rows
 
 
 def evaluate(predictions: pd.DataFrame, meta: pd.DataFrame, plan: list[Fold], *, tta: bool = False,

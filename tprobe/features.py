@@ -64,7 +64,10 @@ class FeatureSource:
     @classmethod
     def from_dict(cls, d: dict) -> FeatureSource:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        d = {"kind": "store", "name": "features", **d}
+        if d.get("model_random_init"):  # the store attribute's name, in records written before RunRecord
+            d["random_init"] = True
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
     def get(self, key: str, default=None):
         value = getattr(self, key, None)

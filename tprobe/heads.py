@@ -4,6 +4,11 @@ Heads are saved as data, never as pickles: :func:`save_head` writes ``skops`` fi
 :func:`load_head_file` loads them with an explicit list of trusted types (:data:`TRUSTED_TYPES`, on
 top of skops' own safe scikit-learn and numpy types). A file naming any other type is refused
 before anything in it is built, so a head received from someone else cannot run code.
+
+``logreg``, ``mlp`` and ``xgboost`` standardise the features first. ``knn`` and ``prototype`` are the
+foundation-model evaluation heads (DINOv2's kNN eval, SimpleShot) and see the raw features: they
+normalise them their own way. Their learned state is plain numpy arrays and numbers only, so a
+fitted head can be saved as data (npz, skops with trusted types).
 """
 
 from __future__ import annotations
@@ -11,6 +16,8 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
@@ -18,32 +25,128 @@ from sklearn.preprocessing import StandardScaler
 
 from tprobe.errors import TprobeError
 
-__all__ = ["HEADS", "make_head", "param_grid", "save_head", "load_head_file", "TRUSTED_TYPES"]
+__all__ = [
+    "HEADS",
+    "make_head",
+    "param_grid",
+    "save_head",
+    "load_head_file",
+    "TRUSTED_TYPES",
+    "KNNHead",
+    "PrototypeHead",
+]
 
-HEADS = ("logreg", "mlp", "xgboost")
+HEADS = ("logreg", "mlp", "xgboost", "knn", "prototype")
 # beyond skops' defaults: the MLP's optimiser state and XGBoost's model (loaded by XGBoost from its
 # own serialised format, not by unpickling)
 TRUSTED_TYPES = [
     "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
     "xgboost.sklearn.XGBClassifier",
     "xgboost.core.Booster",
+    "tprobe.heads.KNNHead",
+    "tprobe.heads.PrototypeHead",
 ]
 
 GRIDS = {
     "logreg": {"clf__C": [0.001, 0.01, 0.1, 1.0]},
     "mlp": {"clf__alpha": [1e-3, 1e-1]},
     "xgboost": {"clf__max_depth": [2, 4]},
+    "knn": {"clf__k": [5, 10, 20, 50]},
+    "prototype": {},  # nothing to tune: one grid point, no inner search
 }
+
+
+def _l2(X: np.ndarray) -> np.ndarray:
+    X = np.asarray(X, dtype=np.float32)
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class KNNHead(ClassifierMixin, BaseEstimator):
+    """Weighted k-nearest neighbours on cosine similarity (DINOv2's kNN evaluation).
+
+    Features are L2-normalised; each of the ``k`` most similar training rows votes for its class
+    with weight ``exp(similarity / temperature)``; the class probability is the class's share of
+    the votes. ``k`` larger than the training set uses every training row.
+    """
+
+    def __init__(self, k: int = 20, temperature: float = 0.07, batch_size: int = 1024):
+        self.k = k
+        self.temperature = temperature
+        self.batch_size = batch_size
+
+    def fit(self, X, y):
+        y = np.asarray(y)
+        self.classes_ = np.unique(y)
+        self.X_ = _l2(X)
+        self.y_ = np.searchsorted(self.classes_, y).astype(np.int64)  # index into classes_
+        self.n_features_in_ = int(self.X_.shape[1])
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        Q = _l2(X)
+        k = int(min(self.k, len(self.X_)))
+        out = np.zeros((len(Q), len(self.classes_)), dtype=np.float64)
+        for start in range(0, len(Q), self.batch_size):
+            sims = Q[start : start + self.batch_size] @ self.X_.T
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+            s = np.take_along_axis(sims, top, axis=1).astype(np.float64)
+            w = _softmax(s / self.temperature)  # = exp(s/T) normalised over the k neighbours
+            for c in range(len(self.classes_)):
+                out[start : start + len(s), c] = (w * (self.y_[top] == c)).sum(axis=1)
+        return out
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+class PrototypeHead(ClassifierMixin, BaseEstimator):
+    """Nearest class mean after centring and L2 normalisation (SimpleShot, Wang et al. 2019).
+
+    ``fit`` centres the features on the training mean, L2-normalises them, and keeps each class's
+    mean, L2-normalised, as its prototype. ``predict_proba`` is a softmax over the cosine
+    similarities to the prototypes divided by ``temperature`` (default 0.1). The temperature only
+    sets how confident the probabilities look: the ranking of cells, hence ROC AUC, average
+    precision, and the predicted class are the same for every temperature.
+    """
+
+    def __init__(self, temperature: float = 0.1):
+        self.temperature = temperature
+
+    def fit(self, X, y):
+        X, y = np.asarray(X, dtype=np.float32), np.asarray(y)
+        self.classes_ = np.unique(y)
+        self.mean_ = X.mean(axis=0)
+        Z = _l2(X - self.mean_)
+        self.prototypes_ = _l2(np.stack([Z[y == c].mean(axis=0) for c in self.classes_]))
+        self.n_features_in_ = int(X.shape[1])
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        Z = _l2(np.asarray(X, dtype=np.float32) - self.mean_)
+        return _softmax((Z @ self.prototypes_.T).astype(np.float64) / self.temperature)
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
 
 def make_head(name: str, *, seed: int = 0, class_weight: str | None = "balanced",
               penalty: str = "l2", n_jobs: int = 1,
               **params) -> Pipeline:  # fmt: skip
-    """A fresh unfitted head: standardise, then the classifier."""
+    """A fresh unfitted head: standardise, then the classifier (knn, prototype: the classifier only)."""
     if name not in HEADS:
         raise TprobeError(f"head {name!r} is not one of {', '.join(HEADS)}")
     if penalty not in ("l1", "l2"):
         raise TprobeError(f"penalty {penalty!r} is not l1 or l2")
+    if name in ("knn", "prototype"):
+        pipe = Pipeline([("clf", KNNHead() if name == "knn" else PrototypeHead())])
+        pipe.set_params(**params)
+        return pipe
     steps = [("scale", StandardScaler())]
     if name == "logreg":
         clf = LogisticRegression(
@@ -69,6 +172,8 @@ def make_head(name: str, *, seed: int = 0, class_weight: str | None = "balanced"
 def param_grid(name: str) -> list[dict]:
     """Every combination of the head's grid, as a list of ``set_params`` dicts."""
     grid = GRIDS[name]
+    if not grid:
+        return [{}]
     return [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
 
 

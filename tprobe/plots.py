@@ -11,7 +11,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-__all__ = ["contact_sheet", "roc_curves", "confusion_matrix_plot", "sweep_bars", "learning_curves"]
+__all__ = [
+    "contact_sheet",
+    "roc_curves",
+    "confusion_matrix_plot",
+    "sweep_bars",
+    "learning_curves",
+    "experiment_title",
+]
+
+
+def experiment_title(config) -> str:
+    """``model · pool · head · split`` for a run record (or its config.json dict); see ``RunRecord.title``."""
+    from tprobe.runs import RunRecord
+
+    return (config if isinstance(config, RunRecord) else RunRecord.from_dict(config)).title
 
 
 def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group: int = 8) -> Path:
@@ -41,8 +55,16 @@ def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group:
             ax.imshow(img, cmap="magma", vmin=0, vmax=max(1.0, float(img.max())))
             label = "act" if row["label"] == 1 else "qui"
             ax.set_title(f"{name}\n{row['donor']} {label} H={row['entropy']:.1f}", fontsize=6)
+            bar = 20  # px scale bar, bottom left, in image pixels (every image is shown at 1 px = 1 px)
+            h = img.shape[0]
+            ax.plot([3, 3 + bar], [h - 4, h - 4], c="white", lw=1.5, solid_capstyle="butt")
+            ax.text(3, h - 7, f"{bar} px", color="white", fontsize=4.5, va="bottom")
     fig.suptitle(f"kept and dropped examples (of {len(src)} images)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.text(0.5, 0.01, "Row = kept, or the filter that dropped the image. Title: donor, class (act = activated, "
+             "qui = quiescent), H = Shannon entropy of the 8-bit histogram in bits (dim: H < 4.0, or H < 4.7 "
+             "and dim).\nWhite bar: 20 px. Magma colour map, 0 = black.", ha="center", va="bottom",
+             fontsize=6.5, wrap=True)  # fmt: skip
     out = Path(out)
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -60,10 +82,13 @@ def roc_curves(predictions: pd.DataFrame, out: str | Path, *, title: str = "") -
         fpr, tpr, _ = roc_curve(d["label"], d["p_activated"])
         ax.plot(fpr, tpr, lw=1.4, label=f"{donor} (AUC {roc_auc_score(d['label'], d['p_activated']):.2f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title or "ROC by held-out donor")
+    import textwrap
+
+    ax.set(xlabel="false positive rate", ylabel="true positive rate")
+    ax.set_title("\n".join(textwrap.wrap(f"ROC by held-out donor: {title}" if title else "ROC by held-out donor",
+                                         48)), fontsize=8)  # fmt: skip
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(out)
 
@@ -87,15 +112,25 @@ def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold:
 
 
 def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") -> Path:
-    """Bar chart of mean ``metric`` (± sd over donors) by head x pooling."""
-    piv = summary.pivot(index="pool", columns="head", values=f"{metric}_mean")
-    err = summary.pivot(index="pool", columns="head", values=f"{metric}_sd")
-    fig, ax = plt.subplots(figsize=(1.2 + 1.3 * len(piv), 3.6))
+    """Bar chart of mean ``metric`` (± sd over donors) by head x pooling, pools and heads in table order."""
+    pools = list(dict.fromkeys(summary["pool"]))
+    heads = list(dict.fromkeys(summary["head"]))
+    piv = summary.pivot(index="pool", columns="head", values=f"{metric}_mean").reindex(
+        index=pools, columns=heads
+    )
+    err = summary.pivot(index="pool", columns="head", values=f"{metric}_sd").reindex(
+        index=pools, columns=heads
+    )
+    fig, ax = plt.subplots(figsize=(2.6 + 0.35 * len(heads) * len(piv), 3.8))
     piv.plot.bar(yerr=err, ax=ax, capsize=2, rot=0)
-    ax.axhline(0.5, ls="--", c="grey", lw=0.8)
-    ax.set(ylabel=f"{metric} (mean ± sd over donors)", ylim=(0, 1), title="probe sweep")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    ax.axhline(0.5, ls="--", c="grey", lw=0.8, label="chance (0.5)")
+    features = summary["features"].iloc[0] if "features" in summary else ""
+    ax.set(ylabel=f"{metric} (mean ± sd over donors)", ylim=(0, 1.08), xlabel="pooling")
+    ax.set_yticks(np.arange(0, 1.01, 0.2))
+    rnd = " (random weights: plumbing check)" if "random" in str(features).lower() else ""
+    ax.set_title(f"probe sweep: {Path(str(features)).name}{rnd} · donor-held-out CV", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head", frameon=False)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(out)
 

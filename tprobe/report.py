@@ -10,12 +10,14 @@ import html
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tprobe.errors import TprobeError
+from tprobe.runs import RunRecord, read_json
 
-__all__ = ["collect_runs", "write_report", "PUBLISHED"]
 log = logging.getLogger(__name__)
+__all__ = ["collect_runs", "write_report", "display_table", "is_random_init", "PUBLISHED", "RANDOM_MARK"]
 
 # Published results, as reported (not measured here).
 PUBLISHED = pd.DataFrame([
@@ -32,32 +34,40 @@ PUBLISHED = pd.DataFrame([
 METRICS = ("accuracy", "average_precision", "roc_auc")
 
 
+RANDOM_MARK = "PLUMBING CHECK: random weights, not a result"
+
+
+def is_random_init(config) -> bool:
+    """True when a run's features come from a randomly initialised model (``RunRecord.random_weights``)."""
+    from tprobe.runs import RunRecord
+
+    return (config if isinstance(config, RunRecord) else RunRecord.from_dict(config)).random_weights
+
+
 def _family(record) -> tuple[str, str]:
-    cmd = record.command
+    cmd, o, feats = record.command, record.options, record.features
     if cmd == "baseline":
-        return "baseline", record.options.get("baseline", record.features.name)
-    feats = record.features
-    model = Path(str(feats.model or feats.name)).name
+        return "baseline", o.get("baseline", feats.name)
+    model = Path(str(feats.model or o.get("model") or feats.name)).name
     if cmd == "finetune":
-        o = record.options
         mode = (
             "frozen"
             if o.get("freeze")
             else (f"last {o['unfreeze_last']}" if o.get("unfreeze_last") else "full")
         )
-        return "finetune", f"{model} · {o.get('pool')} · {mode}"
-    if feats.kind == "table":
-        return "probe", f"{feats.name} · {record.options.get('head')}"
-    return "probe", f"{model} · {feats.pool} · {record.options.get('head')}"
+        return "finetune", f"{model} · {feats.pool or o.get('pool')} · {mode}"
+    if feats.kind in ("table", "pixels"):
+        return "probe", f"{feats.name} · {o.get('head')}"
+    return "probe", f"{model} · {feats.pool} · {o.get('head')}"
 
 
 def collect_runs(root: str | Path) -> pd.DataFrame:
     """One row per run directory below ``root`` (any folder with config.json + metrics.json).
 
-    A run whose files cannot be read as a tprobe run is skipped with a warning naming it.
+    Columns: family, model (model · pool · head), run_name (the run folder), random_init, split,
+    n_donors, n_cells (cells scored, summed over held-out donors), ``<metric>_{mean,sd,ci_low,ci_high}``,
+    run (path) and label (model + run name, unique per run).
     """
-    from tprobe.runs import RunRecord, read_json
-
     rows = []
     for metrics_path in sorted(Path(root).rglob("metrics.json")):
         run = metrics_path.parent
@@ -65,28 +75,34 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
             continue
         try:
             record, met = RunRecord.load(run), read_json(metrics_path)
-            summary = met["summary"]
-        except (TprobeError, KeyError, TypeError) as exc:
+            met["summary"].get  # noqa: B018 - a metrics.json without a summary dict is skipped
+        except (TprobeError, KeyError, TypeError, AttributeError) as exc:
             log.warning("skipping %s: %s", run, exc)
             continue
         family, name = _family(record)
-        if record.random_init:
-            name += " · RANDOM WEIGHTS"
-        row = {"family": family, "model": name, "run": str(run), "n_donors": len(met.get("folds", [])),
-               "random_init": record.random_init}  # fmt: skip
+        folds = met.get("folds", [])
+        row = {"family": family, "model": name, "run_name": run.name, "random_init": record.random_weights,
+               "split": record.options.get("split"), "n_donors": len(folds),
+               "n_cells": int(sum(int(f.get("n") or 0) for f in folds)), "run": str(run)}  # fmt: skip
         for m in METRICS:
-            s = summary.get(m) or {}
-            row[f"{m}_mean"], row[f"{m}_sd"] = s.get("mean"), s.get("sd")
+            s = met["summary"].get(m, {})
+            for k in ("mean", "sd", "ci_low", "ci_high"):
+                row[f"{m}_{k}"] = s.get(k)
         rows.append(row)
     if not rows:
         raise TprobeError(
             f"{root}: no run directories (readable metrics.json + config.json) found; run `tprobe probe` first"
         )
-    return (
+    out = (
         pd.DataFrame(rows)
         .sort_values(["family", "roc_auc_mean"], ascending=[True, False])
         .reset_index(drop=True)
     )
+    out["label"] = [
+        f"{m} · {r}" + (" · RANDOM WEIGHTS" if rnd else "")
+        for m, r, rnd in zip(out["model"], out["run_name"], out["random_init"], strict=True)
+    ]
+    return out
 
 
 def _fmt(mean, sd) -> str:
@@ -95,10 +111,21 @@ def _fmt(mean, sd) -> str:
     return f"{mean:.3f} ± {sd:.3f}" if sd is not None and not pd.isna(sd) else f"{mean:.3f}"
 
 
+def _ci(lo, hi) -> str:
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return "–"
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
-    t = summary[["family", "model", "n_donors"]].copy()
+    """Printable table: mean ± sd over donors, the bootstrap 95% CI of the mean, and the status mark."""
+    t = summary[["family", "model", "run_name", "n_donors", "n_cells"]].copy()
     for m in METRICS:
         t[m] = [_fmt(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_sd"], strict=True)]
+    for m, short in (("average_precision", "AP"), ("roc_auc", "AUC")):
+        t[f"{short} 95% CI"] = [_ci(a, b) for a, b in zip(summary[f"{m}_ci_low"], summary[f"{m}_ci_high"],
+                                                           strict=True)]  # fmt: skip
+    t["status"] = [RANDOM_MARK if r else "result" for r in summary["random_init"]]
     return t
 
 
@@ -113,21 +140,40 @@ def _md(df: pd.DataFrame) -> str:
 
 
 def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
+    """ROC AUC per held-out donor, one row per run; colour = donor (legend), bar = mean over donors."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 0.45 * len(summary) + 1.2))
-    for i, run in enumerate(summary["run"]):
-        per = pd.read_parquet(Path(run) / "per_donor.parquet")
-        ax.scatter(per["roc_auc"], [i] * len(per), s=14, alpha=0.7)
-        ax.plot([per["roc_auc"].mean()] * 2, [i - 0.3, i + 0.3], c="k", lw=1.5)
+    pers = [pd.read_parquet(Path(run) / "per_donor.parquet") for run in summary["run"]]
+    donors = sorted({d for per in pers for d in per["donor"]})
+    colours = {d: plt.cm.tab10(i % 10) for i, d in enumerate(donors)}
+    labels = list(summary["label"])
+    width = 6.5 + 0.055 * max(len(s) for s in labels)
+    fig, ax = plt.subplots(figsize=(width, 0.42 * len(summary) + 1.9))
+    for i, per in enumerate(pers):
+        ax.scatter(per["roc_auc"], [i] * len(per), s=22, alpha=0.85, c=[colours[d] for d in per["donor"]],
+                   edgecolors="none", zorder=3)  # fmt: skip
+        ax.plot([per["roc_auc"].mean()] * 2, [i - 0.32, i + 0.32], c="k", lw=1.6, zorder=4)
     ax.set_yticks(range(len(summary)))
-    ax.set_yticklabels(
-        [f"{f}: {m}" for f, m in zip(summary["family"], summary["model"], strict=True)], fontsize=7
-    )
+    ax.set_yticklabels(labels, fontsize=7)
+    for tick, rnd in zip(ax.get_yticklabels(), summary["random_init"], strict=True):
+        if rnd:
+            tick.set_color("firebrick")
+    ax.invert_yaxis()
+    lo = min(0.0, float(np.nanmin([per["roc_auc"].min() for per in pers])) - 0.02)
+    ax.set_xlim(lo, 1.04)  # room for points at 1.0
     ax.axvline(0.5, ls="--", c="grey", lw=0.8)
-    ax.set(xlabel="ROC AUC per held-out donor (bar: mean)", xlim=(0, 1))
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color=colours[d], label=d) for d in donors]
+    handles += [Line2D([], [], c="k", lw=1.6, label="mean over donors"),
+                Line2D([], [], c="grey", ls="--", lw=0.8, label="chance (0.5)")]  # fmt: skip
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="held-out donor",
+              title_fontsize=7, frameon=False)  # fmt: skip
+    ax.set_xlabel("ROC AUC on the held-out donor (each point: one donor)")
+    ax.set_title(
+        "ROC AUC per held-out donor, by run (red label: random weights, a plumbing check)", fontsize=9
+    )
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
@@ -137,45 +183,110 @@ def _img(path: Path, caption: str) -> str:
     return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
+def _headline(summary: pd.DataFrame) -> list[str]:
+    best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
+    lines = [f"Best measured run by mean ROC AUC: {best['family']} · {best['model']} (`{best['run_name']}`)"
+             + (f" — **{RANDOM_MARK}**." if best["random_init"] else ".")]  # fmt: skip
+    real = summary[~summary["random_init"].astype(bool)]
+    if best["random_init"] and len(real):
+        b = real.loc[real["roc_auc_mean"].astype(float).idxmax()]
+        lines.append(f"Best run without random weights: {b['family']} · {b['model']} (`{b['run_name']}`), "
+                     f"mean ROC AUC {b['roc_auc_mean']:.3f}.")  # fmt: skip
+    return lines
+
+
+def _paired_display(pairs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per compared run: difference from the reference, p and Holm-adjusted p, per metric."""
+    if not len(pairs):
+        return pd.DataFrame()
+    rnd = dict(zip(summary["run"], summary["random_init"], strict=True))
+    short = {"roc_auc": "AUC", "average_precision": "AP"}
+    rows = []
+    for run, d in pairs.groupby("run", sort=False):
+        row = {"run": Path(run).name + (" (RANDOM WEIGHTS)" if rnd.get(run) else ""),
+               "n_donors": int(d["n_donors"].iloc[0])}  # fmt: skip
+        for r in d.itertuples():
+            m = short.get(r.metric, r.metric)
+            row[f"{m} diff"] = "–" if pd.isna(r.mean_diff) else f"{r.mean_diff:+.3f}"
+            row[f"{m} p"] = "–" if pd.isna(r.p) else f"{r.p:.4f}"
+            row[f"{m} p_holm"] = "–" if pd.isna(r.p_holm) else f"{r.p_holm:.4f}"
+        auc = d[d["metric"] == "roc_auc"]
+        row["AUC diff per donor"] = auc["diffs"].iloc[0] if len(auc) else ""
+        row["note"] = d["note"].iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def write_report(root: str | Path, out: str | Path) -> dict:
-    """Write report.md, report.html (figures embedded), summary.parquet and summary.csv into ``out``."""
+    """Write report.md, report.html (figures embedded), summary.parquet and summary.csv into ``out``.
+
+    Besides the table: each run against the best run (by mean ROC AUC) on the same held-out donors,
+    with the exact paired sign-flip test and Holm's correction (:mod:`tprobe.stats`).
+    """
+    from tprobe.stats import TEST_NOTE, paired_comparisons
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = collect_runs(root)
     summary.to_parquet(out / "summary.parquet", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     table = display_table(summary)
+    pairs = paired_comparisons(summary)
+    pairs.to_csv(out / "paired.csv", index=False)
+    paired = _paired_display(pairs, summary)
+    ref_line = (f"Reference: the best run by mean ROC AUC, `{Path(pairs['reference'].iloc[0]).name}`; "
+                "diff = run minus reference, per held-out donor, then averaged.") if len(pairs) else ""  # fmt: skip
     dots = _donor_auc_plot(summary, out / "donor_auc.png")
     best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
     best_per_family = summary.loc[summary.groupby("family")["roc_auc_mean"].idxmax()]
-    md = ["# tprobe report", "", f"Runs under `{root}`: {len(summary)}. Metrics: mean ± sd over held-out donors.", "",
-          "## Measured", "", _md(table), "",
+    cells = sorted(set(summary["n_cells"]))
+    cells_txt = f"{cells[0]:,} cells scored per run" if len(cells) == 1 else (
+        "cells scored per run: " + ", ".join(f"{c:,}" for c in cells))  # fmt: skip
+    n_random = int(summary["random_init"].sum())
+    random_txt = (f" {n_random} run(s) use randomly initialised weights: they are marked `{RANDOM_MARK}` and "
+                  "only show that the pipeline runs." if n_random else "")  # fmt: skip
+    header = (f"Runs under `{root}`: {len(summary)}; {cells_txt} (original views of the held-out donors). "
+              "Metrics: mean ± sd over held-out donors; 95% CI: bootstrap over donors of the mean "
+              f"(metrics.json summary.<metric>.ci_low/ci_high).{random_txt}")  # fmt: skip
+    headline = _headline(summary)
+    md = ["# tprobe report", "", header, "", "## Measured", "", _md(table), "",
           "## Published reference numbers (not measured here)", "", _md(PUBLISHED), "",
-          f"Best measured run: {best['family']} · {best['model']} (`{best['run']}`).", "",
+          *[line + "\n" for line in headline],
+          "## Paired comparisons (each run vs the best run, same held-out donors)", "", ref_line, "",
+          _md(paired) if len(paired) else "Only one run: nothing to compare.", "", TEST_NOTE, "",
           "![per-donor AUC](donor_auc.png)", ""]  # fmt: skip
-    figs = [_img(dots, "ROC AUC per held-out donor")]
+    figs = [_img(dots, "ROC AUC per held-out donor; colour = donor, bar = mean")]
     for _, r in best_per_family.iterrows():
         roc = Path(r["run"]) / "roc.png"
         if roc.exists():
-            figs.append(_img(roc, f"ROC, best {r['family']}: {r['model']}"))
+            figs.append(_img(roc, f"ROC, best {r['family']}: {r['label']}"))
     conf = Path(best["run"]) / "confusion.png"
     if conf.exists():
-        figs.append(_img(conf, f"confusion matrix, best run: {best['model']}"))
+        figs.append(_img(conf, f"confusion matrix, best run: {best['label']}"))
     for run in summary.loc[summary["family"] == "finetune", "run"]:
         for sal in sorted(Path(run).glob("saliency_*.png")):
             figs.append(_img(sal, f"saliency {Path(run).name}: {sal.stem}"))
     (out / "report.md").write_text("\n".join(md))
+    table_html = table.to_html(index=False, na_rep="–").replace(
+        f"<td>{RANDOM_MARK}</td>", f'<td class="random">{RANDOM_MARK}</td>'
+    )
+    paired_html = paired.to_html(index=False, na_rep="–") if len(paired) else "<p>Only one run.</p>"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tprobe report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}table{{border-collapse:collapse}}
+<style>body{{font-family:sans-serif;max-width:1300px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}figure{{display:inline-block;margin:8px}}
-img{{max-width:520px}}.ref{{background:#f6f6f6}}</style></head><body>
-<h1>tprobe report</h1><p>{len(summary)} runs under <code>{html.escape(str(root))}</code>; mean ± sd over held-out donors.</p>
-<h2>Measured</h2>{table.to_html(index=False, na_rep="–")}
+img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:bold}}</style></head><body>
+<h1>tprobe report</h1><p>{html.escape(header)}</p>
+<h2>Measured</h2>{table_html}
 <h2>Published reference numbers (not measured here)</h2><div class="ref">{PUBLISHED.to_html(index=False, na_rep="–")}</div>
+{"".join(f"<p>{html.escape(line)}</p>" for line in headline)}
+<h2>Paired comparisons (each run vs the best run, same held-out donors)</h2><p>{html.escape(ref_line)}</p>{paired_html}<p>{html.escape(TEST_NOTE)}</p>
 <h2>Figures</h2>{"".join(figs)}</body></html>"""
     (out / "report.html").write_text(page)
     return {
         "summary": summary,
         "table": table,
-        "paths": [out / "report.md", out / "report.html", out / "summary.parquet"],
+        "paired": paired,
+        "headline": headline,
+        "reference_line": ref_line,
+        "paths": [out / "report.md", out / "report.html", out / "summary.parquet", out / "paired.csv"],
     }

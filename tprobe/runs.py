@@ -116,6 +116,7 @@ class RunRecord:
         if isinstance(self.features, dict):
             self.features = FeatureSource.from_dict(self.features)
         self.random_init = bool(self.random_init or self.features.random_init)
+        self.schema = int(self.schema)
 
     def get(self, key: str, default=None):
         """An option's value (``head``, ``pool``, ``split`` ...), falling back to the feature source."""
@@ -124,16 +125,50 @@ class RunRecord:
         return self.features.get(key, default)
 
     @property
-    def title(self) -> str:
-        """What the run is, for plot titles: model · pool · head · split (· random weights)."""
+    def random_weights(self) -> bool:
+        """Whether the features came from a randomly initialised model (a plumbing check, not a result).
+
+        Runs written before the flag existed fall back to a model name or path containing "random".
+        """
+        if self.random_init:
+            return True
         f = self.features
-        model = Path(str(f.model)).name if f.model else f.name
-        parts = [model, f.pool, self.options.get("head") or self.options.get("baseline"),
-                 self.options.get("split")]  # fmt: skip
-        if self.command == "finetune":
-            parts[2] = "frozen" if self.options.get("freeze") else "fine-tuned"
-        text = " · ".join(str(p) for p in parts if p)
-        return text + (" · RANDOM WEIGHTS (plumbing check)" if self.random_init else "")
+        if (
+            self.schema >= RUN_SCHEMA
+            or self.command == "baseline"
+            or f.kind in ("table", "pixels", "baseline")
+        ):
+            return False
+        names = (
+            self.options.get("model"),
+            self.options.get("model_source"),
+            f.model,
+            f.model_source,
+            f.model_id,
+        )
+        return any("random" in str(n).lower() for n in names if n)
+
+    @property
+    def split_text(self) -> str:
+        split = self.options.get("split") or "leave-one-donor-out"
+        if split == "test-donor" and self.options.get("test_donor") is not None:
+            split = f"test donor {self.options['test_donor']}"
+        return split
+
+    @property
+    def title(self) -> str:
+        """What the run is, for plot titles: ``model · pool · head · split`` (or the baseline / table name)."""
+        f, o = self.features, self.options
+        if self.command == "baseline":
+            parts = [f"baseline {o.get('baseline', f.name)}"]
+        elif f.kind in ("table", "pixels"):
+            parts = [str(f.name), str(o.get("head"))]
+        else:
+            model = Path(str(f.model or o.get("model") or f.name)).name
+            head = o.get("head") or ("frozen" if o.get("freeze") else "finetune")
+            parts = [model, str(f.pool or o.get("pool")), str(head)]
+        title = " · ".join([*parts, self.split_text])
+        return title + (" (random weights: plumbing check)" if self.random_weights else "")
 
     def preprocess_config(self):
         from tprobe.preprocess import PreprocessConfig
@@ -152,10 +187,12 @@ class RunRecord:
         if not isinstance(d, dict) or "command" not in d or "features" not in d:
             raise TprobeError("config.json is not a tprobe run record (no command or features)")
         if int(d.get("schema", 1)) < RUN_SCHEMA:  # schema 1: options at the top level
-            keys = {"command", "features", "versions", "grid", "n_rows", "n_features", "seconds", "data"}
-            d = {"command": d["command"], "features": d["features"], "options": {k: v for k, v in d.items()
-                 if k not in keys}, "name": d["features"].get("name", "run"), "data": d.get("data"),
-                 "grid": d.get("grid", []), "versions": d.get("versions", {})}  # fmt: skip
+            keys = {"command", "features", "versions", "grid", "n_rows", "n_features", "seconds", "data",
+                    "random_init"}  # fmt: skip
+            d = {"command": d["command"], "features": d["features"] or {}, "options": {k: v for k, v in d.items()
+                 if k not in keys}, "name": (d["features"] or {}).get("name", "run"), "data": d.get("data"),
+                 "grid": d.get("grid", []), "versions": d.get("versions", {}),
+                 "random_init": bool(d.get("random_init")), "schema": 1}  # fmt: skip
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 

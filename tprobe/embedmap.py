@@ -1,0 +1,232 @@
+"""Embedding maps and donor/batch diagnostics: do the features separate activation, or donors and batches?
+
+In the T-cell data each imaging batch of a donor holds one class, so features that pick up the
+donor or the batch can look as if they separate activation. :func:`diagnose` measures, on the same
+footing, how well the pooled features predict **activation**, **donor** and **imaging batch**:
+
+- the same classifier (multinomial logistic regression, C=0.1, on the top 64 principal components of
+  the standardised features, PCA fitted inside each training fold) and the
+  same 5-fold cross-validation, stratified and grouped by cell (all views of a cell in one fold);
+- accuracy against chance = the majority-class rate, and the *skill* (accuracy - chance) /
+  (1 - chance), which puts a 2-class and a 6-class target on one scale (0 = chance, 1 = perfect);
+- silhouette scores (cosine) of the features grouped by label, by donor and by batch.
+
+A warning is raised when donor skill exceeds activation skill. Batch is ``donor·batch`` (the
+manifest's ``batch`` column numbers batches within a donor); it is absent when the data has no
+batch column.
+
+:func:`embed` computes 2-D PCA and UMAP (``umap-learn``) of the standardised features; :func:`plot_map`
+draws them coloured by label, donor and batch, side by side.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import silhouette_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from tprobe.errors import TprobeError
+from tprobe.features import FeatureSet
+
+__all__ = ["MapData", "map_data", "diagnose", "embed", "plot_map", "predictability", "PCA_DIMS"]
+
+PCA_DIMS = 64  # the diagnostic classifier sees the top principal components (fitted in each training fold)
+
+
+@dataclass
+class MapData:
+    """Original views only: ``X`` and ``meta`` with ``label``, ``donor``, ``group`` and ``batch`` (or None)."""
+
+    X: np.ndarray
+    meta: pd.DataFrame
+    name: str
+
+
+def map_data(fs: FeatureSet, manifest: pd.DataFrame | None = None) -> MapData:
+    """The original views of ``fs`` with a ``batch`` column (``donor·b<batch>``) from ``manifest``.
+
+    Without ``manifest`` a store source reads the manifest beside the store.
+    """
+    keep = (fs.meta["view"] == "orig").to_numpy()
+    meta = fs.meta[keep].reset_index(drop=True).copy()
+    if manifest is None and fs.source.get("kind") == "store":
+        manifest = pd.read_parquet(Path(fs.source["store"]).parent / "manifest.parquet")
+    batch = None
+    if "batch" in meta.columns:
+        batch = meta["batch"]
+    elif manifest is not None and "batch" in manifest.columns:
+        batch = meta["image_id"].map(manifest.drop_duplicates("image_id").set_index("image_id")["batch"])
+    if batch is not None and batch.notna().any():
+        meta["batch"] = [
+            f"{d}·b{b}" if pd.notna(b) else f"{d}·b?" for d, b in zip(meta["donor"], batch, strict=True)
+        ]
+    else:
+        meta["batch"] = None
+    return MapData(np.asarray(fs.X[keep], dtype=np.float32), meta, fs.name)
+
+
+def predictability(X: np.ndarray, target, groups, *, n_splits: int = 5, seed: int = 0) -> dict:
+    """Cross-validated accuracy of predicting ``target`` from ``X`` (folds grouped by ``groups``).
+
+    Returns accuracy, balanced accuracy, chance (majority-class rate), skill and the class count.
+    """
+    y = pd.Series(target).astype(str).to_numpy()
+    classes, counts = np.unique(y, return_counts=True)
+    chance = float(counts.max() / counts.sum())
+    if len(classes) < 2:
+        return {"accuracy": None, "balanced_accuracy": None, "chance": chance, "skill": None, "n_classes": 1}
+    k = int(min(n_splits, counts.min() if counts.min() >= 2 else n_splits))
+    k = max(2, k)
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    pred = np.empty(len(y), dtype=object)
+    with warnings.catch_warnings():  # rare classes (a 1-cell batch) cannot be in every fold: expected
+        warnings.filterwarnings("ignore", message="The least populated class")
+        splits = list(cv.split(X, y, groups))
+    for tr, te in splits:
+        if len(np.unique(y[tr])) < 2:
+            pred[te] = y[tr][0]
+            continue
+        n_comp = int(min(PCA_DIMS, X.shape[1], len(tr) - 1))
+        model = make_pipeline(StandardScaler(), PCA(n_comp, random_state=seed),
+                              LogisticRegression(C=0.1, max_iter=1000))  # fmt: skip
+        pred[te] = model.fit(X[tr], y[tr]).predict(X[te])
+    acc = float(np.mean(pred == y))
+    recalls = [np.mean(pred[y == c] == c) for c in classes]
+    return {"accuracy": acc, "balanced_accuracy": float(np.mean(recalls)), "chance": chance,
+            "skill": (acc - chance) / (1 - chance), "n_classes": int(len(classes)), "n_splits": k}  # fmt: skip
+
+
+def _silhouette(Z: np.ndarray, labels) -> float | None:
+    labels = pd.Series(labels).astype(str).to_numpy()
+    if len(np.unique(labels)) < 2 or len(np.unique(labels)) >= len(labels):
+        return None
+    return float(silhouette_score(Z, labels, metric="cosine"))
+
+
+def diagnose(data: MapData, *, seed: int = 0) -> dict:
+    """Predictability of activation, donor and batch (same classifier and CV) and silhouettes."""
+    X, meta = data.X, data.meta
+    if len(meta) < 10:
+        raise TprobeError(f"{data.name}: {len(meta)} cells; the diagnostics need at least 10")
+    groups = meta["group"].astype(str).to_numpy()
+    label = meta["label"].map({1: "activated", 0: "quiescent"}).fillna(meta["label"].astype(str))
+    targets = {"activation": label, "donor": meta["donor"]}
+    if meta["batch"].notna().all():
+        targets["batch"] = meta["batch"]
+    pred = {t: predictability(X, v, groups, seed=seed) for t, v in targets.items()}
+    Z = StandardScaler().fit_transform(X)
+    sil = {
+        t: _silhouette(Z, v)
+        for t, v in {"label": label, **{k: v for k, v in targets.items() if k != "activation"}}.items()
+    }
+    warning = None
+    a, d = pred["activation"]["skill"], pred["donor"]["skill"]
+    if a is not None and d is not None and d > a:
+        warning = (f"WARNING {data.name}: donor is more predictable than activation (skill {d:.2f} vs {a:.2f}, "
+                   "0 = chance, 1 = perfect): the features carry donor identity; trust only donor-held-out results")  # fmt: skip
+    return {"source": data.name, "n_cells": int(len(meta)), "n_features": int(X.shape[1]),
+            "predictability": pred, "silhouette": sil, "warning": warning,
+            "method": "multinomial logistic regression (C=0.1) on the top 64 PCs of standardised features, 5-fold CV stratified and grouped "
+                      "by cell; chance = majority-class rate; skill = (accuracy - chance) / (1 - chance); "
+                      "silhouette: cosine on standardised features"}  # fmt: skip
+
+
+def embed(data: MapData, *, umap: bool = True, seed: int = 0) -> pd.DataFrame:
+    """2-D PCA (and UMAP) coordinates of the standardised features, beside the cell's metadata."""
+    Z = StandardScaler().fit_transform(data.X)
+    cols = ["image_id", "donor", "group", "label", "batch"]
+    out = data.meta[[c for c in cols if c in data.meta.columns]].copy()
+    pca = PCA(n_components=2, random_state=seed).fit(Z)
+    out[["pca1", "pca2"]] = pca.transform(Z)
+    out.attrs["pca_explained"] = [float(v) for v in pca.explained_variance_ratio_]
+    if umap:
+        try:
+            import umap as umap_lib
+        except ImportError:
+            raise TprobeError("UMAP needs umap-learn: pip install umap-learn (or pass --no-umap)") from None
+        reducer = umap_lib.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed, n_jobs=1)
+        out[["umap1", "umap2"]] = reducer.fit_transform(Z)
+    return out
+
+
+def _scatter(ax, xy: np.ndarray, values, title: str, *, legend: bool, cmap="tab10"):
+    import matplotlib.pyplot as plt
+
+    cats = list(dict.fromkeys(sorted(pd.Series(values).astype(str))))
+    colours = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+    vals = pd.Series(values).astype(str).to_numpy()
+    for i, c in enumerate(cats):
+        sel = vals == c
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.75, color=colours(i % colours.N), label=c, lw=0)
+    lo, hi = np.percentile(xy, 0.5, axis=0), np.percentile(xy, 99.5, axis=0)
+    pad = 0.08 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    outside = int((~((xy >= lo) & (xy <= hi)).all(axis=1)).sum())
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(lo[1], hi[1])
+    if outside:  # a few outliers would otherwise squeeze the map into a corner
+        title += f"\n(axes: 0.5-99.5th percentiles; {outside} outlying cells not shown)"
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if legend:
+        ax.legend(fontsize=6, markerscale=2, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    else:
+        ax.text(1.02, 0.98, f"{len(cats)} batches\n(colour = donor·batch;\ncolours repeat)", transform=ax.transAxes,
+                fontsize=6, va="top")  # fmt: skip
+
+
+def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | None = None) -> Path:
+    """PCA (top) and UMAP (bottom) coloured by label, donor and batch, with the diagnostics below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in ("pca", "umap") if f"{m}1" in coords]
+    has_batch = coords["batch"].notna().all()
+    by = [("label", "activation"), ("donor", "donor")] + ([("batch", "imaging batch")] if has_batch else [])
+    fig, axes = plt.subplots(len(methods), len(by), figsize=(4.6 * len(by), 3.9 * len(methods) + 1.2),
+                             squeeze=False)  # fmt: skip
+    label = coords["label"].map({1: "activated", 0: "quiescent"}).fillna(coords["label"].astype(str))
+    ev = coords.attrs.get("pca_explained")
+    for r, m in enumerate(methods):
+        xy = coords[[f"{m}1", f"{m}2"]].to_numpy()
+        name = (
+            "PCA" + (f" ({ev[0]:.0%}, {ev[1]:.0%} of variance)" if m == "pca" and ev else "")
+            if m == "pca"
+            else "UMAP"
+        )
+        for c, (col, what) in enumerate(by):
+            values = label if col == "label" else coords[col]
+            _scatter(axes[r, c], xy, values, f"{name}, colour = {what}", legend=col != "batch")
+    p = diag["predictability"]
+    s = diag["silhouette"]
+
+    def fmt(t):
+        v = p.get(t)
+        if not v or v["accuracy"] is None:
+            return f"{t}: –"
+        return f"{t}: accuracy {v['accuracy']:.2f} (chance {v['chance']:.2f}, skill {v['skill']:.2f})"
+
+    sil = ", ".join(f"{k} {v:.3f}" for k, v in s.items() if v is not None)
+    text = ("Predictable from the features (5-fold CV grouped by cell; skill 0 = chance, 1 = perfect): "
+            + "; ".join(fmt(t) for t in p) + f".\nSilhouette (cosine; higher = tighter clusters): {sil}."
+            + (f"\n{diag['warning']}" if diag.get("warning") else ""))  # fmt: skip
+    fig.suptitle(title or f"{diag['source']}: {diag['n_cells']} cells (original views)",
+                 fontsize=10)  # fmt: skip
+    fig.tight_layout(rect=(0, 0.1, 1, 0.97))
+    fig.text(0.01, 0.01, text, fontsize=7.5, va="bottom", ha="left", wrap=True,
+             color="firebrick" if diag.get("warning") else "black")  # fmt: skip
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,107 @@
+"""Paired comparisons of runs scored on the same held-out donors.
+
+Two runs evaluated on the same outer folds give one metric value per held-out donor each; their
+per-donor differences are the paired sample. The test is the exact paired permutation (sign-flip)
+test: under the null hypothesis that the two runs are exchangeable on every donor, each donor's
+difference is as likely positive as negative, so the 2^n sign patterns are equally likely. The
+two-sided p-value is the fraction of patterns whose mean difference is at least as far from 0 as
+the observed one. Why this test: with 6 donors every pattern can be enumerated, so the p-value is
+exact, with no normal approximation (a paired t-test would need one, and six differences cannot
+check normality). The smallest p-value it can give is 2/2^n (1/32 with 6 donors); Wilcoxon's exact
+signed-rank test has the same floor and discards the sizes of the differences, which this test uses.
+
+Holm's step-down correction controls the family-wise error over the comparisons shown.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["sign_flip_test", "holm", "paired_comparisons", "TEST_NOTE"]
+
+TEST_NOTE = (
+    "Paired test: exact sign-flip permutation test on the per-donor differences (two-sided; all 2^n "
+    "sign patterns enumerated, no normal approximation). With n donors the smallest possible p is "
+    "2/2^n (1/32 for 6 donors), the same floor as Wilcoxon's exact signed-rank test, which would also "
+    "discard the sizes of the differences. p_holm: Holm's correction across the comparisons shown for "
+    "that metric; with m comparisons its smallest value is m times the floor (m/32 for 6 donors), so "
+    "with 6 donors only a few planned comparisons can reach 0.05."
+)
+
+
+def sign_flip_test(diffs) -> float:
+    """Exact two-sided p-value of the paired sign-flip test for the mean of ``diffs``."""
+    d = np.asarray(diffs, dtype=float)
+    d = d[~np.isnan(d)]
+    if not len(d):
+        return float("nan")
+    if len(d) > 20:
+        raise ValueError(f"{len(d)} pairs: exact enumeration of 2^{len(d)} patterns is too many")
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    means = np.abs(signs @ d) / len(d)
+    observed = abs(d.mean())
+    return float(np.mean(means >= observed - 1e-12))
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm step-down adjusted p-values (NaN stays NaN and does not count as a test)."""
+    p = np.asarray(pvalues, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = len(ok)
+    running = 0.0
+    for rank, i in enumerate(ok[np.argsort(p[ok], kind="stable")]):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def _per_donor(run: str | Path) -> pd.DataFrame:
+    return pd.read_parquet(Path(run) / "per_donor.parquet").set_index("donor")
+
+
+def paired_comparisons(summary: pd.DataFrame, *, metrics=("roc_auc", "average_precision"),
+                       against: str | None = None) -> pd.DataFrame:  # fmt: skip
+    """Each run vs ``against`` (default: the run with the best mean ROC AUC) on their shared donors.
+
+    ``summary`` is :func:`tprobe.report.collect_runs`'s table (``run``, ``label``, ``roc_auc_mean``).
+    Only runs whose held-out donors are exactly the reference's are compared (same folds); the
+    others are listed with a note. Returns one row per (run, metric): the mean and per-donor
+    differences (run minus reference), the exact p-value and its Holm adjustment within the metric.
+    """
+    if against is None:
+        against = summary.loc[summary["roc_auc_mean"].astype(float).idxmax(), "run"]
+    ref = _per_donor(against)
+    ref_label = summary.set_index("run").loc[against, "label"]
+    rows = []
+    for rec in summary.itertuples():
+        if rec.run == against:
+            continue
+        per = _per_donor(rec.run)
+        same = set(per.index) == set(ref.index)
+        for m in metrics:
+            row = {"run": rec.run, "label": rec.label, "reference": against, "reference_label": ref_label,
+                   "metric": m, "n_donors": len(per), "mean_diff": np.nan, "p": np.nan, "diffs": "",
+                   "note": ""}  # fmt: skip
+            if not same:
+                row["note"] = "different held-out donors: not paired"
+            else:
+                d = (per[m] - ref.loc[per.index, m]).dropna()
+                row.update(n_donors=len(d), mean_diff=float(d.mean()) if len(d) else np.nan,
+                           p=sign_flip_test(d.to_numpy()),
+                           diffs=" ".join(f"{k.replace('donor_', 'd')}:{v:+.3f}" for k, v in d.items()))  # fmt: skip
+            rows.append(row)
+    cols = ["label", "reference_label", "metric", "n_donors", "mean_diff", "p", "p_holm", "diffs", "note",
+            "run", "reference"]  # fmt: skip
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    out = pd.DataFrame(rows)
+    out["p_holm"] = np.nan
+    for m in metrics:
+        sel = out["metric"] == m
+        out.loc[sel, "p_holm"] = holm(out.loc[sel, "p"].to_numpy())
+    return out[cols]
