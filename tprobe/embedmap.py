@@ -54,12 +54,14 @@ class MapData:
 def map_data(fs: FeatureSet, manifest: pd.DataFrame | None = None) -> MapData:
     """The original views of ``fs`` with a ``batch`` column (``donor·b<batch>``) from ``manifest``.
 
-    Without ``manifest`` a store source reads the manifest beside the store.
+    Without ``manifest`` a store source reads the store's own manifest.
     """
+    from tprobe.extract import manifest_path
+
     keep = (fs.meta["view"] == "orig").to_numpy()
     meta = fs.meta[keep].reset_index(drop=True).copy()
     if manifest is None and fs.source.get("kind") == "store":
-        manifest = pd.read_parquet(Path(fs.source["store"]).parent / "manifest.parquet")
+        manifest = pd.read_parquet(manifest_path(fs.source["store"]))
     batch = None
     if "batch" in meta.columns:
         batch = meta["batch"]

@@ -46,6 +46,8 @@ def _default(o):
         return o.tolist()
     if isinstance(o, Path):
         return str(o)
+    if hasattr(o, "to_dict"):  # typed records (FeatureSource, RunRecord, ...)
+        return o.to_dict()
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
@@ -184,8 +186,9 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunRecord:
-        if not isinstance(d, dict) or "command" not in d or "features" not in d:
-            raise TprobeError("config.json is not a tprobe run record (no command or features)")
+        if not isinstance(d, dict) or "command" not in d:
+            raise TprobeError("config.json is not a tprobe run record (no command)")
+        d = {**d, "features": d.get("features") or {}}
         if int(d.get("schema", 1)) < RUN_SCHEMA:  # schema 1: options at the top level
             keys = {"command", "features", "versions", "grid", "n_rows", "n_features", "seconds", "data",
                     "random_init"}  # fmt: skip
