@@ -37,7 +37,8 @@ def _cluster_problem() -> str | None:
     return None
 
 
-needs_slurm = pytest.mark.skipif(bool(_cluster_problem()), reason=str(_cluster_problem()))
+_PROBLEM = _cluster_problem()
+needs_slurm = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 
 
 def _tprobe(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:

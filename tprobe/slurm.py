@@ -226,7 +226,11 @@ def extract_array(
     if mine:
         jobs = sorted({job for job, _ in mine.values()})
         echo(f"shards {_fmt(sorted(mine))} already queued (job {', '.join(jobs)}): watching them")
-    _watch(store, name, n_units, shards, poll, echo, logs)
+    try:
+        _watch(store, name, n_units, shards, poll, echo, logs)
+    except KeyboardInterrupt:
+        raise TprobeError(f"stopped watching; the tasks ({name}) keep running: rerun the same command to "
+                          f"watch them again (nothing is resubmitted while they are queued), or `scancel --name={name}`") from None  # fmt: skip
     result.seconds = time.perf_counter() - t0
     return result
 
