@@ -182,3 +182,17 @@ def test_slurm_executor_needs_shards_and_rejects_shard(tmp_path, small_data, tin
     assert res.exit_code == 2 and "needs --shards N" in res.output
     res = CliRunner().invoke(main, [*base, "--shards", "2", "--shard", "0/2"])
     assert res.exit_code == 2 and "give --shards N instead" in res.output
+
+
+def test_slurm_executor_on_a_complete_store_submits_nothing(tmp_path, small_data, tiny_reg, monkeypatch):
+    """Works without SLURM: a sealed store is "up to date" before any scheduler command is run."""
+    base = ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--cache", str(tmp_path / "c")]
+    local = CliRunner().invoke(main, base)
+    assert local.exit_code == 0, local.output
+    store = Path(local.output.splitlines()[-1])
+    before = _snapshot(store)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no sbatch/squeue reachable
+    res = CliRunner().invoke(main, [*base, "--executor", "slurm", "--shards", "3"])
+    assert res.exit_code == 0, res.output
+    assert "nothing submitted" in res.output and res.output.splitlines()[-1] == str(store)
+    assert _snapshot(store) == before

@@ -142,8 +142,12 @@ def _complete(store: Path) -> bool:
     return store.exists() and not store.with_name(store.name + ".progress").exists()
 
 
-def shard_progress(store: Path, n_units: int, shards: int) -> tuple[int, list[int]]:
-    """(units done, pending units per shard) from the store's markers; nothing written yet -> all pending."""
+def shard_progress(store: Path, n_units: int, shards: int) -> tuple[int, int, list[int]]:
+    """(units done, units in all, pending units per shard) from the store's markers.
+
+    ``n_units`` is the expected count, used until a task has created the store; after that the
+    store's own chunking counts (a resumed store keeps the ``--chunk-rows`` it was created with).
+    """
     store = Path(store)
     meta = store.with_name(store.name + ".progress") / "meta.json"
     if _complete(store):
@@ -151,10 +155,11 @@ def shard_progress(store: Path, n_units: int, shards: int) -> tuple[int, list[in
     elif meta.exists():
         from tprobe.store import FeatureStore
 
-        done = FeatureStore.open(store, allow_incomplete=True).done_units()
+        fs = FeatureStore.open(store, allow_incomplete=True)
+        done, n_units = fs.done_units(), fs.n_units
     else:
         done = set()
-    return len(done), [sum(u not in done for u in range(n_units)[i::shards]) for i in range(shards)]
+    return len(done), n_units, [sum(u not in done for u in range(n_units)[i::shards]) for i in range(shards)]
 
 
 def _spec(shards: list[int], max_running: int | None) -> str:
@@ -205,7 +210,7 @@ def extract_array(
         raise TprobeError(f"tasks of another --shards count ({', '.join(others)}) are still queued for {store}; "
                           f"wait for them or `scancel {' '.join(jobs)}`, then rerun")  # fmt: skip
     mine = queued.get(name, {})
-    _, pending = shard_progress(store, n_units, shards)
+    _, n_units, pending = shard_progress(store, n_units, shards)
     todo = [i for i in range(shards) if pending[i] and i not in mine]
     result = ArrayResult(store, "written")
     logs: dict[int, Path] = {}
@@ -239,7 +244,7 @@ def _watch(store, name, n_units, shards, poll, echo, logs) -> None:
     last = None
     while True:
         queued = queue_states(name).get(name, {})  # read the queue before the markers: no false "failed"
-        done, pending = shard_progress(store, n_units, shards)
+        done, n_units, pending = shard_progress(store, n_units, shards)
         if _complete(store):
             echo(f"units {n_units}/{n_units} done; store sealed")
             return
@@ -259,13 +264,22 @@ def _watch(store, name, n_units, shards, poll, echo, logs) -> None:
         time.sleep(poll)
 
 
+def _last_line(log: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1][-200:] if lines else "(empty log)"
+
+
 def _settle(store: Path, failed: list[int], logs: dict[int, Path]) -> None:
     """No task is left in the queue: raise for failed shards, or seal a fully written store."""
     if failed:
-        where = [str(logs[i]) for i in failed if i in logs]
+        where = [logs[i] for i in failed if i in logs]
+        last = _last_line(where[0]) if where else ""
         raise TprobeError(
             f"shard(s) {_fmt(failed)} ended with units still pending"
-            + (f" (logs: {', '.join(where)})" if where else "")
+            + (f" (logs: {', '.join(map(str, where))}; {where[0].name} ends: {last!r})" if where else "")
             + "; rerun the same command to resubmit only those shards"
         )
     if not _complete(store):  # every unit written but no task sealed it (e.g. the sealer was killed)
