@@ -71,7 +71,9 @@ def test_array_with_cancelled_task_resubmits_and_matches_single_process(tmp_path
     data = copy_subset(tmp_path / "data", per_class=3)
     opts = ["--model", tiny_reg, "--data", data, "--chunk-rows", 2, "--batch-size", 2]
     slurm = ["--executor", "slurm", "--shards", 3, "--poll", 0.3, "--slurm-dir", tmp_path / "slurm"]
-    ref = Path(_tprobe("extract", *opts, "--cache", tmp_path / "ref", cwd=tmp_path).stdout.splitlines()[-1])
+    local = CliRunner().invoke(main, ["extract", *map(str, opts), "--cache", str(tmp_path / "ref")])
+    assert local.exit_code == 0, local.output
+    ref = Path(local.output.splitlines()[-1])
 
     # 1) three tasks; shard 2 is stopped once it has written a unit, then cancelled mid-run
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -124,8 +126,8 @@ def test_array_with_cancelled_task_resubmits_and_matches_single_process(tmp_path
 
     # 3) a rerun of the finished array submits nothing and writes nothing ...
     before = _snapshot(store)
-    up = _tprobe("extract", *opts, "--cache", tmp_path / "c", *slurm, cwd=tmp_path)
-    assert "nothing submitted" in up.stdout and "submitted array job" not in up.stderr
+    up = CliRunner().invoke(main, ["extract", *map(str, [*opts, "--cache", tmp_path / "c", *slurm])])
+    assert up.exit_code == 0 and "nothing submitted" in up.output and "submitted array job" not in up.output
     assert not queue_states(name).get(name)
     # ... and neither does the finished array resubmitted by hand with sbatch (its tasks say up to date)
     script = tmp_path / "slurm" / f"{name}.sbatch"
