@@ -248,8 +248,9 @@ def _watch(store, name, n_units, shards, poll, echo, logs) -> None:
         if _complete(store):
             echo(f"units {n_units}/{n_units} done; store sealed")
             return
-        running = [i for i, (_, s) in sorted(queued.items()) if s not in ("PENDING", "REQUEUED")]
-        waiting = [i for i, (_, s) in sorted(queued.items()) if s in ("PENDING", "REQUEUED")]
+        live = {i: s for i, (_, s) in sorted(queued.items()) if pending[i]}  # finished shards may still exit
+        running = [i for i, s in live.items() if s not in ("PENDING", "REQUEUED")]
+        waiting = [i for i, s in live.items() if s in ("PENDING", "REQUEUED")]
         failed = [i for i in range(shards) if pending[i] and i not in queued]
         line = (f"units {done}/{n_units} done | running {_fmt(running)} | queued {_fmt(waiting)} | "
                 f"finished {_fmt([i for i in range(shards) if not pending[i]])} | failed {_fmt(failed)}")  # fmt: skip

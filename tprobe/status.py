@@ -63,24 +63,19 @@ class StoreStatus:
 
     def lines(self) -> list[str]:
         """Human-readable report, one fact per line."""
-        out = [
-            f"store       {self.path}",
-            f"state       {self.state}",
-            f"rows        {self.rows} in {self.units} units of {self.chunk_rows} rows ({self.format})",
-            f"units       {self.units_done} done, {self.units_pending} pending",
+        rows = [
+            ("store", str(self.path)),
+            ("state", self.state),
+            ("rows", f"{self.rows} in {self.units} units of {self.chunk_rows} rows ({self.format})"),
+            ("units", f"{self.units_done} done, {self.units_pending} pending"),
         ]
-        if self.shards:
-            n = len(self.shards)
-            for s in self.shards:
-                out.append(
-                    f"shard {s.shard}/{n}   {s.done}/{s.units} units done"
-                    + ("" if s.pending else "  (finished)")
-                )
-        for key in KEY_ATTRS:
-            if key in self.attrs:
-                out.append(f"{key:<11s} {self.attrs[key]}")
-        out.append(f"rows check  {self.row_check}")
-        return out
+        n = len(self.shards)
+        rows += [(f"shard {s.shard}/{n}", f"{s.done}/{s.units} units done" + ("" if s.pending else " (finished)"))
+                 for s in self.shards]  # fmt: skip
+        rows += [(key, str(self.attrs[key])) for key in KEY_ATTRS if key in self.attrs]
+        rows.append(("rows check", self.row_check))
+        width = max(len(k) for k, _ in rows) + 2
+        return [f"{k:<{width}s}{v}" for k, v in rows]
 
 
 def seal_state(store: FeatureStore) -> str:
