@@ -323,6 +323,8 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
     from tprobe.backbones import resolve_model
     from tprobe.extract import extract as run_extract
 
+    if executor == "local" and shards:
+        raise TprobeError("--shards N is for --executor slurm; one local worker takes --shard i/N")
     pre = _prepare(data, prep, progress=False)
     ref = resolve_model(model, revision, offline=offline)
     if executor == "slurm":

@@ -111,15 +111,16 @@ def render_script(
     )  # fmt: skip
 
 
-def _run(argv: list[str], what: str) -> str:
+def _run(argv: list[str], what: str, tries: int = 3) -> str:
     if shutil.which(argv[0]) is None:
         raise TprobeError(f"{argv[0]} not found: --executor slurm needs the SLURM client commands on PATH "
                           "(try scripts/slurm_cluster.sh start for a local cluster)")  # fmt: skip
-    for attempt in range(3):  # slurmctld may be briefly busy
+    for attempt in range(tries):  # slurmctld may be briefly busy
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode == 0:
             return proc.stdout
-        time.sleep(1 + attempt)
+        if attempt + 1 < tries:
+            time.sleep(1 + attempt)
     msg = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
     raise TprobeError(f"{what} failed: {msg[-1] if msg else f'exit {proc.returncode}'}")
 
@@ -220,8 +221,9 @@ def extract_array(
         script = slurm_dir / f"{name}.sbatch"
         command = [python or sys.executable, "-m", "tprobe.cli", "extract", *extract_args]
         script.write_text(render_script(command, store, shards, options, script))
-        out = _run(["sbatch", "--parsable", f"--array={_spec(todo, options.max_running)}", str(script)],
-                   f"sbatch {script}")  # fmt: skip
+        array = f"--array={_spec(todo, options.max_running)}"
+        # one try only: a retried sbatch that had in fact gone through would submit the shards twice
+        out = _run(["sbatch", "--parsable", array, str(script)], f"sbatch {script}", tries=1)
         job = out.strip().split(";")[0]
         result.job_ids.append(job)
         result.submitted = todo
