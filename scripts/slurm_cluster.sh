@@ -22,7 +22,12 @@ export SLURM_CONF=$CONF
 
 say() { echo "slurm_cluster: $*" >&2; }
 
-alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# alive PIDFILE: its process runs and is the daemon the file is named after (not a reused pid)
+alive() {
+    local pid
+    [[ -f $1 ]] && pid=$(cat "$1") && [[ -n $pid ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$(basename "$1" .pid)" ]]
+}
 
 install_packages() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
