@@ -217,3 +217,32 @@ def test_slurm_executor_on_a_complete_store_submits_nothing(tmp_path, small_data
     assert res.exit_code == 0, res.output
     assert "nothing submitted" in res.output and res.output.splitlines()[-1] == str(store)
     assert _snapshot(store) == before
+
+
+@needs_slurm
+def test_command_array_resubmits_only_failed_tasks(tmp_path, monkeypatch):
+    """The generic array (a probe sweep's runs): task i runs command i; a rerun submits only tasks not done."""
+    from tprobe.slurm import SlurmOptions, command_array
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fail1").touch()  # task 1 fails while this flag exists
+    code = "import pathlib,sys; i=sys.argv[1]; sys.exit(3) if i=='1' and pathlib.Path('fail1').exists() else pathlib.Path('out'+i).write_text(i)"  # noqa: E501
+    commands = [[sys.executable, "-c", code, str(i)] for i in range(3)]
+    opts = SlurmOptions(slurm_dir=tmp_path / "slurm")
+    lines: list[str] = []
+    states = command_array(commands, name="tprobe-test-cmds", options=opts, poll=0.3, echo=lines.append)
+    assert states == {0: "done", 1: "failed", 2: "done"}, lines
+    assert "tasks 0,1,2 of 3" in lines[0]
+    (tmp_path / "fail1").unlink()
+    lines.clear()
+    done = lambda i: (tmp_path / f"out{i}").exists()  # noqa: E731
+    states = command_array(
+        commands, name="tprobe-test-cmds", options=opts, done=done, poll=0.3, echo=lines.append
+    )
+    assert states == {0: "done", 1: "done", 2: "done"} and "tasks 1 of 3" in lines[0], lines
+    assert [(tmp_path / f"out{i}").read_text() for i in range(3)] == ["0", "1", "2"]
+    lines.clear()
+    assert (
+        command_array(commands, name="tprobe-test-cmds", options=opts, done=done, echo=lines.append) == states
+    )
+    assert not any("submitted" in ln for ln in lines)

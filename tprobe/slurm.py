@@ -33,7 +33,7 @@ from pathlib import Path
 from tprobe.errors import TprobeError
 
 __all__ = ["SlurmOptions", "ArrayResult", "extract_array", "render_script", "job_name", "queue_states",
-           "shard_progress", "SBATCH_TEMPLATE"]  # fmt: skip
+           "shard_progress", "SBATCH_TEMPLATE", "command_array"]  # fmt: skip
 
 SBATCH_TEMPLATE = """\
 #!/bin/bash
@@ -294,3 +294,85 @@ def _settle(store: Path, failed: list[int], logs: dict[int, Path]) -> None:
             if os.path.exists(lock):
                 raise TprobeError(f"{store}: every unit is written but a sealer left {lock} and no task is "
                                   "running; delete that lock file and rerun the same command")  # fmt: skip
+
+
+# ---- any list of tprobe commands as one array (e.g. a probe sweep's pool x head runs) ------------------
+COMMANDS_TEMPLATE = """\
+#!/bin/bash
+# tprobe: task i of this array runs command i below; written by tprobe.slurm.command_array
+#SBATCH --job-name={name}
+#SBATCH --output={log}
+#SBATCH --chdir={chdir}
+#SBATCH --ntasks=1
+{sbatch_lines}
+case "${{SLURM_ARRAY_TASK_ID}}" in
+{cases}
+  *) echo "tprobe: no command for task ${{SLURM_ARRAY_TASK_ID}}"; exit 2 ;;
+esac
+rc=$?
+echo "tprobe-task-exit $rc"
+exit $rc
+"""
+
+
+def command_array(
+    commands: Sequence[Sequence[str]],
+    *,
+    name: str,
+    options: SlurmOptions | None = None,
+    done: Callable[[int], bool] | None = None,
+    poll: float = 10.0,
+    echo: Callable[[str], None] = _stderr,
+) -> dict[int, str]:
+    """Run ``commands[i]`` as task i of ONE array job (only those not ``done(i)``); wait; return states.
+
+    The commands are written into a plain sbatch script (a ``case`` on the task id), never pickled.
+    A task counts as ``"done"`` when ``done(i)`` says so (e.g. its run directory is complete) or,
+    without ``done``, when its log ends with exit status 0; otherwise ``"failed"`` (without ``done``, a task this
+    call did not submit is ``"unknown"``). Rerunning with the
+    same ``done`` resubmits only the failed tasks. Tasks of ``name`` already queued are waited for.
+    """
+    options = options or SlurmOptions()
+    slurm_dir = Path(options.slurm_dir).absolute()
+    queued = queue_states(name).get(name, {})
+    todo = [i for i in range(len(commands)) if not (done and done(i)) and i not in queued]
+    logs: dict[int, Path] = {}
+    if todo:
+        slurm_dir.mkdir(parents=True, exist_ok=True)
+        script = slurm_dir / f"{name}.sbatch"
+        cases = "\n".join(f"  {i}) {shlex.join(map(str, cmd))} ;;" for i, cmd in enumerate(commands))
+        script.write_text(COMMANDS_TEMPLATE.format(
+            name=name, log=slurm_dir / "%x-%A_%a.out", chdir=Path.cwd(),
+            sbatch_lines="\n".join(options.sbatch_lines()), cases=cases,
+        ))  # fmt: skip
+        array = f"--array={_spec(todo, options.max_running)}"
+        job = (
+            _run(["sbatch", "--parsable", array, str(script)], f"sbatch {script}", tries=1)
+            .strip()
+            .split(";")[0]
+        )
+        logs = {i: slurm_dir / f"{name}-{job}_{i}.out" for i in todo}
+        echo(
+            f"submitted array job {job}: tasks {_fmt(todo)} of {len(commands)}; script and logs in {slurm_dir}"
+        )
+    last = None
+    while True:
+        queued = queue_states(name).get(name, {})
+        states = {}
+        for i in range(len(commands)):
+            if i in queued:
+                states[i] = "queued" if queued[i][1] in ("PENDING", "REQUEUED") else "running"
+            elif done is not None:
+                states[i] = "done" if done(i) else "failed"
+            else:
+                ok = i in logs and _last_line(logs[i]) == "tprobe-task-exit 0"
+                states[i] = "done" if ok else "failed" if i in logs else "unknown"  # unknown: not ours
+        line = " | ".join(f"{s} {_fmt([i for i, v in states.items() if v == s])}"
+                          for s in ("running", "queued", "done", "failed", "unknown")
+                          if s != "unknown" or s in states.values())  # fmt: skip
+        if line != last:
+            echo(line)
+            last = line
+        if not queued:
+            return states
+        time.sleep(poll)
