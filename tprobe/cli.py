@@ -208,6 +208,79 @@ def models():
     click.echo("Any other hub id (owner/name) or a local save_pretrained() folder works too.")
 
 
+# ---- extract on SLURM: one array job; task i runs this same command with --shard i/N --------------
+SLURM_PARAMS = ("executor", "shards", "partition", "time", "gpus_per_task", "cpus_per_task", "mem", "account",
+                "max_running", "sbatch_option", "slurm_dir", "poll")  # fmt: skip
+
+
+def slurm_options(f):
+    opts = [
+        click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
+                     help="slurm: submit one array job of --shards tasks, watch it, return when sealed."),
+        click.option("--shards", type=int, default=None, help="[slurm] Array tasks (e.g. total GPUs)."),
+        click.option("--partition", default=None, help="[slurm] Partition."),
+        click.option("--time", default=None, help="[slurm] Time limit per task, e.g. 2:00:00."),
+        click.option("--gpus-per-task", type=int, default=None, help="[slurm] GPUs per task (1 = one shard per GPU)."),
+        click.option("--cpus-per-task", type=int, default=None, help="[slurm] CPUs per task (DataLoader workers)."),
+        click.option("--mem", default=None, help="[slurm] Memory per task, e.g. 32G."),
+        click.option("--account", default=None, help="[slurm] Account to charge."),
+        click.option("--max-running", type=int, default=None, help="[slurm] At most this many tasks at once."),
+        click.option("--sbatch-option", multiple=True, help="[slurm] Any other sbatch option, e.g. --qos=high (repeatable)."),
+        click.option("--slurm-dir", type=click.Path(path_type=Path), default=Path("slurm"), show_default=True,
+                     help="[slurm] Folder for the sbatch script and task logs."),
+        click.option("--poll", type=float, default=10.0, show_default=True, help="[slurm] Seconds between progress checks."),
+    ]  # fmt: skip
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _forward_args(ctx) -> list[str]:
+    """This command's own options, minus the SLURM ones and --shard, for the array tasks to rerun."""
+    args = []
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if not isinstance(p, click.Option) or p.name in (*SLURM_PARAMS, "shard") or value is None:
+            continue
+        opt = max(p.opts, key=len)
+        if p.is_flag:
+            args += [opt] if value else []
+            continue
+        if isinstance(value, Path) or (p.name == "model" and Path(value).expanduser().is_dir()):
+            value = Path(value).expanduser().absolute()
+        args += [opt, str(value)]
+    return args
+
+
+def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
+    from tprobe.extract import store_path
+    from tprobe.slurm import SlurmOptions, extract_array
+
+    p = ctx.params
+    if shard != "0/1":
+        raise TprobeError("--shard is for one worker; with --executor slurm give --shards N instead")
+    if not shards:
+        raise TprobeError("--executor slurm needs --shards N (array tasks; e.g. the number of GPUs)")
+    options = SlurmOptions(
+        partition=slurm["partition"], time=slurm["time"], gpus_per_task=slurm["gpus_per_task"],
+        cpus_per_task=slurm["cpus_per_task"], mem=slurm["mem"], account=slurm["account"],
+        max_running=slurm["max_running"], extra=tuple(slurm["sbatch_option"]), slurm_dir=slurm["slurm_dir"],
+    )  # fmt: skip
+    if p["precision"] == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here
+        ctx.params["precision"] = "fp16" if slurm["gpus_per_task"] else "fp32"
+    tokens = tuple(t.strip() for t in p["tokens"].split(",") if t.strip())
+    path = store_path(p["cache"], pre, ref, p["dtype"], p["fmt"], ctx.params["precision"], tokens)
+    res = extract_array(_forward_args(ctx), path, rows=len(pre.kept), chunk_rows=p["chunk_rows"],
+                        shards=shards, options=options, poll=slurm["poll"])  # fmt: skip
+    if res.status == "up to date":
+        click.echo(f"up to date: {len(pre.kept)} rows already extracted for {ref.slug}; nothing submitted")
+    else:
+        jobs = ", ".join(res.job_ids) or "earlier jobs"
+        click.echo(f"written: {len(pre.kept)} views by SLURM ({jobs}) in {res.seconds:.1f} s")
+    click.echo(str(path))
+    _finish(pre)
+
+
 @main.command()
 @click.option("--model", required=True, help="Alias (see `tprobe models`), hub id or local folder.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit [default: main].")
@@ -254,8 +327,10 @@ def models():
     "--shard", default="0/1", show_default=True, help="Take units i::N of the store (SLURM arrays)."
 )
 @OFFLINE_OPTION
-def extract(model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_rows, device, precision,
-            compile_, workers, tokens, compression, shard, offline):  # fmt: skip
+@slurm_options
+@click.pass_context
+def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_rows, device, precision,
+            compile_, workers, tokens, compression, shard, offline, executor, shards, **slurm):  # fmt: skip
     """Run every kept image view through a DINOv2 model once; store CLS, register, patch tokens.
 
     The store lands under cache/<dataset>/<preprocess-hash>/<model>@<revision>/; its path is the
@@ -266,12 +341,18 @@ def extract(model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_ro
       tprobe extract --model dinov2-small-reg
       tprobe extract --model dinov2-base --data path/to/images --format hdf5
       tprobe extract --model ./my-local-dinov2 --batch-size 64 --dtype float32 --device cuda
+      tprobe extract --model dinov2-small-reg --executor slurm --shards 8 --partition gpu \\
+          --gpus-per-task 1 --time 2:00:00     # one array job, task i runs --shard i/8
     """
     from tprobe.backbones import resolve_model
     from tprobe.extract import extract as run_extract
 
+    if executor == "local" and shards:
+        raise TprobeError("--shards N is for --executor slurm; one local worker takes --shard i/N")
     pre = _prepare(data, prep, progress=False)
     ref = resolve_model(model, revision, offline=offline)
+    if executor == "slurm":
+        return _extract_slurm(ctx, pre, ref, shard, shards, slurm)
     names = tuple(t.strip() for t in tokens.split(",") if t.strip())
     res = run_extract(pre, ref, cache=cache, fmt=fmt, dtype=dtype, batch_size=batch_size,
                       chunk_rows=chunk_rows, device=device, precision=precision, compile=compile_,
@@ -286,6 +367,26 @@ def extract(model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_ro
                    f"{res.times.line()}")  # fmt: skip
     click.echo(str(res.path))
     _finish(pre)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--shards", type=int, default=1, show_default=True, help="Report per shard for N workers.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(store, shards, as_json):
+    """Units done / pending (in total and per shard), seal state and key attributes of a store.
+
+    \b
+    Examples:
+      tprobe status cache/<dataset>/<hash>/<model>/float16.zarr --shards 8
+      tprobe status STORE --json
+    """
+    import json
+
+    from tprobe.status import store_status
+
+    st = store_status(store, shards=shards)
+    click.echo(json.dumps(st.to_dict(), indent=2) if as_json else "\n".join(st.lines()))
 
 
 def _check_store_matches(store, pre) -> None:
