@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections import namedtuple
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +144,33 @@ def test_store_attrs_mark_random_weights_and_precision(tmp_path, small_data, tin
     a = FeatureStore.open(res.path).attrs
     assert a["model_random_init"] is True and a["precision"] == "fp32" and a["rows_hash"]
     assert FeatureStore.open(res.path).row_ids().tolist() == pre.kept["image_id"].tolist()
+
+
+def test_progress_is_logged_as_plain_lines_when_not_on_a_terminal(tmp_path, small_data, tiny_reg, monkeypatch,
+                                                                   caplog):  # fmt: skip
+    import logging
+
+    import tprobe.extract as ex
+
+    monkeypatch.setattr(ex, "PROGRESS_EVERY_S", 0.0)  # a line per batch instead of every 10 s
+    pre = preprocess(discover(small_data))
+    with caplog.at_level(logging.INFO, logger="tprobe.extract"):
+        extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, batch_size=8, progress=None)
+    lines = [r.getMessage() for r in caplog.records if "views/s" in r.getMessage()]
+    assert lines and lines[-1].startswith(f"extract {tiny_reg}: {len(pre.kept)}/{len(pre.kept)} views (100%)")
+
+
+def test_predict_accepts_a_sweep_folder_and_names_the_run_it_uses(tmp_path, small_data, tiny_reg, caplog):
+    pre = preprocess(discover(small_data))
+    extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path / "c", progress=False)
+    r = CliRunner().invoke(main, ["probe", "--model", str(tiny_reg), "--data", str(small_data), "--cache",
+                                  str(tmp_path / "c"), "--head", "logreg", "--pool", "all", "--bootstrap", "20",
+                                  "--out", str(tmp_path / "runs")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    sweep = r.output.strip().splitlines()[-1]
+    new = tmp_path / "new"
+    shutil.copytree(small_data / "donor_1", new)
+    r = CliRunner().invoke(main, ["predict", "--run", sweep, str(new), "--cache", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert any("is a sweep: using its best run" in rec.getMessage() for rec in caplog.records)
+    assert (Path(sweep) / f"predictions-{new.name}.csv").exists()

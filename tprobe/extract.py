@@ -41,6 +41,7 @@ __all__ = ["ExtractResult", "StageTimes", "extract", "store_dir", "store_path", 
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path("cache")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PROGRESS_EVERY_S = 10.0  # plain progress lines in logs when stderr is not a terminal
 
 
 # ---- keys ------------------------------------------------------------------------------------
@@ -331,7 +332,7 @@ class _Progress:
         self.bar.update(n)
         self.done += n
         now = time.monotonic()
-        if self.plain and now - self.last >= 10:
+        if self.plain and (now - self.last >= PROGRESS_EVERY_S or self.done == self.total):
             self.last = now
             rate = self.done / (now - self.t0)
             eta = (self.total - self.done) / rate if rate else float("nan")
