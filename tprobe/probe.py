@@ -8,6 +8,7 @@ by the same inner search) for ``tprobe predict``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,11 +27,14 @@ from tprobe.evaluate import (
     nested_cv,
     split_plan,
 )
+from tprobe.fastcv import FoldProgress, nested_cv_fast, projected
 from tprobe.features import FeatureSet
 from tprobe.heads import HEADS, make_head, param_grid
 from tprobe.runs import make_run_dir, save_run
 
-__all__ = ["ProbeRun"]
+__all__ = ["ProbeRun", "ENGINES"]
+
+ENGINES = ("fast", "reference")
 
 
 @dataclass
@@ -48,14 +52,20 @@ class ProbeRun:
     n_boot: int = 2000
     final_head: bool = True
     max_dims: int | None = 2048  # wider inputs get a fixed random projection to this width; None = never
+    engine: str = "fast"  # "fast" (tprobe.fastcv: shared, parallel fits) or "reference" (evaluate.nested_cv)
+    n_jobs: int = 2  # worker processes for the fits (each fit single-threaded)
 
     def _validate(self):
         if self.head not in HEADS:
             raise TprobeError(f"--head {self.head!r} is not one of {', '.join(HEADS)}, all")
         if self.train_views not in ("all", "orig"):
             raise TprobeError(f"--train-views {self.train_views!r} is not all or orig")
+        if self.engine not in ENGINES:
+            raise TprobeError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
 
-    def fit(self, fs: FeatureSet) -> ProbeRun:
+    def fit(self, fs: FeatureSet, *, progress: Callable[[FoldProgress], None] | None = None) -> ProbeRun:
+        """Nested CV, evaluation and (``final_head``) the final head; ``progress`` gets one
+        :class:`~tprobe.fastcv.FoldProgress` per outer fold (fast engine only)."""
         self._validate()
         t0 = time.perf_counter()
         meta = fs.meta
@@ -63,15 +73,24 @@ class ProbeRun:
             raise TprobeError("the data has one class only; a probe needs activated and quiescent cells")
         plan = split_plan(meta, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
         check_plan(plan, meta)
-        X, self.projection_ = fs.X, None
-        if self.max_dims is not None and X.shape[1] > self.max_dims:
-            # data-independent (drawn from the seed and the width only), so applying it to every
-            # row before the splits cannot leak; it keeps inner-CV fits cheap on --pool concat
-            self.projection_ = GaussianRandomProjection(self.max_dims, random_state=self.seed).fit(X[:1])
-            X = self.projection_.transform(X).astype(np.float32)
         make = partial(make_head, self.head, seed=self.seed, penalty=self.penalty)
         grid = param_grid(self.head)
-        cv = nested_cv(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta)
+        final = None
+        if self.engine == "reference":
+            X, self.projection_ = fs.X, None
+            if self.max_dims is not None and X.shape[1] > self.max_dims:
+                # data-independent (drawn from the seed and the width only), so applying it to every
+                # row before the splits cannot leak; it keeps inner-CV fits cheap on --pool concat
+                self.projection_ = GaussianRandomProjection(self.max_dims, random_state=self.seed).fit(X[:1])
+                X = self.projection_.transform(X).astype(np.float32)
+            cv = nested_cv(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta)
+        else:
+            # only the rows a fit trains on or a score uses are projected (the same matrix product
+            # row by row); the projection and its product are cached on ``fs`` for the next head
+            rows = None if (self.tta or self.train_views == "all") else (meta["view"] == "orig").to_numpy()
+            X, self.projection_ = projected(fs, self.max_dims, self.seed, rows)
+            cv, final = nested_cv_fast(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta,
+                                       final_head=self.final_head, n_jobs=self.n_jobs, progress=progress)  # fmt: skip
         self.features_ = fs
         self.plan_ = plan
         self.grid_ = grid
@@ -79,16 +98,17 @@ class ProbeRun:
         self.evaluation_ = evaluate(
             cv.predictions, meta, plan, tta=self.tta, n_boot=self.n_boot, seed=self.seed
         )
-        self.final_ = self._final_head(make, grid, X, fs.meta) if self.final_head else None
+        self.final_ = self._final_head(make, grid, X, fs.meta, final) if self.final_head else None
         self.seconds_ = time.perf_counter() - t0
         return self
 
-    def _final_head(self, make, grid, X, meta):
-        """Refit on every donor, hyperparameters chosen by leave-one-donor-out on all of them."""
+    def _final_head(self, make, grid, X, meta, final=None):
+        """Refit on every donor, hyperparameters chosen by leave-one-donor-out on all of them
+        (``final``: that search's ``(best, scores)``, already run by the fast engine)."""
         is_orig = (meta["view"] == "orig").to_numpy()
         keep = np.arange(len(meta)) if self.train_views == "all" else np.flatnonzero(is_orig)
         y = meta["label"].to_numpy()
-        best, _ = inner_search(make, grid, X, y, meta, keep, is_orig)
+        best, _ = final if final is not None else inner_search(make, grid, X, y, meta, keep, is_orig)
         model = make(**best).fit(X[keep], y[keep])
         if self.projection_ is not None:
             model = Pipeline([("project", self.projection_), ("head", model)])
