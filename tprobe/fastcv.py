@@ -24,8 +24,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -99,7 +99,14 @@ class _Fits:
     """Each distinct (fit, training rows) once; predictions kept for the rows asked of it."""
 
     def __init__(self, make, fit_grid, where, X, y, n_jobs):
-        self.make, self.fit_grid, self.where, self.X, self.y, self.n_jobs = make, fit_grid, where, X, y, n_jobs
+        self.make, self.fit_grid, self.where, self.X, self.y, self.n_jobs = (
+            make,
+            fit_grid,
+            where,
+            X,
+            y,
+            n_jobs,
+        )
         self.wanted: dict[tuple, dict] = {}  # key -> {"train", "rows": set, "outputs": set}
         self.done: dict[tuple, tuple[np.ndarray, dict]] = {}  # key -> (rows, {output: proba})
 
@@ -125,8 +132,15 @@ class _Fits:
                 jobs.append((k, rows, sorted(w["outputs"], key=repr)))
             n_jobs = min(self.n_jobs, len(jobs)) if self.n_jobs > 0 else self.n_jobs
             outs = Parallel(n_jobs=n_jobs)(
-                delayed(_fit_and_predict)(self.make, self.fit_grid[self.wanted[k]["j"]], self.X, self.y,
-                                          self.wanted[k]["train"], rows, outputs)  # fmt: skip
+                delayed(_fit_and_predict)(
+                    self.make,
+                    self.fit_grid[self.wanted[k]["j"]],
+                    self.X,
+                    self.y,
+                    self.wanted[k]["train"],
+                    rows,
+                    outputs,
+                )  # fmt: skip
                 for k, rows, outputs in jobs
             )
             for (k, rows, _), out in zip(jobs, outs, strict=True):
@@ -160,7 +174,9 @@ def _choose(grid, reqs, fits, y):
     for g, tr, va in reqs:
         aps[g].append(float(average_precision_score(y[va], fits.proba(g, tr, va))))
     scores = {str(p): float(np.mean(aps[g])) if aps[g] else float("nan") for g, p in enumerate(grid)}
-    best = max(range(len(grid)), key=lambda g: -np.inf if np.isnan(scores[str(grid[g])]) else scores[str(grid[g])])
+    best = max(
+        range(len(grid)), key=lambda g: -np.inf if np.isnan(scores[str(grid[g])]) else scores[str(grid[g])]
+    )
     return best, scores
 
 
