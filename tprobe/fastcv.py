@@ -37,8 +37,11 @@ from tprobe.evaluate import CVResult, Fold, _score_rows
 __all__ = ["FoldProgress", "nested_cv_fast", "PATH_PARAMS"]
 log = logging.getLogger(__name__)
 
-# grid axes scored as prefixes of one fit: name -> how to predict with the first k units
+# grid axes scored as prefixes of one fit (predict with the first k trees)
 PATH_PARAMS = ("clf__n_estimators",)
+# grid axes fitted in one job along the path of values, each fit warm-started from the previous one
+# (ascending: the most regularised fit first); equal to separate fits up to the solver's tolerance
+WARM_PARAMS = ("clf__C",)
 
 
 @dataclass
@@ -63,7 +66,7 @@ def _split_path(grid: list[dict]) -> tuple[list[dict], dict[int, tuple[int, str 
     (fit index, path parameter name, its value)."""
     fits, where, index = [], {}, {}
     for i, params in enumerate(grid):
-        name = next((p for p in PATH_PARAMS if p in params), None)
+        name = next((p for p in PATH_PARAMS + WARM_PARAMS if p in params), None)
         rest = {k: v for k, v in params.items() if k != name}
         key = repr(sorted(rest.items()))
         if key not in index:
@@ -77,7 +80,7 @@ def _split_path(grid: list[dict]) -> tuple[list[dict], dict[int, tuple[int, str 
 
 
 def _predict(model, X: np.ndarray, name: str | None, value) -> np.ndarray:
-    if name is None:
+    if name is None or name in WARM_PARAMS:
         return model.predict_proba(X)[:, 1]
     scaled = model[:-1].transform(X) if len(model) > 1 else X
     return model[-1].predict_proba(scaled, iteration_range=(0, int(value)))[:, 1]
@@ -86,8 +89,18 @@ def _predict(model, X: np.ndarray, name: str | None, value) -> np.ndarray:
 def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
     """Fit one head; return ``{(name, value): proba over rows}`` for each requested output."""
     model = make(**params)
-    model.fit(X[train], y[train])
-    Xr = X[rows]
+    Xr, Xt, yt = X[rows], X[train], y[train]
+    warm = [v for name, v in outputs if name in WARM_PARAMS]
+    if warm:
+        name = next(n for n, _ in outputs if n in WARM_PARAMS)
+        if hasattr(model[-1], "warm_start"):
+            model.set_params(clf__warm_start=True)
+        out = {}
+        for v in sorted(warm):
+            model.set_params(**{name: v}).fit(Xt, yt)
+            out[(name, v)] = model.predict_proba(Xr)[:, 1].astype(np.float64)
+        return out
+    model.fit(Xt, yt)
     return {out: _predict(model, Xr, *out).astype(np.float64) for out in outputs}
 
 
