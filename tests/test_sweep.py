@@ -103,7 +103,8 @@ def test_wide_inputs_are_projected_once_per_feature_set_and_match_the_reference(
     ref = ProbeRun(head="logreg", engine="reference", max_dims=16, n_boot=20, final_head=False).fit(fs)
     fast = ProbeRun(head="logreg", max_dims=16, n_boot=20).fit(fs)
     assert fast.projection_ is fs._projections[(16, 0)][0]
-    np.testing.assert_allclose(fast.predictions_["p_activated"], ref.predictions_["p_activated"], atol=1e-5)
+    # (logreg's C path is warm-started: equal up to the solver's tolerance)
+    np.testing.assert_allclose(fast.predictions_["p_activated"], ref.predictions_["p_activated"], atol=2e-3)
     # a predict-time pipeline of projection + head, as before
     assert fast.final_["model"].predict_proba(fs.X).shape == (len(fs.X), 2)
 
