@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -72,11 +73,18 @@ def main():
     from tprobe.sweep import run_sweep, store_sources
 
     store = build_store(args.folder)
+
+    def report(ev):  # one line per finished run, as it happens (stderr, so the table stays clean)
+        if ev.kind == "run":
+            auc = ev.run.summary_["roc_auc"]["mean"]
+            print(f"  {ev.source:9s} {ev.head:8s} AUC {auc:.3f}  {ev.run.seconds_:6.1f} s", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
     heads, pools = args.heads.split(","), args.pools.split(",")
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
-        res = run_sweep(store_sources(store, pools), heads, out=out,
+        res = run_sweep(store_sources(store, pools), heads, out=out, progress=report,
                         probe_kwargs={"engine": args.engine, "n_jobs": args.n_jobs})  # fmt: skip
         wall = time.perf_counter() - t0
     rows = []
