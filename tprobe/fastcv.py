@@ -115,15 +115,9 @@ def _key(j: int, train: np.ndarray) -> tuple[int, str]:
 class _Fits:
     """Each distinct (fit, training rows) once; predictions kept for the rows asked of it."""
 
-    def __init__(self, make, fit_grid, where, X, y, n_jobs):
-        self.make, self.fit_grid, self.where, self.X, self.y, self.n_jobs = (
-            make,
-            fit_grid,
-            where,
-            X,
-            y,
-            n_jobs,
-        )
+    def __init__(self, make, fit_grid, where, X, y, n_jobs, backend="threading"):
+        self.make, self.fit_grid, self.where, self.X, self.y = make, fit_grid, where, X, y
+        self.n_jobs, self.backend = n_jobs, backend
         self.wanted: dict[tuple, dict] = {}  # key -> {"train", "rows": set, "outputs": set}
         self.done: dict[tuple, tuple[np.ndarray, dict]] = {}  # key -> (rows, {output: proba})
 

@@ -109,7 +109,13 @@ class ProbeRun:
         keep = np.arange(len(meta)) if self.train_views == "all" else np.flatnonzero(is_orig)
         y = meta["label"].to_numpy()
         best, _ = final if final is not None else inner_search(make, grid, X, y, meta, keep, is_orig)
-        model = make(**best).fit(X[keep], y[keep])
+        if self.engine == "fast":
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(1):  # as the engine's fits: BLAS threads only spin on small problems
+                model = make(**best).fit(X[keep], y[keep])
+        else:
+            model = make(**best).fit(X[keep], y[keep])
         if self.projection_ is not None:
             model = Pipeline([("project", self.projection_), ("head", model)])
         return {"model": model, "params": best}
