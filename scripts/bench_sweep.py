@@ -65,7 +65,10 @@ def main():
     ap.add_argument("--engine", choices=["fast", "reference"], default="fast")
     ap.add_argument("--heads", default="logreg,mlp,xgboost")
     ap.add_argument("--pools", default="cls,mean,registers,cls+mean,concat")
-    ap.add_argument("--n-jobs", type=int, default=2, help="worker processes of the fast engine")
+    ap.add_argument("--n-jobs", type=int, default=2, help="worker threads of the fast engine")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="summary.parquet of an earlier sweep of the same store to compare with "
+                         "(default: the README figures, from another build of the store)")  # fmt: skip
     args = ap.parse_args()
 
     import pandas as pd
@@ -87,9 +90,13 @@ def main():
         res = run_sweep(store_sources(store, pools), heads, out=out, progress=report,
                         probe_kwargs={"engine": args.engine, "n_jobs": args.n_jobs})  # fmt: skip
         wall = time.perf_counter() - t0
+    before = BEFORE
+    if args.before is not None:
+        b = pd.read_parquet(args.before)
+        before = {(r.pool, r.head): (r.roc_auc_mean, r.seconds) for r in b.itertuples()}
     rows = []
     for r in res.summary.itertuples():
-        auc0, s0 = BEFORE.get((r.pool, r.head), (float("nan"), float("nan")))
+        auc0, s0 = before.get((r.pool, r.head), (float("nan"), float("nan")))
         rows.append({"pool": r.pool, "head": r.head, "roc_auc_mean": r.roc_auc_mean, "before": auc0,
                      "delta": r.roc_auc_mean - auc0, "seconds": r.seconds, "before_s": s0})  # fmt: skip
     table = pd.DataFrame(rows)
@@ -102,7 +109,9 @@ def main():
     fits = table["seconds"].sum()
     print(
         f"sweep wall time {wall:.1f} s (runs {fits:.1f} s; pooling, saving and plots the rest); "
-        f"before: {BEFORE_TOTAL_S:.0f} s for the whole command; worst AUC delta {table['delta'].min():+.3f}"
+        f"before: runs {table['before_s'].sum():.1f} s"
+        + (f", {BEFORE_TOTAL_S:.0f} s for the whole command" if args.before is None else "")
+        + f"; worst AUC delta {table['delta'].min():+.3f}"
     )
 
 
