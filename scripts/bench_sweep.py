@@ -86,10 +86,10 @@ def main():
     heads, pools = args.heads.split(","), args.pools.split(",")
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as out:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = run_sweep(store_sources(store, pools), heads, out=out, progress=report,
                         probe_kwargs={"engine": args.engine, "n_jobs": args.n_jobs})  # fmt: skip
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0  # fits run in threads: all counted
     before = BEFORE
     if args.before is not None:
         b = pd.read_parquet(args.before)
@@ -108,7 +108,7 @@ def main():
         print(table.to_string(index=False))
     fits = table["seconds"].sum()
     print(
-        f"sweep wall time {wall:.1f} s (runs {fits:.1f} s; pooling, saving and plots the rest); "
+        f"sweep wall time {wall:.1f} s, CPU {cpu:.1f} s (runs {fits:.1f} s; pooling, saving and plots the rest); "
         f"before: runs {table['before_s'].sum():.1f} s"
         + (f", {BEFORE_TOTAL_S:.0f} s for the whole command" if args.before is None else "")
         + f"; worst AUC delta {table['delta'].min():+.3f}"
