@@ -11,6 +11,8 @@ Same protocol, same answers, fewer and better-spread fits:
   ``clf__n_estimators`` (the first *k* trees of a 200-tree model are the 50-tree model) - is fitted
   once at its largest value and scored at every value (``iteration_range``), so the inner search
   chooses the number of trees at the cost of one fit.
+- **Warm paths.** Logistic regression's ``clf__C`` values of one training set are fitted in one job,
+  ascending, each warm-started from the last (equal to separate fits up to lbfgs's tolerance).
 - **Parallel batches, one BLAS thread.** The fits of each outer fold run as one joblib batch over
   ``n_jobs`` threads (XGBoost and the BLAS calls of the MLP release the GIL; no process start-up, no
   copies of ``X``) with BLAS limited to one thread: on a busy 2-core machine, BLAS threads on these
