@@ -57,8 +57,8 @@ class FoldProgress:
     step: int  # 1-based; the final head's search is len(plan) + 1
     n_steps: int
     label: str  # "fold 3/6 (donor_4)" or "final head (all donors)"
-    fits: int  # fits run in this step
-    reused: int  # fits this step needed that an earlier step had already run
+    fits: int  # training jobs run in this step (a warm C path counts once)
+    reused: int  # jobs this step needed that had already run (earlier folds', or its own refit)
     seconds: float
     best: dict | None = None
 
