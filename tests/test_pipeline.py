@@ -64,7 +64,7 @@ def test_token_selection_and_compression_are_keyed_and_recorded(tmp_path, small_
     assert set(store.shapes) == {"cls", "registers"} and store.attrs["compression"] == "none"
     np.testing.assert_array_equal(store.read("cls"), FeatureStore.open(full.path).read("cls"))
     assert from_store(slim.path, "registers").X.shape[1] == 32
-    with pytest.raises(TprobeError, match="needs patches tokens"):
+    with pytest.raises(TprobeError, match="need patches tokens"):
         from_store(slim.path, "mean")
 
 

@@ -477,12 +477,10 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
       tprobe probe --head all --pool all                      # the sweep, one table
       tprobe probe --features cellprofiler.csv --id-column FileName_NADH
     """
-    import pandas as pd
-
-    from tprobe.features import from_store, from_table
+    from tprobe.features import from_table
     from tprobe.heads import HEADS
-    from tprobe.probe import ProbeRun
     from tprobe.store import POOLS
+    from tprobe.sweep import run_sweep, store_sources
 
     heads = list(HEADS) if head == "all" else [head]
     pools = list(POOLS) if pool == "all" else [pool]
@@ -506,52 +504,33 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
             store = find_store(cache, pre, resolve_model(model, revision, offline=offline))
         elif data is not None:
             _check_store_matches(store, _prepare(data, prep, progress=False))
-        sources = [(p, lambda p: from_store(store, p)) for p in pools]
-    sweep = len(heads) * len(sources) > 1
-    base = out
-    if sweep:
-        from tprobe.runs import make_run_dir
+        sources = store_sources(store, pools)
 
-        base = make_run_dir(out, "sweep")
-    rows, last = [], None
-    for pool_name, load in sources:
-        try:
-            fs = load(pool_name)
-        except TprobeError as exc:
-            if not sweep:
-                raise
-            click.echo(f"skipping pool {pool_name}: {exc}", err=True)
-            continue
-        for h in heads:
-            click.echo(f"== {fs.name} · {h}: {len(fs.meta)} rows x {fs.X.shape[1]} features")
-            run = ProbeRun(head=h, split=split, test_donor=test_donor, n_splits=folds, tta=tta,
-                           train_views=train_views, penalty=penalty, seed=seed, n_boot=n_boot,
-                           final_head=not no_final_head).fit(fs)  # fmt: skip
-            last = run.save(base, f"{fs.name}-{h}")
+    def report(ev):
+        if ev.kind == "skip":
+            click.echo(ev.message, err=True)
+        elif ev.kind == "start":
+            click.echo(f"== {ev.features.name} · {ev.head}: {ev.message}")
+        elif ev.kind == "fold":
+            click.echo(f"   {ev.message}", err=True)  # one line per outer fold, readable in logs
+        elif ev.kind == "run":
+            run = ev.run
             _echo_table(run.table())
             chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in run.chosen_)
-            how = sorted({c["selection"] for c in run.chosen_})
+            how = sorted({c.get("selection", "chosen by inner donor CV (mean AP)") for c in run.chosen_})
             click.echo(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
-            s = run.summary_
-            rows.append({"features": fs.source.get("model", fs.name), "pool": fs.source.get("pool", "table"),
-                         "head": h, **{f"{m}_{k}": s[m][k] for m in ("roc_auc", "average_precision", "accuracy")
-                                        for k in ("mean", "sd")},
-                         "freq_roc_auc": run.reference_["frequency"]["roc_auc"]["mean"],
-                         "seconds": round(run.seconds_, 1), "run": last.name})  # fmt: skip
-            click.echo(f"   {run.seconds_:.1f} s; run dir {last}")
-    if sweep:
-        from tprobe.plots import sweep_bars
-        from tprobe.runs import write_json
+            click.echo(f"   {ev.message}")
 
-        summary = pd.DataFrame(rows)
-        summary.to_parquet(base / "summary.parquet", index=False)
-        write_json(base / "summary.json", summary.to_dict("records"))
-        sweep_bars(summary, base / "sweep_auc.png")
+    res = run_sweep(sources, heads, out=out, progress=report,
+                    probe_kwargs=dict(split=split, test_donor=test_donor, n_splits=folds, tta=tta,
+                                      train_views=train_views, penalty=penalty, seed=seed, n_boot=n_boot,
+                                      final_head=not no_final_head))  # fmt: skip
+    if res.is_sweep:
         click.echo("== sweep summary (mean over held-out donors)")
-        _echo_table(summary.drop(columns=["run", "features"]))
-        last = base
-    if last is not None:
-        click.echo(str(last))
+        _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
+        click.echo(f"   sweep wall time {res.seconds:.1f} s")
+    if res.runs or res.is_sweep:
+        click.echo(str(res.out))
 
 
 def _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache, offline,

@@ -29,6 +29,7 @@ __all__ = [
     "HEADS",
     "make_head",
     "param_grid",
+    "projection",
     "save_head",
     "load_head_file",
     "TRUSTED_TYPES",
@@ -160,7 +161,9 @@ def make_head(name: str, *, seed: int = 0, class_weight: str | None = "balanced"
     else:
         from xgboost import XGBClassifier
 
-        clf = XGBClassifier(n_estimators=200, learning_rate=0.1, max_depth=3, tree_method="hist",
+        # 32 histogram bins, not 256: ~6x faster on a few hundred training rows x 2048 features,
+        # with sweep AUCs within 0.01 of 256 bins (NOTES-sweep.md)
+        clf = XGBClassifier(n_estimators=200, learning_rate=0.1, max_depth=3, tree_method="hist", max_bin=32,
                             subsample=0.8, colsample_bytree=0.5, n_jobs=n_jobs, random_state=seed,
                             eval_metric="logloss")  # fmt: skip
     steps.append(("clf", clf))
@@ -175,6 +178,16 @@ def param_grid(name: str) -> list[dict]:
     if not grid:
         return [{}]
     return [dict(zip(grid, combo, strict=True)) for combo in itertools.product(*grid.values())]
+
+
+def projection(n_features: int, n_components: int, seed: int):
+    """The fixed Gaussian random projection for wide inputs, determined by (width, components, seed) alone:
+    a run records those three numbers and rebuilds it, never stores it."""
+    from sklearn.random_projection import GaussianRandomProjection
+
+    return GaussianRandomProjection(n_components, random_state=seed).fit(
+        np.zeros((1, n_features), np.float32)
+    )
 
 
 def save_head(model, path: str | Path) -> Path:

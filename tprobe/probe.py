@@ -8,6 +8,7 @@ by the same inner search) for ``tprobe predict``.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -15,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.pipeline import Pipeline
-from sklearn.random_projection import GaussianRandomProjection
 
 from tprobe.errors import TprobeError
 from tprobe.evaluate import (
@@ -25,19 +25,14 @@ from tprobe.evaluate import (
     nested_cv,
     split_plan,
 )
+from tprobe.fastcv import FoldProgress, nested_cv_fast, projected
 from tprobe.features import FeatureSet
-from tprobe.heads import HEADS, load_head_file, make_head, param_grid, save_head
+from tprobe.heads import HEADS, load_head_file, make_head, param_grid, projection, save_head
 from tprobe.runs import RunRecord, make_run_dir, save_run
 
-__all__ = ["ProbeRun", "load_head", "projection"]
+__all__ = ["ProbeRun", "load_head", "projection", "ENGINES"]
 HEAD_FILE = "head.skops"
-
-
-def projection(n_features: int, n_components: int, seed: int) -> GaussianRandomProjection:
-    """The fixed Gaussian random projection for wide inputs: determined by (width, components, seed)."""
-    return GaussianRandomProjection(n_components, random_state=seed).fit(
-        np.zeros((1, n_features), np.float32)
-    )
+ENGINES = ("fast", "reference")
 
 
 def load_head(run: str | Path):
@@ -73,14 +68,20 @@ class ProbeRun:
     n_boot: int = 2000
     final_head: bool = True
     max_dims: int | None = 2048  # wider inputs get a fixed random projection to this width; None = never
+    engine: str = "fast"  # "fast" (tprobe.fastcv: shared, parallel fits) or "reference" (evaluate.nested_cv)
+    n_jobs: int = 2  # worker processes for the fits (each fit single-threaded)
 
     def _validate(self):
         if self.head not in HEADS:
             raise TprobeError(f"head {self.head!r} is not one of {', '.join(HEADS)}")
         if self.train_views not in ("all", "orig"):
             raise TprobeError(f"train_views {self.train_views!r} is not 'all' or 'orig'")
+        if self.engine not in ENGINES:
+            raise TprobeError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
 
-    def fit(self, fs: FeatureSet) -> ProbeRun:
+    def fit(self, fs: FeatureSet, *, progress: Callable[[FoldProgress], None] | None = None) -> ProbeRun:
+        """Nested CV, evaluation and (``final_head``) the final head; ``progress`` gets one
+        :class:`~tprobe.fastcv.FoldProgress` per outer fold (fast engine only)."""
         self._validate()
         t0 = time.perf_counter()
         meta = fs.meta
@@ -88,15 +89,24 @@ class ProbeRun:
             raise TprobeError("the data has one class only; a probe needs activated and quiescent cells")
         plan = split_plan(meta, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
         check_plan(plan, meta)
-        X, self.projection_ = fs.X, None
-        if self.max_dims is not None and X.shape[1] > self.max_dims:
-            # data-independent (drawn from the seed and the width only), so applying it to every
-            # row before the splits cannot leak; it keeps inner-CV fits cheap on --pool concat
-            self.projection_ = projection(X.shape[1], self.max_dims, self.seed)
-            X = self.projection_.transform(X).astype(np.float32)
         make = partial(make_head, self.head, seed=self.seed, penalty=self.penalty)
         grid = param_grid(self.head)
-        cv = nested_cv(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta)
+        final = None
+        if self.engine == "reference":
+            X, self.projection_ = fs.X, None
+            if self.max_dims is not None and X.shape[1] > self.max_dims:
+                # data-independent (drawn from the seed and the width only), so applying it to every
+                # row before the splits cannot leak; it keeps inner-CV fits cheap on --pool concat
+                self.projection_ = projection(X.shape[1], self.max_dims, self.seed)
+                X = self.projection_.transform(X).astype(np.float32)
+            cv = nested_cv(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta)
+        else:
+            # only the rows a fit trains on or a score uses are projected (the same matrix product
+            # row by row); the projection and its product are cached on ``fs`` for the next head
+            rows = None if (self.tta or self.train_views == "all") else (meta["view"] == "orig").to_numpy()
+            X, self.projection_ = projected(fs, self.max_dims, self.seed, rows)
+            cv, final = nested_cv_fast(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta,
+                                       final_head=self.final_head, n_jobs=self.n_jobs, progress=progress)  # fmt: skip
         self.features_ = fs
         self.plan_ = plan
         self.grid_ = grid
@@ -104,17 +114,24 @@ class ProbeRun:
         self.evaluation_ = evaluate(
             cv.predictions, meta, plan, tta=self.tta, n_boot=self.n_boot, seed=self.seed
         )
-        self.final_ = self._final_head(make, grid, X, fs.meta) if self.final_head else None
+        self.final_ = self._final_head(make, grid, X, fs.meta, final) if self.final_head else None
         self.seconds_ = time.perf_counter() - t0
         return self
 
-    def _final_head(self, make, grid, X, meta):
-        """Refit on every donor, hyperparameters chosen by leave-one-donor-out on all of them."""
+    def _final_head(self, make, grid, X, meta, final=None):
+        """Refit on every donor, hyperparameters chosen by leave-one-donor-out on all of them
+        (``final``: that search's ``(best, scores)``, already run by the fast engine)."""
         is_orig = (meta["view"] == "orig").to_numpy()
         keep = np.arange(len(meta)) if self.train_views == "all" else np.flatnonzero(is_orig)
         y = meta["label"].to_numpy()
-        best, _ = inner_search(make, grid, X, y, meta, keep, is_orig)
-        head = make(**best).fit(X[keep], y[keep])
+        best, _ = final if final is not None else inner_search(make, grid, X, y, meta, keep, is_orig)
+        if self.engine == "fast":
+            from threadpoolctl import threadpool_limits
+
+            with threadpool_limits(1):  # as the engine's fits: BLAS threads only spin on small problems
+                head = make(**best).fit(X[keep], y[keep])
+        else:
+            head = make(**best).fit(X[keep], y[keep])
         model = (
             head if self.projection_ is None else Pipeline([("project", self.projection_), ("head", head)])
         )
@@ -145,7 +162,8 @@ class ProbeRun:
         fs = self.features_
         options = {"head": self.head, "split": self.split, "test_donor": self.test_donor, "n_splits": self.n_splits,
                    "tta": self.tta, "train_views": self.train_views, "penalty": self.penalty,
-                   "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot, **(extra or {})}  # fmt: skip
+                   "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot, "engine": self.engine,
+                   **(extra or {})}  # fmt: skip
         p = self.projection_
         proj = None if p is None else {"method": "gaussian", "n_components": int(p.n_components_),
                                        "n_features": int(p.n_features_in_), "seed": self.seed}  # fmt: skip

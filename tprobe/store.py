@@ -420,14 +420,21 @@ class FeatureStore:
 
     def pooled(self, pool: str = "cls") -> np.ndarray:
         """Pool tokens into one float32 vector per row (:func:`tprobe.tokens.pool_tokens`), chunk by chunk."""
-        check_pool(pool, self.num_registers)
-        need = [t for t in POOL_NEEDS[pool] if not (t == "registers" and not self.num_registers)]
-        missing = [t for t in need if t not in self.shapes]
+        return self.pooled_many([pool])[pool]
+
+    def pooled_many(self, pools) -> dict[str, np.ndarray]:
+        """Several poolings from ONE pass over the store (each chunk read and decoded once)."""
+        need = set()
+        for pool in pools:
+            check_pool(pool, self.num_registers)
+            need |= {t for t in POOL_NEEDS[pool] if not (t == "registers" and not self.num_registers)}
+        missing = sorted(need - set(self.shapes))
         if missing:
-            raise TprobeError(f"{self.path}: pool {pool!r} needs {', '.join(missing)} tokens, which this store "
-                              f"does not hold (it holds {', '.join(self.shapes)}); re-extract with --tokens")  # fmt: skip
-        parts = []
-        for _, t in self.iter_units(need):
+            raise TprobeError(f"{self.path}: pool(s) {', '.join(pools)} need {', '.join(missing)} tokens, which this "
+                              f"store does not hold (it holds {', '.join(self.shapes)}); re-extract with --tokens")  # fmt: skip
+        parts: dict[str, list] = {p: [] for p in pools}
+        for _, t in self.iter_units([n for n in TOKENS if n in need]):
             t = {k: v.astype(np.float32) for k, v in t.items()}
-            parts.append(pool_tokens(t.get("cls"), t.get("registers"), t.get("patches"), pool))
-        return np.concatenate(parts, 0)
+            for p in pools:
+                parts[p].append(pool_tokens(t.get("cls"), t.get("registers"), t.get("patches"), p))
+        return {p: np.concatenate(v, 0) for p, v in parts.items()}

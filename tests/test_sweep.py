@@ -1,0 +1,158 @@
+"""The fast nested-CV engine against the reference one, and sweeps through the library call."""
+
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tprobe.evaluate import nested_cv, split_plan
+from tprobe.fastcv import FoldProgress, nested_cv_fast
+from tprobe.features import FeatureSet, from_store
+from tprobe.heads import make_head
+from tprobe.probe import ProbeRun
+from tprobe.store import POOLS
+from tprobe.sweep import pool_store, run_sweep
+
+
+def synthetic(n_donors=4, cells=30, views=("orig", "flip"), n_features=12, seed=0, pool="syn") -> FeatureSet:
+    """Cells with a weak label signal in a few features, a per-donor shift, and augmented views."""
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    for d in range(1, n_donors + 1):
+        shift = rng.normal(0, 0.5, n_features)
+        for c in range(cells):
+            label = int(rng.random() < 0.3 + 0.1 * d)
+            base = rng.normal(0, 1, n_features) + shift
+            base[:3] += 0.9 * label
+            for v in views:
+                X.append(base + rng.normal(0, 0.3, n_features))
+                rows.append({"image_id": f"d{d}c{c}-{v}", "path": f"donor_{d}/c{c}.png", "label": label,
+                             "donor": f"donor_{d}", "group": f"d{d}c{c}", "view": v})  # fmt: skip
+    meta = pd.DataFrame(rows)
+    return FeatureSet(np.asarray(X, np.float32), meta, {"name": f"synthetic-{pool}", "pool": pool})
+
+
+def _both(head, grid, fs, **kw):
+    make = partial(make_head, head, seed=0)
+    plan = split_plan(fs.meta)
+    ref = nested_cv(make, grid, fs.X, fs.meta, plan, n_jobs=1, **kw)
+    events = []
+    fast, final = nested_cv_fast(make, grid, fs.X, fs.meta, plan, n_jobs=2, progress=events.append, **kw)
+    return ref, fast, final, events, plan
+
+
+@pytest.mark.parametrize("head, grid", [
+    # C is a warm path: one job fits C ascending, each warm-started (equal up to the solver's tolerance)
+    ("logreg", [{"clf__C": 0.01}, {"clf__C": 0.1}, {"clf__C": 1.0}]),
+    ("mlp", [{"clf__alpha": 1e-3}, {"clf__alpha": 1e-1}]),
+    # n_estimators is a path parameter: fitted once at 40 trees, scored at 10/20/40 via iteration_range
+    ("xgboost", [{"clf__max_depth": d, "clf__n_estimators": n} for d in (2, 3) for n in (10, 20, 40)]),
+])  # fmt: skip
+@pytest.mark.parametrize("tta", [False, True])
+def test_fast_engine_matches_the_reference(head, grid, tta):
+    fs = synthetic()
+    ref, fast, final, events, plan = _both(head, grid, fs, tta=tta)
+    tol = 2e-3 if head == "logreg" else 1e-6  # exact fits but for the warm-started C path
+    assert [c["params"] for c in fast.chosen] == [c["params"] for c in ref.chosen]
+    for a, b in zip(ref.chosen, fast.chosen, strict=True):
+        assert a["inner_ap"].keys() == b["inner_ap"].keys()
+        np.testing.assert_allclose(list(a["inner_ap"].values()), list(b["inner_ap"].values()), atol=tol)
+    pd.testing.assert_frame_equal(ref.predictions.drop(columns="p_activated"),
+                                  fast.predictions.drop(columns="p_activated"))  # fmt: skip
+    np.testing.assert_allclose(fast.predictions["p_activated"], ref.predictions["p_activated"], atol=tol)
+    # scored rows are original views only, whatever tta does to their probabilities
+    assert set(fast.predictions["image_id"].str.endswith("-orig")) == {True}
+    # one progress report per outer fold, then the final head's search
+    assert [e.step for e in events] == list(range(1, len(plan) + 2))
+    assert all(isinstance(e, FoldProgress) and e.seconds >= 0 for e in events)
+    assert "fold 1/4 (donor_1)" in str(events[0])
+
+
+def test_fast_engine_shares_fits_and_its_final_search_matches_the_reference():
+    fs = synthetic()
+    grid = [{"clf__alpha": 1e-3}, {"clf__alpha": 1e-1}]
+    _, _, final, events, plan = _both("mlp", grid, fs)
+    from tprobe.evaluate import inner_search
+
+    make = partial(make_head, "mlp", seed=0)
+    is_orig = (fs.meta["view"] == "orig").to_numpy()
+    best, scores = inner_search(make, grid, fs.X, fs.meta["label"].to_numpy(), fs.meta,
+                                np.flatnonzero(is_orig), is_orig, n_jobs=1)  # fmt: skip
+    assert final[0] == best
+    np.testing.assert_allclose(list(final[1].values()), list(scores.values()), atol=1e-9)
+    # 4 donors x 2 grid points: 6 donor pairs + 4 single-donor fits per grid point = 20 distinct fits,
+    # where the reference makes 4 folds x (3 inner x 2 + 1 refit) + 4 x 2 final-search fits = 36
+    assert sum(e.fits for e in events) == 20
+    assert events[-1].fits == 0  # the final search reuses the outer folds' fits
+
+
+def test_probe_run_engines_agree_and_keep_the_public_results():
+    fs = synthetic(n_donors=3)
+    runs = {e: ProbeRun(head="xgboost", engine=e, n_boot=50).fit(fs) for e in ("reference", "fast")}
+    ref, fast = runs["reference"], runs["fast"]
+    np.testing.assert_allclose(fast.per_donor_["roc_auc"], ref.per_donor_["roc_auc"], atol=1e-9)
+    assert fast.final_["params"] == ref.final_["params"]
+    np.testing.assert_allclose(fast.final_["model"].predict_proba(fs.X), ref.final_["model"].predict_proba(fs.X),
+                               atol=1e-6)  # fmt: skip
+    assert fast.summary_ == ref.summary_ and fast.reference_ == ref.reference_
+
+
+def test_wide_inputs_are_projected_once_per_feature_set_and_match_the_reference():
+    fs = synthetic(n_donors=3, n_features=40)
+    ref = ProbeRun(head="logreg", engine="reference", max_dims=16, n_boot=20, final_head=False).fit(fs)
+    fast = ProbeRun(head="logreg", max_dims=16, n_boot=20).fit(fs)
+    assert fast.projection_ is fs._projections[(16, 0)][0]
+    # (logreg's C path is warm-started: equal up to the solver's tolerance)
+    np.testing.assert_allclose(fast.predictions_["p_activated"], ref.predictions_["p_activated"], atol=2e-3)
+    # a predict-time pipeline of projection + head, as before
+    assert fast.final_["model"].predict_proba(fs.X).shape == (len(fs.X), 2)
+
+
+def test_run_sweep_writes_run_dirs_and_a_summary(tmp_path):
+    sources = [(p, lambda p: synthetic(n_donors=3, seed=len(p), pool=p)) for p in ("a", "bb")]
+    events = []
+    res = run_sweep(sources, ["logreg", "xgboost"], out=tmp_path, progress=events.append,
+                    probe_kwargs={"n_boot": 20})  # fmt: skip
+    assert res.is_sweep and res.out.parent == tmp_path and res.out.name.endswith("-sweep")
+    summary = pd.read_parquet(res.out / "summary.parquet")
+    assert len(summary) == 4 and list(summary["head"]) == ["logreg", "xgboost"] * 2
+    assert (res.out / "sweep_auc.png").exists() and (res.out / "summary.json").exists()
+    for path in res.runs:
+        for f in ("config.json", "metrics.json", "predictions.parquet", "per_donor.parquet", "head.joblib"):
+            assert (path / f).exists(), (path, f)
+    # each run's summary row is that run's own metrics, equal to a run fitted on its own
+    alone = ProbeRun(head="xgboost", n_boot=20).fit(synthetic(n_donors=3, seed=2, pool="bb"))
+    assert summary["roc_auc_mean"].iloc[3] == pytest.approx(alone.summary_["roc_auc"]["mean"])
+    kinds = [e.kind for e in events]
+    assert kinds.count("start") == kinds.count("run") == 4
+    assert kinds.count("fold") == 4 * (3 + 1)  # 3 outer folds + the final head's search, per run
+
+
+def test_run_sweep_skips_a_source_that_cannot_load(tmp_path):
+    from tprobe.errors import TprobeError
+
+    def broken(_):
+        raise TprobeError("no such pooling")
+
+    res = run_sweep([("bad", broken), ("ok", lambda _: synthetic(n_donors=3))], ["logreg"], out=tmp_path,
+                    probe_kwargs={"n_boot": 20, "final_head": False})  # fmt: skip
+    assert res.skipped == {"bad": "no such pooling"} and len(res.runs) == 1
+    with pytest.raises(TprobeError, match="no such pooling"):
+        run_sweep([("bad", broken)], ["logreg"], out=tmp_path)
+
+
+def test_pool_store_reads_once_and_equals_from_store(tmp_path, small_data, tiny_reg):
+    from tprobe.backbones import resolve_model
+    from tprobe.dataset import discover
+    from tprobe.extract import extract
+    from tprobe.preprocess import preprocess
+
+    path = extract(preprocess(discover(small_data)), resolve_model(str(tiny_reg)), cache=tmp_path,
+                   progress=False).path  # fmt: skip
+    pooled = pool_store(path, POOLS)
+    for p in POOLS:
+        ref = from_store(path, p)
+        np.testing.assert_array_equal(pooled[p].X, ref.X)
+        pd.testing.assert_frame_equal(pooled[p].meta, ref.meta)
+        assert pooled[p].source == ref.source
