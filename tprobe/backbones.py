@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,6 +241,29 @@ class Backbone:
     def layout(self, side: int) -> TokenLayout:
         """The token layout of a square input of ``side`` pixels."""
         return TokenLayout(self.hidden_size, self.num_registers, self.grid(side))
+
+    @contextmanager
+    def fixed_canvas(self, side: int):
+        """Within the block, the position embeddings are interpolated to ``side`` once, not on every call.
+
+        HF DINOv2 re-interpolates its 37 x 37 position grid (bicubic) on every forward for any other
+        input size; the cached result is the same tensor, so outputs are bit-identical. The original
+        parameter is restored on exit.
+        """
+        emb = getattr(self.model, "embeddings", None)
+        original = getattr(emb, "position_embeddings", None)
+        if original is None or not hasattr(emb, "interpolate_pos_encoding") or self.model.training:
+            yield self
+            return
+        g = self.grid(side)
+        with torch.no_grad():
+            dummy = torch.zeros(1, 1 + g * g, self.hidden_size, dtype=original.dtype, device=original.device)
+            cached = emb.interpolate_pos_encoding(dummy, side, side).detach().clone()
+        emb.position_embeddings = torch.nn.Parameter(cached, requires_grad=False)
+        try:
+            yield self
+        finally:
+            emb.position_embeddings = original
 
     def pixel_values(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, H, W) grey in [0, 1] -> (B, 3, H, W) normalised with the backbone's mean/std."""

@@ -269,7 +269,6 @@ def extract(
     workers = workers if workers is not None else (min(8, _cpus()) if dev.type == "cuda" else 0)
     loader = DataLoader(_Batches(kept, batches, pre.config), batch_size=None, shuffle=False, num_workers=workers,
                         pin_memory=dev.type == "cuda", prefetch_factor=4 if workers else None)  # fmt: skip
-    forward = _forward_fn(backbone, precision, compile)
     todo = sum(len(b) for b in batches)
     times = StageTimes()
     names = list(store.shapes)
@@ -279,23 +278,25 @@ def extract(
     buffer: dict[str, list] = {n: [] for n in names}
     ok = False
     try:
-        it = iter(loader)
-        for b in range(len(batches)):
-            tw = time.perf_counter()
-            images, decodes, read_s = next(it)
-            times.wait_data += time.perf_counter() - tw
-            times.read += read_s
-            times.decodes += decodes
-            tf = time.perf_counter()
-            hidden = forward(backbone.pixel_values(images.to(dev, non_blocking=True)))
-            parts = dict(zip(TOKENS, layout.split(hidden), strict=True))
-            for n in names:
-                buffer[n].append(parts[n].float().cpu().numpy())
-            times.forward += time.perf_counter() - tf
-            bar.update(len(images))
-            if b + 1 == len(batches) or owner[b + 1] != owner[b]:  # the unit is whole
-                times.wait_write += writer.put(owner[b], {n: np.concatenate(v) for n, v in buffer.items()})
-                buffer = {n: [] for n in names}
+        with backbone.fixed_canvas(pre.config.canvas):
+            forward = _forward_fn(backbone, precision, compile)
+            it = iter(loader)
+            for b in range(len(batches)):
+                tw = time.perf_counter()
+                images, decodes, read_s = next(it)
+                times.wait_data += time.perf_counter() - tw
+                times.read += read_s
+                times.decodes += decodes
+                tf = time.perf_counter()
+                hidden = forward(backbone.pixel_values(images.to(dev, non_blocking=True)))
+                parts = dict(zip(TOKENS, layout.split(hidden), strict=True))
+                for n in names:
+                    buffer[n].append(parts[n].float().cpu().numpy())
+                times.forward += time.perf_counter() - tf
+                bar.update(len(images))
+                if b + 1 == len(batches) or owner[b + 1] != owner[b]:  # the unit is whole
+                    times.wait_write += writer.put(owner[b], {n: np.concatenate(v) for n, v in buffer.items()})
+                    buffer = {n: [] for n in names}
         ok = True
     except torch.cuda.OutOfMemoryError:
         raise TprobeError(
