@@ -119,7 +119,7 @@ def test_run_sweep_writes_run_dirs_and_a_summary(tmp_path):
     assert len(summary) == 4 and list(summary["head"]) == ["logreg", "xgboost"] * 2
     assert (res.out / "sweep_auc.png").exists() and (res.out / "summary.json").exists()
     for path in res.runs:
-        for f in ("config.json", "metrics.json", "predictions.parquet", "per_donor.parquet", "head.joblib"):
+        for f in ("config.json", "metrics.json", "predictions.parquet", "per_donor.parquet", "head.skops"):
             assert (path / f).exists(), (path, f)
     # each run's summary row is that run's own metrics, equal to a run fitted on its own
     alone = ProbeRun(head="xgboost", n_boot=20).fit(synthetic(n_donors=3, seed=2, pool="bb"))
