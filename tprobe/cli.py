@@ -78,7 +78,8 @@ def data_options(f):
                      help="Image folder, CSV/Parquet manifest, or a `tprobe preprocess --out` folder "
                           "[default: bundled T-cell sample]."),
         click.option("--canvas", type=int, default=d.canvas, show_default=True,
-                     help="Square canvas side in px (a multiple of the patch size, 14)."),
+                     help="Square canvas side in px, a multiple of the model's patch size; left at the default "
+                          "it is rounded up to the patch size (144 for /16 models)."),
         click.option("--fit", type=click.Choice(["pad", "resize", "fill"]), default=d.fit, show_default=True,
                      help="pad: drop cells larger than the canvas; resize: shrink those; fill: scale every cell to fill it."),
         click.option("--views", type=click.Choice(["six", "dihedral8", "orig"]), default=d.views, show_default=True,
@@ -107,8 +108,11 @@ def data_options(f):
     return wrapper
 
 
-def _prepare(data, prep, *, progress=True):
-    """Discover + preprocess (or open a saved, verified ``tprobe preprocess --out`` folder); echo skipped files."""
+def _prepare(data, prep, *, progress=True, ref=None):
+    """Discover + preprocess (or open a saved, verified ``tprobe preprocess --out`` folder); echo skipped files.
+
+    With a model ``ref``, a --canvas left at its default is first rounded up to the model's patch size.
+    """
     from tprobe.dataset import discover
     from tprobe.preprocess import PreprocessConfig, Preprocessed, is_saved, preprocess
 
@@ -118,6 +122,12 @@ def _prepare(data, prep, *, progress=True):
             raise TprobeError(f"{data}: is a preprocessed folder with its own options; drop the preprocessing "
                               "options or pass the image folder as --data")  # fmt: skip
         return pre
+    if ref is not None:
+        from tprobe.backbones import fit_canvas
+
+        ctx = click.get_current_context(silent=True)
+        source = ctx.get_parameter_source("canvas") if ctx else None
+        prep = fit_canvas(prep, ref, user_set=source not in (None, click.core.ParameterSource.DEFAULT))
     pre = preprocess(discover(data), prep, progress=progress)
     for s in pre.skipped:
         click.echo(f"skipped: {s}", err=True)
@@ -201,11 +211,12 @@ def preprocess(data, prep, out, cache):
 @main.command()
 def models():
     """List the model aliases and the Hugging Face ids they map to."""
-    from tprobe.backbones import ALIASES
+    from tprobe.backbones import ALIASES, LAYOUT_TYPES
 
     for alias, hub in ALIASES.items():
         click.echo(f"{alias:20s} {hub}")
-    click.echo("Any other hub id (owner/name) or a local save_pretrained() folder works too.")
+    click.echo("Any other hub id (owner/name) or a local save_pretrained() folder of a ViT whose last_hidden_state "
+               f"is CLS + registers + a patch grid works too (model types: {', '.join(LAYOUT_TYPES)}).")  # fmt: skip
 
 
 # ---- extract on SLURM: one array job; task i runs this same command with --shard i/N --------------
@@ -266,6 +277,7 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
         cpus_per_task=slurm["cpus_per_task"], mem=slurm["mem"], account=slurm["account"],
         max_running=slurm["max_running"], extra=tuple(slurm["sbatch_option"]), slurm_dir=slurm["slurm_dir"],
     )  # fmt: skip
+    ctx.params["canvas"] = pre.config.canvas  # the (maybe rounded) canvas, so the tasks key the same store
     if p["precision"] == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here
         ctx.params["precision"] = "fp16" if slurm["gpus_per_task"] else "fp32"
     tokens = tuple(t.strip() for t in p["tokens"].split(",") if t.strip())
@@ -331,7 +343,7 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
 @click.pass_context
 def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_rows, device, precision,
             compile_, workers, tokens, compression, shard, offline, executor, shards, **slurm):  # fmt: skip
-    """Run every kept image view through a DINOv2 model once; store CLS, register, patch tokens.
+    """Run every kept image view through a ViT (DINOv2, DINOv3, ...) once; store CLS, register, patch tokens.
 
     The store lands under cache/<dataset>/<preprocess-hash>/<model>@<revision>/; its path is the
     last line of stdout. Rerunning resumes an interrupted run, or says "up to date".
@@ -349,8 +361,8 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
 
     if executor == "local" and shards:
         raise TprobeError("--shards N is for --executor slurm; one local worker takes --shard i/N")
-    pre = _prepare(data, prep, progress=False)
     ref = resolve_model(model, revision, offline=offline)
+    pre = _prepare(data, prep, progress=False, ref=ref)
     if executor == "slurm":
         return _extract_slurm(ctx, pre, ref, shard, shards, slurm)
     names = tuple(t.strip() for t in tokens.split(",") if t.strip())
@@ -502,8 +514,8 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
             from tprobe.backbones import resolve_model
             from tprobe.extract import find_store
 
-            pre = _prepare(data, prep, progress=False)
-            store = find_store(cache, pre, resolve_model(model, revision, offline=offline))
+            ref = resolve_model(model, revision, offline=offline)
+            store = find_store(cache, _prepare(data, prep, progress=False, ref=ref), ref)
         elif data is not None:
             _check_store_matches(store, _prepare(data, prep, progress=False))
         sources = [(p, lambda p: from_store(store, p)) for p in pools]
@@ -571,7 +583,12 @@ def _feature_sources(stores, models, revision, pool, features, id_column, exclud
         from tprobe.backbones import resolve_model
         from tprobe.extract import find_store
 
-        stores += [find_store(cache, prepared(), resolve_model(m, revision, offline=offline)) for m in models]
+        by_patch = {}  # a default canvas is rounded per patch size; preprocess once per patch size
+        for m in models:
+            ref = resolve_model(m, revision, offline=offline)
+            if ref.patch_size not in by_patch:
+                by_patch[ref.patch_size] = _prepare(data, prep, progress=False, ref=ref)
+            stores.append(find_store(cache, by_patch[ref.patch_size], ref))
     for st in stores:
         if data is not None:
             _check_store_matches(st, prepared())
@@ -871,8 +888,8 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr_head=lr_head, lr_backbone=lr_backbone,
                           weight_decay=weight_decay, patience=patience, pos_weight=pw, seed=seed,
                           precision=precision)  # fmt: skip
-    pre = _prepare(data, prep, progress=False)
     ref = resolve_model(model, revision, offline=offline)
+    pre = _prepare(data, prep, progress=False, ref=ref)
     job = FinetuneRun(ref, pool=pool, freeze=freeze, unfreeze_last=unfreeze_last, split=split,
                       test_donor=test_donor, device=device, train=cfg, data=str(data) if data else None)  # fmt: skip
     run = resume or make_run_dir(out, job.record(pre).name)
