@@ -988,5 +988,28 @@ def report(runs_dir, out):
         click.echo(str(p))
 
 
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["anndata", "parquet"]),
+    required=True,
+    help="anndata: .h5ad (obs, obsm X_<pool>, uns provenance); parquet: one list column per pooling.",
+)
+@click.argument("out", type=click.Path(path_type=Path))
+def export(store, to, out):
+    """Export a store's manifest and pooled features (cls, mean, registers, cls+mean) for other tools.
+
+    \b
+    Examples:
+      tprobe export cache/.../float16-fp32-1a2b3c4d.zarr --to anndata cells.h5ad
+      tprobe export cache/.../float16-fp32-1a2b3c4d.zarr --to parquet cells.parquet
+    """
+    from tprobe.interop import export as run_export
+
+    click.echo(str(run_export(store, to, out)))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
