@@ -152,3 +152,21 @@ def test_models_lists_the_new_aliases():
         assert alias in r.output and ALIASES[alias] in r.output
     assert ALIASES["dinov3-vits16"] == "facebook/dinov3-vits16-pretrain-lvd1689m"
     assert "dinov3_vit" in r.output
+
+
+@pytest.mark.parametrize(
+    "kind, block", [("dinov3_vit", "model.layer"), ("vit", "layers"), ("vit_msn", "layers")]
+)
+def test_finetune_unfreeze_last_and_attention_saliency_on_other_vits(vits, kind, block):
+    from tprobe.finetune import DinoClassifier
+    from tprobe.saliency import saliency_maps
+
+    model = DinoClassifier(Backbone.from_pretrained(str(vits[kind]), device="cpu"), canvas=32, pool="cls+mean",
+                           unfreeze_last=1)  # fmt: skip
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(f"{block}.1." in n for n in trainable) and not any(f"{block}.0." in n for n in trainable)
+    assert any("norm" in n and "layer." not in n for n in trainable)  # the final norm trains too
+    imgs = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
+    maps = saliency_maps(model, imgs)
+    assert maps["attention"].shape == (2, 32, 32) and maps["attention"].std() > 0
+    assert maps["gradient"].std() > 0

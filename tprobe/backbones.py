@@ -310,6 +310,25 @@ class Backbone:
         dev = pick_device(device)
         return cls(net.eval().to(dev), ref, mean, std, dev)
 
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        """The transformer blocks, in order (``encoder.layer`` in DINOv2, ``model.layer`` in DINOv3, ``layers``)."""
+        for path in ("encoder.layer", "model.layer", "layers", "encoder.layers"):
+            try:
+                layers = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(layers, torch.nn.ModuleList):
+                return layers
+        raise TprobeError(f"model {self.ref.name!r}: no list of transformer blocks found "
+                          "(encoder.layer, model.layer or layers)")  # fmt: skip
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        """The layer norm applied to ``last_hidden_state`` (``layernorm`` or, in DINOv3, ``norm``)."""
+        norm = getattr(self.model, "layernorm", None) or getattr(self.model, "norm", None)
+        return norm if norm is not None else torch.nn.Identity()
+
     def grid(self, side: int) -> int:
         """Patches per side for a square input of ``side`` pixels."""
         if side % self.patch_size:
