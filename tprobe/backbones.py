@@ -92,7 +92,7 @@ class ModelRef:
 
     @property
     def random_init(self) -> bool:
-        """True for models saved by :func:`tprobe.testing.save_random_dinov2` (random weights)."""
+        """True for models saved by :mod:`tprobe.testing` (``save_random_dinov2``, ``save_random_vit``)."""
         return bool(getattr(self.config, "tprobe_random_init", False))
 
     @property
@@ -163,10 +163,15 @@ def _hub_error(name: str, exc: Exception) -> TprobeError:
             f"aliases: {aliases}"
         )
     hub_id = ALIASES.get(name, name)
+    gated = (
+        " (gated: accept the DINOv3 licence on its hub page and `hf auth login` first)"
+        if "dinov3" in hub_id
+        else ""
+    )
     return TprobeError(
         f"model {name!r}: weights not reachable ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
         f"the Hugging Face hub cannot be reached and they are not in the HF cache — download them where "
-        f"the hub is reachable (`hf download {hub_id}`) or pass --model /path/to/local/dir "
+        f"the hub is reachable (`hf download {hub_id}`{gated}) or pass --model /path/to/local/dir "
         "(to check the pipeline offline, see the README's random-model check)"
     )
 
