@@ -170,3 +170,19 @@ def test_finetune_unfreeze_last_and_attention_saliency_on_other_vits(vits, kind,
     maps = saliency_maps(model, imgs)
     assert maps["attention"].shape == (2, 32, 32) and maps["attention"].std() > 0
     assert maps["gradient"].std() > 0
+
+
+def test_a_preprocessed_folder_on_the_wrong_canvas_names_the_fix(vits, tmp_path, small_data):
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--views", "orig", "--out",
+                                  str(tmp_path / "pre")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["extract", "--model", str(vits["dinov3_vit"]), "--data", str(tmp_path / "pre"),
+                                  "--cache", str(tmp_path / "c")])  # fmt: skip
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "preprocessed on a 140 px canvas" in r.output and "--canvas 144" in r.output
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--views", "orig", "--canvas", "144",
+                                  "--out", str(tmp_path / "pre144")])  # fmt: skip
+    r = CliRunner().invoke(main, ["extract", "--model", str(vits["dinov3_vit"]), "--data", str(tmp_path / "pre144"),
+                                  "--cache", str(tmp_path / "c")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert FeatureStore.open(r.output.strip().splitlines()[-1]).attrs["patch_grid"] == [9, 9]

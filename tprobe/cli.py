@@ -121,6 +121,12 @@ def _prepare(data, prep, *, progress=True, ref=None):
         if prep not in (PreprocessConfig(), pre.config):
             raise TprobeError(f"{data}: is a preprocessed folder with its own options; drop the preprocessing "
                               "options or pass the image folder as --data")  # fmt: skip
+        if ref is not None and ref.patch_size and pre.config.canvas % ref.patch_size:
+            from tprobe.backbones import round_canvas
+
+            raise TprobeError(f"{data}: was preprocessed on a {pre.config.canvas} px canvas, not a multiple of the "
+                              f"patch size {ref.patch_size} of {ref.name}; rerun `tprobe preprocess` with --canvas "
+                              f"{round_canvas(pre.config.canvas, ref.patch_size)} or pass the image folder as --data")  # fmt: skip
         return pre
     if ref is not None:
         from tprobe.backbones import fit_canvas
