@@ -55,6 +55,7 @@ def test_stored_tokens_equal_the_models_own_last_hidden_state(
     assert store.attrs["patch_size"] == 16 and store.num_registers == registers
     assert store.shapes["patches"] == (n, 81, 32) and ("registers" in store.shapes) == bool(registers)
     assert store.attrs["model_random_init"] is True
+    assert store.attrs["image_mean"] == ([0.5] * 3 if kind == "vit" else [0.485, 0.456, 0.406])
     # the model called directly (no tprobe code): normalised by hand, position embeddings interpolated
     net = AutoModel.from_pretrained(str(path)).eval()
     mean, std = (0.5, 0.5) if kind == "vit" else (0.485, 0.229)  # channel 0 of the processor config
@@ -186,3 +187,22 @@ def test_a_preprocessed_folder_on_the_wrong_canvas_names_the_fix(vits, tmp_path,
                                   "--cache", str(tmp_path / "c")])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert FeatureStore.open(r.output.strip().splitlines()[-1]).attrs["patch_grid"] == [9, 9]
+
+
+def test_hub_snapshot_normalisation_is_read_from_its_preprocessor_config(vits, tmp_path, monkeypatch, caplog):
+    """An offline HF cache (snapshots/<commit>/, refs/main) holding a ViT with 0.5 / 0.5 normalisation."""
+    import shutil
+
+    import huggingface_hub.constants as hf_constants
+
+    repo = tmp_path / "hub" / "models--google--vit-base-patch16-224-in21k"
+    shutil.copytree(vits["vit"], repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    bb = Backbone.from_pretrained("vit-base-in21k", device="cpu", offline=True)
+    assert bb.ref.resolved == "a" * 40 and bb.mean == (0.5, 0.5, 0.5) and bb.std == (0.5, 0.5, 0.5)
+    # a snapshot without the file: ImageNet values, said in the log
+    (repo / "snapshots" / ("a" * 40) / "preprocessor_config.json").unlink()
+    bb = Backbone.from_pretrained("vit-base-in21k", device="cpu", offline=True)
+    assert bb.mean == (0.485, 0.456, 0.406) and "normalising with ImageNet mean/std" in caplog.text

@@ -281,6 +281,7 @@ class Backbone:
         self.hidden_size = int(cfg.hidden_size)
         self.patch_size = ref.patch_size
         self.num_registers = ref.num_registers
+        self.mean, self.std = tuple(mean), tuple(std)  # input normalisation, recorded in stores
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -311,7 +312,7 @@ class Backbone:
             # ViT / ViT-MSN check the input size against config.image_size unless told to interpolate
             # their position embeddings; DINOv2 always interpolates, DINOv3 uses RoPE
             net.forward = functools.partial(net.forward, interpolate_pos_encoding=True)
-        mean, std = _normalisation(ref)
+        mean, std = _normalisation(ref, offline or ref.is_local)
         dev = pick_device(device)
         return cls(net.eval().to(dev), ref, mean, std, dev)
 
@@ -363,17 +364,29 @@ def _takes_interpolate(net: torch.nn.Module) -> bool:
     return "interpolate_pos_encoding" in inspect.signature(net.forward).parameters
 
 
-def _normalisation(ref: ModelRef) -> tuple[tuple, tuple]:
-    """The checkpoint's ``preprocessor_config.json`` mean/std (read as JSON, no code), else ImageNet's."""
+def _normalisation(ref: ModelRef, offline: bool = False) -> tuple[tuple, tuple]:
+    """The checkpoint's ``preprocessor_config.json`` mean/std (read as JSON, no code), else ImageNet's.
+
+    For a hub model the file is taken from the resolved snapshot in the HF cache, fetched into it
+    (a few hundred bytes) when the hub is reachable; the values used are recorded in the store.
+    """
     import json
 
     if ref.is_local:
         found = Path(ref.source) / "preprocessor_config.json"
     else:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
         found = try_to_load_from_cache(ref.source, "preprocessor_config.json", revision=ref.resolved)
+        if found is None and not offline:  # not cached, and not known to be absent
+            try:
+                found = hf_hub_download(ref.source, "preprocessor_config.json", revision=ref.resolved)
+            except Exception:  # noqa: BLE001 - absent file, unreachable hub: ImageNet values, logged below
+                found = None
         found = Path(found) if isinstance(found, str) else None
+        if found is None:
+            log.warning("%s: no preprocessor_config.json in snapshot %s; normalising with ImageNet mean/std",
+                        ref.source, ref.resolved[:12])  # fmt: skip
     try:
         proc = json.loads(found.read_text())
         mean, std = tuple(float(v) for v in proc["image_mean"]), tuple(float(v) for v in proc["image_std"])
