@@ -206,3 +206,20 @@ def test_hub_snapshot_normalisation_is_read_from_its_preprocessor_config(vits, t
     (repo / "snapshots" / ("a" * 40) / "preprocessor_config.json").unlink()
     bb = Backbone.from_pretrained("vit-base-in21k", device="cpu", offline=True)
     assert bb.mean == (0.485, 0.456, 0.406) and "normalising with ImageNet mean/std" in caplog.text
+
+
+def test_map_and_store_checks_mix_patch_sizes(vits, tmp_path, small_data):
+    d2 = save_random_vit(tmp_path / "d2", model_type="dinov2_with_registers")
+    common = ["--data", str(small_data), "--cache", str(tmp_path / "c"), "--views", "orig"]
+    stores = []
+    for m in (vits["dinov3_vit"], d2):
+        r = CliRunner().invoke(main, ["extract", "--model", str(m), *common])
+        assert r.exit_code == 0, r.output
+        stores.append(r.output.strip().splitlines()[-1])
+    r = CliRunner().invoke(main, ["map", "--model", str(vits["dinov3_vit"]), "--model", str(d2), "--no-umap",
+                                  "--out", str(tmp_path / "maps"), *common])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    # --store with --data: checked against the data preprocessed at the store's own (rounded) canvas
+    r = CliRunner().invoke(main, ["map", "--store", stores[0], "--store", stores[1], "--no-umap", "--out",
+                                  str(tmp_path / "maps"), *common])  # fmt: skip
+    assert r.exit_code == 0, r.output

@@ -138,8 +138,8 @@ def round_canvas(canvas: int, patch_size: int) -> int:
     return -(-int(canvas) // patch_size) * patch_size
 
 
-def fit_canvas(config, ref: ModelRef, *, user_set: bool):
-    """The preprocessing config with its canvas fitted to ``ref``'s patch size.
+def fit_canvas(config, patch_size: int, *, user_set: bool):
+    """The preprocessing config with its canvas fitted to a model's ``patch_size`` (:attr:`ModelRef.patch_size`).
 
     A canvas the user left at its default is rounded up to the patch size (the new canvas is part of
     the preprocessing config, so it keys the store); a canvas the user set is kept as given, and
@@ -147,11 +147,11 @@ def fit_canvas(config, ref: ModelRef, *, user_set: bool):
     """
     from dataclasses import replace
 
-    if user_set or not ref.patch_size:
+    if user_set or not patch_size:
         return config
-    canvas = round_canvas(config.canvas, ref.patch_size)
+    canvas = round_canvas(config.canvas, patch_size)
     if canvas != config.canvas:
-        log.info("canvas %d px rounded to %d px (patch size %d)", config.canvas, canvas, ref.patch_size)
+        log.info("canvas %d px rounded to %d px (patch size %d)", config.canvas, canvas, patch_size)
     return replace(config, canvas=canvas)
 
 

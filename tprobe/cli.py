@@ -108,32 +108,35 @@ def data_options(f):
     return wrapper
 
 
-def _prepare(data, prep, *, progress=True, ref=None):
+def _prepare(data, prep, *, progress=True, ref=None, patch_size=None):
     """Discover + preprocess (or open a saved, verified ``tprobe preprocess --out`` folder); echo skipped files.
 
-    With a model ``ref``, a --canvas left at its default is first rounded up to the model's patch size.
+    With a model ``ref`` (or its ``patch_size``), a --canvas left at its default is first rounded up
+    to the model's patch size.
     """
     from tprobe.dataset import discover
     from tprobe.preprocess import PreprocessConfig, Preprocessed, is_saved, preprocess
 
+    patch = patch_size or (ref.patch_size if ref is not None else None)
+    name = ref.name if ref is not None else "the store's model"
     if is_saved(data):
         pre = Preprocessed.load(data)
         if prep not in (PreprocessConfig(), pre.config):
             raise TprobeError(f"{data}: is a preprocessed folder with its own options; drop the preprocessing "
                               "options or pass the image folder as --data")  # fmt: skip
-        if ref is not None and ref.patch_size and pre.config.canvas % ref.patch_size:
+        if patch and pre.config.canvas % patch:
             from tprobe.backbones import round_canvas
 
             raise TprobeError(f"{data}: was preprocessed on a {pre.config.canvas} px canvas, not a multiple of the "
-                              f"patch size {ref.patch_size} of {ref.name}; rerun `tprobe preprocess` with --canvas "
-                              f"{round_canvas(pre.config.canvas, ref.patch_size)} or pass the image folder as --data")  # fmt: skip
+                              f"patch size {patch} of {name}; rerun `tprobe preprocess` with --canvas "
+                              f"{round_canvas(pre.config.canvas, patch)} or pass the image folder as --data")  # fmt: skip
         return pre
-    if ref is not None:
+    if patch:
         from tprobe.backbones import fit_canvas
 
         ctx = click.get_current_context(silent=True)
         source = ctx.get_parameter_source("canvas") if ctx else None
-        prep = fit_canvas(prep, ref, user_set=source not in (None, click.core.ParameterSource.DEFAULT))
+        prep = fit_canvas(prep, patch, user_set=source not in (None, click.core.ParameterSource.DEFAULT))
     pre = preprocess(discover(data), prep, progress=progress)
     for s in pre.skipped:
         click.echo(f"skipped: {s}", err=True)
@@ -407,6 +410,13 @@ def status(store, shards, as_json):
     click.echo(json.dumps(st.to_dict(), indent=2) if as_json else "\n".join(st.lines()))
 
 
+def _store_patch(store) -> int | None:
+    """The patch size a store was extracted with (its default canvas is rounded to it)."""
+    from tprobe.store import FeatureStore
+
+    return FeatureStore.open(store).attrs.get("patch_size")
+
+
 def _check_store_matches(store, pre) -> None:
     """--store with --data: the store must come from that data and preprocessing, row for row."""
     from tprobe.store import FeatureStore
@@ -523,7 +533,7 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
             ref = resolve_model(model, revision, offline=offline)
             store = find_store(cache, _prepare(data, prep, progress=False, ref=ref), ref)
         elif data is not None:
-            _check_store_matches(store, _prepare(data, prep, progress=False))
+            _check_store_matches(store, _prepare(data, prep, progress=False, patch_size=_store_patch(store)))
         sources = [(p, lambda p: from_store(store, p)) for p in pools]
     sweep = len(heads) * len(sources) > 1
     base = out
@@ -577,27 +587,24 @@ def _feature_sources(stores, models, revision, pool, features, id_column, exclud
     """FeatureSets for curve/map: each --store, each --model's cached store, each --features table, pixels."""
     from tprobe.features import from_store, from_table
 
-    pre = None
+    by_patch = {}  # a default canvas is rounded per patch size: preprocess once per patch size
 
-    def prepared():
-        nonlocal pre
-        pre = pre or _prepare(data, prep, progress=False)
-        return pre
+    def prepared(patch=None):
+        if patch not in by_patch:
+            by_patch[patch] = _prepare(data, prep, progress=False, patch_size=patch)
+        return by_patch[patch]
 
     stores = list(stores)
+    for st in stores:
+        if data is not None:
+            _check_store_matches(st, prepared(_store_patch(st)))
     if models:
         from tprobe.backbones import resolve_model
         from tprobe.extract import find_store
 
-        by_patch = {}  # a default canvas is rounded per patch size; preprocess once per patch size
         for m in models:
             ref = resolve_model(m, revision, offline=offline)
-            if ref.patch_size not in by_patch:
-                by_patch[ref.patch_size] = _prepare(data, prep, progress=False, ref=ref)
-            stores.append(find_store(cache, by_patch[ref.patch_size], ref))
-    for st in stores:
-        if data is not None:
-            _check_store_matches(st, prepared())
+            stores.append(find_store(cache, prepared(ref.patch_size), ref))
     out = [from_store(st, pool) for st in stores]
     out += [from_table(f, prepared().manifest, id_column=id_column, exclude=exclude) for f in features]
     if pixels:
