@@ -223,3 +223,15 @@ def test_map_and_store_checks_mix_patch_sizes(vits, tmp_path, small_data):
     r = CliRunner().invoke(main, ["map", "--store", stores[0], "--store", stores[1], "--no-umap", "--out",
                                   str(tmp_path / "maps"), *common])  # fmt: skip
     assert r.exit_code == 0, r.output
+
+
+def test_dinov3_train_mode_computes_what_eval_mode_stores(vits):
+    """DINOv3's RoPE coordinate augmentation (on by default in train mode) is switched off."""
+    bb = Backbone.from_pretrained(str(vits["dinov3_vit"]), device="cpu")
+    x = bb.pixel_values(torch.rand(2, 32, 32, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        bb.model.train()
+        trained = bb(x).last_hidden_state
+        bb.model.eval()
+        evaluated = bb(x).last_hidden_state
+    assert torch.equal(trained, evaluated)

@@ -312,6 +312,11 @@ class Backbone:
             # ViT / ViT-MSN check the input size against config.image_size unless told to interpolate
             # their position embeddings; DINOv2 always interpolates, DINOv3 uses RoPE
             net.forward = functools.partial(net.forward, interpolate_pos_encoding=True)
+        if ref.config.model_type == "dinov3_vit":
+            # DINOv3 jitters and rescales its RoPE patch coordinates in train mode (a pretraining
+            # augmentation); off, so a frozen or partly frozen backbone computes in training exactly
+            # what the store holds
+            net.config.pos_embed_shift = net.config.pos_embed_jitter = net.config.pos_embed_rescale = None
         mean, std = _normalisation(ref, offline or ref.is_local)
         dev = pick_device(device)
         return cls(net.eval().to(dev), ref, mean, std, dev)
