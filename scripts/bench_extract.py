@@ -2,11 +2,13 @@
 """Benchmark: `tprobe extract` vs a naive per-image loop, with FLOPs and achieved GFLOP/s.
 
 Uses a randomly initialised model of the real ViT-S/14-with-registers shape (same compute as
-facebook/dinov2-with-registers-small) on the first N kept views of the bundled sample, so it runs
+facebook/dinov2-with-registers-small), or of DINOv3's ViT-S/16 with --model-type dinov3_vit (canvas
+140 rounded to 144), on the first N kept views of the bundled sample, so it runs
 offline. Prints one table; nothing here is a test.
 
     python scripts/bench_extract.py                 # 192 views, batch sizes 1/16/64, fp32
     python scripts/bench_extract.py --n 384 --bf16  # add bf16 and bf16 + torch.compile rows
+    python scripts/bench_extract.py --model-type dinov3_vit   # ViT-S/16 DINOv3 shape, canvas 144
 """
 
 from __future__ import annotations
@@ -71,26 +73,31 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=192, help="views to extract per row")
     ap.add_argument("--bf16", action="store_true", help="add bf16 and bf16+compile rows")
+    ap.add_argument("--model-type", default="dinov2_with_registers",
+                    choices=["dinov2_with_registers", "dinov2", "dinov3_vit"],
+                    help="random ViT-S of this type; dinov3_vit: patch 16, canvas 144")  # fmt: skip
     args = ap.parse_args()
 
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    from tprobe.backbones import round_canvas
     from tprobe.dataset import discover
-    from tprobe.preprocess import preprocess
-    from tprobe.testing import save_random_dinov2
+    from tprobe.preprocess import PreprocessConfig, preprocess
+    from tprobe.testing import VIT_TYPES, save_random_vit
 
-    pre = preprocess(discover())
+    patch = VIT_TYPES[args.model_type][0]
+    pre = preprocess(discover(), PreprocessConfig(canvas=round_canvas(PreprocessConfig().canvas, patch)))
     pre.manifest = pre.manifest[pre.manifest["kept"]].head(args.n).reset_index(drop=True)
     side = pre.config.canvas
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_random_dinov2(Path(tmp) / "vits14-reg", shape="small", registers=4)
+        model_dir = save_random_vit(Path(tmp) / "vit-s", model_type=args.model_type, shape="small")
         from transformers import AutoModel
 
         gflop = flops_per_image(AutoModel.from_pretrained(model_dir).eval(), side) / 1e9
         peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16) if args.bf16 else None
-        print(f"threads {torch.get_num_threads()}, {args.n} views of {side}x{side}, ViT-S/14-reg shape: "
+        print(f"threads {torch.get_num_threads()}, {args.n} views of {side}x{side}, ViT-S/{patch} {args.model_type} shape: "
               f"{gflop:.2f} GFLOP/image; matmul peak fp32 {peak32:.0f} GFLOP/s"
               + (f", bf16 {peak16:.0f} GFLOP/s" if peak16 else ""))  # fmt: skip
         naive = naive_loop(model_dir, pre.kept, pre.config)

@@ -60,7 +60,11 @@ def test_layout_read_from_config(request, fixture, registers):
 
 
 def test_aliases_cover_every_variant():
-    assert {a for a in ALIASES} == {
+    assert {a for a in ALIASES if a.startswith("dinov2")} == {
         f"dinov2-{s}{r}" for s in ("small", "base", "large", "giant") for r in ("", "-reg")
+    }
+    assert {a for a in ALIASES if a.startswith("dinov3")} == {
+        f"dinov3-vit{s}16{p}"
+        for s, p in (("s", ""), ("s", "plus"), ("b", ""), ("l", ""), ("h", "plus"), ("7b", ""))
     }
     assert ALIASES["dinov2-small-reg"] == "facebook/dinov2-with-registers-small"

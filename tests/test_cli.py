@@ -18,6 +18,7 @@ COMMANDS = [
     "saliency",
     "baseline",
     "report",
+    "export",
 ]
 
 

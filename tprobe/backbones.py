@@ -1,7 +1,11 @@
-"""DINOv2 backbones: the alias registry, real ``from_pretrained`` loading, and model identity.
+"""ViT backbones (DINOv2, DINOv3, ViT, ViT-MSN): the alias registry, real ``from_pretrained`` loading,
+and model identity.
 
-The token layout (:class:`tprobe.tokens.TokenLayout`) is read from the model's config: nothing here
-hard-codes the register count, the patch size or the hidden size.
+tprobe reads any Hugging Face vision transformer whose ``last_hidden_state`` is ``[CLS, R register
+tokens, patch grid]`` (:data:`LAYOUT_TYPES`). The token layout (:class:`tprobe.tokens.TokenLayout`)
+is read from the model's config: nothing here hard-codes the register count
+(``num_register_tokens``), the patch size or the hidden size. Other models are refused by
+:func:`resolve_model` with one line naming what their output lacks.
 
 Model identity is content, never a label: a hub model is keyed by the commit its Hugging Face cache
 snapshot resolves to (``refs/<revision>`` -> ``snapshots/<commit>``), and its weights are then loaded
@@ -11,6 +15,7 @@ identity that cannot be resolved is an error.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from contextlib import contextmanager
@@ -23,7 +28,8 @@ import torch
 from tprobe.errors import TprobeError
 from tprobe.tokens import TokenLayout
 
-__all__ = ["ALIASES", "ModelRef", "Backbone", "resolve_model", "pick_device"]
+__all__ = ["ALIASES", "LAYOUT_TYPES", "ModelRef", "Backbone", "resolve_model", "pick_device", "fit_canvas",
+           "round_canvas"]  # fmt: skip
 log = logging.getLogger(__name__)
 
 ALIASES = {
@@ -35,6 +41,32 @@ ALIASES = {
     "dinov2-base-reg": "facebook/dinov2-with-registers-base",
     "dinov2-large-reg": "facebook/dinov2-with-registers-large",
     "dinov2-giant-reg": "facebook/dinov2-with-registers-giant",
+    # DINOv3 ViTs (patch 16, 4 registers, RoPE); gated on the hub: accept the licence before `hf download`
+    "dinov3-vits16": "facebook/dinov3-vits16-pretrain-lvd1689m",
+    "dinov3-vits16plus": "facebook/dinov3-vits16plus-pretrain-lvd1689m",
+    "dinov3-vitb16": "facebook/dinov3-vitb16-pretrain-lvd1689m",
+    "dinov3-vitl16": "facebook/dinov3-vitl16-pretrain-lvd1689m",
+    "dinov3-vith16plus": "facebook/dinov3-vith16plus-pretrain-lvd1689m",
+    "dinov3-vit7b16": "facebook/dinov3-vit7b16-pretrain-lvd1689m",
+    # supervised ImageNet-21k ViT and MSN ViTs (CLS + patches, no registers)
+    "vit-base-in21k": "google/vit-base-patch16-224-in21k",
+    "vit-msn-small": "facebook/vit-msn-small",
+    "vit-msn-base": "facebook/vit-msn-base",
+}
+# model types whose last_hidden_state is CLS + num_register_tokens registers + a square patch grid
+LAYOUT_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit", "vit_msn")
+# model types known not to fit, and what their output lacks
+_UNFIT = {
+    "swin": "a CLS token and a single patch grid (hierarchical stages, pooled output only)",
+    "swinv2": "a CLS token and a single patch grid (hierarchical stages, pooled output only)",
+    "convnext": "tokens (a CNN: a feature map and a pooled output only)",
+    "convnextv2": "tokens (a CNN: a feature map and a pooled output only)",
+    "dinov3_convnext": "tokens (a CNN: a feature map and a pooled output only)",
+    "resnet": "tokens (a CNN: a feature map and a pooled output only)",
+    "siglip_vision_model": "a CLS token (patches only; its pooled output comes from an attention head)",
+    "ijepa": "a CLS token (patches only)",
+    "deit": "a plain layout (a distillation token follows CLS)",
+    "vit_mae": "a deterministic patch grid (it masks a random 75% of the patches)",
 }
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINOv2's own normalisation
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -61,7 +93,7 @@ class ModelRef:
 
     @property
     def random_init(self) -> bool:
-        """True for models saved by :func:`tprobe.testing.save_random_dinov2` (random weights)."""
+        """True for models saved by :mod:`tprobe.testing` (``save_random_dinov2``, ``save_random_vit``)."""
         return bool(getattr(self.config, "tprobe_random_init", False))
 
     @property
@@ -73,6 +105,56 @@ class ModelRef:
     def num_registers(self) -> int:
         return int(getattr(self.config, "num_register_tokens", 0) or 0)
 
+    @property
+    def patch_size(self) -> int:
+        return _square(getattr(self.config, "patch_size", None))
+
+
+def _square(value) -> int:
+    """A patch size given as ``16`` or ``[16, 16]`` -> 16; 0 for anything else (missing, non-square)."""
+    if isinstance(value, list | tuple):
+        return int(value[0]) if len(value) == 2 and value[0] == value[1] else 0
+    return int(value) if isinstance(value, int) else 0
+
+
+def _check_layout(name: str, config) -> None:
+    """Refuse, in one line, a model whose last_hidden_state is not CLS + registers + a square patch grid."""
+    mtype = getattr(config, "model_type", "?")
+    supported = ", ".join(LAYOUT_TYPES)
+    if mtype not in LAYOUT_TYPES:
+        lacks = _UNFIT.get(mtype, "a token layout tprobe knows (CLS + registers + a square patch grid)")
+        raise TprobeError(f"model {name!r} is a {mtype!r} model: its last_hidden_state lacks {lacks}; "
+                          f"tprobe reads ViTs of model type {supported}")  # fmt: skip
+    patch = getattr(config, "patch_size", None)
+    if not _square(patch):
+        raise TprobeError(f"model {name!r}: config.patch_size {patch!r} is not one square patch size; "
+                          "tprobe reads square patch grids")  # fmt: skip
+    if int(getattr(config, "num_channels", 3) or 3) != 3:
+        raise TprobeError(f"model {name!r}: config.num_channels is {config.num_channels}; "
+                          "tprobe feeds 3-channel (grey as RGB) input")  # fmt: skip
+
+
+def round_canvas(canvas: int, patch_size: int) -> int:
+    """The smallest multiple of ``patch_size`` that is at least ``canvas`` (140 -> 140 for /14, 144 for /16)."""
+    return -(-int(canvas) // patch_size) * patch_size
+
+
+def fit_canvas(config, patch_size: int, *, user_set: bool):
+    """The preprocessing config with its canvas fitted to a model's ``patch_size`` (:attr:`ModelRef.patch_size`).
+
+    A canvas the user left at its default is rounded up to the patch size (the new canvas is part of
+    the preprocessing config, so it keys the store); a canvas the user set is kept as given, and
+    :meth:`Backbone.grid` refuses it with the fix when it does not fit.
+    """
+    from dataclasses import replace
+
+    if user_set or not patch_size:
+        return config
+    canvas = round_canvas(config.canvas, patch_size)
+    if canvas != config.canvas:
+        log.info("canvas %d px rounded to %d px (patch size %d)", config.canvas, canvas, patch_size)
+    return replace(config, canvas=canvas)
+
 
 def _hub_error(name: str, exc: Exception) -> TprobeError:
     aliases = ", ".join(ALIASES)
@@ -82,10 +164,15 @@ def _hub_error(name: str, exc: Exception) -> TprobeError:
             f"aliases: {aliases}"
         )
     hub_id = ALIASES.get(name, name)
+    gated = (
+        " (gated: accept the DINOv3 licence on its hub page and `hf auth login` first)"
+        if "dinov3" in hub_id
+        else ""
+    )
     return TprobeError(
         f"model {name!r}: weights not reachable ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
         f"the Hugging Face hub cannot be reached and they are not in the HF cache — download them where "
-        f"the hub is reachable (`hf download {hub_id}`) or pass --model /path/to/local/dir "
+        f"the hub is reachable (`hf download {hub_id}`{gated}) or pass --model /path/to/local/dir "
         "(to check the pipeline offline, see the README's random-model check)"
     )
 
@@ -147,11 +234,7 @@ def resolve_model(model: str, revision: str | None = None, *, offline: bool = Fa
         resolved = _snapshot_commit(source, revision)
         if forced:
             log.info("hub unreachable: using the cached snapshot %s", resolved[:12])
-    if getattr(config, "model_type", "") not in ("dinov2", "dinov2_with_registers"):
-        raise TprobeError(
-            f"model {model!r} is a {getattr(config, 'model_type', '?')!r} model; tprobe reads "
-            "DINOv2 token layouts (model_type dinov2 or dinov2_with_registers)"
-        )
+    _check_layout(model, config)
     return ModelRef(model, source, revision, resolved, config)
 
 
@@ -185,7 +268,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 class Backbone:
-    """A loaded DINOv2 model with its token layout and input normalisation.
+    """A loaded ViT (DINOv2, DINOv3, ViT, ViT-MSN) with its token layout and input normalisation.
 
     ``Backbone.from_pretrained(name_or_path, revision=...)`` follows Hugging Face's conventions:
     aliases (see ``ALIASES``), hub ids, local directories, the HF cache and ``HF_HUB_OFFLINE``.
@@ -197,8 +280,9 @@ class Backbone:
         self.device = device
         cfg = ref.config
         self.hidden_size = int(cfg.hidden_size)
-        self.patch_size = int(cfg.patch_size)
+        self.patch_size = ref.patch_size
         self.num_registers = ref.num_registers
+        self.mean, self.std = tuple(mean), tuple(std)  # input normalisation, recorded in stores
         self._mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
@@ -225,9 +309,37 @@ class Backbone:
             )
         except (OSError, ValueError) as exc:
             raise _hub_error(ref.name, exc) from None
-        mean, std = _normalisation(ref, offline)
+        if _takes_interpolate(net):
+            # ViT / ViT-MSN check the input size against config.image_size unless told to interpolate
+            # their position embeddings; DINOv2 always interpolates, DINOv3 uses RoPE
+            net.forward = functools.partial(net.forward, interpolate_pos_encoding=True)
+        if ref.config.model_type == "dinov3_vit":
+            # DINOv3 jitters and rescales its RoPE patch coordinates in train mode (a pretraining
+            # augmentation); off, so a frozen or partly frozen backbone computes in training exactly
+            # what the store holds
+            net.config.pos_embed_shift = net.config.pos_embed_jitter = net.config.pos_embed_rescale = None
+        mean, std = _normalisation(ref, offline or ref.is_local)
         dev = pick_device(device)
         return cls(net.eval().to(dev), ref, mean, std, dev)
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        """The transformer blocks, in order (``encoder.layer`` in DINOv2, ``model.layer`` in DINOv3, ``layers``)."""
+        for path in ("encoder.layer", "model.layer", "layers", "encoder.layers"):
+            try:
+                layers = self.model.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(layers, torch.nn.ModuleList):
+                return layers
+        raise TprobeError(f"model {self.ref.name!r}: no list of transformer blocks found "
+                          "(encoder.layer, model.layer or layers)")  # fmt: skip
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        """The layer norm applied to ``last_hidden_state`` (``layernorm`` or, in DINOv3, ``norm``)."""
+        norm = getattr(self.model, "layernorm", None) or getattr(self.model, "norm", None)
+        return norm if norm is not None else torch.nn.Identity()
 
     def grid(self, side: int) -> int:
         """Patches per side for a square input of ``side`` pixels."""
@@ -275,14 +387,40 @@ class Backbone:
         return self.model(pixel_values=pixel_values, **kw)
 
 
-def _normalisation(ref: ModelRef, offline: bool) -> tuple[tuple, tuple]:
-    """The checkpoint's image processor mean/std when it ships one, else DINOv2's ImageNet values."""
-    from transformers import AutoImageProcessor
+def _takes_interpolate(net: torch.nn.Module) -> bool:
+    import inspect
 
+    return "interpolate_pos_encoding" in inspect.signature(net.forward).parameters
+
+
+def _normalisation(ref: ModelRef, offline: bool = False) -> tuple[tuple, tuple]:
+    """The checkpoint's ``preprocessor_config.json`` mean/std (read as JSON, no code), else ImageNet's.
+
+    For a hub model the file is taken from the resolved snapshot in the HF cache, fetched into it
+    (a few hundred bytes) when the hub is reachable; the values used are recorded in the store.
+    """
+    import json
+
+    if ref.is_local:
+        found = Path(ref.source) / "preprocessor_config.json"
+    else:
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+        found = try_to_load_from_cache(ref.source, "preprocessor_config.json", revision=ref.resolved)
+        if found is None and not offline:  # not cached, and not known to be absent
+            try:
+                found = hf_hub_download(ref.source, "preprocessor_config.json", revision=ref.resolved)
+            except Exception:  # noqa: BLE001 - absent file, unreachable hub: ImageNet values, logged below
+                found = None
+        found = Path(found) if isinstance(found, str) else None
+        if found is None:
+            log.warning("%s: no preprocessor_config.json in snapshot %s; normalising with ImageNet mean/std",
+                        ref.source, ref.resolved[:12])  # fmt: skip
     try:
-        proc = AutoImageProcessor.from_pretrained(
-            ref.source, revision=ref.load_revision, local_files_only=True
-        )
-        return tuple(proc.image_mean), tuple(proc.image_std)
-    except (OSError, ValueError, KeyError, TypeError):
+        proc = json.loads(found.read_text())
+        mean, std = tuple(float(v) for v in proc["image_mean"]), tuple(float(v) for v in proc["image_std"])
+    except (AttributeError, OSError, ValueError, KeyError, TypeError):
         return IMAGENET_MEAN, IMAGENET_STD
+    if len(mean) != 3 or len(std) != 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return mean, std

@@ -78,7 +78,8 @@ def data_options(f):
                      help="Image folder, CSV/Parquet manifest, or a `tprobe preprocess --out` folder "
                           "[default: bundled T-cell sample]."),
         click.option("--canvas", type=int, default=d.canvas, show_default=True,
-                     help="Square canvas side in px (a multiple of the patch size, 14)."),
+                     help="Square canvas side in px, a multiple of the model's patch size; left at the default "
+                          "it is rounded up to the patch size (144 for /16 models)."),
         click.option("--fit", type=click.Choice(["pad", "resize", "fill"]), default=d.fit, show_default=True,
                      help="pad: drop cells larger than the canvas; resize: shrink those; fill: scale every cell to fill it."),
         click.option("--views", type=click.Choice(["six", "dihedral8", "orig"]), default=d.views, show_default=True,
@@ -107,17 +108,35 @@ def data_options(f):
     return wrapper
 
 
-def _prepare(data, prep, *, progress=True):
-    """Discover + preprocess (or open a saved, verified ``tprobe preprocess --out`` folder); echo skipped files."""
+def _prepare(data, prep, *, progress=True, ref=None, patch_size=None):
+    """Discover + preprocess (or open a saved, verified ``tprobe preprocess --out`` folder); echo skipped files.
+
+    With a model ``ref`` (or its ``patch_size``), a --canvas left at its default is first rounded up
+    to the model's patch size.
+    """
     from tprobe.dataset import discover
     from tprobe.preprocess import PreprocessConfig, Preprocessed, is_saved, preprocess
 
+    patch = patch_size or (ref.patch_size if ref is not None else None)
+    name = ref.name if ref is not None else "the store's model"
     if is_saved(data):
         pre = Preprocessed.load(data)
         if prep not in (PreprocessConfig(), pre.config):
             raise TprobeError(f"{data}: is a preprocessed folder with its own options; drop the preprocessing "
                               "options or pass the image folder as --data")  # fmt: skip
+        if patch and pre.config.canvas % patch:
+            from tprobe.backbones import round_canvas
+
+            raise TprobeError(f"{data}: was preprocessed on a {pre.config.canvas} px canvas, not a multiple of the "
+                              f"patch size {patch} of {name}; rerun `tprobe preprocess` with --canvas "
+                              f"{round_canvas(pre.config.canvas, patch)} or pass the image folder as --data")  # fmt: skip
         return pre
+    if patch:
+        from tprobe.backbones import fit_canvas
+
+        ctx = click.get_current_context(silent=True)
+        source = ctx.get_parameter_source("canvas") if ctx else None
+        prep = fit_canvas(prep, patch, user_set=source not in (None, click.core.ParameterSource.DEFAULT))
     pre = preprocess(discover(data), prep, progress=progress)
     for s in pre.skipped:
         click.echo(f"skipped: {s}", err=True)
@@ -201,11 +220,12 @@ def preprocess(data, prep, out, cache):
 @main.command()
 def models():
     """List the model aliases and the Hugging Face ids they map to."""
-    from tprobe.backbones import ALIASES
+    from tprobe.backbones import ALIASES, LAYOUT_TYPES
 
     for alias, hub in ALIASES.items():
         click.echo(f"{alias:20s} {hub}")
-    click.echo("Any other hub id (owner/name) or a local save_pretrained() folder works too.")
+    click.echo("Any other hub id (owner/name) or a local save_pretrained() folder of a ViT whose last_hidden_state "
+               f"is CLS + registers + a patch grid works too (model types: {', '.join(LAYOUT_TYPES)}).")  # fmt: skip
 
 
 # ---- extract on SLURM: one array job; task i runs this same command with --shard i/N --------------
@@ -266,6 +286,7 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
         cpus_per_task=slurm["cpus_per_task"], mem=slurm["mem"], account=slurm["account"],
         max_running=slurm["max_running"], extra=tuple(slurm["sbatch_option"]), slurm_dir=slurm["slurm_dir"],
     )  # fmt: skip
+    ctx.params["canvas"] = pre.config.canvas  # the (maybe rounded) canvas, so the tasks key the same store
     if p["precision"] == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here
         ctx.params["precision"] = "fp16" if slurm["gpus_per_task"] else "fp32"
     tokens = tuple(t.strip() for t in p["tokens"].split(",") if t.strip())
@@ -331,7 +352,7 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
 @click.pass_context
 def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_rows, device, precision,
             compile_, workers, tokens, compression, shard, offline, executor, shards, **slurm):  # fmt: skip
-    """Run every kept image view through a DINOv2 model once; store CLS, register, patch tokens.
+    """Run every kept image view through a ViT (DINOv2, DINOv3, ...) once; store CLS, register, patch tokens.
 
     The store lands under cache/<dataset>/<preprocess-hash>/<model>@<revision>/; its path is the
     last line of stdout. Rerunning resumes an interrupted run, or says "up to date".
@@ -349,8 +370,8 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
 
     if executor == "local" and shards:
         raise TprobeError("--shards N is for --executor slurm; one local worker takes --shard i/N")
-    pre = _prepare(data, prep, progress=False)
     ref = resolve_model(model, revision, offline=offline)
+    pre = _prepare(data, prep, progress=False, ref=ref)
     if executor == "slurm":
         return _extract_slurm(ctx, pre, ref, shard, shards, slurm)
     names = tuple(t.strip() for t in tokens.split(",") if t.strip())
@@ -387,6 +408,13 @@ def status(store, shards, as_json):
 
     st = store_status(store, shards=shards)
     click.echo(json.dumps(st.to_dict(), indent=2) if as_json else "\n".join(st.lines()))
+
+
+def _store_patch(store) -> int | None:
+    """The patch size a store was extracted with (its default canvas is rounded to it)."""
+    from tprobe.store import FeatureStore
+
+    return FeatureStore.open(store).attrs.get("patch_size")
 
 
 def _check_store_matches(store, pre) -> None:
@@ -500,10 +528,10 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
             from tprobe.backbones import resolve_model
             from tprobe.extract import find_store
 
-            pre = _prepare(data, prep, progress=False)
-            store = find_store(cache, pre, resolve_model(model, revision, offline=offline))
+            ref = resolve_model(model, revision, offline=offline)
+            store = find_store(cache, _prepare(data, prep, progress=False, ref=ref), ref)
         elif data is not None:
-            _check_store_matches(store, _prepare(data, prep, progress=False))
+            _check_store_matches(store, _prepare(data, prep, progress=False, patch_size=_store_patch(store)))
         sources = store_sources(store, pools)
 
     def report(ev):
@@ -538,22 +566,24 @@ def _feature_sources(stores, models, revision, pool, features, id_column, exclud
     """FeatureSets for curve/map: each --store, each --model's cached store, each --features table, pixels."""
     from tprobe.features import from_store, from_table
 
-    pre = None
+    by_patch = {}  # a default canvas is rounded per patch size: preprocess once per patch size
 
-    def prepared():
-        nonlocal pre
-        pre = pre or _prepare(data, prep, progress=False)
-        return pre
+    def prepared(patch=None):
+        if patch not in by_patch:
+            by_patch[patch] = _prepare(data, prep, progress=False, patch_size=patch)
+        return by_patch[patch]
 
     stores = list(stores)
+    for st in stores:
+        if data is not None:
+            _check_store_matches(st, prepared(_store_patch(st)))
     if models:
         from tprobe.backbones import resolve_model
         from tprobe.extract import find_store
 
-        stores += [find_store(cache, prepared(), resolve_model(m, revision, offline=offline)) for m in models]
-    for st in stores:
-        if data is not None:
-            _check_store_matches(st, prepared())
+        for m in models:
+            ref = resolve_model(m, revision, offline=offline)
+            stores.append(find_store(cache, prepared(ref.patch_size), ref))
     out = [from_store(st, pool) for st in stores]
     out += [from_table(f, prepared().manifest, id_column=id_column, exclude=exclude) for f in features]
     if pixels:
@@ -850,8 +880,8 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
         cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr_head=lr_head, lr_backbone=lr_backbone,
                           weight_decay=weight_decay, patience=patience, pos_weight=pw, seed=seed,
                           precision=precision)  # fmt: skip
-    pre = _prepare(data, prep, progress=False)
     ref = resolve_model(model, revision, offline=offline)
+    pre = _prepare(data, prep, progress=False, ref=ref)
     job = FinetuneRun(ref, pool=pool, freeze=freeze, unfreeze_last=unfreeze_last, split=split,
                       test_donor=test_donor, device=device, train=cfg, data=str(data) if data else None)  # fmt: skip
     run = resume or make_run_dir(out, job.record(pre).name)
@@ -948,6 +978,29 @@ def report(runs_dir, out):
         click.echo(TEST_NOTE)
     for p in res["paths"]:
         click.echo(str(p))
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(["anndata", "parquet"]),
+    required=True,
+    help="anndata: .h5ad (obs, obsm X_<pool>, uns provenance); parquet: one list column per pooling.",
+)
+@click.argument("out", type=click.Path(path_type=Path))
+def export(store, to, out):
+    """Export a store's manifest and pooled features (cls, mean, registers, cls+mean) for other tools.
+
+    \b
+    Examples:
+      tprobe export cache/.../float16-fp32-1a2b3c4d.zarr --to anndata cells.h5ad
+      tprobe export cache/.../float16-fp32-1a2b3c4d.zarr --to parquet cells.parquet
+    """
+    from tprobe.interop import export as run_export
+
+    click.echo(str(run_export(store, to, out)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -393,6 +393,8 @@ def _attrs(pre: Preprocessed, backbone: Backbone, layout, dtype: str, precision:
         "hidden_size": layout.hidden,
         "num_register_tokens": layout.registers,
         "patch_size": backbone.patch_size,
+        "image_mean": list(backbone.mean),
+        "image_std": list(backbone.std),
         "patch_grid": [layout.grid, layout.grid],
         "token_layout": "cls, registers[R], patches[grid*grid] (row-major) of last_hidden_state",
         "tokens_source": "last_hidden_state (final layernorm applied)",

@@ -41,10 +41,10 @@ class DinoClassifier(nn.Module):
             for p in self.encoder.parameters():
                 p.requires_grad_(False)
         if unfreeze_last:
-            layers = self.encoder.encoder.layer
+            layers = backbone.blocks
             if not 0 < unfreeze_last <= len(layers):
                 raise TprobeError(f"--unfreeze-last {unfreeze_last}: the model has {len(layers)} layers")
-            for module in [*layers[-unfreeze_last:], self.encoder.layernorm]:
+            for module in [*layers[-unfreeze_last:], backbone.final_norm]:
                 for p in module.parameters():
                     p.requires_grad_(True)
 

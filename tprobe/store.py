@@ -4,8 +4,9 @@ A store holds ``cls (N, D)``, ``registers (N, R, D)`` (only when R > 0) and ``pa
 (or the subset chosen with ``tokens``), chunked along N in units of ``chunk_rows`` rows, plus
 ``row_ids (N,)``: the ``image_id`` of every row. ``attrs["rows_hash"]`` hashes the ordered row ids;
 every reader checks row identity against the manifest it is given (:meth:`FeatureStore.verify_rows`),
-never just the row count. Arrays carry dimension names (``rows``, ``registers``, ``patches``,
-``hidden``), so ``xarray.open_zarr`` names them.
+never just the row count. Arrays carry dimension names (``rows``, ``register``, ``patch``,
+``hidden``), so ``xarray.open_zarr`` names them, and each token array names ``row_ids`` as its
+coordinate (the CF ``coordinates`` attribute), so xarray attaches every row's ``image_id``.
 
 Writing: the unit of writing is one whole chunk, so concurrent or interrupted writers never share
 a chunk. Progress lives beside the store in ``<store>.progress/``: ``meta.json`` (shapes,
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
 COMPRESSIONS = ("zstd", "lz4", "none")
-DIMS = {"cls": ("rows", "hidden"), "registers": ("rows", "registers", "hidden"),
-        "patches": ("rows", "patches", "hidden"), "row_ids": ("rows",)}  # fmt: skip
+# dimension names differ from the array names: xarray takes a variable named like a dimension for its
+# index, and a 3-D one breaks swap_dims/sel ("IndexVariable objects must be 1-dimensional")
+DIMS = {"cls": ("rows", "hidden"), "registers": ("rows", "register", "hidden"),
+        "patches": ("rows", "patch", "hidden"), "row_ids": ("rows",)}  # fmt: skip
 
 
 def rows_hash(row_ids: Sequence[str]) -> str:
@@ -216,7 +219,8 @@ class FeatureStore:
         for name, shape in self.shapes.items():
             zarr.create_array(group.store, name=name, shape=tuple(shape), dtype=self.meta["dtype"],
                               chunks=(self.chunk_rows, *shape[1:]), compressors=codec, fill_value=0,
-                              dimension_names=DIMS[name], overwrite=True)  # fmt: skip
+                              dimension_names=DIMS[name], attributes={"coordinates": "row_ids"},
+                              overwrite=True)  # fmt: skip
         ids = zarr.create_array(group.store, name="row_ids", shape=(self.n,), dtype=str, chunks=(self.n,),
                                 dimension_names=DIMS["row_ids"], overwrite=True)  # fmt: skip
         ids[:] = np.asarray(row_ids, dtype=str)
@@ -345,7 +349,7 @@ class FeatureStore:
         with h5py.File(target, "w") as f:
             dsets = {
                 name: f.create_dataset(name, shape=tuple(shape), dtype=meta["dtype"],
-                                       chunks=(self.chunk_rows, *shape[1:]), **opts)
+                                       chunks=(min(self.chunk_rows, self.n), *shape[1:]), **opts)
                 for name, shape in self.shapes.items()
             }  # fmt: skip
             f.create_dataset("row_ids", data=row_ids.astype(object), dtype=h5py.string_dtype())

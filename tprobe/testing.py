@@ -1,4 +1,4 @@
-"""Randomly initialised DINOv2 models saved locally, for tests, benchmarks and offline demos.
+"""Randomly initialised ViTs (DINOv2, DINOv3, ViT, ViT-MSN) saved locally, for tests, benchmarks and demos.
 
 They load through the same ``from_pretrained`` path as hub checkpoints. Their features are
 random projections, not DINOv2's: use them to check plumbing and speed, never for results.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["save_random_dinov2", "SHAPES"]
+__all__ = ["save_random_dinov2", "save_random_vit", "SHAPES", "VIT_TYPES"]
 
 # hidden, layers, heads: "small" is the real ViT-S/14 shape (same compute as dinov2-small)
 # "blockless-small": ViT-S token width with no transformer blocks, so benchmarks see the data path alone
@@ -44,4 +44,42 @@ def save_random_dinov2(path: str | Path, *, shape: str = "tiny", registers: int 
         image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
         do_resize=False, do_center_crop=False,
     ).save_pretrained(path)  # fmt: skip
+    return path
+
+
+# model_type -> (patch size, image size, registers): each family's hub shape; registers only where it has them
+VIT_TYPES = {"dinov2": (14, 518, 0), "dinov2_with_registers": (14, 518, 4), "dinov3_vit": (16, 224, 4),
+             "vit": (16, 224, 0), "vit_msn": (16, 224, 0)}  # fmt: skip
+
+
+def save_random_vit(path: str | Path, *, model_type: str = "dinov3_vit", shape: str = "tiny",
+                    registers: int | None = None, seed: int = 0, image_mean=(0.485, 0.456, 0.406),
+                    image_std=(0.229, 0.224, 0.225)) -> Path:  # fmt: skip
+    """Build a random ViT of ``model_type`` (see :data:`VIT_TYPES`) in its hub checkpoints' shape and save it.
+
+    DINOv2 keeps patch 14 / image 518 (the config's own defaults are 16 / 224), DINOv3 has patch 16
+    and 4 registers; ``registers`` overrides the register count of the types that have registers.
+    ``image_mean`` / ``image_std`` go into ``preprocessor_config.json``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModel, BitImageProcessor
+
+    if model_type not in VIT_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not one of {', '.join(VIT_TYPES)}")
+    if model_type in ("dinov2", "dinov2_with_registers"):
+        return save_random_dinov2(path, shape=shape, seed=seed,
+                                  registers=(4 if registers is None else registers) if model_type.endswith("registers") else 0)  # fmt: skip
+    hidden, layers, heads = SHAPES[shape]
+    patch, image, regs = VIT_TYPES[model_type]
+    kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+              intermediate_size=4 * hidden, patch_size=patch, image_size=image)  # fmt: skip
+    if model_type == "dinov3_vit":
+        kw["num_register_tokens"] = regs if registers is None else registers
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(AutoConfig.for_model(model_type, **kw))
+    model.config.tprobe_random_init = True
+    path = Path(path)
+    model.save_pretrained(path)
+    BitImageProcessor(image_mean=list(image_mean), image_std=list(image_std), do_resize=False,
+                      do_center_crop=False).save_pretrained(path)  # fmt: skip
     return path

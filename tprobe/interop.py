@@ -1,0 +1,180 @@
+"""Export a store's pooled features to AnnData (``.h5ad``) and Parquet, for scverse, pandas, R and the rest.
+
+Both exports take the store's own manifest (``<store>.manifest.parquet``, verified against the
+store's ``row_ids``) as the per-row table, and one matrix per pooling the store can give
+(:func:`pools_of`): ``cls``, ``mean`` (patch mean), ``registers`` (register mean) and ``cls+mean``.
+``concat`` (every token, flattened) is left out: read the token arrays themselves for that.
+
+- **AnnData**: ``obs`` = the manifest (index ``image_id``, in store order); ``obsm["X_<pool>"]``
+  (``X_cls``, ``X_mean``, ``X_registers``, ``X_cls_mean``) float32; no ``X`` (``n_vars`` is 0: give
+  scanpy ``use_rep="X_cls"``); ``uns["tprobe"]`` = the store's attributes (model, resolved revision,
+  ``model_random_init``, preprocessing, rows hash, ...) plus ``store`` and ``pools``. The file is
+  written with h5py following the AnnData on-disk format (anndata 0.8+ reads it), so exporting
+  needs no anndata install.
+- **Parquet**: the manifest columns, then one column per pooling named like the obsm keys
+  (``X_cls`` ...), each a fixed-size list of float32 (one vector per row: ``np.stack(df["X_cls"])``);
+  the store's attributes as JSON under the schema metadata key ``tprobe``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tprobe.errors import TprobeError
+from tprobe.store import FeatureStore
+from tprobe.tokens import POOL_NEEDS
+
+__all__ = ["EXPORT_FORMATS", "pools_of", "obsm_key", "store_table", "export_anndata", "export_parquet",
+           "export"]  # fmt: skip
+EXPORT_FORMATS = ("anndata", "parquet")
+EXPORT_POOLS = ("cls", "mean", "registers", "cls+mean")
+
+
+def obsm_key(pool: str) -> str:
+    """``cls`` -> ``X_cls``, ``cls+mean`` -> ``X_cls_mean`` (a key every tool accepts)."""
+    return "X_" + pool.replace("+", "_")
+
+
+def pools_of(store: FeatureStore) -> list[str]:
+    """The poolings the store's token arrays can give (``registers`` only when it holds registers)."""
+    held = set(store.shapes)
+    return [p for p in EXPORT_POOLS if all(t in held for t in POOL_NEEDS[p])]
+
+
+def store_table(path: str | Path) -> tuple[FeatureStore, pd.DataFrame, dict[str, np.ndarray]]:
+    """The store, its own manifest (rows verified) and ``{pool: X (N, F) float32}`` for every exportable pool."""
+    from tprobe.extract import manifest_path
+
+    store = FeatureStore.open(path)
+    mpath = manifest_path(path)
+    if not mpath.exists():
+        raise TprobeError(f"{path}: its manifest {mpath.name} is missing; re-extract the store")
+    manifest = pd.read_parquet(mpath)
+    store.verify_rows(manifest["image_id"].tolist(), mpath.name)
+    pools = pools_of(store)
+    if not pools:
+        raise TprobeError(
+            f"{path}: holds {', '.join(store.shapes)} tokens, from which no pooling can be made"
+        )
+    return store, manifest.reset_index(drop=True), {p: store.pooled(p) for p in pools}
+
+
+def _provenance(store: FeatureStore, path, pools) -> dict:
+    attrs = {k: v for k, v in store.attrs.items() if k not in ("tprobe_meta", "complete")}
+    return {**attrs, "store": str(Path(path).resolve()), "format": store.format,
+            "pools": {obsm_key(p): p for p in pools}}  # fmt: skip
+
+
+# ---- AnnData (h5ad written with h5py, after the AnnData on-disk format spec) ------------------------
+def _enc(obj, kind: str, version: str):
+    obj.attrs["encoding-type"] = kind
+    obj.attrs["encoding-version"] = version
+    return obj
+
+
+def _strings(group, name: str, values) -> None:
+    import h5py
+
+    data = np.asarray([str(v) for v in values], dtype=object)
+    _enc(group.create_dataset(name, data=data, dtype=h5py.string_dtype()), "string-array", "0.2.0")
+
+
+def _column(group, name: str, col: pd.Series) -> None:
+    if pd.api.types.is_bool_dtype(col) and not col.isna().any():
+        _enc(group.create_dataset(name, data=col.to_numpy(bool)), "array", "0.2.0")
+    elif pd.api.types.is_numeric_dtype(col):
+        _enc(group.create_dataset(name, data=col.to_numpy()), "array", "0.2.0")
+    else:  # text (missing values as ""), the way a table tool reads it back
+        _strings(group, name, col.astype(object).where(col.notna(), "").tolist())
+
+
+def _dataframe(group, df: pd.DataFrame, index: list[str], index_name: str = "_index") -> None:
+    import h5py
+
+    _enc(group, "dataframe", "0.2.0")
+    group.attrs["_index"] = index_name
+    group.attrs.create("column-order", np.asarray(list(df.columns), dtype=object), dtype=h5py.string_dtype())
+    _strings(group, index_name, index)
+    for c in df.columns:
+        _column(group, str(c), df[c])
+
+
+def _value(group, name: str, value) -> None:
+    """One uns entry: dicts as groups, strings and numbers as scalars, lists as arrays (JSON otherwise)."""
+    import h5py
+
+    if isinstance(value, dict):
+        sub = _enc(group.create_group(name), "dict", "0.1.0")
+        for k, v in value.items():
+            _value(sub, str(k), v)
+    elif isinstance(value, str):
+        _enc(group.create_dataset(name, data=value, dtype=h5py.string_dtype()), "string", "0.2.0")
+    elif isinstance(value, bool | int | float | np.number | np.bool_):
+        _enc(group.create_dataset(name, data=np.asarray(value)), "numeric-scalar", "0.2.0")
+    elif isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
+        _strings(group, name, value)
+    elif isinstance(value, list | tuple) and value and all(isinstance(v, bool | int | float) for v in value):
+        _enc(group.create_dataset(name, data=np.asarray(value)), "array", "0.2.0")
+    elif value is not None:
+        _value(group, name, json.dumps(value))
+
+
+def export_anndata(path: str | Path, out: str | Path) -> Path:
+    """Write the store as an AnnData ``.h5ad``: obs = manifest, obsm = each pooling, uns = provenance."""
+    import h5py
+
+    from tprobe.store import _atomic_write
+
+    store, manifest, X = store_table(path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    index = manifest["image_id"].astype(str).tolist()
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as f:
+            _enc(f, "anndata", "0.1.0")
+            _dataframe(f.create_group("obs"), manifest.drop(columns=["image_id"]), index, "image_id")
+            _dataframe(f.create_group("var"), pd.DataFrame(index=[]), [])
+            obsm = _enc(f.create_group("obsm"), "dict", "0.1.0")
+            for pool, x in X.items():
+                _enc(obsm.create_dataset(obsm_key(pool), data=x.astype(np.float32)), "array", "0.2.0")
+            for empty in ("varm", "obsp", "varp", "layers"):
+                _enc(f.create_group(empty), "dict", "0.1.0")
+            uns = _enc(f.create_group("uns"), "dict", "0.1.0")
+            _value(uns, "tprobe", _provenance(store, path, X))
+
+    _atomic_write(out, write)
+    return out
+
+
+# ---- Parquet ----------------------------------------------------------------------------------------
+def export_parquet(path: str | Path, out: str | Path) -> Path:
+    """Write the manifest plus one fixed-size-list float32 column per pooling; provenance in the metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tprobe.store import _atomic_write
+
+    store, manifest, X = store_table(path)
+    table = pa.Table.from_pandas(manifest, preserve_index=False)
+    for pool, x in X.items():
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        col = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+        table = table.append_column(obsm_key(pool), col)
+    meta = {**(table.schema.metadata or {}), b"tprobe": json.dumps(_provenance(store, path, X)).encode()}
+    table = table.replace_schema_metadata(meta)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out, lambda p: pq.write_table(table, p))
+    return out
+
+
+def export(path: str | Path, to: str, out: str | Path) -> Path:
+    """``to`` = ``anndata`` (``.h5ad``) or ``parquet``."""
+    if to not in EXPORT_FORMATS:
+        raise TprobeError(f"--to {to!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    return (export_anndata if to == "anndata" else export_parquet)(path, out)
