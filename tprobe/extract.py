@@ -295,7 +295,9 @@ def extract(
                 times.forward += time.perf_counter() - tf
                 bar.update(len(images))
                 if b + 1 == len(batches) or owner[b + 1] != owner[b]:  # the unit is whole
-                    times.wait_write += writer.put(owner[b], {n: np.concatenate(v) for n, v in buffer.items()})
+                    times.wait_write += writer.put(
+                        owner[b], {n: np.concatenate(v) for n, v in buffer.items()}
+                    )
                     buffer = {n: [] for n in names}
         ok = True
     except torch.cuda.OutOfMemoryError:
