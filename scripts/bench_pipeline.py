@@ -133,6 +133,10 @@ def main():
         print(f"extract loop          {loop:6.1f} views/s  ({loop / bare:.2f} of bare forward)")
         print(f"extract end to end    {e2e:6.1f} views/s  ({e2e / bare:.2f} of bare forward; model load "
               f"{r['load_model']:.1f} s included)")  # fmt: skip
+        if args.old:
+            o = run(args.old, small, 0, args.n)
+            print(f"old code end to end  {o['views'] / o['end_to_end']:6.1f} views/s  "
+                  f"({o['views'] / o['end_to_end'] / bare:.2f} of bare forward; loop {o['views'] / o['loop']:.1f} views/s)")  # fmt: skip
         print(head)
         print(fmt_row("tprobe --workers 0", r))
 
