@@ -162,7 +162,7 @@ def make_head(name: str, *, seed: int = 0, class_weight: str | None = "balanced"
         from xgboost import XGBClassifier
 
         # 32 histogram bins, not 256: ~6x faster on a few hundred training rows x 2048 features,
-        # with sweep AUCs within 0.01 of 256 bins (NOTES-sweep.md)
+        # with sweep AUCs within 0.01 of 256 bins (README, "Probe sweep")
         clf = XGBClassifier(n_estimators=200, learning_rate=0.1, max_depth=3, tree_method="hist", max_bin=32,
                             subsample=0.8, colsample_bytree=0.5, n_jobs=n_jobs, random_state=seed,
                             eval_metric="logloss")  # fmt: skip
