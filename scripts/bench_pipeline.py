@@ -28,18 +28,9 @@ import time
 from pathlib import Path
 
 import torch
+from bench_extract import matmul_peak  # the same peak measurement as the extraction benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def matmul_peak(dtype=torch.float32, n=2048, seconds=2.0) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 RUN = r"""
