@@ -334,7 +334,10 @@ def test_table_n_is_an_integer_and_the_mean_row_does_not_sum_it():
 
 
 def test_experiment_titles_and_sweep_order(tmp_path):
-    from tprobe.plots import experiment_title, sweep_bars
+    from tprobe.plots import sweep_bars
+
+    def experiment_title(cfg):
+        return RunRecord.from_dict(cfg).title
 
     cfg = {"command": "probe", "head": "knn", "split": "test-donor", "test_donor": "4",
            "features": {"kind": "store", "model": "/m/random-vits14-reg", "pool": "cls"}}  # fmt: skip

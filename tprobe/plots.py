@@ -17,15 +17,7 @@ __all__ = [
     "confusion_matrix_plot",
     "sweep_bars",
     "learning_curves",
-    "experiment_title",
 ]
-
-
-def experiment_title(config) -> str:
-    """``model · pool · head · split`` for a run record (or its config.json dict); see ``RunRecord.title``."""
-    from tprobe.runs import RunRecord
-
-    return (config if isinstance(config, RunRecord) else RunRecord.from_dict(config)).title
 
 
 def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group: int = 8) -> Path:
