@@ -19,6 +19,9 @@ COMMANDS = [
     "baseline",
     "report",
     "export",
+    "status",
+    "curve",
+    "map",
 ]
 
 
