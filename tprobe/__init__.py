@@ -1,6 +1,6 @@
 """tprobe: embedding cache + linear probes for microscopy cell images."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from tprobe.errors import TprobeError  # noqa: E402
 
