@@ -1,7 +1,7 @@
 """Time `tprobe curve` (default shots and repeats, leave-one-donor-out) per source and head.
 
     python scripts/bench_curve.py                       # pixels, logreg/knn/prototype
-    python scripts/bench_curve.py --store cache/.../float16.zarr --heads logreg
+    python scripts/bench_curve.py --store cache/.../float16-fp32-<rows>.zarr --heads logreg
 
 Prints one line per (source, head): rows, features, fits, seconds, and the mean AUC at k=1 and all.
 """

@@ -174,3 +174,12 @@ def test_predict_accepts_a_sweep_folder_and_names_the_run_it_uses(tmp_path, smal
     assert r.exit_code == 0, r.output
     assert any("is a sweep: using its best run" in rec.getMessage() for rec in caplog.records)
     assert (Path(sweep) / f"predictions-{new.name}.csv").exists()
+
+
+def test_a_damaged_chunk_is_one_line_not_a_crash(tmp_path, small_data, tiny_reg):
+    pre = preprocess(discover(small_data))
+    res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, chunk_rows=8, progress=False)
+    chunk = res.path / "cls" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])  # truncated on disk
+    r = CliRunner().invoke(main, ["probe", "--store", str(res.path), "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and "damaged" in r.output and "unexpected" not in r.output, r.output

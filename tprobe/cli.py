@@ -13,6 +13,7 @@ from tprobe import __version__
 from tprobe.errors import TprobeError
 
 EXIT_SKIPPED = 3  # finished, but some input files were skipped (listed on stderr)
+RANDOM_NOTE = "RANDOM WEIGHTS: features from a randomly initialised model; a plumbing check, not a result"
 
 
 class _Group(click.Group):
@@ -184,7 +185,8 @@ def split_options(f):
 
 def run_option(command: str):
     return click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, exists=True),
-                        help=f"A run directory written by `tprobe {command}`.")  # fmt: skip
+                        help=f"A run directory written by `tprobe {command}`"
+                             + (" (or a sweep folder: its best run is used)." if command == "probe" else "."))  # fmt: skip
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -380,7 +382,7 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
                       workers=workers, shard=_parse_shard(shard), offline=offline, tokens=names,
                       compression=compression)  # fmt: skip
     if ref.random_init:
-        click.echo("note: this model has random weights; its features are for plumbing checks, not results")
+        click.echo(RANDOM_NOTE)
     if res.status == "up to date":
         click.echo(f"up to date: {res.rows} rows already extracted for {ref.slug}")
     else:
@@ -399,7 +401,7 @@ def status(store, shards, as_json):
 
     \b
     Examples:
-      tprobe status cache/<dataset>/<hash>/<model>/float16.zarr --shards 8
+      tprobe status cache/<dataset>/<hash>/<model>/float16-fp32-<rows>.zarr --shards 8
       tprobe status STORE --json
     """
     import json
@@ -534,15 +536,20 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
             _check_store_matches(store, _prepare(data, prep, progress=False, patch_size=_store_patch(store)))
         sources = store_sources(store, pools)
 
+    random_seen = []
+
     def report(ev):
         if ev.kind == "skip":
             click.echo(ev.message, err=True)
         elif ev.kind == "start":
             click.echo(f"== {ev.features.name} · {ev.head}: {ev.message}")
         elif ev.kind == "fold":
-            click.echo(f"   {ev.message}", err=True)  # one line per outer fold, readable in logs
+            pass  # the tprobe.sweep logger prints one line per outer fold on stderr
         elif ev.kind == "run":
             run = ev.run
+            if run.features_.source.random_init:
+                random_seen.append(True)
+                click.echo(f"   {RANDOM_NOTE}")
             _echo_table(run.table())
             chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in run.chosen_)
             how = sorted({c.get("selection", "chosen by inner donor CV (mean AP)") for c in run.chosen_})
@@ -557,6 +564,8 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
         click.echo("== sweep summary (mean over held-out donors)")
         _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
         click.echo(f"   sweep wall time {res.seconds:.1f} s")
+        if random_seen:
+            click.echo(f"   {RANDOM_NOTE}")
     if res.runs or res.is_sweep:
         click.echo(str(res.out))
 
@@ -646,7 +655,7 @@ def curve(stores, models, revision, pool, features, id_column, exclude, pixels, 
     \b
     Examples:
       tprobe curve --model dinov2-small-reg --pixels
-      tprobe curve --store cache/.../float16.zarr --features cellprofiler.csv --id-column FileName --pixels
+      tprobe curve --store cache/.../float16-fp32-<rows>.zarr --features cellprofiler.csv --id-column FileName --pixels
       tprobe curve --pixels --head logreg,knn,prototype --shots 1,4,16,all --repeats 20
     """
     import pandas as pd
@@ -719,7 +728,7 @@ def map_(stores, models, revision, pool, features, id_column, exclude, pixels, n
     \b
     Examples:
       tprobe map --model dinov2-small-reg
-      tprobe map --store cache/.../float16.zarr --pool mean --pixels
+      tprobe map --store cache/.../float16-fp32-<rows>.zarr --pool mean --pixels
     """
     from tprobe.curve import is_random_source
     from tprobe.embedmap import diagnose, embed, map_data, plot_map
@@ -787,6 +796,8 @@ def predict(run_dir, images, out, threshold, cache, device, offline):
     out = out or Path(run_dir) / f"predictions-{Path(images).resolve().name}.csv"
     table.to_csv(out, index=False)
     kept = table["kept"].sum()
+    if table["model_random_init"].any():
+        click.echo(RANDOM_NOTE)
     click.echo(f"{kept} of {len(table)} images scored; {int((table['label'] == 1).sum())} activated")
     for rec in table[~table["kept"]].itertuples():
         click.echo(f"not scored: {rec.path}: {rec.drop_reason}", err=True)

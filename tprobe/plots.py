@@ -55,7 +55,7 @@ def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group:
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.text(0.5, 0.01, "Row = kept, or the filter that dropped the image. Title: donor, class (act = activated, "
              "qui = quiescent), H = Shannon entropy of the 8-bit histogram in bits (dim: H < 4.0, or H < 4.7 "
-             "and dim).\nWhite bar: 20 px. Magma colour map, 0 = black.", ha="center", va="bottom",
+             "and summed intensity < 3500).\nWhite bar: 20 px. Magma colour map, 0 = black.", ha="center", va="bottom",
              fontsize=6.5, wrap=True)  # fmt: skip
     out = Path(out)
     fig.savefig(out, dpi=110)

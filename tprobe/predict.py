@@ -70,6 +70,7 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
         out["p_activated"] = out["source_id"].map(p)
     out["label"] = (out["p_activated"] >= threshold).astype("Int64").where(out["kept"])
     out["label_name"] = out["label"].map({1: "activated", 0: "quiescent"})
+    out["model_random_init"] = record.random_weights  # True: a plumbing check, not a result
     return out.drop(columns="source_id").reset_index(drop=True)[
-        ["path", "p_activated", "label", "label_name", "kept", "drop_reason"]
+        ["path", "p_activated", "label", "label_name", "kept", "drop_reason", "model_random_init"]
     ]

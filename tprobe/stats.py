@@ -77,12 +77,14 @@ def paired_comparisons(summary: pd.DataFrame, *, metrics=("roc_auc", "average_pr
         against = summary.loc[summary["roc_auc_mean"].astype(float).idxmax(), "run"]
     ref = _per_donor(against)
     ref_label = summary.set_index("run").loc[against, "label"]
+    ref_cells = summary.set_index("run").loc[against].get("n_cells")
     rows = []
     for rec in summary.itertuples():
         if rec.run == against:
             continue
         per = _per_donor(rec.run)
-        same = set(per.index) == set(ref.index)
+        # paired only on the same folds: the same held-out donors and the same cells scored
+        same = set(per.index) == set(ref.index) and getattr(rec, "n_cells", ref_cells) == ref_cells
         for m in metrics:
             row = {"run": rec.run, "label": rec.label, "reference": against, "reference_label": ref_label,
                    "metric": m, "n_donors": len(per), "mean_diff": np.nan, "p": np.nan, "diffs": "",

@@ -16,7 +16,7 @@ __all__ = ["ShardStatus", "StoreStatus", "store_status", "SEAL_STATES"]
 
 SEAL_STATES = ("complete", "incomplete", "being sealed")
 # the attributes worth showing; the full set is in the store
-KEY_ATTRS = ("model", "model_id", "resolved_revision", "hidden_size", "num_register_tokens", "patch_grid",
+KEY_ATTRS = ("model", "model_id", "resolved_revision", "model_random_init", "precision", "rows_hash", "hidden_size", "num_register_tokens", "patch_grid",
              "dtype", "dataset_fingerprint", "preprocess_hash", "tprobe_version")  # fmt: skip
 
 

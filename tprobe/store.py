@@ -406,14 +406,19 @@ class FeatureStore:
         if name not in self.shapes:
             raise TprobeError(f"{self.path}: has no {name!r} tokens (it holds {', '.join(self.shapes)}); "
                               "re-extract with those --tokens")  # fmt: skip
-        if self.format == "zarr":
-            import zarr
+        try:
+            if self.format == "zarr":
+                import zarr
 
-            return np.asarray(zarr.open_array(self.path / name, mode="r")[rows])
-        import h5py
+                return np.asarray(zarr.open_array(self.path / name, mode="r")[rows])
+            import h5py
 
-        with h5py.File(self.path, "r") as f:
-            return f[name][rows]
+            with h5py.File(self.path, "r") as f:
+                return f[name][rows]
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:  # a damaged chunk or file
+            raise TprobeError(f"{self.path}: {name} rows {rows.start or 0}-{rows.stop or self.n} cannot be read "
+                              f"({type(exc).__name__}: {str(exc)[:80]}); the store is damaged — delete it and "
+                              "re-extract") from None  # fmt: skip
 
     def iter_units(self, names=TOKENS) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
         """Yield ``(rows, {name: array})`` chunk by chunk, so memory stays one chunk wide."""

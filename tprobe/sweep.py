@@ -4,7 +4,7 @@
 can call it too::
 
     from tprobe.sweep import run_sweep, store_sources
-    res = run_sweep(store_sources("cache/.../float16.zarr", ["cls", "mean"]), ["logreg", "xgboost"],
+    res = run_sweep(store_sources("cache/.../float16-fp32-<rows>.zarr", ["cls", "mean"]), ["logreg", "xgboost"],
                     out="runs", probe_kwargs={"n_boot": 500})
     res.summary  # one row per run: pool, head, mean/sd ROC AUC, AP, accuracy, seconds, run
 
