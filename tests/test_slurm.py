@@ -129,7 +129,7 @@ def test_array_with_cancelled_task_resubmits_and_matches_single_process(tmp_path
 
     # 2) the same command again resubmits only shard 2 and returns once the store is sealed
     again = _tprobe("extract", *opts, "--cache", tmp_path / "c", *slurm, cwd=tmp_path)
-    assert "shards 2 of 3 (1 tasks)" in again.stderr, again.stderr
+    assert "shards 2 of 3 (1 task)" in again.stderr, again.stderr
     assert again.stdout.splitlines()[-1] == str(store)
     st = store_status(store, shards=3)
     assert st.state == "complete" and st.units_done == st.units and not any(s.pending for s in st.shards)

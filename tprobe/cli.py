@@ -299,7 +299,10 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
         click.echo(f"up to date: {len(pre.kept)} rows already extracted for {ref.slug}; nothing submitted")
     else:
         jobs = ", ".join(res.job_ids) or "earlier jobs"
-        click.echo(f"written: {len(pre.kept)} views by SLURM ({jobs}) in {res.seconds:.1f} s")
+        click.echo(
+            f"sealed: {len(pre.kept)} views in the store, written by SLURM array tasks ({jobs}) in "
+            f"{res.seconds:.1f} s"
+        )
     click.echo(str(path))
     _finish(pre)
 

@@ -227,7 +227,7 @@ def extract_array(
         result.job_ids.append(job)
         result.submitted = todo
         logs = {i: slurm_dir / f"{name}-{job}_{i}.out" for i in todo}
-        echo(f"submitted array job {job}: shards {_fmt(todo)} of {shards} ({len(todo)} tasks); "
+        echo(f"submitted array job {job}: shards {_fmt(todo)} of {shards} ({len(todo)} task{'s' if len(todo) != 1 else ''}); "
              f"script and logs in {slurm_dir}")  # fmt: skip
     if mine:
         jobs = sorted({job for job, _ in mine.values()})
