@@ -274,6 +274,11 @@ def _forward_args(ctx) -> list[str]:
     return args
 
 
+def _token_names(text: str) -> tuple[str, ...]:
+    """``--tokens cls,registers`` -> ("cls", "registers")."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
 def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
     from tprobe.extract import store_path
     from tprobe.slurm import SlurmOptions, extract_array
@@ -291,7 +296,7 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
     ctx.params["canvas"] = pre.config.canvas  # the (maybe rounded) canvas, so the tasks key the same store
     if p["precision"] == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here
         ctx.params["precision"] = "fp16" if slurm["gpus_per_task"] else "fp32"
-    tokens = tuple(t.strip() for t in p["tokens"].split(",") if t.strip())
+    tokens = _token_names(p["tokens"])
     path = store_path(p["cache"], pre, ref, p["dtype"], p["fmt"], ctx.params["precision"], tokens)
     res = extract_array(_forward_args(ctx), path, rows=len(pre.kept), chunk_rows=p["chunk_rows"],
                         shards=shards, options=options, poll=slurm["poll"])  # fmt: skip
@@ -379,7 +384,7 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
     pre = _prepare(data, prep, progress=False, ref=ref)
     if executor == "slurm":
         return _extract_slurm(ctx, pre, ref, shard, shards, slurm)
-    names = tuple(t.strip() for t in tokens.split(",") if t.strip())
+    names = _token_names(tokens)
     res = run_extract(pre, ref, cache=cache, fmt=fmt, dtype=dtype, batch_size=batch_size,
                       chunk_rows=chunk_rows, device=device, precision=precision, compile=compile_,
                       workers=workers, shard=_parse_shard(shard), offline=offline, tokens=names,

@@ -25,7 +25,16 @@ import pandas as pd
 from tprobe.errors import TprobeError
 from tprobe.store import FeatureStore
 
-__all__ = ["FeatureSet", "FeatureSource", "from_store", "from_table", "feature_columns", "read_table"]
+__all__ = [
+    "FeatureSet",
+    "FeatureSource",
+    "from_store",
+    "verified_manifest",
+    "store_source",
+    "from_table",
+    "feature_columns",
+    "read_table",
+]
 
 META = ["image_id", "path", "label", "donor", "group", "view"]
 _ID_NAMES = {"imagenumber", "objectnumber", "label", "donor", "group", "batch", "plate", "cell", "row"}
@@ -92,33 +101,43 @@ class FeatureSet:
         return self.source.name
 
 
-def from_store(path: str | Path, pool: str = "cls", *, manifest: pd.DataFrame | None = None) -> FeatureSet:
-    """Pool a store's tokens (chunk by chunk) with its manifest, verifying row identity.
+def verified_manifest(store: FeatureStore, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The manifest of ``store``'s rows, row identity verified.
 
     ``manifest`` defaults to the store's own (``<store>.manifest.parquet``); any manifest given must
     list exactly the store's rows, in order, or this raises.
     """
     from tprobe.extract import manifest_path
 
-    store = FeatureStore.open(path)
     source_name = "the manifest given"
     if manifest is None:
-        mpath = manifest_path(path)
+        mpath = manifest_path(store.path)
         if not mpath.exists():
-            raise TprobeError(f"{path}: its manifest {mpath.name} is missing; re-extract the store")
+            raise TprobeError(f"{store.path}: its manifest {mpath.name} is missing; re-extract the store")
         manifest, source_name = pd.read_parquet(mpath), mpath.name
     store.verify_rows(manifest["image_id"].tolist(), source_name)
-    X = store.pooled(pool)
+    return manifest
+
+
+def store_source(store: FeatureStore, pool: str) -> FeatureSource:
+    """The feature source of ``pool`` from ``store``, from its key attributes."""
     a = store.attrs
-    source = FeatureSource(
-        kind="store", name=f"{Path(str(a.get('model'))).name}-{pool}", pool=pool, store=str(path),
+    return FeatureSource(
+        kind="store", name=f"{Path(str(a.get('model'))).name}-{pool}", pool=pool, store=str(store.path),
         model=a.get("model"), model_source=a.get("model_source"), model_id=a.get("model_id"),
         resolved_revision=a.get("resolved_revision"), random_init=bool(a.get("model_random_init", False)),
         precision=a.get("precision"), dtype=a.get("dtype"), format=store.format, rows_hash=a.get("rows_hash"),
         preprocess=a.get("preprocess"), preprocess_hash=a.get("preprocess_hash"),
         dataset_fingerprint=a.get("dataset_fingerprint"),
     )  # fmt: skip
-    return FeatureSet(X, manifest[META].reset_index(drop=True), source)
+
+
+def from_store(path: str | Path, pool: str = "cls", *, manifest: pd.DataFrame | None = None) -> FeatureSet:
+    """Pool a store's tokens (chunk by chunk) with its manifest, verifying row identity
+    (:func:`verified_manifest`)."""
+    store = FeatureStore.open(path)
+    manifest = verified_manifest(store, manifest)
+    return FeatureSet(store.pooled(pool), manifest[META].reset_index(drop=True), store_source(store, pool))
 
 
 def feature_columns(table: pd.DataFrame, id_column: str, exclude=()) -> list[str]:

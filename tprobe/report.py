@@ -48,7 +48,7 @@ def _family(record) -> tuple[str, str]:
     cmd, o, feats = record.command, record.options, record.features
     if cmd == "baseline":
         return "baseline", o.get("baseline", feats.name)
-    model = Path(str(feats.model or o.get("model") or feats.name)).name
+    model = record.model_name
     if cmd == "finetune":
         mode = (
             "frozen"

@@ -158,6 +158,11 @@ class RunRecord:
         return split
 
     @property
+    def model_name(self) -> str:
+        """The model's short name (a local folder's name), or the feature source's name."""
+        return Path(str(self.features.model or self.options.get("model") or self.features.name)).name
+
+    @property
     def title(self) -> str:
         """What the run is, for plot titles: ``model · pool · head · split`` (or the baseline / table name)."""
         f, o = self.features, self.options
@@ -166,7 +171,7 @@ class RunRecord:
         elif f.kind in ("table", "pixels"):
             parts = [str(f.name), str(o.get("head"))]
         else:
-            model = Path(str(f.model or o.get("model") or f.name)).name
+            model = self.model_name
             head = o.get("head") or ("frozen" if o.get("freeze") else "finetune")
             parts = [model, str(f.pool or o.get("pool")), str(head)]
         title = " · ".join([*parts, self.split_text])

@@ -92,17 +92,13 @@ def _row_check(store: FeatureStore) -> str:
     """Row identity of the store against its own manifest (every row's image id, in order)."""
     from tprobe.errors import TprobeError
     from tprobe.extract import manifest_path
-
-    mpath = manifest_path(store.path)
-    if not mpath.exists():
-        return f"manifest {mpath.name} missing: rows cannot be verified (re-extract)"
-    import pandas as pd
+    from tprobe.features import verified_manifest
 
     try:
-        store.verify_rows(pd.read_parquet(mpath, columns=["image_id"])["image_id"].tolist(), mpath.name)
+        verified_manifest(store)
     except TprobeError as exc:
-        return f"MISMATCH: {exc}"
-    return f"ok: {store.n} rows match {mpath.name} (rows hash {store.attrs.get('rows_hash')})"
+        return f"NOT VERIFIED: {exc}"
+    return f"ok: {store.n} rows match {manifest_path(store.path).name} (rows hash {store.attrs.get('rows_hash')})"
 
 
 def store_status(path: str | Path, shards: int = 1) -> StoreStatus:

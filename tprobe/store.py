@@ -380,17 +380,18 @@ class FeatureStore:
 
     def verify_rows(self, image_ids: Sequence[str], source: str = "the manifest") -> None:
         """Raise unless ``image_ids`` are exactly this store's rows, in order (the hash, then every row)."""
-        ids = [str(i) for i in image_ids]
-        if len(ids) == self.n and rows_hash(ids) == self.attrs.get("rows_hash"):
-            stored = self.row_ids()
-            if (stored == np.asarray(ids, dtype=str)).all():
-                return
-        stored = self.row_ids()
+        ids = np.asarray([str(i) for i in image_ids], dtype=str)
         if len(ids) != self.n:
             raise TprobeError(f"{self.path}: {source} has {len(ids)} rows, the store {self.n}; their rows differ — "
                               "use the store's own manifest or re-extract with this data")  # fmt: skip
-        bad = np.flatnonzero(stored != np.asarray(ids, dtype=str))
-        i = int(bad[0]) if len(bad) else 0
+        stored = self.row_ids()
+        bad = np.flatnonzero(stored != ids)
+        if not len(bad):
+            if rows_hash(ids) == self.attrs.get("rows_hash"):
+                return
+            raise TprobeError(f"{self.path}: its row ids do not match its rows hash (the store is damaged); "
+                              "delete it and re-extract")  # fmt: skip
+        i = int(bad[0])
         raise TprobeError(f"{self.path}: row {i} holds {stored[i]} but {source} says {ids[i]} ({len(bad)} rows "
                           "differ); use the store's own manifest or re-extract with this data")  # fmt: skip
 

@@ -19,14 +19,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from tprobe.errors import TprobeError
 from tprobe.fastcv import FoldProgress
-from tprobe.features import FeatureSet, from_store
+from tprobe.features import META, FeatureSet, store_source, verified_manifest
 from tprobe.probe import ProbeRun
 from tprobe.store import POOLS, FeatureStore
 from tprobe.tokens import check_pool
@@ -81,8 +81,8 @@ def pool_store(path: str | Path, pools: Sequence[str]) -> dict[str, FeatureSet |
     for p in pools:
         if p not in POOLS:
             raise TprobeError(f"pool {p!r} is not one of {', '.join(POOLS)}")
-    base = from_store(path, "cls")  # row identity checks and provenance; reads the small CLS array only
     store = FeatureStore.open(path)
+    meta = verified_manifest(store)[META].reset_index(drop=True)
     out: dict[str, FeatureSet | TprobeError] = {}
     ok = []
     for p in dict.fromkeys(pools):
@@ -91,9 +91,8 @@ def pool_store(path: str | Path, pools: Sequence[str]) -> dict[str, FeatureSet |
             ok.append(p)
         except TprobeError as exc:
             out[p] = TprobeError(f"{path}: {exc}")
-    model = Path(str(base.source.model)).name
     for p, X in (store.pooled_many(ok) if ok else {}).items():
-        out[p] = FeatureSet(X, base.meta, replace(base.source, pool=p, name=f"{model}-{p}"))
+        out[p] = FeatureSet(X, meta, store_source(store, p))
     return out
 
 
