@@ -378,9 +378,12 @@ class Backbone:
             emb.position_embeddings = original
 
     def pixel_values(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """(B, H, W) grey in [0, 1] -> (B, 3, H, W) normalised with the backbone's mean/std."""
+        """(B, H, W) grey (copied to R, G, B) or (B, 3, H, W) RGB, in [0, 1] -> normalised (B, 3, H, W)."""
         x = torch.as_tensor(images, dtype=torch.float32)
-        x = x.unsqueeze(1).expand(-1, 3, -1, -1)
+        if x.ndim == 4 and x.shape[1] != 3:
+            raise TprobeError(f"images of shape {tuple(x.shape)}: the model takes grey (B, H, W) or RGB (B, 3, H, W); "
+                              "use --channel-mode per-channel for other channel counts")  # fmt: skip
+        x = x if x.ndim == 4 else x.unsqueeze(1).expand(-1, 3, -1, -1)
         return (x - self._mean.to(x.device)) / self._std.to(x.device)
 
     def __call__(self, pixel_values: torch.Tensor, **kw):

@@ -47,12 +47,12 @@ def pixel_features(pre: Preprocessed) -> FeatureSet:
 
 
 class LeNet(nn.Module):
-    """LeNet-5 style: conv(6,5)-pool-conv(16,5)-pool-fc120-fc84-fc1 on 64 px grey images."""
+    """LeNet-5 style: conv(6,5)-pool-conv(16,5)-pool-fc120-fc84-fc1 on 64 px images of ``in_channels`` channels."""
 
-    def __init__(self, side: int = PIXEL_CANVAS):
+    def __init__(self, side: int = PIXEL_CANVAS, in_channels: int = 1):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2)
+            nn.Conv2d(in_channels, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2)
         )
         n = ((side - 4) // 2 - 4) // 2
         self.classifier = nn.Sequential(
@@ -65,7 +65,8 @@ class LeNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x.unsqueeze(1))).squeeze(1)
+        x = x if x.ndim == 4 else x.unsqueeze(1)  # (B, H, W) grey or (B, C, H, W)
+        return self.classifier(self.features(x)).squeeze(1)
 
     def param_groups(self, lr_head: float, lr_backbone: float) -> list[dict]:
         return [{"params": list(self.parameters()), "lr": lr_head}]
@@ -101,7 +102,9 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     from tprobe.training import TrainConfig, run_folds
 
     cfg = TrainConfig(epochs=epochs, batch_size=32, lr_head=1e-3, weight_decay=1e-4, patience=5, seed=seed)
-    preds, curves = run_folds(LeNet, rows, plan, _pixel_prep(pre), cfg, pick_device(device), run, log=log)
+    in_channels = max(1, len(pre.config.used_channels)) if pre.config.channel_mode != "grey" else 1
+    preds, curves = run_folds(lambda: LeNet(in_channels=in_channels), rows, plan, _pixel_prep(pre), cfg,
+                              pick_device(device), run, log=log)  # fmt: skip
     ev = evaluate(preds, rows, plan, n_boot=n_boot, seed=seed)
     record.options["train"] = cfg.to_dict()
     record.features.canvas = PIXEL_CANVAS

@@ -93,20 +93,56 @@ def data_options(f):
                      help="Pixel threshold for the cell mask (8-bit scale)."),
         click.option("--min-area", "min_component_area", type=int, default=d.min_component_area, show_default=True,
                      help="Ignore mask components smaller than this (px) when counting cells."),
-        click.option("--max-value", type=float, default=None,
-                     help="Top of the camera range for 16-bit input (e.g. 4095) [default: 65535]."),
+        click.option("--max-value", default=None,
+                     help="Top of the camera range for 16-bit input (e.g. 4095) [default: 65535]; with several "
+                          "channels one value for all or NAME=VALUE,... for each."),
+        click.option("--channels", default=None, metavar="NAME,NAME,...",
+                     help="Name the planes of multi-channel images in file order (TIFF (C,H,W) or (H,W,C), or the "
+                          "channel names of --channel-files) [default: one grey channel]."),
+        click.option("--channel-mode", type=click.Choice(["grey", "rgb", "per-channel"]), default="grey",
+                     show_default=True,
+                     help="grey: one channel; rgb: three channels as R,G,B; per-channel: each channel embedded "
+                          "on its own, pooled per channel and concatenated."),
+        click.option("--use", default=None, metavar="NAME,...",
+                     help="The channels the model sees, in order [default: the first (grey), the first three "
+                          "(rgb), all (per-channel)]."),
+        click.option("--segment-channel", default=None, metavar="NAME",
+                     help="The channel the dim and multi-cell filters measure [default: the first used]."),
+        click.option("--channel-files", default=None, metavar="PATTERN",
+                     help="One file per channel: the file-name stem pattern, e.g. '{cell}_{channel}' for "
+                          "cell7_nadh.tif, cell7_fad.tif."),
     ]  # fmt: skip
 
     @functools.wraps(f)
     def wrapper(*args, data, **kw):
         keys = ("canvas", "fit", "views", "entropy_min", "entropy_dim", "intensity_dim",
-                "binary_threshold", "min_component_area", "max_value")  # fmt: skip
-        config = PreprocessConfig(**{k: kw.pop(k) for k in keys})
+                "binary_threshold", "min_component_area", "channel_mode", "segment_channel",
+                "channel_files")  # fmt: skip
+        channels = tuple(c.strip() for c in (kw.pop("channels") or "").split(",") if c.strip())
+        use = tuple(c.strip() for c in (kw.pop("use") or "").split(",") if c.strip())
+        max_value = _parse_max_value(kw.pop("max_value"), channels)
+        config = PreprocessConfig(**{k: kw.pop(k) for k in keys}, channels=channels, use=use, max_value=max_value)
         return f(*args, data=data, prep=config, **kw)
 
     for opt in reversed(opts):
         wrapper = opt(wrapper)
     return wrapper
+
+
+def _parse_max_value(value: str | None, channels: tuple[str, ...]):
+    """``4095`` (every channel) or ``nadh=4095,fad=65535`` (one per channel, in --channels order)."""
+    if value is None:
+        return None
+    try:
+        if "=" not in value:
+            return float(value)
+        pairs = dict((k.strip(), float(v)) for k, v in (item.split("=") for item in value.split(",")))
+    except ValueError:
+        raise TprobeError(f"--max-value {value!r}: give a number, or NAME=NUMBER for each channel") from None
+    if set(pairs) != set(channels):
+        raise TprobeError(f"--max-value {value!r} names {','.join(pairs)}; give NAME=NUMBER for each of "
+                          f"--channels {','.join(channels) or '(none given)'}")  # fmt: skip
+    return tuple(pairs[c] for c in channels)
 
 
 def _prepare(data, prep, *, progress=True, ref=None, patch_size=None):
@@ -138,7 +174,8 @@ def _prepare(data, prep, *, progress=True, ref=None, patch_size=None):
         ctx = click.get_current_context(silent=True)
         source = ctx.get_parameter_source("canvas") if ctx else None
         prep = fit_canvas(prep, patch, user_set=source not in (None, click.core.ParameterSource.DEFAULT))
-    pre = preprocess(discover(data), prep, progress=progress)
+    found = discover(data, channel_files=prep.channel_files, channels=prep.channels)
+    pre = preprocess(found, prep, progress=progress)
     for s in pre.skipped:
         click.echo(f"skipped: {s}", err=True)
     return pre

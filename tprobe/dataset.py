@@ -7,6 +7,10 @@ Three layouts are accepted:
 (c) a CSV or Parquet table with at least ``path,label`` (paths relative to the table's folder),
     optional ``donor`` and any other columns (kept as they are).
 
+With one file per channel (``channel_files="{cell}_{channel}"`` and the ``channels`` names), the
+files of each cell are grouped into one row whose ``path`` is a template holding ``{channel}``
+(:func:`tprobe.images.channel_files`); a table may list such templates itself.
+
 Files that cannot be used are returned as :class:`Skipped` rows with a reason naming the fix.
 """
 
@@ -20,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from tprobe.errors import TprobeError
-from tprobe.images import IMAGE_SUFFIXES
+from tprobe.images import IMAGE_SUFFIXES, channel_files
 
 __all__ = ["Dataset", "Skipped", "discover", "discover_unlabelled", "parse_wang_name", "DEFAULT_DATA"]
 
@@ -59,8 +63,9 @@ class Dataset:
 
 
 def parse_wang_name(name: str) -> dict | None:
-    """Parse ``CD3_1_act_9_1_12.png`` into its fields; None when the name does not fit."""
-    m = WANG_NAME.match(Path(name).stem)
+    """Parse ``CD3_1_act_9_1_12.png`` (or a template ``CD3_1_act_9_1_12_{channel}.tif``) into its fields."""
+    stem = re.sub(r"[_\-. ]*\{channel\}[_\-. ]*", "", Path(name).stem)
+    m = WANG_NAME.match(stem)
     if not m:
         return None
     return {
@@ -73,19 +78,24 @@ def parse_wang_name(name: str) -> dict | None:
     }
 
 
-def discover(data: str | Path | None = None) -> Dataset:
-    """Find the images under ``data`` (folder or table; default: the bundled sample)."""
+def discover(data: str | Path | None = None, *, channel_files: str | None = None, channels=()) -> Dataset:
+    """Find the images under ``data`` (folder or table; default: the bundled sample).
+
+    ``channel_files`` (a stem pattern such as ``{cell}_{channel}``) with the ``channels`` names groups
+    one-file-per-channel images into one row per cell.
+    """
     root = Path(data) if data is not None else DEFAULT_DATA
     if not root.exists():
         raise TprobeError(f"{root}: no such file or folder; pass --data with your image folder")
+    group = (channel_files, tuple(channels)) if channel_files else None
     if root.is_file():
         ds = _from_table(root)
     elif any(p.is_dir() and _label_of(p.name) is not None for p in root.glob("*/*")) or any(
         p.is_dir() and _label_of(p.name) is not None for p in root.iterdir()
     ):
-        ds = _from_folders(root)
+        ds = _from_folders(root, group)
     else:
-        ds = _from_flat(root)
+        ds = _from_flat(root, group)
     if ds.table.empty:
         raise TprobeError(
             f"{root}: no usable images found ({len(ds.skipped)} skipped); expected "
@@ -95,12 +105,13 @@ def discover(data: str | Path | None = None) -> Dataset:
     return ds
 
 
-def discover_unlabelled(data: str | Path) -> Dataset:
+def discover_unlabelled(data: str | Path, *, channel_files: str | None = None, channels=()) -> Dataset:
     """Every image under ``data`` (file or folder) for prediction; label -1 where unknown."""
     root = Path(data)
     if not root.exists():
         raise TprobeError(f"{root}: no such file or folder; pass the images to label")
-    files = [root] if root.is_file() else _images(root)
+    group = (channel_files, tuple(channels)) if channel_files else None
+    files = [root] if root.is_file() else _cells(root, group, [])
     rows = []
     for path in files:
         parsed = parse_wang_name(path.name) or {}
@@ -120,7 +131,19 @@ def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _from_folders(root: Path) -> Dataset:
+def _cells(folder: Path, group, skipped: list) -> list[Path]:
+    """The images under ``folder``: files, or per-channel files grouped into ``{channel}`` templates."""
+    files = _images(folder)
+    if not group:
+        return files
+    pattern, channels = group
+    templates, other = channel_files(files, pattern, channels)
+    skipped += [Skipped(f, f"file name does not fit --channel-files {pattern!r} with channels "
+                        f"{','.join(channels)}; rename it or move it out") for f in other]  # fmt: skip
+    return [Path(t) for t in templates]
+
+
+def _from_folders(root: Path, group=None) -> Dataset:
     rows, skipped = [], []
     for sub in sorted(p for p in root.rglob("*") if p.is_dir()):
         if any(_label_of(part) is not None for part in sub.relative_to(root).parts[:-1]):
@@ -136,7 +159,7 @@ def _from_folders(root: Path) -> Dataset:
                 ]  # fmt: skip
             continue
         donor = sub.parent.name if sub.parent != root else "donor_unknown"
-        for path in _images(sub):
+        for path in _cells(sub, group, skipped):
             parsed = parse_wang_name(path.name) or {}
             if parsed and parsed["label"] != label:
                 skipped.append(Skipped(str(path), f"name says label {parsed['label']} but folder "
@@ -146,9 +169,9 @@ def _from_folders(root: Path) -> Dataset:
     return Dataset(root, _frame(rows), skipped, "folders")
 
 
-def _from_flat(root: Path) -> Dataset:
+def _from_flat(root: Path, group=None) -> Dataset:
     rows, skipped = [], []
-    for path in _images(root):
+    for path in _cells(root, group, skipped):
         parsed = parse_wang_name(path.name)
         if parsed is None:
             skipped.append(Skipped(str(path), "file name does not parse; rename it "

@@ -6,3 +6,11 @@ class TprobeError(ValueError):
 
     It subclasses ``ValueError`` so notebook code can catch it the usual way.
     """
+
+
+class ChannelError(TprobeError):
+    """Channels that do not fit the declared ``--channels`` (a count, a bit depth, a missing file).
+
+    It says the options or the dataset are wrong, not one file, so preprocessing stops on it instead of
+    skipping the image.
+    """

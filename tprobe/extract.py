@@ -32,8 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tprobe import __version__
 from tprobe.backbones import Backbone, ModelRef, pick_device
 from tprobe.errors import TprobeError
-from tprobe.images import read_image
-from tprobe.preprocess import PreprocessConfig, Preprocessed, apply_view, pad_to_canvas
+from tprobe.preprocess import PreprocessConfig, Preprocessed, apply_view, load_canvas
 from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, rows_hash
 
 __all__ = ["ExtractResult", "StageTimes", "extract", "store_dir", "store_path", "store_name", "manifest_path",
@@ -102,10 +101,10 @@ def find_store(cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None, pr
 
 
 def estimate_bytes(n_rows: int, hidden: int, registers: int, patches: int, dtype: str = "float16",
-                   tokens=TOKENS) -> int:  # fmt: skip
+                   tokens=TOKENS, channels: int = 1) -> int:  # fmt: skip
     """Uncompressed size of a store's token arrays (random-weight tokens compress little)."""
     per = {"cls": 1, "registers": registers, "patches": patches}
-    return n_rows * hidden * np.dtype(dtype).itemsize * sum(per[t] for t in tokens)
+    return n_rows * channels * hidden * np.dtype(dtype).itemsize * sum(per[t] for t in tokens)
 
 
 # ---- reader ----------------------------------------------------------------------------------
@@ -127,7 +126,7 @@ class _Batches(Dataset):
         for i in self.batches[b]:
             path = self.paths[i]
             if path not in canvases:
-                canvases[path] = pad_to_canvas(read_image(path, max_value=self.config.max_value), self.config)
+                canvases[path] = load_canvas(path, self.config)
             out.append(apply_view(canvases[path], self.views[i]) / 255.0)
         return torch.from_numpy(np.stack(out)), len(canvases), time.perf_counter() - t0
 
@@ -248,15 +247,15 @@ def extract(
     else:
         backbone = Backbone.from_pretrained(ref, device=str(dev), offline=offline)
     layout = backbone.layout(pre.config.canvas)
+    channels = pre.config.per_channel  # a channel axis in per-channel mode
     if check_disk and not path.with_name(path.name + ".progress").exists():
-        _check_disk(
-            path, estimate_bytes(len(kept), layout.hidden, layout.registers, layout.patches, dtype, tokens)
-        )
+        _check_disk(path, estimate_bytes(len(kept), layout.hidden, layout.registers, layout.patches, dtype, tokens,
+                                         max(1, len(channels))))  # fmt: skip
     _write_manifest(manifest_path(path), kept)
     store = FeatureStore.create(
         path, row_ids=kept["image_id"].tolist(), hidden=layout.hidden, registers=layout.registers,
         patches=layout.patches, chunk_rows=chunk_rows, dtype=dtype, tokens=tokens, compression=compression,
-        attrs=_attrs(pre, backbone, layout, dtype, precision),
+        channels=channels, attrs=_attrs(pre, backbone, layout, dtype, precision),
     )  # fmt: skip
     units = store.pending_units(shard)
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
@@ -288,7 +287,12 @@ def extract(
                 times.read += read_s
                 times.decodes += decodes
                 tf = time.perf_counter()
-                hidden = forward(backbone.pixel_values(images.to(dev, non_blocking=True)))
+                images = images.to(dev, non_blocking=True)
+                if channels:  # (B, C, H, W): every channel through the model on its own, as grey
+                    hidden = forward(backbone.pixel_values(images.flatten(0, 1)))
+                    hidden = hidden.unflatten(0, (len(images), len(channels)))
+                else:
+                    hidden = forward(backbone.pixel_values(images))
                 parts = dict(zip(TOKENS, layout.split(hidden), strict=True))
                 for n in names:
                     buffer[n].append(parts[n].float().cpu().numpy())
@@ -384,6 +388,7 @@ def _forward_fn(backbone: Backbone, precision: str, compile: bool):
 
 def _attrs(pre: Preprocessed, backbone: Backbone, layout, dtype: str, precision: str) -> dict:
     ref = backbone.ref
+    channels = {"channels": list(pre.config.used_channels), "channel_mode": pre.config.channel_mode}
     return {
         "model": ref.name,
         "model_source": ref.source,
@@ -404,6 +409,7 @@ def _attrs(pre: Preprocessed, backbone: Backbone, layout, dtype: str, precision:
         "precision": precision,
         "preprocess": pre.config.to_dict(),
         "preprocess_hash": pre.config.hash,
+        **(channels if pre.config.channels else {}),  # a one-channel store keeps tprobe 0.2's attributes
         "dataset_fingerprint": pre.fingerprint,
         "tprobe_version": __version__,
     }

@@ -22,8 +22,7 @@ __all__ = [
 
 def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group: int = 8) -> Path:
     """A grid of kept and dropped example images (by drop reason), each titled with its reason."""
-    from tprobe.images import read_image
-    from tprobe.preprocess import pad_to_canvas
+    from tprobe.preprocess import pad_to_canvas, read_cell
 
     src = manifest[manifest["view"] == "orig"]
     groups = [("kept", src[src["kept"]])] + [
@@ -41,7 +40,7 @@ def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group:
             if c >= len(rows):
                 continue
             row = rows.iloc[c]
-            img = read_image(row["path"], max_value=config.max_value)
+            img = read_cell(row["path"], config)[0]  # the channel the filters measured
             if name != "too_large":
                 img = pad_to_canvas(img, config)
             ax.imshow(img, cmap="magma", vmin=0, vmax=max(1.0, float(img.max())))

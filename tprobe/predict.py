@@ -49,7 +49,9 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
         raise TprobeError(f"{run}: was trained on {src.kind} features; compute the same features for the new "
                           "images and score them with tprobe.probe.load_head(run)")  # fmt: skip
     head = load_head(run)
-    pre = preprocess(discover_unlabelled(data), record.preprocess_config())
+    config = record.preprocess_config()
+    found = discover_unlabelled(data, channel_files=config.channel_files, channels=config.channels)
+    pre = preprocess(found, config)
     source = src.model_source or src.model
     if not source:
         raise TprobeError(f"{run}/config.json: records no model to extract with; retrain the probe")

@@ -12,6 +12,14 @@ Measurements are taken on the unpadded original, on the 8-bit intensity scale
 - ``n_components``: connected components (4-connectivity) of ``pixel > binary_threshold``
   with at least ``min_component_area`` pixels.
 
+With several channels (``channels``), the measurements and filters run on the segmentation
+channel (``segment_channel``, default the first channel the model sees), and ``channel_mode`` says
+what the model sees: ``grey`` one channel (today's single-channel input), ``rgb`` three channels as
+R, G, B, ``per-channel`` every chosen channel on its own as grey (a channel axis in the store,
+pooled per channel then concatenated). Each channel is scaled by its own ``max_value`` (one value
+for all, or one per channel, recorded); nothing is computed from the data. The default config
+(one grey channel) keeps the hash, and so the stores, of tprobe 0.2.
+
 Filters, in order: dim (``entropy < entropy_min``, or ``entropy < entropy_dim`` and
 ``total_intensity < intensity_dim``), multi-cell (``n_components > 1``), too large for the canvas.
 
@@ -34,12 +42,12 @@ from skimage.measure import label as label_components
 from skimage.transform import resize
 
 from tprobe.dataset import Dataset, Skipped
-from tprobe.errors import TprobeError
-from tprobe.images import read_image
+from tprobe.errors import ChannelError, TprobeError
+from tprobe.images import CHANNEL, read_channels, read_image
 
 __all__ = [
-    "PreprocessConfig", "Preprocessed", "preprocess", "load_view", "apply_view", "pad_to_canvas",
-    "measure", "VIEW_SETS", "PREPROCESS_VERSION", "is_saved",
+    "PreprocessConfig", "Preprocessed", "preprocess", "load_view", "load_canvas", "read_cell", "apply_view",
+    "pad_to_canvas", "measure", "VIEW_SETS", "PREPROCESS_VERSION", "CHANNEL_MODES", "is_saved",
 ]  # fmt: skip
 
 PREPROCESS_VERSION = 1  # bump when the algorithm changes, so old caches are not reused
@@ -50,6 +58,10 @@ VIEW_SETS = {
 }
 FIT_MODES = ("pad", "resize", "fill")
 DROP_ORDER = ("unreadable", "duplicate", "dim", "multi_cell", "too_large")
+CHANNEL_MODES = ("grey", "rgb", "per-channel")
+# channel fields left out of to_dict() at their defaults, so a one-channel config keeps its 0.2 hash
+CHANNEL_DEFAULTS = {"channels": (), "channel_mode": "grey", "use": (), "segment_channel": None,
+                    "channel_files": None}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,9 +77,22 @@ class PreprocessConfig:
     canvas: int = 140
     fit: str = "pad"
     views: str = "six"
-    max_value: float | None = None
+    max_value: float | tuple[float | None, ...] | None = None  # one for all channels, or one per channel
+    channels: tuple[str, ...] = ()  # names of a stack's planes in order (or of per-channel files); () = one grey
+    channel_mode: str = "grey"
+    use: tuple[str, ...] = ()  # the channels the model sees, in order; () = the mode's default
+    segment_channel: str | None = None  # the channel the filters measure; None = the first used channel
+    channel_files: str | None = None  # one file per channel: a stem pattern with {cell} and {channel}
 
     def __post_init__(self):
+        for name in ("channels", "use"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(v.strip() for v in value.split(",") if v.strip())
+            object.__setattr__(self, name, tuple(value))
+        if isinstance(self.max_value, list):
+            object.__setattr__(self, "max_value", tuple(self.max_value))
+        self._check_channels()
         if self.fit not in FIT_MODES:
             raise TprobeError(f"fit={self.fit!r} is not one of {', '.join(FIT_MODES)}")
         if self.views not in VIEW_SETS:
@@ -77,12 +102,55 @@ class PreprocessConfig:
         if self.min_component_area < 1 or self.max_components < 1:
             raise TprobeError("min_component_area and max_components must be >= 1")
 
+    def _check_channels(self) -> None:
+        names, mode = self.channels, self.channel_mode
+        if mode not in CHANNEL_MODES:
+            raise TprobeError(f"--channel-mode {mode!r} is not one of {', '.join(CHANNEL_MODES)}")
+        if not names:
+            if mode != "grey" or self.use or self.segment_channel or self.channel_files:
+                raise TprobeError("--channel-mode, --use, --segment-channel and --channel-files need --channels "
+                                  "NAME,NAME,... naming the image's channels")  # fmt: skip
+            if isinstance(self.max_value, tuple):
+                raise TprobeError("--max-value NAME=VALUE needs --channels naming the channels")
+            return
+        bad = [n for n in names if not n or any(c in n for c in ",={}/\\ ")]
+        if bad or len(set(names)) != len(names):
+            raise TprobeError(f"--channels {','.join(names)}: names must be unique, without , = {{ }} / or spaces")
+        unknown = [n for n in (*self.use, self.segment_channel or names[0]) if n not in names]
+        if unknown:
+            raise TprobeError(f"channel {unknown[0]!r} is not one of --channels {','.join(names)}")
+        want = {"grey": 1, "rgb": 3}.get(mode)
+        if want and len(self.used_channels) != want:
+            raise TprobeError(f"--channel-mode {mode} uses {want} channel(s), got {len(self.used_channels)} "
+                              f"({','.join(self.used_channels)}); choose them with --use")  # fmt: skip
+        if isinstance(self.max_value, tuple) and len(self.max_value) != len(names):
+            raise TprobeError(f"--max-value gives {len(self.max_value)} values for {len(names)} channels; give "
+                              "one value, or NAME=VALUE for each channel")  # fmt: skip
+
     @property
     def view_names(self) -> tuple[str, ...]:
         return VIEW_SETS[self.views]
 
+    @property
+    def used_channels(self) -> tuple[str, ...]:
+        """The channels the model sees, in order (empty for one-channel images)."""
+        if not self.channels or self.use:
+            return self.use
+        return {"grey": self.channels[:1], "rgb": self.channels[:3]}.get(self.channel_mode, self.channels)
+
+    @property
+    def segment(self) -> str | None:
+        """The channel the filters measure."""
+        return self.segment_channel or (self.used_channels[0] if self.channels else None)
+
+    @property
+    def per_channel(self) -> tuple[str, ...]:
+        """The channel axis of the store: the used channels in ``per-channel`` mode, else none."""
+        return self.used_channels if self.channel_mode == "per-channel" else ()
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "version": PREPROCESS_VERSION}
+        d = {k: v for k, v in asdict(self).items() if CHANNEL_DEFAULTS.get(k, object()) != v}
+        return {**d, "version": PREPROCESS_VERSION}
 
     @classmethod
     def from_dict(cls, d: dict) -> PreprocessConfig:
@@ -90,7 +158,8 @@ class PreprocessConfig:
         if d.get("version", PREPROCESS_VERSION) != PREPROCESS_VERSION:
             raise TprobeError(f"preprocessing version {d.get('version')} was recorded; this tprobe runs version "
                               f"{PREPROCESS_VERSION}: preprocess and extract again")  # fmt: skip
-        return cls(**{k: v for k, v in d.items() if k != "version"})
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k != "version"}
+        return cls(**d)
 
     @property
     def hash(self) -> str:
@@ -166,7 +235,7 @@ class Preprocessed:
             src = manifest[manifest["kept"] & (manifest["view"] == "orig")]
             for path, sid in zip(src["path"], src["source_id"], strict=True):
                 try:
-                    same = _hash(Path(path).read_bytes(), 16) == sid
+                    same = _hash(source_bytes(path, config), 16) == sid
                 except OSError:
                     same = False
                 if not same:
@@ -210,7 +279,9 @@ def _drop_reason(m: dict, config: PreprocessConfig) -> str | None:
 
 
 def pad_to_canvas(img: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
-    """Scale (per ``config.fit``) and zero-pad ``img`` centred on a ``canvas`` x ``canvas`` square."""
+    """Scale (per ``config.fit``) and zero-pad ``img`` (H, W) or (C, H, W) centred on a ``canvas`` square."""
+    if img.ndim == 3:
+        return np.stack([pad_to_canvas(plane, config) for plane in img])
     c = config.canvas
     h, w = img.shape
     scale = c / max(h, w)
@@ -227,26 +298,50 @@ def pad_to_canvas(img: np.ndarray, config: PreprocessConfig = PreprocessConfig()
 
 
 def apply_view(img: np.ndarray, view: str) -> np.ndarray:
-    """Return the named rotation/flip of a square image (exact, no interpolation)."""
+    """Return the named rotation/flip of a square image, (H, W) or (C, H, W) (exact, no interpolation)."""
+    ax = (-2, -1)
     ops = {
         "orig": lambda a: a,
-        "r90": lambda a: np.rot90(a, 1),
-        "r180": lambda a: np.rot90(a, 2),
-        "r270": lambda a: np.rot90(a, 3),
-        "fliph": lambda a: a[:, ::-1],
-        "flipv": lambda a: a[::-1, :],
-        "transpose": lambda a: a.T,
-        "antitranspose": lambda a: np.rot90(a, 2).T,
+        "r90": lambda a: np.rot90(a, 1, axes=ax),
+        "r180": lambda a: np.rot90(a, 2, axes=ax),
+        "r270": lambda a: np.rot90(a, 3, axes=ax),
+        "fliph": lambda a: a[..., :, ::-1],
+        "flipv": lambda a: a[..., ::-1, :],
+        "transpose": lambda a: np.swapaxes(a, -1, -2),
+        "antitranspose": lambda a: np.swapaxes(np.rot90(a, 2, axes=ax), -1, -2),
     }
     if view not in ops:
         raise TprobeError(f"unknown view {view!r}; known views: {', '.join(ops)}")
     return np.ascontiguousarray(ops[view](img))
 
 
+def read_cell(path: str | Path, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, str]:
+    """One cell's (segmentation channel (H, W), model input (H, W) or (C, H, W), raw pixel type), 0..255 scale."""
+    if not config.channels:
+        img = read_image(path, max_value=config.max_value)
+        return img, img, ""
+    stack, dtype = read_channels(path, config.channels, max_value=config.max_value)
+    index = {n: i for i, n in enumerate(config.channels)}
+    used = stack[[index[n] for n in config.used_channels]]
+    return stack[index[config.segment]], used[0] if config.channel_mode == "grey" else used, dtype
+
+
+def load_canvas(path: str | Path, config: PreprocessConfig) -> np.ndarray:
+    """The model's input for one cell on its canvas, before any view: (canvas, canvas) or (C, canvas, canvas), 0..255."""
+    return pad_to_canvas(read_cell(path, config)[1], config)
+
+
 def load_view(path: str | Path, view: str, config: PreprocessConfig) -> np.ndarray:
-    """Read, pad and transform one image view: float32 (canvas, canvas) in [0, 1]."""
-    img = read_image(path, max_value=config.max_value)
-    return apply_view(pad_to_canvas(img, config), view) / 255.0
+    """Read, pad and transform one image view: float32 (canvas, canvas) or (C, canvas, canvas) in [0, 1]."""
+    return apply_view(load_canvas(path, config), view) / 255.0
+
+
+def source_bytes(path: str | Path, config: PreprocessConfig) -> bytes:
+    """The bytes a cell's ``source_id`` hashes: its file, or its channel files in channel order."""
+    path = str(path)
+    if config.channel_files or CHANNEL in path:
+        return b"".join(Path(path.replace(CHANNEL, c)).read_bytes() for c in config.channels)
+    return Path(path).read_bytes()
 
 
 def preprocess(
@@ -255,19 +350,25 @@ def preprocess(
     """Measure and filter every image of ``dataset`` and expand the kept ones into views."""
     from tqdm.auto import tqdm
 
-    rows, skipped, seen = [], list(dataset.skipped), {}
+    rows, skipped, seen, depths = [], list(dataset.skipped), {}, {}
     records = dataset.table.to_dict("records")
     for rec in tqdm(records, desc="preprocess", unit="img", disable=None if progress else True):
         path = rec["path"]
         base = {**rec, "source_id": "", "image_id": "", "group": "", "view": "orig"}
         try:
-            raw = Path(path).read_bytes()
-            img = read_image(path, max_value=config.max_value)
+            raw = source_bytes(path, config)
+            img, _, depth = read_cell(path, config)
+        except ChannelError:
+            raise
         except (OSError, TprobeError) as exc:
             msg = str(exc) if isinstance(exc, TprobeError) else f"{path}: cannot be read ({exc})"
             skipped.append(Skipped(path, msg))
             rows.append({**base, "kept": False, "drop_reason": "unreadable"})
             continue
+        if config.channels and depths.setdefault("first", (depth, path))[0] != depth:
+            first_depth, first = depths["first"]
+            raise ChannelError(f"{path}: {_depth(depth)} pixels, but {first} is {_depth(first_depth)}; convert the "
+                               "dataset to one bit depth (or preprocess the two parts separately)")  # fmt: skip
         sid = _hash(raw, 16)
         m = measure(img, config)
         base.update(m, source_id=sid, group=sid, image_id=f"{sid}_orig")
@@ -287,6 +388,12 @@ def preprocess(
     manifest = pd.DataFrame(rows)
     fingerprint = _fingerprint(manifest)
     return Preprocessed(manifest, config, fingerprint, skipped)
+
+
+def _depth(dtype: str) -> str:
+    from tprobe.images import _depth as depth
+
+    return depth(dtype)
 
 
 def is_saved(folder: str | Path | None) -> bool:

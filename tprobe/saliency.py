@@ -20,7 +20,10 @@ __all__ = ["saliency_maps", "saliency_grid"]
 
 
 def saliency_maps(model, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Maps of shape (B, H, W) for a DinoClassifier and grey images (B, H, W) in [0, 1]."""
+    """Maps of shape (B, H, W) for a DinoClassifier and grey (B, H, W) or RGB (B, 3, H, W) images in [0, 1].
+
+    With RGB input the gradient maps are summed over the channels.
+    """
     dev = next(model.parameters()).device
     x = torch.as_tensor(images, dtype=torch.float32, device=dev).requires_grad_(True)
     model.eval()
@@ -34,7 +37,8 @@ def saliency_maps(model, images: np.ndarray) -> dict[str, np.ndarray]:
     scale = side // g
     att = np.kron(att, np.ones((scale, scale), dtype=att.dtype))
     grad = grad.detach().cpu().numpy()
-    return {"gradient": np.abs(grad), "grad_x_input": np.abs(grad * images), "attention": att,
+    axis = (1,) if grad.ndim == 4 else ()
+    return {"gradient": np.abs(grad).sum(axis), "grad_x_input": np.abs(grad * images).sum(axis), "attention": att,
             "p_activated": torch.sigmoid(logit).detach().cpu().numpy()}  # fmt: skip
 
 
@@ -51,6 +55,7 @@ def saliency_grid(
 
     images = np.stack([load_view(p, v, prep) for p, v in zip(rows["path"], rows["view"], strict=True)])
     maps = saliency_maps(model, images)
+    images = images.mean(1) if images.ndim == 4 else images  # RGB shown as its mean intensity
     size = int(min(prep.canvas, max(28, 8 + rows[["height", "width"]].to_numpy().max())))
     n = len(rows)
     fig, axes = plt.subplots(4, n, figsize=(1.5 * n, 6.2), squeeze=False)

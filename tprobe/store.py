@@ -2,10 +2,12 @@
 
 A store holds ``cls (N, D)``, ``registers (N, R, D)`` (only when R > 0) and ``patches (N, P, D)``
 (or the subset chosen with ``tokens``), chunked along N in units of ``chunk_rows`` rows, plus
-``row_ids (N,)``: the ``image_id`` of every row. ``attrs["rows_hash"]`` hashes the ordered row ids;
+``row_ids (N,)``: the ``image_id`` of every row. A store of per-channel embeddings (``channels``) has a
+channel axis after the rows: ``cls (N, C, D)``, ``registers (N, C, R, D)``, ``patches (N, C, P, D)``;
+its poolings are taken per channel and concatenated in channel order. ``attrs["rows_hash"]`` hashes the ordered row ids;
 every reader checks row identity against the manifest it is given (:meth:`FeatureStore.verify_rows`),
-never just the row count. Arrays carry dimension names (``rows``, ``register``, ``patch``,
-``hidden``), so ``xarray.open_zarr`` names them, and each token array names ``row_ids`` as its
+never just the row count. Arrays carry dimension names (``rows``, ``channel``, ``register``,
+``patch``, ``hidden``), so ``xarray.open_zarr`` names them, and each token array names ``row_ids`` as its
 coordinate (the CF ``coordinates`` attribute), so xarray attaches every row's ``image_id``.
 
 Writing: the unit of writing is one whole chunk, so concurrent or interrupted writers never share
@@ -47,6 +49,11 @@ COMPRESSIONS = ("zstd", "lz4", "none")
 # index, and a 3-D one breaks swap_dims/sel ("IndexVariable objects must be 1-dimensional")
 DIMS = {"cls": ("rows", "hidden"), "registers": ("rows", "register", "hidden"),
         "patches": ("rows", "patch", "hidden"), "row_ids": ("rows",)}  # fmt: skip
+
+
+def _dims(name: str, channels) -> tuple[str, ...]:
+    dims = DIMS[name]
+    return (dims[0], "channel", *dims[1:]) if channels and name != "row_ids" else dims
 
 
 def rows_hash(row_ids: Sequence[str]) -> str:
@@ -99,6 +106,7 @@ class FeatureStore:
         self.chunk_rows = int(meta["chunk_rows"])
         self.shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
         self.attrs = meta["attrs"]
+        self.channels: list[str] = list(meta.get("channels") or [])  # the channel axis, when there is one
 
     # ---- construction -------------------------------------------------------------------
     @property
@@ -109,9 +117,12 @@ class FeatureStore:
     def create(
         cls, path: str | Path, *, row_ids: Sequence[str], hidden: int, registers: int, patches: int,
         chunk_rows: int = 64, dtype: str = "float16", tokens: Sequence[str] = TOKENS,
-        compression: str = "zstd", attrs: dict | None = None,
+        compression: str = "zstd", attrs: dict | None = None, channels: Sequence[str] = (),
     ) -> FeatureStore:  # fmt: skip
-        """Create (or reopen, when the same layout and rows exist) a store at its final shape."""
+        """Create (or reopen, when the same layout and rows exist) a store at its final shape.
+
+        ``channels`` names a channel axis after the rows (per-channel embeddings); empty for none.
+        """
         path = Path(path)
         fmt = next((f for f, suf in FORMATS.items() if path.name.endswith(suf)), None)
         if fmt is None:
@@ -129,7 +140,9 @@ class FeatureStore:
             raise TprobeError("no rows to store: every image was filtered out")
         if len(set(row_ids)) != n:
             raise TprobeError("row ids must be unique: the manifest lists an image view twice")
-        shapes = {"cls": [n, hidden], "registers": [n, registers, hidden], "patches": [n, patches, hidden]}
+        c = [len(channels)] if channels else []
+        shapes = {"cls": [n, *c, hidden], "registers": [n, *c, registers, hidden],
+                  "patches": [n, *c, patches, hidden]}  # fmt: skip
         shapes = {k: v for k, v in shapes.items() if k in tokens and not (k == "registers" and not registers)}
         attrs = {**(attrs or {}), "rows_hash": rows_hash(row_ids), "compression": compression,
                  "tokens": [t for t in TOKENS if t in shapes]}  # fmt: skip
@@ -141,6 +154,8 @@ class FeatureStore:
             "shapes": shapes,
             "attrs": attrs,
         }
+        if channels:  # only then, so a one-channel store's metadata stays that of tprobe 0.2
+            meta["channels"] = [str(ch) for ch in channels]
         store = cls(path, meta)
         if path.exists() and not store.progress_dir.exists():  # complete already
             return cls.open(path)._check_layout(meta)
@@ -198,7 +213,8 @@ class FeatureStore:
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
     def _check_layout(self, meta: dict) -> FeatureStore:
-        if self.meta["shapes"] != meta["shapes"] or self.meta["dtype"] != meta["dtype"]:
+        if self.meta["shapes"] != meta["shapes"] or self.meta["dtype"] != meta["dtype"] \
+                or self.channels != list(meta.get("channels") or []):  # fmt: skip
             raise TprobeError(f"{self.path}: exists with another layout; delete it to re-extract")
         if self.attrs.get("rows_hash") != meta["attrs"]["rows_hash"]:
             raise TprobeError(f"{self.path}: exists with other rows (rows hash {self.attrs.get('rows_hash')}, "
@@ -219,7 +235,7 @@ class FeatureStore:
         for name, shape in self.shapes.items():
             zarr.create_array(group.store, name=name, shape=tuple(shape), dtype=self.meta["dtype"],
                               chunks=(self.chunk_rows, *shape[1:]), compressors=codec, fill_value=0,
-                              dimension_names=DIMS[name], attributes={"coordinates": "row_ids"},
+                              dimension_names=_dims(name, self.channels), attributes={"coordinates": "row_ids"},
                               overwrite=True)  # fmt: skip
         ids = zarr.create_array(group.store, name="row_ids", shape=(self.n,), dtype=str, chunks=(self.n,),
                                 dimension_names=DIMS["row_ids"], overwrite=True)  # fmt: skip
@@ -358,7 +374,7 @@ class FeatureStore:
                     for name, ds in dsets.items():
                         ds[self.unit_slice(unit)] = part[name]
             for name, ds in dsets.items():
-                for i, dim in enumerate(DIMS[name]):
+                for i, dim in enumerate(_dims(name, self.channels)):
                     ds.dims[i].label = dim
             for key, value in self.attrs.items():
                 f.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
@@ -399,7 +415,7 @@ class FeatureStore:
     @property
     def num_registers(self) -> int:
         if "registers" in self.shapes:
-            return self.shapes["registers"][1]
+            return self.shapes["registers"][-2]
         return int(self.attrs.get("num_register_tokens", 0) or 0)
 
     def read(self, name: str, rows: slice = slice(None)) -> np.ndarray:
@@ -443,8 +459,11 @@ class FeatureStore:
             raise TprobeError(f"{self.path}: pool(s) {', '.join(pools)} need {', '.join(missing)} tokens, which this "
                               f"store does not hold (it holds {', '.join(self.shapes)}); re-extract with --tokens")  # fmt: skip
         parts: dict[str, list] = {p: [] for p in pools}
-        for _, t in self.iter_units([n for n in TOKENS if n in need]):
-            t = {k: v.astype(np.float32) for k, v in t.items()}
+        for sl, t in self.iter_units([n for n in TOKENS if n in need]):
+            # a channel axis folds into the rows, is pooled per channel, and unfolds into the columns
+            t = {k: v.astype(np.float32).reshape(-1, *v.shape[2:]) if self.channels else v.astype(np.float32)
+                 for k, v in t.items()}  # fmt: skip
             for p in pools:
-                parts[p].append(pool_tokens(t.get("cls"), t.get("registers"), t.get("patches"), p))
+                x = pool_tokens(t.get("cls"), t.get("registers"), t.get("patches"), p)
+                parts[p].append(x.reshape(sl.stop - sl.start, -1))
         return {p: np.concatenate(v, 0) for p, v in parts.items()}

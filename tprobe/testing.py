@@ -1,14 +1,18 @@
-"""Randomly initialised ViTs (DINOv2, DINOv3, ViT, ViT-MSN) saved locally, for tests, benchmarks and demos.
+"""Randomly initialised ViTs (DINOv2, DINOv3, ViT, ViT-MSN) saved locally, and a synthetic multi-channel
+16-bit copy of the bundled sample, for tests, benchmarks and demos.
 
-They load through the same ``from_pretrained`` path as hub checkpoints. Their features are
-random projections, not DINOv2's: use them to check plumbing and speed, never for results.
+The models load through the same ``from_pretrained`` path as hub checkpoints. Their features are
+random projections, not DINOv2's: use them to check plumbing and speed, never for results. The
+multi-channel images are derived from the real NAD(P)H images; their extra channels carry no new
+biology.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["save_random_dinov2", "save_random_vit", "SHAPES", "VIT_TYPES"]
+__all__ = ["save_random_dinov2", "save_random_vit", "make_multichannel", "SHAPES", "VIT_TYPES",
+           "SYNTHETIC_CHANNELS"]  # fmt: skip
 
 # hidden, layers, heads: "small" is the real ViT-S/14 shape (same compute as dinov2-small)
 # "blockless-small": ViT-S token width with no transformer blocks, so benchmarks see the data path alone
@@ -83,3 +87,54 @@ def save_random_vit(path: str | Path, *, model_type: str = "dinov3_vit", shape: 
     BitImageProcessor(image_mean=list(image_mean), image_std=list(image_std), do_resize=False,
                       do_center_crop=False).save_pretrained(path)  # fmt: skip
     return path
+
+
+SYNTHETIC_CHANNELS = ("nadh", "fad", "mask")
+# the camera range of each synthetic channel: 12-bit NAD(P)H and FAD, a 16-bit mask
+SYNTHETIC_MAX = {"nadh": 4095, "fad": 4095, "mask": 65535}
+
+
+def make_multichannel(out: str | Path, *, source: str | Path | None = None, layout: str = "chw",
+                      donors=None, per_class: int | None = None) -> Path:  # fmt: skip
+    """Write a 3-channel 16-bit copy of the sample (``donor_N/<class>/`` folders) under ``out``.
+
+    Channels (:data:`SYNTHETIC_CHANNELS`): ``nadh`` the real 8-bit image on a 12-bit scale (x 16),
+    ``fad`` a blurred, dimmer copy (a second channel correlated with the cell), ``mask`` the
+    above-threshold cell mask at 65535 (a segmentation channel). ``layout``: ``chw`` or ``hwc`` TIFF
+    stacks, or ``files`` (one TIFF per channel, ``<stem>_<channel>.tif``). ``donors`` and
+    ``per_class`` take a subset (default: everything).
+    """
+    import numpy as np
+    import tifffile
+    from PIL import Image
+    from scipy.ndimage import uniform_filter
+
+    from tprobe.dataset import DEFAULT_DATA
+
+    if layout not in ("chw", "hwc", "files"):
+        raise ValueError(f"layout {layout!r} is not one of chw, hwc, files")
+    source, out = Path(source or DEFAULT_DATA), Path(out)
+    for donor_dir in sorted(p for p in source.iterdir() if p.is_dir()):
+        if donors is not None and donor_dir.name not in donors:
+            continue
+        for cls_dir in sorted(p for p in donor_dir.iterdir() if p.is_dir()):
+            files = sorted(cls_dir.glob("*.png"))[:per_class]
+            (out / donor_dir.name / cls_dir.name).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                img = np.asarray(Image.open(f)).astype(np.uint16)
+                planes = {"nadh": img * 16, "fad": (uniform_filter(img.astype(np.float32), 3) * 6).astype(np.uint16),
+                          "mask": np.where(img > 20, 65535, 0).astype(np.uint16)}  # fmt: skip
+                stem = out / donor_dir.name / cls_dir.name / f.stem
+                if layout == "files":
+                    for name, plane in planes.items():
+                        tifffile.imwrite(f"{stem}_{name}.tif", plane, photometric="minisblack")
+                    continue
+                stack = np.stack([planes[c] for c in SYNTHETIC_CHANNELS])
+                if layout == "chw":  # three pages, as ImageJ and most acquisition software write stacks
+                    tifffile.imwrite(f"{stem}.tif", stack, photometric="minisblack")
+                else:  # interleaved samples
+                    tifffile.imwrite(f"{stem}.tif", np.moveaxis(stack, 0, -1), photometric="rgb")
+    license_file = source / "LICENSE"
+    if license_file.exists():
+        (out / "LICENSE").write_text(license_file.read_text())
+    return out

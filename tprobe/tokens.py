@@ -41,9 +41,12 @@ class TokenLayout:
         return 1 + self.registers
 
     def split(self, hidden):
-        """``last_hidden_state`` (B, 1+R+P, D) -> (cls (B, D), registers (B, R, D), patches (B, P, D))."""
+        """``last_hidden_state`` (..., 1+R+P, D) -> (cls (..., D), registers (..., R, D), patches (..., P, D)).
+
+        Leading axes are kept: (B, T, D) for one image per row, (B, C, T, D) with a channel axis.
+        """
         r = self.registers
-        return hidden[:, 0], hidden[:, 1 : 1 + r], hidden[:, 1 + r :]
+        return hidden[..., 0, :], hidden[..., 1 : 1 + r, :], hidden[..., 1 + r :, :]
 
     def width(self, pool: str) -> int:
         """Feature width of ``pool``."""
