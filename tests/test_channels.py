@@ -43,7 +43,9 @@ def _a_cell(folder, suffix=".tif"):
 
 def test_the_three_layouts_read_the_same_channels_on_their_own_scales(stacks):
     src = _a_cell(stacks["chw"])
-    png = np.asarray(Image.open(DEFAULT_DATA / "donor_1" / "activated" / f"{src.stem}.png")).astype(np.float64)
+    png = np.asarray(Image.open(DEFAULT_DATA / "donor_1" / "activated" / f"{src.stem}.png")).astype(
+        np.float64
+    )
     tops = (4095.0, 4095.0, 65535.0)
     chw, dtype = read_channels(src, SYNTHETIC_CHANNELS, max_value=tops)
     hwc, _ = read_channels(stacks["hwc"] / src.relative_to(stacks["chw"]), SYNTHETIC_CHANNELS, max_value=tops)
@@ -95,7 +97,9 @@ def test_each_mode_runs_preprocess_extract_probe(stacks, dinov3, tmp_path, mode,
         assert store.shapes["patches"] == (n, 2, 81, 32) and store.num_registers == 4
     else:
         assert store.channels == [] and store.shapes["cls"] == (n, 32)
-    assert store.attrs["channel_mode"] == mode and store.attrs["preprocess"]["channels"] == list(SYNTHETIC_CHANNELS)
+    assert store.attrs["channel_mode"] == mode and store.attrs["preprocess"]["channels"] == list(
+        SYNTHETIC_CHANNELS
+    )
     assert store.pooled("cls").shape == (n, width)
     r = CliRunner().invoke(main, ["probe", *common, "--head", "logreg", "--pool", "cls+mean",
                                   "--out", str(tmp_path / "runs")])  # fmt: skip
@@ -123,7 +127,9 @@ def test_per_channel_tokens_are_each_channels_own_forward(stacks, dinov3, tmp_pa
     cls, patches = store.read("cls"), store.read("patches")
     for c, name in enumerate(("fad", "nadh")):  # --use order is the channel axis order
         with torch.inference_mode():
-            hidden = net(pixel_values=bb.pixel_values(torch.from_numpy(views[:, c]))).last_hidden_state.numpy()
+            hidden = net(
+                pixel_values=bb.pixel_values(torch.from_numpy(views[:, c]))
+            ).last_hidden_state.numpy()
         np.testing.assert_allclose(cls[rows, c], hidden[:, 0], atol=1e-5)
         np.testing.assert_allclose(patches[rows, c], hidden[:, 5:], atol=1e-5)
         assert store.channels[c] == name
@@ -154,7 +160,9 @@ def test_rgb_mode_feeds_the_chosen_channels_as_r_g_b(stacks, dinov3, tmp_path):
 
 def test_one_grey_channel_keeps_the_key_and_tokens_of_tprobe_02(small_data, tiny_reg, tmp_path):
     # the preprocess hash keys every store: a one-channel config must hash as in 0.2 (value from commit be88b31)
-    assert PreprocessConfig().hash == "79b1fddc01c2" and PreprocessConfig(max_value=4095).hash == "307624abf55d"
+    assert (
+        PreprocessConfig().hash == "79b1fddc01c2" and PreprocessConfig(max_value=4095).hash == "307624abf55d"
+    )
     assert "channels" not in PreprocessConfig().to_dict()
     pre = preprocess(discover(small_data), PreprocessConfig(views="orig"))
     named = preprocess(discover(small_data), PreprocessConfig(views="orig", channels=("nadh",)))
@@ -198,7 +206,9 @@ def test_mixed_bit_depths_are_one_line(stacks, tmp_path):
     make_multichannel(data, layout="chw", donors=("donor_1",), per_class=2)
     victim = sorted((data / "donor_1" / "quiescent").glob("*.tif"))[-1]
     tifffile.imwrite(victim, (tifffile.imread(victim) // 257).astype(np.uint8))
-    r = CliRunner().invoke(main, ["preprocess", "--data", str(data), "--channels", CH, "--out", str(tmp_path / "p")])
+    r = CliRunner().invoke(
+        main, ["preprocess", "--data", str(data), "--channels", CH, "--out", str(tmp_path / "p")]
+    )
     line = _one_line_exit_2(r)
     assert victim.name in line and "8-bit" in line and "16-bit" in line
     assert not (tmp_path / "p").exists()
@@ -231,7 +241,9 @@ def test_a_missing_channel_file_is_one_line(tmp_path):
     (["--channels", "a,b", "--channel-files", "{channel}"], "must hold {cell} and {channel}"),
 ])  # fmt: skip
 def test_channel_options_are_checked_in_one_line(small_data, tmp_path, args, says):
-    r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), *args, "--out", str(tmp_path / "p")])
+    r = CliRunner().invoke(
+        main, ["preprocess", "--data", str(small_data), *args, "--out", str(tmp_path / "p")]
+    )
     assert says in _one_line_exit_2(r)
 
 

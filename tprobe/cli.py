@@ -121,7 +121,9 @@ def data_options(f):
         channels = tuple(c.strip() for c in (kw.pop("channels") or "").split(",") if c.strip())
         use = tuple(c.strip() for c in (kw.pop("use") or "").split(",") if c.strip())
         max_value = _parse_max_value(kw.pop("max_value"), channels)
-        config = PreprocessConfig(**{k: kw.pop(k) for k in keys}, channels=channels, use=use, max_value=max_value)
+        config = PreprocessConfig(
+            **{k: kw.pop(k) for k in keys}, channels=channels, use=use, max_value=max_value
+        )
         return f(*args, data=data, prep=config, **kw)
 
     for opt in reversed(opts):

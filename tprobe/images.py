@@ -99,7 +99,9 @@ def _channels_first(arr: np.ndarray, n: int, path: Path, names) -> np.ndarray:
         return arr
     if arr.ndim == 3 and arr.shape[-1] == n:
         return np.moveaxis(arr, -1, 0)
-    got = f"{arr.shape[0]} planes" if arr.ndim == 3 else "one plane" if arr.ndim == 2 else f"shape {arr.shape}"
+    got = (
+        f"{arr.shape[0]} planes" if arr.ndim == 3 else "one plane" if arr.ndim == 2 else f"shape {arr.shape}"
+    )
     raise ChannelError(f"{path}: the image has {got} (shape {arr.shape}), but --channels names {n} "
                       f"({','.join(names)}); name every plane of the stack, in order")  # fmt: skip
 
@@ -120,7 +122,9 @@ def channel_files(files, pattern: str, channels) -> tuple[list[str], list[str]]:
     import re
 
     if "{cell}" not in pattern or CHANNEL not in pattern:
-        raise TprobeError(f"--channel-files {pattern!r} must hold {{cell}} and {{channel}}, e.g. '{{cell}}_{{channel}}'")
+        raise TprobeError(
+            f"--channel-files {pattern!r} must hold {{cell}} and {{channel}}, e.g. '{{cell}}_{{channel}}'"
+        )
     names = "|".join(re.escape(c) for c in sorted(channels, key=len, reverse=True))
     rx = re.compile("^" + re.escape(pattern).replace(r"\{cell\}", "(?P<cell>.+?)")
                     .replace(r"\{channel\}", f"(?P<channel>{names})") + "$")  # fmt: skip

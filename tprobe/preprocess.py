@@ -78,7 +78,7 @@ class PreprocessConfig:
     fit: str = "pad"
     views: str = "six"
     max_value: float | tuple[float | None, ...] | None = None  # one for all channels, or one per channel
-    channels: tuple[str, ...] = ()  # names of a stack's planes in order (or of per-channel files); () = one grey
+    channels: tuple[str, ...] = ()  # a stack's planes in order, or the per-channel files' names; () = grey
     channel_mode: str = "grey"
     use: tuple[str, ...] = ()  # the channels the model sees, in order; () = the mode's default
     segment_channel: str | None = None  # the channel the filters measure; None = the first used channel
@@ -115,7 +115,9 @@ class PreprocessConfig:
             return
         bad = [n for n in names if not n or any(c in n for c in ",={}/\\ ")]
         if bad or len(set(names)) != len(names):
-            raise TprobeError(f"--channels {','.join(names)}: names must be unique, without , = {{ }} / or spaces")
+            raise TprobeError(
+                f"--channels {','.join(names)}: names must be unique, without , = {{ }} / or spaces"
+            )
         unknown = [n for n in (*self.use, self.segment_channel or names[0]) if n not in names]
         if unknown:
             raise TprobeError(f"channel {unknown[0]!r} is not one of --channels {','.join(names)}")

@@ -32,7 +32,9 @@ def saliency_for_run(run: str | Path, pre: Preprocessed | None, *, n: int = 8) -
         ) from None
     prep = record.preprocess_config()
     if pre is None:
-        pre = preprocess(discover(record.data, channel_files=prep.channel_files, channels=prep.channels), prep)
+        pre = preprocess(
+            discover(record.data, channel_files=prep.channel_files, channels=prep.channels), prep
+        )
     rows = pre.kept.set_index("image_id")
     pred = pred[pred["image_id"].isin(rows.index)]
     pred = pred.assign(right=(pred["p_activated"] >= 0.5) == (pred["label"] == 1))
