@@ -174,6 +174,9 @@ class RunRecord:
             model = self.model_name
             head = o.get("head") or ("frozen" if o.get("freeze") else "finetune")
             parts = [model, str(f.pool or o.get("pool")), str(head)]
+        if (self.features.preprocess or {}).get("channels"):  # multi-channel input: say which channels, how
+            prep = self.preprocess_config()
+            parts.append(f"{prep.channel_mode} {'+'.join(prep.used_channels)}")
         title = " · ".join([*parts, self.split_text])
         return title + (" (random weights: plumbing check)" if self.random_weights else "")
 
