@@ -5,8 +5,9 @@
    transformer blocks*, so the model costs almost nothing and reading, decoding, copying and
    writing show. Whole bundled sample (3,954 views at 140 px), for each ``--workers``.
 2. **Real forward**: a random model of the real ViT-S/14-reg shape; the bare forward (batch 16,
-   same dtype, tensors prepared in advance) against the end-to-end extract of the first ``--n``
-   views, start-up (model load) included.
+   same dtype, tensors prepared in advance, timed in the extract's own process right after it, so
+   drift between processes cannot bias the ratio) against the end-to-end extract of the first
+   ``--n`` views, start-up (model load) included.
 
 Prints one table per part with per-stage seconds from ``ExtractResult.times`` beside the matmul
 peak. With ``--old DIR`` it also runs part 1 with the tprobe code checked out in DIR (for a
@@ -24,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = r"""
 import json, sys, tempfile, time
 t_start = time.perf_counter()
+import torch
 from tprobe.dataset import discover
 from tprobe.preprocess import preprocess
 from tprobe.backbones import Backbone
@@ -44,6 +45,18 @@ pre = preprocess(discover())
 n = int(sys.argv[3])
 if n:
     pre.manifest = pre.manifest[pre.manifest["kept"]].iloc[:n].reset_index(drop=True)
+
+
+def bare(bb, n):  # the model alone on prepared (16, 3, 140, 140) batches, in this same process
+    x = bb.pixel_values(torch.rand(16, 140, 140))
+    with torch.inference_mode():
+        bb(x)
+        t0 = time.perf_counter()
+        for _ in range(max(1, n // 16)):
+            bb(x).last_hidden_state.numpy()
+    return max(1, n // 16) * 16 / (time.perf_counter() - t0)
+
+
 t_model = time.perf_counter()
 bb = Backbone.from_pretrained(sys.argv[1], device="cpu")
 t_loaded = time.perf_counter()
@@ -52,30 +65,18 @@ with tempfile.TemporaryDirectory() as cache:
     res = extract(pre, bb, **kw)
 t_end = time.perf_counter()
 times = res.times.to_dict() if hasattr(res, "times") else {}
+# the bare forward after the run (same process, same threads), so machine drift between processes cannot bias the ratio
+bare_after = bare(bb, res.images) if len(sys.argv) > 4 else None
 print(json.dumps({"views": res.images, "loop": res.seconds, "load_model": t_loaded - t_model,
-                  "end_to_end": (t_end - t_model), "times": times}))
+                  "end_to_end": (t_end - t_model), "times": times, "bare": bare_after}))
 """
 
 
-def run(code_dir: Path, model: Path, workers: int, n: int = 0) -> dict:
+def run(code_dir: Path, model: Path, workers: int, n: int = 0, bare: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code_dir)}
-    out = subprocess.run([sys.executable, "-c", RUN, str(model), str(workers), str(n)], env=env,
+    out = subprocess.run([sys.executable, "-c", RUN, str(model), str(workers), str(n), *(["bare"] if bare else [])], env=env,
                          capture_output=True, text=True, check=True, cwd=code_dir).stdout  # fmt: skip
     return json.loads(out.strip().splitlines()[-1])
-
-
-def bare_forward(model: Path, n: int) -> float:
-    """Views/s of the model alone on prepared (B, 3, 140, 140) batches of 16."""
-    from tprobe.backbones import Backbone
-
-    bb = Backbone.from_pretrained(str(model), device="cpu")
-    x = bb.pixel_values(torch.rand(16, 140, 140))
-    with torch.inference_mode():
-        bb(x)
-        t0 = time.perf_counter()
-        for _ in range(max(1, n // 16)):
-            bb(x).last_hidden_state.numpy()
-    return max(1, n // 16) * 16 / (time.perf_counter() - t0)
 
 
 def fmt_row(label, r) -> str:
@@ -116,18 +117,19 @@ def main():
             return
         small = save_random_dinov2(Path(tmp) / "small", shape="small")
         print(f"\n2. real ViT-S/14-reg forward (random weights), first {args.n} views, fp32, batch 16")
-        bare = bare_forward(small, args.n)
-        r = run(ROOT, small, 0, args.n)
+        r = run(ROOT, small, 0, args.n, bare=True)
+        bare = r["bare"]  # measured in the extract's own process, right after it
         e2e = r["views"] / r["end_to_end"]
         loop = r["views"] / r["loop"]
-        print(f"bare forward          {bare:6.1f} views/s")
+        print(f"bare forward          {bare:6.1f} views/s  (same process, after the extract)")
         print(f"extract loop          {loop:6.1f} views/s  ({loop / bare:.2f} of bare forward)")
         print(f"extract end to end    {e2e:6.1f} views/s  ({e2e / bare:.2f} of bare forward; model load "
               f"{r['load_model']:.1f} s included)")  # fmt: skip
         if args.old:
-            o = run(args.old, small, 0, args.n)
+            o = run(args.old, small, 0, args.n, bare=True)
             print(f"old code end to end  {o['views'] / o['end_to_end']:6.1f} views/s  "
-                  f"({o['views'] / o['end_to_end'] / bare:.2f} of bare forward; loop {o['views'] / o['loop']:.1f} views/s)")  # fmt: skip
+                  f"({o['views'] / o['end_to_end'] / o['bare']:.2f} of its bare forward {o['bare']:.1f}; loop "
+                  f"{o['views'] / o['loop']:.1f} views/s)")  # fmt: skip
         print(head)
         print(fmt_row("tprobe --workers 0", r))
 

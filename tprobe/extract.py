@@ -271,6 +271,7 @@ def extract(
     todo = sum(len(b) for b in batches)
     times = StageTimes()
     names = list(store.shapes)
+    out_dtype = getattr(torch, dtype)  # torch's float16 rounding equals numpy's astype, and is ~10x faster
     t0 = time.perf_counter()
     bar = _Progress(todo, f"extract {ref.name}", progress)
     writer = _Writer(store)
@@ -294,8 +295,8 @@ def extract(
                 else:
                     hidden = forward(backbone.pixel_values(images))
                 parts = dict(zip(TOKENS, layout.split(hidden), strict=True))
-                for n in names:
-                    buffer[n].append(parts[n].float().cpu().numpy())
+                for n in names:  # cast to the store's dtype in torch (on the device: half the copy to host)
+                    buffer[n].append(parts[n].to(out_dtype).cpu().numpy())
                 times.forward += time.perf_counter() - tf
                 bar.update(len(images))
                 if b + 1 == len(batches) or owner[b + 1] != owner[b]:  # the unit is whole
