@@ -256,6 +256,9 @@ def test_xarray_names_the_channel_axis(stacks, tiny_reg, tmp_path):
     ds = xr.open_zarr(res.path, consolidated=False)
     assert ds["cls"].dims == ("rows", "channel", "hidden")
     assert ds["patches"].dims == ("rows", "channel", "patch", "hidden") and ds.sizes["channel"] == 3
+    np.testing.assert_array_equal(
+        ds["cls"].sel(channel="fad").values, FeatureStore.open(res.path).read("cls")[:, 1]
+    )
     h5 = extract(preprocess(discover(stacks["chw"]), cfg), resolve_model(str(tiny_reg)), cache=tmp_path,
                  fmt="hdf5", progress=False)  # fmt: skip
     import h5py

@@ -240,6 +240,10 @@ class FeatureStore:
         ids = zarr.create_array(group.store, name="row_ids", shape=(self.n,), dtype=str, chunks=(self.n,),
                                 dimension_names=DIMS["row_ids"], overwrite=True)  # fmt: skip
         ids[:] = np.asarray(row_ids, dtype=str)
+        if self.channels:  # the channel names, xarray's index of the channel axis: ds.sel(channel="nadh")
+            names = zarr.create_array(group.store, name="channel", shape=(len(self.channels),), dtype=str,
+                                      chunks=(len(self.channels),), dimension_names=("channel",), overwrite=True)  # fmt: skip
+            names[:] = np.asarray(self.channels, dtype=str)
 
     @classmethod
     def open(cls, path: str | Path, *, allow_incomplete: bool = False) -> FeatureStore:
@@ -369,6 +373,10 @@ class FeatureStore:
                 for name, shape in self.shapes.items()
             }  # fmt: skip
             f.create_dataset("row_ids", data=row_ids.astype(object), dtype=h5py.string_dtype())
+            if self.channels:
+                f.create_dataset(
+                    "channel", data=np.asarray(self.channels, dtype=object), dtype=h5py.string_dtype()
+                )
             for unit in range(self.n_units):
                 with np.load(self.progress_dir / f"part_{unit:06d}.npz", allow_pickle=False) as part:
                     for name, ds in dsets.items():
