@@ -17,6 +17,7 @@ from tprobe.errors import ChannelError, TprobeError
 from tprobe.extract import extract, manifest_path
 from tprobe.images import read_channels
 from tprobe.preprocess import PreprocessConfig, load_view, preprocess
+from tprobe.runs import RunRecord
 from tprobe.store import FeatureStore
 from tprobe.testing import SYNTHETIC_CHANNELS, make_multichannel, save_random_vit
 
@@ -267,3 +268,18 @@ def test_xarray_names_the_channel_axis(stacks, tiny_reg, tmp_path):
         assert [d.label for d in f["registers"].dims] == ["rows", "channel", "register", "hidden"]
     np.testing.assert_array_equal(FeatureStore.open(h5.path).pooled("concat"),
                                   FeatureStore.open(res.path).pooled("concat"))  # fmt: skip
+
+
+def test_finetune_and_lenet_take_rgb_and_refuse_or_adapt_to_per_channel(stacks, tiny_reg, tmp_path):
+    data = ["--data", str(stacks["chw"]), "--channels", CH, "--max-value", MAX, "--views", "orig"]
+    r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_reg), *data, "--channel-mode", "rgb", "--epochs",
+                                  "1", "--out", str(tmp_path / "ft")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "rgb nadh+fad+mask" in RunRecord.load(next((tmp_path / "ft").iterdir())).title
+    r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_reg), *data, "--channel-mode", "per-channel",
+                                  "--epochs", "1", "--out", str(tmp_path / "ft2")])  # fmt: skip
+    assert "use --channel-mode grey or rgb" in _one_line_exit_2(r)
+    r = CliRunner().invoke(main, ["baseline", "--name", "lenet", *data, "--channel-mode", "per-channel", "--use",
+                                  "nadh,fad", "--epochs", "1", "--out", str(tmp_path / "b")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert json.loads(next((tmp_path / "b").rglob("metrics.json")).read_text())["folds"]
