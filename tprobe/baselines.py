@@ -143,6 +143,8 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
     plan = split_plan(rows, split, test_donor=test_donor)
     check_plan(plan, rows)
+    if name == "inception-finetuned":
+        _check_train_donors(rows, plan, split)
     run = make_run_dir(out, f"baseline-{name}")
     features = FeatureSource(kind="baseline", name=name, preprocess=pre.config.to_dict(),
                              preprocess_hash=pre.config.hash, dataset_fingerprint=pre.fingerprint)  # fmt: skip
@@ -167,7 +169,6 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     else:
         from tprobe.inception import InceptionClassifier, load_inception
 
-        _check_train_donors(rows, plan, split)
         # bf16 on GPUs: fp16 overflows on a random-init network's eval-mode activations
         precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         cfg = TrainConfig(epochs=epochs, batch_size=32, lr_head=1e-3, lr_backbone=1e-4, weight_decay=1e-4,
