@@ -3,7 +3,16 @@
 - ``frequency``: every test cell gets its training donors' activated fraction;
 - ``pixel-logreg``: L1 logistic regression on raw pixels (C chosen by the inner donor CV);
 - ``pixel-mlp``: a one-hidden-layer network on raw pixels;
-- ``lenet``: two conv + pool blocks and two dense layers, trained end to end in torch.
+- ``lenet``: two conv + pool blocks and two dense layers, trained end to end in torch;
+- ``inception-frozen``: ImageNet Inception v3's pooled 2048-d features of each cell + L2 logistic
+  regression (C chosen by the inner donor CV), as ``pixel-logreg``;
+- ``inception-finetuned``: Inception v3 + a linear layer, trained end to end like ``lenet``.
+
+The Inception baselines (:mod:`tprobe.inception`) take the preprocessing canvas upsampled to
+``inception_size`` (default 299 px) and the weights ``inception_weights`` names (default
+``timm/inception_v3.tv_in1k`` from the Hugging Face hub; ``random`` = a plumbing check). ``all``
+runs the four others: name the Inception ones explicitly (they download ImageNet weights, and
+fine-tuning at 299 px wants a GPU).
 
 Pixel inputs are each cell zero-padded, centred, on a ``PIXEL_CANVAS`` (64 px) square; larger
 cells are shrunk to fit. The cells here are ~20 px, so 64 px keeps every pixel of almost every cell
@@ -22,13 +31,17 @@ from torch import nn
 from tprobe.errors import TprobeError
 from tprobe.evaluate import check_plan, evaluate, frequency_predictions, split_plan
 from tprobe.features import META, FeatureSet, FeatureSource
+from tprobe.inception import HUB_ID, INPUT_SIZE
 from tprobe.preprocess import Preprocessed, load_view
 from tprobe.probe import ProbeRun
 from tprobe.runs import RunRecord, make_run_dir, save_run
 
-__all__ = ["BASELINES", "PIXEL_CANVAS", "LeNet", "pixel_features", "run_baseline"]
+__all__ = ["BASELINES", "ALL", "PIXEL_CANVAS", "LeNet", "pixel_features", "inception_feature_set",
+           "run_baseline"]  # fmt: skip
 
-BASELINES = ("frequency", "pixel-logreg", "pixel-mlp", "lenet")
+BASELINES = ("frequency", "pixel-logreg", "pixel-mlp", "lenet", "inception-frozen", "inception-finetuned")
+ALL = BASELINES[:4]  # what ``--name all`` runs
+INCEPTION = ("inception-frozen", "inception-finetuned")
 PIXEL_CANVAS = 64
 
 
@@ -43,6 +56,28 @@ def pixel_features(pre: Preprocessed) -> FeatureSet:
     X = np.stack([load_view(p, "orig", prep).ravel() for p in rows["path"]]).astype(np.float32)
     source = FeatureSource(kind="pixels", name="pixels", canvas=PIXEL_CANVAS, preprocess=pre.config.to_dict(),
                            preprocess_hash=pre.config.hash, dataset_fingerprint=pre.fingerprint)  # fmt: skip
+    return FeatureSet(X, rows[META], source)
+
+
+def inception_feature_set(pre: Preprocessed, weights, *, size: int = INPUT_SIZE, seed: int = 0, device: str = "auto",
+                          batch_size: int = 32) -> FeatureSet:  # fmt: skip
+    """Inception v3's pooled 2048-d features of each kept cell's original view (``weights``: an
+    :class:`~tprobe.inception.InceptionWeights`), computed in batches without gradients."""
+    from tprobe.backbones import pick_device
+    from tprobe.inception import inception_features, load_inception
+
+    rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
+    net, dev = load_inception(weights, seed=seed), pick_device(device)
+    paths = rows["path"].tolist()
+    X = np.concatenate([np.zeros((0, 2048), np.float32)] + [
+        inception_features(net, np.stack([load_view(p, "orig", pre.config) for p in paths[i : i + batch_size]]),
+                           size=size, batch_size=batch_size, device=dev)
+        for i in range(0, len(paths), batch_size)
+    ])  # fmt: skip
+    source = FeatureSource(kind="baseline", name="inception-frozen", model=weights.name, model_source=weights.source,
+                           resolved_revision=weights.resolved, random_init=weights.random_init, canvas=size,
+                           preprocess=pre.config.to_dict(), preprocess_hash=pre.config.hash,
+                           dataset_fingerprint=pre.fingerprint)  # fmt: skip
     return FeatureSet(X, rows[META], source)
 
 
@@ -79,11 +114,31 @@ class LeNet(nn.Module):
 
 def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = "leave-one-donor-out",
                  test_donor: str | None = None, seed: int = 0, n_boot: int = 2000, epochs: int = 30,
-                 device: str = "auto", log=print):  # fmt: skip
-    """Run one baseline; returns (run directory, Evaluation)."""
+                 device: str = "auto", inception_weights=HUB_ID, inception_size: int = INPUT_SIZE,
+                 log=print):  # fmt: skip
+    """Run one baseline; returns (run directory, Evaluation).
+
+    ``inception_weights``: a hub id, a folder holding ``model.safetensors``, ``random``, or an
+    already resolved :class:`~tprobe.inception.InceptionWeights`.
+    """
     if name not in BASELINES:
         raise TprobeError(f"baseline {name!r} is not one of {', '.join(BASELINES)}, all")
     common = {"baseline": name, "split": split, "test_donor": test_donor, "seed": seed}
+    weights = None
+    if name in INCEPTION:
+        from tprobe.inception import check_size, resolve_weights
+
+        common["inception_size"] = check_size(inception_size)
+        weights = (
+            resolve_weights(inception_weights) if isinstance(inception_weights, str) else inception_weights
+        )
+        common["inception_weights"] = weights.name
+    if name == "inception-frozen":
+        fs = inception_feature_set(pre, weights, size=inception_size, seed=seed, device=device)
+        probe = ProbeRun(head="logreg", penalty="l2", split=split, test_donor=test_donor, seed=seed,
+                         n_boot=n_boot, max_dims=None, final_head=False).fit(fs)  # fmt: skip
+        run = probe.save(out, f"baseline-{name}", command="baseline", extra_options=common)
+        return run, probe.evaluation_
     if name in ("pixel-logreg", "pixel-mlp"):
         fs = pixel_features(pre)
         head, penalty = ("logreg", "l1") if name == "pixel-logreg" else ("mlp", "l2")
@@ -94,9 +149,14 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
     plan = split_plan(rows, split, test_donor=test_donor)
     check_plan(plan, rows)
+    if name == "inception-finetuned":
+        _check_train_donors(rows, plan, split)
     run = make_run_dir(out, f"baseline-{name}")
     features = FeatureSource(kind="baseline", name=name, preprocess=pre.config.to_dict(),
                              preprocess_hash=pre.config.hash, dataset_fingerprint=pre.fingerprint)  # fmt: skip
+    if weights is not None:  # the model's identity; random weights mark the run as a plumbing check
+        features = dataclasses.replace(features, model=weights.name, model_source=weights.source,
+                                       resolved_revision=weights.resolved, random_init=weights.random_init)  # fmt: skip
     record = RunRecord(command="baseline", name=run.name, features=features, options=common)
     if name == "frequency":
         ev = evaluate(frequency_predictions(rows, plan), rows, plan, n_boot=n_boot, seed=seed)
@@ -106,14 +166,45 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     from tprobe.plots import learning_curves
     from tprobe.training import TrainConfig, run_folds
 
-    cfg = TrainConfig(epochs=epochs, batch_size=32, lr_head=1e-3, weight_decay=1e-4, patience=5, seed=seed)
-    in_channels = max(1, len(pre.config.used_channels)) if pre.config.channel_mode != "grey" else 1
-    preds, curves = run_folds(lambda: LeNet(in_channels=in_channels), rows, plan, _pixel_prep(pre), cfg,
-                              pick_device(device), run, log=log)  # fmt: skip
+    dev = pick_device(device)
+    if name == "lenet":
+        cfg = TrainConfig(
+            epochs=epochs, batch_size=32, lr_head=1e-3, weight_decay=1e-4, patience=5, seed=seed
+        )
+        in_channels = max(1, len(pre.config.used_channels)) if pre.config.channel_mode != "grey" else 1
+
+        def make():
+            return LeNet(in_channels=in_channels)
+
+        prep, canvas = _pixel_prep(pre), PIXEL_CANVAS
+    else:
+        from tprobe.inception import InceptionClassifier, load_inception
+
+        # bf16 on GPUs: fp16 overflows on a random-init network's eval-mode activations
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        cfg = TrainConfig(epochs=epochs, batch_size=32, lr_head=1e-3, lr_backbone=1e-4, weight_decay=1e-4,
+                          patience=5, seed=seed, precision=precision)  # fmt: skip
+        prep, canvas = pre.config, inception_size
+
+        def make():
+            return InceptionClassifier(load_inception(weights, seed=seed), size=inception_size)
+
+    # baseline runs are never resumed (each gets a new folder): no per-epoch checkpoints (~0.4 GB for Inception)
+    preds, curves = run_folds(make, rows, plan, prep, cfg, dev, run, log=log, checkpoints=name == "lenet")
     ev = evaluate(preds, rows, plan, n_boot=n_boot, seed=seed)
     record.options["train"] = cfg.to_dict()
-    record.features.canvas = PIXEL_CANVAS
+    record.features.canvas = canvas
     save_run(run, record=record, evaluation=ev, plan=plan, meta=rows)
     curves.to_csv(run / "curves.csv", index=False)
     learning_curves(curves, run / "curves.png")
     return run, ev
+
+
+def _check_train_donors(rows, plan, split: str) -> None:
+    """Each fold needs a validation donor (early stopping) and at least one other donor to train on."""
+    for fold in plan:
+        train = sorted(set(rows["donor"].iloc[fold.train]))
+        if len(train) < 2:
+            raise TprobeError(f"inception-finetuned needs at least 2 training donors per fold (one for early "
+                              f"stopping, one or more to train on); with split {split!r} fold {fold.index} has "
+                              f"{len(train)} — add donors")  # fmt: skip

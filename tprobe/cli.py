@@ -977,34 +977,55 @@ def saliency(run_dir, n):
 
 @main.command()
 @click.option(
-    "--name", default="all", show_default=True, help="frequency, pixel-logreg, pixel-mlp, lenet or all."
+    "--name",
+    default="all",
+    show_default=True,
+    help="frequency, pixel-logreg, pixel-mlp, lenet, inception-frozen, inception-finetuned, or all (the first "
+    "four).",
 )
 @split_options
-@click.option("--epochs", default=30, show_default=True, help="LeNet epochs (early stopping may end sooner).")
+@click.option("--epochs", default=30, show_default=True,
+              help="LeNet / inception-finetuned epochs (early stopping may end sooner).")  # fmt: skip
+@click.option("--inception-weights", default="timm/inception_v3.tv_in1k", show_default=True,
+              help="Inception v3 weights: a Hugging Face hub id (model.safetensors, cached by the HF cache), a "
+              "folder holding model.safetensors, or 'random' (random initialisation: a plumbing check).")  # fmt: skip
+@click.option("--inception-size", default=299, show_default=True,
+              help="Inception input side in px: the preprocessing canvas is upsampled to it (>= 75; smaller is "
+              "faster on a CPU).")  # fmt: skip
 @DEVICE_OPTION
 @click.option("--seed", default=0, show_default=True)
 @click.option("--bootstrap", "n_boot", default=2000, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @data_options
-def baseline(name, split, test_donor, epochs, device, seed, n_boot, out, data, prep):
+def baseline(name, split, test_donor, epochs, inception_weights, inception_size, device, seed, n_boot, out, data,
+             prep):  # fmt: skip
     """Wang et al.'s baselines on the same splits and run-directory schema as `tprobe probe`.
 
     \b
     Examples:
       tprobe baseline --name all
       tprobe baseline --name lenet --epochs 40 --split test-donor --test-donor 4
+      tprobe baseline --name inception-frozen
+      tprobe baseline --name inception-finetuned --epochs 10 --device cuda
+      tprobe baseline --name inception-frozen --inception-weights random --inception-size 75
     """
-    from tprobe.baselines import BASELINES, run_baseline
+    from tprobe.baselines import ALL, BASELINES, INCEPTION, run_baseline
 
-    names = list(BASELINES) if name == "all" else [name]
+    names = list(ALL) if name == "all" else [name]
     for n in names:
         if n not in BASELINES:
             raise TprobeError(f"--name {n!r} is not one of {', '.join(BASELINES)}, all")
+    if any(n in INCEPTION for n in names):  # before any work: an unreachable hub fails at once
+        from tprobe.inception import check_size, resolve_weights
+
+        check_size(inception_size)
+        inception_weights = resolve_weights(inception_weights)
     pre = _prepare(data, prep, progress=False)
     for n in names:
         click.echo(f"== baseline {n}")
         run, ev = run_baseline(n, pre, out, split=split, test_donor=test_donor, seed=seed, n_boot=n_boot,
-                               epochs=epochs, device=device, log=lambda row: None)  # fmt: skip
+                               epochs=epochs, device=device, inception_weights=inception_weights,
+                               inception_size=inception_size, log=lambda row: None)  # fmt: skip
         _echo_table(ev.table())
         click.echo(str(run))
 

@@ -188,13 +188,15 @@ def train_fold(make_model: Callable[[], torch.nn.Module], train: pd.DataFrame, v
 
 
 def run_folds(make_model, rows: pd.DataFrame, plan, prep: PreprocessConfig, cfg: TrainConfig, device, run: Path,
-              *, log=print, save_state=None):  # fmt: skip
-    """Train and score every fold of ``plan`` (checkpointed in ``run/checkpoints``).
+              *, log=print, save_state=None, checkpoints: bool = True):  # fmt: skip
+    """Train and score every fold of ``plan`` (checkpointed in ``run/checkpoints`` unless ``checkpoints``
+    is False: for runs that are never resumed).
 
     Returns (out-of-fold predictions in the probe schema, learning curves).
     ``save_state(model) -> dict`` chooses what is saved as ``run/fold<i>.pt`` (None: nothing).
     """
-    (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if checkpoints:
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     preds, curves = [], []
     for fold in plan:
         train_rows = rows.iloc[fold.train]
@@ -203,7 +205,8 @@ def run_folds(make_model, rows: pd.DataFrame, plan, prep: PreprocessConfig, cfg:
         log({"fold": fold.index, "test": ",".join(fold.test_donors), "validation": val_donor})
         try:
             model, curve = train_fold(make_model, train_rows[~is_val], train_rows[is_val], prep, cfg, device,
-                                      checkpoint=run / "checkpoints" / f"fold{fold.index}.pt", log=log)  # fmt: skip
+                                      checkpoint=run / "checkpoints" / f"fold{fold.index}.pt" if checkpoints else None,
+                                      log=log)  # fmt: skip
         except torch.cuda.OutOfMemoryError:
             raise TprobeError(f"out of GPU memory at --batch-size {cfg.batch_size}; rerun with a smaller "
                               "--batch-size and --resume (finished epochs are kept)") from None  # fmt: skip
