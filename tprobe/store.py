@@ -38,7 +38,7 @@ import numpy as np
 from tprobe.errors import TprobeError
 from tprobe.tokens import POOL_NEEDS, POOLS, TOKENS, check_pool, pool_tokens
 
-__all__ = ["FeatureStore", "POOLS", "FORMATS", "TOKENS", "COMPRESSIONS", "rows_hash"]
+__all__ = ["FeatureStore", "POOLS", "FORMATS", "TOKENS", "COMPRESSIONS", "rows_hash", "manifest_path"]
 log = logging.getLogger(__name__)
 
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -52,6 +52,12 @@ DIMS = {"cls": ("rows", "hidden"), "registers": ("rows", "register", "hidden"),
 def rows_hash(row_ids: Sequence[str]) -> str:
     """Hash of the ordered row ids: equal only for the same images in the same order."""
     return hashlib.sha256("\n".join(map(str, row_ids)).encode()).hexdigest()[:16]
+
+
+def manifest_path(store: str | Path) -> Path:
+    """The store's own manifest (its rows, in order), written beside it before its first row."""
+    store = Path(store)
+    return store.with_name(store.name + ".manifest.parquet")
 
 
 def _fsync_path(path: Path) -> None:
