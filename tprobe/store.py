@@ -448,9 +448,12 @@ class FeatureStore:
         if missing:
             raise TprobeError(f"{self.path}: pool(s) {', '.join(pools)} need {', '.join(missing)} tokens, which this "
                               f"store does not hold (it holds {', '.join(self.shapes)}); re-extract with --tokens")  # fmt: skip
-        parts: dict[str, list] = {p: [] for p in pools}
-        for _, t in self.iter_units([n for n in TOKENS if n in need]):
+        out: dict[str, np.ndarray] = {}  # filled chunk by chunk: no list of parts, no final copy
+        for sl, t in self.iter_units([n for n in TOKENS if n in need]):
             t = {k: v.astype(np.float32) for k, v in t.items()}
             for p in pools:
-                parts[p].append(pool_tokens(t.get("cls"), t.get("registers"), t.get("patches"), p))
-        return {p: np.concatenate(v, 0) for p, v in parts.items()}
+                v = pool_tokens(t.get("cls"), t.get("registers"), t.get("patches"), p)
+                if p not in out:
+                    out[p] = np.empty((self.n, v.shape[1]), np.float32)
+                out[p][sl] = v
+        return {p: out.get(p, np.zeros((0, 0), np.float32)) for p in pools}
