@@ -27,7 +27,7 @@ from tprobe.evaluate import (
 )
 from tprobe.fastcv import FoldProgress, nested_cv_fast, projected
 from tprobe.features import FeatureSet
-from tprobe.heads import HEADS, head_max_dims, load_head_file, make_head, param_grid, projection, save_head
+from tprobe.heads import HEADS, load_head_file, make_head, param_grid, projection, projection_width, save_head
 from tprobe.runs import RunRecord, make_run_dir, save_run
 
 __all__ = ["ProbeRun", "load_head", "projection", "ENGINES"]
@@ -67,8 +67,8 @@ class ProbeRun:
     seed: int = 0
     n_boot: int = 2000
     final_head: bool = True
-    # wider inputs get a fixed random projection to this width; None = never; "auto" = 2048, 512 for
-    # xgboost (heads.HEAD_MAX_DIMS)
+    # inputs wider than this get a fixed random projection to this width; None = never; "auto": wider
+    # than 2048 -> 2048, or 512 for xgboost (heads.projection_width)
     max_dims: int | str | None = "auto"
     engine: str = "fast"  # "fast" (tprobe.fastcv: shared, parallel fits) or "reference" (evaluate.nested_cv)
     n_jobs: int = 2  # worker processes for the fits (each fit single-threaded)
@@ -80,7 +80,7 @@ class ProbeRun:
             raise TprobeError(f"train_views {self.train_views!r} is not 'all' or 'orig'")
         if self.engine not in ENGINES:
             raise TprobeError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
-        head_max_dims(self.head, self.max_dims)  # raises on a bad width
+        projection_width(self.head, 0, self.max_dims)  # raises on a bad width
 
     def fit(self, fs: FeatureSet, *, progress: Callable[[FoldProgress], None] | None = None) -> ProbeRun:
         """Nested CV, evaluation and (``final_head``) the final head; ``progress`` gets one
@@ -94,11 +94,11 @@ class ProbeRun:
         check_plan(plan, meta)
         make = partial(make_head, self.head, seed=self.seed, penalty=self.penalty)
         grid = param_grid(self.head)
-        dims = head_max_dims(self.head, self.max_dims)
+        dims = projection_width(self.head, fs.X.shape[1], self.max_dims)
         final = None
         if self.engine == "reference":
             X, self.projection_ = fs.X, None
-            if dims is not None and X.shape[1] > dims:
+            if dims is not None:
                 # data-independent (drawn from the seed and the width only), so applying it to every
                 # row before the splits cannot leak; it keeps inner-CV fits cheap on --pool concat
                 self.projection_ = projection(X.shape[1], dims, self.seed)
@@ -166,7 +166,7 @@ class ProbeRun:
         fs = self.features_
         options = {"head": self.head, "split": self.split, "test_donor": self.test_donor, "n_splits": self.n_splits,
                    "tta": self.tta, "train_views": self.train_views, "penalty": self.penalty,
-                   "max_dims": head_max_dims(self.head, self.max_dims), "seed": self.seed, "n_boot": self.n_boot,
+                   "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot,
                    "engine": self.engine,
                    **(extra or {})}  # fmt: skip
         p = self.projection_
