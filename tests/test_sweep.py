@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tprobe.errors import TprobeError
 from tprobe.evaluate import nested_cv, split_plan
 from tprobe.fastcv import FoldProgress, nested_cv_fast
 from tprobe.features import FeatureSet, from_store
@@ -107,6 +108,29 @@ def test_wide_inputs_are_projected_once_per_feature_set_and_match_the_reference(
     np.testing.assert_allclose(fast.predictions_["p_activated"], ref.predictions_["p_activated"], atol=2e-3)
     # a predict-time pipeline of projection + head, as before
     assert fast.final_["model"].predict_proba(fs.X).shape == (len(fs.X), 2)
+
+
+def test_auto_width_projects_only_wide_inputs_and_xgboost_to_fewer_columns(monkeypatch):
+    import tprobe.heads as heads
+
+    assert heads.projection_width("xgboost", 40320) == 512 and heads.projection_width("logreg", 40320) == 2048
+    assert heads.projection_width("xgboost", 768) is None  # narrow inputs keep their own columns
+    assert heads.projection_width("xgboost", 768, 256) == 256
+    assert heads.projection_width("mlp", 9, None) is None
+    with pytest.raises(TprobeError, match="max_dims"):
+        ProbeRun(max_dims="wide").fit(synthetic(n_donors=2))
+    # the same rule at test scale: wider than 16 -> 16 columns, 8 for xgboost; both engines agree
+    monkeypatch.setattr(heads, "MAX_DIMS", 16)
+    monkeypatch.setattr(heads, "HEAD_DIMS", {"xgboost": 8})
+    fs = synthetic(n_donors=3, n_features=40)
+    kw = {"n_boot": 20, "final_head": False}
+    ref = ProbeRun(head="xgboost", engine="reference", **kw).fit(fs)
+    fast = ProbeRun(head="xgboost", **kw).fit(fs)
+    assert ref.projection_.n_components_ == fast.projection_.n_components_ == 8
+    assert fast.record("x").projection["n_components"] == 8 and fast.record("x").options["max_dims"] == "auto"
+    np.testing.assert_allclose(fast.predictions_["p_activated"], ref.predictions_["p_activated"], atol=1e-6)
+    assert ProbeRun(head="logreg", **kw).fit(fs).projection_.n_components_ == 16
+    assert ProbeRun(head="xgboost", **kw).fit(synthetic(n_donors=3, n_features=12)).projection_ is None
 
 
 def test_run_sweep_writes_run_dirs_and_a_summary(tmp_path):

@@ -33,7 +33,7 @@ from tprobe import __version__
 from tprobe.backbones import Backbone, ModelRef, pick_device
 from tprobe.errors import TprobeError
 from tprobe.preprocess import PreprocessConfig, Preprocessed, apply_view, load_canvas
-from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, rows_hash
+from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, manifest_path, rows_hash
 
 __all__ = ["ExtractResult", "StageTimes", "extract", "store_dir", "store_path", "store_name", "manifest_path",
            "find_store", "resolve_precision", "estimate_bytes", "DEFAULT_CACHE", "PRECISIONS"]  # fmt: skip
@@ -74,12 +74,6 @@ def store_path(cache, pre: Preprocessed, ref: ModelRef, dtype="float16", fmt="za
     return store_dir(cache, pre, ref) / store_name(
         pre, dtype=dtype, precision=precision, fmt=fmt, tokens=tokens
     )
-
-
-def manifest_path(store: str | Path) -> Path:
-    """The store's own manifest (its rows, in order), written beside it before its first row."""
-    store = Path(store)
-    return store.with_name(store.name + ".manifest.parquet")
 
 
 def find_store(cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None, precision=None) -> Path:

@@ -29,7 +29,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
@@ -137,29 +138,33 @@ class _Fits:
         """Fit the keys not yet done, in parallel; return (fitted, reused)."""
         todo = list(dict.fromkeys(k for k in keys if k not in self.done))
         reused = len(set(keys)) - len(todo)
-        if todo:
-            jobs = []
-            for k in todo:
-                w = self.wanted[k]
-                rows = np.array(sorted(w["rows"]), dtype=np.int64)
-                jobs.append((k, rows, sorted(w["outputs"], key=repr)))
-            n_jobs = min(self.n_jobs, len(jobs)) if self.n_jobs > 0 else self.n_jobs
-            with threadpool_limits(1):
-                outs = Parallel(n_jobs=n_jobs, backend=self.backend)(
-                    delayed(_fit_and_predict)(
-                        self.make,
-                        self.fit_grid[self.wanted[k]["j"]],
-                        self.X,
-                        self.y,
-                        self.wanted[k]["train"],
-                        rows,
-                        outputs,
-                    )  # fmt: skip
-                    for k, rows, outputs in jobs
-                )
-            for (k, rows, _), out in zip(jobs, outs, strict=True):
-                self.done[k] = (rows, out)
+        for _ in self.stream(todo):
+            pass
         return len(todo), reused
+
+    def stream(self, keys) -> Iterator[tuple]:
+        """Fit the keys not yet done as ONE parallel batch; yield each key once its fit is done, in order.
+
+        One batch for a whole run keeps both workers busy across the folds' boundaries (a batch per
+        fold idles a worker while the fold's last fit runs)."""
+        todo = list(dict.fromkeys(k for k in keys if k not in self.done))
+        if not todo:
+            return
+        jobs = []
+        for k in todo:
+            w = self.wanted[k]
+            rows = np.array(sorted(w["rows"]), dtype=np.int64)
+            jobs.append((k, self.fit_grid[w["j"]], w["train"], rows, sorted(w["outputs"], key=repr)))
+        n_jobs = min(self.n_jobs, len(jobs)) if self.n_jobs > 0 else self.n_jobs
+        with threadpool_limits(1):
+            fit = delayed(_fit_and_predict)
+            outs = Parallel(n_jobs=n_jobs, backend=self.backend, return_as="generator")(
+                fit(self.make, params, self.X, self.y, train, rows, outputs)
+                for _, params, train, rows, outputs in jobs
+            )
+            for (k, _, _, rows, _), out in zip(jobs, outs, strict=True):
+                self.done[k] = (rows, out)
+                yield k
 
     def proba(self, g: int, train: np.ndarray, rows: np.ndarray) -> np.ndarray:
         j, name, value = self.where[g]
@@ -234,35 +239,50 @@ def nested_cv_fast(make: Callable, grid: list[dict], X: np.ndarray, meta: pd.Dat
             if _key(j, train) in fits.wanted:
                 fits.want(g, train, rows_of(fold.test))
 
-    preds, chosen = [], []
-    for step, (fold, train, reqs, keys) in enumerate(outer, 1):
-        t0 = time.perf_counter()
-        # this fold's inner fits plus any final-search fit that is this fold's refit candidate
+    # every planned fit in one parallel batch, in the order the steps need them: each outer fold's
+    # inner fits plus any final-search fit that is its refit candidate, then the rest of the final search
+    steps, seen = [], set()
+    for _, train, _, keys in outer:
         refit_keys = [k for g in range(len(grid)) if (k := _key(where[g][0], train)) in fits.wanted]
-        n_fit, n_reused = fits.run(keys + refit_keys)
-        if not reqs:
-            if len(grid) > 1:
-                log.warning("one training donor: no inner validation; using the first grid point")
-            best, scores = 0, {}
-        else:
-            best, scores = _choose(grid, reqs, fits, y)
-        test = rows_of(fold.test)
-        k = fits.want(best, train, test)
-        more, again = fits.run([k])
-        n_fit, n_reused = n_fit + more, n_reused + again
-        proba = fits.proba(best, train, test)
-        preds.append(_score_rows(meta, test, proba, tta).assign(fold=fold.index))
-        chosen.append({"fold": fold.index, "params": grid[best], "inner_ap": scores,
-                       "selection": selection(grid, scores)})  # fmt: skip
-        if progress is not None:
-            name = ",".join(fold.test_donors)
-            progress(FoldProgress(step, n_steps, f"fold {step}/{len(plan)} ({name})", n_fit, n_reused,
-                                  time.perf_counter() - t0, grid[best]))  # fmt: skip
+        need = list(dict.fromkeys(keys + refit_keys))
+        steps.append((need, [k for k in need if k not in seen]))
+        seen.update(need)
+    final_new = [k for k in dict.fromkeys(final_keys) if k not in seen]
+    with closing(fits.stream([k for _, new in steps for k in new] + final_new)) as batch:
+        t0 = time.perf_counter()
+
+        def wait_for(keys):  # consume the batch until these fits are done
+            while any(k not in fits.done for k in keys):
+                next(batch)
+
+        preds, chosen = [], []
+        for step, ((fold, train, reqs, _), (need, new)) in enumerate(zip(outer, steps, strict=True), 1):
+            wait_for(need)
+            n_fit, n_reused = len(new), len(need) - len(new)
+            if not reqs:
+                if len(grid) > 1:
+                    log.warning("one training donor: no inner validation; using the first grid point")
+                best, scores = 0, {}
+            else:
+                best, scores = _choose(grid, reqs, fits, y)
+            test = rows_of(fold.test)
+            k = fits.want(best, train, test)
+            more, again = fits.run([k])
+            n_fit, n_reused = n_fit + more, n_reused + again
+            proba = fits.proba(best, train, test)
+            preds.append(_score_rows(meta, test, proba, tta).assign(fold=fold.index))
+            chosen.append({"fold": fold.index, "params": grid[best], "inner_ap": scores,
+                           "selection": selection(grid, scores)})  # fmt: skip
+            if progress is not None:
+                name = ",".join(fold.test_donors)
+                progress(FoldProgress(step, n_steps, f"fold {step}/{len(plan)} ({name})", n_fit, n_reused,
+                                      time.perf_counter() - t0, grid[best]))  # fmt: skip
+            t0 = time.perf_counter()
+        wait_for(final_new)
     cv = CVResult(pd.concat(preds, ignore_index=True), chosen)
     if not final_head:
         return cv, None
-    t0 = time.perf_counter()
-    n_fit, n_reused = fits.run(final_keys)
+    n_fit, n_reused = len(final_new), len(set(final_keys)) - len(final_new)
     best, scores = _choose(grid, final_reqs, fits, y) if final_reqs else (0, {})
     if progress is not None:
         progress(FoldProgress(n_steps, n_steps, "final head (all donors)", n_fit, n_reused,

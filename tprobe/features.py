@@ -107,7 +107,7 @@ def verified_manifest(store: FeatureStore, manifest: pd.DataFrame | None = None)
     ``manifest`` defaults to the store's own (``<store>.manifest.parquet``); any manifest given must
     list exactly the store's rows, in order, or this raises.
     """
-    from tprobe.extract import manifest_path
+    from tprobe.store import manifest_path  # not tprobe.extract: importing it loads torch (~1 s)
 
     source_name = "the manifest given"
     if manifest is None:

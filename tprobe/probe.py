@@ -27,7 +27,7 @@ from tprobe.evaluate import (
 )
 from tprobe.fastcv import FoldProgress, nested_cv_fast, projected
 from tprobe.features import FeatureSet
-from tprobe.heads import HEADS, load_head_file, make_head, param_grid, projection, save_head
+from tprobe.heads import HEADS, load_head_file, make_head, param_grid, projection, projection_width, save_head
 from tprobe.runs import RunRecord, make_run_dir, save_run
 
 __all__ = ["ProbeRun", "load_head", "projection", "ENGINES"]
@@ -67,7 +67,9 @@ class ProbeRun:
     seed: int = 0
     n_boot: int = 2000
     final_head: bool = True
-    max_dims: int | None = 2048  # wider inputs get a fixed random projection to this width; None = never
+    # inputs wider than this get a fixed random projection to this width; None = never; "auto": wider
+    # than 2048 -> 2048, or 512 for xgboost (heads.projection_width)
+    max_dims: int | str | None = "auto"
     engine: str = "fast"  # "fast" (tprobe.fastcv: shared, parallel fits) or "reference" (evaluate.nested_cv)
     n_jobs: int = 2  # worker processes for the fits (each fit single-threaded)
 
@@ -78,6 +80,7 @@ class ProbeRun:
             raise TprobeError(f"train_views {self.train_views!r} is not 'all' or 'orig'")
         if self.engine not in ENGINES:
             raise TprobeError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        projection_width(self.head, 0, self.max_dims)  # raises on a bad width
 
     def fit(self, fs: FeatureSet, *, progress: Callable[[FoldProgress], None] | None = None) -> ProbeRun:
         """Nested CV, evaluation and (``final_head``) the final head; ``progress`` gets one
@@ -91,20 +94,21 @@ class ProbeRun:
         check_plan(plan, meta)
         make = partial(make_head, self.head, seed=self.seed, penalty=self.penalty)
         grid = param_grid(self.head)
+        dims = projection_width(self.head, fs.X.shape[1], self.max_dims)
         final = None
         if self.engine == "reference":
             X, self.projection_ = fs.X, None
-            if self.max_dims is not None and X.shape[1] > self.max_dims:
+            if dims is not None:
                 # data-independent (drawn from the seed and the width only), so applying it to every
                 # row before the splits cannot leak; it keeps inner-CV fits cheap on --pool concat
-                self.projection_ = projection(X.shape[1], self.max_dims, self.seed)
+                self.projection_ = projection(X.shape[1], dims, self.seed)
                 X = self.projection_.transform(X).astype(np.float32)
             cv = nested_cv(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta)
         else:
             # only the rows a fit trains on or a score uses are projected (the same matrix product
             # row by row); the projection and its product are cached on ``fs`` for the next head
             rows = None if (self.tta or self.train_views == "all") else (meta["view"] == "orig").to_numpy()
-            X, self.projection_ = projected(fs, self.max_dims, self.seed, rows)
+            X, self.projection_ = projected(fs, dims, self.seed, rows)
             cv, final = nested_cv_fast(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta,
                                        final_head=self.final_head, n_jobs=self.n_jobs, progress=progress)  # fmt: skip
         self.features_ = fs
@@ -162,7 +166,8 @@ class ProbeRun:
         fs = self.features_
         options = {"head": self.head, "split": self.split, "test_donor": self.test_donor, "n_splits": self.n_splits,
                    "tta": self.tta, "train_views": self.train_views, "penalty": self.penalty,
-                   "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot, "engine": self.engine,
+                   "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot,
+                   "engine": self.engine,
                    **(extra or {})}  # fmt: skip
         p = self.projection_
         proj = None if p is None else {"method": "gaussian", "n_components": int(p.n_components_),

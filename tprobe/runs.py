@@ -78,14 +78,24 @@ def read_json(path: Path) -> dict:
 
 
 def versions() -> dict:
-    import sklearn
-    import torch
-    import transformers
-    import xgboost
+    # an imported module's own __version__, else the installed distribution's metadata: importing
+    # torch and transformers only to read their versions cost ~2 s per process (a sweep uses neither)
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"tprobe": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "scikit-learn": sklearn.__version__,
-            "xgboost": xgboost.__version__, "numpy": np.__version__}  # fmt: skip
+    def v(module: str, *dists: str) -> str | None:
+        if module in sys.modules:
+            return getattr(sys.modules[module], "__version__", None)
+        for dist in dists:
+            try:
+                return version(dist)
+            except PackageNotFoundError:
+                pass
+        return None
+
+    return {"tprobe": __version__, "python": platform.python_version(), "torch": v("torch", "torch"),
+            "transformers": v("transformers", "transformers"), "scikit-learn": v("sklearn", "scikit-learn"),
+            "xgboost": v("xgboost", "xgboost", "xgboost-cpu"), "numpy": np.__version__}  # fmt: skip
 
 
 @dataclass

@@ -40,7 +40,7 @@ import numpy as np
 from tprobe.errors import TprobeError
 from tprobe.tokens import POOL_NEEDS, POOLS, TOKENS, check_pool, pool_tokens
 
-__all__ = ["FeatureStore", "POOLS", "FORMATS", "TOKENS", "COMPRESSIONS", "rows_hash"]
+__all__ = ["FeatureStore", "POOLS", "FORMATS", "TOKENS", "COMPRESSIONS", "rows_hash", "manifest_path"]
 log = logging.getLogger(__name__)
 
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -59,6 +59,12 @@ def _dims(name: str, channels) -> tuple[str, ...]:
 def rows_hash(row_ids: Sequence[str]) -> str:
     """Hash of the ordered row ids: equal only for the same images in the same order."""
     return hashlib.sha256("\n".join(map(str, row_ids)).encode()).hexdigest()[:16]
+
+
+def manifest_path(store: str | Path) -> Path:
+    """The store's own manifest (its rows, in order), written beside it before its first row."""
+    store = Path(store)
+    return store.with_name(store.name + ".manifest.parquet")
 
 
 def _fsync_path(path: Path) -> None:
@@ -466,12 +472,16 @@ class FeatureStore:
         if missing:
             raise TprobeError(f"{self.path}: pool(s) {', '.join(pools)} need {', '.join(missing)} tokens, which this "
                               f"store does not hold (it holds {', '.join(self.shapes)}); re-extract with --tokens")  # fmt: skip
-        parts: dict[str, list] = {p: [] for p in pools}
+        out: dict[str, np.ndarray] = {}  # filled chunk by chunk: no list of parts, no final copy
         for sl, t in self.iter_units([n for n in TOKENS if n in need]):
             # a channel axis folds into the rows, is pooled per channel, and unfolds into the columns
             t = {k: v.astype(np.float32).reshape(-1, *v.shape[2:]) if self.channels else v.astype(np.float32)
                  for k, v in t.items()}  # fmt: skip
             for p in pools:
-                x = pool_tokens(t.get("cls"), t.get("registers"), t.get("patches"), p)
-                parts[p].append(x.reshape(sl.stop - sl.start, -1))
-        return {p: np.concatenate(v, 0) for p, v in parts.items()}
+                v = pool_tokens(t.get("cls"), t.get("registers"), t.get("patches"), p).reshape(
+                    sl.stop - sl.start, -1
+                )
+                if p not in out:
+                    out[p] = np.empty((self.n, v.shape[1]), np.float32)
+                out[p][sl] = v
+        return {p: out.get(p, np.zeros((0, 0), np.float32)) for p in pools}
