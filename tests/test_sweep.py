@@ -180,3 +180,34 @@ def test_pool_store_reads_once_and_equals_from_store(tmp_path, small_data, tiny_
         np.testing.assert_array_equal(pooled[p].X, ref.X)
         pd.testing.assert_frame_equal(pooled[p].meta, ref.meta)
         assert pooled[p].source == ref.source
+
+
+def test_the_engines_average_precision_is_sklearns():
+    from sklearn.metrics import average_precision_score
+
+    from tprobe.fastcv import average_precision
+
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        n = int(rng.integers(4, 300))
+        y = rng.integers(0, 2, n)
+        y[:2] = [0, 1]
+        s = rng.random(n) if i % 2 else np.round(rng.random(n), 1)  # every other one with many ties
+        s = s.astype(np.float32) if i % 5 == 0 else s
+        assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+
+
+def test_a_narrower_projection_taken_from_a_wider_one_is_the_one_drawn():
+    from tprobe import heads
+
+    wide = heads.projection(700, 256, seed=3)
+    derived = heads.projection(700, 64, seed=3)  # 256 = 4^1 x 64: the first 64 rows, times 2
+    odd = heads.projection(700, 100, seed=3)  # 256 / 100 is no power of 4: drawn afresh
+    heads._PROJECTIONS.clear()
+    for proj, n in ((derived, 64), (odd, 100)):
+        fresh = heads.projection(700, n, seed=3)
+        assert proj.components_.dtype == fresh.components_.dtype
+        assert proj.components_.tobytes() == fresh.components_.tobytes() and proj.n_components_ == n
+        X = np.random.default_rng(0).standard_normal((5, 700)).astype(np.float32)
+        assert proj.transform(X).tobytes() == fresh.transform(X).tobytes()
+    assert wide.n_components_ == 256

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
-from sklearn.metrics import average_precision_score
 from threadpoolctl import threadpool_limits
 
 from tprobe.evaluate import CVResult, Fold, _score_rows, selection
@@ -187,11 +186,22 @@ def _inner_requests(grid, y, donors, train, is_orig):
     return inner, reqs
 
 
+def average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    """scikit-learn's ``average_precision_score`` for binary labels (ties grouped, step-wise, no
+    interpolation), without its input validation: ~20x faster on a few hundred rows, equal to ~1e-15.
+    The inner search computes thousands of these per sweep."""
+    order = np.argsort(-score, kind="stable")
+    s, y = score[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last row of each run of tied scores
+    tps = np.cumsum(y)[last]
+    return float(np.sum(np.diff(tps / tps[-1], prepend=0.0) * tps / (last + 1)))
+
+
 def _choose(grid, reqs, fits, y):
     """Mean AP per grid point over the inner donors; the best (first on ties), as in ``inner_search``."""
     aps: dict[int, list[float]] = {g: [] for g in range(len(grid))}
     for g, tr, va in reqs:
-        aps[g].append(float(average_precision_score(y[va], fits.proba(g, tr, va))))
+        aps[g].append(average_precision(y[va], fits.proba(g, tr, va)))
     scores = {str(p): float(np.mean(aps[g])) if aps[g] else float("nan") for g, p in enumerate(grid)}
     best = max(
         range(len(grid)), key=lambda g: -np.inf if np.isnan(scores[str(grid[g])]) else scores[str(grid[g])]
