@@ -13,11 +13,11 @@ Same protocol, same answers, fewer and better-spread fits:
   chooses the number of trees at the cost of one fit.
 - **Warm paths.** Logistic regression's ``clf__C`` values of one training set are fitted in one job,
   ascending, each warm-started from the last (equal to separate fits up to lbfgs's tolerance).
-- **Parallel batches, one BLAS thread.** The fits of each outer fold run as one joblib batch over
-  ``n_jobs`` threads (XGBoost and the BLAS calls of the MLP release the GIL; no process start-up, no
-  copies of ``X``) with BLAS limited to one thread: on a busy 2-core machine, BLAS threads on these
-  small problems only spin (a logreg run took 15.2 s with 2 BLAS threads, 2.3 s with one).
-  ``backend="loky"`` runs processes instead.
+- **Parallel batches, one BLAS thread.** The fits of a run go to one joblib batch over ``n_jobs``
+  workers with BLAS limited to one thread: on a busy 2-core machine, BLAS threads on these small
+  problems only spin (a logreg run took 15.2 s with 2 BLAS threads, 2.3 s with one). ``backend``
+  ``"threading"`` suits fits that release the GIL (XGBoost, numpy); ``"loky"`` runs processes, for
+  fits whose Python loops hold it (lbfgs, the MLP; :data:`tprobe.probe.PROCESS_HEADS`).
 - **Original views only.** Unless ``tta`` or ``train_views="all"`` asks for them, augmented views are
   neither trained on nor scored, so they are not even predicted.
 
