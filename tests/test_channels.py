@@ -1,6 +1,7 @@
 """Multi-channel 16-bit input: stacks and per-channel files, grey / rgb / per-channel modes, bad input."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -198,7 +199,7 @@ def test_a_stack_with_another_channel_count_is_one_line(stacks, tmp_path):
     r = CliRunner().invoke(main, ["preprocess", "--data", str(stacks["chw"]), "--channels", "nadh,fad",
                                   "--out", str(tmp_path / "pre")])  # fmt: skip
     line = _one_line_exit_2(r)
-    assert ".tif" in line and "3 planes" in line and "--channels names 2 (nadh,fad)" in line
+    assert ".tif" in line and "has 3 channels" in line and "--channels names 2 (nadh,fad)" in line
     assert not (tmp_path / "pre").exists()
 
 
@@ -206,7 +207,7 @@ def test_mixed_bit_depths_are_one_line(stacks, tmp_path):
     data = tmp_path / "mixed"
     make_multichannel(data, layout="chw", donors=("donor_1",), per_class=2)
     victim = sorted((data / "donor_1" / "quiescent").glob("*.tif"))[-1]
-    tifffile.imwrite(victim, (tifffile.imread(victim) // 257).astype(np.uint8))
+    tifffile.imwrite(victim, (tifffile.imread(victim) // 257).astype(np.uint8), photometric="minisblack")
     r = CliRunner().invoke(
         main, ["preprocess", "--data", str(data), "--channels", CH, "--out", str(tmp_path / "p")]
     )
@@ -238,7 +239,7 @@ def test_a_missing_channel_file_is_one_line(tmp_path):
     (["--channels", "a,b", "--use", "c"], "channel 'c' is not one of --channels a,b"),
     (["--channel-mode", "per-channel"], "need --channels"),
     (["--channels", "a,b", "--max-value", "a=4095"], "give NAME=NUMBER for each of --channels a,b"),
-    (["--channels", "a,a"], "names must be unique"),
+    (["--channels", "a,a"], "names must be non-empty and unique"),
     (["--channels", "a,b", "--channel-files", "{channel}"], "must hold {cell} and {channel}"),
 ])  # fmt: skip
 def test_channel_options_are_checked_in_one_line(small_data, tmp_path, args, says):
@@ -283,3 +284,62 @@ def test_finetune_and_lenet_take_rgb_and_refuse_or_adapt_to_per_channel(stacks, 
                                   "nadh,fad", "--epochs", "1", "--out", str(tmp_path / "b")])  # fmt: skip
     assert r.exit_code == 0, r.output
     assert json.loads(next((tmp_path / "b").rglob("metrics.json")).read_text())["folds"]
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-1", "nadh=4095,fad=inf,mask=1"])
+def test_a_max_value_that_is_no_camera_range_is_one_line(stacks, tmp_path, value):
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(stacks["chw"]), "--channels", CH, "--max-value",
+                                  value, "--out", str(tmp_path / "p")])  # fmt: skip
+    assert "must be a positive number" in _one_line_exit_2(r) and not (tmp_path / "p").exists()
+
+
+def test_an_interleaved_stack_whose_height_is_the_channel_count_keeps_its_channels(tmp_path):
+    hwc = np.stack([np.full((3, 5), v, np.uint16) for v in (10, 20, 30)], axis=-1)  # (H=3, W=5, C=3)
+    tifffile.imwrite(tmp_path / "s.tif", hwc, photometric="rgb")
+    chw = np.moveaxis(hwc, -1, 0).copy()  # (C=3, H=3, W=5) as pages
+    tifffile.imwrite(tmp_path / "p.tif", chw, photometric="minisblack")
+    for name in ("s.tif", "p.tif"):
+        planes, _ = read_channels(tmp_path / name, "a,b,c", max_value=255.0)
+        assert [float(p.mean()) for p in planes] == [10.0, 20.0, 30.0] and planes.shape == (3, 3, 5)
+    rgba = np.dstack([hwc.astype(np.uint8), np.full((3, 5), 255, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "c.png")  # an opaque alpha is no fourth channel
+    assert [float(p.mean()) for p in read_channels(tmp_path / "c.png", "r,g,b")[0]] == [10.0, 20.0, 30.0]
+    with pytest.raises(
+        ChannelError, match=r"has 3 channels \(interleaved, shape \(3, 5, 3\)\), but --channels names 2"
+    ):
+        read_channels(tmp_path / "s.tif", "a,b")
+
+
+def test_channel_files_of_one_cell_with_different_suffixes_are_one_line(tmp_path):
+    data = make_multichannel(tmp_path / "f", layout="files", donors=("donor_1",), per_class=1)
+    fad = next(data.rglob("*_fad.tif"))
+    fad.rename(fad.with_suffix(".TIF"))
+    with pytest.raises(ChannelError, match=r"channel files end in \.TIF, \.tif; give every channel file"):
+        discover(data, channel_files="{cell}_{channel}", channels=SYNTHETIC_CHANNELS)
+
+
+def test_predict_finds_a_per_channel_cell_from_one_file_and_lists_strays(tmp_path):
+    from tprobe.dataset import discover_unlabelled
+
+    data = make_multichannel(tmp_path / "f", layout="files", donors=("donor_1",), per_class=2)
+    folder = data / "donor_1" / "activated"
+    (folder / "stray.tif").write_bytes((folder / next(folder.glob("*_fad.tif")).name).read_bytes())
+    ds = discover_unlabelled(folder, channel_files="{cell}_{channel}", channels=SYNTHETIC_CHANNELS)
+    assert len(ds.table) == 2 and [Path(s.path).name for s in ds.skipped] == ["stray.tif"]
+    one = sorted(folder.glob("*_nadh.tif"))[0]
+    ds = discover_unlabelled(one, channel_files="{cell}_{channel}", channels=SYNTHETIC_CHANNELS)
+    assert ds.table["path"].tolist() == [str(one).replace("_nadh.tif", "_{channel}.tif")]
+    assert ds.table["label"].tolist() == [1]  # the Wang name parses through the template
+
+
+def test_a_template_without_channels_and_an_empty_channel_name_are_one_line(stacks, small_data, tmp_path):
+    table = tmp_path / "cells.csv"
+    cell = next((stacks["files"] / "donor_1" / "activated").glob("*_nadh.tif"))
+    table.write_text(f"path,label,donor\n{str(cell).replace('_nadh', '_{channel}')},1,d1\n")
+    from tprobe.errors import ChannelError as CE
+
+    with pytest.raises(CE, match="is a per-channel template; pass --channels"):
+        preprocess(discover(table), PreprocessConfig())
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--channels", "a,,b", "--out",
+                                  str(tmp_path / "p")])  # fmt: skip
+    assert "names must be non-empty" in _one_line_exit_2(r)

@@ -118,8 +118,9 @@ def data_options(f):
         keys = ("canvas", "fit", "views", "entropy_min", "entropy_dim", "intensity_dim",
                 "binary_threshold", "min_component_area", "channel_mode", "segment_channel",
                 "channel_files")  # fmt: skip
-        channels = tuple(c.strip() for c in (kw.pop("channels") or "").split(",") if c.strip())
-        use = tuple(c.strip() for c in (kw.pop("use") or "").split(",") if c.strip())
+        raw_channels, raw_use = kw.pop("channels"), kw.pop("use")  # an empty name (a,,b) is refused below
+        channels = tuple(c.strip() for c in raw_channels.split(",")) if raw_channels else ()
+        use = tuple(c.strip() for c in raw_use.split(",")) if raw_use else ()
         max_value = _parse_max_value(kw.pop("max_value"), channels)
         config = PreprocessConfig(
             **{k: kw.pop(k) for k in keys}, channels=channels, use=use, max_value=max_value

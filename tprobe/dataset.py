@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tprobe import images
 from tprobe.errors import TprobeError
-from tprobe.images import IMAGE_SUFFIXES, channel_files
 
 __all__ = ["Dataset", "Skipped", "discover", "discover_unlabelled", "parse_wang_name", "DEFAULT_DATA"]
 
@@ -111,7 +111,15 @@ def discover_unlabelled(data: str | Path, *, channel_files: str | None = None, c
     if not root.exists():
         raise TprobeError(f"{root}: no such file or folder; pass the images to label")
     group = (channel_files, tuple(channels)) if channel_files else None
-    files = [root] if root.is_file() else _cells(root, group, [])
+    skipped: list[Skipped] = []
+    if root.is_file() and group:  # one channel file names its cell: group it with its sibling files
+        files = [Path(t) for t in images.channel_files(_images(root.parent), *group)[0]
+                 if any(Path(t.replace("{channel}", c)) == root for c in channels)]  # fmt: skip
+        if not files:
+            raise TprobeError(f"{root}: does not fit --channel-files {channel_files!r} with channels "
+                              f"{','.join(channels)}; pass the folder or a file named like the run's images")  # fmt: skip
+    else:
+        files = [root] if root.is_file() else _cells(root, group, skipped)
     rows = []
     for path in files:
         parsed = parse_wang_name(path.name) or {}
@@ -120,7 +128,7 @@ def discover_unlabelled(data: str | Path, *, channel_files: str | None = None, c
         rows.append({**parsed, "path": str(path), "label": label, "donor": parsed.get("donor", "unknown")})
     if not rows:
         raise TprobeError(f"{root}: no .png/.tif images found")
-    return Dataset(root, _frame(rows), [], "unlabelled")
+    return Dataset(root, _frame(rows), skipped, "unlabelled")
 
 
 def _label_of(name: str) -> int | None:
@@ -128,7 +136,7 @@ def _label_of(name: str) -> int | None:
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in images.IMAGE_SUFFIXES)
 
 
 def _cells(folder: Path, group, skipped: list) -> list[Path]:
@@ -137,7 +145,7 @@ def _cells(folder: Path, group, skipped: list) -> list[Path]:
     if not group:
         return files
     pattern, channels = group
-    templates, other = channel_files(files, pattern, channels)
+    templates, other = images.channel_files(files, pattern, channels)
     skipped += [Skipped(f, f"file name does not fit --channel-files {pattern!r} with channels "
                         f"{','.join(channels)}; rename it or move it out") for f in other]  # fmt: skip
     return [Path(t) for t in templates]
@@ -148,7 +156,7 @@ def _from_folders(root: Path, group=None) -> Dataset:
     for sub in sorted(p for p in root.rglob("*") if p.is_dir()):
         if any(_label_of(part) is not None for part in sub.relative_to(root).parts[:-1]):
             continue  # nested inside a label folder: read with it
-        direct = [p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+        direct = [p for p in sub.iterdir() if p.suffix.lower() in images.IMAGE_SUFFIXES]
         label = _label_of(sub.name)
         if label is None:
             if direct and not any(_label_of(c.name) is not None for c in sub.iterdir()):

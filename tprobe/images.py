@@ -61,7 +61,7 @@ def read_channels(path: str | Path, channels, *, max_value=None) -> tuple[np.nda
     A stack whose channel count differs from ``channels``, a missing channel file and channels of
     different bit depths are errors naming the file and the fix.
     """
-    channels = tuple(channels)
+    channels = tuple(channels.split(",")) if isinstance(channels, str) else tuple(channels)
     tops = max_value if isinstance(max_value, tuple | list) else (max_value,) * len(channels)
     path = str(path)
     if CHANNEL in path:
@@ -84,26 +84,48 @@ def read_channels(path: str | Path, channels, *, max_value=None) -> tuple[np.nda
         where = Path(path.replace(CHANNEL, channels[0]))
     else:
         where = Path(path)
-        arr = _read_raw(where)
-        stack = _channels_first(np.squeeze(arr) if arr.ndim > 3 else arr, len(channels), where, channels)
+        arr, last = _read_stack(where)
+        stack = _channels_first(arr, last, len(channels), where, channels)
     if stack.size == 0 or min(stack.shape) == 0:
         raise TprobeError(f"{where}: image has zero size; delete the file")
     scaled = [_to_8bit_scale(plane, where, top) for plane, top in zip(stack, tops, strict=True)]
     return np.stack(scaled), str(stack.dtype)
 
 
-def _channels_first(arr: np.ndarray, n: int, path: Path, names) -> np.ndarray:
+def _read_stack(path: Path) -> tuple[np.ndarray, bool]:
+    """A stack and whether its channels are its last axis, as the file itself says: a TIFF's axes
+    (``S``, samples, last = interleaved), a PNG's colour samples (always last). Never guessed from
+    the shape, which is ambiguous when a side equals the channel count."""
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        arr = _read_raw(path)
+        if arr.ndim == 3 and arr.shape[-1] == 4 and np.all(arr[..., 3] == np.iinfo(arr.dtype).max):
+            arr = arr[..., :3]  # RGBA with an opaque alpha: three channels
+        return arr, arr.ndim == 3
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            arr, axes = series.asarray(), series.axes
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
+        raise TprobeError(
+            f"{path}: cannot be read as an image ({type(exc).__name__}); replace or delete the file"
+        ) from None
+    keep = [i for i, n in enumerate(arr.shape) if n != 1 or axes[i] in "YX"]  # drop length-1 axes (T, Z, ...)
+    arr, axes = arr.reshape([arr.shape[i] for i in keep]), "".join(axes[i] for i in keep)
+    return arr, axes.endswith("S")
+
+
+def _channels_first(arr: np.ndarray, last: bool, n: int, path: Path, names) -> np.ndarray:
     if n == 1:  # one named channel: a plain greyscale image
         return _to_grey(arr, path)[None]
-    if arr.ndim == 3 and arr.shape[0] == n:
-        return arr
-    if arr.ndim == 3 and arr.shape[-1] == n:
-        return np.moveaxis(arr, -1, 0)
-    got = (
-        f"{arr.shape[0]} planes" if arr.ndim == 3 else "one plane" if arr.ndim == 2 else f"shape {arr.shape}"
-    )
-    raise ChannelError(f"{path}: the image has {got} (shape {arr.shape}), but --channels names {n} "
-                      f"({','.join(names)}); name every plane of the stack, in order")  # fmt: skip
+    if arr.ndim == 3:
+        count = arr.shape[-1] if last else arr.shape[0]
+        if count == n:
+            return np.moveaxis(arr, -1, 0) if last else arr
+        got = f"{count} channels ({'interleaved, ' if last else ''}shape {arr.shape})"
+    else:
+        got = "one plane" if arr.ndim == 2 else f"shape {arr.shape}"
+    raise ChannelError(f"{path}: the image has {got}, but --channels names {n} ({','.join(names)}); "
+                       "name every channel of the stack, in order")  # fmt: skip
 
 
 def _depth(dtype) -> str:
@@ -128,21 +150,28 @@ def channel_files(files, pattern: str, channels) -> tuple[list[str], list[str]]:
     names = "|".join(re.escape(c) for c in sorted(channels, key=len, reverse=True))
     rx = re.compile("^" + re.escape(pattern).replace(r"\{cell\}", "(?P<cell>.+?)")
                     .replace(r"\{channel\}", f"(?P<channel>{names})") + "$")  # fmt: skip
-    cells: dict[str, set] = {}
+    cells: dict[tuple, dict[str, Path]] = {}
     other = []
     for f in map(Path, files):
         m = rx.match(f.stem)
         if not m:
             other.append(str(f))
             continue
-        stem = pattern.replace("{cell}", m["cell"])
-        cells.setdefault(str(f.parent / (stem + f.suffix)), set()).add(m["channel"])
-    for template, found in cells.items():
+        cells.setdefault((f.parent, m["cell"]), {})[m["channel"]] = f
+    templates = []
+    for (folder, cell), found in cells.items():
+        stem = pattern.replace("{cell}", cell)
+        suffixes = sorted({f.suffix for f in found.values()})
+        if len(suffixes) > 1:
+            raise ChannelError(f"{folder / stem}: the cell's channel files end in {', '.join(suffixes)}; "
+                               "give every channel file of a cell the same suffix")  # fmt: skip
+        template = str(folder / (stem + suffixes[0]))
         missing = [c for c in channels if c not in found]
         if missing:
             raise ChannelError(f"{template.replace(CHANNEL, missing[0])}: missing (the cell has "
-                              f"{', '.join(sorted(found))}); add the {missing[0]} file or remove the cell's other files")  # fmt: skip
-    return sorted(cells), other
+                               f"{', '.join(sorted(found))}); add the {missing[0]} file or remove the cell's other files")  # fmt: skip
+        templates.append(template)
+    return sorted(templates), other
 
 
 def _to_grey(arr: np.ndarray, path: Path) -> np.ndarray:

@@ -92,6 +92,10 @@ class PreprocessConfig:
             object.__setattr__(self, name, tuple(value))
         if isinstance(self.max_value, list):
             object.__setattr__(self, "max_value", tuple(self.max_value))
+        tops = self.max_value if isinstance(self.max_value, tuple) else (self.max_value,)
+        if any(t is not None and not (np.isfinite(t) and t > 0) for t in tops):
+            raise TprobeError(f"--max-value {self.max_value}: the camera's top value must be a positive number "
+                              "(e.g. 4095 for 12-bit, 65535 for 16-bit)")  # fmt: skip
         self._check_channels()
         if self.fit not in FIT_MODES:
             raise TprobeError(f"fit={self.fit!r} is not one of {', '.join(FIT_MODES)}")
@@ -116,7 +120,7 @@ class PreprocessConfig:
         bad = [n for n in names if not n or any(c in n for c in ",={}/\\ ")]
         if bad or len(set(names)) != len(names):
             raise TprobeError(
-                f"--channels {','.join(names)}: names must be unique, without , = {{ }} / or spaces"
+                f"--channels {','.join(names)}: names must be non-empty and unique, without , = {{ }} / or spaces"
             )
         unknown = [n for n in (*self.use, self.segment_channel or names[0]) if n not in names]
         if unknown:
@@ -320,6 +324,10 @@ def apply_view(img: np.ndarray, view: str) -> np.ndarray:
 def read_cell(path: str | Path, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, str]:
     """One cell's (segmentation channel (H, W), model input (H, W) or (C, H, W), raw pixel type), 0..255 scale."""
     if not config.channels:
+        if CHANNEL in str(path):
+            raise ChannelError(
+                f"{path}: is a per-channel template; pass --channels NAME,NAME,... naming its channels"
+            )
         img = read_image(path, max_value=config.max_value)
         return img, img, ""
     stack, dtype = read_channels(path, config.channels, max_value=config.max_value)
