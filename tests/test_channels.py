@@ -343,3 +343,13 @@ def test_a_template_without_channels_and_an_empty_channel_name_are_one_line(stac
     r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--channels", "a,,b", "--out",
                                   str(tmp_path / "p")])  # fmt: skip
     assert "names must be non-empty" in _one_line_exit_2(r)
+
+
+def test_a_channel_the_model_and_the_filters_do_not_read_is_not_range_checked(stacks):
+    # the mask is at 65535; with --max-value 4095 for every channel only a read mask would be out of range
+    cfg = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="per-channel", use=("nadh", "fad"),
+                           max_value=4095.0, views="orig")  # fmt: skip
+    assert len(preprocess(discover(stacks["chw"]), cfg).kept) > 0
+    with_mask = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="per-channel", max_value=4095.0)
+    pre = preprocess(discover(stacks["chw"]), with_mask)
+    assert pre.kept.empty and all("exceeds --max-value 4095" in s.reason for s in pre.skipped)

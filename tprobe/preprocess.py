@@ -330,8 +330,12 @@ def read_cell(path: str | Path, config: PreprocessConfig) -> tuple[np.ndarray, n
             )
         img = read_image(path, max_value=config.max_value)
         return img, img, ""
-    stack, dtype = read_channels(path, config.channels, max_value=config.max_value)
-    index = {n: i for i, n in enumerate(config.channels)}
+    names = config.channels
+    tops = config.max_value if isinstance(config.max_value, tuple) else (config.max_value,) * len(names)
+    needed = {*config.used_channels, config.segment}  # a channel nobody reads is not range-checked
+    tops = tuple(t if n in needed else None for n, t in zip(names, tops, strict=True))
+    stack, dtype = read_channels(path, names, max_value=tops)
+    index = {n: i for i, n in enumerate(names)}
     used = stack[[index[n] for n in config.used_channels]]
     return stack[index[config.segment]], used[0] if config.channel_mode == "grey" else used, dtype
 
