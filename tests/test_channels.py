@@ -353,3 +353,12 @@ def test_a_channel_the_model_and_the_filters_do_not_read_is_not_range_checked(st
     with_mask = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="per-channel", max_value=4095.0)
     pre = preprocess(discover(stacks["chw"]), with_mask)
     assert pre.kept.empty and all("exceeds --max-value 4095" in s.reason for s in pre.skipped)
+
+
+def test_a_stack_without_channels_stops_in_one_line_and_inception_refuses_per_channel(stacks, tmp_path):
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(stacks["chw"]), "--out", str(tmp_path / "p")])
+    assert "name a stack's planes with --channels" in _one_line_exit_2(r) and not (tmp_path / "p").exists()
+    r = CliRunner().invoke(main, ["baseline", "--name", "inception-frozen", "--inception-weights", "random",
+                                  "--data", str(stacks["chw"]), "--channels", CH, "--channel-mode", "per-channel",
+                                  "--out", str(tmp_path / "b")])  # fmt: skip
+    assert "use --channel-mode grey or rgb" in _one_line_exit_2(r) and not (tmp_path / "b").exists()

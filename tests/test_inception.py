@@ -155,6 +155,7 @@ def test_frozen_random_end_to_end_and_labelled(tmp_path, small_data):
                                     "--inception-size", "75", "--data", str(small_data), "--out", str(runs),
                                     "--bootstrap", "20"])  # fmt: skip
     assert res.exit_code == 0, res.output
+    assert "RANDOM WEIGHTS" in res.output  # on the console too, not only in the run record and report
     run, record = _one_run(runs)
     assert record.command == "baseline" and record.random_init and record.random_weights
     assert record.options["baseline"] == "inception-frozen" and record.options["inception_size"] == 75

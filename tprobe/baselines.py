@@ -123,6 +123,8 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     """
     if name not in BASELINES:
         raise TprobeError(f"baseline {name!r} is not one of {', '.join(BASELINES)}, all")
+    if name in INCEPTION and pre.config.channel_mode == "per-channel":
+        raise TprobeError("the Inception baselines take one image per cell: use --channel-mode grey or rgb")
     common = {"baseline": name, "split": split, "test_donor": test_donor, "seed": seed}
     weights = None
     if name in INCEPTION:

@@ -1019,6 +1019,10 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
     if any(n in INCEPTION for n in names):  # before any work: an unreachable hub fails at once
         from tprobe.inception import check_size, resolve_weights
 
+        if prep.channel_mode == "per-channel":
+            raise TprobeError(
+                "the Inception baselines take one image per cell: use --channel-mode grey or rgb"
+            )
         check_size(inception_size)
         inception_weights = resolve_weights(inception_weights)
     pre = _prepare(data, prep, progress=False)
@@ -1027,6 +1031,8 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
         run, ev = run_baseline(n, pre, out, split=split, test_donor=test_donor, seed=seed, n_boot=n_boot,
                                epochs=epochs, device=device, inception_weights=inception_weights,
                                inception_size=inception_size, log=lambda row: None)  # fmt: skip
+        if n in INCEPTION and inception_weights.random_init:
+            click.echo(f"   {RANDOM_NOTE}")
         _echo_table(ev.table())
         click.echo(str(run))
 

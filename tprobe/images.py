@@ -188,7 +188,7 @@ def _to_grey(arr: np.ndarray, path: Path) -> np.ndarray:
             f"{path}: {kind} colour image; save one intensity channel as a greyscale PNG/TIFF, or name "
             "the channels with --channels NAME,NAME,NAME"
         )
-    raise TprobeError(
+    raise ChannelError(  # the options do not fit the data (a stack without --channels): stop, do not skip
         f"{path}: image has shape {arr.shape}; expected a 2-D greyscale image — name a stack's planes "
         "with --channels NAME,NAME,... or save one plane per file"
     )

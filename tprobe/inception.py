@@ -244,9 +244,8 @@ class InceptionWeights:
 
 
 def _hub_error(name: str, exc: Exception) -> TprobeError:
-    first = (str(exc).splitlines() or [""])[0][:160]
     return TprobeError(
-        f"--inception-weights {name!r}: weights not reachable ({type(exc).__name__}: {first}); the Hugging Face "
+        f"--inception-weights {name!r}: weights not reachable ({type(exc).__name__}); the Hugging Face "
         f"hub cannot be reached and they are not in the HF cache — download them where the hub is reachable "
         f"(`hf download {name} {WEIGHTS_FILE}`) or pass --inception-weights /path/to/folder holding "
         f"{WEIGHTS_FILE} (`--inception-weights random` checks the pipeline offline)"

@@ -94,7 +94,9 @@ class PreprocessConfig:
             object.__setattr__(self, "max_value", tuple(self.max_value))
         tops = self.max_value if isinstance(self.max_value, tuple) else (self.max_value,)
         if any(t is not None and not (np.isfinite(t) and t > 0) for t in tops):
-            raise TprobeError(f"--max-value {self.max_value}: the camera's top value must be a positive number "
+            given = ",".join(f"{n}={t:g}" for n, t in zip(self.channels, tops, strict=False)) \
+                if isinstance(self.max_value, tuple) else f"{self.max_value:g}"  # fmt: skip
+            raise TprobeError(f"--max-value {given}: the camera's top value must be a positive number "
                               "(e.g. 4095 for 12-bit, 65535 for 16-bit)")  # fmt: skip
         self._check_channels()
         if self.fit not in FIT_MODES:

@@ -101,8 +101,8 @@ def make_multichannel(out: str | Path, *, source: str | Path | None = None, layo
     Channels (:data:`SYNTHETIC_CHANNELS`): ``nadh`` the real 8-bit image on a 12-bit scale (x 16),
     ``fad`` a blurred, dimmer copy (a second channel correlated with the cell), ``mask`` the
     above-threshold cell mask at 65535 (a segmentation channel). ``layout``: ``chw`` or ``hwc`` TIFF
-    stacks, or ``files`` (one TIFF per channel, ``<stem>_<channel>.tif``). ``donors`` and
-    ``per_class`` take a subset (default: everything).
+    stacks, or ``files`` (one TIFF per channel, ``<stem>_<channel>.tif``). ``donors`` (folder names,
+    e.g. ``("donor_1", "donor_2")``) and ``per_class`` take a subset (default: everything).
     """
     import numpy as np
     import tifffile
@@ -115,7 +115,7 @@ def make_multichannel(out: str | Path, *, source: str | Path | None = None, layo
         raise ValueError(f"layout {layout!r} is not one of chw, hwc, files")
     source, out = Path(source or DEFAULT_DATA), Path(out)
     for donor_dir in sorted(p for p in source.iterdir() if p.is_dir()):
-        if donors is not None and donor_dir.name not in donors:
+        if donors is not None and donor_dir.name not in {str(d) for d in donors}:
             continue
         for cls_dir in sorted(p for p in donor_dir.iterdir() if p.is_dir()):
             files = sorted(cls_dir.glob("*.png"))[:per_class]
@@ -134,6 +134,10 @@ def make_multichannel(out: str | Path, *, source: str | Path | None = None, layo
                     tifffile.imwrite(f"{stem}.tif", stack, photometric="minisblack")
                 else:  # interleaved samples
                     tifffile.imwrite(f"{stem}.tif", np.moveaxis(stack, 0, -1), photometric="rgb")
+    if not out.exists():
+        raise ValueError(
+            f"donors {donors!r} matched no donor folder of {source} (they are folder names, e.g. 'donor_1')"
+        )
     license_file = source / "LICENSE"
     if license_file.exists():
         (out / "LICENSE").write_text(license_file.read_text())
