@@ -109,6 +109,10 @@ def test_each_mode_runs_preprocess_extract_probe(stacks, dinov3, tmp_path, mode,
     metrics = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())
     assert 0.0 <= metrics["summary"]["roc_auc"]["mean"] <= 1.0
     assert [f["test_donor"] for f in metrics["folds"]] == list(DONORS)
+    r = CliRunner().invoke(main, ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    used = use.replace(",", "+") if use else {"grey": "nadh", "rgb": "nadh+fad+mask"}[mode]
+    assert f"{mode} {used}" in (tmp_path / "rep" / "report.md").read_text()  # the report names the channels
 
 
 def test_per_channel_tokens_are_each_channels_own_forward(stacks, dinov3, tmp_path):

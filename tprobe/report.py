@@ -47,8 +47,10 @@ def is_random_init(config) -> bool:
 def _family(record) -> tuple[str, str]:
     cmd, o, feats = record.command, record.options, record.features
     if cmd == "baseline":
-        return "baseline", o.get("baseline", feats.name)
-    model = record.model_name
+        return "baseline", " · ".join(filter(None, [o.get("baseline", feats.name), record.channels_text]))
+    model = " · ".join(
+        filter(None, [record.model_name, record.channels_text])
+    )  # multi-channel: mode + channels
     if cmd == "finetune":
         mode = (
             "frozen"

@@ -184,11 +184,16 @@ class RunRecord:
             model = self.model_name
             head = o.get("head") or ("frozen" if o.get("freeze") else "finetune")
             parts = [model, str(f.pool or o.get("pool")), str(head)]
-        if (self.features.preprocess or {}).get("channels"):  # multi-channel input: say which channels, how
-            prep = self.preprocess_config()
-            parts.append(f"{prep.channel_mode} {'+'.join(prep.used_channels)}")
-        title = " · ".join([*parts, self.split_text])
+        title = " · ".join([*parts, *([self.channels_text] if self.channels_text else []), self.split_text])
         return title + (" (random weights: plumbing check)" if self.random_weights else "")
+
+    @property
+    def channels_text(self) -> str:
+        """``"per-channel nadh+fad"`` for multi-channel input (its mode and the channels the model saw), else ``""``."""
+        if not (self.features.preprocess or {}).get("channels"):
+            return ""
+        prep = self.preprocess_config()
+        return f"{prep.channel_mode} {'+'.join(prep.used_channels)}"
 
     def preprocess_config(self):
         from tprobe.preprocess import PreprocessConfig
