@@ -123,8 +123,8 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     """
     if name not in BASELINES:
         raise TprobeError(f"baseline {name!r} is not one of {', '.join(BASELINES)}, all")
-    if name in INCEPTION and pre.config.channel_mode == "per-channel":
-        raise TprobeError("the Inception baselines take one image per cell: use --channel-mode grey or rgb")
+    if name in INCEPTION:
+        pre.config.require_one_image("the Inception baselines")
     common = {"baseline": name, "split": split, "test_donor": test_donor, "seed": seed}
     weights = None
     if name in INCEPTION:
@@ -173,7 +173,7 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
         cfg = TrainConfig(
             epochs=epochs, batch_size=32, lr_head=1e-3, weight_decay=1e-4, patience=5, seed=seed
         )
-        in_channels = max(1, len(pre.config.used_channels)) if pre.config.channel_mode != "grey" else 1
+        in_channels = max(1, len(pre.config.used_channels))  # 1 grey, 3 rgb, C per-channel
 
         def make():
             return LeNet(in_channels=in_channels)

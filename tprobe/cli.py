@@ -1019,10 +1019,7 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
     if any(n in INCEPTION for n in names):  # before any work: an unreachable hub fails at once
         from tprobe.inception import check_size, resolve_weights
 
-        if prep.channel_mode == "per-channel":
-            raise TprobeError(
-                "the Inception baselines take one image per cell: use --channel-mode grey or rgb"
-            )
+        prep.require_one_image("the Inception baselines")  # before the hub is contacted
         check_size(inception_size)
         inception_weights = resolve_weights(inception_weights)
     pre = _prepare(data, prep, progress=False)

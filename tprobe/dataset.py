@@ -114,7 +114,7 @@ def discover_unlabelled(data: str | Path, *, channel_files: str | None = None, c
     skipped: list[Skipped] = []
     if root.is_file() and group:  # one channel file names its cell: group it with its sibling files
         files = [Path(t) for t in images.channel_files(_images(root.parent), *group)[0]
-                 if any(Path(t.replace("{channel}", c)) == root for c in channels)]  # fmt: skip
+                 if any(Path(t.replace(images.CHANNEL, c)) == root for c in channels)]  # fmt: skip
         if not files:
             raise TprobeError(f"{root}: does not fit --channel-files {channel_files!r} with channels "
                               f"{','.join(channels)}; pass the folder or a file named like the run's images")  # fmt: skip

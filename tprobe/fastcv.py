@@ -135,11 +135,8 @@ class _Fits:
 
     def run(self, keys) -> tuple[int, int]:
         """Fit the keys not yet done, in parallel; return (fitted, reused)."""
-        todo = list(dict.fromkeys(k for k in keys if k not in self.done))
-        reused = len(set(keys)) - len(todo)
-        for _ in self.stream(todo):
-            pass
-        return len(todo), reused
+        fitted = list(self.stream(keys))
+        return len(fitted), len(set(keys)) - len(fitted)
 
     def stream(self, keys) -> Iterator[tuple]:
         """Fit the keys not yet done as ONE parallel batch; yield each key once its fit is done, in order.

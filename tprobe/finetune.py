@@ -116,9 +116,7 @@ class FinetuneRun:
                                   f"({', '.join(donors)}) fold {fold.index} has {len(train)} — add donors")  # fmt: skip
 
     def fit(self, pre: Preprocessed, run: Path, log=print) -> FinetuneRun:
-        if pre.config.channel_mode == "per-channel":
-            raise TprobeError("finetune takes one image per cell: use --channel-mode grey or rgb (per-channel "
-                              "embeddings are for extract and probe)")  # fmt: skip
+        pre.config.require_one_image("finetune")
         run = Path(run)
         run.mkdir(parents=True, exist_ok=True)
         record = self.record(pre)

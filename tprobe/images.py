@@ -76,8 +76,8 @@ def read_channels(path: str | Path, channels, *, max_value=None) -> tuple[np.nda
                 raise ChannelError(f"{file}: {arr.shape[0]}x{arr.shape[1]} px, but channel {channels[0]} is "
                                   f"{planes[0].shape[0]}x{planes[0].shape[1]} px; save every channel of a cell at one size")  # fmt: skip
             if dtypes and arr.dtype != dtypes[0]:
-                raise ChannelError(f"{file}: {_depth(arr.dtype)}, but channel {channels[0]} of this cell is "
-                                  f"{_depth(dtypes[0])}; save every channel at one bit depth")  # fmt: skip
+                raise ChannelError(f"{file}: {bit_depth(arr.dtype)}, but channel {channels[0]} of this cell is "
+                                  f"{bit_depth(dtypes[0])}; save every channel at one bit depth")  # fmt: skip
             planes.append(arr)
             dtypes.append(arr.dtype)
         stack = np.stack(planes)
@@ -128,7 +128,7 @@ def _channels_first(arr: np.ndarray, last: bool, n: int, path: Path, names) -> n
                        "name every channel of the stack, in order")  # fmt: skip
 
 
-def _depth(dtype) -> str:
+def bit_depth(dtype) -> str:
     dtype = np.dtype(dtype)
     return f"{dtype.itemsize * 8}-bit" if dtype.kind in "ui" else str(dtype)
 

@@ -43,7 +43,7 @@ from skimage.transform import resize
 
 from tprobe.dataset import Dataset, Skipped
 from tprobe.errors import ChannelError, TprobeError
-from tprobe.images import CHANNEL, read_channels, read_image
+from tprobe.images import CHANNEL, bit_depth, read_channels, read_image
 
 __all__ = [
     "PreprocessConfig", "Preprocessed", "preprocess", "load_view", "load_canvas", "read_cell", "apply_view",
@@ -155,6 +155,12 @@ class PreprocessConfig:
     def per_channel(self) -> tuple[str, ...]:
         """The channel axis of the store: the used channels in ``per-channel`` mode, else none."""
         return self.used_channels if self.channel_mode == "per-channel" else ()
+
+    def require_one_image(self, what: str) -> None:
+        """Refuse ``per-channel`` input for ``what``, which takes one image (grey or RGB) per cell."""
+        if self.channel_mode == "per-channel":
+            raise TprobeError(f"{what} needs one image per cell: use --channel-mode grey or rgb (per-channel "
+                              "embeddings are for extract and probe)")  # fmt: skip
 
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if CHANNEL_DEFAULTS.get(k, object()) != v}
@@ -355,7 +361,7 @@ def load_view(path: str | Path, view: str, config: PreprocessConfig) -> np.ndarr
 def source_bytes(path: str | Path, config: PreprocessConfig) -> bytes:
     """The bytes a cell's ``source_id`` hashes: its file, or its channel files in channel order."""
     path = str(path)
-    if config.channel_files or CHANNEL in path:
+    if CHANNEL in path:
         return b"".join(Path(path.replace(CHANNEL, c)).read_bytes() for c in config.channels)
     return Path(path).read_bytes()
 
@@ -366,7 +372,8 @@ def preprocess(
     """Measure and filter every image of ``dataset`` and expand the kept ones into views."""
     from tqdm.auto import tqdm
 
-    rows, skipped, seen, depths = [], list(dataset.skipped), {}, {}
+    rows, skipped, seen = [], list(dataset.skipped), {}
+    first = None  # (pixel type, path) of the first multi-channel cell read
     records = dataset.table.to_dict("records")
     for rec in tqdm(records, desc="preprocess", unit="img", disable=None if progress else True):
         path = rec["path"]
@@ -381,9 +388,9 @@ def preprocess(
             skipped.append(Skipped(path, msg))
             rows.append({**base, "kept": False, "drop_reason": "unreadable"})
             continue
-        if config.channels and depths.setdefault("first", (depth, path))[0] != depth:
-            first_depth, first = depths["first"]
-            raise ChannelError(f"{path}: {_depth(depth)} pixels, but {first} is {_depth(first_depth)}; convert the "
+        first = first or ((depth, path) if config.channels else None)
+        if first and first[0] != depth:
+            raise ChannelError(f"{path}: {bit_depth(depth)} pixels, but {first[1]} is {bit_depth(first[0])}; convert the "
                                "dataset to one bit depth (or preprocess the two parts separately)")  # fmt: skip
         sid = _hash(raw, 16)
         m = measure(img, config)
@@ -404,12 +411,6 @@ def preprocess(
     manifest = pd.DataFrame(rows)
     fingerprint = _fingerprint(manifest)
     return Preprocessed(manifest, config, fingerprint, skipped)
-
-
-def _depth(dtype: str) -> str:
-    from tprobe.images import _depth as depth
-
-    return depth(dtype)
 
 
 def is_saved(folder: str | Path | None) -> bool:

@@ -174,8 +174,7 @@ class ProbeRun:
         fs = self.features_
         options = {"head": self.head, "split": self.split, "test_donor": self.test_donor, "n_splits": self.n_splits,
                    "tta": self.tta, "train_views": self.train_views, "penalty": self.penalty,
-                   "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot,
-                   "engine": self.engine,
+                   "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot, "engine": self.engine,
                    **(extra or {})}  # fmt: skip
         p = self.projection_
         proj = None if p is None else {"method": "gaussian", "n_components": int(p.n_components_),

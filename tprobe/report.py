@@ -48,9 +48,7 @@ def _family(record) -> tuple[str, str]:
     cmd, o, feats = record.command, record.options, record.features
     if cmd == "baseline":
         return "baseline", " · ".join(filter(None, [o.get("baseline", feats.name), record.channels_text]))
-    model = " · ".join(
-        filter(None, [record.model_name, record.channels_text])
-    )  # multi-channel: mode + channels
+    model = " · ".join(filter(None, [record.model_name, record.channels_text]))  # + channel mode and names
     if cmd == "finetune":
         mode = (
             "frozen"

@@ -184,7 +184,7 @@ class RunRecord:
             model = self.model_name
             head = o.get("head") or ("frozen" if o.get("freeze") else "finetune")
             parts = [model, str(f.pool or o.get("pool")), str(head)]
-        title = " · ".join([*parts, *([self.channels_text] if self.channels_text else []), self.split_text])
+        title = " · ".join(filter(None, [*parts, self.channels_text, self.split_text]))
         return title + (" (random weights: plumbing check)" if self.random_weights else "")
 
     @property
