@@ -368,3 +368,33 @@ def test_experiment_titles_and_sweep_order(tmp_path):
         plt.Figure.savefig = orig
     assert captured["ticks"] == ["mean", "cls", "concat"]  # table order, not alphabetical
     assert captured["legend"][0] == "chance (0.5)" and captured["legend"][1:] == ["mlp", "logreg"]
+
+
+def test_typed_sources_with_random_weights_are_marked():
+    # issue 19: is_random_source read the store attribute's name on a FeatureSource, so a typed source
+    # with random_init=True (a store's, a baseline's) was not marked random
+    from tprobe.curve import is_random_source
+    from tprobe.features import FeatureSource
+
+    assert is_random_source(FeatureSource("store", "tiny-cls", model="m", random_init=True))
+    assert is_random_source(FeatureSource("baseline", "inception", random_init=True))
+    assert not is_random_source(FeatureSource("store", "real-cls", model="dinov2-small"))
+    assert not is_random_source(FeatureSource("table", "t"))
+
+
+def test_two_sources_of_the_same_name_stay_distinguishable(tmp_path):
+    # issue 19: `fs.source["name"] = ...` on a FeatureSource (no __setitem__) raised TypeError when two
+    # curve/map sources shared a name
+    from conftest import copy_subset
+
+    from tprobe.cli import _feature_sources
+    from tprobe.preprocess import PreprocessConfig
+
+    data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2"), per_class=4)
+    rows = [
+        {"FileName": p.name, "f1": float(p.parent.name == "activated")} for p in sorted(data.rglob("*.png"))
+    ]
+    pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
+    out = _feature_sources((), (), None, "cls", [tmp_path / "t.csv"] * 2, "FileName", (), False,
+                           tmp_path / "cache", True, data, PreprocessConfig())  # fmt: skip
+    assert [fs.name for fs in out] == ["table:t#1", "table:t#2"]

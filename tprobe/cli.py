@@ -652,7 +652,7 @@ def _feature_sources(stores, models, revision, pool, features, id_column, exclud
     names = [fs.name for fs in out]
     for i, fs in enumerate(out):  # two stores of the same model name stay distinguishable
         if names.count(fs.name) > 1:
-            fs.source["name"] = f"{fs.name}#{i + 1}"
+            fs.source.name = f"{fs.name}#{i + 1}"
     return out
 
 

@@ -38,7 +38,7 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 
 from tprobe.errors import TprobeError
 from tprobe.evaluate import check_plan, split_plan
-from tprobe.features import FeatureSet
+from tprobe.features import FeatureSet, FeatureSource
 from tprobe.heads import HEADS, make_head
 
 __all__ = ["LabelCurve", "DEFAULT_SHOTS", "curve_band", "plot_curves", "is_random_source"]
@@ -46,13 +46,20 @@ __all__ = ["LabelCurve", "DEFAULT_SHOTS", "curve_band", "plot_curves", "is_rando
 DEFAULT_SHOTS = (1, 2, 4, 8, 16, 32, 64, "all")
 
 
-def is_random_source(source: dict) -> bool:
-    """A feature source made by a randomly initialised model (store attrs, else its name)."""
-    if source.get("model_random_init") is not None:
-        return bool(source["model_random_init"])
-    if source.get("kind") != "store":
+def is_random_source(source: FeatureSource | dict) -> bool:
+    """A feature source made by a randomly initialised model: its ``random_init`` (a store's
+    ``model_random_init`` attribute in a dict), else, for a store recorded without it, its model's name."""
+    if isinstance(source, dict):
+        if source.get("model_random_init") is not None:
+            return bool(source["model_random_init"])
+        source = FeatureSource.from_dict(source)
+    if source.random_init:
+        return True
+    if source.kind != "store":
         return False
-    return any("random" in str(source.get(k) or "").lower() for k in ("model", "model_source", "model_id"))
+    return any(
+        "random" in str(getattr(source, k) or "").lower() for k in ("model", "model_source", "model_id")
+    )
 
 
 @dataclass
