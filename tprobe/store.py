@@ -21,10 +21,21 @@ Sealing is idempotent: any worker that finds every unit done seals the store (as
 a private temp file and renames it into place; writes Zarr's final attributes), then renames the
 progress folder away in one atomic step. A worker killed at any point leaves a state that the next
 run of any shard finishes; there is no sealing lock to go stale.
+
+Integrity (store format 2): each unit's marker records a hash of its decoded values and, for Zarr,
+the size of every chunk file; sealing copies them into the store's metadata (``tprobe_meta["units"]``).
+Opening a sealed Zarr store checks that every chunk file exists with its recorded size (a deleted
+chunk would otherwise read as zeros, Zarr's fill value) and removes what killed writers leave
+(``*.partial`` files, ``.sealed-<pid>`` folders, ``.tmp<pid>`` files); :meth:`FeatureStore.verify`
+with ``deep=True`` re-hashes every unit (``tprobe status --deep``), for HDF5 stores too. Stores
+written before format 2 carry no hashes: they are checked for chunk existence only, with a note.
+A creator holds an ``fcntl.flock`` on ``create.lock`` while it creates the arrays; a lock nobody
+holds (its owner was killed, or its host died) is taken over at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -44,6 +55,9 @@ __all__ = ["FeatureStore", "POOLS", "FORMATS", "TOKENS", "COMPRESSIONS", "rows_h
 log = logging.getLogger(__name__)
 
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
+STORE_VERSION = 2  # 2: per-unit hashes and chunk sizes in tprobe_meta["units"]; 1 (no "store_version"): none
+CREATE_WAIT_S = 120.0  # how long a worker waits for a live creator
+_META_KEYS = {"format": str, "n": int, "chunk_rows": int, "dtype": str, "shapes": dict, "attrs": dict}
 COMPRESSIONS = ("zstd", "lz4", "none")
 # dimension names differ from the array names: xarray takes a variable named like a dimension for its
 # index, and a 3-D one breaks swap_dims/sel ("IndexVariable objects must be 1-dimensional")
@@ -67,6 +81,23 @@ def manifest_path(store: str | Path) -> Path:
     return store.with_name(store.name + ".manifest.parquet")
 
 
+def manifest_hash(manifest) -> str:
+    """Hash of a manifest's row identities, labels and donors, in row order (``attrs["manifest_hash"]``)."""
+    lines = (f"{i}\t{lab}\t{d}" for i, lab, d in zip(manifest["image_id"], manifest["label"], manifest["donor"],
+                                                        strict=True))  # fmt: skip
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def _unit_digest(arrays: dict[str, np.ndarray]) -> str:
+    """Hash of one unit's decoded values (every array, in name order, as stored)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
+        h.update(a.data)
+    return h.hexdigest()
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -84,14 +115,23 @@ def _atomic_write(path: Path, write) -> None:
     _fsync_path(path.parent)
 
 
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _owner() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "boot_id": _boot_id(), "time": time.time()}
 
 
 def _alive(owner: dict) -> bool:
-    """Whether a lock's owner may still run (another host: assume so)."""
+    """Whether a lock's owner may still run (another host: assume so; this host rebooted since: no)."""
     if owner.get("host") != socket.gethostname():
         return True
+    if owner.get("boot_id") and owner["boot_id"] != _boot_id():
+        return False
     try:
         os.kill(int(owner["pid"]), 0)
     except ProcessLookupError:
@@ -99,6 +139,21 @@ def _alive(owner: dict) -> bool:
     except (PermissionError, KeyError, ValueError, TypeError):
         return True
     return True
+
+
+def _checked_meta(path: Path, meta) -> dict:
+    """The store's ``tprobe_meta``, its keys and types checked (one line naming the fix otherwise)."""
+    ok = isinstance(meta, dict) and all(isinstance(meta.get(k), t) for k, t in _META_KEYS.items())
+    if ok:
+        shapes = meta["shapes"]
+        ok = bool(shapes) and all(
+            isinstance(v, list) and all(isinstance(d, int) for d in v) for v in shapes.values()
+        )
+        ok = ok and meta["format"] in FORMATS and meta["n"] > 0 and meta["chunk_rows"] > 0
+    if not ok:
+        raise TprobeError(f"{path}: its tprobe_meta attribute is damaged (not the metadata tprobe writes); "
+                          "delete the store and re-extract")  # fmt: skip
+    return meta
 
 
 class FeatureStore:
@@ -113,6 +168,9 @@ class FeatureStore:
         self.shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
         self.attrs = meta["attrs"]
         self.channels: list[str] = list(meta.get("channels") or [])  # the channel axis, when there is one
+        self.version = int(meta.get("store_version", 1))
+        self.units = meta.get("units")  # sealed format-2 stores: {"hash": [...], "sizes": {array: [...]}}
+        self._lock_fd: int | None = None
 
     # ---- construction -------------------------------------------------------------------
     @property
@@ -159,6 +217,7 @@ class FeatureStore:
             "dtype": dtype,
             "shapes": shapes,
             "attrs": attrs,
+            "store_version": STORE_VERSION,
         }
         if channels:  # only then, so a one-channel store's metadata stays that of tprobe 0.2
             meta["channels"] = [str(ch) for ch in channels]
@@ -166,57 +225,115 @@ class FeatureStore:
         if path.exists() and not store.progress_dir.exists():  # complete already
             return cls.open(path)._check_layout(meta)
         store._clean_leftovers()
-        store.progress_dir.mkdir(parents=True, exist_ok=True)
-        if store._claim_creation():
-            np.save(store.progress_dir / "row_ids.npy", np.asarray(row_ids, dtype=str))
-            if fmt == "zarr":
-                store._create_zarr(row_ids)
-            _atomic_write(store.progress_dir / "meta.json", lambda p: p.write_text(json.dumps(meta)))
-            return store
-        store._wait_for_creator()
+        if not store.progress_dir.exists():
+            store.progress_dir.mkdir(parents=True, exist_ok=True)
+            _fsync_path(store.progress_dir.parent)
+        end = time.monotonic() + CREATE_WAIT_S
+        while not (store.progress_dir / "meta.json").exists():
+            if store._claim_creation():
+                try:
+                    np.save(store.progress_dir / "row_ids.npy", np.asarray(row_ids, dtype=str))
+                    _fsync_path(store.progress_dir / "row_ids.npy")
+                    if fmt == "zarr":
+                        if (
+                            path.exists()
+                        ):  # half made by a creator that died: no unit is written before meta.json
+                            shutil.rmtree(path)
+                        store._create_zarr(row_ids)
+                    _atomic_write(store.progress_dir / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+                finally:
+                    store._release_creation()
+                return store
+            if not store.progress_dir.exists():  # sealed meanwhile by the other workers
+                break
+            if time.monotonic() > end:
+                raise TprobeError(f"{path}: another worker began creating this store {CREATE_WAIT_S:.0f} s ago "
+                                  f"and has not finished; if it is dead, delete {store.progress_dir} and rerun")  # fmt: skip
+            time.sleep(0.2)
         return cls.open(path, allow_incomplete=True)._check_layout(meta)
 
     def _claim_creation(self) -> bool:
-        """Exactly one of several concurrent workers creates the arrays; a dead creator's claim is taken over."""
+        """Exactly one of several concurrent workers creates the arrays: the one holding ``create.lock``'s flock.
+
+        The kernel drops a flock when its holder dies, so a lock left by a killed creator (or one on a
+        host that died, once its lease ends) is taken over at once; where flock is not available, an
+        owner on this host whose pid is gone (or that ran before a reboot) is taken over.
+        """
         lock = self.progress_dir / "create.lock"
-        for _ in range(2):
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            age = None
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except FileNotFoundError:  # the progress folder was sealed away meanwhile
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except OSError:  # no flock on this file system: judge the recorded owner
             try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                if (self.progress_dir / "meta.json").exists():
-                    return False
-                try:
-                    owner = json.loads(lock.read_text() or "{}")
-                except (OSError, ValueError):
-                    owner = {}
-                if owner and not _alive(owner):
-                    log.warning("%s: the worker that began creating this store (%s pid %s) is gone; taking over",
-                                self.path, owner.get("host"), owner.get("pid"))  # fmt: skip
-                    lock.unlink(missing_ok=True)
-                    continue
+                owner = json.loads(lock.read_text() or "{}")
+            except (OSError, ValueError):
+                owner = {}
+            if owner and _alive(owner) and owner.get("pid") != os.getpid():
+                os.close(fd)
                 return False
-            with os.fdopen(fd, "w") as f:
-                json.dump(_owner(), f)
-            return True
-        return False
+        if (self.progress_dir / "meta.json").exists():  # created while we waited for the lock
+            os.close(fd)
+            return False
+        try:
+            owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            owner = {}
+        if owner or (age is not None and age > 2.0):  # an empty lock: its creator died right after making it
+            log.warning("%s: the worker that began creating this store (host %s, pid %s) is gone; taking over",
+                        self.path, owner.get("host", "?"), owner.get("pid", "?"))  # fmt: skip
+        data = json.dumps(_owner()).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        _fsync_path(self.progress_dir)
+        self._lock_fd = fd
+        return True
 
-    def _wait_for_creator(self, seconds: float = 120.0) -> None:
-        """Wait while another worker creates the store (its meta.json appears last)."""
-        meta = self.progress_dir / "meta.json"
-        end = time.monotonic() + seconds
-        while not meta.exists() and self.progress_dir.exists():
-            if time.monotonic() > end:
-                raise TprobeError(f"{self.path}: another worker began creating this store {seconds:.0f} s ago "
-                                  f"and has not finished; if it is dead, delete {self.progress_dir} and rerun")  # fmt: skip
-            time.sleep(0.2)
+    def _release_creation(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # drops the flock
+            self._lock_fd = None
 
-    def _clean_leftovers(self) -> None:
-        """Remove what killed sealers leave: private temp files and progress folders already renamed away."""
-        for pattern, sep in ((".tmp*", ".tmp"), (".sealed-*", ".sealed-")):
-            for p in self.path.parent.glob(self.path.name + pattern):
-                pid = p.name.rsplit(sep, 1)[-1]
-                if pid.isdigit() and not _alive({"host": socket.gethostname(), "pid": int(pid)}):
+    def _clean_leftovers(self) -> list[Path]:
+        """Remove what killed writers and sealers leave beside the store: private temp files (the store's,
+        its manifest's) and progress folders already renamed away, unless their process still runs."""
+        removed = []
+        names = (self.path.name, self.path.name + ".manifest.parquet")
+        for name in names:
+            for pattern, sep in ((".tmp*", ".tmp"), (".sealed-*", ".sealed-")):
+                for p in self.path.parent.glob(name + pattern):
+                    pid = p.name.rsplit(sep, 1)[-1]
+                    if not pid.isdigit() or (int(pid) != os.getpid()
+                                             and _alive({"host": socket.gethostname(), "pid": int(pid)})):  # fmt: skip
+                        continue
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                    removed.append(p)
+        return removed
+
+    def _clean_partials(self) -> list[Path]:
+        """Remove Zarr's ``*.partial`` temp files (a writer killed mid-chunk) from the store's metadata folders;
+        chunk folders are cleaned by :meth:`_scan_chunks`. Only while no writer runs: sealed, or sealing."""
+        removed = []
+        for folder in [self.path, *(self.path / n for n in (*self.shapes, "row_ids", "channel"))]:
+            for p in folder.glob("*.partial") if folder.is_dir() else ():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        rid = self.path / "row_ids" / "c"
+        if rid.is_dir():
+            for p in rid.glob("*.partial"):
+                p.unlink(missing_ok=True)
+                removed.append(p)
+        return removed
 
     def _check_layout(self, meta: dict) -> FeatureStore:
         if self.meta["shapes"] != meta["shapes"] or self.meta["dtype"] != meta["dtype"] \
@@ -250,14 +367,24 @@ class FeatureStore:
             names = zarr.create_array(group.store, name="channel", shape=(len(self.channels),), dtype=str,
                                       chunks=(len(self.channels),), dimension_names=("channel",), overwrite=True)  # fmt: skip
             names[:] = np.asarray(self.channels, dtype=str)
+        # every file and folder made here reaches the disk before meta.json says the arrays exist
+        for folder, _, files in os.walk(self.path, topdown=False):
+            for f in files:
+                _fsync_path(Path(folder) / f)
+            _fsync_path(Path(folder))
+        _fsync_path(self.path.parent)
 
     @classmethod
-    def open(cls, path: str | Path, *, allow_incomplete: bool = False) -> FeatureStore:
-        """Open a store; unless ``allow_incomplete``, it must be complete."""
+    def open(cls, path: str | Path, *, allow_incomplete: bool = False, check: bool = True) -> FeatureStore:
+        """Open a store; unless ``allow_incomplete``, it must be complete.
+
+        A sealed store is cleaned of what killed writers left and, with ``check``, every Zarr chunk it
+        should hold must exist (with its recorded size): one line naming the fix otherwise.
+        """
         path = Path(path)
         progress = path.with_name(path.name + ".progress") / "meta.json"
         if progress.exists():
-            store = cls(path, json.loads(progress.read_text()))
+            store = cls(path, _checked_meta(path, json.loads(progress.read_text())))
             if not allow_incomplete:
                 done, total = len(store.done_units()), store.n_units
                 raise TprobeError(
@@ -281,7 +408,74 @@ class FeatureStore:
             raise TprobeError(
                 f"{path}: not a readable tprobe store ({type(exc).__name__}); re-extract it"
             ) from None
-        return cls(path, meta)
+        store = cls(path, _checked_meta(path, meta))
+        store._clean_leftovers()
+        if store.format == "zarr":
+            missing = store._scan_chunks(clean=True)
+            if check and missing:
+                raise TprobeError(store._missing_line(missing))
+        return store
+
+    # ---- integrity ----------------------------------------------------------------------
+    def _chunk_file(self, name: str, unit: int) -> Path:
+        """The Zarr chunk file of ``unit`` in array ``name`` (``<name>/c/<unit>/0/.../0``)."""
+        return self.path.joinpath(name, "c", str(unit), *["0"] * (len(self.shapes[name]) - 1))
+
+    def _scan_chunks(self, units=None, *, clean: bool = False) -> list[str]:
+        """The chunk files (``name/c/u/0``) that are missing or not their recorded size; with ``clean``,
+        also remove Zarr's ``*.partial`` temp files found beside them and in the metadata folders."""
+        sizes = (self.units or {}).get("sizes", {})
+        bad = []
+        for name in self.shapes:
+            for u in range(self.n_units) if units is None else units:
+                f = self._chunk_file(name, u)
+                try:
+                    with os.scandir(f.parent) as it:
+                        entries = {e.name: e for e in it}
+                except (FileNotFoundError, NotADirectoryError):
+                    entries = {}
+                if clean:
+                    for e in entries:
+                        if e.endswith(".partial"):
+                            (f.parent / e).unlink(missing_ok=True)
+                entry = entries.get(f.name)
+                want = sizes.get(name, [None] * self.n_units)[u] if name in sizes else None
+                if (
+                    entry is None
+                    or not entry.is_file()
+                    or (want is not None and entry.stat().st_size != want)
+                ):
+                    bad.append(f"{name}/c/{u}")
+        if clean:
+            self._clean_partials()
+        return bad
+
+    def _missing_line(self, bad: list[str]) -> str:
+        return (f"{self.path}: chunk {bad[0]} is missing or truncated ({len(bad)} of "
+                f"{self.n_units * len(self.shapes)} chunks); the store is damaged and would read zeros there — "
+                f"delete it and re-extract (`tprobe status --deep {self.path.name}` checks every chunk)")  # fmt: skip
+
+    def verify(self, *, deep: bool = False) -> list[str]:
+        """Problems found (empty: none). Every Zarr chunk must exist with its recorded size; ``deep``
+        re-reads every unit and compares its hash with the one recorded when it was written."""
+        if not self.complete:
+            return []
+        problems = (
+            [f"chunk {c} missing or truncated" for c in self._scan_chunks()] if self.format == "zarr" else []
+        )
+        if deep and self.units and not problems:
+            for u, want in enumerate(self.units["hash"]):
+                sl = self.unit_slice(u)
+                try:
+                    got = _unit_digest({n: self._read_raw(n, sl) for n in self.shapes})
+                except Exception as exc:  # noqa: BLE001 - any decode failure is damage, reported per unit
+                    problems.append(
+                        f"unit {u} (rows {sl.start}-{sl.stop}) cannot be read ({type(exc).__name__})"
+                    )
+                    continue
+                if got != want:
+                    problems.append(f"unit {u} (rows {sl.start}-{sl.stop}) does not match its recorded hash")
+        return problems
 
     # ---- writing ------------------------------------------------------------------------
     @property
@@ -317,28 +511,47 @@ class FeatureStore:
             if arr.shape != (rows, *shape[1:]):
                 raise ValueError(f"unit {unit} {name}: shape {arr.shape} != {(rows, *shape[1:])}")
             arrays[name] = arr.astype(dtype, copy=False)
+        record = {"hash": _unit_digest(arrays)}
         if self.format == "zarr":
             import zarr
 
             group = zarr.open_group(self.path, mode="r+")
+            record["sizes"] = {}
             for name, arr in arrays.items():
-                group[name][sl] = arr
+                # every chunk is written, even one equal to the fill value, so a missing chunk is always damage
+                group[name].with_config({"write_empty_chunks": True})[sl] = arr
                 self._fsync_chunk(name, unit)
+                record["sizes"][name] = self._chunk_file(name, unit).stat().st_size
         else:
             part = self.progress_dir / f"part_{unit:06d}.npz"
             _atomic_write(part, lambda p: np.savez(open(p, "wb"), **arrays))
-        _atomic_write(self.progress_dir / f"unit_{unit:06d}.done", lambda p: p.write_text(""))
+        _atomic_write(self.progress_dir / f"unit_{unit:06d}.done", lambda p: p.write_text(json.dumps(record)))
 
     def _fsync_chunk(self, name: str, unit: int) -> None:
-        """fsync the files of one Zarr chunk (``<array>/c/<unit>/0/...``) and their folders."""
+        """fsync the files of one Zarr chunk (``<array>/c/<unit>/0/...``), their folders and the folders
+        above them that may have gained an entry (``<array>/c``, ``<array>``)."""
         root = self.path / name / "c" / str(unit)
-        if root.is_file():
-            _fsync_path(root)
-            return
-        for folder, _, files in os.walk(root):
+        for folder, _, files in os.walk(root, topdown=False):
             for f in files:
                 _fsync_path(Path(folder) / f)
             _fsync_path(Path(folder))
+        _fsync_path(root.parent)
+        _fsync_path(root.parent.parent)
+
+    def _unit_records(self) -> dict | None:
+        """Every unit's recorded hash (and Zarr chunk sizes), from the markers; None if any marker predates them."""
+        hashes, sizes = [], {name: [] for name in self.shapes} if self.format == "zarr" else {}
+        for u in range(self.n_units):
+            try:
+                rec = json.loads((self.progress_dir / f"unit_{u:06d}.done").read_text() or "{}")
+            except ValueError:
+                return None
+            if "hash" not in rec or (sizes and set(rec.get("sizes", {})) != set(sizes)):
+                return None
+            hashes.append(rec["hash"])
+            for name in sizes:
+                sizes[name].append(int(rec["sizes"][name]))
+        return {"hash": hashes, **({"sizes": sizes} if sizes else {})}
 
     def finalize(self) -> bool:
         """Seal the store once every unit is written; True once complete. Safe to run by any worker, any time."""
@@ -348,22 +561,32 @@ class FeatureStore:
             return False
         meta = dict(self.meta)
         try:
+            units = self._unit_records()
+            if units is not None and self.version >= 2:
+                meta["units"] = units
             if self.format == "zarr":
                 import zarr
 
+                self._clean_partials()
+                missing = self._scan_chunks(clean=True)
+                if missing:  # written units whose chunks are gone: never seal a store that reads zeros
+                    raise TprobeError(self._missing_line(missing))
                 group = zarr.open_group(self.path, mode="r+")
                 group.attrs.update({**self.attrs, "complete": True, "tprobe_meta": meta})
                 _fsync_path(self.path / "zarr.json")
+                _fsync_path(self.path)
             else:
                 _atomic_write(self.path, lambda p: self._assemble_h5(p, meta))
             # one atomic step turns the store complete; a concurrent sealer that lost the race finds it gone
             trash = self.path.with_name(f"{self.path.name}.sealed-{os.getpid()}")
             os.rename(self.progress_dir, trash)
+            _fsync_path(self.path.parent)
         except FileNotFoundError:
             if not self.complete:
                 raise
             return True  # another worker sealed it meanwhile
         shutil.rmtree(trash, ignore_errors=True)
+        self.meta, self.units = meta, meta.get("units")
         return True
 
     def _assemble_h5(self, target: Path, meta: dict) -> None:
@@ -399,14 +622,23 @@ class FeatureStore:
         """The ``image_id`` of every row, in store order."""
         if not self.complete:
             return np.load(self.progress_dir / "row_ids.npy", allow_pickle=False)
-        if self.format == "zarr":
-            import zarr
+        try:
+            if self.format == "zarr":
+                import zarr
 
-            return np.asarray(zarr.open_array(self.path / "row_ids", mode="r")[:].tolist(), dtype=str)
-        import h5py
+                ids = np.asarray(zarr.open_array(self.path / "row_ids", mode="r")[:].tolist(), dtype=str)
+            else:
+                import h5py
 
-        with h5py.File(self.path, "r") as f:
-            return f["row_ids"].asstr()[:].astype(str)
+                with h5py.File(self.path, "r") as f:
+                    ids = f["row_ids"].asstr()[:].astype(str)
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            raise TprobeError(f"{self.path}: its row_ids array is missing or unreadable ({type(exc).__name__}); "
+                              "delete the store and re-extract") from None  # fmt: skip
+        if ids.shape != (self.n,):
+            raise TprobeError(f"{self.path}: its row_ids array holds {ids.size} ids for {self.n} rows; "
+                              "delete the store and re-extract")  # fmt: skip
+        return ids
 
     def verify_rows(self, image_ids: Sequence[str], source: str = "the manifest") -> None:
         """Raise unless ``image_ids`` are exactly this store's rows, in order (the hash, then every row)."""
@@ -437,19 +669,31 @@ class FeatureStore:
         if name not in self.shapes:
             raise TprobeError(f"{self.path}: has no {name!r} tokens (it holds {', '.join(self.shapes)}); "
                               "re-extract with those --tokens")  # fmt: skip
+        if self.format == "zarr" and self.complete:  # a missing chunk would read as zeros (the fill value)
+            start, stop, _ = rows.indices(self.n)
+            bad = (
+                self._scan_chunks(range(start // self.chunk_rows, -(-stop // self.chunk_rows)))
+                if stop > start
+                else []
+            )
+            if bad:
+                raise TprobeError(self._missing_line(bad))
         try:
-            if self.format == "zarr":
-                import zarr
-
-                return np.asarray(zarr.open_array(self.path / name, mode="r")[rows])
-            import h5py
-
-            with h5py.File(self.path, "r") as f:
-                return f[name][rows]
+            return self._read_raw(name, rows)
         except (OSError, RuntimeError, ValueError, KeyError) as exc:  # a damaged chunk or file
             raise TprobeError(f"{self.path}: {name} rows {rows.start or 0}-{rows.stop or self.n} cannot be read "
                               f"({type(exc).__name__}: {str(exc)[:80]}); the store is damaged — delete it and "
                               "re-extract") from None  # fmt: skip
+
+    def _read_raw(self, name: str, rows: slice) -> np.ndarray:
+        if self.format == "zarr":
+            import zarr
+
+            return np.asarray(zarr.open_array(self.path / name, mode="r")[rows])
+        import h5py
+
+        with h5py.File(self.path, "r") as f:
+            return f[name][rows]
 
     def iter_units(self, names=TOKENS) -> Iterator[tuple[slice, dict[str, np.ndarray]]]:
         """Yield ``(rows, {name: array})`` chunk by chunk, so memory stays one chunk wide."""
