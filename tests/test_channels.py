@@ -355,8 +355,10 @@ def test_a_channel_the_model_and_the_filters_do_not_read_is_not_range_checked(st
                            max_value=4095.0, views="orig")  # fmt: skip
     assert len(preprocess(discover(stacks["chw"]), cfg).kept) > 0
     with_mask = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="per-channel", max_value=4095.0)
-    pre = preprocess(discover(stacks["chw"]), with_mask)
-    assert pre.kept.empty and all("exceeds --max-value 4095" in s.reason for s in pre.skipped)
+    with pytest.raises(
+        TprobeError, match=r"--max-value 4095 is below the data: 18 of 18 images .* channel mask"
+    ):
+        preprocess(discover(stacks["chw"]), with_mask)  # refused once, never cells skipped by brightness
 
 
 def test_a_stack_without_channels_stops_in_one_line_and_inception_refuses_per_channel(stacks, tmp_path):

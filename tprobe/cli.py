@@ -96,6 +96,9 @@ def data_options(f):
         click.option("--max-value", default=None,
                      help="Top of the camera range for 16-bit input (e.g. 4095) [default: 65535]; with several "
                           "channels one value for all or NAME=VALUE,... for each."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=d.max_pixels, show_default=True,
+                     help="Skip (with a line) an image whose header declares more values (width x height x "
+                          "planes), before it is decoded."),
         click.option("--channels", default=None, metavar="NAME,NAME,...",
                      help="Name the planes of multi-channel images in file order (TIFF (C,H,W) or (H,W,C), or the "
                           "channel names of --channel-files) [default: one grey channel]."),
@@ -117,7 +120,7 @@ def data_options(f):
     def wrapper(*args, data, **kw):
         keys = ("canvas", "fit", "views", "entropy_min", "entropy_dim", "intensity_dim",
                 "binary_threshold", "min_component_area", "channel_mode", "segment_channel",
-                "channel_files")  # fmt: skip
+                "channel_files", "max_pixels")  # fmt: skip
         raw_channels, raw_use = kw.pop("channels"), kw.pop("use")  # an empty name (a,,b) is refused below
         channels = tuple(c.strip() for c in raw_channels.split(",")) if raw_channels else ()
         use = tuple(c.strip() for c in raw_use.split(",")) if raw_use else ()

@@ -12,10 +12,13 @@ files of each cell are grouped into one row whose ``path`` is a template holding
 (:func:`tprobe.images.channel_files`); a table may list such templates itself.
 
 Files that cannot be used are returned as :class:`Skipped` rows with a reason naming the fix.
+Symlinked donor, class and image folders are followed; a link back to a folder above it (a loop)
+is not, and is listed as skipped, so no folder is lost without a line.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,15 @@ import pandas as pd
 from tprobe import images
 from tprobe.errors import TprobeError
 
-__all__ = ["Dataset", "Skipped", "discover", "discover_unlabelled", "parse_wang_name", "DEFAULT_DATA"]
+__all__ = [
+    "Dataset",
+    "Skipped",
+    "discover",
+    "discover_unlabelled",
+    "parse_wang_name",
+    "DEFAULT_DATA",
+    "table_rows",
+]
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "tcell-sample"
 
@@ -96,6 +107,7 @@ def discover(data: str | Path | None = None, *, channel_files: str | None = None
         ds = _from_folders(root, group)
     else:
         ds = _from_flat(root, group)
+    ds.skipped = list(dict.fromkeys(ds.skipped))  # a loop seen from two walks is listed once
     if ds.table.empty:
         raise TprobeError(
             f"{root}: no usable images found ({len(ds.skipped)} skipped); expected "
@@ -128,20 +140,72 @@ def discover_unlabelled(data: str | Path, *, channel_files: str | None = None, c
         rows.append({**parsed, "path": str(path), "label": label, "donor": parsed.get("donor", "unknown")})
     if not rows:
         raise TprobeError(f"{root}: no .png/.tif images found")
-    return Dataset(root, _frame(rows), skipped, "unlabelled")
+    return Dataset(root, _frame(rows), list(dict.fromkeys(skipped)), "unlabelled")
 
 
 def _label_of(name: str) -> int | None:
     return LABEL_NAMES.get(name.lower())
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in images.IMAGE_SUFFIXES)
+def table_rows(table_path: Path, *rows: int) -> str:
+    """Rows of a CSV/Parquet table (0-based data rows) as a person finds them: CSV line numbers
+    counting the header as line 1, Parquet rows counted from 1."""
+    csv = Path(table_path).suffix.lower() == ".csv"
+    nums = " and ".join(str(r + (2 if csv else 1)) for r in rows)
+    word = ("line" if csv else "row") + ("s" if len(rows) > 1 else "")
+    return f"{word} {nums} ({'line 1 is the header' if csv else 'counted from 1'})"
+
+
+def _walk(top: Path, skipped: list | None = None) -> tuple[list[Path], list[Path]]:
+    """Every folder and every other entry under ``top``, in name order, following symlinked folders.
+
+    A folder that is one of its own ancestors (a symlink loop) is not entered and is listed in
+    ``skipped``; ancestors above ``top`` count too, so a walk started inside a tree still sees them.
+    """
+    skipped = [] if skipped is None else skipped
+    folders: list[Path] = []
+    files: list[Path] = []
+
+    def key(path) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino
+
+    def visit(folder: Path, above: dict) -> None:
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            skipped.append(
+                Skipped(str(folder), f"folder cannot be listed ({exc.strerror}); fix its permissions")
+            )
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()  # follows a symlink
+                k = key(path) if is_dir else None
+            except OSError:
+                is_dir = False
+            if not is_dir:
+                files.append(path)
+            elif k in above:
+                skipped.append(Skipped(str(path), f"symlink loops back to {os.path.realpath(path)}, a folder "
+                                       "above it; not followed: remove the link or point it elsewhere"))  # fmt: skip
+            else:
+                folders.append(path)
+                visit(path, {**above, k: path})
+
+    real = Path(os.path.realpath(top))
+    visit(top, {key(a): a for a in (real, *real.parents)} | {key(top): top})
+    return folders, files
+
+
+def _images(folder: Path, skipped: list | None = None) -> list[Path]:
+    return sorted(p for p in _walk(folder, skipped)[1] if p.suffix.lower() in images.IMAGE_SUFFIXES)
 
 
 def _cells(folder: Path, group, skipped: list) -> list[Path]:
     """The images under ``folder``: files, or per-channel files grouped into ``{channel}`` templates."""
-    files = _images(folder)
+    files = _images(folder, skipped)
     if not group:
         return files
     pattern, channels = group
@@ -153,7 +217,7 @@ def _cells(folder: Path, group, skipped: list) -> list[Path]:
 
 def _from_folders(root: Path, group=None) -> Dataset:
     rows, skipped = [], []
-    for sub in sorted(p for p in root.rglob("*") if p.is_dir()):
+    for sub in sorted(_walk(root, skipped)[0]):
         if any(_label_of(part) is not None for part in sub.relative_to(root).parts[:-1]):
             continue  # nested inside a label folder: read with it
         direct = [p for p in sub.iterdir() if p.suffix.lower() in images.IMAGE_SUFFIXES]
@@ -213,10 +277,15 @@ def _from_table(table_path: Path) -> Dataset:
             raise TprobeError(f"{table_path}: {int(empty.sum())} row(s) have an empty donor (line {rows[0]}"
                               f"{', ...' if len(rows) > 1 else ''}); fill the donor column, or drop it to "
                               "treat all images as one donor")  # fmt: skip
-    rows, skipped = [], []
-    for rec in df.to_dict("records"):
+    rows, skipped, seen = [], [], {}
+    for i, rec in enumerate(df.to_dict("records")):
         path = Path(str(rec["path"]))
         path = path if path.is_absolute() else table_path.parent / path
+        same = os.path.normpath(os.path.abspath(path))
+        if same in seen:
+            raise TprobeError(f"{table_path}: {table_rows(table_path, seen[same], i)} both list {rec['path']}; "
+                              "keep one row per image")  # fmt: skip
+        seen[same] = i
         label = _label_of(str(rec["label"]).strip().removesuffix(".0"))
         if label is None:
             skipped.append(Skipped(str(path), f"label '{rec['label']}' is not one of "

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tprobe.dataset import table_rows
 from tprobe.errors import TprobeError
 from tprobe.store import FeatureStore
 
@@ -181,8 +182,21 @@ def _path_keys(paths: pd.Series) -> dict[str, list[int]]:
 
 def _no_duplicates(path: Path, id_column: str, ids: pd.Series) -> None:
     if ids.duplicated().any():
-        raise TprobeError(f"{path}: {id_column} has duplicate values, e.g. {ids[ids.duplicated()].iloc[0]}; "
-                          "one row per image")  # fmt: skip
+        later = int(np.flatnonzero(ids.duplicated().to_numpy())[0])
+        first = int(np.flatnonzero((ids == ids.iloc[later]).to_numpy())[0])
+        raise TprobeError(f"{path}: {table_rows(path, first, later)} have the same {id_column} "
+                          f"{ids.iloc[later]!r}; keep one row per image")  # fmt: skip
+
+
+def _one_row_per_image(path: Path, id_column: str, ids: pd.Series, table_row: pd.Series, orig) -> None:
+    """Two rows whose ids differ but name one image (``x.png`` and ``activated/x.png``) are refused."""
+    first: dict[int, int] = {}
+    for row, image in table_row[table_row >= 0].items():
+        if image in first:
+            raise TprobeError(f"{path}: {table_rows(path, first[image], row)} both name {orig['path'][image]} "
+                              f"({id_column} {ids.iloc[first[image]]!r} and {ids.iloc[row]!r}); keep one row "
+                              "per image")  # fmt: skip
+        first[image] = row
 
 
 def from_table(path: str | Path, manifest: pd.DataFrame, *, id_column: str | None = None,
@@ -221,6 +235,7 @@ def from_table(path: str | Path, manifest: pd.DataFrame, *, id_column: str | Non
             )
         _no_duplicates(path, id_column, ids)
         table_row = pd.Series([r[0] if r else -1 for r in rows], index=np.arange(len(table)))
+        _one_row_per_image(path, id_column, ids, table_row, orig)
         pos = pd.Series(np.nan, index=orig.index)
         hit = table_row[table_row >= 0]
         pos.iloc[hit.to_numpy()] = hit.index.to_numpy()

@@ -5,7 +5,13 @@ the Wang et al. filter thresholds were set on. 8-bit images are unchanged. 16-bi
 linearly by ``255 / max_value``; ``max_value`` defaults to 65535 (the full 16-bit range) and should
 be set to the camera's range (e.g. 4095 for 12-bit data), per channel when channels differ. A pixel
 above ``max_value`` is an error, never silently clipped. Nothing is pushed through PIL's
-``convert("RGB")``, which would clip 16-bit data.
+``convert("RGB")``, which would clip 16-bit data. Only unsigned 8- and 16-bit integers (and 1-bit)
+are read: signed, 32-bit and float pixels are refused, naming the type found.
+
+Before anything is decoded, the file must be a regular file (never a FIFO, device or folder: a
+FIFO would block, ``/dev/zero`` never ends) and its header must declare at most ``max_pixels``
+values (width x height x planes; default :data:`DEFAULT_MAX_PIXELS`, 50 million), so a small
+compressed file cannot expand into gigabytes.
 
 Several channels come as one stack (a TIFF of shape (C, H, W) or (H, W, C), named in order by
 ``channels``) or as one file per channel: a path *template* holding ``{channel}``
@@ -15,6 +21,10 @@ Several channels come as one stack (a TIFF of shape (C, H, W) or (H, W, C), name
 
 from __future__ import annotations
 
+import os
+import re
+import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,40 +35,108 @@ from tprobe.errors import ChannelError, TprobeError
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 CHANNEL = "{channel}"  # the placeholder of a per-channel path template
+DEFAULT_MAX_PIXELS = 50_000_000  # values a header may declare (W x H x planes); a 2000x2000 RGB cell is 12 M
+TIFF_CHANNEL_AXES = "CSQI"  # C channel, S samples; Q and I: tifffile's names for axes the file does not label
 
 
-def _read_raw(path: Path) -> np.ndarray:
+class AboveMaxValue(TprobeError):
+    """A pixel above ``--max-value``; :func:`tprobe.preprocess.preprocess` counts them and refuses once."""
+
+    def __init__(self, path: Path, value: int, top: float, n_pixels: int, channel: str | None = None):
+        where = f" (channel {channel})" if channel else ""
+        super().__init__(f"{path}: pixel value {value}{where} exceeds --max-value {top:g} ({n_pixels} pixel(s) "
+                         "above it); raise --max-value to the camera's range")  # fmt: skip
+        self.path, self.value, self.top, self.n_pixels, self.channel = path, value, top, n_pixels, channel
+
+
+def check_regular(path: str | Path) -> None:
+    """Refuse anything but a regular file (after symlinks) before it is opened: a FIFO blocks the
+    reader forever and a device (``/dev/zero``) never ends."""
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            return tifffile.imread(path)
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im)
-    except (OSError, UnidentifiedImageError, ValueError, tifffile.TiffFileError) as exc:
-        raise TprobeError(
-            f"{path}: cannot be read as an image ({type(exc).__name__}); replace or delete the file"
-        ) from None
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise TprobeError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__}); replace or delete "
+                          "the file") from None  # fmt: skip
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")  # fmt: skip
+        raise TprobeError(f"{path}: is {kind}, not an image file; remove it or its manifest row")
 
 
-def read_image(path: str | Path, *, max_value: float | None = None) -> np.ndarray:
+def _check_pixels(path: Path, shape, max_pixels: int | None) -> None:
+    n = int(np.prod(shape, dtype=np.int64))
+    limit = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    if n > limit:
+        raise TprobeError(f"{path}: declares {' x '.join(map(str, shape))} = {n:,} values, over --max-pixels "
+                          f"{limit:,}; crop or downsample the file, or raise --max-pixels")  # fmt: skip
+
+
+def _unreadable(path: Path, exc: BaseException) -> TprobeError:
+    return TprobeError(
+        f"{path}: cannot be read as an image ({type(exc).__name__}); replace or delete the file"
+    )
+
+
+def _read_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, str]:
+    """A TIFF's first series and its axes, its declared size checked before it is decoded."""
+    check_regular(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            _check_pixels(path, series.shape, max_pixels)
+            return series.asarray(), series.axes
+    except (OSError, ValueError, IndexError, MemoryError, tifffile.TiffFileError) as exc:
+        if isinstance(exc, TprobeError):
+            raise
+        raise _unreadable(path, exc) from None
+
+
+def _read_raw(path: Path, max_pixels: int | None = None) -> np.ndarray:
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return _read_tiff(path, max_pixels)[0]
+    check_regular(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            with Image.open(path) as im:  # reads the header only
+                _check_pixels(path, (im.height, im.width, len(im.getbands())), max_pixels)
+                im.load()
+                return np.asarray(im)
+    except Image.DecompressionBombError as exc:  # Pillow's own hard limit, above --max-pixels' default
+        n = re.search(r"\((\d+) pixels\)", str(exc))
+        raise TprobeError(f"{path}: declares {n[1] + ' pixels' if n else 'more pixels than Pillow opens'}, over "
+                          "--max-pixels; crop or downsample the file") from None  # fmt: skip
+    except (OSError, UnidentifiedImageError, ValueError, MemoryError) as exc:
+        if isinstance(exc, TprobeError):
+            raise
+        raise _unreadable(path, exc) from None
+
+
+def read_image(
+    path: str | Path, *, max_value: float | None = None, max_pixels: int | None = None
+) -> np.ndarray:
     """Read a greyscale image as a float32 (H, W) array on the 0..255 scale.
 
-    Raises TprobeError with a one-line reason and fix for unreadable, empty, colour or
-    out-of-range images.
+    Raises TprobeError with a one-line reason and fix for unreadable, empty, colour, oversized
+    (``max_pixels``, default :data:`DEFAULT_MAX_PIXELS`) or out-of-range images, and for anything
+    but a regular file.
     """
     path = Path(path)
-    arr = _to_grey(_read_raw(path), path)
+    arr = _to_grey(_read_raw(path, max_pixels), path)
     if arr.size == 0 or min(arr.shape) == 0:
         raise TprobeError(f"{path}: image has zero size; delete the file")
     return _to_8bit_scale(arr, path, max_value)
 
 
-def read_channels(path: str | Path, channels, *, max_value=None) -> tuple[np.ndarray, str]:
+def read_channels(
+    path: str | Path, channels, *, max_value=None, max_pixels: int | None = None
+) -> tuple[np.ndarray, str]:
     """Read every named channel of one cell: float32 (C, H, W) on the 0..255 scale, and the raw pixel type.
 
     ``path`` is a stack (TIFF (C, H, W) or (H, W, C), or an RGB PNG for three channels) or a
     template holding ``{channel}``; ``max_value`` is one value for every channel or one per channel.
-    A stack whose channel count differs from ``channels``, a missing channel file and channels of
+    A stack whose channel count differs from ``channels``, a stack whose extra axis the TIFF labels as
+    anything but channels (a Z-stack, a time series), a missing channel file and channels of
     different bit depths are errors naming the file and the fix.
     """
     channels = tuple(channels.split(",")) if isinstance(channels, str) else tuple(channels)
@@ -68,10 +146,10 @@ def read_channels(path: str | Path, channels, *, max_value=None) -> tuple[np.nda
         planes, dtypes = [], []
         for name in channels:
             file = Path(path.replace(CHANNEL, name))
-            if not file.is_file():
+            if not file.exists():  # a FIFO or device exists: refused, as one file, when it is read
                 raise ChannelError(f"{file}: missing (channel {name} of this cell); add the file or remove the "
                                    "cell's other channel files")  # fmt: skip
-            arr = _to_grey(_read_raw(file), file)
+            arr = _to_grey(_read_raw(file, max_pixels), file)
             if planes and arr.shape != planes[0].shape:
                 raise ChannelError(f"{file}: {arr.shape[0]}x{arr.shape[1]} px, but channel {channels[0]} is "
                                   f"{planes[0].shape[0]}x{planes[0].shape[1]} px; save every channel of a cell at one size")  # fmt: skip
@@ -84,41 +162,41 @@ def read_channels(path: str | Path, channels, *, max_value=None) -> tuple[np.nda
         where = Path(path.replace(CHANNEL, channels[0]))
     else:
         where = Path(path)
-        arr, last = _read_stack(where)
-        stack = _channels_first(arr, last, len(channels), where, channels)
+        arr, axes = _read_stack(where, max_pixels)
+        stack = _channels_first(arr, axes, len(channels), where, channels)
     if stack.size == 0 or min(stack.shape) == 0:
         raise TprobeError(f"{where}: image has zero size; delete the file")
-    scaled = [_to_8bit_scale(plane, where, top) for plane, top in zip(stack, tops, strict=True)]
+    scaled = [
+        _to_8bit_scale(plane, where, top, name if len(channels) > 1 else None)
+        for plane, top, name in zip(stack, tops, channels, strict=True)
+    ]
     return np.stack(scaled), str(stack.dtype)
 
 
-def _read_stack(path: Path) -> tuple[np.ndarray, bool]:
-    """A stack and whether its channels are its last axis, as the file itself says: a TIFF's axes
-    (``S``, samples, last = interleaved), a PNG's colour samples (always last). Never guessed from
-    the shape, which is ambiguous when a side equals the channel count."""
+def _read_stack(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+    """A stack and its axes, as the file itself says: a TIFF's axes (``C`` channels, ``S`` samples,
+    ``YXS`` = interleaved, ``Z``/``T`` = planes that are not channels), a PNG's colour samples
+    (``YXS``). Never guessed from the shape, which is ambiguous when a side equals the channel count."""
     if path.suffix.lower() not in (".tif", ".tiff"):
-        arr = _read_raw(path)
+        arr = _read_raw(path, max_pixels)
         if arr.ndim == 3 and arr.shape[-1] == 4 and np.all(arr[..., 3] == np.iinfo(arr.dtype).max):
             arr = arr[..., :3]  # RGBA with an opaque alpha: three channels
-        return arr, arr.ndim == 3
-    try:
-        with tifffile.TiffFile(path) as tif:
-            series = tif.series[0]
-            arr, axes = series.asarray(), series.axes
-    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
-        raise TprobeError(
-            f"{path}: cannot be read as an image ({type(exc).__name__}); replace or delete the file"
-        ) from None
+        return arr, "YXS" if arr.ndim == 3 else "YX"
+    arr, axes = _read_tiff(path, max_pixels)
     keep = [i for i, n in enumerate(arr.shape) if n != 1 or axes[i] in "YX"]  # drop length-1 axes (T, Z, ...)
-    arr, axes = arr.reshape([arr.shape[i] for i in keep]), "".join(axes[i] for i in keep)
-    return arr, axes.endswith("S")
+    return arr.reshape([arr.shape[i] for i in keep]), "".join(axes[i] for i in keep)
 
 
-def _channels_first(arr: np.ndarray, last: bool, n: int, path: Path, names) -> np.ndarray:
+def _channels_first(arr: np.ndarray, axes: str, n: int, path: Path, names) -> np.ndarray:
     if n == 1:  # one named channel: a plain greyscale image
         return _to_grey(arr, path)[None]
+    last = axes.endswith("S")
     if arr.ndim == 3:
-        count = arr.shape[-1] if last else arr.shape[0]
+        axis, count = (axes[-1], arr.shape[-1]) if last else (axes[0], arr.shape[0])
+        if axis not in TIFF_CHANNEL_AXES:
+            raise ChannelError(f"{path}: the TIFF's axes are {axes} (shape {arr.shape}): its {count} planes are "
+                               f"{axis}, not channels (C or S); save the channels as a C axis, or one plane per "
+                               "file with --channel-files")  # fmt: skip
         if count == n:
             return np.moveaxis(arr, -1, 0) if last else arr
         got = f"{count} channels ({'interleaved, ' if last else ''}shape {arr.shape})"
@@ -194,17 +272,21 @@ def _to_grey(arr: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
-def _to_8bit_scale(arr: np.ndarray, path: Path, max_value: float | None) -> np.ndarray:
+def _to_8bit_scale(
+    arr: np.ndarray, path: Path, max_value: float | None, channel: str | None = None
+) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr.astype(np.float32)
     if arr.dtype == np.bool_:
         return arr.astype(np.float32) * 255
-    if arr.dtype.kind not in "ui":
-        raise TprobeError(f"{path}: pixel type {arr.dtype} is not supported; save as 8- or 16-bit integers")
+    if (
+        arr.dtype.kind != "u" or arr.dtype.itemsize != 2
+    ):  # signed (negative values), 32-bit or float: no fixed 0..top scale
+        kind = {"i": "signed integer", "u": "unsigned integer", "f": "floating-point"}.get(arr.dtype.kind, "")
+        raise TprobeError(f"{path}: {arr.dtype.itemsize * 8}-bit {kind or str(arr.dtype)} pixels ({arr.dtype}) are "
+                          "not supported; tprobe reads unsigned 8- or 16-bit integers (uint8, uint16): convert "
+                          "the file")  # fmt: skip
     top = float(max_value if max_value is not None else np.iinfo(arr.dtype).max)
     if arr.max() > top:
-        raise TprobeError(
-            f"{path}: pixel value {int(arr.max())} exceeds --max-value {top:g}; "
-            "raise --max-value to the camera's range"
-        )
+        raise AboveMaxValue(path, int(arr.max()), top, int((arr > top).sum()), channel)
     return (arr.astype(np.float64) * (255.0 / top)).astype(np.float32)

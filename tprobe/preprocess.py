@@ -43,7 +43,15 @@ from skimage.transform import resize
 
 from tprobe.dataset import Dataset, Skipped
 from tprobe.errors import ChannelError, TprobeError
-from tprobe.images import CHANNEL, bit_depth, read_channels, read_image
+from tprobe.images import (
+    CHANNEL,
+    DEFAULT_MAX_PIXELS,
+    AboveMaxValue,
+    bit_depth,
+    check_regular,
+    read_channels,
+    read_image,
+)  # fmt: skip
 
 __all__ = [
     "PreprocessConfig", "Preprocessed", "preprocess", "load_view", "load_canvas", "read_cell", "apply_view",
@@ -59,9 +67,9 @@ VIEW_SETS = {
 FIT_MODES = ("pad", "resize", "fill")
 DROP_ORDER = ("unreadable", "duplicate", "dim", "multi_cell", "too_large")
 CHANNEL_MODES = ("grey", "rgb", "per-channel")
-# channel fields left out of to_dict() at their defaults, so a one-channel config keeps its 0.2 hash
+# fields left out of to_dict() at their defaults, so a one-channel config keeps its 0.2 hash
 CHANNEL_DEFAULTS = {"channels": (), "channel_mode": "grey", "use": (), "segment_channel": None,
-                    "channel_files": None}  # fmt: skip
+                    "channel_files": None, "max_pixels": DEFAULT_MAX_PIXELS}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,9 @@ class PreprocessConfig:
     use: tuple[str, ...] = ()  # the channels the model sees, in order; () = the mode's default
     segment_channel: str | None = None  # the channel the filters measure; None = the first used channel
     channel_files: str | None = None  # one file per channel: a stem pattern with {cell} and {channel}
+    max_pixels: int = (
+        DEFAULT_MAX_PIXELS  # a file whose header declares more values (W x H x planes) is skipped
+    )
 
     def __post_init__(self):
         for name in ("channels", "use"):
@@ -105,6 +116,8 @@ class PreprocessConfig:
             raise TprobeError(f"views={self.views!r} is not one of {', '.join(VIEW_SETS)}")
         if self.canvas < 1:
             raise TprobeError(f"canvas={self.canvas} must be a positive number of pixels")
+        if not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise TprobeError(f"--max-pixels {self.max_pixels}: give a positive whole number of pixels")
         if self.min_component_area < 1 or self.max_components < 1:
             raise TprobeError("min_component_area and max_components must be >= 1")
 
@@ -336,13 +349,13 @@ def read_cell(path: str | Path, config: PreprocessConfig) -> tuple[np.ndarray, n
             raise ChannelError(
                 f"{path}: is a per-channel template; pass --channels NAME,NAME,... naming its channels"
             )
-        img = read_image(path, max_value=config.max_value)
+        img = read_image(path, max_value=config.max_value, max_pixels=config.max_pixels)
         return img, img, ""
     names = config.channels
     tops = config.max_value if isinstance(config.max_value, tuple) else (config.max_value,) * len(names)
     needed = {*config.used_channels, config.segment}  # a channel nobody reads is not range-checked
     tops = tuple(t if n in needed else None for n, t in zip(names, tops, strict=True))
-    stack, dtype = read_channels(path, names, max_value=tops)
+    stack, dtype = read_channels(path, names, max_value=tops, max_pixels=config.max_pixels)
     index = {n: i for i, n in enumerate(names)}
     used = stack[[index[n] for n in config.used_channels]]
     return stack[index[config.segment]], used[0] if config.channel_mode == "grey" else used, dtype
@@ -361,9 +374,10 @@ def load_view(path: str | Path, view: str, config: PreprocessConfig) -> np.ndarr
 def source_bytes(path: str | Path, config: PreprocessConfig) -> bytes:
     """The bytes a cell's ``source_id`` hashes: its file, or its channel files in channel order."""
     path = str(path)
-    if CHANNEL in path:
-        return b"".join(Path(path.replace(CHANNEL, c)).read_bytes() for c in config.channels)
-    return Path(path).read_bytes()
+    files = [Path(path.replace(CHANNEL, c)) for c in config.channels] if CHANNEL in path else [Path(path)]
+    for file in files:  # never a FIFO (blocks) or a device (/dev/zero never ends)
+        check_regular(file)
+    return b"".join(file.read_bytes() for file in files)
 
 
 def preprocess(
@@ -374,15 +388,19 @@ def preprocess(
 
     rows, skipped, seen = [], list(dataset.skipped), {}
     first = None  # (pixel type, path) of the first multi-channel cell read
+    above: list[AboveMaxValue] = []  # cells over --max-value: refused together, never skipped one by one
     records = dataset.table.to_dict("records")
     for rec in tqdm(records, desc="preprocess", unit="img", disable=None if progress else True):
         path = rec["path"]
         base = {**rec, "source_id": "", "image_id": "", "group": "", "view": "orig"}
         try:
+            img, _, depth = read_cell(path, config)  # first: it checks the file's type and declared size
             raw = source_bytes(path, config)
-            img, _, depth = read_cell(path, config)
         except ChannelError:
             raise
+        except AboveMaxValue as exc:
+            above.append(exc)
+            continue
         except (OSError, TprobeError) as exc:
             msg = str(exc) if isinstance(exc, TprobeError) else f"{path}: cannot be read ({exc})"
             skipped.append(Skipped(path, msg))
@@ -408,6 +426,12 @@ def preprocess(
         for view in config.view_names:
             rows.append({**base, "view": view, "image_id": f"{sid}_{view}", "kept": True,
                          "drop_reason": ""})  # fmt: skip
+    if above:  # skipping them would keep the dim cells and drop the bright ones: a selection by brightness
+        top = max(above, key=lambda e: e.value)
+        raise TprobeError(f"--max-value {top.top:g} is below the data: {len(above)} of {len(records)} images have "
+                          f"pixels above it ({sum(e.n_pixels for e in above):,} pixels; the brightest, {top.value}, "
+                          f"in {top.path}{f' channel {top.channel}' if top.channel else ''}); raise --max-value to "
+                          "the camera's range")  # fmt: skip
     manifest = pd.DataFrame(rows)
     fingerprint = _fingerprint(manifest)
     return Preprocessed(manifest, config, fingerprint, skipped)

@@ -1,0 +1,263 @@
+"""Issue 18, the input files: nothing silent, nothing that hangs, one line each.
+
+Symlinked folders, duplicate rows, Z-stacks, unsupported pixel types, a too-low --max-value, and
+files that would abort or hang a run (a FIFO, /dev/zero, a huge declared image).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from click.testing import CliRunner
+from conftest import SAMPLE, copy_subset, save_png
+
+from tprobe.cli import main
+from tprobe.dataset import discover, discover_unlabelled
+from tprobe.errors import ChannelError, TprobeError
+from tprobe.features import from_table
+from tprobe.images import read_channels, read_image
+from tprobe.preprocess import PreprocessConfig, preprocess
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail instead of hanging (a FIFO blocks open() forever)."""
+
+    def fail(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def huge_tiff(path: Path) -> Path:
+    """A 1.7 MB TIFF declaring 3 x 24576 x 24576 uint8 (1.8 GB decoded): zlib tiles of zeros, reused."""
+    tile = 8192
+    blob = zlib.compress(bytes(tile * tile))
+    tiles = iter([blob] * (3 * (24576 // tile) ** 2))
+    tifffile.imwrite(
+        path,
+        tiles,
+        shape=(3, 24576, 24576),
+        dtype="uint8",
+        compression="zlib",
+        tile=(tile, tile),
+        photometric="minisblack",
+    )
+    return path
+
+
+def huge_png(path: Path, side: int = 20000) -> Path:
+    """A 60-byte PNG whose header declares side x side greyscale pixels (Pillow: DecompressionBombError)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+# item 3 ------------------------------------------------------------------------------------
+def _table_case(tmp_path, small_data):
+    pre = preprocess(discover(small_data), PreprocessConfig(views="orig"))
+    orig = pre.kept
+    rel = orig["path"].map(lambda p: Path(p).relative_to(small_data).as_posix())
+    table = pd.DataFrame({"file": rel, "f": np.arange(len(orig), dtype=float)})
+    return pre, table
+
+
+def test_two_table_rows_naming_one_image_are_refused_with_both_rows(tmp_path, small_data):
+    pre, table = _table_case(tmp_path, small_data)
+    # the same image again, under its bare file name (unique in the data): before, the later row won
+    again = table.iloc[[2]].assign(file=Path(table["file"].iloc[2]).name, f=-1.0)
+    pd.concat([table, again]).to_csv(tmp_path / "t.csv", index=False)
+    last = len(table)  # the added row's 0-based index
+    with pytest.raises(
+        TprobeError, match=rf"t.csv: lines 4 and {last + 2} \(line 1 is the header\) both name "
+    ):
+        from_table(tmp_path / "t.csv", pre.manifest, id_column="file")
+    pd.concat([table, again]).to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(TprobeError, match=rf"t.parquet: rows 3 and {last + 1} \(counted from 1\) both name "):
+        from_table(tmp_path / "t.parquet", pre.manifest, id_column="file")
+    # the same id twice: both rows named too
+    pd.concat([table, table.iloc[[5]]]).to_csv(tmp_path / "same.csv", index=False)
+    with pytest.raises(
+        TprobeError, match=rf"lines 7 and {last + 2} \(line 1 is the header\) have the same file"
+    ):
+        from_table(tmp_path / "same.csv", pre.manifest, id_column="file")
+    table.to_csv(tmp_path / "ok.csv", index=False)  # one row per image still joins
+    assert len(from_table(tmp_path / "ok.csv", pre.manifest, id_column="file").X) == len(table)
+
+
+def test_duplicate_manifest_rows_name_both_lines(tmp_path, small_data):
+    files = sorted(small_data.rglob("*.png"))
+    rows = [{"path": str(f.relative_to(tmp_path)), "label": f.parts[-2], "donor": f.parts[-3]} for f in files]
+    dup = {**rows[1], "path": "./" + rows[1]["path"]}  # the same file, spelled differently
+    pd.DataFrame([*rows, dup]).to_csv(tmp_path / "m.csv", index=False)
+    with pytest.raises(
+        TprobeError, match=rf"m.csv: lines 3 and {len(rows) + 2} \(line 1 is the header\) both list"
+    ):
+        discover(tmp_path / "m.csv")
+    pd.DataFrame(rows).to_csv(tmp_path / "ok.csv", index=False)
+    assert len(discover(tmp_path / "ok.csv").table) == len(rows)
+
+
+# item 5 ------------------------------------------------------------------------------------
+def test_symlinked_donor_and_class_folders_are_followed_and_a_loop_is_listed(tmp_path):
+    elsewhere = copy_subset(tmp_path / "elsewhere", donors=("donor_2", "donor_3"), per_class=4)
+    data = copy_subset(tmp_path / "data", donors=("donor_1",), per_class=4)
+    (data / "donor_2").symlink_to(elsewhere / "donor_2", target_is_directory=True)  # a symlinked donor
+    (data / "donor_3").mkdir()
+    shutil.copytree(elsewhere / "donor_3" / "activated", data / "donor_3" / "activated")
+    (data / "donor_3" / "quiescent").symlink_to(elsewhere / "donor_3" / "quiescent")  # a symlinked class
+    (data / "donor_1" / "activated" / "loop").symlink_to(data, target_is_directory=True)  # a loop to the top
+    (data / "donor_2" / "quiescent" / "self").symlink_to(elsewhere / "donor_2")  # a loop inside a link
+    with deadline(60):
+        ds = discover(data)
+    t = ds.table
+    assert len(t) == 24  # 3 donors x 2 classes x 4, before: 12 (donor_2 and donor_3/quiescent lost silently)
+    assert sorted(t.groupby(["donor", "label"]).size().tolist()) == [4] * 6
+    assert sorted(Path(s.path).name for s in ds.skipped) == ["loop", "self"]
+    assert all("symlink loops back" in s.reason for s in ds.skipped)
+    with deadline(60):
+        unlabelled = discover_unlabelled(data)
+    assert len(unlabelled.table) == 24 and len(unlabelled.skipped) == 2
+
+
+# item 9 ------------------------------------------------------------------------------------
+def test_a_z_stack_is_not_taken_as_channels(tmp_path):
+    planes = np.random.default_rng(0).integers(0, 4000, (3, 16, 16), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "z.tif", planes, imagej=True, metadata={"axes": "ZYX"})
+    with pytest.raises(ChannelError, match=r"z.tif: the TIFF's axes are ZYX .*3 planes are Z, not channels"):
+        read_channels(tmp_path / "z.tif", "a,b,c")
+    tifffile.imwrite(tmp_path / "t.tif", planes, imagej=True, metadata={"axes": "TYX"})
+    with pytest.raises(ChannelError, match="axes are TYX"):
+        read_channels(tmp_path / "t.tif", "a,b,c")
+    tifffile.imwrite(
+        tmp_path / "c.tif", planes, imagej=True, metadata={"axes": "CYX"}
+    )  # a channel hyperstack
+    stack, _ = read_channels(tmp_path / "c.tif", "a,b,c")
+    np.testing.assert_allclose(stack, planes * (255 / 65535), rtol=1e-6)
+    tifffile.imwrite(
+        tmp_path / "plain.tif", planes, photometric="minisblack"
+    )  # no axis labels: (C, H, W) as documented
+    assert read_channels(tmp_path / "plain.tif", "a,b,c")[0].shape == (3, 16, 16)
+
+
+# item 11 -----------------------------------------------------------------------------------
+def test_a_huge_declared_image_is_refused_from_its_header(tmp_path):
+    with pytest.raises(
+        TprobeError, match=r"declares 3 x 24576 x 24576 = 1,811,939,328 values, over --max-pixels 50"
+    ):
+        read_image(huge_tiff(tmp_path / "huge.tif"))
+    with pytest.raises(TprobeError, match="big.png: declares 400000000 pixels, over --max-pixels"):
+        read_image(huge_png(tmp_path / "big.png"))
+    with pytest.raises(
+        TprobeError, match=r"mid.png: declares 8000 x 8000 x 1 = 64,000,000 values, over --max-pixels"
+    ):
+        read_image(huge_png(tmp_path / "mid.png", 8000))  # under Pillow's own limit, over ours
+    small = save_png(tmp_path / "s.png", np.full((20, 30), 7, np.uint8))
+    assert read_image(small, max_pixels=600).shape == (20, 30)
+    with pytest.raises(TprobeError, match="over --max-pixels 599"):
+        read_image(small, max_pixels=599)
+
+
+def test_fifo_and_device_are_never_opened(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    with (
+        deadline(30),
+        pytest.raises(TprobeError, match=r"pipe.png: is a FIFO \(named pipe\), not an image file"),
+    ):
+        read_image(tmp_path / "pipe.png")
+    with deadline(30), pytest.raises(TprobeError, match="/dev/zero: is a device, not an image file"):
+        read_image("/dev/zero")
+
+
+def test_bad_files_are_skipped_each_with_a_line_and_exit_3(tmp_path):
+    data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2"), per_class=3)
+    os.mkfifo(data / "donor_1" / "activated" / "pipe.png")
+    huge_png(data / "donor_1" / "quiescent" / "bomb.png")
+    huge_tiff(data / "donor_2" / "activated" / "huge.tif")
+    rows = [{"path": str(p), "label": p.parts[-2], "donor": p.parts[-3]} for p in sorted(data.rglob("*"))
+            if p.suffix in (".png", ".tif")]  # fmt: skip
+    pd.DataFrame([*rows, {"path": "/dev/zero", "label": "activated", "donor": "donor_2"}]).to_csv(
+        tmp_path / "m.csv", index=False
+    )
+    with deadline(120):
+        r = CliRunner().invoke(main, ["preprocess", "--data", str(tmp_path / "m.csv"), "--views", "orig",
+                                      "--out", str(tmp_path / "p")])  # fmt: skip
+    assert r.exit_code == 3, r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("skipped: ")]
+    assert len(lines) == 4 and "4 file(s) skipped" in r.output
+    for name, why in [("pipe.png", "FIFO"), ("bomb.png", "--max-pixels"), ("huge.tif", "--max-pixels"),
+                      ("/dev/zero", "is a device")]:  # fmt: skip
+        assert any(name in line and why in line for line in lines), (name, lines)
+    manifest = pd.read_parquet(tmp_path / "p" / "manifest.parquet")
+    assert len(manifest) == 16 and (manifest["drop_reason"] == "unreadable").sum() == 4  # 12 images + 4 bad
+    # --max-pixels is an option: every sample cell (about 50 x 50 px) is over 100
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(data / "donor_2"), "--max-pixels", "100",
+                                  "--views", "orig", "--out", str(tmp_path / "q")])  # fmt: skip
+    assert "over --max-pixels 100" in r.output
+
+
+# one-line messages -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "dtype, says",
+    [("int16", "16-bit signed integer pixels (int16)"), ("uint32", "32-bit unsigned integer pixels (uint32)"),
+     ("float32", "32-bit floating-point pixels (float32)")],
+)  # fmt: skip
+def test_unsupported_pixel_types_are_refused_with_the_bit_depth(tmp_path, dtype, says):
+    tifffile.imwrite(tmp_path / "a.tif", np.full((8, 8), 100, dtype))
+    with pytest.raises(
+        TprobeError, match=rf"a.tif: {re.escape(says)} are not supported; .*\(uint8, uint16\)"
+    ):
+        read_image(tmp_path / "a.tif")
+
+
+def test_a_too_low_max_value_is_refused_once_with_the_count(tmp_path):
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for i, top in enumerate([4000, 4000, 4000, 60000, 9000]):
+        donor, cls = f"donor_{1 + i % 2}", ("activated", "quiescent")[i % 2]
+        (data / donor / cls).mkdir(parents=True, exist_ok=True)
+        img = rng.integers(0, 3000, (32, 32)).astype(np.uint16)
+        img[5, 5] = top
+        if top > 9000:
+            img[6, 6] = img[7, 7] = top  # 3 pixels above
+        tifffile.imwrite(data / donor / cls / f"c{i}.tif", img)
+    with pytest.raises(TprobeError, match=r"--max-value 4095 is below the data: 2 of 5 images have pixels above it "
+                                          r"\(4 pixels; the brightest, 60000, in .*c3.tif\)"):  # fmt: skip
+        preprocess(discover(data), PreprocessConfig(max_value=4095.0))
+    assert len(preprocess(discover(data), PreprocessConfig(max_value=65535.0)).manifest) > 0
+
+
+def test_max_pixels_keeps_the_default_hash():
+    assert PreprocessConfig().hash == PreprocessConfig(max_pixels=50_000_000).hash
+    assert PreprocessConfig(max_pixels=10**6).hash != PreprocessConfig().hash
+    assert PreprocessConfig.from_dict(PreprocessConfig(max_pixels=10**6).to_dict()).max_pixels == 10**6
+    with pytest.raises(TprobeError, match="--max-pixels 0"):
+        PreprocessConfig(max_pixels=0)
+
+
+def test_sample_images_are_far_under_the_default_max_pixels():
+    sizes = [read_image(p).size for p in sorted((SAMPLE / "donor_1" / "activated").glob("*.png"))[:20]]
+    assert max(sizes) < 50_000_000 / 1000
