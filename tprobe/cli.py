@@ -319,20 +319,27 @@ def _token_names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _slurm_options(slurm):
+    """The sbatch options; a value that cannot go into a script is refused here, before any work."""
+    from tprobe.slurm import SlurmOptions
+
+    return SlurmOptions(
+        partition=slurm["partition"], time=slurm["time"], gpus_per_task=slurm["gpus_per_task"],
+        cpus_per_task=slurm["cpus_per_task"], mem=slurm["mem"], account=slurm["account"],
+        max_running=slurm["max_running"], extra=tuple(slurm["sbatch_option"]), slurm_dir=slurm["slurm_dir"],
+    )  # fmt: skip
+
+
 def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
     from tprobe.extract import store_path
-    from tprobe.slurm import SlurmOptions, extract_array
+    from tprobe.slurm import extract_array
 
     p = ctx.params
     if shard != "0/1":
         raise TprobeError("--shard is for one worker; with --executor slurm give --shards N instead")
     if not shards:
         raise TprobeError("--executor slurm needs --shards N (array tasks; e.g. the number of GPUs)")
-    options = SlurmOptions(
-        partition=slurm["partition"], time=slurm["time"], gpus_per_task=slurm["gpus_per_task"],
-        cpus_per_task=slurm["cpus_per_task"], mem=slurm["mem"], account=slurm["account"],
-        max_running=slurm["max_running"], extra=tuple(slurm["sbatch_option"]), slurm_dir=slurm["slurm_dir"],
-    )  # fmt: skip
+    options = _slurm_options(slurm)
     ctx.params["canvas"] = pre.config.canvas  # the (maybe rounded) canvas, so the tasks key the same store
     if p["precision"] == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here
         ctx.params["precision"] = "fp16" if slurm["gpus_per_task"] else "fp32"
@@ -420,6 +427,12 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
 
     if executor == "local" and shards:
         raise TprobeError("--shards N is for --executor slurm; one local worker takes --shard i/N")
+    if executor == "slurm":
+        from tprobe.slurm import script_value
+
+        _slurm_options(slurm)  # a line break in --partition, --time, --slurm-dir ... is refused up front
+        script_value("--cache", Path(cache).absolute())
+        script_value("the working directory", Path.cwd())
     ref = resolve_model(model, revision, offline=offline)
     pre = _prepare(data, prep, progress=False, ref=ref)
     if executor == "slurm":
