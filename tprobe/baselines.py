@@ -115,7 +115,7 @@ class LeNet(nn.Module):
 def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = "leave-one-donor-out",
                  test_donor: str | None = None, seed: int = 0, n_boot: int = 2000, epochs: int = 30,
                  device: str = "auto", inception_weights=HUB_ID, inception_size: int = INPUT_SIZE,
-                 log=print):  # fmt: skip
+                 log=print, data: str | None = None):  # fmt: skip
     """Run one baseline; returns (run directory, Evaluation).
 
     ``inception_weights``: a hub id, a folder holding ``model.safetensors``, ``random``, or an
@@ -138,14 +138,14 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     if name == "inception-frozen":
         fs = inception_feature_set(pre, weights, size=inception_size, seed=seed, device=device)
         probe = ProbeRun(head="logreg", penalty="l2", split=split, test_donor=test_donor, seed=seed,
-                         n_boot=n_boot, max_dims=None, final_head=False).fit(fs)  # fmt: skip
+                         n_boot=n_boot, max_dims=None, final_head=False, data=data).fit(fs)  # fmt: skip
         run = probe.save(out, f"baseline-{name}", command="baseline", extra_options=common)
         return run, probe.evaluation_
     if name in ("pixel-logreg", "pixel-mlp"):
         fs = pixel_features(pre)
         head, penalty = ("logreg", "l1") if name == "pixel-logreg" else ("mlp", "l2")
         probe = ProbeRun(head=head, penalty=penalty, split=split, test_donor=test_donor, seed=seed,
-                         n_boot=n_boot, max_dims=None, final_head=False).fit(fs)  # fmt: skip
+                         n_boot=n_boot, max_dims=None, final_head=False, data=data).fit(fs)  # fmt: skip
         run = probe.save(out, f"baseline-{name}", command="baseline", extra_options=common)
         return run, probe.evaluation_
     rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
@@ -159,7 +159,7 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     if weights is not None:  # the model's identity; random weights mark the run as a plumbing check
         features = dataclasses.replace(features, model=weights.name, model_source=weights.source,
                                        resolved_revision=weights.resolved, random_init=weights.random_init)  # fmt: skip
-    record = RunRecord(command="baseline", name=run.name, features=features, options=common)
+    record = RunRecord(command="baseline", name=run.name, features=features, options=common, data=data)
     if name == "frequency":
         ev = evaluate(frequency_predictions(rows, plan), rows, plan, n_boot=n_boot, seed=seed)
         save_run(run, record=record, evaluation=ev, plan=plan, meta=rows)

@@ -322,20 +322,27 @@ def _token_names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _slurm_options(slurm):
+    """The sbatch options; a value that cannot go into a script is refused here, before any work."""
+    from tprobe.slurm import SlurmOptions
+
+    return SlurmOptions(
+        partition=slurm["partition"], time=slurm["time"], gpus_per_task=slurm["gpus_per_task"],
+        cpus_per_task=slurm["cpus_per_task"], mem=slurm["mem"], account=slurm["account"],
+        max_running=slurm["max_running"], extra=tuple(slurm["sbatch_option"]), slurm_dir=slurm["slurm_dir"],
+    )  # fmt: skip
+
+
 def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
     from tprobe.extract import store_path
-    from tprobe.slurm import SlurmOptions, extract_array
+    from tprobe.slurm import extract_array
 
     p = ctx.params
     if shard != "0/1":
         raise TprobeError("--shard is for one worker; with --executor slurm give --shards N instead")
     if not shards:
         raise TprobeError("--executor slurm needs --shards N (array tasks; e.g. the number of GPUs)")
-    options = SlurmOptions(
-        partition=slurm["partition"], time=slurm["time"], gpus_per_task=slurm["gpus_per_task"],
-        cpus_per_task=slurm["cpus_per_task"], mem=slurm["mem"], account=slurm["account"],
-        max_running=slurm["max_running"], extra=tuple(slurm["sbatch_option"]), slurm_dir=slurm["slurm_dir"],
-    )  # fmt: skip
+    options = _slurm_options(slurm)
     ctx.params["canvas"] = pre.config.canvas  # the (maybe rounded) canvas, so the tasks key the same store
     if p["precision"] == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here
         ctx.params["precision"] = "fp16" if slurm["gpus_per_task"] else "fp32"
@@ -423,6 +430,12 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
 
     if executor == "local" and shards:
         raise TprobeError("--shards N is for --executor slurm; one local worker takes --shard i/N")
+    if executor == "slurm":
+        from tprobe.slurm import script_value
+
+        _slurm_options(slurm)  # a line break in --partition, --time, --slurm-dir ... is refused up front
+        script_value("--cache", Path(cache).absolute())
+        script_value("the working directory", Path.cwd())
     ref = resolve_model(model, revision, offline=offline)
     pre = _prepare(data, prep, progress=False, ref=ref)
     if executor == "slurm":
@@ -610,7 +623,7 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
     res = run_sweep(sources, heads, out=out, progress=report,
                     probe_kwargs=dict(split=split, test_donor=test_donor, n_splits=folds, tta=tta,
                                       train_views=train_views, penalty=penalty, seed=seed, n_boot=n_boot,
-                                      final_head=not no_final_head))  # fmt: skip
+                                      final_head=not no_final_head, data=str(data) if data else None))  # fmt: skip
     if res.is_sweep:
         click.echo("== sweep summary (mean over held-out donors)")
         _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
@@ -783,7 +796,7 @@ def map_(stores, models, revision, pool, features, id_column, exclude, pixels, n
     """
     from tprobe.curve import is_random_source
     from tprobe.embedmap import diagnose, embed, map_data, plot_map
-    from tprobe.runs import make_run_dir, write_json
+    from tprobe.runs import inside, make_run_dir, safe_name, write_json
 
     sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
                                offline, data, prep)  # fmt: skip
@@ -797,12 +810,12 @@ def map_(stores, models, revision, pool, features, id_column, exclude, pixels, n
         diag = diagnose(md, seed=seed)
         diag["random_init"] = is_random_source(fs.source)
         coords = embed(md, umap=not no_umap, seed=seed)
-        safe = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in fs.name)
-        coords.to_parquet(run / f"map-{safe}.parquet", index=False)
+        safe = safe_name(fs.name)
+        coords.to_parquet(inside(run, f"map-{safe}.parquet"), index=False)
         what = "pooled tokens" if fs.source.get("kind") == "store" else "features"
         title = f"{fs.name}: {diag['n_cells']} cells (original views), {what}" + (
             " — random weights: plumbing check" if diag["random_init"] else "")  # fmt: skip
-        plot_map(coords, diag, run / f"map-{safe}.png", title=title)
+        plot_map(coords, diag, inside(run, f"map-{safe}.png"), title=title)
         diags.append(diag)
         click.echo(f"== {fs.name}: {diag['n_cells']} cells x {diag['n_features']} features"
                    + (" (random weights: plumbing check)" if diag["random_init"] else ""))  # fmt: skip
@@ -842,9 +855,10 @@ def predict(run_dir, images, out, threshold, cache, device, offline):
       tprobe predict --run runs/20261125-101500-dinov2-small-reg-cls-logreg new_plate/
     """
     from tprobe.predict import predict as run_predict
+    from tprobe.runs import inside, safe_name
 
     table = run_predict(run_dir, images, cache=cache, device=device, offline=offline, threshold=threshold)
-    out = out or Path(run_dir) / f"predictions-{Path(images).resolve().name}.csv"
+    out = out or inside(run_dir, f"predictions-{safe_name(Path(images).resolve().name)}.csv")
     table.to_csv(out, index=False)
     kept = table["kept"].sum()
     if table["model_random_init"].any():
@@ -935,6 +949,7 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
         click.echo(f"resuming {resume} with its recorded options (command-line training options ignored)")
         o = old.options
         model, revision, pool, freeze = old.features.model_source, None, o["pool"], o["freeze"]
+        recorded_name = old.features.model  # `./m` or an alias as first given: the record must match
         unfreeze_last, split, test_donor, data = o["unfreeze_last"], o["split"], o["test_donor"], old.data
         prep = old.preprocess_config()
         cfg = TrainConfig(**o["train"])
@@ -943,6 +958,10 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
                           weight_decay=weight_decay, patience=patience, pos_weight=pw, seed=seed,
                           precision=precision)  # fmt: skip
     ref = resolve_model(model, revision, offline=offline)
+    if resume is not None and recorded_name:
+        import dataclasses
+
+        ref = dataclasses.replace(ref, name=recorded_name)
     pre = _prepare(data, prep, progress=False, ref=ref)
     job = FinetuneRun(ref, pool=pool, freeze=freeze, unfreeze_last=unfreeze_last, split=split,
                       test_donor=test_donor, device=device, train=cfg, data=str(data) if data else None)  # fmt: skip
@@ -1030,7 +1049,8 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
         click.echo(f"== baseline {n}")
         run, ev = run_baseline(n, pre, out, split=split, test_donor=test_donor, seed=seed, n_boot=n_boot,
                                epochs=epochs, device=device, inception_weights=inception_weights,
-                               inception_size=inception_size, log=lambda row: None)  # fmt: skip
+                               inception_size=inception_size, log=lambda row: None,
+                               data=str(data) if data else None)  # fmt: skip
         if n in INCEPTION and inception_weights.random_init:
             click.echo(f"   {RANDOM_NOTE}")
         _echo_table(ev.table())
@@ -1051,6 +1071,10 @@ def report(runs_dir, out):
     from tprobe.stats import TEST_NOTE
 
     res = write_report(runs_dir, out)
+    for run in res["incomplete"]:
+        click.echo(
+            f"incomplete run {run}: no per_donor.parquet (interrupted?); left out of the report", err=True
+        )
     click.echo("== measured (mean ± sd over held-out donors; 95% CI: bootstrap over donors)")
     click.echo(res["table"].to_string(index=False))
     click.echo("== published reference numbers (not measured here)")

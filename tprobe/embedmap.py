@@ -36,6 +36,7 @@ from sklearn.preprocessing import StandardScaler
 
 from tprobe.errors import TprobeError
 from tprobe.features import FeatureSet
+from tprobe.plots import plain_text
 
 __all__ = ["MapData", "map_data", "diagnose", "embed", "plot_map", "predictability", "PCA_DIMS"]
 
@@ -187,6 +188,7 @@ def _scatter(ax, xy: np.ndarray, values, title: str, *, legend: bool, cmap="tab1
                 fontsize=6, va="top")  # fmt: skip
 
 
+@plain_text
 def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | None = None) -> Path:
     """PCA (top) and UMAP (bottom) coloured by label, donor and batch, with the diagnostics below."""
     import matplotlib

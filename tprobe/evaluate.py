@@ -245,6 +245,8 @@ class Evaluation:
     def table(self) -> pd.DataFrame:
         """Per-donor metrics plus mean, sd and frequency-classifier rows, for printing."""
         cols = ["donor", "n", "prevalence", *METRICS]
+        if "note" in self.per_donor and self.per_donor["note"].astype(bool).any():
+            cols.append("note")  # a single-class donor's NaN AUC is explained where it is printed
         t = self.per_donor[cols]
         extra = [  # the mean row averages the metrics; n (cells per donor) is not summed into it
             {"donor": "mean", "prevalence": t["prevalence"].mean(),

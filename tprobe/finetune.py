@@ -18,7 +18,7 @@ from tprobe.errors import TprobeError
 from tprobe.evaluate import check_plan, evaluate, split_plan
 from tprobe.features import FeatureSource
 from tprobe.preprocess import Preprocessed
-from tprobe.runs import RunRecord, save_run
+from tprobe.runs import RunRecord, inside, save_run
 from tprobe.tokens import check_pool, pool_tokens
 from tprobe.training import TrainConfig, run_folds
 
@@ -172,7 +172,7 @@ def load_fold_model(run: str | Path, fold: int, *, device: str = "cpu", attn_imp
     o = record.options
     model = DinoClassifier(bb, pool=o["pool"], canvas=record.preprocess_config().canvas, freeze=o["freeze"],
                            unfreeze_last=o["unfreeze_last"])  # fmt: skip
-    path = run / f"fold{fold}.pt"
+    path = inside(run, f"fold{int(fold)}.pt", what="weights file")
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - weights_only refuses anything but tensors and containers

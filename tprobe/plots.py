@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import matplotlib
@@ -17,9 +18,22 @@ __all__ = [
     "confusion_matrix_plot",
     "sweep_bars",
     "learning_curves",
+    "plain_text",
 ]
 
 
+def plain_text(draw):
+    """Draw with mathtext off: a ``$`` in a donor, model, run or channel name is shown as typed, never parsed."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
+@plain_text
 def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group: int = 8) -> Path:
     """A grid of kept and dropped example images (by drop reason), each titled with its reason."""
     from tprobe.preprocess import pad_to_canvas, read_cell
@@ -62,6 +76,7 @@ def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group:
     return out
 
 
+@plain_text
 def roc_curves(predictions: pd.DataFrame, out: str | Path, *, title: str = "") -> Path:
     """One ROC curve per held-out donor, with its AUC in the legend."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -84,6 +99,7 @@ def roc_curves(predictions: pd.DataFrame, out: str | Path, *, title: str = "") -
     return Path(out)
 
 
+@plain_text
 def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold: float = 0.5) -> Path:
     """Confusion matrix of all out-of-fold predictions at ``threshold``."""
     from sklearn.metrics import confusion_matrix
@@ -102,6 +118,7 @@ def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold:
     return Path(out)
 
 
+@plain_text
 def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") -> Path:
     """Bar chart of mean ``metric`` (± sd over donors) by head x pooling, pools and heads in table order."""
     pools = list(dict.fromkeys(summary["pool"]))
@@ -126,6 +143,7 @@ def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") 
     return Path(out)
 
 
+@plain_text
 def learning_curves(curves: pd.DataFrame, out: str | Path) -> Path:
     """Train/validation loss and validation AUC per epoch, one line per fold."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))

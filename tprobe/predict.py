@@ -14,7 +14,7 @@ from tprobe.extract import DEFAULT_CACHE, extract
 from tprobe.features import from_store
 from tprobe.preprocess import preprocess
 from tprobe.probe import load_head
-from tprobe.runs import RunRecord
+from tprobe.runs import RunRecord, inside
 
 __all__ = ["predict", "resolve_run"]
 log = logging.getLogger(__name__)
@@ -25,11 +25,15 @@ def resolve_run(run: str | Path) -> Path:
     run = Path(run)
     if (run / "config.json").exists() or not (run / "summary.parquet").exists():
         return run
-    summary = pd.read_parquet(run / "summary.parquet")
+    try:
+        summary = pd.read_parquet(run / "summary.parquet")
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise TprobeError(f"{run / 'summary.parquet'}: unreadable ({type(exc).__name__}: damaged or not written by "
+                          "tprobe); pass one of the sweep's runs as --run, or rerun the sweep") from None  # fmt: skip
     if "run" not in summary.columns or "roc_auc_mean" not in summary.columns or summary.empty:
         raise TprobeError(f"{run}: a sweep folder without a usable summary.parquet; pass one of its runs")
     best = summary.sort_values("roc_auc_mean", ascending=False).iloc[0]
-    chosen = run / str(best["run"])
+    chosen = inside(run, str(best["run"]), what="run")
     log.warning("%s is a sweep: using its best run by mean ROC AUC, %s (AUC %.3f); pass --run %s/<run> "
                 "to choose another", run, chosen.name, best["roc_auc_mean"], run)  # fmt: skip
     return chosen

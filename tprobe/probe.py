@@ -28,7 +28,7 @@ from tprobe.evaluate import (
 from tprobe.fastcv import FoldProgress, nested_cv_fast, projected
 from tprobe.features import FeatureSet
 from tprobe.heads import HEADS, load_head_file, make_head, param_grid, projection, projection_width, save_head
-from tprobe.runs import RunRecord, make_run_dir, save_run
+from tprobe.runs import RunRecord, inside, make_run_dir, save_run
 
 __all__ = ["ProbeRun", "load_head", "projection", "ENGINES"]
 HEAD_FILE = "head.skops"
@@ -44,7 +44,11 @@ def load_head(run: str | Path):
     record = RunRecord.load(run)
     if not record.head_file:
         raise TprobeError(f"{run}: has no final head; rerun `tprobe probe` without --no-final-head")
-    head = load_head_file(run / record.head_file)
+    path = inside(run, record.head_file, what="head file")
+    if not path.exists():  # the record says the head was written: it went missing, --no-final-head is not why
+        raise TprobeError(f"{path}: missing from the run folder, though config.json records that it was written; "
+                          "copy the whole run folder (or rerun `tprobe probe`)")  # fmt: skip
+    head = load_head_file(path)
     p = record.projection
     if p:
         return Pipeline(
@@ -78,6 +82,7 @@ class ProbeRun:
     max_dims: int | str | None = "auto"
     engine: str = "fast"  # "fast" (tprobe.fastcv: shared, parallel fits) or "reference" (evaluate.nested_cv)
     n_jobs: int = 2  # parallel fits (each fit single-threaded): threads, or processes for PROCESS_HEADS
+    data: str | None = None  # the --data given (None = bundled sample), recorded in config.json
 
     def _validate(self):
         if self.head not in HEADS:
@@ -182,7 +187,7 @@ class ProbeRun:
         return RunRecord(command=command, name=name, features=fs.source, options=options,
                          n_rows=len(fs.meta), n_features=int(fs.X.shape[1]), grid=self.grid_, projection=proj,
                          head_file=HEAD_FILE if self.final_ is not None else None,
-                         seconds=round(self.seconds_, 2))  # fmt: skip
+                         seconds=round(self.seconds_, 2), data=self.data)  # fmt: skip
 
     def save(self, out: str | Path, name: str | None = None, *, command: str = "probe",
              extra_options: dict | None = None) -> Path:  # fmt: skip

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 
 from tprobe.errors import TprobeError
+from tprobe.plots import plain_text
 from tprobe.runs import RunRecord, read_json
 
 log = logging.getLogger(__name__)
@@ -68,10 +69,14 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
     n_donors, n_cells (cells scored, summed over held-out donors), ``<metric>_{mean,sd,ci_low,ci_high}``,
     run (path) and label (model + run name, unique per run).
     """
-    rows = []
+    rows, incomplete = [], []
     for metrics_path in sorted(Path(root).rglob("metrics.json")):
         run = metrics_path.parent
         if not (run / "config.json").exists():
+            continue
+        if not (run / "per_donor.parquet").exists():  # interrupted before its results were written
+            log.info("incomplete run %s: no per_donor.parquet (interrupted?); left out of the report", run)
+            incomplete.append(str(run))
             continue
         try:
             record, met = RunRecord.load(run), read_json(metrics_path)
@@ -102,6 +107,7 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         f"{m} · {r}" + (" · RANDOM WEIGHTS" if rnd else "")
         for m, r, rnd in zip(out["model"], out["run_name"], out["random_init"], strict=True)
     ]
+    out.attrs["incomplete"] = incomplete  # run folders left out: interrupted before per_donor.parquet
     return out
 
 
@@ -139,6 +145,7 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+@plain_text
 def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
     """ROC AUC per held-out donor, one row per run; colour = donor (legend), bar = mean over donors."""
     import matplotlib.pyplot as plt
@@ -245,9 +252,12 @@ def write_report(root: str | Path, out: str | Path) -> dict:
     n_random = int(summary["random_init"].sum())
     random_txt = (f" {n_random} run(s) use randomly initialised weights: they are marked `{RANDOM_MARK}` and "
                   "only show that the pipeline runs." if n_random else "")  # fmt: skip
+    incomplete = summary.attrs.get("incomplete", [])
+    incomplete_txt = (f" Incomplete (interrupted, no per_donor.parquet), left out: "
+                      f"{', '.join(Path(r).name for r in incomplete)}." if incomplete else "")  # fmt: skip
     header = (f"Runs under `{root}`: {len(summary)}; {cells_txt} (original views of the held-out donors). "
               "Metrics: mean ± sd over held-out donors; 95% CI: bootstrap over donors of the mean "
-              f"(metrics.json summary.<metric>.ci_low/ci_high).{random_txt}")  # fmt: skip
+              f"(metrics.json summary.<metric>.ci_low/ci_high).{random_txt}{incomplete_txt}")  # fmt: skip
     headline = _headline(summary)
     md = ["# tprobe report", "", header, "", "## Measured", "", _md(table), "",
           "## Published reference numbers (not measured here)", "", _md(PUBLISHED), "",
@@ -288,5 +298,6 @@ img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:b
         "paired": paired,
         "headline": headline,
         "reference_line": ref_line,
+        "incomplete": incomplete,
         "paths": [out / "report.md", out / "report.html", out / "summary.parquet", out / "paired.csv"],
     }

@@ -12,6 +12,7 @@ Everything that reads a run (predict, report, saliency, finetune --resume, sweep
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import time
@@ -23,14 +24,54 @@ import numpy as np
 from tprobe import __version__
 from tprobe.errors import TprobeError
 
-__all__ = ["RunRecord", "make_run_dir", "save_run", "write_json", "read_json", "versions", "RUN_SCHEMA"]
+__all__ = [
+    "RunRecord",
+    "make_run_dir",
+    "save_run",
+    "write_json",
+    "read_json",
+    "versions",
+    "safe_name",
+    "inside",
+    "RUN_SCHEMA",
+]
 RUN_SCHEMA = 2
 
 
+def safe_name(text, *, tag: bool = True, limit: int = 80) -> str:
+    """A file-name part built from data (a donor, run, model, channel or source name).
+
+    Only letters, digits and ``-_.+`` are kept (anything else, ``/`` and ``\\`` included, becomes ``-``),
+    no leading dot, at most ``limit`` characters. With ``tag``, a changed name ends in a short hash of
+    the original, so ``lab/A`` and ``lab-A`` never share a file.
+    """
+    text = str(text)
+    safe = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in text).lstrip(".")[:limit]
+    digest = hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    if not safe:
+        return digest
+    return f"{safe}-{digest}" if tag and safe != text else safe
+
+
+def inside(root: str | Path, *parts: str | Path, what: str = "file") -> Path:
+    """``root/parts...``, refused in one line unless it resolves (links followed) inside ``root``.
+
+    For every path built from data or read from a run folder (a head file, a sweep's best run): a
+    received run folder cannot make tprobe read or write elsewhere.
+    """
+    root = Path(root)
+    path = root.joinpath(*(str(p) for p in parts))
+    real, base = path.resolve(), root.resolve()
+    if real != base and not real.is_relative_to(base):
+        raise TprobeError(f"{path}: this {what} lies outside {root} (a name from the data or a link points "
+                          "elsewhere); tprobe reads and writes only inside the folder")  # fmt: skip
+    return path
+
+
 def make_run_dir(out: str | Path, name: str) -> Path:
-    """A new, unique run folder ``out/<timestamp>-<name>``."""
+    """A new, unique run folder ``out/<timestamp>-<name>`` (``name`` made safe by :func:`safe_name`)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    safe = "".join(c if c.isalnum() or c in "-_.+" else "-" for c in name)
+    safe = safe_name(name, tag=False)
     base = Path(out) / f"{stamp}-{safe}"
     path, i = base, 1
     while path.exists():

@@ -12,12 +12,12 @@ __all__ = ["saliency_for_run"]
 
 
 def saliency_for_run(run: str | Path, pre: Preprocessed | None, *, n: int = 8) -> list[Path]:
-    """Write ``saliency_<donor>.png`` for each fold of ``run``; returns the paths."""
+    """Write ``saliency_<donor>.png`` for each fold of ``run`` (donor made safe by ``runs.safe_name``)."""
     from tprobe.dataset import discover
     from tprobe.errors import TprobeError
     from tprobe.finetune import load_fold_model
     from tprobe.preprocess import preprocess
-    from tprobe.runs import RunRecord
+    from tprobe.runs import RunRecord, inside, safe_name
     from tprobe.saliency import saliency_grid
 
     run = Path(run)
@@ -47,7 +47,7 @@ def saliency_for_run(run: str | Path, pre: Preprocessed | None, *, n: int = 8) -
             continue
         model = load_fold_model(run, int(fold))
         sample = rows.loc[pick["image_id"]].reset_index()
-        out = run / f"saliency_{donor}.png"
+        out = inside(run, f"saliency_{safe_name(donor)}.png")  # a donor name is data: never a path
         saliency_grid(model, sample, prep, out,
                       title=f"{record.title} — held-out {donor}: {len(right)} right, {len(wrong)} wrong calls")  # fmt: skip
         paths.append(out)

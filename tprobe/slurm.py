@@ -20,11 +20,13 @@ Usable from a notebook::
 from __future__ import annotations
 
 import hashlib
+import re
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +60,29 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+# a resource value (partition, time, memory, account) is one sbatch word: no spaces, quotes or shell syntax
+_RESOURCE = re.compile(r"[A-Za-z0-9_.:,+@%/=-]+")
+
+
+def script_value(what: str, value) -> str:
+    """``value`` as text for an sbatch script, refused in one line if it holds a control character.
+
+    A newline (or carriage return, NUL, ...) in an option, a path or the working directory would start
+    a new line of the script, which bash runs; every value written into a script passes through here.
+    """
+    text = str(value)
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    if bad is not None:
+        raise TprobeError(f"{what} {text!r}: holds a control character ({bad!r}); an sbatch script takes each "
+                          "value on one line: remove it (or rename the folder)")  # fmt: skip
+    return text
+
+
+def _script_path(what: str, path) -> str:
+    """A path for an sbatch script line: checked by :func:`script_value`, shell-quoted when needed."""
+    return shlex.quote(script_value(what, path))
+
+
 @dataclass
 class SlurmOptions:
     """sbatch resources of each array task (one task = one shard = one process)."""
@@ -72,12 +97,26 @@ class SlurmOptions:
     extra: tuple[str, ...] = ()  # more sbatch options, e.g. ("--constraint=a100", "--qos=high")
     slurm_dir: Path = field(default_factory=lambda: Path("slurm"))  # scripts + logs
 
+    def __post_init__(self):
+        self.sbatch_lines()  # refuse a bad value when the options are made, before any scheduler call
+        script_value("--slurm-dir", Path(self.slurm_dir).absolute())
+
     def sbatch_lines(self) -> list[str]:
         opts = {"partition": self.partition, "time": self.time, "gpus-per-task": self.gpus_per_task,
-                "cpus-per-task": self.cpus_per_task, "mem": self.mem, "account": self.account}  # fmt: skip
-        lines = [f"#SBATCH --{k}={v}" for k, v in opts.items() if v not in (None, "")]
+                "cpus-per-task": self.cpus_per_task, "mem": self.mem, "account": self.account,
+                "max-running": self.max_running}  # fmt: skip
+        lines = []
+        for k, v in opts.items():
+            if v in (None, ""):
+                continue
+            text = script_value(f"--{k}", v)
+            if not _RESOURCE.fullmatch(text):
+                raise TprobeError(f"--{k} {text!r}: give one value without spaces, quotes or shell characters "
+                                  "(e.g. --partition gpu, --time 2:00:00, --mem 32G)")  # fmt: skip
+            if k != "max-running":  # the array throttle goes on the --array option, not a directive
+                lines.append(f"#SBATCH --{k}={text}")
         for opt in self.extra:
-            if not opt.startswith("-") or "\n" in opt:
+            if not script_value("--sbatch-option", opt).startswith("-"):
                 raise TprobeError(f"--sbatch-option {opt!r}: give one sbatch option, e.g. --qos=high")
             lines.append(f"#SBATCH {opt}")
         return lines
@@ -104,9 +143,13 @@ def render_script(
     """The sbatch script text; ``command`` is the full extract command line without ``--shard``."""
     name = job_name(store, shards)
     log = Path(options.slurm_dir).absolute() / "%x-%A_%a.out"
+    for arg in command:
+        script_value("extract option", arg)
     return SBATCH_TEMPLATE.format(
-        n_shards=shards, store=Path(store).absolute(), script=script, name=name, log=log,
-        chdir=Path.cwd(), sbatch_lines="\n".join(options.sbatch_lines()), command=shlex.join(command),
+        n_shards=shards, store=_script_path("the store path (--cache)", Path(store).absolute()),
+        script=_script_path("--slurm-dir", script), name=name, log=_script_path("--slurm-dir", log),
+        chdir=_script_path("the working directory", Path.cwd()), sbatch_lines="\n".join(options.sbatch_lines()),
+        command=shlex.join(command),
     )  # fmt: skip
 
 
@@ -192,6 +235,8 @@ def extract_array(
     """
     options = options or SlurmOptions()
     store = Path(store).absolute()
+    script_value("the store path (--cache)", store)  # before any scheduler call: see render_script
+    script_value("the working directory", Path.cwd())
     t0 = time.perf_counter()
     if _complete(store):
         return ArrayResult(store, "up to date")
@@ -332,6 +377,12 @@ def command_array(
     """
     options = options or SlurmOptions()
     slurm_dir = Path(options.slurm_dir).absolute()
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise TprobeError(f"job name {name!r}: use letters, digits and _.+- only")
+    for cmd in commands:
+        for arg in cmd:
+            script_value("command argument", arg)
+    chdir = _script_path("the working directory", Path.cwd())
     queued = queue_states(name).get(name, {})
     todo = [i for i in range(len(commands)) if not (done and done(i)) and i not in queued]
     logs: dict[int, Path] = {}
@@ -340,7 +391,7 @@ def command_array(
         script = slurm_dir / f"{name}.sbatch"
         cases = "\n".join(f"  {i}) {shlex.join(map(str, cmd))} ;;" for i, cmd in enumerate(commands))
         script.write_text(COMMANDS_TEMPLATE.format(
-            name=name, log=slurm_dir / "%x-%A_%a.out", chdir=Path.cwd(),
+            name=name, log=_script_path("--slurm-dir", slurm_dir / "%x-%A_%a.out"), chdir=chdir,
             sbatch_lines="\n".join(options.sbatch_lines()), cases=cases,
         ))  # fmt: skip
         array = f"--array={_spec(todo, options.max_running)}"
