@@ -175,3 +175,42 @@ def test_cli_prints_dropped_columns_and_unused_rows_and_records_them(sample_mani
     assert res.exit_code == 2 and "--keep-columns names unknown column(s) ['Nope']" in res.output
     res = CliRunner().invoke(main, [*args, "--all-table-rows"])
     assert res.exit_code == 0 and "table rows unused" not in res.output
+
+
+# ---- small ones: means over the same donors, the fold-count refusal -----------------------------
+def test_accuracy_and_f1_means_cover_the_same_donors_as_auc():
+    from tprobe.evaluate import Fold, evaluate
+
+    # donor a: one class, every call right (accuracy 1); donors b, c: both classes, half right
+    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(12)], "donor": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
+                         "group": [f"g{i}" for i in range(12)], "view": "orig",
+                         "label": [1, 1, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1]})  # fmt: skip
+    p = np.array([0.9, 0.9, 0.9, 0.9, 0.6, 0.4, 0.2, 0.8, 0.6, 0.4, 0.2, 0.8])
+    pred = meta[["image_id", "donor", "group", "label"]].assign(
+        p_activated=p, fold=meta["donor"].map({"a": 0, "b": 1, "c": 2})
+    )
+    donors = meta["donor"].to_numpy()
+    plan = [
+        Fold(i, [d], np.flatnonzero(donors != d), np.flatnonzero(donors == d)) for i, d in enumerate("abc")
+    ]
+    ev = evaluate(pred, meta, plan, n_boot=20)
+    assert ev.per_donor.set_index("donor").loc["a", "accuracy"] == 1.0  # still shown per donor
+    s = ev.summary
+    assert {s[m]["n_donors"] for m in ("accuracy", "f1", "roc_auc", "average_precision")} == {2}
+    assert s["accuracy"]["mean"] == pytest.approx(0.5)  # donors b and c only, not (1 + .5 + .5) / 3
+    assert ev.reference["frequency"]["accuracy"]["n_donors"] == 2
+
+
+def test_too_few_donors_for_the_folds_names_the_numbers():
+    from tprobe.errors import TprobeError
+    from tprobe.evaluate import split_plan
+
+    meta = area_dominated(n_donors=3, cells=4).meta
+    with pytest.raises(TprobeError, match=r"5 folds needs at least 5 donors; the data has 3 .*--folds 3"):
+        split_plan(meta, "group-kfold", n_splits=5)
+    assert len(split_plan(meta, "group-kfold", n_splits=3)) == 3
+    one = meta[meta["donor"] == "donor_1"]
+    with pytest.raises(
+        TprobeError, match=r"5 folds on the cells of one donor needs at least 5 cells; the data has 4"
+    ):
+        split_plan(one, "group-kfold", n_splits=5)
