@@ -1,8 +1,9 @@
 """Write a CellProfiler-style per-cell feature table for an image folder (default: the bundled sample).
 
 Hand-crafted shape and intensity features of the largest bright component (``pixel > 20``), named
-as CellProfiler names them, plus a FileName column and location columns that the feature rule
-excludes. It stands in for a real CellProfiler export in `tprobe curve --features` demos:
+as CellProfiler names them, plus the bookkeeping columns CellProfiler writes (FileName, ImageNumber,
+ObjectNumber, Number_Object_Number) and location columns, all of which the feature rule drops. It
+stands in for a real CellProfiler export in `tprobe curve --features` demos:
 
     python scripts/cellprofiler_like.py --out cellprofiler_sample.csv
     tprobe curve --features cellprofiler_sample.csv --id-column FileName --pixels
@@ -21,11 +22,17 @@ from tprobe.dataset import discover
 from tprobe.images import read_image
 
 
-def features(path: str, threshold: float = 20.0) -> dict:
+def features(path: str, threshold: float = 20.0, image_number: int = 1) -> dict:
     img = read_image(path).astype(np.float32)
     mask = label(img > threshold, connectivity=1)
     props = regionprops(mask, intensity_image=img)
-    row = {"FileName": Path(path).name}
+    # one object per image here: the largest component, numbered 1 in its image
+    row = {
+        "FileName": Path(path).name,
+        "ImageNumber": image_number,
+        "ObjectNumber": 1,
+        "Number_Object_Number": 1,
+    }
     if not props:
         return row
     r = max(props, key=lambda p: p.area)
@@ -50,7 +57,7 @@ def main():
     ap.add_argument("--out", default="cellprofiler_sample.csv")
     args = ap.parse_args()
     ds = discover(args.data)
-    table = pd.DataFrame([features(p) for p in ds.table["path"]])
+    table = pd.DataFrame([features(p, image_number=i + 1) for i, p in enumerate(ds.table["path"])])
     table.to_csv(args.out, index=False)
     print(f"{len(table)} images x {table.shape[1] - 1} columns -> {args.out}")
 

@@ -523,7 +523,12 @@ def _echo_table(df, floatfmt="{:.3f}"):
     help="Your own feature table (CSV/Parquet, one row per image) instead of a store.",
 )
 @click.option("--id-column", default=None, help="Column of --features holding file names or image ids.")
-@click.option("--exclude", multiple=True, help="Column of --features to leave out (repeatable).")
+@click.option("--drop-columns", "--exclude", "exclude", multiple=True,
+              help="Column of --features to leave out, beyond the identifier rule (repeatable).")  # fmt: skip
+@click.option("--keep-columns", multiple=True,
+              help="Column of --features the identifier/position rule drops, to use anyway (repeatable).")  # fmt: skip
+@click.option("--all-table-rows", is_flag=True,
+              help="Score every --features row naming an image, also images the quality filters removed.")  # fmt: skip
 @click.option(
     "--head",
     default="logreg",
@@ -555,8 +560,9 @@ def _echo_table(df, floatfmt="{:.3f}"):
 @CACHE_OPTION
 @OFFLINE_OPTION
 @data_options
-def probe(model, revision, store, features, id_column, exclude, head, pool, split, test_donor, folds, tta,
-          train_views, penalty, seed, n_boot, no_final_head, out, cache, offline, data, prep):  # fmt: skip
+def probe(model, revision, store, features, id_column, exclude, keep_columns, all_table_rows, head, pool, split,
+          test_donor, folds, tta, train_views, penalty, seed, n_boot, no_final_head, out, cache, offline, data,
+          prep):  # fmt: skip
     """Train heads on cached features with donor-held-out nested CV; write run directories.
 
     Prints per-donor accuracy, balanced accuracy, average precision (beside the donor's
@@ -571,7 +577,6 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
       tprobe probe --head all --pool all                      # the sweep, one table
       tprobe probe --features cellprofiler.csv --id-column FileName_NADH
     """
-    from tprobe.features import from_table
     from tprobe.heads import HEADS
     from tprobe.store import POOLS
     from tprobe.sweep import run_sweep, store_sources
@@ -586,9 +591,8 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
             raise TprobeError(f"--pool {p!r} is not one of {', '.join(POOLS)}, all")
     if features is not None:
         pre = _prepare(data, prep, progress=False)
-        sources = [
-            ("table", lambda _p: from_table(features, pre.manifest, id_column=id_column, exclude=exclude))
-        ]
+        sources = [("table", lambda _p: _table(features, pre.manifest, id_column, exclude, keep_columns,
+                                               all_table_rows))]  # fmt: skip
     else:
         if store is None:
             from tprobe.backbones import resolve_model
@@ -634,10 +638,21 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
         click.echo(str(res.out))
 
 
+def _table(path, manifest, id_column, exclude, keep_columns, all_table_rows):
+    """A --features table as a FeatureSet; echoes one line on its dropped columns and one on unused rows."""
+    from tprobe.features import from_table, table_note
+
+    fs = from_table(path, manifest, id_column=id_column, exclude=exclude, keep=keep_columns,
+                    all_rows=all_table_rows)  # fmt: skip
+    for line in table_note(fs.source):
+        click.echo(f"   {line}")
+    return fs
+
+
 def _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache, offline,
-                     data, prep):  # fmt: skip
+                     data, prep, keep_columns=(), all_table_rows=False):  # fmt: skip
     """FeatureSets for curve/map: each --store, each --model's cached store, each --features table, pixels."""
-    from tprobe.features import from_store, from_table
+    from tprobe.features import from_store
 
     by_patch = {}  # a default canvas is rounded per patch size: preprocess once per patch size
 
@@ -658,7 +673,9 @@ def _feature_sources(stores, models, revision, pool, features, id_column, exclud
             ref = resolve_model(m, revision, offline=offline)
             stores.append(find_store(cache, prepared(ref.patch_size), ref))
     out = [from_store(st, pool) for st in stores]
-    out += [from_table(f, prepared().manifest, id_column=id_column, exclude=exclude) for f in features]
+    out += [
+        _table(f, prepared().manifest, id_column, exclude, keep_columns, all_table_rows) for f in features
+    ]
     if pixels:
         from tprobe.baselines import pixel_features
 
@@ -683,7 +700,12 @@ def source_options(f):
         click.option("--features", multiple=True, type=click.Path(path_type=Path),
                      help="A feature table, CSV/Parquet, one row per image (repeatable)."),
         click.option("--id-column", default=None, help="Column of --features holding file names or image ids."),
-        click.option("--exclude", multiple=True, help="Column of --features to leave out (repeatable)."),
+        click.option("--drop-columns", "--exclude", "exclude", multiple=True,
+                     help="Column of --features to leave out, beyond the identifier rule (repeatable)."),
+        click.option("--keep-columns", multiple=True,
+                     help="Column of --features the identifier/position rule drops, to use anyway (repeatable)."),
+        click.option("--all-table-rows", is_flag=True,
+                     help="Score every --features row naming an image, also images the quality filters removed."),
         click.option("--pixels", is_flag=True, help="Add the raw-pixel baseline (64 px canvas) as a source."),
     ]  # fmt: skip
     for opt in reversed(opts):
@@ -707,8 +729,8 @@ def source_options(f):
 @CACHE_OPTION
 @OFFLINE_OPTION
 @data_options
-def curve(stores, models, revision, pool, features, id_column, exclude, pixels, head, shots, repeats, split,
-          test_donor, train_views, seed, jobs, out, cache, offline, data, prep):  # fmt: skip
+def curve(stores, models, revision, pool, features, id_column, exclude, keep_columns, all_table_rows, pixels, head,
+          shots, repeats, split, test_donor, train_views, seed, jobs, out, cache, offline, data, prep):  # fmt: skip
     """Label-efficiency curves: held-out-donor AUC against labelled cells per class, several sources.
 
     For each held-out donor, k cells per class are drawn from the training donors (a cell brings
@@ -735,7 +757,7 @@ def curve(stores, models, revision, pool, features, id_column, exclude, pixels, 
 
     heads = list(HEADS) if head == "all" else [h.strip() for h in head.split(",")]
     sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
-                               offline, data, prep)  # fmt: skip
+                               offline, data, prep, keep_columns, all_table_rows)  # fmt: skip
     results, draws, randoms, meta = [], [], [], []
     for fs in sources:
         if is_random_source(fs.source):
@@ -780,8 +802,8 @@ def curve(stores, models, revision, pool, features, id_column, exclude, pixels, 
 @CACHE_OPTION
 @OFFLINE_OPTION
 @data_options
-def map_(stores, models, revision, pool, features, id_column, exclude, pixels, no_umap, seed, out, cache,
-         offline, data, prep):  # fmt: skip
+def map_(stores, models, revision, pool, features, id_column, exclude, keep_columns, all_table_rows, pixels,
+         no_umap, seed, out, cache, offline, data, prep):  # fmt: skip
     """Embedding map (PCA, UMAP) coloured by label, donor and imaging batch, with donor diagnostics.
 
     Prints and saves how well activation, donor and batch can be predicted from the features (same
@@ -799,7 +821,7 @@ def map_(stores, models, revision, pool, features, id_column, exclude, pixels, n
     from tprobe.runs import inside, make_run_dir, safe_name, write_json
 
     sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
-                               offline, data, prep)  # fmt: skip
+                               offline, data, prep, keep_columns, all_table_rows)  # fmt: skip
     manifest = None  # tables and pixels take the batch column from the data's manifest (stores: their own)
     run = make_run_dir(out, "map")
     diags = []

@@ -35,6 +35,7 @@ __all__ = [
     "donor_metrics",
     "selection",
     "summarise",
+    "auc_donors",
     "SPLITS",
     "METRICS",
 ]
@@ -81,8 +82,17 @@ def split_plan(meta: pd.DataFrame, split: str = "leave-one-donor-out", *, test_d
                 "split 'group-kfold' splits the cells of one donor instead (not donor-held-out)"
             )
         sets = [[d] for d in names]
-    else:  # group-kfold on donors when there are enough, else on cells
-        key = donors if len(names) >= n_splits else np.asarray(meta["group"])
+    else:  # group-kfold on donors; on the cells of a single donor (not donor-held-out)
+        if 1 < len(names) < n_splits:
+            raise TprobeError(
+                f"split 'group-kfold' with {n_splits} folds needs at least {n_splits} donors; the data has "
+                f"{len(names)} ({', '.join(names)}): pass --folds {len(names)} or use leave-one-donor-out"
+            )
+        key = donors if len(names) > 1 else np.asarray(meta["group"])
+        n_cells = len(set(key))
+        if n_cells < n_splits:
+            raise TprobeError(f"split 'group-kfold' with {n_splits} folds on the cells of one donor needs at least "
+                              f"{n_splits} cells; the data has {n_cells}: pass --folds {max(n_cells, 2)}")  # fmt: skip
         gkf = GroupKFold(n_splits=n_splits)
         folds = []
         for i, (tr, te) in enumerate(gkf.split(np.zeros(len(meta)), groups=key)):
@@ -206,6 +216,14 @@ def donor_metrics(pred: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def auc_donors(per_donor: pd.DataFrame) -> pd.DataFrame:
+    """The donors every summary averages over: those whose ROC AUC is defined (both classes), so the
+    accuracy and F1 means cover the same donors as the AUC and AP means. A one-class donor keeps its
+    row (and accuracy) in ``per_donor``; only when no donor has both classes are all rows used."""
+    two = per_donor["roc_auc"].notna()
+    return per_donor[two] if two.any() else per_donor
+
+
 def summarise(per_donor: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> dict:
     """Mean, sd and a bootstrap 95% CI (resampling donors) of each metric across donors."""
     rng = np.random.default_rng(seed)
@@ -263,5 +281,5 @@ def evaluate(predictions: pd.DataFrame, meta: pd.DataFrame, plan: list[Fold], *,
     """Per-donor metrics and their summary, beside the frequency classifier on the same folds."""
     per_donor = donor_metrics(predictions)
     freq = donor_metrics(frequency_predictions(meta, plan, tta=tta))
-    return Evaluation(predictions, per_donor, summarise(per_donor, n_boot=n_boot, seed=seed),
-                      {"frequency": summarise(freq, n_boot=n_boot, seed=seed)})  # fmt: skip
+    return Evaluation(predictions, per_donor, summarise(auc_donors(per_donor), n_boot=n_boot, seed=seed),
+                      {"frequency": summarise(auc_donors(freq), n_boot=n_boot, seed=seed)})  # fmt: skip

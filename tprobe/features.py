@@ -7,10 +7,20 @@ record keeps. Rows from a store are verified against the store's own row ids.
 Bring-your-own tables (CellProfiler, pixel baselines, ...) have one row per image and are joined
 to the manifest's original views by image id, or by path: a value may be the file name, or any
 trailing part of its path (``donor_1/activated/x.png``), and must name exactly one image — a file
-name that several donors share is refused rather than guessed. Feature columns are the
-numeric columns, minus ``--exclude`` and minus, by rule, identifiers and positions: names equal to
-ImageNumber, ObjectNumber, label, donor, group, batch, plate, cell, row; names containing
-Location, Center, Centroid or BoundingBox; names ending in _X, _Y or _Z.
+name that several donors share is refused rather than guessed.
+
+Feature columns (:func:`column_rule`) are the numeric columns, minus ``--drop-columns`` and minus, by
+rule, identifiers and positions named as CellProfiler names them (with or without an object prefix
+such as ``Cells_``): ``ImageNumber``, ``ObjectNumber``, ``Number_Object_Number``, ``Metadata_*``,
+``FileName_*``, ``PathName_*``, ``URL_*``, ``Parent_*``, ``Children_*``; the names label, donor, group,
+batch, plate, cell, row; names containing Location, Center, Centroid or BoundingBox (``*_Center_X``,
+``Location_*``), or ending in _X, _Y or _Z. Non-numeric and boolean columns are never features.
+``--keep-columns`` overrides the identifier and position rule for the columns it names. Every
+column left out is recorded with its reason (``FeatureSource.dropped_columns``).
+
+Only table rows whose image passed the quality filters are scored; the rows left unused are
+counted by class (``FeatureSource.unused_rows``). ``all_rows=True`` (``--all-table-rows``) scores
+every table row that names an image of the data, filtered or not.
 """
 
 from __future__ import annotations
@@ -34,12 +44,21 @@ __all__ = [
     "store_source",
     "from_table",
     "feature_columns",
+    "column_rule",
+    "table_note",
     "read_table",
+    "CLASS_NAMES",
 ]
 
 META = ["image_id", "path", "label", "donor", "group", "view"]
-_ID_NAMES = {"imagenumber", "objectnumber", "label", "donor", "group", "batch", "plate", "cell", "row"}
+_ID_NAMES = {"label", "donor", "group", "batch", "plate", "cell", "row"}
+# CellProfiler's bookkeeping columns, bare or after an object prefix (Cells_Number_Object_Number)
+_IDENTIFIER = re.compile(
+    r"(^|_)(imagenumber|objectnumber|number_object_number)$|(^|_)(metadata|filename|pathname|url|parent|children)_",
+    re.IGNORECASE,
+)
 _POSITION = re.compile(r"location|center|centroid|boundingbox|_[xyz]$", re.IGNORECASE)
+CLASS_NAMES = {1: "activated", 0: "quiescent"}
 
 
 @dataclass
@@ -65,7 +84,10 @@ class FeatureSource:
     table: str | None = None
     id_column: str | None = None
     columns: list | None = None
-    unmatched_images: int | None = None
+    dropped_columns: dict | None = None  # column -> why it is not a feature
+    unmatched_images: int | None = None  # images of the data with no table row
+    unused_rows: dict | None = None  # table rows not scored: {"filtered": {class: n}, "no_image": n}
+    all_rows: bool | None = None  # --all-table-rows: rows of images the quality filters removed scored too
     canvas: int | None = None
 
     def to_dict(self) -> dict:
@@ -141,14 +163,48 @@ def from_store(path: str | Path, pool: str = "cls", *, manifest: pd.DataFrame | 
     return FeatureSet(store.pooled(pool), manifest[META].reset_index(drop=True), store_source(store, pool))
 
 
-def feature_columns(table: pd.DataFrame, id_column: str, exclude=()) -> list[str]:
-    """The numeric columns used as features under the documented exclusion rule."""
-    drop = set(exclude) | {id_column}
-    return [
-        c for c in table.columns
-        if c not in drop and pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])
-        and c.lower() not in _ID_NAMES and not _POSITION.search(c)
-    ]  # fmt: skip
+def column_rule(table: pd.DataFrame, id_column: str, exclude=(), keep=()) -> tuple[list[str], dict[str, str]]:
+    """``(feature columns, {dropped column: reason})`` under the documented rule (module docstring).
+
+    ``exclude`` (``--drop-columns``) drops more; ``keep`` (``--keep-columns``) keeps columns the
+    identifier and position rule would drop. Unknown names, and a kept column that cannot be a
+    feature, are one-line errors.
+    """
+    for option, names in (("--drop-columns", exclude), ("--keep-columns", keep)):
+        missing = [c for c in names if c not in table.columns]
+        if missing:
+            raise TprobeError(f"{option} names unknown column(s) {missing}; the table has "
+                              f"{', '.join(map(str, table.columns[:10]))}")  # fmt: skip
+    cols, dropped = [], {}
+    for c in table.columns:
+        name = str(c)
+        numeric = pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c])
+        if c == id_column:
+            why = "id column"
+        elif c in exclude:
+            why = "--drop-columns"
+        elif not numeric:
+            why = "boolean" if pd.api.types.is_bool_dtype(table[c]) else "non-numeric"
+            if c in keep:
+                raise TprobeError(f"--keep-columns {name}: the column is {why}, it cannot be a feature")
+        elif c in keep:
+            why = None
+        elif name.lower() in _ID_NAMES or _IDENTIFIER.search(name):
+            why = "identifier (CellProfiler naming); --keep-columns keeps it"
+        elif _POSITION.search(name):
+            why = "position; --keep-columns keeps it"
+        else:
+            why = None
+        if why is None:
+            cols.append(c)
+        else:
+            dropped[name] = why
+    return cols, dropped
+
+
+def feature_columns(table: pd.DataFrame, id_column: str, exclude=(), keep=()) -> list[str]:
+    """The numeric columns used as features under the documented exclusion rule (:func:`column_rule`)."""
+    return column_rule(table, id_column, exclude, keep)[0]
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -200,8 +256,13 @@ def _one_row_per_image(path: Path, id_column: str, ids: pd.Series, table_row: pd
 
 
 def from_table(path: str | Path, manifest: pd.DataFrame, *, id_column: str | None = None,
-               exclude=()) -> FeatureSet:  # fmt: skip
-    """Join a CSV/Parquet feature table to the manifest's kept original views (one row per image)."""
+               exclude=(), keep=(), all_rows: bool = False) -> FeatureSet:  # fmt: skip
+    """Join a CSV/Parquet feature table to the manifest's original views (one row per image).
+
+    Rows are scored when their image passed the quality filters (``kept``), or with ``all_rows`` when
+    it is any image of the data. ``exclude``/``keep``: see :func:`column_rule`. The source records
+    the dropped columns and the table rows left unused, by class.
+    """
     path = Path(path)
     table = read_table(path)
     if id_column is None:
@@ -210,17 +271,18 @@ def from_table(path: str | Path, manifest: pd.DataFrame, *, id_column: str | Non
     if id_column not in table.columns:
         raise TprobeError(f"{path}: id column {id_column!r} not found; pass --id-column with one of "
                           f"{', '.join(map(str, table.columns[:10]))}")  # fmt: skip
-    missing = [c for c in exclude if c not in table.columns]
-    if missing:
-        raise TprobeError(f"{path}: --exclude names unknown column(s) {missing}")
-    cols = feature_columns(table, id_column, exclude)
+    try:
+        cols, dropped = column_rule(table, id_column, exclude, keep)
+    except TprobeError as exc:
+        raise TprobeError(f"{path}: {exc}") from None
     if not cols:
-        raise TprobeError(f"{path}: no numeric feature columns left after the exclusion rule")
-    orig = manifest[(manifest["kept"]) & (manifest["view"] == "orig")].reset_index(drop=True)
+        raise TprobeError(f"{path}: no numeric feature columns left after the exclusion rule "
+                          f"(dropped: {', '.join(list(dropped)[:6])}); --keep-columns keeps one")  # fmt: skip
+    orig = manifest[manifest["view"] == "orig"].reset_index(drop=True)  # every image, filtered or not
     ids = table[id_column].astype(str)
     if ids.isin(orig["image_id"]).any():
         _no_duplicates(path, id_column, ids)
-        pos = orig["image_id"].map(pd.Series(np.arange(len(table)), index=ids.to_numpy()))
+        image_of = ids.map(pd.Series(np.arange(len(orig)), index=orig["image_id"].to_numpy()))
     else:
         keys = _path_keys(orig["path"])
         norm = ids.map(lambda s: Path(s).as_posix().removeprefix("./"))
@@ -234,21 +296,53 @@ def from_table(path: str | Path, manifest: pd.DataFrame, *, id_column: str | Non
                 f"(e.g. donor/class/file.png) or its image_id in {id_column}"
             )
         _no_duplicates(path, id_column, ids)
-        table_row = pd.Series([r[0] if r else -1 for r in rows], index=np.arange(len(table)))
-        _one_row_per_image(path, id_column, ids, table_row, orig)
-        pos = pd.Series(np.nan, index=orig.index)
-        hit = table_row[table_row >= 0]
-        pos.iloc[hit.to_numpy()] = hit.index.to_numpy()
-    if pos.isna().all():
+        image_of = pd.Series([r[0] if r else np.nan for r in rows], index=table.index, dtype=float)
+    image_of = image_of.reset_index(drop=True)  # table row -> its image's row in orig (NaN: none)
+    _one_row_per_image(path, id_column, ids.reset_index(drop=True), image_of.fillna(-1).astype(int), orig)
+    if image_of.isna().all():
         raise TprobeError(f"{path}: no {id_column} value matches a file name or image id of the data")
-    meta = orig[pos.notna()].reset_index(drop=True)
-    X = table[cols].to_numpy(np.float32)[pos.dropna().astype(int).to_numpy()]
+    kept = orig["kept"].to_numpy(bool) | all_rows
+    hit = image_of.dropna().astype(int)  # table row -> image row
+    used = hit[kept[hit.to_numpy()]]
+    if not len(used):
+        raise TprobeError(f"{path}: every row names an image the quality filters removed; pass --all-table-rows "
+                          "to score them anyway")  # fmt: skip
+    used = used.sort_values()  # in the manifest's order, as before
+    meta = orig.iloc[used.to_numpy()].reset_index(drop=True)
+    X = table[cols].to_numpy(np.float32)[used.index.to_numpy()]
     bad = ~np.isfinite(X)
     if bad.any():
         col = cols[int(np.flatnonzero(bad.any(0))[0])]
         raise TprobeError(
-            f"{path}: feature column {col!r} holds NaN or infinite values; fill them or --exclude {col}"
+            f"{path}: feature column {col!r} holds NaN or infinite values; fill them or --drop-columns {col}"
         )
-    source = FeatureSource(kind="table", name=f"table:{path.stem}", table=str(path), id_column=id_column,
-                           columns=cols, unmatched_images=int(pos.isna().sum()))  # fmt: skip
+    filtered = orig["label"].iloc[hit[~kept[hit.to_numpy()]].to_numpy()]
+    unused = {"filtered": {CLASS_NAMES.get(int(k), str(k)): int(v) for k, v in filtered.value_counts().sort_index(
+              ascending=False).items()}, "no_image": int(image_of.isna().sum())}  # fmt: skip
+    has_row = np.zeros(len(orig), bool)
+    has_row[hit.to_numpy()] = True
+    name = f"table:{path.stem}" + ("+all-rows" if all_rows else "")  # both cell counts can be reported
+    source = FeatureSource(kind="table", name=name, table=str(path), id_column=id_column,
+                           columns=cols, dropped_columns=dropped, unmatched_images=int((kept & ~has_row).sum()),
+                           unused_rows=unused, all_rows=bool(all_rows))  # fmt: skip
     return FeatureSet(X, meta[META], source)
+
+
+def table_note(source: FeatureSource) -> list[str]:
+    """The console lines about a table source: columns dropped, table rows left unused."""
+    lines = []
+    dropped = source.dropped_columns or {}
+    if dropped:
+        kinds = sorted({why.split(";")[0].split(" (")[0] for why in dropped.values()})
+        lines.append(f"{source.name}: {len(source.columns or [])} feature columns; {len(dropped)} column(s) dropped "
+                     f"({', '.join(kinds)}), each named with its reason in the run record")  # fmt: skip
+    unused = source.unused_rows or {}
+    filtered = unused.get("filtered") or {}
+    n_filtered, no_image = sum(filtered.values()), unused.get("no_image", 0)
+    if n_filtered or no_image:
+        by_class = ", ".join(f"{n} {c}" for c, n in filtered.items())
+        parts = [f"{n_filtered} name images the quality filters removed ({by_class}; --all-table-rows scores them)"
+                 ] if n_filtered else []  # fmt: skip
+        parts += [f"{no_image} name no image of the data"] if no_image else []
+        lines.append(f"{source.name}: {n_filtered + no_image} table rows unused: {'; '.join(parts)}")
+    return lines

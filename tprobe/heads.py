@@ -5,10 +5,13 @@ Heads are saved as data, never as pickles: :func:`save_head` writes ``skops`` fi
 top of skops' own safe scikit-learn and numpy types). A file naming any other type is refused
 before anything in it is built, so a head received from someone else cannot run code.
 
-``logreg``, ``mlp`` and ``xgboost`` standardise the features first. ``knn`` and ``prototype`` are the
-foundation-model evaluation heads (DINOv2's kNN eval, SimpleShot) and see the raw features: they
-normalise them their own way. Their learned state is plain numpy arrays and numbers only, so a
-fitted head can be saved as data (npz, skops with trusted types).
+Every head standardises the features first (a ``StandardScaler`` step of its pipeline, so it is
+fitted on the training rows of each fold only). ``knn`` and ``prototype`` are the foundation-model
+evaluation heads (DINOv2's kNN eval, SimpleShot); they then normalise their own way (L2, centring).
+Without the scaler their cosine is dominated by the widest column: on a CellProfiler table cell area
+carries ~80% of the variance and the kNN vote becomes an area classifier (issue 17). Their learned
+state is plain numpy arrays and numbers only, so a fitted head can be saved as data (skops with
+trusted types).
 """
 
 from __future__ import annotations
@@ -165,17 +168,17 @@ class PrototypeHead(ClassifierMixin, BaseEstimator):
 def make_head(name: str, *, seed: int = 0, class_weight: str | None = "balanced",
               penalty: str = "l2", n_jobs: int = 1,
               **params) -> Pipeline:  # fmt: skip
-    """A fresh unfitted head: standardise, then the classifier (knn, prototype: the classifier only)."""
+    """A fresh unfitted head: standardise (a step fitted on the training rows only), then the classifier."""
     if name not in HEADS:
         raise TprobeError(f"head {name!r} is not one of {', '.join(HEADS)}")
     if penalty not in ("l1", "l2"):
         raise TprobeError(f"penalty {penalty!r} is not l1 or l2")
-    if name in ("knn", "prototype"):
-        pipe = Pipeline([("clf", KNNHead() if name == "knn" else PrototypeHead())])
-        pipe.set_params(**params)
-        return pipe
     steps = [("scale", StandardScaler())]
-    if name == "logreg":
+    if name == "knn":
+        clf = KNNHead()
+    elif name == "prototype":
+        clf = PrototypeHead()
+    elif name == "logreg":
         clf = LogisticRegression(
             C=0.1, l1_ratio=1.0 if penalty == "l1" else 0.0, solver="liblinear" if penalty == "l1" else "lbfgs",
             class_weight=class_weight, max_iter=2000, random_state=seed,
