@@ -744,7 +744,7 @@ def curve(stores, models, revision, pool, features, id_column, exclude, pixels, 
                                      "seed": seed, "split": split, "test_donor": test_donor,
                                      "train_views": train_views, "sources": meta,
                                      "random_init_sources": randoms})  # fmt: skip
-    click.echo("== mean ROC AUC over held-out donors [95% bootstrap over donors and draws]")
+    click.echo("== mean ROC AUC over held-out donors [95% t-interval over donors]")
     band = band.assign(auc=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
                             zip(band["mean"], band["low"], band["high"], strict=True)])  # fmt: skip
     wide = band.pivot(index=["source", "head"], columns="shots", values="auc")

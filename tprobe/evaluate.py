@@ -206,20 +206,26 @@ def donor_metrics(pred: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def summarise(per_donor: pd.DataFrame, *, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Mean, sd and a bootstrap 95% CI (resampling donors) of each metric across donors."""
-    rng = np.random.default_rng(seed)
+def summarise(per_donor: pd.DataFrame, *, n_boot: int | None = None, seed: int = 0) -> dict:
+    """Mean, sd and the t-interval 95% CI over donors of each metric (:func:`tprobe.stats.t_interval`).
+
+    ``n_boot`` and ``seed`` are accepted and ignored (deprecated): the percentile bootstrap over donors
+    they drove covered 86% at nominal 95% with 6 donors.
+    """
+    from tprobe.stats import CI_METHOD, t_interval
+
     out = {}
     for m in METRICS:
         v = per_donor[m].to_numpy(dtype=float)
         v = v[~np.isnan(v)]
         if not len(v):
-            out[m] = {"mean": None, "sd": None, "ci_low": None, "ci_high": None, "n_donors": 0}
+            out[m] = {"mean": None, "sd": None, "ci_low": None, "ci_high": None, "n_donors": 0,
+                      "ci_method": CI_METHOD}  # fmt: skip
             continue
-        boots = rng.choice(v, size=(n_boot, len(v)), replace=True).mean(1)
+        lo, hi = t_interval(v)
         out[m] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-                  "ci_low": float(np.percentile(boots, 2.5)), "ci_high": float(np.percentile(boots, 97.5)),
-                  "n_donors": int(len(v))}  # fmt: skip
+                  "ci_low": None if np.isnan(lo) else lo, "ci_high": None if np.isnan(hi) else hi,
+                  "n_donors": int(len(v)), "ci_method": CI_METHOD}  # fmt: skip
     return out
 
 
@@ -257,8 +263,10 @@ class Evaluation:
 
 
 def evaluate(predictions: pd.DataFrame, meta: pd.DataFrame, plan: list[Fold], *, tta: bool = False,
-             n_boot: int = 2000, seed: int = 0) -> Evaluation:  # fmt: skip
-    """Per-donor metrics and their summary, beside the frequency classifier on the same folds."""
+             n_boot: int | None = None, seed: int = 0) -> Evaluation:  # fmt: skip
+    """Per-donor metrics and their summary, beside the frequency classifier on the same folds.
+
+    ``n_boot`` is deprecated and ignored (intervals are t-intervals over donors, :func:`summarise`)."""
     per_donor = donor_metrics(predictions)
     freq = donor_metrics(frequency_predictions(meta, plan, tta=tta))
     return Evaluation(predictions, per_donor, summarise(per_donor, n_boot=n_boot, seed=seed),

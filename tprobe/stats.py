@@ -11,6 +11,11 @@ check normality). The smallest p-value it can give is 2/2^n (1/32 with 6 donors)
 signed-rank test has the same floor and discards the sizes of the differences, which this test uses.
 
 Holm's step-down correction controls the family-wise error over the comparisons shown.
+
+Intervals: the 95% interval of a mean over donors is the t-interval over the per-donor values,
+mean ± t_{0.975, n-1} · sd / √n (:func:`t_interval`). The percentile bootstrap over donors used before
+is too narrow with few donors: simulated at n = 6 it covers 86% at nominal 95%, the t-interval 95%
+(``tests/test_reviewer_stats.py::test_t_interval_covers_at_six_donors_and_the_bootstrap_did_not``).
 """
 
 from __future__ import annotations
@@ -21,7 +26,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["sign_flip_test", "holm", "paired_comparisons", "TEST_NOTE"]
+__all__ = [
+    "sign_flip_test",
+    "holm",
+    "paired_comparisons",
+    "t_interval",
+    "sign_flip_floor",
+    "TEST_NOTE",
+    "CI_METHOD",
+]
+
+CI_METHOD = "t over donors: mean ± t(0.975, n-1)·sd/√n"
 
 TEST_NOTE = (
     "Paired test: exact sign-flip permutation test on the per-donor differences (two-sided; all 2^n "
@@ -31,6 +46,27 @@ TEST_NOTE = (
     "that metric; with m comparisons its smallest value is m times the floor (m/32 for 6 donors), so "
     "with 6 donors only a few planned comparisons can reach 0.05."
 )
+
+
+def t_interval(values, level: float = 0.95) -> tuple[float, float]:
+    """The t-interval of the mean of ``values`` (NaN ignored): mean ± t_{(1+level)/2, n-1}·sd/√n.
+
+    Honest at small n when the values are roughly normal (coverage 94.6% at n = 6 in simulation);
+    NaN bounds with fewer than two values (no spread to estimate).
+    """
+    from scipy.stats import t
+
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    if len(v) < 2:
+        return float("nan"), float("nan")
+    half = float(t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return float(v.mean() - half), float(v.mean() + half)
+
+
+def sign_flip_floor(n: int) -> float:
+    """The smallest two-sided p-value the exact sign-flip test can give with ``n`` pairs: 2/2^n."""
+    return 2.0 / 2**n if n > 0 else float("nan")
 
 
 def sign_flip_test(diffs) -> float:
