@@ -3,6 +3,8 @@ within-class map chance, curve details, calibration and the report's caveats."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -97,3 +99,91 @@ def test_curve_all_tick_names_both_class_counts():
     label = all_label(res, "s", "h")
     assert "120 act" in label and "60 qui" in label and "90" not in label  # not "~90/class"
     assert "180 cells" in all_label(res.drop(columns=["n_train_activated", "n_train_quiescent"]), "s", "h")
+
+
+# ---- item 5 and the report's sentences: comparisons declared in advance ----------------------
+def _run(root, name, cfg, aucs):
+    run = root / name
+    run.mkdir(parents=True)
+    donors = [f"donor_{i}" for i in range(1, len(aucs) + 1)]
+    pd.DataFrame({"donor": donors, "n": 50, "roc_auc": aucs, "average_precision": aucs,
+                  "accuracy": aucs}).to_parquet(run / "per_donor.parquet", index=False)  # fmt: skip
+    summ = {m: {"mean": float(np.mean(aucs)), "sd": float(np.std(aucs, ddof=1))}
+            for m in ("roc_auc", "average_precision", "accuracy")}  # fmt: skip
+    folds = [{"test_donor": d, "n": 50} for d in donors]
+    (run / "metrics.json").write_text(json.dumps({"summary": summ, "folds": folds}))
+    (run / "config.json").write_text(json.dumps(cfg))
+    return run
+
+
+def _probe(head, pool="cls", model="dinov2-small"):
+    return {"command": "probe", "head": head, "split": "leave-one-donor-out",
+            "features": {"kind": "store", "model": model, "pool": pool}}  # fmt: skip
+
+
+FREQ = {"command": "baseline", "baseline": "frequency", "features": {"kind": "baseline", "name": "frequency"}}
+WORSE = [0.70, 0.72, 0.69, 0.75, 0.71, 0.73]
+
+
+def test_report_compares_with_the_declared_reference_not_the_winner(tmp_path):
+    from click.testing import CliRunner
+
+    from tprobe.cli import main
+    from tprobe.report import BATCH_CONFOUND, write_report
+
+    runs = tmp_path / "runs"
+    _run(runs, "a-xgb-best", _probe("xgboost"), [0.95, 0.93, 0.96, 0.94, 0.97, 0.92])
+    _run(runs, "b-logreg-cls", _probe("logreg"), [0.85, 0.86, 0.88, 0.90, 0.80, 0.87])
+    _run(runs, "c-mlp", _probe("mlp"), WORSE)
+    _run(runs, "d-freq", FREQ, [0.5] * 6)
+    res = write_report(runs, tmp_path / "rep")
+    assert res["reference"] == str(runs / "b-logreg-cls")  # not a-xgb-best, the best mean AUC
+    pairs = pd.read_csv(tmp_path / "rep" / "paired.csv")
+    auc = pairs[pairs["metric"] == "roc_auc"].set_index("run")
+    assert set(auc.index) == {str(runs / n) for n in ("a-xgb-best", "c-mlp", "d-freq")}
+    assert (auc["reference"] == str(runs / "b-logreg-cls")).all()
+    assert auc.loc[str(runs / "a-xgb-best"), "mean_diff"] > 0  # the winner is compared, against the reference
+    assert auc.loc[str(runs / "c-mlp"), "p"] == pytest.approx(1 / 32)
+    # Holm across the three comparisons: the smallest p (1/32, tied twice) times 3
+    assert auc["p_holm"].min() == pytest.approx(3 / 32)
+    md, page = (tmp_path / "rep" / "report.md").read_text(), (tmp_path / "rep" / "report.html").read_text()
+    for text in (md, page):
+        assert "b-logreg-cls" in text and "before the results were read" in text
+        assert "pre-declared reference" in text
+        assert "2/2^6 = 0.031" in text and "Holm across 3 comparisons" in text
+        assert "every imaging batch holds one class" in text
+        assert "best run" not in text.split("Paired comparisons")[1].split("\n")[0]
+    assert BATCH_CONFOUND in md
+    # --reference names another run; a name matching none is one line, exit 2
+    r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "r2"), "--reference", "c-mlp"])
+    assert r.exit_code == 0, r.output
+    assert "c-mlp, named with --reference" in r.output and "2/2^6 = 0.031" in r.output
+    r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "r3"), "--reference", "nope"])
+    assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "--reference" in r.output, (
+        r.output
+    )
+    assert not (tmp_path / "r3").exists()
+
+
+def test_default_reference_falls_back_in_a_fixed_order(tmp_path):
+    from tprobe.report import choose_reference, collect_runs
+
+    runs = tmp_path / "runs"
+    _run(runs, "a-knn", _probe("knn"), [0.9] * 5 + [0.95])
+    _run(runs, "b-logreg-mean", _probe("logreg", pool="mean"), WORSE)
+    _run(runs, "c-freq", FREQ, [0.5] * 6)
+    ref, why = choose_reference(collect_runs(runs))
+    assert ref == str(runs / "c-freq") and "frequency baseline" in why
+    (runs / "c-freq" / "metrics.json").unlink()
+    ref, why = choose_reference(collect_runs(runs))
+    assert ref == str(runs / "a-knn") and "neither" in why  # the first folder by name, said so
+    # a random-weights logreg on CLS is never the default reference
+    _run(runs, "0-random", {**_probe("logreg", model="models/random-vits14"), "random_init": True}, WORSE)
+    assert choose_reference(collect_runs(runs))[0] == str(runs / "a-knn")
+
+
+def test_donors_bound_line_is_computed_from_n():
+    from tprobe.report import donors_bound_line
+
+    assert "2/2^6 = 0.031" in donors_bound_line(6)
+    assert "2/2^4 = 0.125" in donors_bound_line(4, 3) and "0.375" in donors_bound_line(4, 3)

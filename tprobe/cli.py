@@ -532,7 +532,7 @@ def _echo_table(df, floatfmt="{:.3f}"):
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option(
-    "--bootstrap", "n_boot", default=2000, show_default=True, help="Bootstrap resamples for the CI."
+    "--bootstrap", "n_boot", default=2000, show_default=True, help="Deprecated, ignored (CI: t over donors)."
 )
 @click.option("--no-final-head", is_flag=True, help="Skip refitting a head on all donors (no predict).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
@@ -995,7 +995,8 @@ def saliency(run_dir, n):
               "faster on a CPU).")  # fmt: skip
 @DEVICE_OPTION
 @click.option("--seed", default=0, show_default=True)
-@click.option("--bootstrap", "n_boot", default=2000, show_default=True)
+@click.option("--bootstrap", "n_boot", default=2000, show_default=True,
+              help="Deprecated, ignored: the 95% CI is now the t-interval over donors.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @data_options
 def baseline(name, split, test_donor, epochs, inception_weights, inception_size, device, seed, n_boot, out, data,
@@ -1037,27 +1038,38 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
 @main.command()
 @click.argument("runs_dir", type=click.Path(path_type=Path, exists=True), default=Path("runs"))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
-def report(runs_dir, out):
+@click.option("--reference", default=None,
+              help="Run folder name every other run is compared with (declare it before looking). Default: the "
+              "logreg probe on CLS tokens, else the frequency baseline, else the first run folder by name.")  # fmt: skip
+def report(runs_dir, out, reference):
     """Collect run directories into one table + figures: report.md, report.html, summary.parquet.
 
+    Paired comparisons: every run against one reference fixed in advance (--reference, or the
+    default rule, which reads no result), exact sign-flip test, Holm across those comparisons.
+
     \b
-    Example:
+    Examples:
       tprobe report runs/ --out report/
+      tprobe report runs/ --reference 20250101-120000-dinov2-small-reg-cls-logreg
     """
     from tprobe.report import PUBLISHED, write_report
     from tprobe.stats import TEST_NOTE
 
-    res = write_report(runs_dir, out)
-    click.echo("== measured (mean ± sd over held-out donors; 95% CI: bootstrap over donors)")
+    res = write_report(runs_dir, out, reference=reference)
+    click.echo("== measured (mean ± sd over held-out donors; 95% CI: t-interval over donors)")
     click.echo(res["table"].to_string(index=False))
     click.echo("== published reference numbers (not measured here)")
     click.echo(PUBLISHED.to_string(index=False, na_rep="–"))
     for line in res["headline"]:
         click.echo(line.replace("**", ""))
+    click.echo(res["batch_confound"].replace("`", ""))
     if len(res["paired"]):
-        click.echo("== paired comparisons: each run vs the best run on the same held-out donors")
+        click.echo(
+            "== paired comparisons: each run vs the pre-declared reference on the same held-out donors"
+        )
         click.echo(res["reference_line"].replace("`", ""))
         click.echo(res["paired"].drop(columns=["AUC diff per donor"]).to_string(index=False))
+        click.echo(res["bound_line"])
         click.echo(TEST_NOTE)
     for p in res["paths"]:
         click.echo(str(p))

@@ -102,7 +102,8 @@ def _per_donor(run: str | Path) -> pd.DataFrame:
 
 def paired_comparisons(summary: pd.DataFrame, *, metrics=("roc_auc", "average_precision"),
                        against: str | None = None) -> pd.DataFrame:  # fmt: skip
-    """Each run vs ``against`` (default: the run with the best mean ROC AUC) on their shared donors.
+    """Each run vs ``against`` on their shared donors (default: :func:`tprobe.report.choose_reference`,
+    a run fixed by a rule that reads no result; never the run that happened to win).
 
     ``summary`` is :func:`tprobe.report.collect_runs`'s table (``run``, ``label``, ``roc_auc_mean``).
     Only runs whose held-out donors are exactly the reference's are compared (same folds); the
@@ -110,7 +111,9 @@ def paired_comparisons(summary: pd.DataFrame, *, metrics=("roc_auc", "average_pr
     differences (run minus reference), the exact p-value and its Holm adjustment within the metric.
     """
     if against is None:
-        against = summary.loc[summary["roc_auc_mean"].astype(float).idxmax(), "run"]
+        from tprobe.report import choose_reference
+
+        against = choose_reference(summary)[0]
     ref = _per_donor(against)
     ref_label = summary.set_index("run").loc[against, "label"]
     ref_cells = summary.set_index("run").loc[against].get("n_cells")
