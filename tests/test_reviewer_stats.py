@@ -187,3 +187,68 @@ def test_donors_bound_line_is_computed_from_n():
 
     assert "2/2^6 = 0.031" in donors_bound_line(6)
     assert "2/2^4 = 0.125" in donors_bound_line(4, 3) and "0.375" in donors_bound_line(4, 3)
+
+
+# ---- calibration -----------------------------------------------------------------------------
+def test_brier_and_ece_by_hand():
+    from tprobe.stats import brier_score, expected_calibration_error, reliability_table
+
+    y, p = [0, 0, 1, 1], [0.05, 0.15, 0.85, 0.95]
+    assert brier_score(y, p) == pytest.approx((0.05**2 + 0.15**2 + 0.15**2 + 0.05**2) / 4)
+    assert expected_calibration_error(y, p) == pytest.approx((0.05 + 0.15 + 0.15 + 0.05) / 4)
+    # two cells in one bin: |mean label - mean p| of the bin, weighted by its share of cells
+    assert expected_calibration_error([0, 1], [0.52, 0.58]) == pytest.approx(abs(0.5 - 0.55))
+    t = reliability_table([1], [1.0])
+    assert len(t) == 10 and t.loc[9, "n"] == 1  # p = 1 falls in the last of 10 equal-width bins
+
+
+def _synthetic(n_donors=3, cells=30, seed=0, source=None):
+    from tprobe.features import FeatureSet
+
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    for d in range(1, n_donors + 1):
+        for c in range(cells):
+            label = int(c % 2)
+            X.append(rng.normal(0, 1, 6) + 1.2 * label)
+            rows.append({"image_id": f"d{d}c{c}", "path": f"donor_{d}/c{c}.png", "label": label,
+                         "donor": f"donor_{d}", "group": f"d{d}c{c}", "view": "orig"})  # fmt: skip
+    src = source or {"kind": "table", "name": "syn"}
+    return FeatureSet(np.asarray(X, np.float32), pd.DataFrame(rows), src)
+
+
+def test_probe_run_reports_calibration_and_draws_a_reliability_diagram(tmp_path, monkeypatch):
+    import tprobe.plots
+    from tprobe.probe import ProbeRun
+    from tprobe.report import write_report
+
+    run = ProbeRun(head="logreg", final_head=False).fit(_synthetic())
+    per = run.per_donor_
+    for donor, d in run.predictions_.groupby("donor"):
+        row = per.set_index("donor").loc[donor]
+        assert row["brier"] == pytest.approx(np.mean((d["p_activated"] - d["label"]) ** 2))
+        assert 0 <= row["ece"] <= 1
+    s = run.summary_
+    assert (
+        s["brier"]["mean"] == pytest.approx(per["brier"].mean()) and "10 equal-width bins" in s["ece"]["note"]
+    )
+    assert "fixed threshold 0.5" in s["accuracy"]["note"] and "fixed threshold 0.5" in s["f1"]["note"]
+    assert {"brier", "ece"} <= set(run.table().columns)
+    path = run.save(tmp_path / "runs")
+    assert (path / "reliability.png").stat().st_size > 0
+    met = json.loads((path / "metrics.json").read_text())
+    assert met["summary"]["ece"]["mean"] == pytest.approx(per["ece"].mean())
+    assert met["summary"]["roc_auc"]["ci_method"].startswith("t over donors")
+    res = write_report(tmp_path / "runs", tmp_path / "rep")
+    assert {"brier", "ece"} <= set(res["table"].columns)
+    md, page = (tmp_path / "rep" / "report.md").read_text(), (tmp_path / "rep" / "report.html").read_text()
+    for text in (md, page):
+        assert "| brier | ece |" in text or "<th>brier</th>" in text
+        assert "10 equal-width" in text and "fixed 0.5" in text
+    assert "reliability (calibration)" in page
+    # the diagram's title describes the run and marks random weights
+    titles = []
+    monkeypatch.setattr(tprobe.plots, "reliability_diagram", lambda pred, out, title="": titles.append(title))
+    src = {"kind": "store", "name": "rnd-cls", "pool": "cls", "model": "m", "random_init": True}
+    ProbeRun(head="logreg", final_head=False).fit(_synthetic(source=src)).save(tmp_path / "r2")
+    assert "random weights" in titles[0] and "logreg" in titles[0] and "cls" in titles[0]

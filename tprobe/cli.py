@@ -599,6 +599,8 @@ def probe(model, revision, store, features, id_column, exclude, head, pool, spli
                 random_seen.append(True)
                 click.echo(f"   {RANDOM_NOTE}")
             _echo_table(run.table())
+            click.echo(f"   accuracy, balanced accuracy, f1: {run.summary_['f1']['note']}; brier, ece: calibration "
+                       "(lower is better; ECE over 10 equal-width bins)")  # fmt: skip
             chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in run.chosen_)
             how = sorted({c.get("selection", "chosen by inner donor CV (mean AP)") for c in run.chosen_})
             click.echo(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")

@@ -41,7 +41,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 SPLITS = ("leave-one-donor-out", "group-kfold", "test-donor")
-METRICS = ("accuracy", "balanced_accuracy", "average_precision", "roc_auc", "f1")
+METRICS = ("accuracy", "balanced_accuracy", "average_precision", "roc_auc", "f1", "brier", "ece")
+# accuracy, balanced accuracy and F1 call a cell activated at this fixed threshold (chosen on no donor)
+THRESHOLD = 0.5
+THRESHOLD_NOTE = f"fixed threshold {THRESHOLD} on p_activated (not tuned on any donor)"
 
 
 @dataclass
@@ -185,8 +188,11 @@ def _inner_ap(make, params, X, y, tr, va) -> float:
     return float(average_precision_score(y[va], p))
 
 
-def donor_metrics(pred: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
-    """One row per held-out donor: n, prevalence, accuracy, balanced accuracy, AP, AUC, F1, confusion."""
+def donor_metrics(pred: pd.DataFrame, threshold: float = THRESHOLD) -> pd.DataFrame:
+    """One row per held-out donor: n, prevalence, accuracy, balanced accuracy, AP, AUC, F1, Brier score,
+    expected calibration error (:data:`tprobe.stats.ECE_NOTE`), confusion."""
+    from tprobe.stats import brier_score, expected_calibration_error
+
     rows = []
     for donor, d in pred.groupby("donor", sort=True):
         y, p = d["label"].to_numpy(), d["p_activated"].to_numpy()
@@ -200,6 +206,7 @@ def donor_metrics(pred: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
             "average_precision": average_precision_score(y, p) if two else float("nan"),
             "roc_auc": roc_auc_score(y, p) if two else float("nan"),
             "f1": f1_score(y, yhat, zero_division=0.0),
+            "brier": brier_score(y, p), "ece": expected_calibration_error(y, p),
             "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
             "note": "" if two else "single-class donor: AUC, AP and balanced accuracy undefined (NaN)",
         })  # fmt: skip
@@ -212,11 +219,15 @@ def summarise(per_donor: pd.DataFrame, *, n_boot: int | None = None, seed: int =
     ``n_boot`` and ``seed`` are accepted and ignored (deprecated): the percentile bootstrap over donors
     they drove covered 86% at nominal 95% with 6 donors.
     """
-    from tprobe.stats import CI_METHOD, t_interval
+    from tprobe.stats import CI_METHOD, ECE_NOTE, t_interval
 
+    notes = {"accuracy": THRESHOLD_NOTE, "balanced_accuracy": THRESHOLD_NOTE, "f1": THRESHOLD_NOTE,
+             "ece": ECE_NOTE, "brier": ECE_NOTE.split("; ")[1]}  # fmt: skip
     out = {}
     for m in METRICS:
-        v = per_donor[m].to_numpy(dtype=float)
+        v = (
+            per_donor[m].to_numpy(dtype=float) if m in per_donor else np.array([])
+        )  # older tables: no calibration
         v = v[~np.isnan(v)]
         if not len(v):
             out[m] = {"mean": None, "sd": None, "ci_low": None, "ci_high": None, "n_donors": 0,
@@ -226,6 +237,8 @@ def summarise(per_donor: pd.DataFrame, *, n_boot: int | None = None, seed: int =
         out[m] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                   "ci_low": None if np.isnan(lo) else lo, "ci_high": None if np.isnan(hi) else hi,
                   "n_donors": int(len(v)), "ci_method": CI_METHOD}  # fmt: skip
+    for m, note in notes.items():
+        out[m]["note"] = note
     return out
 
 

@@ -41,7 +41,13 @@ PUBLISHED = pd.DataFrame([
     ("DINOv2 study, Table 3 (test)", "ViT-S/14 with registers, linear head", 0.922, 0.925, 0.916),
 ], columns=["source", "model", "accuracy", "average_precision", "roc_auc"])  # fmt: skip
 
-METRICS = ("accuracy", "average_precision", "roc_auc")
+METRICS = (
+    "accuracy",
+    "average_precision",
+    "roc_auc",
+    "brier",
+    "ece",
+)  # brier, ece: calibration (lower is better)
 
 
 RANDOM_MARK = "PLUMBING CHECK: random weights, not a result"
@@ -344,7 +350,9 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
     header = (f"Runs under `{root}`: {len(summary)}; {cells_txt} (original views of the held-out donors). "
               "Metrics: mean ± sd over held-out donors; 95% CI: t-interval over donors of the mean, "
               "mean ± t(0.975, n-1)·sd/√n (metrics.json summary.<metric>.ci_low/ci_high; runs written before "
-              f"it carry a donor bootstrap CI, too narrow at 6 donors).{random_txt}")  # fmt: skip
+              "it carry a donor bootstrap CI, too narrow at 6 donors). brier and ece: calibration, lower is better "
+              "(ECE over 10 equal-width probability bins; per-run reliability.png); accuracy at a fixed 0.5 "
+              f"threshold, tuned on no donor.{random_txt}")  # fmt: skip
     headline = _headline(summary)
     md = ["# tprobe report", "", header, "", "## Measured", "", _md(table), "",
           "## Published reference numbers (not measured here)", "", _md(PUBLISHED), "",
@@ -358,6 +366,9 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
         roc = Path(r["run"]) / "roc.png"
         if roc.exists():
             figs.append(_img(roc, f"ROC, best {r['family']}: {r['label']}"))
+    rel = Path(ref_run) / "reliability.png"
+    if rel.exists():
+        figs.append(_img(rel, f"reliability (calibration), reference run: {Path(ref_run).name}"))
     conf = Path(best["run"]) / "confusion.png"
     if conf.exists():
         figs.append(_img(conf, f"confusion matrix, best run: {best['label']}"))

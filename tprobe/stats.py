@@ -34,7 +34,18 @@ __all__ = [
     "sign_flip_floor",
     "TEST_NOTE",
     "CI_METHOD",
+    "brier_score",
+    "expected_calibration_error",
+    "reliability_table",
+    "ECE_BINS",
+    "ECE_NOTE",
 ]
+
+ECE_BINS = 10
+ECE_NOTE = (
+    f"ECE: expected calibration error over {ECE_BINS} equal-width bins of p_activated on [0, 1], "
+    "sum over bins of (cells in bin / cells) x |activated fraction - mean p|; Brier: mean (p - label)^2"
+)
 
 CI_METHOD = "t over donors: mean ± t(0.975, n-1)·sd/√n"
 
@@ -62,6 +73,34 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float]:
         return float("nan"), float("nan")
     half = float(t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
     return float(v.mean() - half), float(v.mean() + half)
+
+
+def reliability_table(y, p, n_bins: int = ECE_BINS) -> pd.DataFrame:
+    """Per equal-width bin of ``p`` on [0, 1] (the last bin holds p = 1): n, mean p, activated fraction."""
+    y, p = np.asarray(y, dtype=float), np.clip(np.asarray(p, dtype=float), 0.0, 1.0)
+    b = np.minimum((p * n_bins).astype(int), n_bins - 1)
+    rows = []
+    for i in range(n_bins):
+        sel = b == i
+        rows.append({"bin": i, "low": i / n_bins, "high": (i + 1) / n_bins, "n": int(sel.sum()),
+                     "mean_p": float(p[sel].mean()) if sel.any() else np.nan,
+                     "frac_activated": float(y[sel].mean()) if sel.any() else np.nan})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(y, p, n_bins: int = ECE_BINS) -> float:
+    """ECE over ``n_bins`` equal-width bins: sum_b (n_b / n) |activated fraction_b - mean p_b|."""
+    t = reliability_table(y, p, n_bins)
+    t = t[t["n"] > 0]
+    if not len(t):
+        return float("nan")
+    return float((t["n"] * (t["frac_activated"] - t["mean_p"]).abs()).sum() / t["n"].sum())
+
+
+def brier_score(y, p) -> float:
+    """Mean squared difference between the predicted probability and the 0/1 label."""
+    y, p = np.asarray(y, dtype=float), np.asarray(p, dtype=float)
+    return float(np.mean((p - y) ** 2)) if len(y) else float("nan")
 
 
 def sign_flip_floor(n: int) -> float:
