@@ -252,3 +252,57 @@ def test_probe_run_reports_calibration_and_draws_a_reliability_diagram(tmp_path,
     src = {"kind": "store", "name": "rnd-cls", "pool": "cls", "model": "m", "random_init": True}
     ProbeRun(head="logreg", final_head=False).fit(_synthetic(source=src)).save(tmp_path / "r2")
     assert "random weights" in titles[0] and "logreg" in titles[0] and "cls" in titles[0]
+
+
+# ---- item 6: map chance levels within class --------------------------------------------------
+def _class_only_donors(seed=0):
+    """Features carry the class only; donors differ only in class mix (donor_1/2 90% activated,
+    donor_3/4 10%), and every batch holds one class, as in the T-cell data."""
+    from tprobe.embedmap import MapData
+
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    for d, frac in enumerate((0.9, 0.9, 0.1, 0.1), start=1):
+        for c in range(40):
+            label = int(c < frac * 40)
+            X.append(rng.normal(0, 1, 8) + 4.0 * label)
+            rows.append({"image_id": f"d{d}c{c}", "label": label, "donor": f"donor_{d}", "group": f"d{d}c{c}",
+                         "batch": f"donor_{d}·b{label}"})  # fmt: skip
+    return MapData(np.asarray(X, np.float32), pd.DataFrame(rows), "class-only")
+
+
+def test_map_measures_donor_and_batch_within_class():
+    from tprobe.embedmap import chance_given_class, diagnose
+
+    data = _class_only_donors()
+    diag = diagnose(data)
+    p, w = diag["predictability"], diag["within_class"]
+    # the naive view: donor looks predictable (well above the 0.25 majority rate) ...
+    assert p["donor"]["chance"] == pytest.approx(0.25) and p["donor"]["skill"] > 0.2
+    # ... but knowing the class alone does as well: (36 + 36) / 160 = 0.45
+    assert p["donor"]["chance_given_class"] == pytest.approx(0.45)
+    assert chance_given_class(data.meta["donor"], data.meta["label"]) == pytest.approx(0.45)
+    assert abs(p["donor"]["accuracy"] - p["donor"]["chance_given_class"]) < 0.08
+    # within each class the features say nothing about donor or batch
+    assert w["donor"]["chance"] == pytest.approx(0.45) and abs(w["donor"]["skill"]) < 0.1
+    assert abs(w["batch"]["skill"]) < 0.1 and set(w["donor"]["per_class"]) == {"activated", "quiescent"}
+    assert diag["warning"] is None
+
+
+def test_map_warns_on_donor_signal_within_class():
+    from tprobe.embedmap import MapData, diagnose
+
+    rng = np.random.default_rng(1)
+    rows, X = [], []
+    for d in range(4):
+        for c in range(40):
+            label = int(c % 2)
+            x = rng.normal(0, 1, 8)
+            x[d] += 3.0  # donor identity in the features, the class only faintly
+            x[5] += 0.3 * label
+            X.append(x)
+            rows.append({"image_id": f"d{d}c{c}", "label": label, "donor": f"donor_{d}", "group": f"d{d}c{c}",
+                         "batch": f"donor_{d}·b{label}"})  # fmt: skip
+    diag = diagnose(MapData(np.asarray(X, np.float32), pd.DataFrame(rows), "donor-driven"))
+    assert diag["within_class"]["donor"]["skill"] > 0.8
+    assert diag["warning"] and "donor" in diag["warning"] and "within each class" in diag["warning"]

@@ -221,7 +221,7 @@ def test_random_sources_are_marked():
 def test_map_flags_donor_driven_features_only():
     donor_driven = diagnose(map_data(synthetic(drive="donor", cells=40)))
     label_driven = diagnose(map_data(synthetic(drive="label", cells=40)))
-    assert donor_driven["warning"] and "donor is more predictable" in donor_driven["warning"]
+    assert donor_driven["warning"] and "donor and batch are more predictable" in donor_driven["warning"]
     assert label_driven["warning"] is None
     p = donor_driven["predictability"]
     assert p["donor"]["accuracy"] > 0.9 and p["donor"]["chance"] == pytest.approx(0.25)

@@ -772,7 +772,8 @@ def map_(stores, models, revision, pool, features, id_column, exclude, pixels, n
 
     Prints and saves how well activation, donor and batch can be predicted from the features (same
     classifier, CV grouped by cell, against the majority-class rate) and silhouettes by label, donor
-    and batch; warns when donor is more predictable than activation. Writes map-<source>.png,
+    and batch, and donor and batch within each class against that class's own chance (every batch holds one
+    class); warns when donor or batch within class is more predictable than activation. Writes map-<source>.png,
     map-<source>.parquet (coordinates) and diagnostics.json; the folder is the last line of stdout.
 
     \b
@@ -807,8 +808,14 @@ def map_(stores, models, revision, pool, features, id_column, exclude, pixels, n
                    + (" (random weights: plumbing check)" if diag["random_init"] else ""))  # fmt: skip
         for t, v in diag["predictability"].items():
             if v["accuracy"] is not None:
-                click.echo(f"   {t:<10s} predicted with accuracy {v['accuracy']:.3f} (chance {v['chance']:.3f}, "
+                given = (f", {v['chance_given_class']:.3f} knowing the class alone"
+                         if "chance_given_class" in v else "")  # fmt: skip
+                click.echo(f"   {t:<10s} predicted with accuracy {v['accuracy']:.3f} (chance {v['chance']:.3f}{given}, "
                            f"{v['n_classes']} classes; skill {v['skill']:.2f})")  # fmt: skip
+        for t, w in diag["within_class"].items():
+            sk = "–" if w["skill"] is None else f"{w['skill']:.2f}"
+            click.echo(f"   {t:<10s} within each class: accuracy {w['accuracy']:.3f} (chance within class "
+                       f"{w['chance']:.3f}; skill {sk})")  # fmt: skip
         sil = ", ".join(f"{k} {v:.3f}" for k, v in diag["silhouette"].items() if v is not None)
         click.echo(f"   silhouette (cosine): {sil}")
         if diag["warning"]:
