@@ -553,7 +553,7 @@ def _echo_table(df, floatfmt="{:.3f}"):
 )
 @click.option("--seed", default=0, show_default=True)
 @click.option(
-    "--bootstrap", "n_boot", default=2000, show_default=True, help="Bootstrap resamples for the CI."
+    "--bootstrap", "n_boot", default=2000, show_default=True, help="Deprecated, ignored (CI: t over donors)."
 )
 @click.option("--no-final-head", is_flag=True, help="Skip refitting a head on all donors (no predict).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
@@ -619,6 +619,8 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
                 random_seen.append(True)
                 click.echo(f"   {RANDOM_NOTE}")
             _echo_table(run.table())
+            click.echo(f"   accuracy, balanced accuracy, f1: {run.summary_['f1']['note']}; brier, ece: calibration "
+                       "(lower is better; ECE over 10 equal-width bins)")  # fmt: skip
             chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in run.chosen_)
             how = sorted({c.get("selection", "chosen by inner donor CV (mean AP)") for c in run.chosen_})
             click.echo(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
@@ -782,7 +784,7 @@ def curve(stores, models, revision, pool, features, id_column, exclude, keep_col
                                      "seed": seed, "split": split, "test_donor": test_donor,
                                      "train_views": train_views, "sources": meta,
                                      "random_init_sources": randoms})  # fmt: skip
-    click.echo("== mean ROC AUC over held-out donors [95% bootstrap over donors and draws]")
+    click.echo("== mean ROC AUC over held-out donors [95% t-interval over donors]")
     band = band.assign(auc=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
                             zip(band["mean"], band["low"], band["high"], strict=True)])  # fmt: skip
     wide = band.pivot(index=["source", "head"], columns="shots", values="auc")
@@ -808,7 +810,8 @@ def map_(stores, models, revision, pool, features, id_column, exclude, keep_colu
 
     Prints and saves how well activation, donor and batch can be predicted from the features (same
     classifier, CV grouped by cell, against the majority-class rate) and silhouettes by label, donor
-    and batch; warns when donor is more predictable than activation. Writes map-<source>.png,
+    and batch, and donor and batch within each class against that class's own chance (every batch holds one
+    class); warns when donor or batch within class is more predictable than activation. Writes map-<source>.png,
     map-<source>.parquet (coordinates) and diagnostics.json; the folder is the last line of stdout.
 
     \b
@@ -843,8 +846,14 @@ def map_(stores, models, revision, pool, features, id_column, exclude, keep_colu
                    + (" (random weights: plumbing check)" if diag["random_init"] else ""))  # fmt: skip
         for t, v in diag["predictability"].items():
             if v["accuracy"] is not None:
-                click.echo(f"   {t:<10s} predicted with accuracy {v['accuracy']:.3f} (chance {v['chance']:.3f}, "
+                given = (f", {v['chance_given_class']:.3f} knowing the class alone"
+                         if "chance_given_class" in v else "")  # fmt: skip
+                click.echo(f"   {t:<10s} predicted with accuracy {v['accuracy']:.3f} (chance {v['chance']:.3f}{given}, "
                            f"{v['n_classes']} classes; skill {v['skill']:.2f})")  # fmt: skip
+        for t, w in diag["within_class"].items():
+            sk = "–" if w["skill"] is None else f"{w['skill']:.2f}"
+            click.echo(f"   {t:<10s} within each class: accuracy {w['accuracy']:.3f} (chance within class "
+                       f"{w['chance']:.3f}; skill {sk})")  # fmt: skip
         sil = ", ".join(f"{k} {v:.3f}" for k, v in diag["silhouette"].items() if v is not None)
         click.echo(f"   silhouette (cosine): {sil}")
         if diag["warning"]:
@@ -1039,7 +1048,8 @@ def saliency(run_dir, n):
               "faster on a CPU).")  # fmt: skip
 @DEVICE_OPTION
 @click.option("--seed", default=0, show_default=True)
-@click.option("--bootstrap", "n_boot", default=2000, show_default=True)
+@click.option("--bootstrap", "n_boot", default=2000, show_default=True,
+              help="Deprecated, ignored: the 95% CI is now the t-interval over donors.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @data_options
 def baseline(name, split, test_donor, epochs, inception_weights, inception_size, device, seed, n_boot, out, data,
@@ -1082,31 +1092,42 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
 @main.command()
 @click.argument("runs_dir", type=click.Path(path_type=Path, exists=True), default=Path("runs"))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
-def report(runs_dir, out):
+@click.option("--reference", default=None,
+              help="Run folder name every other run is compared with (declare it before looking). Default: the "
+              "logreg probe on CLS tokens, else the frequency baseline, else the first run folder by name.")  # fmt: skip
+def report(runs_dir, out, reference):
     """Collect run directories into one table + figures: report.md, report.html, summary.parquet.
 
+    Paired comparisons: every run against one reference fixed in advance (--reference, or the
+    default rule, which reads no result), exact sign-flip test, Holm across those comparisons.
+
     \b
-    Example:
+    Examples:
       tprobe report runs/ --out report/
+      tprobe report runs/ --reference 20250101-120000-dinov2-small-reg-cls-logreg
     """
     from tprobe.report import PUBLISHED, write_report
     from tprobe.stats import TEST_NOTE
 
-    res = write_report(runs_dir, out)
+    res = write_report(runs_dir, out, reference=reference)
     for run in res["incomplete"]:
         click.echo(
             f"incomplete run {run}: no per_donor.parquet (interrupted?); left out of the report", err=True
         )
-    click.echo("== measured (mean ± sd over held-out donors; 95% CI: bootstrap over donors)")
+    click.echo("== measured (mean ± sd over held-out donors; 95% CI: t-interval over donors)")
     click.echo(res["table"].to_string(index=False))
     click.echo("== published reference numbers (not measured here)")
     click.echo(PUBLISHED.to_string(index=False, na_rep="–"))
     for line in res["headline"]:
         click.echo(line.replace("**", ""))
+    click.echo(res["batch_confound"].replace("`", ""))
     if len(res["paired"]):
-        click.echo("== paired comparisons: each run vs the best run on the same held-out donors")
+        click.echo(
+            "== paired comparisons: each run vs the pre-declared reference on the same held-out donors"
+        )
         click.echo(res["reference_line"].replace("`", ""))
         click.echo(res["paired"].drop(columns=["AUC diff per donor"]).to_string(index=False))
+        click.echo(res["bound_line"])
         click.echo(TEST_NOTE)
     for p in res["paths"]:
         click.echo(str(p))

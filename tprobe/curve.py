@@ -21,8 +21,8 @@ Choices, and why:
 - Original views only by default, so stores, one-row-per-image tables and pixels train on the same
   rows.
 
-The figure's band is a two-level bootstrap 95% interval of the mean AUC: donors resampled, then
-repeats within each donor (so it reflects both the donor-to-donor spread and the draw-to-draw one).
+The figure's band is the 95% t-interval of the mean AUC over donors (each donor's AUC first averaged
+over its draws, so the donor-to-donor spread carries the draw-to-draw one); see :func:`curve_band`.
 """
 
 from __future__ import annotations
@@ -154,9 +154,10 @@ class LabelCurve:
                 two = len(np.unique(yt)) == 2
                 rows.append({"k": kk, "shots": str(k), "repeat": r, "donor": donor, "fold": fold.index,
                              "n_train_cells": int(len(cells)), "n_train_rows": int(len(tr)),
+                             "n_train_activated": int(len(drawn[1])), "n_train_quiescent": int(len(drawn[0])),
                              "n_test_cells": int(sel.sum()), "prevalence": float(yt.mean()),
                              "roc_auc": roc_auc_score(yt, pt) if two else np.nan,
-                             "average_precision": average_precision_score(yt, pt) if yt.any() else np.nan,
+                             "average_precision": average_precision_score(yt, pt) if two else np.nan,
                              "balanced_accuracy": balanced_accuracy_score(yt, pt >= 0.5) if two else np.nan,
                              "accuracy": float(np.mean(yt == (pt >= 0.5)))})  # fmt: skip
             for c, cs in drawn.items():
@@ -172,16 +173,20 @@ class LabelCurve:
         self.draws_.to_parquet(out / "draws.parquet", index=False)
 
 
-def curve_band(results: pd.DataFrame, metric: str = "roc_auc", *, n_boot: int = 2000,
+def curve_band(results: pd.DataFrame, metric: str = "roc_auc", *, n_boot: int | None = None,
                seed: int = 0) -> pd.DataFrame:  # fmt: skip
-    """Per (source, head, shots): mean over donors and repeats, and the two-level bootstrap 95% band.
+    """Per (source, head, shots): mean over donors and repeats, and the t-interval 95% band.
 
-    The mean averages repeats within each donor, then donors. The band resamples donors with
-    replacement, then repeats within each resampled donor, and takes the 2.5 and 97.5 percentiles of
-    the mean. Donors whose metric is undefined (one class) are left out. ``x`` is ``k``, or for
-    ``all`` the mean number of training cells per class.
+    The mean averages repeats within each donor, then donors. The band is the t-interval over the
+    per-donor means (mean ± t_{0.975,D-1}·sd/√D, :func:`tprobe.stats.t_interval`): a donor's mean over
+    draws already carries the draw-to-draw noise, so the spread across donors holds both. With one
+    held-out donor it is the t-interval over that donor's draws (draw-to-draw spread only);
+    ``band_method`` says which. Donors whose metric is undefined (one class) are left out. ``x`` is
+    ``k``, or for ``all`` the mean number of training cells per class. ``n_boot`` and ``seed`` are
+    ignored (deprecated: the two-level percentile bootstrap they drove was too narrow at 6 donors).
     """
-    rng = np.random.default_rng(seed)
+    from tprobe.stats import t_interval
+
     rows = []
     for (src, head, shots), d in results.groupby(["source", "head", "shots"], sort=False):
         wide = d.pivot_table(index="donor", columns="repeat", values=metric, aggfunc="mean")
@@ -191,14 +196,25 @@ def curve_band(results: pd.DataFrame, metric: str = "roc_auc", *, n_boot: int = 
             continue
         per_donor = np.nanmean(v, axis=1)
         D, R = v.shape
-        di = rng.integers(D, size=(n_boot, D))
-        ri = rng.integers(R, size=(n_boot, D, R))
-        boots = np.nanmean(v[di[..., None], ri], axis=(1, 2))
+        if D > 1:
+            (lo, hi), how = t_interval(per_donor), "t over donors"
+        else:
+            (lo, hi), how = t_interval(v[0]), "t over draws (one donor)"
         x = float(d["k"].iloc[0]) if shots != "all" else float(d["n_train_cells"].mean() / 2)
         rows.append({"source": src, "head": head, "shots": shots, "x": x, "mean": float(per_donor.mean()),
-                     "low": float(np.percentile(boots, 2.5)), "high": float(np.percentile(boots, 97.5)),
-                     "n_donors": D, "n_repeats": R})  # fmt: skip
+                     "low": lo, "high": hi, "n_donors": D, "n_repeats": R, "band_method": how})  # fmt: skip
     return pd.DataFrame(rows).sort_values(["source", "head", "x"]).reset_index(drop=True)
+
+
+def all_label(results: pd.DataFrame, source: str, head: str) -> str:
+    """The ``all`` tick: the training cells per class it used (mean over folds), e.g. ``all\n(~120 act / ~60 qui)``.
+
+    The x position of ``all`` is the mean per class; with unequal classes the tick names both counts.
+    """
+    r = results[(results["source"] == source) & (results["head"] == head) & (results["shots"] == "all")]
+    if {"n_train_activated", "n_train_quiescent"} <= set(r.columns) and r["n_train_activated"].notna().all():
+        return f"all\n(~{r['n_train_activated'].mean():.0f} act /\n~{r['n_train_quiescent'].mean():.0f} qui)"
+    return f"all\n(~{r['n_train_cells'].mean():.0f} cells)"  # curves written before the per-class counts
 
 
 @plain_text
@@ -226,8 +242,10 @@ def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_au
     ax.set_xscale("log", base=2)
     ticks = sorted(set(band["x"]))
     names = {float(x): s for x, s in zip(band["x"], band["shots"], strict=True) if s != "all"}
+    names.update({float(x): all_label(results, src, h) for x, s, src, h in
+                  zip(band["x"], band["shots"], band["source"], band["head"], strict=True) if s == "all"})  # fmt: skip
     ax.set_xticks(ticks)
-    ax.set_xticklabels([names.get(float(t), f"all\n(~{t:.0f}/class)") for t in ticks], fontsize=8)
+    ax.set_xticklabels([names[float(t)] for t in ticks], fontsize=7)
     ax.minorticks_off()
     ax.set_xlabel("labelled cells per class (drawn from the training donors; log scale)")
     nice = {
@@ -244,7 +262,8 @@ def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_au
     split = "leave-one-donor-out" if n_d > 1 else "one held-out donor"
     ax.set_title(title or (f"Label efficiency: {', '.join(heads)} head{'s' if len(heads) > 1 else ''}, {split} "
                            f"({n_d} donor{'s' if n_d > 1 else ''}), {reps} draws per k\nline: mean; band: 95% "
-                           "bootstrap over donors and draws"), fontsize=9)  # fmt: skip
+                           + ("t-interval over donors" if n_d > 1 else "t-interval over draws")),
+                 fontsize=9)  # fmt: skip
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(alpha=0.25)
     fig.savefig(out, dpi=120, bbox_inches="tight")

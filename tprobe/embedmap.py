@@ -11,9 +11,14 @@ footing, how well the pooled features predict **activation**, **donor** and **im
   (1 - chance), which puts a 2-class and a 6-class target on one scale (0 = chance, 1 = perfect);
 - silhouette scores (cosine) of the features grouped by label, by donor and by batch.
 
-A warning is raised when donor skill exceeds activation skill. Batch is ``donor·batch`` (the
-manifest's ``batch`` column numbers batches within a donor); it is absent when the data has no
-batch column.
+Every imaging batch holds one class and the class mix differs by donor, so knowing activation alone
+already predicts donor and batch better than the majority rate. Donor and batch are therefore also
+measured **within each class** (:func:`within_class`): the same classifier and CV run on the cells of
+one class at a time, against that class's own majority rate, pooled over classes weighted by cells
+(the conditional chance). ``chance_given_class`` is what knowing the class alone would score on the
+whole data. The warning compares like with like: donor (and batch) skill within class, beyond what
+the class gives away, against activation skill. Batch is ``donor·batch`` (the manifest's ``batch``
+column numbers batches within a donor); it is absent when the data has no batch column.
 
 :func:`embed` computes 2-D PCA and UMAP (``umap-learn``) of the standardised features; :func:`plot_map`
 draws them coloured by label, donor and batch, side by side.
@@ -38,7 +43,17 @@ from tprobe.errors import TprobeError
 from tprobe.features import FeatureSet
 from tprobe.plots import plain_text
 
-__all__ = ["MapData", "map_data", "diagnose", "embed", "plot_map", "predictability", "PCA_DIMS"]
+__all__ = [
+    "MapData",
+    "map_data",
+    "diagnose",
+    "embed",
+    "plot_map",
+    "predictability",
+    "within_class",
+    "chance_given_class",
+    "PCA_DIMS",
+]
 
 PCA_DIMS = 64  # the diagnostic classifier sees the top principal components (fitted in each training fold)
 
@@ -108,6 +123,38 @@ def predictability(X: np.ndarray, target, groups, *, n_splits: int = 5, seed: in
             "skill": (acc - chance) / (1 - chance), "n_classes": int(len(classes)), "n_splits": k}  # fmt: skip
 
 
+def chance_given_class(target, label) -> float:
+    """Accuracy of guessing ``target`` from the class alone: each class's most common target value."""
+    t = pd.DataFrame(
+        {"t": pd.Series(target).astype(str).to_numpy(), "c": pd.Series(label).astype(str).to_numpy()}
+    )
+    return float(t.groupby("c")["t"].agg(lambda v: v.value_counts().iloc[0]).sum() / len(t))
+
+
+def within_class(X: np.ndarray, target, label, groups, *, seed: int = 0) -> dict:
+    """:func:`predictability` of ``target`` within each class of ``label``, pooled weighted by cells.
+
+    ``chance`` is the within-class majority rate pooled the same way (= :func:`chance_given_class`);
+    ``skill`` = (accuracy - chance) / (1 - chance): what the features say about ``target`` beyond the
+    class. ``per_class`` keeps each class's own numbers.
+    """
+    t = pd.Series(target).astype(str).to_numpy()
+    c = pd.Series(label).astype(str).to_numpy()
+    g = np.asarray(groups)
+    per, acc_n, ch_n, n = {}, 0.0, 0.0, 0
+    for cls in sorted(set(c)):
+        sel = c == cls
+        r = predictability(X[sel], t[sel], g[sel], seed=seed)
+        per[cls] = {**r, "n_cells": int(sel.sum())}
+        acc = r["accuracy"] if r["accuracy"] is not None else r["chance"]  # one value: always right
+        acc_n += acc * sel.sum()
+        ch_n += r["chance"] * sel.sum()
+        n += int(sel.sum())
+    acc, chance = acc_n / n, ch_n / n
+    skill = (acc - chance) / (1 - chance) if chance < 1 else None
+    return {"accuracy": float(acc), "chance": float(chance), "skill": skill, "per_class": per}
+
+
 def _silhouette(Z: np.ndarray, labels) -> float | None:
     labels = pd.Series(labels).astype(str).to_numpy()
     if len(np.unique(labels)) < 2 or len(np.unique(labels)) >= len(labels):
@@ -126,21 +173,36 @@ def diagnose(data: MapData, *, seed: int = 0) -> dict:
     if meta["batch"].notna().all():
         targets["batch"] = meta["batch"]
     pred = {t: predictability(X, v, groups, seed=seed) for t, v in targets.items()}
+    within = {}
+    for t in [t for t in targets if t != "activation"]:
+        pred[t]["chance_given_class"] = chance_given_class(targets[t], label)
+        within[t] = within_class(X, targets[t], label, groups, seed=seed)
     Z = StandardScaler().fit_transform(X)
     sil = {
         t: _silhouette(Z, v)
         for t, v in {"label": label, **{k: v for k, v in targets.items() if k != "activation"}}.items()
     }
     warning = None
-    a, d = pred["activation"]["skill"], pred["donor"]["skill"]
-    if a is not None and d is not None and d > a:
-        warning = (f"WARNING {data.name}: donor is more predictable than activation (skill {d:.2f} vs {a:.2f}, "
-                   "0 = chance, 1 = perfect): the features carry donor identity; trust only donor-held-out results")  # fmt: skip
+    a = pred["activation"]["skill"]
+    over = [
+        (t, w["skill"])
+        for t, w in within.items()
+        if w["skill"] is not None and a is not None and w["skill"] > a
+    ]
+    if over:
+        names = " and ".join(t for t, _ in over)
+        skills = ", ".join(f"{t} {s_:.2f}" for t, s_ in over)
+        warning = (f"WARNING {data.name}: {names} {'is' if len(over) == 1 else 'are'} more predictable than activation "
+                   f"within each class (skill within class {skills} vs activation {a:.2f}; 0 = chance, 1 = perfect; "
+                   "measured against each class's own majority rate, so beyond what the class gives away): the "
+                   "features carry donor/batch identity; trust only donor-held-out results")  # fmt: skip
     return {"source": data.name, "n_cells": int(len(meta)), "n_features": int(X.shape[1]),
-            "predictability": pred, "silhouette": sil, "warning": warning,
+            "predictability": pred, "within_class": within, "silhouette": sil, "warning": warning,
             "method": "multinomial logistic regression (C=0.1) on the top 64 PCs of standardised features, 5-fold CV stratified and grouped "
                       "by cell; chance = majority-class rate; skill = (accuracy - chance) / (1 - chance); "
-                      "silhouette: cosine on standardised features"}  # fmt: skip
+                      "chance_given_class = accuracy of guessing from the class alone; within_class = the same "
+                      "classifier on one class's cells at a time against that class's majority rate, pooled "
+                      "weighted by cells; silhouette: cosine on standardised features"}  # fmt: skip
 
 
 def embed(data: MapData, *, umap: bool = True, seed: int = 0) -> pd.DataFrame:
@@ -222,9 +284,17 @@ def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | 
             return f"{t}: –"
         return f"{t}: accuracy {v['accuracy']:.2f} (chance {v['chance']:.2f}, skill {v['skill']:.2f})"
 
+    def fmt_within(t, w):
+        sk = "–" if w["skill"] is None else f"{w['skill']:.2f}"
+        return f"{t} {w['accuracy']:.2f} (chance within class {w['chance']:.2f}, skill {sk})"
+
+    within = diag.get("within_class") or {}
     sil = ", ".join(f"{k} {v:.3f}" for k, v in s.items() if v is not None)
     text = ("Predictable from the features (5-fold CV grouped by cell; skill 0 = chance, 1 = perfect): "
-            + "; ".join(fmt(t) for t in p) + f".\nSilhouette (cosine; higher = tighter clusters): {sil}."
+            + "; ".join(fmt(t) for t in p) + "."
+            + ("\nWithin each class (every batch holds one class; chance = each class's majority rate): "
+               + "; ".join(fmt_within(t, w) for t, w in within.items()) + "." if within else "")
+            + f"\nSilhouette (cosine; higher = tighter clusters): {sil}."
             + (f"\n{diag['warning']}" if diag.get("warning") else ""))  # fmt: skip
     fig.suptitle(title or f"{diag['source']}: {diag['n_cells']} cells (original views)",
                  fontsize=10)  # fmt: skip

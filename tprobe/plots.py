@@ -19,6 +19,7 @@ __all__ = [
     "sweep_bars",
     "learning_curves",
     "plain_text",
+    "reliability_diagram",
 ]
 
 
@@ -112,6 +113,44 @@ def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold:
     names = ["quiescent", "activated"]
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=names, yticklabels=names,
            xlabel="predicted", ylabel="true", title="out-of-fold predictions")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)
+
+
+@plain_text
+def reliability_diagram(predictions: pd.DataFrame, out: str | Path, *, title: str = "") -> Path:
+    """Reliability diagram of the out-of-fold predictions: activated fraction against mean predicted
+    probability in 10 equal-width bins, all held-out donors pooled (thick) and per donor (thin), with
+    the per-donor Brier score and ECE in the legend and the cells per bin below."""
+    import textwrap
+
+    from tprobe.stats import ECE_BINS, brier_score, expected_calibration_error, reliability_table
+
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(4.8, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8, label="perfectly calibrated")
+    for donor, d in predictions.groupby("donor"):
+        t = reliability_table(d["label"], d["p_activated"])
+        t = t[t["n"] > 0]
+        b, e = (
+            brier_score(d["label"], d["p_activated"]),
+            expected_calibration_error(d["label"], d["p_activated"]),
+        )
+        ax.plot(t["mean_p"], t["frac_activated"], "-o", ms=2.5, lw=0.9, alpha=0.7,
+                label=f"{donor} (Brier {b:.3f}, ECE {e:.3f})")  # fmt: skip
+    y, p = predictions["label"], predictions["p_activated"]
+    t = reliability_table(y, p)
+    full = t[t["n"] > 0]
+    ax.plot(full["mean_p"], full["frac_activated"], "-s", c="k", ms=4, lw=2.0,
+            label=f"all donors (Brier {brier_score(y, p):.3f}, ECE {expected_calibration_error(y, p):.3f})")  # fmt: skip
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="activated fraction in bin")
+    head = f"Reliability: {title}" if title else "Reliability of out-of-fold predictions"
+    ax.set_title("\n".join(textwrap.wrap(head, 56)) + f"\n{ECE_BINS} equal-width bins; held-out donors only",
+                 fontsize=8)  # fmt: skip
+    ax.legend(fontsize=6, loc="upper left")
+    hx.bar((t["low"] + t["high"]) / 2, t["n"], width=1 / ECE_BINS * 0.9, color="grey")
+    hx.set(xlabel="predicted probability of activated (bin)", ylabel="cells")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -18,7 +18,17 @@ from tprobe.plots import plain_text
 from tprobe.runs import RunRecord, read_json
 
 log = logging.getLogger(__name__)
-__all__ = ["collect_runs", "write_report", "display_table", "is_random_init", "PUBLISHED", "RANDOM_MARK"]
+__all__ = [
+    "collect_runs",
+    "write_report",
+    "display_table",
+    "is_random_init",
+    "choose_reference",
+    "PUBLISHED",
+    "RANDOM_MARK",
+    "REFERENCE_RULE",
+    "BATCH_CONFOUND",
+]
 
 # Published results, as reported (not measured here).
 PUBLISHED = pd.DataFrame([
@@ -32,7 +42,13 @@ PUBLISHED = pd.DataFrame([
     ("DINOv2 study, Table 3 (test)", "ViT-S/14 with registers, linear head", 0.922, 0.925, 0.916),
 ], columns=["source", "model", "accuracy", "average_precision", "roc_auc"])  # fmt: skip
 
-METRICS = ("accuracy", "average_precision", "roc_auc")
+METRICS = (
+    "accuracy",
+    "average_precision",
+    "roc_auc",
+    "brier",
+    "ece",
+)  # brier, ece: calibration (lower is better)
 
 
 RANDOM_MARK = "PLUMBING CHECK: random weights, not a result"
@@ -65,7 +81,8 @@ def _family(record) -> tuple[str, str]:
 def collect_runs(root: str | Path) -> pd.DataFrame:
     """One row per run directory below ``root`` (any folder with config.json + metrics.json).
 
-    Columns: family, model (model · pool · head), run_name (the run folder), random_init, split,
+    Columns: family, model (model · pool · head), run_name (the run folder), random_init, command, head,
+    pool (store runs), baseline (baseline runs), split,
     n_donors, n_cells (cells scored, summed over held-out donors), ``<metric>_{mean,sd,ci_low,ci_high}``,
     run (path) and label (model + run name, unique per run).
     """
@@ -87,7 +104,10 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         family, name = _family(record)
         folds = met.get("folds", [])
         row = {"family": family, "model": name, "run_name": run.name, "random_init": record.random_weights,
-               "split": record.options.get("split"), "n_donors": len(folds),
+               "command": record.command, "head": record.options.get("head"),
+               "pool": record.features.pool if record.features.kind == "store" else None,
+               "baseline": record.options.get("baseline"), "split": record.options.get("split"),
+               "n_donors": len(folds),
                "n_cells": int(sum(int(f.get("n") or 0) for f in folds)), "run": str(run)}  # fmt: skip
         for m in METRICS:
             s = met["summary"].get(m, {})
@@ -111,6 +131,67 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
     return out
 
 
+REFERENCE_RULE = (
+    "the default reference is fixed by a rule that reads no result: the logistic-regression probe on CLS "
+    "tokens (a model without random weights; with several, the first run folder by name), else the "
+    "frequency baseline, else the first run folder by name (preferring runs without random weights); "
+    "`tprobe report --reference NAME` sets it"
+)
+
+BATCH_CONFOUND = (
+    "Batch confound: every imaging batch holds one class (all activated or all quiescent), so features "
+    "that recognise the batch or the donor also separate the classes; only donor-held-out numbers count, "
+    "and `tprobe map` reports donor and batch predictability within each class."
+)
+
+
+def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[str, str]:
+    """The run every other run is compared with, and a sentence saying how it was chosen.
+
+    ``name`` (``--reference``): a run folder's name, its path, or a part of its name matching one run
+    only; a name matching no run, or several, is a one-line error. Without ``name`` the rule in
+    :data:`REFERENCE_RULE` picks it; it never looks at a metric, so the comparisons are declared
+    before the results are seen.
+    """
+    runs = summary.sort_values("run")
+    if name is not None:
+        hit = runs[(runs["run_name"] == name) | (runs["run"] == str(name))]
+        if not len(hit):
+            hit = runs[runs["run_name"].str.contains(str(name), regex=False)]
+        if len(hit) != 1:
+            have = ", ".join(runs["run_name"])
+            what = (
+                "matches no run"
+                if not len(hit)
+                else f"matches {len(hit)} runs ({', '.join(hit['run_name'])})"
+            )
+            raise TprobeError(f"--reference {name!r} {what}; use one run folder name of: {have}")
+        return hit["run"].iloc[
+            0
+        ], f"`{hit['run_name'].iloc[0]}`, named with --reference before the results were read"
+
+    def col(c):
+        return runs[c] if c in runs.columns else pd.Series(None, index=runs.index)
+
+    logreg_cls = runs[(col("command") == "probe") & (col("head") == "logreg") & (col("pool") == "cls")
+                      & ~runs["random_init"].astype(bool)]  # fmt: skip
+    if len(logreg_cls):
+        r = logreg_cls.iloc[0]
+        why = "the logistic-regression probe on CLS tokens" + (
+            f" (the first of {len(logreg_cls)} such runs by folder name)" if len(logreg_cls) > 1 else ""
+        )
+    else:
+        freq = runs[(col("command") == "baseline") & (col("baseline") == "frequency")]
+        if len(freq):
+            r, why = freq.iloc[0], "the frequency baseline (no logistic-regression probe on CLS tokens here)"
+        else:
+            real = runs[~runs["random_init"].astype(bool)]
+            r = (real if len(real) else runs).iloc[0]
+            why = ("the first run folder by name (without random weights, if any): neither a logistic-regression "
+                   "probe on CLS tokens nor a frequency baseline is here")  # fmt: skip
+    return r["run"], f"`{r['run_name']}`, {why}; fixed by rule before the results were read"
+
+
 def _fmt(mean, sd) -> str:
     if mean is None or pd.isna(mean):
         return "–"
@@ -124,7 +205,7 @@ def _ci(lo, hi) -> str:
 
 
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Printable table: mean ± sd over donors, the bootstrap 95% CI of the mean, and the status mark."""
+    """Printable table: mean ± sd over donors, the 95% CI of the mean (t over donors), and the status mark."""
     t = summary[["family", "model", "run_name", "n_donors", "n_cells"]].copy()
     for m in METRICS:
         t[m] = [_fmt(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_sd"], strict=True)]
@@ -224,25 +305,46 @@ def _paired_display(pairs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_report(root: str | Path, out: str | Path) -> dict:
+def donors_bound_line(n: int, m: int = 1) -> str:
+    """One line: how finely ``n`` donors (and ``m`` Holm-corrected comparisons) let runs be ranked."""
+    from tprobe.stats import sign_flip_floor
+
+    if n < 1:
+        return ""
+    floor = sign_flip_floor(n)
+    line = f"With {n} held-out donors the smallest two-sided sign-flip p-value is 2/2^{n} = {floor:.3f}"
+    if m > 1:
+        line += f"; Holm across {m} comparisons, the smallest adjusted p is {min(1.0, m * floor):.3f}"
+    return line + ": n donors bound what can be ranked, whatever the differences."
+
+
+def write_report(root: str | Path, out: str | Path, *, reference: str | None = None) -> dict:
     """Write report.md, report.html (figures embedded), summary.parquet and summary.csv into ``out``.
 
-    Besides the table: each run against the best run (by mean ROC AUC) on the same held-out donors,
-    with the exact paired sign-flip test and Holm's correction (:mod:`tprobe.stats`).
+    Besides the table: each run against one reference run declared in advance (``reference``, a run
+    folder name; default :func:`choose_reference`'s rule, which reads no result) on the same held-out
+    donors, with the exact paired sign-flip test and Holm's correction across those comparisons
+    (:mod:`tprobe.stats`).
     """
     from tprobe.stats import TEST_NOTE, paired_comparisons
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     summary = collect_runs(root)
+    ref_run, ref_why = choose_reference(
+        summary, reference
+    )  # a bad --reference stops before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     summary.to_parquet(out / "summary.parquet", index=False)
     summary.to_csv(out / "summary.csv", index=False)
     table = display_table(summary)
-    pairs = paired_comparisons(summary)
+    pairs = paired_comparisons(summary, against=ref_run)
     pairs.to_csv(out / "paired.csv", index=False)
     paired = _paired_display(pairs, summary)
-    ref_line = (f"Reference: the best run by mean ROC AUC, `{Path(pairs['reference'].iloc[0]).name}`; "
-                "diff = run minus reference, per held-out donor, then averaged.") if len(pairs) else ""  # fmt: skip
+    ref_line = (f"Reference: {ref_why}. Every other run is compared with it (declared before looking; Holm "
+                "across these comparisons); diff = run minus reference, per held-out donor, then averaged.")  # fmt: skip
+    n_ref = int(summary.set_index("run").loc[ref_run, "n_donors"])
+    m_tests = int(pairs.loc[pairs["metric"] == "roc_auc", "p"].notna().sum()) if len(pairs) else 0
+    bound_line = donors_bound_line(n_ref, m_tests)
     dots = _donor_auc_plot(summary, out / "donor_auc.png")
     best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
     best_per_family = summary.loc[summary.groupby("family")["roc_auc_mean"].idxmax()]
@@ -256,20 +358,27 @@ def write_report(root: str | Path, out: str | Path) -> dict:
     incomplete_txt = (f" Incomplete (interrupted, no per_donor.parquet), left out: "
                       f"{', '.join(Path(r).name for r in incomplete)}." if incomplete else "")  # fmt: skip
     header = (f"Runs under `{root}`: {len(summary)}; {cells_txt} (original views of the held-out donors). "
-              "Metrics: mean ± sd over held-out donors; 95% CI: bootstrap over donors of the mean "
-              f"(metrics.json summary.<metric>.ci_low/ci_high).{random_txt}{incomplete_txt}")  # fmt: skip
+              "Metrics: mean ± sd over held-out donors; 95% CI: t-interval over donors of the mean, "
+              "mean ± t(0.975, n-1)·sd/√n (metrics.json summary.<metric>.ci_low/ci_high; runs written before "
+              "it carry a donor bootstrap CI, too narrow at 6 donors). brier and ece: calibration, lower is better "
+              "(ECE over 10 equal-width probability bins; per-run reliability.png); accuracy at a fixed 0.5 "
+              f"threshold, tuned on no donor.{random_txt}{incomplete_txt}")  # fmt: skip
     headline = _headline(summary)
     md = ["# tprobe report", "", header, "", "## Measured", "", _md(table), "",
           "## Published reference numbers (not measured here)", "", _md(PUBLISHED), "",
           *[line + "\n" for line in headline],
-          "## Paired comparisons (each run vs the best run, same held-out donors)", "", ref_line, "",
-          _md(paired) if len(paired) else "Only one run: nothing to compare.", "", TEST_NOTE, "",
+          BATCH_CONFOUND, "",
+          "## Paired comparisons (each run vs the pre-declared reference, same held-out donors)", "", ref_line, "",
+          _md(paired) if len(paired) else "Only one run: nothing to compare.", "", bound_line, "", TEST_NOTE, "",
           "![per-donor AUC](donor_auc.png)", ""]  # fmt: skip
     figs = [_img(dots, "ROC AUC per held-out donor; colour = donor, bar = mean")]
     for _, r in best_per_family.iterrows():
         roc = Path(r["run"]) / "roc.png"
         if roc.exists():
             figs.append(_img(roc, f"ROC, best {r['family']}: {r['label']}"))
+    rel = Path(ref_run) / "reliability.png"
+    if rel.exists():
+        figs.append(_img(rel, f"reliability (calibration), reference run: {Path(ref_run).name}"))
     conf = Path(best["run"]) / "confusion.png"
     if conf.exists():
         figs.append(_img(conf, f"confusion matrix, best run: {best['label']}"))
@@ -289,7 +398,8 @@ img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:b
 <h2>Measured</h2>{table_html}
 <h2>Published reference numbers (not measured here)</h2><div class="ref">{PUBLISHED.to_html(index=False, na_rep="–")}</div>
 {"".join(f"<p>{html.escape(line)}</p>" for line in headline)}
-<h2>Paired comparisons (each run vs the best run, same held-out donors)</h2><p>{html.escape(ref_line)}</p>{paired_html}<p>{html.escape(TEST_NOTE)}</p>
+<p>{html.escape(BATCH_CONFOUND)}</p>
+<h2>Paired comparisons (each run vs the pre-declared reference, same held-out donors)</h2><p>{html.escape(ref_line)}</p>{paired_html}<p>{html.escape(bound_line)}</p><p>{html.escape(TEST_NOTE)}</p>
 <h2>Figures</h2>{"".join(figs)}</body></html>"""
     (out / "report.html").write_text(page)
     return {
@@ -299,5 +409,8 @@ img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:b
         "headline": headline,
         "reference_line": ref_line,
         "incomplete": incomplete,
+        "reference": ref_run,
+        "bound_line": bound_line,
+        "batch_confound": BATCH_CONFOUND,
         "paths": [out / "report.md", out / "report.html", out / "summary.parquet", out / "paired.csv"],
     }

@@ -4,7 +4,8 @@ Contents: ``config.json`` (the :class:`RunRecord`: command, options, feature sou
 whether the model had random weights), ``metrics.json`` (``summary.<metric>.{mean,sd,ci_low,
 ci_high}``, ``folds[]``, ``reference``), ``per_donor.parquet``, ``predictions.parquet``
 (``image_id, donor, group, label, p_activated, fold``), ``splits.json``, figures, and the final
-head refit on every donor (``head.skops``, data only — see :mod:`tprobe.heads`).
+head refit on every donor (``head.skops``, data only — see :mod:`tprobe.heads`). Figures: ``roc.png``,
+``confusion.png`` and ``reliability.png`` (calibration: 10 equal-width bins, Brier and ECE per donor).
 
 Everything that reads a run (predict, report, saliency, finetune --resume, sweeps) goes through
 :meth:`RunRecord.load`; nothing in a run directory is unpickled.
@@ -284,7 +285,7 @@ class RunRecord:
 
 def save_run(run: Path, *, record: RunRecord, evaluation, plan, meta, chosen=None) -> Path:
     """Write the shared run-directory files (record, metrics, splits, predictions, figures) into ``run``."""
-    from tprobe.plots import confusion_matrix_plot, roc_curves
+    from tprobe.plots import confusion_matrix_plot, reliability_diagram, roc_curves
 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
@@ -297,4 +298,5 @@ def save_run(run: Path, *, record: RunRecord, evaluation, plan, meta, chosen=Non
     evaluation.predictions.to_parquet(run / "predictions.parquet", index=False)
     roc_curves(evaluation.predictions, run / "roc.png", title=record.title)
     confusion_matrix_plot(evaluation.predictions, run / "confusion.png")
+    reliability_diagram(evaluation.predictions, run / "reliability.png", title=record.title)
     return run
