@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -56,16 +57,18 @@ def main(verbose: bool):
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     logging.getLogger("tprobe").setLevel(logging.INFO)  # our own progress and notes reach stderr
-    try:
-        import transformers
-
+    # read by transformers / huggingface_hub when a command first imports them (commands that load no
+    # model never do: --help, status, report, export start without torch or transformers); retries and
+    # advisory warnings are ours to summarise. Set them yourself to see more.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # imported already (tests, a notebook calling main): quiet it now
+        transformers = sys.modules["transformers"]
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         import huggingface_hub
 
-        huggingface_hub.utils.logging.set_verbosity_error()  # retries are ours to summarise
-    except ImportError:  # pragma: no cover
-        pass
+        huggingface_hub.utils.logging.set_verbosity_error()
 
 
 # ---- shared options -----------------------------------------------------------------------
