@@ -231,6 +231,12 @@ def test_unsupported_pixel_types_are_refused_with_the_bit_depth(tmp_path, dtype,
         TprobeError, match=rf"a.tif: {re.escape(says)} are not supported; .*\(uint8, uint16\)"
     ):
         read_image(tmp_path / "a.tif")
+    # in a dataset: refused once (exit 2), counted, not skipped file by file nor read as "dim" cells
+    data = copy_subset(tmp_path / "data", donors=("donor_1",), per_class=2)
+    shutil.copy(tmp_path / "a.tif", data / "donor_1" / "activated" / "a.tif")
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(data), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and not (tmp_path / "p").exists()
+    assert f"1 of 5 images have pixels tprobe cannot scale, e.g. {data}" in r.output and says in r.output
 
 
 def test_a_too_low_max_value_is_refused_once_with_the_count(tmp_path):

@@ -170,7 +170,7 @@ def _walk(top: Path, skipped: list | None = None) -> tuple[list[Path], list[Path
         st = os.stat(path)
         return st.st_dev, st.st_ino
 
-    def visit(folder: Path, above: dict) -> None:
+    def visit(folder: Path, above: set) -> None:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
@@ -192,10 +192,10 @@ def _walk(top: Path, skipped: list | None = None) -> tuple[list[Path], list[Path
                                        "above it; not followed: remove the link or point it elsewhere"))  # fmt: skip
             else:
                 folders.append(path)
-                visit(path, {**above, k: path})
+                visit(path, above | {k})
 
     real = Path(os.path.realpath(top))
-    visit(top, {key(a): a for a in (real, *real.parents)} | {key(top): top})
+    visit(top, {key(a) for a in (real, *real.parents)})
     return folders, files
 
 

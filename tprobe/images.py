@@ -49,6 +49,10 @@ class AboveMaxValue(TprobeError):
         self.path, self.value, self.top, self.n_pixels, self.channel = path, value, top, n_pixels, channel
 
 
+class UnsupportedPixels(TprobeError):
+    """Pixels with no fixed 0..top scale (signed, 32-bit, float); preprocess refuses them once, counted."""
+
+
 def check_regular(path: str | Path) -> None:
     """Refuse anything but a regular file (after symlinks) before it is opened: a FIFO blocks the
     reader forever and a device (``/dev/zero``) never ends."""
@@ -283,7 +287,7 @@ def _to_8bit_scale(
         arr.dtype.kind != "u" or arr.dtype.itemsize != 2
     ):  # signed (negative values), 32-bit or float: no fixed 0..top scale
         kind = {"i": "signed integer", "u": "unsigned integer", "f": "floating-point"}.get(arr.dtype.kind, "")
-        raise TprobeError(f"{path}: {arr.dtype.itemsize * 8}-bit {kind or str(arr.dtype)} pixels ({arr.dtype}) are "
+        raise UnsupportedPixels(f"{path}: {arr.dtype.itemsize * 8}-bit {kind or str(arr.dtype)} pixels ({arr.dtype}) are "
                           "not supported; tprobe reads unsigned 8- or 16-bit integers (uint8, uint16): convert "
                           "the file")  # fmt: skip
     top = float(max_value if max_value is not None else np.iinfo(arr.dtype).max)

@@ -47,6 +47,7 @@ from tprobe.images import (
     CHANNEL,
     DEFAULT_MAX_PIXELS,
     AboveMaxValue,
+    UnsupportedPixels,
     bit_depth,
     check_regular,
     read_channels,
@@ -389,6 +390,7 @@ def preprocess(
     rows, skipped, seen = [], list(dataset.skipped), {}
     first = None  # (pixel type, path) of the first multi-channel cell read
     above: list[AboveMaxValue] = []  # cells over --max-value: refused together, never skipped one by one
+    untyped: list[UnsupportedPixels] = []  # signed/32-bit/float cells: refused together, counted
     records = dataset.table.to_dict("records")
     for rec in tqdm(records, desc="preprocess", unit="img", disable=None if progress else True):
         path = rec["path"]
@@ -400,6 +402,9 @@ def preprocess(
             raise
         except AboveMaxValue as exc:
             above.append(exc)
+            continue
+        except UnsupportedPixels as exc:
+            untyped.append(exc)
             continue
         except (OSError, TprobeError) as exc:
             msg = str(exc) if isinstance(exc, TprobeError) else f"{path}: cannot be read ({exc})"
@@ -426,6 +431,10 @@ def preprocess(
         for view in config.view_names:
             rows.append({**base, "view": view, "image_id": f"{sid}_{view}", "kept": True,
                          "drop_reason": ""})  # fmt: skip
+    if untyped:  # every cell would be "dim" (or worse): refuse, never skip them one by one
+        raise TprobeError(
+            f"{len(untyped)} of {len(records)} images have pixels tprobe cannot scale, e.g. {untyped[0]}"
+        )
     if above:  # skipping them would keep the dim cells and drop the bright ones: a selection by brightness
         top = max(above, key=lambda e: e.value)
         raise TprobeError(f"--max-value {top.top:g} is below the data: {len(above)} of {len(records)} images have "
