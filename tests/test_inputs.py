@@ -143,6 +143,20 @@ def test_symlinked_donor_and_class_folders_are_followed_and_a_loop_is_listed(tmp
     assert len(unlabelled.table) == 24 and len(unlabelled.skipped) == 2
 
 
+def test_a_broken_link_and_a_class_without_images_each_have_a_line(tmp_path):
+    data = copy_subset(tmp_path / "data", donors=("donor_1",), per_class=2)
+    (data / "donor_2").symlink_to(tmp_path / "moved" / "donor_2")  # a donor moved away: a dangling link
+    (data / "donor_3" / "activated").mkdir(parents=True)
+    (data / "donor_3" / "activated" / "cell.jpg").write_bytes(b"jpeg")  # a class of unsupported files
+    (data / "donor_3" / "activated" / ".DS_Store").write_bytes(b"")
+    ds = discover(data)
+    assert len(ds.table) == 4
+    reasons = {Path(s.path).name: s.reason for s in ds.skipped}
+    assert set(reasons) == {"donor_2", "activated"}
+    assert "does not exist; fix or remove the link" in reasons["donor_2"]
+    assert "class folder holds no .png/.tif image (1 other file(s), e.g. cell.jpg)" in reasons["activated"]
+
+
 # item 9 ------------------------------------------------------------------------------------
 def test_a_z_stack_is_not_taken_as_channels(tmp_path):
     planes = np.random.default_rng(0).integers(0, 4000, (3, 16, 16), dtype=np.uint16)
@@ -161,6 +175,10 @@ def test_a_z_stack_is_not_taken_as_channels(tmp_path):
         tmp_path / "plain.tif", planes, photometric="minisblack"
     )  # no axis labels: (C, H, W) as documented
     assert read_channels(tmp_path / "plain.tif", "a,b,c")[0].shape == (3, 16, 16)
+    hyper = np.stack([planes, planes])  # 2 channels x 3 slices
+    tifffile.imwrite(tmp_path / "cz.tif", hyper.swapaxes(0, 1), imagej=True, metadata={"axes": "ZCYX"})
+    with pytest.raises(ChannelError, match=r"shape \(3, 2, 16, 16\), axes ZCYX"):
+        read_channels(tmp_path / "cz.tif", "a,b")
 
 
 # item 11 -----------------------------------------------------------------------------------
@@ -254,6 +272,10 @@ def test_a_too_low_max_value_is_refused_once_with_the_count(tmp_path):
                                           r"\(4 pixels; the brightest, 60000, in .*c3.tif\)"):  # fmt: skip
         preprocess(discover(data), PreprocessConfig(max_value=4095.0))
     assert len(preprocess(discover(data), PreprocessConfig(max_value=65535.0)).manifest) > 0
+    # predict scores with the run's fixed scaling: there each such image keeps its row, with its line
+    pre = preprocess(discover_unlabelled(data), PreprocessConfig(max_value=4095.0), each_file=True)
+    assert sorted(Path(s.path).name for s in pre.skipped) == ["c3.tif", "c4.tif"]
+    assert all("exceeds --max-value 4095" in s.reason for s in pre.skipped) and len(pre.manifest) >= 5
 
 
 def test_max_pixels_keeps_the_default_hash():

@@ -205,7 +205,7 @@ def _channels_first(arr: np.ndarray, axes: str, n: int, path: Path, names) -> np
             return np.moveaxis(arr, -1, 0) if last else arr
         got = f"{count} channels ({'interleaved, ' if last else ''}shape {arr.shape})"
     else:
-        got = "one plane" if arr.ndim == 2 else f"shape {arr.shape}"
+        got = "one plane" if arr.ndim == 2 else f"shape {arr.shape}, axes {axes}"
     raise ChannelError(f"{path}: the image has {got}, but --channels names {n} ({','.join(names)}); "
                        "name every channel of the stack, in order")  # fmt: skip
 

@@ -382,9 +382,18 @@ def source_bytes(path: str | Path, config: PreprocessConfig) -> bytes:
 
 
 def preprocess(
-    dataset: Dataset, config: PreprocessConfig = PreprocessConfig(), *, progress: bool = False
+    dataset: Dataset,
+    config: PreprocessConfig = PreprocessConfig(),
+    *,
+    progress: bool = False,
+    each_file: bool = False,
 ) -> Preprocessed:
-    """Measure and filter every image of ``dataset`` and expand the kept ones into views."""
+    """Measure and filter every image of ``dataset`` and expand the kept ones into views.
+
+    Images above ``--max-value`` or with pixels of no fixed scale (signed, 32-bit, float) are refused
+    together, counted (skipping the bright ones would select cells by brightness); with ``each_file``
+    (``predict``, whose scaling is the run's) each is skipped with its line instead.
+    """
     from tqdm.auto import tqdm
 
     rows, skipped, seen = [], list(dataset.skipped), {}
@@ -400,11 +409,12 @@ def preprocess(
             raw = source_bytes(path, config)
         except ChannelError:
             raise
-        except AboveMaxValue as exc:
-            above.append(exc)
-            continue
-        except UnsupportedPixels as exc:
-            untyped.append(exc)
+        except (AboveMaxValue, UnsupportedPixels) as exc:
+            if not each_file:
+                (above if isinstance(exc, AboveMaxValue) else untyped).append(exc)
+                continue
+            skipped.append(Skipped(path, str(exc)))
+            rows.append({**base, "kept": False, "drop_reason": "unreadable"})
             continue
         except (OSError, TprobeError) as exc:
             msg = str(exc) if isinstance(exc, TprobeError) else f"{path}: cannot be read ({exc})"
