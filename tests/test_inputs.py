@@ -289,3 +289,23 @@ def test_max_pixels_keeps_the_default_hash():
 def test_sample_images_are_far_under_the_default_max_pixels():
     sizes = [read_image(p).size for p in sorted((SAMPLE / "donor_1" / "activated").glob("*.png"))[:20]]
     assert max(sizes) < 50_000_000 / 1000
+
+
+def test_a_saved_folder_whose_image_became_a_fifo_or_vanished_is_refused_not_hung(tmp_path, small_data):
+    from tprobe.preprocess import Preprocessed
+
+    pre = preprocess(discover(small_data), PreprocessConfig(views="orig"))
+    pre.save(tmp_path / "p")
+    first, second = pre.kept["path"].iloc[0], pre.kept["path"].iloc[1]
+    os.remove(first)
+    os.mkfifo(first)
+    with (
+        deadline(30),
+        pytest.raises(TprobeError, match="changed or missing since .*run `tprobe preprocess` again"),
+    ):
+        Preprocessed.load(tmp_path / "p")
+    os.remove(first)
+    shutil.copy(second, first)
+    os.remove(second)
+    with pytest.raises(TprobeError, match="changed or missing since"):
+        Preprocessed.load(tmp_path / "p")

@@ -264,7 +264,7 @@ class Preprocessed:
             for path, sid in zip(src["path"], src["source_id"], strict=True):
                 try:
                     same = _hash(source_bytes(path, config), 16) == sid
-                except OSError:
+                except (OSError, TprobeError):  # gone, or no longer a regular file
                     same = False
                 if not same:
                     raise TprobeError(f"{path}: changed or missing since {folder} was preprocessed; "
