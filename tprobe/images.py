@@ -107,9 +107,10 @@ def _read_raw(path: Path, max_pixels: int | None = None) -> np.ndarray:
                 im.load()
                 return np.asarray(im)
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit, above --max-pixels' default
-        n = re.search(r"\((\d+) pixels\)", str(exc))
-        raise TprobeError(f"{path}: declares {n[1] + ' pixels' if n else 'more pixels than Pillow opens'}, over "
-                          "--max-pixels; crop or downsample the file") from None  # fmt: skip
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        n, limit = int(found[1]) if found else 0, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        over = f"over --max-pixels {limit:,}" if n > limit else "over the most Pillow opens"
+        raise TprobeError(f"{path}: declares {n:,} pixels, {over}; crop or downsample the file") from None
     except (OSError, UnidentifiedImageError, ValueError, MemoryError) as exc:
         if isinstance(exc, TprobeError):
             raise
