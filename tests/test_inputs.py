@@ -143,6 +143,20 @@ def test_symlinked_donor_and_class_folders_are_followed_and_a_loop_is_listed(tmp
     assert len(unlabelled.table) == 24 and len(unlabelled.skipped) == 2
 
 
+def test_a_broken_link_and_a_class_without_images_each_have_a_line(tmp_path):
+    data = copy_subset(tmp_path / "data", donors=("donor_1",), per_class=2)
+    (data / "donor_2").symlink_to(tmp_path / "moved" / "donor_2")  # a donor moved away: a dangling link
+    (data / "donor_3" / "activated").mkdir(parents=True)
+    (data / "donor_3" / "activated" / "cell.jpg").write_bytes(b"jpeg")  # a class of unsupported files
+    (data / "donor_3" / "activated" / ".DS_Store").write_bytes(b"")
+    ds = discover(data)
+    assert len(ds.table) == 4
+    reasons = {Path(s.path).name: s.reason for s in ds.skipped}
+    assert set(reasons) == {"donor_2", "activated"}
+    assert "does not exist; fix or remove the link" in reasons["donor_2"]
+    assert "class folder holds no .png/.tif image (1 other file(s), e.g. cell.jpg)" in reasons["activated"]
+
+
 # item 9 ------------------------------------------------------------------------------------
 def test_a_z_stack_is_not_taken_as_channels(tmp_path):
     planes = np.random.default_rng(0).integers(0, 4000, (3, 16, 16), dtype=np.uint16)
@@ -161,6 +175,10 @@ def test_a_z_stack_is_not_taken_as_channels(tmp_path):
         tmp_path / "plain.tif", planes, photometric="minisblack"
     )  # no axis labels: (C, H, W) as documented
     assert read_channels(tmp_path / "plain.tif", "a,b,c")[0].shape == (3, 16, 16)
+    hyper = np.stack([planes, planes])  # 2 channels x 3 slices
+    tifffile.imwrite(tmp_path / "cz.tif", hyper.swapaxes(0, 1), imagej=True, metadata={"axes": "ZCYX"})
+    with pytest.raises(ChannelError, match=r"shape \(3, 2, 16, 16\), axes ZCYX"):
+        read_channels(tmp_path / "cz.tif", "a,b")
 
 
 # item 11 -----------------------------------------------------------------------------------
@@ -169,7 +187,9 @@ def test_a_huge_declared_image_is_refused_from_its_header(tmp_path):
         TprobeError, match=r"declares 3 x 24576 x 24576 = 1,811,939,328 values, over --max-pixels 50"
     ):
         read_image(huge_tiff(tmp_path / "huge.tif"))
-    with pytest.raises(TprobeError, match="big.png: declares 400000000 pixels, over --max-pixels"):
+    with pytest.raises(
+        TprobeError, match="big.png: declares 400,000,000 pixels, over --max-pixels 50,000,000"
+    ):
         read_image(huge_png(tmp_path / "big.png"))
     with pytest.raises(
         TprobeError, match=r"mid.png: declares 8000 x 8000 x 1 = 64,000,000 values, over --max-pixels"
@@ -231,6 +251,12 @@ def test_unsupported_pixel_types_are_refused_with_the_bit_depth(tmp_path, dtype,
         TprobeError, match=rf"a.tif: {re.escape(says)} are not supported; .*\(uint8, uint16\)"
     ):
         read_image(tmp_path / "a.tif")
+    # in a dataset: refused once (exit 2), counted, not skipped file by file nor read as "dim" cells
+    data = copy_subset(tmp_path / "data", donors=("donor_1",), per_class=2)
+    shutil.copy(tmp_path / "a.tif", data / "donor_1" / "activated" / "a.tif")
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(data), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and not (tmp_path / "p").exists()
+    assert f"1 of 5 images have pixels tprobe cannot scale, e.g. {data}" in r.output and says in r.output
 
 
 def test_a_too_low_max_value_is_refused_once_with_the_count(tmp_path):
@@ -248,6 +274,10 @@ def test_a_too_low_max_value_is_refused_once_with_the_count(tmp_path):
                                           r"\(4 pixels; the brightest, 60000, in .*c3.tif\)"):  # fmt: skip
         preprocess(discover(data), PreprocessConfig(max_value=4095.0))
     assert len(preprocess(discover(data), PreprocessConfig(max_value=65535.0)).manifest) > 0
+    # predict scores with the run's fixed scaling: there each such image keeps its row, with its line
+    pre = preprocess(discover_unlabelled(data), PreprocessConfig(max_value=4095.0), each_file=True)
+    assert sorted(Path(s.path).name for s in pre.skipped) == ["c3.tif", "c4.tif"]
+    assert all("exceeds --max-value 4095" in s.reason for s in pre.skipped) and len(pre.manifest) >= 5
 
 
 def test_max_pixels_keeps_the_default_hash():
@@ -261,3 +291,23 @@ def test_max_pixels_keeps_the_default_hash():
 def test_sample_images_are_far_under_the_default_max_pixels():
     sizes = [read_image(p).size for p in sorted((SAMPLE / "donor_1" / "activated").glob("*.png"))[:20]]
     assert max(sizes) < 50_000_000 / 1000
+
+
+def test_a_saved_folder_whose_image_became_a_fifo_or_vanished_is_refused_not_hung(tmp_path, small_data):
+    from tprobe.preprocess import Preprocessed
+
+    pre = preprocess(discover(small_data), PreprocessConfig(views="orig"))
+    pre.save(tmp_path / "p")
+    first, second = pre.kept["path"].iloc[0], pre.kept["path"].iloc[1]
+    os.remove(first)
+    os.mkfifo(first)
+    with (
+        deadline(30),
+        pytest.raises(TprobeError, match="changed or missing since .*run `tprobe preprocess` again"),
+    ):
+        Preprocessed.load(tmp_path / "p")
+    os.remove(first)
+    shutil.copy(second, first)
+    os.remove(second)
+    with pytest.raises(TprobeError, match="changed or missing since"):
+        Preprocessed.load(tmp_path / "p")

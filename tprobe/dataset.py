@@ -170,7 +170,7 @@ def _walk(top: Path, skipped: list | None = None) -> tuple[list[Path], list[Path
         st = os.stat(path)
         return st.st_dev, st.st_ino
 
-    def visit(folder: Path, above: dict) -> None:
+    def visit(folder: Path, above: set) -> None:
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
@@ -185,17 +185,20 @@ def _walk(top: Path, skipped: list | None = None) -> tuple[list[Path], list[Path
                 k = key(path) if is_dir else None
             except OSError:
                 is_dir = False
-            if not is_dir:
+            if not is_dir and entry.is_symlink() and not path.exists():
+                skipped.append(Skipped(str(path), f"symlink to {os.readlink(path)}, which does not exist; fix "
+                                       "or remove the link"))  # fmt: skip
+            elif not is_dir:
                 files.append(path)
             elif k in above:
                 skipped.append(Skipped(str(path), f"symlink loops back to {os.path.realpath(path)}, a folder "
                                        "above it; not followed: remove the link or point it elsewhere"))  # fmt: skip
             else:
                 folders.append(path)
-                visit(path, {**above, k: path})
+                visit(path, above | {k})
 
     real = Path(os.path.realpath(top))
-    visit(top, {key(a): a for a in (real, *real.parents)} | {key(top): top})
+    visit(top, {key(a) for a in (real, *real.parents)})
     return folders, files
 
 
@@ -231,7 +234,16 @@ def _from_folders(root: Path, group=None) -> Dataset:
                 ]  # fmt: skip
             continue
         donor = sub.parent.name if sub.parent != root else "donor_unknown"
-        for path in _cells(sub, group, skipped):
+        cells = _cells(sub, group, skipped)
+        other = [
+            f
+            for f in _walk(sub)[1]
+            if not f.name.startswith(".") and f.suffix.lower() not in images.IMAGE_SUFFIXES
+        ]
+        if not cells and other:  # never lose a class without a line
+            skipped.append(Skipped(str(sub), f"class folder holds no .png/.tif image ({len(other)} other file(s), "
+                                   f"e.g. {other[0].name}); convert them to PNG or TIFF"))  # fmt: skip
+        for path in cells:
             parsed = parse_wang_name(path.name) or {}
             if parsed and parsed["label"] != label:
                 skipped.append(Skipped(str(path), f"name says label {parsed['label']} but folder "

@@ -49,6 +49,10 @@ class AboveMaxValue(TprobeError):
         self.path, self.value, self.top, self.n_pixels, self.channel = path, value, top, n_pixels, channel
 
 
+class UnsupportedPixels(TprobeError):
+    """Pixels with no fixed 0..top scale (signed, 32-bit, float); preprocess refuses them once, counted."""
+
+
 def check_regular(path: str | Path) -> None:
     """Refuse anything but a regular file (after symlinks) before it is opened: a FIFO blocks the
     reader forever and a device (``/dev/zero``) never ends."""
@@ -103,9 +107,10 @@ def _read_raw(path: Path, max_pixels: int | None = None) -> np.ndarray:
                 im.load()
                 return np.asarray(im)
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit, above --max-pixels' default
-        n = re.search(r"\((\d+) pixels\)", str(exc))
-        raise TprobeError(f"{path}: declares {n[1] + ' pixels' if n else 'more pixels than Pillow opens'}, over "
-                          "--max-pixels; crop or downsample the file") from None  # fmt: skip
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        n, limit = int(found[1]) if found else 0, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        over = f"over --max-pixels {limit:,}" if n > limit else "over the most Pillow opens"
+        raise TprobeError(f"{path}: declares {n:,} pixels, {over}; crop or downsample the file") from None
     except (OSError, UnidentifiedImageError, ValueError, MemoryError) as exc:
         if isinstance(exc, TprobeError):
             raise
@@ -201,7 +206,7 @@ def _channels_first(arr: np.ndarray, axes: str, n: int, path: Path, names) -> np
             return np.moveaxis(arr, -1, 0) if last else arr
         got = f"{count} channels ({'interleaved, ' if last else ''}shape {arr.shape})"
     else:
-        got = "one plane" if arr.ndim == 2 else f"shape {arr.shape}"
+        got = "one plane" if arr.ndim == 2 else f"shape {arr.shape}, axes {axes}"
     raise ChannelError(f"{path}: the image has {got}, but --channels names {n} ({','.join(names)}); "
                        "name every channel of the stack, in order")  # fmt: skip
 
@@ -283,7 +288,7 @@ def _to_8bit_scale(
         arr.dtype.kind != "u" or arr.dtype.itemsize != 2
     ):  # signed (negative values), 32-bit or float: no fixed 0..top scale
         kind = {"i": "signed integer", "u": "unsigned integer", "f": "floating-point"}.get(arr.dtype.kind, "")
-        raise TprobeError(f"{path}: {arr.dtype.itemsize * 8}-bit {kind or str(arr.dtype)} pixels ({arr.dtype}) are "
+        raise UnsupportedPixels(f"{path}: {arr.dtype.itemsize * 8}-bit {kind or str(arr.dtype)} pixels ({arr.dtype}) are "
                           "not supported; tprobe reads unsigned 8- or 16-bit integers (uint8, uint16): convert "
                           "the file")  # fmt: skip
     top = float(max_value if max_value is not None else np.iinfo(arr.dtype).max)

@@ -55,7 +55,7 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     head = load_head(run)
     config = record.preprocess_config()
     found = discover_unlabelled(data, channel_files=config.channel_files, channels=config.channels)
-    pre = preprocess(found, config)
+    pre = preprocess(found, config, each_file=True)  # every input keeps its row, out-of-range ones too
     source = src.model_source or src.model
     if not source:
         raise TprobeError(f"{run}/config.json: records no model to extract with; retrain the probe")

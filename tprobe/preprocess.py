@@ -47,6 +47,7 @@ from tprobe.images import (
     CHANNEL,
     DEFAULT_MAX_PIXELS,
     AboveMaxValue,
+    UnsupportedPixels,
     bit_depth,
     check_regular,
     read_channels,
@@ -263,7 +264,7 @@ class Preprocessed:
             for path, sid in zip(src["path"], src["source_id"], strict=True):
                 try:
                     same = _hash(source_bytes(path, config), 16) == sid
-                except OSError:
+                except (OSError, TprobeError):  # gone, or no longer a regular file
                     same = False
                 if not same:
                     raise TprobeError(f"{path}: changed or missing since {folder} was preprocessed; "
@@ -381,14 +382,24 @@ def source_bytes(path: str | Path, config: PreprocessConfig) -> bytes:
 
 
 def preprocess(
-    dataset: Dataset, config: PreprocessConfig = PreprocessConfig(), *, progress: bool = False
+    dataset: Dataset,
+    config: PreprocessConfig = PreprocessConfig(),
+    *,
+    progress: bool = False,
+    each_file: bool = False,
 ) -> Preprocessed:
-    """Measure and filter every image of ``dataset`` and expand the kept ones into views."""
+    """Measure and filter every image of ``dataset`` and expand the kept ones into views.
+
+    Images above ``--max-value`` or with pixels of no fixed scale (signed, 32-bit, float) are refused
+    together, counted (skipping the bright ones would select cells by brightness); with ``each_file``
+    (``predict``, whose scaling is the run's) each is skipped with its line instead.
+    """
     from tqdm.auto import tqdm
 
     rows, skipped, seen = [], list(dataset.skipped), {}
     first = None  # (pixel type, path) of the first multi-channel cell read
     above: list[AboveMaxValue] = []  # cells over --max-value: refused together, never skipped one by one
+    untyped: list[UnsupportedPixels] = []  # signed/32-bit/float cells: refused together, counted
     records = dataset.table.to_dict("records")
     for rec in tqdm(records, desc="preprocess", unit="img", disable=None if progress else True):
         path = rec["path"]
@@ -398,8 +409,12 @@ def preprocess(
             raw = source_bytes(path, config)
         except ChannelError:
             raise
-        except AboveMaxValue as exc:
-            above.append(exc)
+        except (AboveMaxValue, UnsupportedPixels) as exc:
+            if not each_file:
+                (above if isinstance(exc, AboveMaxValue) else untyped).append(exc)
+                continue
+            skipped.append(Skipped(path, str(exc)))
+            rows.append({**base, "kept": False, "drop_reason": "unreadable"})
             continue
         except (OSError, TprobeError) as exc:
             msg = str(exc) if isinstance(exc, TprobeError) else f"{path}: cannot be read ({exc})"
@@ -426,6 +441,10 @@ def preprocess(
         for view in config.view_names:
             rows.append({**base, "view": view, "image_id": f"{sid}_{view}", "kept": True,
                          "drop_reason": ""})  # fmt: skip
+    if untyped:  # every cell would be "dim" (or worse): refuse, never skip them one by one
+        raise TprobeError(
+            f"{len(untyped)} of {len(records)} images have pixels tprobe cannot scale, e.g. {untyped[0]}"
+        )
     if above:  # skipping them would keep the dim cells and drop the bright ones: a selection by brightness
         top = max(above, key=lambda e: e.value)
         raise TprobeError(f"--max-value {top.top:g} is below the data: {len(above)} of {len(records)} images have "
