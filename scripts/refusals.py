@@ -11,6 +11,8 @@ differs from what the tests say:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import sys
 from pathlib import Path
 
@@ -43,9 +45,11 @@ class _Collect:
 
 def page() -> str:
     plugin = _Collect()
-    rc = pytest.main(
-        ["--collect-only", "-qq", "-p", "no:cacheprovider", str(ROOT / "tests")], plugins=[plugin]
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the collection listing is not the page
+        rc = pytest.main(
+            ["--collect-only", "-qq", "-p", "no:cacheprovider", str(ROOT / "tests")],
+            plugins=[plugin],
+        )
     if rc != 0:
         sys.exit(f"collecting the tests failed (pytest exit {rc})")
     rows, lines = sorted(set(plugin.rows)), []

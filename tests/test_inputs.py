@@ -85,6 +85,7 @@ def _table_case(tmp_path, small_data):
     return pre, table
 
 
+@pytest.mark.refuses("a feature table with two rows naming one image (both lines named)")
 def test_two_table_rows_naming_one_image_are_refused_with_both_rows(tmp_path, small_data):
     pre, table = _table_case(tmp_path, small_data)
     # the same image again, under its bare file name (unique in the data): before, the later row won
@@ -108,6 +109,7 @@ def test_two_table_rows_naming_one_image_are_refused_with_both_rows(tmp_path, sm
     assert len(from_table(tmp_path / "ok.csv", pre.manifest, id_column="file").X) == len(table)
 
 
+@pytest.mark.refuses("a manifest listing one image twice (both lines named)")
 def test_duplicate_manifest_rows_name_both_lines(tmp_path, small_data):
     files = sorted(small_data.rglob("*.png"))
     rows = [{"path": str(f.relative_to(tmp_path)), "label": f.parts[-2], "donor": f.parts[-3]} for f in files]
@@ -122,6 +124,7 @@ def test_duplicate_manifest_rows_name_both_lines(tmp_path, small_data):
 
 
 # item 5 ------------------------------------------------------------------------------------
+@pytest.mark.refuses("a symlink loop among the image folders (listed, not followed)")
 def test_symlinked_donor_and_class_folders_are_followed_and_a_loop_is_listed(tmp_path):
     elsewhere = copy_subset(tmp_path / "elsewhere", donors=("donor_2", "donor_3"), per_class=4)
     data = copy_subset(tmp_path / "data", donors=("donor_1",), per_class=4)
@@ -143,6 +146,7 @@ def test_symlinked_donor_and_class_folders_are_followed_and_a_loop_is_listed(tmp
     assert len(unlabelled.table) == 24 and len(unlabelled.skipped) == 2
 
 
+@pytest.mark.refuses("a broken symlink, a class folder without images (each listed)")
 def test_a_broken_link_and_a_class_without_images_each_have_a_line(tmp_path):
     data = copy_subset(tmp_path / "data", donors=("donor_1",), per_class=2)
     (data / "donor_2").symlink_to(tmp_path / "moved" / "donor_2")  # a donor moved away: a dangling link
@@ -158,6 +162,7 @@ def test_a_broken_link_and_a_class_without_images_each_have_a_line(tmp_path):
 
 
 # item 9 ------------------------------------------------------------------------------------
+@pytest.mark.refuses("a Z or T stack given as channels (the axes found are named)")
 def test_a_z_stack_is_not_taken_as_channels(tmp_path):
     planes = np.random.default_rng(0).integers(0, 4000, (3, 16, 16), dtype=np.uint16)
     tifffile.imwrite(tmp_path / "z.tif", planes, imagej=True, metadata={"axes": "ZYX"})
@@ -182,6 +187,7 @@ def test_a_z_stack_is_not_taken_as_channels(tmp_path):
 
 
 # item 11 -----------------------------------------------------------------------------------
+@pytest.mark.refuses("an image whose header declares more than --max-pixels values")
 def test_a_huge_declared_image_is_refused_from_its_header(tmp_path):
     with pytest.raises(
         TprobeError, match=r"declares 3 x 24576 x 24576 = 1,811,939,328 values, over --max-pixels 50"
@@ -201,6 +207,7 @@ def test_a_huge_declared_image_is_refused_from_its_header(tmp_path):
         read_image(small, max_pixels=599)
 
 
+@pytest.mark.refuses("a FIFO or device file named as an image (never opened)")
 def test_fifo_and_device_are_never_opened(tmp_path):
     os.mkfifo(tmp_path / "pipe.png")
     with (
@@ -212,6 +219,7 @@ def test_fifo_and_device_are_never_opened(tmp_path):
         read_image("/dev/zero")
 
 
+@pytest.mark.refuses("bad files among good ones (each skipped with a line; exit 3)")
 def test_bad_files_are_skipped_each_with_a_line_and_exit_3(tmp_path):
     data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2"), per_class=3)
     os.mkfifo(data / "donor_1" / "activated" / "pipe.png")
@@ -240,6 +248,7 @@ def test_bad_files_are_skipped_each_with_a_line_and_exit_3(tmp_path):
 
 
 # one-line messages -------------------------------------------------------------------------
+@pytest.mark.refuses("signed, 32-bit or float pixels (the type found is named)")
 @pytest.mark.parametrize(
     "dtype, says",
     [("int16", "16-bit signed integer pixels (int16)"), ("uint32", "32-bit unsigned integer pixels (uint32)"),
@@ -259,6 +268,7 @@ def test_unsupported_pixel_types_are_refused_with_the_bit_depth(tmp_path, dtype,
     assert f"1 of 5 images have pixels tprobe cannot scale, e.g. {data}" in r.output and says in r.output
 
 
+@pytest.mark.refuses("a --max-value below the data (the count above it is named)")
 def test_a_too_low_max_value_is_refused_once_with_the_count(tmp_path):
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
@@ -293,6 +303,7 @@ def test_sample_images_are_far_under_the_default_max_pixels():
     assert max(sizes) < 50_000_000 / 1000
 
 
+@pytest.mark.refuses("a saved preprocess folder whose image vanished or became a FIFO")
 def test_a_saved_folder_whose_image_became_a_fifo_or_vanished_is_refused_not_hung(tmp_path, small_data):
     from tprobe.preprocess import Preprocessed
 
