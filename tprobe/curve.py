@@ -129,6 +129,9 @@ class LabelCurve:
         test = fold.test[is_orig[fold.test]]
         train_rows = fold.train if self.train_views == "all" else fold.train[is_orig[fold.train]]
         order = self._draw_order(meta, fold, r)
+        # the MLP without early stopping: its 15% validation split cannot be drawn from 1-2 cells per class,
+        # and one setting for every k keeps the curve's points comparable
+        params = {"clf__early_stopping": False, **self.params} if self.head == "mlp" else self.params
         rows, draws = [], []
         for k in self.shots:
             if k == "all" and r > 0:
@@ -138,7 +141,7 @@ class LabelCurve:
                 continue
             cells = np.concatenate(list(drawn.values()))
             tr = train_rows[np.isin(groups[train_rows], cells)]
-            model = make_head(self.head, seed=self.seed + r, **self.params).fit(X[tr], y[tr])
+            model = make_head(self.head, seed=self.seed + r, **params).fit(X[tr], y[tr])
             p = model.predict_proba(X[test])[:, 1]
             kk = None if k == "all" else int(k)
             for donor in fold.test_donors:
