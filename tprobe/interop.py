@@ -90,14 +90,20 @@ def check_target(store: str | Path, out: str | Path, *, overwrite: bool = False)
 
 
 def _write_target(out: Path, write) -> None:
-    """Write ``out`` through a private temp file beside it; on any failure the temp file is removed and
-    an unwritable target is one line."""
-    from tprobe.store import _atomic_write
-
+    """Write ``out`` through a private temp file beside it (fsynced, renamed into place); on any failure
+    the temp file is removed, and an unwritable target is one line."""
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, write)
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise TprobeError(f"{out}: cannot be written ({exc.strerror or type(exc).__name__}); choose a writable "
                           "file path") from None  # fmt: skip
