@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
@@ -40,7 +41,6 @@ from tprobe.errors import TprobeError
 from tprobe.evaluate import check_plan, split_plan
 from tprobe.features import FeatureSet
 from tprobe.heads import HEADS, make_head
-from tprobe.plots import plain_text
 
 __all__ = ["LabelCurve", "DEFAULT_SHOTS", "curve_band", "plot_curves", "is_random_source"]
 
@@ -197,7 +197,7 @@ def curve_band(results: pd.DataFrame, metric: str = "roc_auc", *, n_boot: int = 
     return pd.DataFrame(rows).sort_values(["source", "head", "x"]).reset_index(drop=True)
 
 
-@plain_text
+@matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
 def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_auc", random_sources=(),
                 title: str | None = None) -> Path:  # fmt: skip
     """AUC against labelled cells per class (log x), one line + 95% band per source (and head)."""

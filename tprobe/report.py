@@ -10,11 +10,11 @@ import html
 import logging
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 
 from tprobe.errors import TprobeError
-from tprobe.plots import plain_text
 from tprobe.runs import RunRecord, inside, read_json
 
 log = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-@plain_text
+@matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
 def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
     """ROC AUC per held-out donor, one row per run; colour = donor (legend), bar = mean over donors."""
     import matplotlib.pyplot as plt
