@@ -215,3 +215,30 @@ def test_probe_records_the_data_it_was_given(tmp_path):
     assert r.exit_code == 0, r.output
     run = next((tmp_path / "runs").iterdir())
     assert json.loads((run / "config.json").read_text())["data"] == str(data)
+
+
+def test_curve_with_the_mlp_head_fits_one_and_two_cells_per_class():
+    from tprobe.curve import LabelCurve
+
+    c = LabelCurve(head="mlp", shots=(1, 2, "all"), repeats=2).fit(_features(n=36))
+    res = c.results_
+    assert set(res["shots"]) == {"1", "2", "all"}
+    assert (res.loc[res["shots"] == "1", "n_train_cells"] == 2).all()
+    assert res["roc_auc"].notna().all()
+
+
+def test_report_does_not_embed_a_figure_linked_from_outside_the_run(tmp_path):
+    runs = tmp_path / "runs"
+    run = _probe_run(runs, name="linked")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG SECRET-BYTES")
+    (run / "roc.png").unlink()
+    (run / "roc.png").symlink_to(secret)
+    r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    import base64
+
+    assert (
+        base64.b64encode(secret.read_bytes()).decode()[:16]
+        not in (tmp_path / "rep" / "report.html").read_text()
+    )

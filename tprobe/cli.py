@@ -1146,7 +1146,8 @@ def report(runs_dir, out, reference):
     help="anndata: .h5ad (obs, obsm X_<pool>, uns provenance); parquet: one list column per pooling.",
 )
 @click.argument("out", type=click.Path(path_type=Path))
-def export(store, to, out):
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never the store or its manifest).")
+def export(store, to, out, overwrite):
     """Export a store's manifest and pooled features (cls, mean, registers, cls+mean) for other tools.
 
     \b
@@ -1156,7 +1157,7 @@ def export(store, to, out):
     """
     from tprobe.interop import export as run_export
 
-    click.echo(str(run_export(store, to, out)))
+    click.echo(str(run_export(store, to, out, overwrite=overwrite)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
@@ -40,7 +41,6 @@ from tprobe.errors import TprobeError
 from tprobe.evaluate import check_plan, split_plan
 from tprobe.features import FeatureSet, FeatureSource
 from tprobe.heads import HEADS, make_head
-from tprobe.plots import plain_text
 
 __all__ = ["LabelCurve", "DEFAULT_SHOTS", "curve_band", "plot_curves", "is_random_source"]
 
@@ -136,6 +136,9 @@ class LabelCurve:
         test = fold.test[is_orig[fold.test]]
         train_rows = fold.train if self.train_views == "all" else fold.train[is_orig[fold.train]]
         order = self._draw_order(meta, fold, r)
+        # the MLP without early stopping: its 15% validation split cannot be drawn from 1-2 cells per class,
+        # and one setting for every k keeps the curve's points comparable
+        params = {"clf__early_stopping": False, **self.params} if self.head == "mlp" else self.params
         rows, draws = [], []
         for k in self.shots:
             if k == "all" and r > 0:
@@ -145,7 +148,7 @@ class LabelCurve:
                 continue
             cells = np.concatenate(list(drawn.values()))
             tr = train_rows[np.isin(groups[train_rows], cells)]
-            model = make_head(self.head, seed=self.seed + r, **self.params).fit(X[tr], y[tr])
+            model = make_head(self.head, seed=self.seed + r, **params).fit(X[tr], y[tr])
             p = model.predict_proba(X[test])[:, 1]
             kk = None if k == "all" else int(k)
             for donor in fold.test_donors:
@@ -217,7 +220,7 @@ def all_label(results: pd.DataFrame, source: str, head: str) -> str:
     return f"all\n(~{r['n_train_cells'].mean():.0f} cells)"  # curves written before the per-class counts
 
 
-@plain_text
+@matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
 def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_auc", random_sources=(),
                 title: str | None = None) -> Path:  # fmt: skip
     """AUC against labelled cells per class (log x), one line + 95% band per source (and head)."""

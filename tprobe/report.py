@@ -10,12 +10,12 @@ import html
 import logging
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 
 from tprobe.errors import TprobeError
-from tprobe.plots import plain_text
-from tprobe.runs import RunRecord, read_json
+from tprobe.runs import RunRecord, inside, read_json
 
 log = logging.getLogger(__name__)
 __all__ = [
@@ -226,7 +226,7 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-@plain_text
+@matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
 def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
     """ROC AUC per held-out donor, one row per run; colour = donor (legend), bar = mean over donors."""
     import matplotlib.pyplot as plt
@@ -264,6 +264,16 @@ def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
+
+
+def _own_figure(run, name: str) -> Path | None:
+    """``run/name`` when it is a file inside the run folder; a link pointing elsewhere is skipped, not embedded."""
+    try:
+        path = inside(run, name, what="figure")
+    except TprobeError as exc:
+        log.warning("skipping %s", exc)
+        return None
+    return path if path.is_file() else None
 
 
 def _img(path: Path, caption: str) -> str:
@@ -373,18 +383,19 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
           "![per-donor AUC](donor_auc.png)", ""]  # fmt: skip
     figs = [_img(dots, "ROC AUC per held-out donor; colour = donor, bar = mean")]
     for _, r in best_per_family.iterrows():
-        roc = Path(r["run"]) / "roc.png"
-        if roc.exists():
+        roc = _own_figure(r["run"], "roc.png")
+        if roc:
             figs.append(_img(roc, f"ROC, best {r['family']}: {r['label']}"))
-    rel = Path(ref_run) / "reliability.png"
-    if rel.exists():
+    rel = _own_figure(ref_run, "reliability.png")
+    if rel:
         figs.append(_img(rel, f"reliability (calibration), reference run: {Path(ref_run).name}"))
-    conf = Path(best["run"]) / "confusion.png"
-    if conf.exists():
+    conf = _own_figure(best["run"], "confusion.png")
+    if conf:
         figs.append(_img(conf, f"confusion matrix, best run: {best['label']}"))
     for run in summary.loc[summary["family"] == "finetune", "run"]:
         for sal in sorted(Path(run).glob("saliency_*.png")):
-            figs.append(_img(sal, f"saliency {Path(run).name}: {sal.stem}"))
+            if _own_figure(run, sal.name):
+                figs.append(_img(sal, f"saliency {Path(run).name}: {sal.stem}"))
     (out / "report.md").write_text("\n".join(md))
     table_html = table.to_html(index=False, na_rep="–").replace(
         f"<td>{RANDOM_MARK}</td>", f'<td class="random">{RANDOM_MARK}</td>'
