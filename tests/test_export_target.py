@@ -37,6 +37,7 @@ def _one_line(r):
     return r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "unexpected" not in r.output
 
 
+@pytest.mark.refuses("an export target that is the store or its manifest")
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
 def test_export_never_writes_over_the_store_or_its_manifest(stores, tmp_path, fmt):
     store = stores[fmt]
@@ -51,6 +52,7 @@ def test_export_never_writes_over_the_store_or_its_manifest(stores, tmp_path, fm
     assert not list(store.parent.glob("*.tmp*"))
 
 
+@pytest.mark.refuses("an existing export target without --overwrite")
 def test_an_existing_file_is_replaced_only_with_overwrite(stores, tmp_path):
     out = tmp_path / "notes.txt"
     out.write_text("keep me")
@@ -61,6 +63,7 @@ def test_an_existing_file_is_replaced_only_with_overwrite(stores, tmp_path):
     assert out.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
 
 
+@pytest.mark.refuses("a folder or unwritable export target (no temp file left)")
 def test_a_folder_or_unwritable_target_is_one_line_and_leaves_no_temp_file(stores, tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
