@@ -173,8 +173,12 @@ def test_cli_prints_dropped_columns_and_unused_rows_and_records_them(sample_mani
     }
     res = CliRunner().invoke(main, [*args, "--all-table-rows", "--keep-columns", "Nope"])
     assert res.exit_code == 2 and "--keep-columns names unknown column(s) ['Nope']" in res.output
-    res = CliRunner().invoke(main, [*args, "--all-table-rows"])
+    res = CliRunner().invoke(main, [*args, "--all-table-rows", "--normalize", "donor-center"])
     assert res.exit_code == 0 and "table rows unused" not in res.output
+    run = tmp_path / "runs" / res.output.strip().splitlines()[-1].split("/")[-1]
+    record = json.loads((run / "config.json").read_text())
+    assert record["options"]["normalize"] == "donor-center" and record["features"]["all_rows"]
+    assert record["features"]["name"] == "table:cp+all-rows"
 
 
 # ---- small ones: means over the same donors, the fold-count refusal -----------------------------
