@@ -282,3 +282,30 @@ def test_normalize_options_in_probe_curve_and_record(tmp_path):
 
     with pytest.raises(TprobeError, match="--normalize 'z'"):
         ProbeRun(normalize="z").fit(fs)
+
+
+def test_predict_centres_new_images_per_donor_for_a_donor_centred_run(tmp_path, tiny_reg):
+    from conftest import copy_subset
+
+    from tprobe.backbones import resolve_model
+    from tprobe.dataset import discover, discover_unlabelled
+    from tprobe.extract import extract
+    from tprobe.features import donor_center, from_store
+    from tprobe.predict import predict
+    from tprobe.preprocess import preprocess
+
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=5)
+    ref, cache = resolve_model(str(tiny_reg)), tmp_path / "cache"
+    store = extract(preprocess(discover(data)), ref, cache=cache, progress=False).path
+    run = ProbeRun(head="logreg", n_boot=20, normalize="donor-center").fit(from_store(store, "cls"))
+    run_dir = run.save(tmp_path / "runs")
+    new = copy_subset(tmp_path / "new", donors=("donor_4",), per_class=4)
+    table = predict(run_dir, new, cache=cache)
+    fs = from_store(
+        extract(preprocess(discover_unlabelled(new)), ref, cache=cache, progress=False).path, "cls"
+    )
+    orig = (fs.meta["view"] == "orig").to_numpy()
+    want = run.final_["model"].predict_proba(donor_center(fs.X, fs.meta["donor"], orig))[:, 1][orig]
+    got = table.set_index(table["path"].map(lambda p: p.split("/")[-1]))["p_activated"]
+    names = fs.meta.loc[orig, "path"].map(lambda p: p.split("/")[-1])
+    assert np.allclose(got.loc[names].to_numpy(), want, atol=1e-6)
