@@ -198,7 +198,8 @@ def test_accuracy_and_f1_means_cover_the_same_donors_as_auc():
         Fold(i, [d], np.flatnonzero(donors != d), np.flatnonzero(donors == d)) for i, d in enumerate("abc")
     ]
     ev = evaluate(pred, meta, plan, n_boot=20)
-    assert ev.per_donor.set_index("donor").loc["a", "accuracy"] == 1.0  # still shown per donor
+    a = ev.per_donor.set_index("donor").loc["a"]
+    assert a["accuracy"] == 1.0 and "left out of every mean" in a["note"]  # still shown per donor
     s = ev.summary
     assert {s[m]["n_donors"] for m in ("accuracy", "f1", "roc_auc", "average_precision")} == {2}
     assert s["accuracy"]["mean"] == pytest.approx(0.5)  # donors b and c only, not (1 + .5 + .5) / 3

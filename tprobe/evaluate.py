@@ -211,7 +211,8 @@ def donor_metrics(pred: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
             "roc_auc": roc_auc_score(y, p) if two else float("nan"),
             "f1": f1_score(y, yhat, zero_division=0.0),
             "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
-            "note": "" if two else "single-class donor: AUC, AP and balanced accuracy undefined (NaN)",
+            "note": "" if two else "single-class donor: AUC, AP and balanced accuracy undefined (NaN); "
+                                   "left out of every mean",
         })  # fmt: skip
     return pd.DataFrame(rows)
 
