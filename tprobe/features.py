@@ -329,7 +329,7 @@ def table_note(source: FeatureSource) -> list[str]:
     if dropped:
         kinds = sorted({why.split(";")[0].split(" (")[0] for why in dropped.values()})
         lines.append(f"{source.name}: {len(source.columns or [])} feature columns; {len(dropped)} column(s) dropped "
-                     f"({', '.join(kinds)}), each named with its reason in the run record")  # fmt: skip
+                     f"({', '.join(kinds)}); each with its reason in features.dropped_columns")  # fmt: skip
     unused = source.unused_rows or {}
     filtered = unused.get("filtered") or {}
     n_filtered, no_image = sum(filtered.values()), unused.get("no_image", 0)
