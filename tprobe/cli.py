@@ -210,6 +210,12 @@ CACHE_OPTION = click.option(
     help="Cache folder of manifests and feature stores.",
 )  # fmt: skip
 OFFLINE_OPTION = click.option("--offline", is_flag=True, help="Never contact the hub; use the HF cache only.")
+NORMALIZE_OPTION = click.option(
+    "--normalize", type=click.Choice(["none", "standard", "donor-center"]), default="standard", show_default=True,
+    help="none: heads see the features as given; standard: standardised inside each training fold; "
+         "donor-center: each donor centred on its own cells' mean first (label-free; transductive for the "
+         "held-out donor), then standard.",
+)  # fmt: skip
 DEVICE_OPTION = click.option(
     "--device",
     default="auto",
@@ -559,13 +565,14 @@ def _echo_table(df, floatfmt="{:.3f}"):
     "--bootstrap", "n_boot", default=2000, show_default=True, help="Deprecated, ignored (CI: t over donors)."
 )
 @click.option("--no-final-head", is_flag=True, help="Skip refitting a head on all donors (no predict).")
+@NORMALIZE_OPTION
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @CACHE_OPTION
 @OFFLINE_OPTION
 @data_options
 def probe(model, revision, store, features, id_column, exclude, keep_columns, all_table_rows, head, pool, split,
-          test_donor, folds, tta, train_views, penalty, seed, n_boot, no_final_head, out, cache, offline, data,
-          prep):  # fmt: skip
+          test_donor, folds, tta, train_views, penalty, seed, n_boot, no_final_head, normalize, out, cache, offline,
+          data, prep):  # fmt: skip
     """Train heads on cached features with donor-held-out nested CV; write run directories.
 
     Prints per-donor accuracy, balanced accuracy, average precision (beside the donor's
@@ -632,7 +639,8 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
     res = run_sweep(sources, heads, out=out, progress=report,
                     probe_kwargs=dict(split=split, test_donor=test_donor, n_splits=folds, tta=tta,
                                       train_views=train_views, penalty=penalty, seed=seed, n_boot=n_boot,
-                                      final_head=not no_final_head, data=str(data) if data else None))  # fmt: skip
+                                      final_head=not no_final_head, data=str(data) if data else None,
+                                      normalize=normalize))  # fmt: skip
     if res.is_sweep:
         click.echo("== sweep summary (mean over held-out donors)")
         _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
@@ -730,12 +738,14 @@ def source_options(f):
               help="Train on a drawn cell's original view, or on all its views (stores only).")  # fmt: skip
 @click.option("--seed", default=0, show_default=True)
 @click.option("--jobs", default=1, show_default=True, help="Parallel (fold, repeat) fits.")
+@NORMALIZE_OPTION
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @CACHE_OPTION
 @OFFLINE_OPTION
 @data_options
 def curve(stores, models, revision, pool, features, id_column, exclude, keep_columns, all_table_rows, pixels, head,
-          shots, repeats, split, test_donor, train_views, seed, jobs, out, cache, offline, data, prep):  # fmt: skip
+          shots, repeats, split, test_donor, train_views, seed, jobs, normalize, out, cache, offline, data,
+          prep):  # fmt: skip
     """Label-efficiency curves: held-out-donor AUC against labelled cells per class, several sources.
 
     For each held-out donor, k cells per class are drawn from the training donors (a cell brings
@@ -769,7 +779,7 @@ def curve(stores, models, revision, pool, features, id_column, exclude, keep_col
             randoms.append(fs.name)
         for h in heads:
             c = LabelCurve(head=h, shots=ks, repeats=repeats, seed=seed, split=split, test_donor=test_donor,
-                           train_views=train_views, n_jobs=jobs).fit(fs)  # fmt: skip
+                           train_views=train_views, n_jobs=jobs, normalize=normalize).fit(fs)  # fmt: skip
             click.echo(
                 f"== {fs.name} · {h}: {len(fs.meta)} rows x {fs.X.shape[1]} features, {c.seconds_:.1f} s"
             )
@@ -785,7 +795,7 @@ def curve(stores, models, revision, pool, features, id_column, exclude, keep_col
     plot_curves(res, run / "curve.png", random_sources=randoms)
     write_json(run / "config.json", {"command": "curve", "heads": heads, "shots": list(ks), "repeats": repeats,
                                      "seed": seed, "split": split, "test_donor": test_donor,
-                                     "train_views": train_views, "sources": meta,
+                                     "train_views": train_views, "normalize": normalize, "sources": meta,
                                      "random_init_sources": randoms})  # fmt: skip
     click.echo("== mean ROC AUC over held-out donors [95% t-interval over donors]")
     band = band.assign(auc=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in

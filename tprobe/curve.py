@@ -39,7 +39,7 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 
 from tprobe.errors import TprobeError
 from tprobe.evaluate import check_plan, split_plan
-from tprobe.features import FeatureSet, FeatureSource
+from tprobe.features import NORMALIZE, FeatureSet, FeatureSource, donor_center
 from tprobe.heads import HEADS, make_head
 
 __all__ = ["LabelCurve", "DEFAULT_SHOTS", "curve_band", "plot_curves", "is_random_source"]
@@ -77,6 +77,7 @@ class LabelCurve:
     params: dict = field(default_factory=dict)
     max_dims: int | None = 2048
     n_jobs: int = 1
+    normalize: str = "standard"  # as ProbeRun.normalize: none, standard or donor-center
 
     def _validate(self):
         if self.head not in HEADS:
@@ -86,6 +87,8 @@ class LabelCurve:
                               "leave-one-donor-out or test-donor")  # fmt: skip
         if self.train_views not in ("orig", "all"):
             raise TprobeError(f"--train-views {self.train_views!r} is not orig or all")
+        if self.normalize not in NORMALIZE:
+            raise TprobeError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZE)}")
         if self.repeats < 1:
             raise TprobeError(f"--repeats {self.repeats}: need at least 1")
         for k in self.shots:
@@ -107,6 +110,8 @@ class LabelCurve:
             # data-independent, as in ProbeRun: cannot leak, keeps wide inputs (pixels, concat) cheap
             X = GaussianRandomProjection(self.max_dims, random_state=self.seed).fit(X[:1]).transform(X)
             X = X.astype(np.float32)
+        if self.normalize == "donor-center":  # fold-independent, label-free: see features.donor_center
+            X = donor_center(X, meta["donor"], (meta["view"] == "orig").to_numpy())
         jobs = [(fold, r) for fold in plan for r in range(self.repeats)]
         out = Parallel(n_jobs=self.n_jobs)(delayed(self._one)(X, meta, fold, r) for fold, r in jobs)
         self.results_ = pd.DataFrame([row for rows, _ in out for row in rows])
@@ -148,7 +153,8 @@ class LabelCurve:
                 continue
             cells = np.concatenate(list(drawn.values()))
             tr = train_rows[np.isin(groups[train_rows], cells)]
-            model = make_head(self.head, seed=self.seed + r, **params).fit(X[tr], y[tr])
+            model = make_head(self.head, seed=self.seed + r, scale=self.normalize != "none", **params)
+            model = model.fit(X[tr], y[tr])
             p = model.predict_proba(X[test])[:, 1]
             kk = None if k == "all" else int(k)
             for donor in fold.test_donors:

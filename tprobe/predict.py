@@ -69,7 +69,15 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
         res = extract(pre, ref, cache=cache, fmt=src.format or "zarr", dtype=src.dtype or "float16",
                       precision=src.precision or "auto", device=device, offline=offline)  # fmt: skip
         fs = from_store(res.path, src.pool)
-        scored = fs.meta.assign(p=head.predict_proba(fs.X)[:, 1])
+        X = fs.X
+        if record.options.get("normalize") == "donor-center":  # as in training: each donor on its own mean
+            from tprobe.features import donor_center
+
+            log.warning("run %s centres each donor's features on that donor's own mean: the new images are "
+                        "centred per donor (from their folder names, else all together) on their own cells, "
+                        "so each score depends on the other images scored with it", run.name)  # fmt: skip
+            X = donor_center(X, fs.meta["donor"], (fs.meta["view"] == "orig").to_numpy())
+        scored = fs.meta.assign(p=head.predict_proba(X)[:, 1])
         if record.options.get("tta"):
             scored["p"] = scored.groupby("group")["p"].transform("mean")
         p = scored[scored["view"] == "orig"].set_index("group")["p"]
