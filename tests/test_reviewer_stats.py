@@ -306,3 +306,22 @@ def test_map_warns_on_donor_signal_within_class():
     diag = diagnose(MapData(np.asarray(X, np.float32), pd.DataFrame(rows), "donor-driven"))
     assert diag["within_class"]["donor"]["skill"] > 0.8
     assert diag["warning"] and "donor" in diag["warning"] and "within each class" in diag["warning"]
+
+
+def test_report_shows_within_class_map_signal(tmp_path):
+    from tprobe.embedmap import diagnose
+    from tprobe.report import write_report
+    from tprobe.runs import write_json
+
+    runs = tmp_path / "runs"
+    _run(runs, "b-logreg-cls", _probe("logreg"), WORSE)
+    diag = diagnose(_class_only_donors())
+    (runs / "m-map").mkdir()
+    write_json(runs / "m-map" / "diagnostics.json", [diag])
+    res = write_report(runs, tmp_path / "rep")
+    row = res["map_signal"].iloc[0]
+    w = diag["within_class"]["donor"]
+    assert row["source"] == "class-only" and f"chance {w['chance']:.3f}" in row["donor within class"]
+    for name in ("report.md", "report.html"):
+        text = (tmp_path / "rep" / name).read_text()
+        assert "within each class" in text and "chance 0.450" in text
