@@ -325,3 +325,10 @@ def test_report_shows_within_class_map_signal(tmp_path):
     for name in ("report.md", "report.html"):
         text = (tmp_path / "rep" / name).read_text()
         assert "within each class" in text and "chance 0.450" in text
+
+
+def test_t_interval_stays_inside_the_metric_range():
+    v = [1.0, 1.0, 1.0, 0.6, 1.0, 1.0]  # the raw t-interval's upper end is above 1
+    lo, hi = t_interval(v)
+    assert hi == 1.0 and lo < np.mean(v)
+    assert t_interval(v, bounds=None)[1] > 1.0

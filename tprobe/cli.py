@@ -1080,6 +1080,11 @@ def report(runs_dir, out, reference):
         click.echo(res["paired"].drop(columns=["AUC diff per donor"]).to_string(index=False))
         click.echo(res["bound_line"])
         click.echo(TEST_NOTE)
+    if len(res["map_signal"]):
+        click.echo(
+            "== donor and batch signal within each class (tprobe map folders; chance = the class's majority rate)"
+        )
+        click.echo(res["map_signal"].to_string(index=False))
     for p in res["paths"]:
         click.echo(str(p))
 
