@@ -162,7 +162,7 @@ def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[st
             raise TprobeError(f"--reference {name!r} {what}; use one run folder name of: {have}")
         return hit["run"].iloc[
             0
-        ], f"`{hit['run_name'].iloc[0]}`, named with --reference before the results were read"
+        ], f"`{hit['run_name'].iloc[0]}`, named with --reference (a comparison to fix before looking at the results)"
 
     def col(c):
         return runs[c] if c in runs.columns else pd.Series(None, index=runs.index)
