@@ -1049,7 +1049,7 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
 @click.option("--reference", default=None,
               help="Run folder name every other run is compared with (declare it before looking). Default: the "
-              "logreg probe on CLS tokens, else the frequency baseline, else the first run folder by name.")  # fmt: skip
+              "logreg probe on CLS tokens, else the frequency baseline, else the first run folder by path.")  # fmt: skip
 def report(runs_dir, out, reference):
     """Collect run directories into one table + figures: report.md, report.html, summary.parquet.
 

@@ -127,8 +127,8 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
 
 REFERENCE_RULE = (
     "the default reference is fixed by a rule that reads no result: the logistic-regression probe on CLS "
-    "tokens (a model without random weights; with several, the first run folder by name), else the "
-    "frequency baseline, else the first run folder by name (preferring runs without random weights); "
+    "tokens (a model without random weights; with several, the first run folder by path), else the "
+    "frequency baseline, else the first run folder by path (preferring runs without random weights); "
     "`tprobe report --reference NAME` sets it"
 )
 
@@ -160,9 +160,10 @@ def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[st
                 else f"matches {len(hit)} runs ({', '.join(hit['run_name'])})"
             )
             raise TprobeError(f"--reference {name!r} {what}; use one run folder name of: {have}")
-        return hit["run"].iloc[
-            0
-        ], f"`{hit['run_name'].iloc[0]}`, named with --reference (a comparison to fix before looking at the results)"
+        return (
+            hit["run"].iloc[0],
+            f"`{hit['run_name'].iloc[0]}`, named with --reference (a comparison to fix before looking at the results)",
+        )
 
     def col(c):
         return runs[c] if c in runs.columns else pd.Series(None, index=runs.index)
@@ -172,7 +173,7 @@ def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[st
     if len(logreg_cls):
         r = logreg_cls.iloc[0]
         why = "the logistic-regression probe on CLS tokens" + (
-            f" (the first of {len(logreg_cls)} such runs by folder name)" if len(logreg_cls) > 1 else ""
+            f" (the first of {len(logreg_cls)} such runs by folder path)" if len(logreg_cls) > 1 else ""
         )
     else:
         freq = runs[(col("command") == "baseline") & (col("baseline") == "frequency")]
@@ -181,7 +182,7 @@ def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[st
         else:
             real = runs[~runs["random_init"].astype(bool)]
             r = (real if len(real) else runs).iloc[0]
-            why = ("the first run folder by name (without random weights, if any): neither a logistic-regression "
+            why = ("the first run folder by path (without random weights, if any): neither a logistic-regression "
                    "probe on CLS tokens nor a frequency baseline is here")  # fmt: skip
     return r["run"], f"`{r['run_name']}`, {why}; fixed by rule before the results were read"
 
