@@ -1107,7 +1107,7 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
 @click.option("--reference", default=None,
               help="Run folder name every other run is compared with (declare it before looking). Default: the "
-              "logreg probe on CLS tokens, else the frequency baseline, else the first run folder by name.")  # fmt: skip
+              "logreg probe on CLS tokens, else the frequency baseline, else the first run folder by path.")  # fmt: skip
 def report(runs_dir, out, reference):
     """Collect run directories into one table + figures: report.md, report.html, summary.parquet.
 
@@ -1142,6 +1142,11 @@ def report(runs_dir, out, reference):
         click.echo(res["paired"].drop(columns=["AUC diff per donor"]).to_string(index=False))
         click.echo(res["bound_line"])
         click.echo(TEST_NOTE)
+    if len(res["map_signal"]):
+        click.echo(
+            "== donor and batch signal within each class (tprobe map folders; chance = the class's majority rate)"
+        )
+        click.echo(res["map_signal"].to_string(index=False))
     for p in res["paths"]:
         click.echo(str(p))
 

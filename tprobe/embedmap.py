@@ -282,7 +282,8 @@ def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | 
         v = p.get(t)
         if not v or v["accuracy"] is None:
             return f"{t}: –"
-        return f"{t}: accuracy {v['accuracy']:.2f} (chance {v['chance']:.2f}, skill {v['skill']:.2f})"
+        given = f", {v['chance_given_class']:.2f} from the class alone" if "chance_given_class" in v else ""
+        return f"{t}: accuracy {v['accuracy']:.2f} (chance {v['chance']:.2f}{given}, skill {v['skill']:.2f})"
 
     def fmt_within(t, w):
         sk = "–" if w["skill"] is None else f"{w['skill']:.2f}"

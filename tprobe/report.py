@@ -133,8 +133,8 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
 
 REFERENCE_RULE = (
     "the default reference is fixed by a rule that reads no result: the logistic-regression probe on CLS "
-    "tokens (a model without random weights; with several, the first run folder by name), else the "
-    "frequency baseline, else the first run folder by name (preferring runs without random weights); "
+    "tokens (a model without random weights; with several, the first run folder by path), else the "
+    "frequency baseline, else the first run folder by path (preferring runs without random weights); "
     "`tprobe report --reference NAME` sets it"
 )
 
@@ -166,9 +166,10 @@ def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[st
                 else f"matches {len(hit)} runs ({', '.join(hit['run_name'])})"
             )
             raise TprobeError(f"--reference {name!r} {what}; use one run folder name of: {have}")
-        return hit["run"].iloc[
-            0
-        ], f"`{hit['run_name'].iloc[0]}`, named with --reference before the results were read"
+        return (
+            hit["run"].iloc[0],
+            f"`{hit['run_name'].iloc[0]}`, named with --reference (a comparison to fix before looking at the results)",
+        )
 
     def col(c):
         return runs[c] if c in runs.columns else pd.Series(None, index=runs.index)
@@ -178,7 +179,7 @@ def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[st
     if len(logreg_cls):
         r = logreg_cls.iloc[0]
         why = "the logistic-regression probe on CLS tokens" + (
-            f" (the first of {len(logreg_cls)} such runs by folder name)" if len(logreg_cls) > 1 else ""
+            f" (the first of {len(logreg_cls)} such runs by folder path)" if len(logreg_cls) > 1 else ""
         )
     else:
         freq = runs[(col("command") == "baseline") & (col("baseline") == "frequency")]
@@ -187,7 +188,7 @@ def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[st
         else:
             real = runs[~runs["random_init"].astype(bool)]
             r = (real if len(real) else runs).iloc[0]
-            why = ("the first run folder by name (without random weights, if any): neither a logistic-regression "
+            why = ("the first run folder by path (without random weights, if any): neither a logistic-regression "
                    "probe on CLS tokens nor a frequency baseline is here")  # fmt: skip
     return r["run"], f"`{r['run_name']}`, {why}; fixed by rule before the results were read"
 
@@ -315,6 +316,34 @@ def _paired_display(pairs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def map_signal(root: str | Path) -> pd.DataFrame:
+    """Donor and batch predictability within each class from every ``tprobe map`` folder under ``root``
+    (its ``diagnostics.json``): one row per source, accuracy against the within-class chance."""
+    rows = []
+    for path in sorted(Path(root).rglob("diagnostics.json")):
+        try:
+            diags = read_json(path)
+        except TprobeError as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        for d in diags if isinstance(diags, list) else []:
+            within = d.get("within_class") if isinstance(d, dict) else None
+            if not within:
+                continue  # maps written before the within-class measure
+            row = {"map": path.parent.name, "source": d.get("source", "")
+                   + (" (RANDOM WEIGHTS)" if d.get("random_init") else "")}  # fmt: skip
+            act = (d.get("predictability") or {}).get("activation") or {}
+            if act.get("skill") is not None:
+                row["activation skill"] = f"{act['skill']:.2f}"
+            for t in ("donor", "batch"):
+                w = within.get(t)
+                if w:
+                    sk = "–" if w.get("skill") is None else f"{w['skill']:.2f}"
+                    row[f"{t} within class"] = f"{w['accuracy']:.3f} (chance {w['chance']:.3f}, skill {sk})"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def donors_bound_line(n: int, m: int = 1) -> str:
     """One line: how finely ``n`` donors (and ``m`` Holm-corrected comparisons) let runs be ranked."""
     from tprobe.stats import sign_flip_floor
@@ -355,6 +384,13 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
     n_ref = int(summary.set_index("run").loc[ref_run, "n_donors"])
     m_tests = int(pairs.loc[pairs["metric"] == "roc_auc", "p"].notna().sum()) if len(pairs) else 0
     bound_line = donors_bound_line(n_ref, m_tests)
+    signal = map_signal(root)
+    map_title = ("Donor and batch signal within each class (`tprobe map` folders under the runs; chance = each "
+                 "class's own majority rate, pooled)")  # fmt: skip
+    map_md = [map_title, "", _md(signal), ""] if len(signal) else []
+    map_html = (
+        (f"<p>{html.escape(map_title)}</p>" + signal.to_html(index=False, na_rep="–")) if len(signal) else ""
+    )
     dots = _donor_auc_plot(summary, out / "donor_auc.png")
     best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
     best_per_family = summary.loc[summary.groupby("family")["roc_auc_mean"].idxmax()]
@@ -377,7 +413,7 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
     md = ["# tprobe report", "", header, "", "## Measured", "", _md(table), "",
           "## Published reference numbers (not measured here)", "", _md(PUBLISHED), "",
           *[line + "\n" for line in headline],
-          BATCH_CONFOUND, "",
+          BATCH_CONFOUND, "", *map_md,
           "## Paired comparisons (each run vs the pre-declared reference, same held-out donors)", "", ref_line, "",
           _md(paired) if len(paired) else "Only one run: nothing to compare.", "", bound_line, "", TEST_NOTE, "",
           "![per-donor AUC](donor_auc.png)", ""]  # fmt: skip
@@ -409,7 +445,7 @@ img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:b
 <h2>Measured</h2>{table_html}
 <h2>Published reference numbers (not measured here)</h2><div class="ref">{PUBLISHED.to_html(index=False, na_rep="–")}</div>
 {"".join(f"<p>{html.escape(line)}</p>" for line in headline)}
-<p>{html.escape(BATCH_CONFOUND)}</p>
+<p>{html.escape(BATCH_CONFOUND)}</p>{map_html}
 <h2>Paired comparisons (each run vs the pre-declared reference, same held-out donors)</h2><p>{html.escape(ref_line)}</p>{paired_html}<p>{html.escape(bound_line)}</p><p>{html.escape(TEST_NOTE)}</p>
 <h2>Figures</h2>{"".join(figs)}</body></html>"""
     (out / "report.html").write_text(page)
@@ -423,5 +459,6 @@ img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:b
         "reference": ref_run,
         "bound_line": bound_line,
         "batch_confound": BATCH_CONFOUND,
+        "map_signal": signal,
         "paths": [out / "report.md", out / "report.html", out / "summary.parquet", out / "paired.csv"],
     }

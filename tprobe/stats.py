@@ -47,7 +47,7 @@ ECE_NOTE = (
     "sum over bins of (cells in bin / cells) x |activated fraction - mean p|; Brier: mean (p - label)^2"
 )
 
-CI_METHOD = "t over donors: mean ± t(0.975, n-1)·sd/√n"
+CI_METHOD = "t over donors: mean ± t(0.975, n-1)·sd/√n, clipped to the metric's range [0, 1]"
 
 TEST_NOTE = (
     "Paired test: exact sign-flip permutation test on the per-donor differences (two-sided; all 2^n "
@@ -59,8 +59,11 @@ TEST_NOTE = (
 )
 
 
-def t_interval(values, level: float = 0.95) -> tuple[float, float]:
-    """The t-interval of the mean of ``values`` (NaN ignored): mean ± t_{(1+level)/2, n-1}·sd/√n.
+def t_interval(
+    values, level: float = 0.95, *, bounds: tuple[float, float] = (0.0, 1.0)
+) -> tuple[float, float]:
+    """The t-interval of the mean of ``values`` (NaN ignored): mean ± t_{(1+level)/2, n-1}·sd/√n,
+    clipped to ``bounds`` (every tprobe metric lies in [0, 1], so its mean does; ``None``: no clipping).
 
     Honest at small n when the values are roughly normal (coverage 94.6% at n = 6 in simulation);
     NaN bounds with fewer than two values (no spread to estimate).
@@ -72,7 +75,8 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float]:
     if len(v) < 2:
         return float("nan"), float("nan")
     half = float(t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-    return float(v.mean() - half), float(v.mean() + half)
+    lo, hi = float(v.mean() - half), float(v.mean() + half)
+    return (lo, hi) if bounds is None else (max(lo, bounds[0]), min(hi, bounds[1]))
 
 
 def reliability_table(y, p, n_bins: int = ECE_BINS) -> pd.DataFrame:
