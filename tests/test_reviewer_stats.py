@@ -157,7 +157,10 @@ def test_report_compares_with_the_declared_reference_not_the_winner(tmp_path):
     # --reference names another run; a name matching none is one line, exit 2
     r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "r2"), "--reference", "c-mlp"])
     assert r.exit_code == 0, r.output
-    assert "c-mlp, named with --reference (a comparison to fix before looking" in r.output and "2/2^6 = 0.031" in r.output
+    assert (
+        "c-mlp, named with --reference (a comparison to fix before looking" in r.output
+        and "2/2^6 = 0.031" in r.output
+    )
     r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "r3"), "--reference", "nope"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "--reference" in r.output, (
         r.output

@@ -143,20 +143,17 @@ def _per_donor(run: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(run) / "per_donor.parquet").set_index("donor")
 
 
-def paired_comparisons(summary: pd.DataFrame, *, metrics=("roc_auc", "average_precision"),
-                       against: str | None = None) -> pd.DataFrame:  # fmt: skip
-    """Each run vs ``against`` on their shared donors (default: :func:`tprobe.report.choose_reference`,
-    a run fixed by a rule that reads no result; never the run that happened to win).
+def paired_comparisons(summary: pd.DataFrame, *, against: str,
+                       metrics=("roc_auc", "average_precision")) -> pd.DataFrame:  # fmt: skip
+    """Each run vs ``against`` on their shared donors. ``against`` is declared, never the run that happened
+    to win: ``tprobe report`` passes :func:`tprobe.report.choose_reference`'s run (``--reference``, or a
+    rule that reads no result).
 
     ``summary`` is :func:`tprobe.report.collect_runs`'s table (``run``, ``label``, ``roc_auc_mean``).
     Only runs whose held-out donors are exactly the reference's are compared (same folds); the
     others are listed with a note. Returns one row per (run, metric): the mean and per-donor
     differences (run minus reference), the exact p-value and its Holm adjustment within the metric.
     """
-    if against is None:
-        from tprobe.report import choose_reference
-
-        against = choose_reference(summary)[0]
     ref = _per_donor(against)
     ref_label = summary.set_index("run").loc[against, "label"]
     ref_cells = summary.set_index("run").loc[against].get("n_cells")
