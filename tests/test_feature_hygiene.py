@@ -84,6 +84,9 @@ LEAKS = ["ImageNumber", "ObjectNumber", "Number_Object_Number", "Cells_Number_Ob
          "Children_Nuclei_Count", "Nuclei_Center_Y", "Cells_Location_CenterMassIntensity_X_DNA"]  # fmt: skip
 
 
+@pytest.mark.refuses(
+    "identifier and position columns of a feature table as features (dropped, recorded, unless --keep-columns)"
+)
 @pytest.mark.parametrize("leak", LEAKS)
 def test_a_label_leak_in_an_identifier_column_is_dropped_and_recorded(sample_manifest, tmp_path, leak):
     from tprobe.features import from_table
@@ -206,6 +209,7 @@ def test_accuracy_and_f1_means_cover_the_same_donors_as_auc():
     assert ev.reference["frequency"]["accuracy"]["n_donors"] == 2
 
 
+@pytest.mark.refuses("more --folds than donors (the numbers are named)")
 def test_too_few_donors_for_the_folds_names_the_numbers():
     from tprobe.errors import TprobeError
     from tprobe.evaluate import split_plan

@@ -125,6 +125,7 @@ FREQ = {"command": "baseline", "baseline": "frequency", "features": {"kind": "ba
 WORSE = [0.70, 0.72, 0.69, 0.75, 0.71, 0.73]
 
 
+@pytest.mark.refuses("a --reference that matches no run, or several")
 def test_report_compares_with_the_declared_reference_not_the_winner(tmp_path):
     from click.testing import CliRunner
 
