@@ -1,0 +1,192 @@
+"""Fields of view + label masks (tprobe.fov) and OME-TIFF input (issue 21, sections 1 and 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+from click.testing import CliRunner
+from PIL import Image
+
+from tprobe.backbones import resolve_model
+from tprobe.cli import main
+from tprobe.dataset import DEFAULT_DATA, discover
+from tprobe.errors import TprobeError
+from tprobe.extract import extract
+from tprobe.fov import preprocess_fields, read_mask
+from tprobe.preprocess import PreprocessConfig, Preprocessed, preprocess
+from tprobe.store import FeatureStore, manifest_path
+
+GAP = 5  # px of background between the cells of a synthetic field, and around them
+
+
+def make_fields(root: Path, donors=("donor_1", "donor_2"), per_class: int = 3, per_field: int = 3):
+    """Sample cells laid side by side on zero fields, a label image of their rectangles, and the same
+    cells as single-cell files. Returns (fields, masks, singles, {(field path, label): cell file name})."""
+    fields, masks, singles = root / "fields", root / "masks", root / "singles"
+    where = {}
+    for donor in donors:
+        for cls in ("activated", "quiescent"):
+            files = sorted((DEFAULT_DATA / donor / cls).glob("*.png"))[:per_class]
+            for d in (fields, masks, singles):
+                (d / donor / cls).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                shutil.copy(f, singles / donor / cls / f.name)
+            for k in range(0, len(files), per_field):
+                cells = [np.asarray(Image.open(f)) for f in files[k : k + per_field]]
+                h = max(c.shape[0] for c in cells) + 2 * GAP
+                w = sum(c.shape[1] for c in cells) + GAP * (len(cells) + 1)
+                field = np.zeros((h, w), np.uint8)
+                label = np.zeros((h, w), np.uint16)
+                x = GAP
+                for i, c in enumerate(cells):
+                    field[GAP : GAP + c.shape[0], x : x + c.shape[1]] = c
+                    label[GAP : GAP + c.shape[0], x : x + c.shape[1]] = i + 1
+                    where[(str(fields / donor / cls / f"field{k}.png"), i + 1)] = files[k + i].name
+                    x += c.shape[1] + GAP
+                Image.fromarray(field).save(fields / donor / cls / f"field{k}.png")
+                tifffile.imwrite(masks / donor / cls / f"field{k}_masks.tif", label)
+    return fields, masks, singles, where
+
+
+def _tokens(pre, res):
+    store = FeatureStore.open(res.path)
+    arrays = {name: store.read(name) for name in ("cls", "registers", "patches")}
+    return pre.kept.reset_index(drop=True), arrays
+
+
+def test_field_crops_give_the_single_cell_tokens_bit_for_bit(tmp_path, tiny_reg):
+    fields, masks, singles, where = make_fields(tmp_path)
+    config = PreprocessConfig(outside="keep")  # margin 0: the crop is the cell's own image
+    single = preprocess(discover(singles), config)
+    fov, warnings = preprocess_fields(fields, masks, config, tmp_path / "prep" / "crops")
+    assert warnings == [] and fov.skipped == []
+    ref = resolve_model(str(tiny_reg))
+    s_rows, s_tok = _tokens(single, extract(single, ref, cache=tmp_path / "c", progress=False))
+    f_rows, f_tok = _tokens(fov, extract(fov, ref, cache=tmp_path / "c", progress=False))
+    # the same cells are kept and dropped for the same reasons
+    s_orig = single.manifest[single.manifest["view"] == "orig"]
+    f_orig = fov.manifest[fov.manifest["view"] == "orig"]
+    cell_of = {k: v for k, v in where.items()}
+    f_names = [cell_of[(f, o)] for f, o in zip(f_orig["field"], f_orig["object"], strict=True)]
+    assert sorted(zip(f_names, f_orig["drop_reason"], f_orig["entropy"], strict=True)) == sorted(
+        zip(s_orig["path"].map(lambda p: Path(p).name), s_orig["drop_reason"], s_orig["entropy"], strict=True)
+    )
+    s_index = {
+        (Path(p).name, v): i for i, (p, v) in enumerate(zip(s_rows["path"], s_rows["view"], strict=True))
+    }
+    assert len(f_rows) == len(s_rows) > 0 and set(f_rows["view"]) == set(config.view_names)
+    for i, (field, obj, view) in enumerate(
+        zip(f_rows["field"], f_rows["object"], f_rows["view"], strict=True)
+    ):
+        j = s_index[(cell_of[(field, obj)], view)]
+        for name in f_tok:
+            assert f_tok[name][i].tobytes() == s_tok[name][j].tobytes(), (name, field, obj, view)
+    # a cell's id is its field's content hash plus its label, and the row keeps where it came from
+    row = f_rows.iloc[0]
+    field_hash = hashlib.sha256(Path(row["field"]).read_bytes()).hexdigest()[:16]
+    assert (
+        row["source_id"] == f"{field_hash}_{row['object']}"
+        and row["image_id"] == f"{row['source_id']}_{row['view']}"
+    )
+    mask = tifffile.imread(row["mask"])
+    ys, xs = np.nonzero(mask == row["object"])
+    assert (row["bbox_y0"], row["bbox_x0"], row["bbox_y1"], row["bbox_x1"]) == (ys.min(), xs.min(), ys.max() + 1,
+                                                                                xs.max() + 1)  # fmt: skip
+    assert (row["centroid_y"], row["centroid_x"]) == pytest.approx((ys.mean(), xs.mean()))
+
+
+def test_crops_margin_outside_border_and_area_filters(tmp_path):
+    field = np.full((40, 60), 7, np.uint16) * 100  # 16-bit, a bright background
+    mask = np.zeros((40, 60), np.uint16)
+    mask[10:20, 10:18] = 1  # 80 px, inside
+    mask[12:14, 30:32] = 2  # 4 px: small
+    mask[0:8, 40:50] = 3  # touches the top border
+    mask[25:38, 25:55] = 4  # 390 px: large
+    field[mask > 0] = 3000
+    (tmp_path / "f" / "donor_1" / "activated").mkdir(parents=True)
+    tifffile.imwrite(tmp_path / "f" / "donor_1" / "activated" / "a.tif", field)
+    tifffile.imwrite(
+        tmp_path / "f" / "donor_1" / "activated" / "a_cp_masks.tif", mask
+    )  # masks beside the fields
+    config = PreprocessConfig(
+        margin=3, outside="zero", min_object_area=10, max_object_area=200, max_value=4095
+    )
+    pre, _ = preprocess_fields(tmp_path / "f", None, config, tmp_path / "out" / "crops")
+    orig = pre.manifest[pre.manifest["view"] == "orig"].set_index("object")
+    assert orig["drop_reason"].to_dict() == {1: orig.loc[1, "drop_reason"], 2: "small_object", 3: "touches_border",
+                                             4: "large_object"}  # fmt: skip
+    crop = tifffile.imread(orig.loc[1, "path"])
+    assert crop.dtype == np.uint16 and crop.shape == (10 + 6, 8 + 6)  # bbox plus the margin on each side
+    assert (crop[3:-3, 3:-3] == 3000).all() and (crop[:3] == 0).all()  # outside the object: zeroed
+    keep = PreprocessConfig(margin=3, outside="keep", max_value=4095)
+    pre2, _ = preprocess_fields(tmp_path / "f", None, keep, tmp_path / "out2" / "crops")
+    crop = tifffile.imread(pre2.manifest.set_index("object").loc[[1], "path"].iloc[0])
+    assert (crop[:3] == 700).all()  # the field's own background
+    assert pre2.fingerprint != pre.fingerprint and pre2.config.hash != pre.config.hash
+    assert pre.counts().loc[("total", ""), ["touches_border", "small_object", "large_object"]].tolist() == [
+        1,
+        1,
+        1,
+    ]
+
+
+def test_bad_fields_and_masks_are_one_line(tmp_path):
+    fields, masks, _, _ = make_fields(tmp_path, donors=("donor_1",), per_class=1, per_field=1)
+    config = PreprocessConfig()
+    mask = masks / "donor_1" / "activated" / "field0_masks.tif"
+    good = tifffile.imread(mask)
+    tifffile.imwrite(mask, good[:-1])
+    with pytest.raises(TprobeError, match=r"field0_masks.tif: mask is \d+x\d+ px but its field is"):
+        preprocess_fields(fields, masks, config, tmp_path / "c")
+    tifffile.imwrite(mask, good.astype(np.float32))
+    with pytest.raises(TprobeError, match="field0_masks.tif: a float mask"):
+        preprocess_fields(fields, masks, config, tmp_path / "c")
+    mask.unlink()
+    with pytest.raises(TprobeError, match=r"field0.png: no mask found .*add its label image"):
+        preprocess_fields(fields, masks, config, tmp_path / "c")
+    # a Cellpose _seg.npy is a pickled dict: refused without unpickling it
+    seg = mask.with_name("field0_seg.npy")
+    np.save(seg, np.array({"masks": good}, dtype=object), allow_pickle=True)
+    with pytest.raises(
+        TprobeError, match="field0_seg.npy: a pickled .npy .* save its masks as a label image"
+    ):
+        preprocess_fields(fields, masks, config, tmp_path / "c")
+    seg.unlink()
+    np.save(mask.with_name("field0_masks.npy"), good)  # a plain integer array is fine
+    assert (read_mask(mask.with_name("field0_masks.npy")) == good).all()
+    mask.with_name("field0_masks.npy").unlink()
+    tifffile.imwrite(mask, good)
+    tifffile.imwrite(mask.with_name("field0_cp_masks.tif"), good)
+    with pytest.raises(TprobeError, match="two masks fit it"):
+        preprocess_fields(fields, masks, config, tmp_path / "c")
+
+
+def test_cli_fields_to_store_and_an_empty_label_image_is_a_warning(tmp_path, tiny_reg):
+    fields, masks, _, _ = make_fields(tmp_path, per_class=2, per_field=2)
+    empty = masks / "donor_2" / "quiescent" / "field0_masks.tif"
+    tifffile.imwrite(empty, np.zeros_like(tifffile.imread(empty)))
+    r = CliRunner().invoke(main, ["preprocess", "--fov", str(fields), "--masks", str(masks), "--outside", "keep",
+                                  "--out", str(tmp_path / "prep")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "warning: " in r.output and "field0_masks.tif: label image has no objects" in r.output
+    pre = Preprocessed.load(tmp_path / "prep")  # the crops are verified like any kept file
+    assert (
+        pre.config.fov and pre.config.outside == "keep" and set(pre.kept["donor"]) == {"donor_1", "donor_2"}
+    )
+    r = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(tmp_path / "prep"),
+                                  "--cache", str(tmp_path / "c")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rows = pd.read_parquet(manifest_path(r.output.strip().splitlines()[-1]))
+    assert {"field", "object", "bbox_y0", "centroid_x"} <= set(rows.columns)
+    crop = Path(pre.kept["path"].iloc[0])
+    tifffile.imwrite(crop, np.zeros((3, 3), np.uint8))
+    with pytest.raises(TprobeError, match="changed or missing"):
+        Preprocessed.load(tmp_path / "prep")
+    r = CliRunner().invoke(main, ["preprocess", "--fov", str(fields), "--data", str(fields)])
+    assert r.exit_code == 2 and "give one" in r.output
