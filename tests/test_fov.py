@@ -16,10 +16,11 @@ from PIL import Image
 from tprobe.backbones import resolve_model
 from tprobe.cli import main
 from tprobe.dataset import DEFAULT_DATA, discover
-from tprobe.errors import TprobeError
+from tprobe.errors import ChannelError, TprobeError
 from tprobe.extract import extract
 from tprobe.fov import preprocess_fields, read_mask
-from tprobe.preprocess import PreprocessConfig, Preprocessed, preprocess
+from tprobe.images import read_image
+from tprobe.preprocess import PreprocessConfig, Preprocessed, measure, preprocess
 from tprobe.store import FeatureStore, manifest_path
 
 GAP = 5  # px of background between the cells of a synthetic field, and around them
@@ -190,3 +191,83 @@ def test_cli_fields_to_store_and_an_empty_label_image_is_a_warning(tmp_path, tin
         Preprocessed.load(tmp_path / "prep")
     r = CliRunner().invoke(main, ["preprocess", "--fov", str(fields), "--data", str(fields)])
     assert r.exit_code == 2 and "give one" in r.output
+
+
+# ---- OME-TIFF -------------------------------------------------------------------------------------
+def make_ome(root: Path, names=("nadh", "fad"), donors=("donor_1", "donor_2"), per_class: int = 4) -> Path:
+    """Sample cells as 2-channel OME-TIFFs (the cell and a dimmer copy) with named channels, 0.5 µm pixels."""
+    for donor in donors:
+        for cls in ("activated", "quiescent"):
+            (root / donor / cls).mkdir(parents=True, exist_ok=True)
+            for f in sorted((DEFAULT_DATA / donor / cls).glob("*.png"))[:per_class]:
+                img = np.asarray(Image.open(f))
+                tifffile.imwrite(root / donor / cls / f"{f.stem}.ome.tif", np.stack([img, img // 2]), ome=True,
+                                 metadata={"axes": "CYX", "Channel": {"Name": list(names)}, "PhysicalSizeX": 0.5,
+                                           "PhysicalSizeY": 0.5, "PhysicalSizeXUnit": "µm"})  # fmt: skip
+    return root
+
+
+def test_ome_tiff_channel_names_run_preprocess_extract_probe_without_channels(tmp_path, tiny_reg):
+    data = make_ome(tmp_path / "ome")
+    run = CliRunner().invoke
+    r = run(main, ["preprocess", "--data", str(data), "--out", str(tmp_path / "prep")])
+    assert r.exit_code == 0, r.output
+    pre = Preprocessed.load(tmp_path / "prep")
+    assert pre.config.channels == ("nadh", "fad") and pre.config.used_channels == ("nadh",)
+    assert set(pre.kept["pixel_size_x"]) == {0.5} and set(pre.kept["pixel_size_unit"]) == {"µm"}
+    r = run(
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(tmp_path / "prep"),
+            "--cache",
+            str(tmp_path / "c"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    r = run(main, ["probe", "--model", str(tiny_reg), "--data", str(tmp_path / "prep"), "--cache", str(tmp_path / "c"),
+                   "--head", "logreg", "--bootstrap", "20", "--out", str(tmp_path / "runs")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    # the grey channel the filters measured is the file's first channel, the sample's own cell image
+    for path, entropy in zip(pre.kept["path"], pre.kept["entropy"], strict=True):
+        png = DEFAULT_DATA / Path(path).parent.relative_to(data) / Path(path).name.replace(".ome.tif", ".png")
+        assert entropy == measure(read_image(png))["entropy"]
+    # straight from the image folder too, and --channels must be the file's names
+    r = run(main, ["extract", "--model", str(tiny_reg), "--data", str(data), "--cache", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    r = run(
+        main, ["preprocess", "--data", str(data), "--channels", "nadh,fadh", "--out", str(tmp_path / "p2")]
+    )
+    assert r.exit_code == 2 and "OME-XML names the channels nadh,fad, but --channels is nadh,fadh" in r.output
+
+
+def test_a_5d_ome_tiff_needs_z_and_t(tmp_path):
+    rng = np.random.default_rng(0)
+    stack = rng.integers(0, 255, (2, 2, 3, 30, 30), dtype=np.uint8)  # T, C, Z, Y, X
+    path = tmp_path / "donor_1" / "activated" / "s.ome.tif"
+    path.parent.mkdir(parents=True)
+    tifffile.imwrite(path, stack, ome=True, metadata={"axes": "TCZYX", "Channel": {"Name": ["a", "b"]}})
+    ds = discover(tmp_path)
+    with pytest.raises(
+        ChannelError, match=r"s.ome.tif: .* its 2 planes are T, not channels .*choose one with --t"
+    ):
+        preprocess(ds, PreprocessConfig(channels=("a", "b")))
+    with pytest.raises(
+        ChannelError, match=r"its 3 planes are Z, not channels .*choose one with --z N \(0..2\)"
+    ):
+        preprocess(ds, PreprocessConfig(channels=("a", "b"), t=1))
+    with pytest.raises(ChannelError, match=r"--z 3 is out of range; the file has 3 Z planes"):
+        preprocess(ds, PreprocessConfig(channels=("a", "b"), t=1, z=3))
+    from tprobe.preprocess import read_cell
+
+    seg, used, _ = read_cell(path, PreprocessConfig(channels=("a", "b"), channel_mode="rgb", use=("b", "a", "b"),
+                                                    t=1, z=2))  # fmt: skip
+    np.testing.assert_array_equal(used[0], stack[1, 1, 2].astype(np.float32))
+    np.testing.assert_array_equal(used[1], stack[1, 0, 2].astype(np.float32))
+    r = CliRunner().invoke(
+        main, ["preprocess", "--data", str(tmp_path), "--z", "1", "--out", str(tmp_path / "p")]
+    )
+    assert r.exit_code == 2 and "choose one with --t" in r.output
