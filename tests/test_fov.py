@@ -271,3 +271,44 @@ def test_a_5d_ome_tiff_needs_z_and_t(tmp_path):
         main, ["preprocess", "--data", str(tmp_path), "--z", "1", "--out", str(tmp_path / "p")]
     )
     assert r.exit_code == 2 and "choose one with --t" in r.output
+
+
+def test_predict_on_fields_scores_each_object_as_its_single_cell_and_draws_overlays(tmp_path, tiny_reg):
+    fields, masks, singles, where = make_fields(tmp_path, per_class=3, per_field=3)
+    # one more object touching the border of a field: kept as a row, not scored
+    mask_file = masks / "donor_1" / "activated" / "field0_masks.tif"
+    mask = tifffile.imread(mask_file)
+    mask[0:3, 0:3] = 9
+    tifffile.imwrite(mask_file, mask)
+    run = CliRunner().invoke
+    r = run(
+        main, ["extract", "--model", str(tiny_reg), "--data", str(singles), "--cache", str(tmp_path / "c")]
+    )
+    assert r.exit_code == 0, r.output
+    r = run(main, ["probe", "--model", str(tiny_reg), "--data", str(singles), "--cache", str(tmp_path / "c"),
+                   "--head", "logreg", "--bootstrap", "20", "--out", str(tmp_path / "runs")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    run_dir = r.output.strip().splitlines()[-1]
+    r = run(main, ["predict", "--run", run_dir, str(singles), "--cache", str(tmp_path / "c"),
+                   "--out", str(tmp_path / "single.csv")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = run(main, ["predict", "--run", run_dir, str(fields), "--masks", str(masks), "--cache", str(tmp_path / "c"),
+                   "--out", str(tmp_path / "fields.csv")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    single = pd.read_csv(tmp_path / "single.csv")
+    objects = pd.read_csv(tmp_path / "fields.csv")
+    assert len(objects) == len(where) + 1 and {"field", "object", "bbox_y0", "centroid_x"} <= set(
+        objects.columns
+    )
+    border = objects[objects["object"] == 9]
+    assert border["drop_reason"].tolist() == ["touches_border"] and border["p_activated"].isna().all()
+    p_single = dict(zip(single["path"].map(lambda p: Path(p).name), single["p_activated"], strict=True))
+    scored = objects[objects["object"] != 9]
+    for field, obj, p in zip(scored["field"], scored["object"], scored["p_activated"], strict=True):
+        assert p == pytest.approx(p_single[where[(field, obj)]], rel=0, abs=1e-12) or (np.isnan(p) and np.isnan(
+            p_single[where[(field, obj)]]))  # fmt: skip
+    pngs = sorted(p.name for p in (tmp_path / "fields-overlays").glob("*.png"))
+    assert pngs == sorted(
+        f"{d}-{c}-field0.png" for d in ("donor_1", "donor_2") for c in ("activated", "quiescent")
+    )
+    assert "overlays: " in r.output and "not scored: " in r.output and "object 9: touches_border" in r.output

@@ -947,10 +947,13 @@ def map_(stores, models, revision, pool, features, id_column, exclude, keep_colu
     help="CSV to write [default: <run>/predictions-<images-folder>.csv].",
 )
 @click.option("--threshold", default=0.5, show_default=True, help="p_activated at or above -> activated.")
+@click.option("--masks", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="IMAGES are fields of view and this folder their label images (same pairing as preprocess "
+                   "--fov): one row per object and an overlay PNG per field in <csv>-overlays/.")  # fmt: skip
 @CACHE_OPTION
 @DEVICE_OPTION
 @OFFLINE_OPTION
-def predict(run_dir, images, out, threshold, cache, device, offline):
+def predict(run_dir, images, out, threshold, masks, cache, device, offline):
     """Label new images with a trained run: path, p_activated, label (CSV).
 
     Images that fail the quality filters are listed with the reason, not dropped.
@@ -962,15 +965,21 @@ def predict(run_dir, images, out, threshold, cache, device, offline):
     from tprobe.predict import predict as run_predict
     from tprobe.runs import inside, safe_name
 
-    table = run_predict(run_dir, images, cache=cache, device=device, offline=offline, threshold=threshold)
     out = out or inside(run_dir, f"predictions-{safe_name(Path(images).resolve().name)}.csv")
+    overlays = Path(out).with_name(Path(out).stem + "-overlays") if masks is not None else None
+    table = run_predict(run_dir, images, cache=cache, device=device, offline=offline, threshold=threshold,
+                        masks=masks, overlays=overlays)  # fmt: skip
     table.to_csv(out, index=False)
     kept = table["kept"].sum()
     if table["model_random_init"].any():
         click.echo(RANDOM_NOTE)
-    click.echo(f"{kept} of {len(table)} images scored; {int((table['label'] == 1).sum())} activated")
+    what = "objects" if masks is not None else "images"
+    click.echo(f"{kept} of {len(table)} {what} scored; {int((table['label'] == 1).sum())} activated")
     for rec in table[~table["kept"]].itertuples():
-        click.echo(f"not scored: {rec.path}: {rec.drop_reason}", err=True)
+        where = f"{rec.field} object {rec.object}" if masks is not None else rec.path
+        click.echo(f"not scored: {where}: {rec.drop_reason}", err=True)
+    if overlays is not None:
+        click.echo(f"overlays: {overlays}")
     click.echo(str(out))
 
 

@@ -89,17 +89,21 @@ def mask_for(field: Path, fov_root: Path, masks: Path) -> Path:
     return found[0]
 
 
-def discover_fields(fov: str | Path, masks: str | Path | None = None) -> Dataset:
-    """The fields under ``fov`` (folder or table) with a ``mask`` column; ``masks`` defaults to ``fov``."""
+def discover_fields(fov: str | Path, masks: str | Path | None = None, *, labelled: bool = True) -> Dataset:
+    """The fields under ``fov`` (folder or table) with a ``mask`` column; ``masks`` defaults to ``fov``.
+
+    ``labelled=False`` (prediction) takes every image under ``fov`` (label -1 where unknown).
+    """
     fov = Path(fov)
     if not fov.exists():
         raise TprobeError(f"{fov}: no such file or folder; pass --fov with your fields of view")
-    if fov.is_file():
+    if fov.is_file() and fov.suffix.lower() in (".csv", ".parquet", ".pq"):
         return _fields_table(fov)
-    masks = Path(masks) if masks is not None else fov
+    masks = Path(masks) if masks is not None else (fov if fov.is_dir() else fov.parent)
     if not masks.is_dir():
         raise TprobeError(f"--masks {masks}: no such folder; pass the folder of label images")
-    found = ds_mod.discover(fov)
+    found = ds_mod.discover(fov) if labelled else ds_mod.discover_unlabelled(fov)
+    fov = fov if fov.is_dir() else fov.parent
     table = found.table[[not _is_mask_name(Path(p)) for p in found.table["path"]]].reset_index(drop=True)
     skipped = [s for s in found.skipped if not _is_mask_name(Path(s.path))]
     if table.empty:
@@ -295,3 +299,42 @@ def preprocess_fields(fov, masks, config, crops, *, progress: bool = False):
     if "crop_id" in manifest.columns:
         manifest["crop_id"] = manifest["crop_id"].fillna("").astype(str)
     return Preprocessed(manifest, config, _fingerprint(manifest), pre.skipped), warnings
+
+
+def draw_overlay(field: str | Path, mask: str | Path, p_by_object: dict, config, out: str | Path, *,
+                 random_weights: bool = False) -> Path:  # fmt: skip
+    """The field (the channel the filters measure) with each object's outline coloured by P(activated)
+    (blue 0 .. red 1); objects not scored (dropped) are outlined in grey. Written as a PNG to ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    from tprobe.preprocess import read_cell
+
+    img = read_cell(field, config)[0]
+    labels = read_mask(mask, img.shape, max_pixels=config.max_pixels)
+    p = np.full(int(labels.max()) + 1, np.nan)
+    for obj, value in p_by_object.items():
+        p[int(obj)] = value
+    edge = find_boundaries(labels, mode="inner")
+    cmap = plt.get_cmap("coolwarm")
+    rgba = np.zeros((*labels.shape, 4))
+    scores = p[labels[edge]]
+    rgba[edge] = np.where(np.isnan(scores)[:, None], (0.6, 0.6, 0.6, 1.0), cmap(np.nan_to_num(scores)))
+    h, w = img.shape
+    fig, ax = plt.subplots(figsize=(min(12, max(4, w / 60)), min(12, max(3, h / 60)) + 0.6))
+    ax.imshow(img, cmap="gray", vmin=0, vmax=max(1.0, float(img.max())), interpolation="nearest")
+    ax.imshow(rgba, interpolation="nearest")
+    ax.axis("off")
+    fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=cmap), ax=ax, fraction=0.04,
+                 label="P(activated); grey: not scored")  # fmt: skip
+    note = "\nRANDOM WEIGHTS: a plumbing check, not a result" if random_weights else ""
+    ax.set_title(f"{Path(field).name}: {int(np.isfinite(p).sum())} of {len(p_by_object)} objects scored{note}",
+                 fontsize=8)  # fmt: skip
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
