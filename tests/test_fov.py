@@ -312,3 +312,27 @@ def test_predict_on_fields_scores_each_object_as_its_single_cell_and_draws_overl
         f"{d}-{c}-field0.png" for d in ("donor_1", "donor_2") for c in ("activated", "quiescent")
     )
     assert "overlays: " in r.output and "not scored: " in r.output and "object 9: touches_border" in r.output
+
+
+def test_ome_fields_give_named_multichannel_crops_with_their_pixel_size(tmp_path):
+    rng = np.random.default_rng(1)
+    field = np.zeros((2, 40, 50), np.uint16)
+    field[:, 8:20, 10:24] = rng.integers(100, 4000, (2, 12, 14))
+    mask = np.zeros((40, 50), np.uint8)
+    mask[8:20, 10:24] = 5
+    folder = tmp_path / "fields" / "donor_1" / "quiescent"
+    folder.mkdir(parents=True)
+    tifffile.imwrite(folder / "f.ome.tif", field, ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["nadh", "fad"]},
+                     "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})  # fmt: skip
+    Image.fromarray(mask).save(tmp_path / "fields" / "donor_1" / "quiescent" / "f_cp_masks.png")
+    pre, _ = preprocess_fields(
+        tmp_path / "fields", None, PreprocessConfig(max_value=4095), tmp_path / "o" / "crops"
+    )
+    assert pre.config.channels == ("nadh", "fad")
+    row = pre.manifest.iloc[0]
+    assert row["object"] == 5 and row["label"] == 0 and row["pixel_size_x"] == 0.25
+    np.testing.assert_array_equal(tifffile.imread(row["path"]), field[:, 8:20, 10:24])
+    with pytest.raises(ChannelError, match="OME-XML names the channels nadh,fad, but --channels is fad,nadh"):
+        preprocess_fields(
+            tmp_path / "fields", None, PreprocessConfig(channels=("fad", "nadh")), tmp_path / "o2"
+        )

@@ -512,10 +512,13 @@ def ome_defaults(dataset: Dataset, config: PreprocessConfig) -> PreprocessConfig
     """
     if config.channels or config.channel_files:
         return config
-    for path in dataset.table["path"]:
-        info = ome_info(path) if Path(str(path)).suffix.lower() in (".tif", ".tiff") else None
-        if info and info["channels"]:
-            return replace(config, channels=info["channels"])
+    for path in dataset.table["path"]:  # the first TIFF decides: one header read, not one per file
+        if Path(str(path)).suffix.lower() in (".tif", ".tiff"):
+            try:
+                info = ome_info(path)
+            except TprobeError:  # unreadable: skipped with its line when preprocessed
+                continue
+            return replace(config, channels=info["channels"]) if info and info["channels"] else config
     return config
 
 
