@@ -23,7 +23,9 @@ from tprobe.dataset import DEFAULT_DATA
 GAP = 5  # px of background between cells and around them
 
 
-def make_fields(out: Path, per_field: int = 4, per_class: int | None = None) -> int:
+def make_fields(out: Path, per_field: int = 4, per_class: int | None = None, mask: str = "rect") -> int:
+    """``mask``: ``rect`` labels each cell's whole image rectangle; ``threshold`` its pixels above 20
+    (the preprocessing's binary threshold), an outline like a segmentation's."""
     n = 0
     for donor in sorted(p for p in DEFAULT_DATA.iterdir() if p.is_dir()):
         for cls in sorted(p for p in donor.iterdir() if p.is_dir()):
@@ -38,7 +40,8 @@ def make_fields(out: Path, per_field: int = 4, per_class: int | None = None) -> 
                 x = GAP
                 for i, c in enumerate(cells):
                     field[GAP : GAP + c.shape[0], x : x + c.shape[1]] = c
-                    label[GAP : GAP + c.shape[0], x : x + c.shape[1]] = i + 1
+                    box = label[GAP : GAP + c.shape[0], x : x + c.shape[1]]
+                    box[c > 20 if mask == "threshold" else slice(None)] = i + 1
                     x += c.shape[1] + GAP
                 Image.fromarray(field).save(out / "fields" / donor.name / cls.name / f"field{k}.png")
                 tifffile.imwrite(out / "masks" / donor.name / cls.name / f"field{k}_masks.tif", label)
@@ -51,5 +54,7 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, default=Path("fov-demo"))
     ap.add_argument("--per-field", type=int, default=4, help="cells per field")
     ap.add_argument("--per-class", type=int, default=None, help="cells per donor and class [default: all]")
+    ap.add_argument("--mask", choices=("rect", "threshold"), default="rect", help="object = cell rectangle or its "
+                    "pixels above 20")  # fmt: skip
     args = ap.parse_args()
-    print(f"{make_fields(args.out, args.per_field, args.per_class)} fields under {args.out}")
+    print(f"{make_fields(args.out, args.per_field, args.per_class, args.mask)} fields under {args.out}")

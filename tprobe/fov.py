@@ -304,7 +304,7 @@ def preprocess_fields(fov, masks, config, crops, *, progress: bool = False):
 def draw_overlay(field: str | Path, mask: str | Path, p_by_object: dict, config, out: str | Path, *,
                  random_weights: bool = False) -> Path:  # fmt: skip
     """The field (the channel the filters measure) with each object's outline coloured by P(activated)
-    (blue 0 .. red 1); objects not scored (dropped) are outlined in grey. Written as a PNG to ``out``."""
+    (viridis: purple 0 .. yellow 1); objects not scored (dropped) are outlined in red. Written as a PNG to ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -319,17 +319,17 @@ def draw_overlay(field: str | Path, mask: str | Path, p_by_object: dict, config,
     for obj, value in p_by_object.items():
         p[int(obj)] = value
     edge = find_boundaries(labels, mode="inner")
-    cmap = plt.get_cmap("coolwarm")
+    cmap = plt.get_cmap("viridis")  # no red and no grey in it: red marks the objects not scored
     rgba = np.zeros((*labels.shape, 4))
     scores = p[labels[edge]]
-    rgba[edge] = np.where(np.isnan(scores)[:, None], (0.6, 0.6, 0.6, 1.0), cmap(np.nan_to_num(scores)))
+    rgba[edge] = np.where(np.isnan(scores)[:, None], (1.0, 0.0, 0.0, 1.0), cmap(np.nan_to_num(scores)))
     h, w = img.shape
     fig, ax = plt.subplots(figsize=(min(12, max(4, w / 60)), min(12, max(3, h / 60)) + 0.6))
     ax.imshow(img, cmap="gray", vmin=0, vmax=max(1.0, float(img.max())), interpolation="nearest")
     ax.imshow(rgba, interpolation="nearest")
     ax.axis("off")
     fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=cmap), ax=ax, fraction=0.04,
-                 label="P(activated); grey: not scored")  # fmt: skip
+                 label="P(activated); red: not scored")  # fmt: skip
     note = "\nRANDOM WEIGHTS: a plumbing check, not a result" if random_weights else ""
     ax.set_title(f"{Path(field).name}: {int(np.isfinite(p).sum())} of {len(p_by_object)} objects scored{note}",
                  fontsize=8)  # fmt: skip
