@@ -137,6 +137,10 @@ def test_crops_margin_outside_border_and_area_filters(tmp_path):
     ]
 
 
+@pytest.mark.refuses("a field of view whose mask has another shape")
+@pytest.mark.refuses("a float label image (mask) of a field of view")
+@pytest.mark.refuses("a field of view without a mask, or with two")
+@pytest.mark.refuses("a Cellpose `_seg.npy` mask (a pickled dict: never unpickled)")
 def test_bad_fields_and_masks_are_one_line(tmp_path):
     fields, masks, _, _ = make_fields(tmp_path, donors=("donor_1",), per_class=1, per_field=1)
     config = PreprocessConfig()
@@ -168,6 +172,9 @@ def test_bad_fields_and_masks_are_one_line(tmp_path):
         preprocess_fields(fields, masks, config, tmp_path / "c")
 
 
+@pytest.mark.refuses(
+    "`preprocess --fov` with `--data`, crop options without `--fov`, or an `--out` whose `crops/` tprobe did not write"
+)
 def test_cli_fields_to_store_and_an_empty_label_image_is_a_warning(tmp_path, tiny_reg):
     fields, masks, _, _ = make_fields(tmp_path, per_class=2, per_field=2)
     empty = masks / "donor_2" / "quiescent" / "field0_masks.tif"
@@ -191,6 +198,14 @@ def test_cli_fields_to_store_and_an_empty_label_image_is_a_warning(tmp_path, tin
         Preprocessed.load(tmp_path / "prep")
     r = CliRunner().invoke(main, ["preprocess", "--fov", str(fields), "--data", str(fields)])
     assert r.exit_code == 2 and "give one" in r.output
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(fields), "--masks", str(masks)])
+    assert r.exit_code == 2 and "apply to fields of view: add --fov FIELDS" in r.output
+    (tmp_path / "mine" / "crops").mkdir(parents=True)
+    (tmp_path / "mine" / "crops" / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(main, ["preprocess", "--fov", str(fields), "--masks", str(masks), "--out",
+                                  str(tmp_path / "mine")])  # fmt: skip
+    assert r.exit_code == 2 and "holds notes.txt, which tprobe did not write" in r.output
+    assert (tmp_path / "mine" / "crops" / "notes.txt").exists()
 
 
 # ---- OME-TIFF -------------------------------------------------------------------------------------
@@ -207,6 +222,7 @@ def make_ome(root: Path, names=("nadh", "fad"), donors=("donor_1", "donor_2"), p
     return root
 
 
+@pytest.mark.refuses("`--channels` that differ from an OME-TIFF's channel names")
 def test_ome_tiff_channel_names_run_preprocess_extract_probe_without_channels(tmp_path, tiny_reg):
     data = make_ome(tmp_path / "ome")
     run = CliRunner().invoke
@@ -244,6 +260,7 @@ def test_ome_tiff_channel_names_run_preprocess_extract_probe_without_channels(tm
     assert r.exit_code == 2 and "OME-XML names the channels nadh,fad, but --channels is nadh,fadh" in r.output
 
 
+@pytest.mark.refuses("a TIFF with several time points or Z planes and no `--t` / `--z` (or one out of range)")
 def test_a_5d_ome_tiff_needs_z_and_t(tmp_path):
     rng = np.random.default_rng(0)
     stack = rng.integers(0, 255, (2, 2, 3, 30, 30), dtype=np.uint8)  # T, C, Z, Y, X

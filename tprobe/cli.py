@@ -300,6 +300,9 @@ def preprocess(data, prep, out, cache, fov, masks, margin, outside, min_object_a
     from tprobe.plots import contact_sheet
 
     if fov is None:
+        if masks is not None or margin or outside != "zero" or min_object_area != 1 or max_object_area:
+            raise TprobeError("--masks, --margin, --outside, --min-object-area and --max-object-area apply to fields "
+                              "of view: add --fov FIELDS")  # fmt: skip
         pre = _prepare(data, prep)
     else:
         pre, out = _prepare_fields(data, prep, out, cache, fov, masks, margin=margin, outside=outside,

@@ -31,6 +31,7 @@ be drawn back onto its field. ``crop_id`` is the crop file's own hash (checked w
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = ["discover_fields", "mask_for", "read_mask", "crop_fields", "preproces
 MASK_SUFFIXES = ("_cp_masks.png", "_cp_masks.tif", "_cp_masks.tiff", "_masks.png", "_masks.tif",
                  "_masks.tiff", "_masks.npy")  # fmt: skip
 LABEL_SUFFIXES = (".png", ".tif", ".tiff")  # NAME.<suffix> in a separate masks folder
+CROP_NAME = re.compile(r"^[0-9a-f]{16}_\d+\.tif$")  # <field hash>_<label>.tif, what crop_fields writes
 
 
 def _stem(path: Path) -> str:
@@ -222,8 +224,12 @@ def crop_fields(fields: Dataset, config, crops: str | Path, *, progress: bool = 
             "--channel-files does not apply to fields of view; save each field as one TIFF stack"
         )
     crops = Path(crops)
-    if crops.exists():
-        shutil.rmtree(crops)  # our own folder: crops of an earlier run with other options must not linger
+    if crops.exists():  # our own folder: crops of an earlier run with other options must not linger
+        other = [p for p in crops.iterdir() if not CROP_NAME.match(p.name)] if crops.is_dir() else [crops]
+        if other:
+            raise TprobeError(f"{crops}: holds {other[0].name}, which tprobe did not write; choose another --out "
+                              "(tprobe empties OUT/crops before writing crops)")  # fmt: skip
+        shutil.rmtree(crops)
     crops.mkdir(parents=True)
     rows, dropped, warnings = [], [], []
     records = fields.table.to_dict("records")
