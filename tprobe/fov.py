@@ -151,7 +151,7 @@ def _fields_table(path: Path) -> Dataset:
 def read_mask(
     path: str | Path, shape: tuple[int, int] | None = None, *, max_pixels: int | None = None
 ) -> np.ndarray:
-    """A label image as a 2-D integer array (0 = background); never unpickles.
+    """A label image as a 2-D integer array (0 = background; its own unsigned type, else int64); never unpickles.
 
     A float mask, a negative label, a pickled ``.npy`` (a Cellpose ``_seg.npy``) and a mask of
     another shape than its field (``shape``) are errors naming the file and the fix.
@@ -186,7 +186,9 @@ def read_mask(
     if shape is not None and tuple(arr.shape) != tuple(shape):
         raise TprobeError(f"{path}: mask is {arr.shape[0]}x{arr.shape[1]} px but its field is {shape[0]}x{shape[1]} "
                           "px; give each field the label image made from it")  # fmt: skip
-    return arr.astype(np.int64)
+    return (
+        arr if arr.dtype.kind == "u" and arr.dtype.itemsize <= 4 else arr.astype(np.int64)
+    )  # no copy for uint
 
 
 def _field_pixels(path: Path, config) -> np.ndarray:
