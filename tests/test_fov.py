@@ -353,3 +353,21 @@ def test_ome_fields_give_named_multichannel_crops_with_their_pixel_size(tmp_path
         preprocess_fields(
             tmp_path / "fields", None, PreprocessConfig(channels=("fad", "nadh")), tmp_path / "o2"
         )
+
+
+def test_a_fields_table_gives_labels_and_donors(tmp_path):
+    fields, masks, _, where = make_fields(tmp_path, donors=("donor_1",), per_class=2, per_field=2)
+    rows = [{"image": str(Path(f).relative_to(tmp_path)), "label": "activated" if "/activated/" in f else 0,
+             "donor": "patient_7",
+             "mask": str((masks / Path(f).relative_to(fields)).with_name("field0_masks.tif").relative_to(tmp_path))}
+            for f in sorted({f for f, _ in where})]  # fmt: skip
+    pd.DataFrame(rows).to_csv(tmp_path / "fields.csv", index=False)
+    pre, _ = preprocess_fields(
+        tmp_path / "fields.csv", None, PreprocessConfig(outside="keep"), tmp_path / "o" / "crops"
+    )
+    orig = pre.manifest[pre.manifest["view"] == "orig"]
+    assert len(orig) == len(where) and set(orig["donor"]) == {"patient_7"}
+    assert sorted(orig.groupby("label").size().tolist()) == [2, 2]
+    pd.DataFrame([{**rows[0], "mask": "gone.tif"}]).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(TprobeError, match=r"bad.csv: line 2 .*mask gone.tif of .* is missing"):
+        preprocess_fields(tmp_path / "bad.csv", None, PreprocessConfig(), tmp_path / "o2" / "crops")
