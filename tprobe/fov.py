@@ -239,12 +239,12 @@ def crop_fields(fields: Dataset, config, crops: str | Path, *, progress: bool = 
         field, mask_path = Path(rec["path"]), Path(rec["mask"])
         try:
             pixels = _field_pixels(field, config)
+            extra = _ome_columns(str(field), config)
         except ChannelError:
             raise
         except (OSError, TprobeError) as exc:
             fields.skipped.append(Skipped(str(field), str(exc) if isinstance(exc, TprobeError) else f"{exc}"))
             continue
-        extra = _ome_columns(str(field), config)
         mask = read_mask(mask_path, pixels.shape[-2:], max_pixels=config.max_pixels)
         images.check_regular(field)
         field_id = hashlib.sha256(field.read_bytes()).hexdigest()[:16]

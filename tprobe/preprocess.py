@@ -438,6 +438,11 @@ def preprocess(
         try:
             img, _, depth = read_cell(path, config)  # first: it checks the file's type and declared size
             raw = source_bytes(path, config)
+            ome = (
+                _ome_columns(path, config)
+                if config.channels or str(path).lower().endswith((".tif", ".tiff"))
+                else {}
+            )
         except ChannelError:
             raise
         except (AboveMaxValue, UnsupportedPixels) as exc:
@@ -459,8 +464,7 @@ def preprocess(
         sid = _hash(raw, 16)
         if isinstance(rec.get("cell_id"), str) and rec["cell_id"]:  # a crop of a field: field hash + label
             base["crop_id"], sid = sid, rec["cell_id"]
-        if config.channels or Path(path).suffix.lower() in (".tif", ".tiff"):
-            base.update(_ome_columns(path, config))
+        base.update(ome)
         m = measure(img, config)
         base.update(m, source_id=sid, group=sid, image_id=f"{sid}_orig")
         if sid in seen:
