@@ -117,13 +117,17 @@ def data_options(f):
         click.option("--channel-files", default=None, metavar="PATTERN",
                      help="One file per channel: the file-name stem pattern, e.g. '{cell}_{channel}' for "
                           "cell7_nadh.tif, cell7_fad.tif."),
+        click.option("--z", type=click.IntRange(min=0), default=None,
+                     help="The Z plane of TIFFs with a Z axis (OME-TIFF T,C,Z,Y,X); needed when they have several."),
+        click.option("--t", type=click.IntRange(min=0), default=None,
+                     help="The time point of TIFFs with a T axis; needed when they have several."),
     ]  # fmt: skip
 
     @functools.wraps(f)
     def wrapper(*args, data, **kw):
         keys = ("canvas", "fit", "views", "entropy_min", "entropy_dim", "intensity_dim",
                 "binary_threshold", "min_component_area", "channel_mode", "segment_channel",
-                "channel_files", "max_pixels")  # fmt: skip
+                "channel_files", "max_pixels", "z", "t")  # fmt: skip
         raw_channels, raw_use = kw.pop("channels"), kw.pop("use")  # an empty name (a,,b) is refused below
         channels = tuple(c.strip() for c in raw_channels.split(",")) if raw_channels else ()
         use = tuple(c.strip() for c in raw_use.split(",")) if raw_use else ()
@@ -161,7 +165,7 @@ def _prepare(data, prep, *, progress=True, ref=None, patch_size=None):
     to the model's patch size.
     """
     from tprobe.dataset import discover
-    from tprobe.preprocess import PreprocessConfig, Preprocessed, is_saved, preprocess
+    from tprobe.preprocess import PreprocessConfig, Preprocessed, is_saved, ome_defaults, preprocess
 
     patch = patch_size or (ref.patch_size if ref is not None else None)
     name = ref.name if ref is not None else "the store's model"
@@ -184,7 +188,7 @@ def _prepare(data, prep, *, progress=True, ref=None, patch_size=None):
         source = ctx.get_parameter_source("canvas") if ctx else None
         prep = fit_canvas(prep, patch, user_set=source not in (None, click.core.ParameterSource.DEFAULT))
     found = discover(data, channel_files=prep.channel_files, channels=prep.channels)
-    pre = preprocess(found, prep, progress=progress)
+    pre = preprocess(found, ome_defaults(found, prep), progress=progress)  # OME-TIFF names the channels
     for s in pre.skipped:
         click.echo(f"skipped: {s}", err=True)
     return pre
@@ -244,22 +248,71 @@ def run_option(command: str):
 # ---- commands -------------------------------------------------------------------------------
 @main.command()
 @data_options
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output folder [default: cache/<dataset>/<preprocess-hash>/].")  # fmt: skip
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder [default: cache/<dataset>/<preprocess-hash>/; fields: cache/fov/<key>/].",
+)
 @CACHE_OPTION
-def preprocess(data, prep, out, cache):
+@click.option(
+    "--fov",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="Fields of view (folder laid out like --data, or a CSV/Parquet table image,mask,label[,donor]): "
+    "each labelled object becomes one cell.",
+)
+@click.option(
+    "--masks",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="[--fov] Folder of label images, same subfolders: NAME.tif pairs with NAME_masks.tif/.png, "
+    "NAME_cp_masks.png (or NAME.tif/.png) [default: the --fov folder].",
+)
+@click.option(
+    "--margin",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="[--fov] Pixels around each object's bounding box.",
+)
+@click.option(
+    "--outside",
+    type=click.Choice(["zero", "keep"]),
+    default="zero",
+    show_default=True,
+    help="[--fov] Crop pixels outside the object: zeroed, or kept (neighbours included).",
+)
+@click.option(
+    "--min-object-area",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="[--fov] Drop objects of fewer pixels (small_object).",
+)
+@click.option("--max-object-area", type=click.IntRange(min=1), default=None,
+              help="[--fov] Drop objects of more pixels (large_object) [default: no limit].")  # fmt: skip
+def preprocess(data, prep, out, cache, fov, masks, margin, outside, min_object_area, max_object_area):
     """Filter, pad and augment images; write manifest.parquet, counts and a contact sheet.
 
     \b
     Examples:
       tprobe preprocess
       tprobe preprocess --data my_plate/ --views dihedral8 --fit resize --out prep/
+      tprobe preprocess --fov fields/ --masks masks/ --margin 4 --out prep/   # then extract --data prep/
     """
     import pandas as pd
 
     from tprobe.plots import contact_sheet
 
-    pre = _prepare(data, prep)
+    if fov is None:
+        if masks is not None or margin or outside != "zero" or min_object_area != 1 or max_object_area:
+            raise TprobeError("--masks, --margin, --outside, --min-object-area and --max-object-area apply to fields "
+                              "of view: add --fov FIELDS")  # fmt: skip
+        pre = _prepare(data, prep)
+    else:
+        pre, out = _prepare_fields(data, prep, out, cache, fov, masks, margin=margin, outside=outside,
+                                   min_object_area=min_object_area, max_object_area=max_object_area)  # fmt: skip
     out = out or Path(cache) / pre.fingerprint / pre.config.hash
     manifest = pre.save(out)
     contact_sheet(pre.manifest, pre.config, out / "contact_sheet.png")
@@ -269,6 +322,27 @@ def preprocess(data, prep, out, cache):
     click.echo(f"contact sheet: {out / 'contact_sheet.png'}")
     click.echo(str(manifest))
     _finish(pre)
+
+
+def _prepare_fields(data, prep, out, cache, fov, masks, **crop):
+    """``preprocess --fov``: crops under ``OUT/crops/`` (OUT keyed by the fields' paths and options)."""
+    import dataclasses
+    import hashlib
+
+    from tprobe.fov import preprocess_fields
+
+    if data is not None:
+        raise TprobeError("--fov and --data are two inputs; give one (fields of view, or single-cell images)")
+    prep = dataclasses.replace(prep, fov=True, **crop)
+    if out is None:
+        key = f"{Path(fov).resolve()}|{Path(masks or fov).resolve()}|{prep.hash}"
+        out = Path(cache) / "fov" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    pre, warnings = preprocess_fields(fov, masks, prep, Path(out) / "crops", progress=True)
+    for line in warnings:
+        click.echo(f"warning: {line}", err=True)
+    for s in pre.skipped:
+        click.echo(f"skipped: {s}", err=True)
+    return pre, out
 
 
 @main.command()
@@ -886,10 +960,13 @@ def map_(stores, models, revision, pool, features, id_column, exclude, keep_colu
     help="CSV to write [default: <run>/predictions-<images-folder>.csv].",
 )
 @click.option("--threshold", default=0.5, show_default=True, help="p_activated at or above -> activated.")
+@click.option("--masks", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="IMAGES are fields of view and this folder their label images (same pairing as preprocess "
+                   "--fov): one row per object and an overlay PNG per field in <csv>-overlays/.")  # fmt: skip
 @CACHE_OPTION
 @DEVICE_OPTION
 @OFFLINE_OPTION
-def predict(run_dir, images, out, threshold, cache, device, offline):
+def predict(run_dir, images, out, threshold, masks, cache, device, offline):
     """Label new images with a trained run: path, p_activated, label (CSV).
 
     Images that fail the quality filters are listed with the reason, not dropped.
@@ -901,15 +978,21 @@ def predict(run_dir, images, out, threshold, cache, device, offline):
     from tprobe.predict import predict as run_predict
     from tprobe.runs import inside, safe_name
 
-    table = run_predict(run_dir, images, cache=cache, device=device, offline=offline, threshold=threshold)
     out = out or inside(run_dir, f"predictions-{safe_name(Path(images).resolve().name)}.csv")
+    overlays = Path(out).with_name(Path(out).stem + "-overlays") if masks is not None else None
+    table = run_predict(run_dir, images, cache=cache, device=device, offline=offline, threshold=threshold,
+                        masks=masks, overlays=overlays)  # fmt: skip
     table.to_csv(out, index=False)
     kept = table["kept"].sum()
     if table["model_random_init"].any():
         click.echo(RANDOM_NOTE)
-    click.echo(f"{kept} of {len(table)} images scored; {int((table['label'] == 1).sum())} activated")
+    what = "objects" if masks is not None else "images"
+    click.echo(f"{kept} of {len(table)} {what} scored; {int((table['label'] == 1).sum())} activated")
     for rec in table[~table["kept"]].itertuples():
-        click.echo(f"not scored: {rec.path}: {rec.drop_reason}", err=True)
+        where = f"{rec.field} object {rec.object}" if masks is not None else rec.path
+        click.echo(f"not scored: {where}: {rec.drop_reason}", err=True)
+    if overlays is not None:
+        click.echo(f"overlays: {overlays}")
     click.echo(str(out))
 
 
