@@ -33,7 +33,7 @@ from tprobe import __version__
 from tprobe.backbones import Backbone, ModelRef, pick_device
 from tprobe.errors import TprobeError
 from tprobe.preprocess import PreprocessConfig, Preprocessed, apply_view, load_canvas
-from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, manifest_path, rows_hash
+from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, manifest_hash, manifest_path, rows_hash
 
 __all__ = ["ExtractResult", "StageTimes", "extract", "store_dir", "store_path", "store_name", "manifest_path",
            "find_store", "resolve_precision", "estimate_bytes", "DEFAULT_CACHE", "PRECISIONS"]  # fmt: skip
@@ -235,6 +235,7 @@ def extract(
     path = store_path(cache, pre, ref, dtype, fmt, precision, tokens)
     kept = pre.kept
     if path.exists() and not path.with_name(path.name + ".progress").exists():
+        _write_manifest(manifest_path(path), kept)  # restores an edited or deleted manifest
         return ExtractResult(path, "up to date", len(kept))
     if isinstance(model, Backbone):
         backbone = model
@@ -406,15 +407,21 @@ def _attrs(pre: Preprocessed, backbone: Backbone, layout, dtype: str, precision:
         "preprocess_hash": pre.config.hash,
         **(channels if pre.config.channels else {}),  # a one-channel store keeps tprobe 0.2's attributes
         "dataset_fingerprint": pre.fingerprint,
+        "manifest_hash": manifest_hash(
+            pre.kept
+        ),  # rows, labels, donors: checked on every read of the manifest
         "tprobe_version": __version__,
     }
 
 
 def _write_manifest(path: Path, kept: pd.DataFrame) -> None:
-    """Write the store's own manifest (atomically); an existing one must list the same rows."""
+    """Write the store's own manifest (atomically), unless one with the same rows, labels and donors is there."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
-        old = pd.read_parquet(path, columns=["image_id"])["image_id"].tolist()
-        if old == kept["image_id"].tolist():
+        try:
+            old = pd.read_parquet(path, columns=["image_id", "label", "donor"])
+        except (OSError, ValueError, KeyError):
+            old = None
+        if old is not None and manifest_hash(old) == manifest_hash(kept):
             return
     _atomic_write(path, lambda p: kept.assign(row=np.arange(len(kept))).to_parquet(p, index=False))

@@ -105,7 +105,7 @@ def verified_manifest(store: FeatureStore, manifest: pd.DataFrame | None = None)
     """The manifest of ``store``'s rows, row identity verified.
 
     ``manifest`` defaults to the store's own (``<store>.manifest.parquet``); any manifest given must
-    list exactly the store's rows, in order, or this raises.
+    list exactly the store's rows, in order, with the labels and donors it was extracted with, or this raises.
     """
     from tprobe.store import manifest_path  # not tprobe.extract: importing it loads torch (~1 s)
 
@@ -115,7 +115,7 @@ def verified_manifest(store: FeatureStore, manifest: pd.DataFrame | None = None)
         if not mpath.exists():
             raise TprobeError(f"{store.path}: its manifest {mpath.name} is missing; re-extract the store")
         manifest, source_name = pd.read_parquet(mpath), mpath.name
-    store.verify_rows(manifest["image_id"].tolist(), source_name)
+    store.verify_manifest(manifest, source_name)
     return manifest
 
 

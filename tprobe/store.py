@@ -51,7 +51,17 @@ import numpy as np
 from tprobe.errors import TprobeError
 from tprobe.tokens import POOL_NEEDS, POOLS, TOKENS, check_pool, pool_tokens
 
-__all__ = ["FeatureStore", "POOLS", "FORMATS", "TOKENS", "COMPRESSIONS", "rows_hash", "manifest_path"]
+__all__ = [
+    "FeatureStore",
+    "POOLS",
+    "FORMATS",
+    "TOKENS",
+    "COMPRESSIONS",
+    "rows_hash",
+    "manifest_hash",
+    "manifest_path",
+    "STORE_VERSION",
+]
 log = logging.getLogger(__name__)
 
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -656,6 +666,15 @@ class FeatureStore:
         i = int(bad[0])
         raise TprobeError(f"{self.path}: row {i} holds {stored[i]} but {source} says {ids[i]} ({len(bad)} rows "
                           "differ); use the store's own manifest or re-extract with this data")  # fmt: skip
+
+    def verify_manifest(self, manifest, source: str = "the manifest") -> None:
+        """:meth:`verify_rows`, then the manifest's labels and donors against the store's ``manifest_hash``
+        (stores written before it was recorded are checked for rows only)."""
+        self.verify_rows(manifest["image_id"].tolist(), source)
+        want = self.attrs.get("manifest_hash")
+        if want and manifest_hash(manifest) != want:
+            raise TprobeError(f"{self.path}: {source} lists the store's rows with other labels or donors than it was "
+                              "extracted with (edited?); restore it or re-extract")  # fmt: skip
 
     # ---- reading ------------------------------------------------------------------------
     @property
