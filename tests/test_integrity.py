@@ -3,6 +3,8 @@ fsync coverage, and a fuzz test over kill points in extract and sealing."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -185,3 +187,168 @@ def test_an_edited_label_in_the_stores_manifest_is_refused_and_extract_restores_
     assert extract(pre, ref, cache=tmp_path / "c", **KW).status == "up to date"  # the same data restores it
     assert mpath.read_bytes() == original
     assert from_store(store, "cls").meta["label"].tolist() == pre.kept["label"].tolist()
+
+
+# 2: the model's input normalisation keys the store and is checked by predict ------------------------
+def test_a_preprocessor_config_added_to_the_same_snapshot_keys_a_new_store_and_predict_refuses(
+    tmp_path, data, monkeypatch
+):
+    import huggingface_hub.constants as hf_constants
+
+    from tprobe.predict import predict
+    from tprobe.probe import ProbeRun
+    from tprobe.testing import save_random_dinov2
+
+    commit = "d" * 40
+    snap = tmp_path / "hub" / "models--facebook--dinov2-with-registers-small" / "snapshots" / commit
+    save_random_dinov2(snap)
+    (snap / "preprocessor_config.json").unlink()  # a snapshot without it: ImageNet mean/std
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    pre = preprocess(discover(data))
+    kw = dict(cache=tmp_path / "c", offline=True, **KW)
+    first = extract(pre, resolve_model("dinov2-small-reg", offline=True), **kw)
+    run = ProbeRun(n_boot=5).fit(from_store(first.path, "cls")).save(tmp_path / "runs")
+    new = copy_subset(tmp_path / "new", donors=("donor_3",), per_class=1)
+    assert predict(run, new, cache=tmp_path / "c", offline=True)["p_activated"].notna().all()
+    # the same snapshot gains a preprocessor_config.json with other values
+    (snap / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    )
+    ref = resolve_model("dinov2-small-reg", offline=True)
+    assert ref.resolved == commit
+    second = extract(pre, ref, **kw)
+    assert second.status == "written" and second.path != first.path
+    assert FeatureStore.open(second.path).attrs["image_mean"] == [0.5] * 3
+    with pytest.raises(TprobeError, match="input normalisation .* differs .*retrain the probe"):
+        predict(run, new, cache=tmp_path / "c", offline=True)
+
+
+def test_a_local_model_folder_gaining_a_preprocessor_config_gets_its_own_store(tmp_path, pre):
+    from tprobe.testing import save_random_dinov2
+
+    folder = save_random_dinov2(tmp_path / "m")
+    (folder / "preprocessor_config.json").unlink()
+    first = extract(pre, resolve_model(str(folder)), cache=tmp_path / "c", **KW)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    )
+    second = extract(pre, resolve_model(str(folder)), cache=tmp_path / "c", **KW)
+    assert second.status == "written" and second.path != first.path
+    assert not np.allclose(
+        FeatureStore.open(first.path).read("cls"), FeatureStore.open(second.path).read("cls")
+    )
+
+
+# 12: a stale create.lock ------------------------------------------------------------------------
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _create(path: Path) -> FeatureStore:
+    return FeatureStore.create(path, row_ids=[f"r{i}" for i in range(6)], hidden=4, registers=0, patches=2,
+                               chunk_rows=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("owner", ["empty", "dead pid", "dead host"])
+def test_a_stale_create_lock_is_taken_over_at_once(tmp_path, caplog, owner):
+    import socket
+
+    path = tmp_path / "s.zarr"
+    progress = path.with_name(path.name + ".progress")
+    progress.mkdir()
+    lock = progress / "create.lock"
+    lock.write_text({"empty": "", "dead pid": json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}),
+                     "dead host": json.dumps({"host": "node-that-died", "pid": 1})}[owner])  # fmt: skip
+    os.utime(lock, (time.time() - 60, time.time() - 60))  # killed a minute ago
+    t0 = time.monotonic()
+    store = _create(path)
+    assert time.monotonic() - t0 < 10 and (progress / "meta.json").exists()
+    assert "is gone; taking over" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    for u in range(store.n_units):
+        store.write_unit(u, {"cls": np.ones((2, 4)), "patches": np.ones((2, 2, 4))})
+    assert store.finalize() and FeatureStore.open(path).read("cls").shape == (6, 4)
+
+
+def test_a_live_creator_is_waited_for_and_taken_over_when_it_dies(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.zarr"
+    progress = path.with_name(path.name + ".progress")
+    progress.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(progress / 'create.lock')!r}, os.O_CREAT | os.O_RDWR)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'{\"pid\": %d}' % os.getpid())\n"
+                               "print('held', flush=True); time.sleep(1.5)"], stdout=subprocess.PIPE)  # fmt: skip
+    assert holder.stdout.readline().strip() == b"held"
+    t0 = time.monotonic()
+    _create(path)
+    assert 0.5 < time.monotonic() - t0 < 10, "did not wait for the live creator, or waited too long"
+    holder.wait()
+    assert "taking over" in caplog.text
+
+
+# 15: kill leftovers -----------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_leftovers_beside_a_finished_store_are_removed_and_it_is_byte_identical(
+    tmp_path, built, pre, ref, fmt
+):
+    cache = built[fmt].parents[3]  # cache/<dataset>/<preprocess>/<model>/<store>
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    store = work / built[fmt].relative_to(cache)
+    dead = _dead_pid()
+    sealed = store.with_name(f"{store.name}.sealed-{dead}")
+    sealed.mkdir()
+    (sealed / "part_000000.npz").write_bytes(b"x" * 1000)  # the HDF5 parts: an uncompressed copy
+    store.with_name(f"{store.name}.tmp{dead}").write_bytes(b"half an h5")
+    manifest_path(store).with_name(manifest_path(store).name + f".tmp{dead}").write_bytes(b"half a parquet")
+    if fmt == "zarr":
+        (store / "cls" / "c" / "0" / "0.1234abcd.partial").write_bytes(b"half a chunk")
+        (store / "zarr.5678.partial").write_bytes(b"half a zarr.json")
+    assert extract(pre, ref, cache=work, fmt=fmt, **KW).status == "up to date"
+    assert _tree(work) == _tree(cache)
+
+
+def _interrupt_at(monkeypatch, names: tuple[str, ...], k: int) -> list:
+    """Make the k-th call of os.<name> (any of ``names``) raise KeyboardInterrupt (a kill: nothing after it runs)."""
+    calls = []
+    for name in names:
+        real = getattr(os, name)
+
+        def dying(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            if len(calls) == k:
+                raise KeyboardInterrupt(f"killed at {_name} #{k}")
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(os, name, dying)
+    return calls
+
+
+# 16: fsync coverage -----------------------------------------------------------------------------
+def test_zarr_metadata_row_ids_lock_and_new_chunk_folders_are_fsynced(tmp_path, pre, ref, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = extract(pre, ref, cache=tmp_path / "c", **KW).path
+    s = str(store)
+    for name in ("cls", "registers", "patches", "row_ids"):
+        assert f"{s}/{name}/zarr.json" in synced, name
+    assert f"{s}/row_ids/c/0" in synced and f"{s}/zarr.json" in synced
+    assert any(p.endswith(".progress/create.lock") for p in synced)
+    for name in ("cls", "registers", "patches"):
+        assert f"{s}/{name}/c" in synced and f"{s}/{name}" in synced, name
+    assert str(store.parent) in synced  # the folder holding the seal rename

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from tprobe.errors import TprobeError
 from tprobe.tokens import TokenLayout
 
 __all__ = ["ALIASES", "LAYOUT_TYPES", "ModelRef", "Backbone", "resolve_model", "pick_device", "fit_canvas",
-           "round_canvas"]  # fmt: skip
+           "round_canvas", "normalisation", "normalisation_tag"]  # fmt: skip
 log = logging.getLogger(__name__)
 
 ALIASES = {
@@ -394,6 +395,20 @@ def _takes_interpolate(net: torch.nn.Module) -> bool:
     import inspect
 
     return "interpolate_pos_encoding" in inspect.signature(net.forward).parameters
+
+
+def normalisation(ref: ModelRef, offline: bool = False) -> tuple[tuple, tuple]:
+    """The input normalisation (mean, std) a :class:`Backbone` of ``ref`` applies; part of the store key."""
+    return _normalisation(ref, offline or ref.is_local)
+
+
+def normalisation_tag(mean, std) -> str:
+    """``""`` for ImageNet's mean/std (every DINOv2 checkpoint's, so their store names stay as they were),
+    else ``-n<hash>``: stores of inputs normalised differently never share a name."""
+    mean, std = tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+    if mean == IMAGENET_MEAN and std == IMAGENET_STD:
+        return ""
+    return "-n" + hashlib.sha256(json.dumps([mean, std]).encode()).hexdigest()[:8]
 
 
 def _normalisation(ref: ModelRef, offline: bool = False) -> tuple[tuple, tuple]:

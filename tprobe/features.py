@@ -66,6 +66,8 @@ class FeatureSource:
     columns: list | None = None
     unmatched_images: int | None = None
     canvas: int | None = None
+    image_mean: list | None = None  # the model's input normalisation (store key; predict checks it)
+    image_std: list | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -128,7 +130,7 @@ def store_source(store: FeatureStore, pool: str) -> FeatureSource:
         resolved_revision=a.get("resolved_revision"), random_init=bool(a.get("model_random_init", False)),
         precision=a.get("precision"), dtype=a.get("dtype"), format=store.format, rows_hash=a.get("rows_hash"),
         preprocess=a.get("preprocess"), preprocess_hash=a.get("preprocess_hash"),
-        dataset_fingerprint=a.get("dataset_fingerprint"),
+        dataset_fingerprint=a.get("dataset_fingerprint"), image_mean=a.get("image_mean"), image_std=a.get("image_std"),
     )  # fmt: skip
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from tprobe.backbones import resolve_model
+from tprobe.backbones import normalisation, resolve_model
 from tprobe.dataset import discover_unlabelled
 from tprobe.errors import TprobeError
 from tprobe.extract import DEFAULT_CACHE, extract
@@ -59,6 +60,7 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     if ref.resolved != src.resolved_revision:
         raise TprobeError(f"model {source} has changed since run {run.name} "
                           f"({ref.resolved[:12]} != {str(src.resolved_revision)[:12]}); retrain the probe")  # fmt: skip
+    _check_normalisation(run, src, ref, source, offline)
     out = pre.manifest[pre.manifest["view"] == "orig"][["path", "kept", "drop_reason", "source_id"]]
     out = out.assign(p_activated=float("nan"))
     if pre.manifest["kept"].any():
@@ -76,3 +78,24 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     return out.drop(columns="source_id").reset_index(drop=True)[
         ["path", "p_activated", "label", "label_name", "kept", "drop_reason", "model_random_init"]
     ]
+
+
+def _check_normalisation(run: Path, src, ref, source: str, offline: bool) -> None:
+    """The model must normalise its input as it did for the run's store (its preprocessor_config.json mean/std)."""
+    recorded = (src.image_mean, src.image_std)
+    if recorded[0] is None and src.store:  # runs saved before the run recorded it: the store's attributes
+        try:
+            from tprobe.store import FeatureStore
+
+            attrs = FeatureStore.open(src.store, check=False).attrs
+            recorded = (attrs.get("image_mean"), attrs.get("image_std"))
+        except TprobeError:
+            pass
+    if recorded[0] is None or recorded[1] is None:
+        log.warning("%s records no input normalisation (and its store is gone): not checked", run)
+        return
+    mean, std = normalisation(ref, offline)
+    if not (np.allclose(mean, recorded[0]) and np.allclose(std, recorded[1])):
+        raise TprobeError(f"model {source}: its input normalisation (mean {list(mean)}, std {list(std)}) differs from "
+                          f"the one run {run.name} was trained with (mean {list(recorded[0])}, std {list(recorded[1])}); "
+                          "restore its preprocessor_config.json or retrain the probe")  # fmt: skip
