@@ -317,22 +317,6 @@ def test_leftovers_beside_a_finished_store_are_removed_and_it_is_byte_identical(
     assert _tree(work) == _tree(cache)
 
 
-def _interrupt_at(monkeypatch, names: tuple[str, ...], k: int) -> list:
-    """Make the k-th call of os.<name> (any of ``names``) raise KeyboardInterrupt (a kill: nothing after it runs)."""
-    calls = []
-    for name in names:
-        real = getattr(os, name)
-
-        def dying(*a, _real=real, _name=name, **kw):
-            calls.append(_name)
-            if len(calls) == k:
-                raise KeyboardInterrupt(f"killed at {_name} #{k}")
-            return _real(*a, **kw)
-
-        monkeypatch.setattr(os, name, dying)
-    return calls
-
-
 # 16: fsync coverage -----------------------------------------------------------------------------
 def test_zarr_metadata_row_ids_lock_and_new_chunk_folders_are_fsynced(tmp_path, pre, ref, monkeypatch):
     synced = []
@@ -352,3 +336,55 @@ def test_zarr_metadata_row_ids_lock_and_new_chunk_folders_are_fsynced(tmp_path, 
     for name in ("cls", "registers", "patches"):
         assert f"{s}/{name}/c" in synced and f"{s}/{name}" in synced, name
     assert str(store.parent) in synced  # the folder holding the seal rename
+
+
+# done-when: random kill points over os.replace / os.fsync in extract and sealing ------------------
+class _Killed(BaseException):
+    """Stands in for SIGKILL at a kill point: no ``except Exception`` cleanup runs (Zarr's neither)."""
+
+
+def _kill_at(monkeypatch, k: int) -> list:
+    """The k-th call of os.replace or os.fsync (counted together) raises :class:`_Killed`."""
+    calls = []
+    for name in ("replace", "fsync"):
+        real = getattr(os, name)
+
+        def dying(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            if len(calls) == k:
+                raise _Killed(f"killed at {_name} #{k}")
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(os, name, dying)
+    return calls
+
+
+def _everything(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_fuzz_kill_points_end_byte_identical_with_no_leftovers(tmp_path, pre, tiny_reg, monkeypatch, fmt):
+    from tprobe.backbones import Backbone
+
+    bb = Backbone.from_pretrained(str(tiny_reg), device="cpu")
+    kw = dict(fmt=fmt, **KW)
+    with monkeypatch.context() as m:
+        calls = _kill_at(m, 0)
+        extract(pre, bb, cache=tmp_path / "ref", **kw)
+    want = _everything(tmp_path / "ref")
+    points = sorted(
+        np.random.default_rng(18).choice(np.arange(1, len(calls) + 1), 12, replace=False).tolist()
+    )
+    t0 = time.monotonic()
+    for k in points:
+        cache = tmp_path / f"k{k}"
+        with monkeypatch.context() as m:
+            _kill_at(m, k)
+            with pytest.raises(_Killed):
+                extract(pre, bb, cache=cache, **kw)
+        assert extract(pre, bb, cache=cache, **kw).status in ("written", "up to date"), k
+        assert _everything(cache) == want, f"kill point {k} of {len(calls)} ({fmt})"
+    print(f"{fmt}: {len(points)} kill points of {len(calls)} in {time.monotonic() - t0:.1f} s")

@@ -291,22 +291,27 @@ class FeatureStore:
             if owner and _alive(owner) and owner.get("pid") != os.getpid():
                 os.close(fd)
                 return False
-        if (self.progress_dir / "meta.json").exists():  # created while we waited for the lock
-            os.close(fd)
-            return False
-        try:
-            owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except ValueError:
-            owner = {}
-        if owner or (age is not None and age > 2.0):  # an empty lock: its creator died right after making it
-            log.warning("%s: the worker that began creating this store (host %s, pid %s) is gone; taking over",
-                        self.path, owner.get("host", "?"), owner.get("pid", "?"))  # fmt: skip
-        data = json.dumps(_owner()).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
-        _fsync_path(self.progress_dir)
         self._lock_fd = fd
+        try:
+            if (self.progress_dir / "meta.json").exists():  # created while we waited for the lock
+                self._release_creation()
+                return False
+            try:
+                owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                owner = {}
+            if owner or (
+                age is not None and age > 2.0
+            ):  # an empty lock: its creator died right after making it
+                log.warning("%s: the worker that began creating this store (host %s, pid %s) is gone; taking over",
+                            self.path, owner.get("host", "?"), owner.get("pid", "?"))  # fmt: skip
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_owner()).encode(), 0)
+            os.fsync(fd)
+            _fsync_path(self.progress_dir)
+        except BaseException:
+            self._release_creation()
+            raise
         return True
 
     def _release_creation(self) -> None:
