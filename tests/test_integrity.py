@@ -388,3 +388,40 @@ def test_fuzz_kill_points_end_byte_identical_with_no_leftovers(tmp_path, pre, ti
         assert extract(pre, bb, cache=cache, **kw).status in ("written", "up to date"), k
         assert _everything(cache) == want, f"kill point {k} of {len(calls)} ({fmt})"
     print(f"{fmt}: {len(points)} kill points of {len(calls)} in {time.monotonic() - t0:.1f} s")
+
+
+# one-line messages about model folders ----------------------------------------------------------
+def test_pickle_only_weights_are_one_line_and_run_no_code(tmp_path, data):
+    import pickle
+
+    from tprobe.testing import save_random_dinov2
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    folder = save_random_dinov2(tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    r = CliRunner().invoke(main, ["extract", "--model", str(folder), "--data", str(data), "--cache",
+                                  str(tmp_path / "c")])  # fmt: skip
+    _one_line_exit_2(r)
+    assert "only pickle weights" in r.output and "safetensors" in r.output and "weights_only" not in r.output
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_a_moved_model_folder_is_one_line_without_the_hub(tmp_path, data, pre, ref, tiny_reg, caplog):
+    from tprobe.predict import predict
+    from tprobe.probe import ProbeRun
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_reg, folder)
+    store = extract(pre, resolve_model(str(folder)), cache=tmp_path / "c", **KW).path
+    run = ProbeRun(n_boot=5).fit(from_store(store, "cls")).save(tmp_path / "runs")
+    folder.rename(tmp_path / "moved")
+    with pytest.raises(TprobeError, match=f"model folder {folder} is not there"):
+        predict(run, data, cache=tmp_path / "c")
+    r = CliRunner().invoke(main, ["extract", "--model", str(folder), "--data", str(data), "--cache",
+                                  str(tmp_path / "c")])  # fmt: skip
+    _one_line_exit_2(r)
+    assert "is not there" in r.output and "contacting the Hugging Face hub" not in caplog.text

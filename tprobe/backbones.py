@@ -19,6 +19,7 @@ import functools
 import hashlib
 import json
 import logging
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,10 @@ def resolve_model(model: str, revision: str | None = None, *, offline: bool = Fa
         resolved = _dir_hash(local)
         source = str(local.resolve())
     else:
+        if _looks_like_a_path(source):
+            what = "is a file, not a model folder" if local.is_file() else "is not there (moved or deleted?)"
+            raise TprobeError(f"model folder {source} {what}; pass the folder's current path, or a hub id "
+                              "(owner/name)")  # fmt: skip
         if "/" not in source:
             raise _hub_error(model, FileNotFoundError(source))
         forced = False
@@ -237,6 +242,11 @@ def resolve_model(model: str, revision: str | None = None, *, offline: bool = Fa
             log.info("hub unreachable: using the cached snapshot %s", resolved[:12])
     _check_layout(model, config)
     return ModelRef(model, source, revision, resolved, config)
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """A local path, never a hub id (``owner/name``): absolute, ``./``, ``../``, ``~``, or more than one ``/``."""
+    return source.startswith(("/", "./", "../", "~", "\\")) or source.count("/") > 1 or Path(source).is_file()
 
 
 def _dir_hash(folder: Path) -> str:
@@ -308,6 +318,12 @@ class Backbone:
                 local_files_only=offline or ref.is_local,
                 attn_implementation=attn_implementation,
             )
+        except pickle.UnpicklingError:  # torch's weights-only loader refused a pickle weight file
+            raise TprobeError(
+                f"model {ref.name!r}: {ref.source} holds only pickle weights (pytorch_model.bin) that are not plain "
+                "tensors, and tprobe never runs code from a file; convert them to safetensors where you trust them "
+                "(model.save_pretrained(folder, safe_serialization=True))"
+            ) from None
         except (OSError, ValueError) as exc:
             raise _hub_error(ref.name, exc) from None
         if _takes_interpolate(net):
