@@ -133,6 +133,7 @@ def store_status(path: str | Path, shards: int = 1, *, deep: bool = False) -> St
     if progress.exists() and not (progress / "meta.json").exists():
         raise TprobeError(f"{path}: a worker is creating this store right now; ask again in a moment")
     store = FeatureStore.open(path, allow_incomplete=True, check=False)
+    store.row_ids()  # a store without its row ids is damaged beyond a report: one line
     done = store.done_units()
     per_shard = []
     if shards > 1 or not store.complete:

@@ -108,6 +108,14 @@ def _unit_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
+def _remove(path: Path) -> None:
+    """Remove a leftover file; a store on a read-only file system keeps it (it is harmless to readers)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("cannot remove %s: %s", path, exc)
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -331,7 +339,7 @@ class FeatureStore:
                     if not pid.isdigit() or (int(pid) != os.getpid()
                                              and _alive({"host": socket.gethostname(), "pid": int(pid)})):  # fmt: skip
                         continue
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else _remove(p)
                     removed.append(p)
         return removed
 
@@ -341,12 +349,12 @@ class FeatureStore:
         removed = []
         for folder in [self.path, *(self.path / n for n in (*self.shapes, "row_ids", "channel"))]:
             for p in folder.glob("*.partial") if folder.is_dir() else ():
-                p.unlink(missing_ok=True)
+                _remove(p)
                 removed.append(p)
         rid = self.path / "row_ids" / "c"
         if rid.is_dir():
             for p in rid.glob("*.partial"):
-                p.unlink(missing_ok=True)
+                _remove(p)
                 removed.append(p)
         return removed
 
@@ -452,7 +460,7 @@ class FeatureStore:
                 if clean:
                     for e in entries:
                         if e.endswith(".partial"):
-                            (f.parent / e).unlink(missing_ok=True)
+                            _remove(f.parent / e)
                 entry = entries.get(f.name)
                 want = sizes.get(name, [None] * self.n_units)[u] if name in sizes else None
                 if (
