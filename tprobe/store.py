@@ -168,6 +168,15 @@ def _checked_meta(path: Path, meta) -> dict:
             isinstance(v, list) and all(isinstance(d, int) for d in v) for v in shapes.values()
         )
         ok = ok and meta["format"] in FORMATS and meta["n"] > 0 and meta["chunk_rows"] > 0
+    if ok and meta.get("units") is not None:  # format 2: one hash (and chunk size per array) per unit
+        units, n_units = meta["units"], -(-meta["n"] // meta["chunk_rows"])
+        ok = isinstance(units, dict) and isinstance(units.get("hash"), list) and len(units["hash"]) == n_units
+        sizes = units.get("sizes", {}) if ok else None
+        ok = (
+            ok
+            and isinstance(sizes, dict)
+            and all(isinstance(v, list) and len(v) == n_units for v in sizes.values())
+        )
     if not ok:
         raise TprobeError(f"{path}: its tprobe_meta attribute is damaged (not the metadata tprobe writes); "
                           "delete the store and re-extract")  # fmt: skip
@@ -253,10 +262,8 @@ class FeatureStore:
                     np.save(store.progress_dir / "row_ids.npy", np.asarray(row_ids, dtype=str))
                     _fsync_path(store.progress_dir / "row_ids.npy")
                     if fmt == "zarr":
-                        if (
-                            path.exists()
-                        ):  # half made by a creator that died: no unit is written before meta.json
-                            shutil.rmtree(path)
+                        # arrays half made by a creator that died (no unit is written before meta.json)
+                        shutil.rmtree(path, ignore_errors=True)
                         store._create_zarr(row_ids)
                     _atomic_write(store.progress_dir / "meta.json", lambda p: p.write_text(json.dumps(meta)))
                 finally:
