@@ -70,8 +70,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 # 1: a deleted Zarr chunk reads as zeros ----------------------------------------------------------
 def test_a_deleted_zarr_chunk_is_refused_by_status_and_readers(tmp_path, built):
     store = _copy(built["zarr"], tmp_path)
-    r = CliRunner().invoke(main, ["status", str(store)])
-    assert r.exit_code == 0 and "chunks check" in r.output and "ok: " in r.output, r.output
+    assert CliRunner().invoke(main, ["status", str(store)]).exit_code == 0
     (store / "cls" / "c" / "1" / "0").unlink()
     r = CliRunner().invoke(main, ["status", str(store)])
     assert r.exit_code == 2 and "DAMAGED: chunk cls/c/1" in r.output, r.output
@@ -82,6 +81,8 @@ def test_a_deleted_zarr_chunk_is_refused_by_status_and_readers(tmp_path, built):
     _one_line_exit_2(
         CliRunner().invoke(main, ["export", str(store), "--to", "parquet", str(tmp_path / "x.parquet")])
     )
+    r = CliRunner().invoke(main, ["status", str(built["zarr"])])
+    assert r.exit_code == 0 and "chunks check" in r.output and "present" in r.output, r.output
 
 
 def test_a_truncated_chunk_is_found_fast_and_an_altered_one_by_deep(tmp_path, built):
