@@ -543,20 +543,27 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--shards", type=int, default=1, show_default=True, help="Report per shard for N workers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(store, shards, as_json):
-    """Units done / pending (in total and per shard), seal state and key attributes of a store.
+@click.option("--deep", is_flag=True, help="Re-read every unit and compare it with the hash recorded when it was "
+              "written (default: check that every chunk exists with its recorded size).")  # fmt: skip
+def status(store, shards, as_json, deep):
+    """Units done / pending (in total and per shard), seal state, key attributes and integrity of a store.
+
+    Exits with status 2 when a chunk is missing, truncated or (--deep) altered.
 
     \b
     Examples:
       tprobe status cache/<dataset>/<hash>/<model>/float16-fp32-<rows>.zarr --shards 8
       tprobe status STORE --json
+      tprobe status STORE --deep
     """
     import json
 
     from tprobe.status import store_status
 
-    st = store_status(store, shards=shards)
+    st = store_status(store, shards=shards, deep=deep)
     click.echo(json.dumps(st.to_dict(), indent=2) if as_json else "\n".join(st.lines()))
+    if not st.ok:
+        raise SystemExit(2)
 
 
 def _store_patch(store) -> int | None:

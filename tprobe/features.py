@@ -94,6 +94,8 @@ class FeatureSource:
     unused_rows: dict | None = None  # table rows not scored: {"filtered": {class: n}, "no_image": n}
     all_rows: bool | None = None  # --all-table-rows: rows of images the quality filters removed scored too
     canvas: int | None = None
+    image_mean: list | None = None  # the model's input normalisation (store key; predict checks it)
+    image_std: list | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -133,7 +135,7 @@ def verified_manifest(store: FeatureStore, manifest: pd.DataFrame | None = None)
     """The manifest of ``store``'s rows, row identity verified.
 
     ``manifest`` defaults to the store's own (``<store>.manifest.parquet``); any manifest given must
-    list exactly the store's rows, in order, or this raises.
+    list exactly the store's rows, in order, with the labels and donors it was extracted with, or this raises.
     """
     from tprobe.store import manifest_path  # not tprobe.extract: importing it loads torch (~1 s)
 
@@ -143,7 +145,7 @@ def verified_manifest(store: FeatureStore, manifest: pd.DataFrame | None = None)
         if not mpath.exists():
             raise TprobeError(f"{store.path}: its manifest {mpath.name} is missing; re-extract the store")
         manifest, source_name = pd.read_parquet(mpath), mpath.name
-    store.verify_rows(manifest["image_id"].tolist(), source_name)
+    store.verify_manifest(manifest, source_name)
     return manifest
 
 
@@ -156,7 +158,7 @@ def store_source(store: FeatureStore, pool: str) -> FeatureSource:
         resolved_revision=a.get("resolved_revision"), random_init=bool(a.get("model_random_init", False)),
         precision=a.get("precision"), dtype=a.get("dtype"), format=store.format, rows_hash=a.get("rows_hash"),
         preprocess=a.get("preprocess"), preprocess_hash=a.get("preprocess_hash"),
-        dataset_fingerprint=a.get("dataset_fingerprint"),
+        dataset_fingerprint=a.get("dataset_fingerprint"), image_mean=a.get("image_mean"), image_std=a.get("image_std"),
     )  # fmt: skip
 
 

@@ -55,7 +55,7 @@ def store_table(path: str | Path) -> tuple[FeatureStore, pd.DataFrame, dict[str,
     if not mpath.exists():
         raise TprobeError(f"{path}: its manifest {mpath.name} is missing; re-extract the store")
     manifest = pd.read_parquet(mpath)
-    store.verify_rows(manifest["image_id"].tolist(), mpath.name)
+    store.verify_manifest(manifest, mpath.name)
     pools = pools_of(store)
     if not pools:
         raise TprobeError(

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from tprobe.backbones import resolve_model
+from tprobe.backbones import normalisation, resolve_model
 from tprobe.dataset import discover_unlabelled
 from tprobe.errors import TprobeError
 from tprobe.extract import DEFAULT_CACHE, extract
@@ -86,6 +87,7 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     if ref.resolved != src.resolved_revision:
         raise TprobeError(f"model {source} has changed since run {run.name} "
                           f"({ref.resolved[:12]} != {str(src.resolved_revision)[:12]}); retrain the probe")  # fmt: skip
+    _check_normalisation(run, src, ref, source, offline)
     out = pre.manifest[pre.manifest["view"] == "orig"]
     out = pd.concat([out, pd.DataFrame(dropped)], ignore_index=True) if dropped else out
     out = out[[*cols, "kept", "drop_reason", "source_id"]].assign(p_activated=float("nan"))
@@ -152,3 +154,24 @@ def _overlays(out: pd.DataFrame, config, folder: Path, random_weights: bool) -> 
         draw_overlay(
             field, rows["mask"].iloc[0], p, config, folder / f"{stem}.png", random_weights=random_weights
         )
+
+
+def _check_normalisation(run: Path, src, ref, source: str, offline: bool) -> None:
+    """The model must normalise its input as it did for the run's store (its preprocessor_config.json mean/std)."""
+    recorded = (src.image_mean, src.image_std)
+    if recorded[0] is None and src.store:  # runs saved before the run recorded it: the store's attributes
+        try:
+            from tprobe.store import FeatureStore
+
+            attrs = FeatureStore.open(src.store, check=False).attrs
+            recorded = (attrs.get("image_mean"), attrs.get("image_std"))
+        except TprobeError:
+            pass
+    if recorded[0] is None or recorded[1] is None:
+        log.warning("%s records no input normalisation (and its store is gone): not checked", run)
+        return
+    mean, std = normalisation(ref, offline)
+    if not (np.allclose(mean, recorded[0]) and np.allclose(std, recorded[1])):
+        raise TprobeError(f"model {source}: its input normalisation (mean {list(mean)}, std {list(std)}) differs from "
+                          f"the one run {run.name} was trained with (mean {list(recorded[0])}, std {list(recorded[1])}); "
+                          "restore its preprocessor_config.json or retrain the probe")  # fmt: skip
