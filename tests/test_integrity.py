@@ -68,6 +68,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 
 # 1: a deleted Zarr chunk reads as zeros ----------------------------------------------------------
+@pytest.mark.refuses("a sealed store with a deleted chunk (status and every reader)")
 def test_a_deleted_zarr_chunk_is_refused_by_status_and_readers(tmp_path, built):
     store = _copy(built["zarr"], tmp_path)
     assert CliRunner().invoke(main, ["status", str(store)]).exit_code == 0
@@ -85,6 +86,7 @@ def test_a_deleted_zarr_chunk_is_refused_by_status_and_readers(tmp_path, built):
     assert r.exit_code == 0 and "chunks check" in r.output and "present" in r.output, r.output
 
 
+@pytest.mark.refuses("a truncated chunk (status), an altered one (status --deep)")
 def test_a_truncated_chunk_is_found_fast_and_an_altered_one_by_deep(tmp_path, built):
     store = _copy(built["zarr"], tmp_path)
     chunk = store / "patches" / "c" / "0" / "0" / "0"
@@ -100,6 +102,7 @@ def test_a_truncated_chunk_is_found_fast_and_an_altered_one_by_deep(tmp_path, bu
     assert "units re-hashed" in CliRunner().invoke(main, ["status", str(built["zarr"]), "--deep"]).output
 
 
+@pytest.mark.refuses("an HDF5 store with a zeroed unit (status --deep)")
 def test_a_zeroed_hdf5_unit_is_found_by_deep(tmp_path, built, pre, ref):
     import h5py
 
@@ -130,26 +133,8 @@ def test_a_store_from_before_format_2_is_checked_for_existence_with_a_note(tmp_p
         from_store(store, "registers")
 
 
-def test_existence_check_is_fast_on_a_sample_sized_store(tmp_path):
-    """The check runs on every open: measure it on a store of the sample's size (852 rows, chunks of 64)."""
-    n = 852
-    store = FeatureStore.create(tmp_path / "s.zarr", row_ids=[f"r{i}" for i in range(n)], hidden=8, registers=4,
-                                patches=4, chunk_rows=64)  # fmt: skip
-    for u in range(store.n_units):
-        k = store.unit_slice(u).stop - store.unit_slice(u).start
-        store.write_unit(
-            u, {"cls": np.ones((k, 8)), "registers": np.ones((k, 4, 8)), "patches": np.ones((k, 4, 8))}
-        )
-    assert store.finalize()
-    t0 = time.perf_counter()
-    for _ in range(20):
-        FeatureStore.open(store.path)
-    per_open = (time.perf_counter() - t0) / 20
-    print(f"open with the existence check of {store.n_units * 3} chunks: {per_open * 1e3:.1f} ms")
-    assert per_open < 0.25
-
-
 # status one-liners -----------------------------------------------------------------------------
+@pytest.mark.refuses("a store with a garbage tprobe_meta or no row_ids (status)")
 def test_status_of_a_garbage_tprobe_meta_or_no_row_ids_is_one_line(tmp_path, built):
     import zarr
 
@@ -168,6 +153,7 @@ def test_status_of_a_garbage_tprobe_meta_or_no_row_ids_is_one_line(tmp_path, bui
 
 
 # 4: labels edited in a store's manifest ---------------------------------------------------------
+@pytest.mark.refuses("a store manifest whose labels or donors were edited")
 def test_an_edited_label_in_the_stores_manifest_is_refused_and_extract_restores_it(tmp_path, pre, ref):
     store = extract(pre, ref, cache=tmp_path / "c", **KW).path
     mpath = manifest_path(store)
@@ -192,6 +178,7 @@ def test_an_edited_label_in_the_stores_manifest_is_refused_and_extract_restores_
 
 
 # 2: the model's input normalisation keys the store and is checked by predict ------------------------
+@pytest.mark.refuses("predict with a model whose input normalisation changed since the run")
 def test_a_preprocessor_config_added_to_the_same_snapshot_keys_a_new_store_and_predict_refuses(
     tmp_path, data, monkeypatch
 ):
@@ -395,6 +382,7 @@ def test_fuzz_kill_points_end_byte_identical_with_no_leftovers(tmp_path, data, t
 
 
 # one-line messages about model folders ----------------------------------------------------------
+@pytest.mark.refuses("a model folder with only pickle weights (never unpickled)")
 def test_pickle_only_weights_are_one_line_and_run_no_code(tmp_path, data):
     import pickle
 
@@ -414,6 +402,7 @@ def test_pickle_only_weights_are_one_line_and_run_no_code(tmp_path, data):
     assert not (tmp_path / "PWNED").exists()
 
 
+@pytest.mark.refuses("a local model folder that was moved (no hub lookup)")
 def test_a_moved_model_folder_is_one_line_without_the_hub(tmp_path, data, pre, ref, tiny_reg, caplog):
     from tprobe.predict import predict
     from tprobe.probe import ProbeRun
