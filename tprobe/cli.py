@@ -732,6 +732,8 @@ def _echo_collected(sweep):
     click.echo(f"== sweep summary (mean over held-out donors; {len(res.runs)} runs collected from {sweep})")
     _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
     click.echo(f"   run time {res.seconds:.1f} s summed over the tasks")
+    if res.random_init:
+        click.echo(f"   {RANDOM_NOTE}")
     click.echo(str(res.out))
 
 

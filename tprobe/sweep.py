@@ -72,6 +72,7 @@ class SweepResult:
     runs: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    random_init: bool = False  # set by collect_sweep: the store's model was randomly initialised
 
     @property
     def is_sweep(self) -> bool:
@@ -349,4 +350,6 @@ def collect_sweep(sweep: str | Path) -> SweepResult:
     summary[numeric] = summary[numeric].apply(pd.to_numeric, errors="coerce")  # JSON null -> NaN
     write_summary(sweep, summary)
     runs = [sweep / r["row"]["run"] for r in recs]
-    return SweepResult(sweep, summary, runs, dict(plan.skipped), float(summary["seconds"].sum()))
+    res = SweepResult(sweep, summary, runs, dict(plan.skipped), float(summary["seconds"].sum()))
+    res.random_init = bool(FeatureStore.open(plan.store).attrs.get("model_random_init", False))
+    return res
