@@ -20,7 +20,7 @@ from conftest import copy_subset
 
 from tprobe.cli import main
 from tprobe.errors import TprobeError
-from tprobe.slurm import SlurmOptions, render_commands, sweep_commands, sweep_job_name
+from tprobe.slurm import SlurmOptions, render_commands, sweep_array, sweep_commands, sweep_job_name
 from tprobe.sweep import SweepPlan, collect_sweep, missing_tasks, plan_sweep, run_sweep, store_sources
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,3 +216,17 @@ def test_resume_refuses_settings_the_plan_fixes(tmp_path, store):
     assert res.exit_code == 2 and "no sweep plan here" in res.output, res.output
     res = CliRunner().invoke(main, ["probe", "--resume", str(sweep), "--sweep-task", "5"])
     assert res.exit_code == 2 and "has tasks 0..0" in res.output, res.output
+
+
+def test_a_failing_task_is_named_with_its_log_line_and_leaves_no_record(tmp_path, store, fake_slurm):
+    sweep = plan_sweep(store, ["cls", "mean"], ["knn"], out=tmp_path / "runs", probe_kwargs={"n_boot": 20})
+    plan = json.loads((sweep / "sweep.json").read_text())
+    (sweep / "sweep.json").write_text(json.dumps({**plan, "store": str(tmp_path / "gone.zarr")}))
+    lines: list[str] = []
+    with pytest.raises(
+        TprobeError, match=r"sweep task\(s\) 0 \(cls · knn\), 1 \(mean · knn\) ended without a run"
+    ) as e:
+        sweep_array(sweep, options=SlurmOptions(slurm_dir=tmp_path / "slurm"), poll=0.1, echo=lines.append)
+    assert "ends: " in str(e.value) and "gone.zarr" in str(e.value).split("ends: ")[1]  # the task's own error
+    assert lines[-1] == "running - | queued - | done - | failed 0,1", lines
+    assert missing_tasks(sweep) == [0, 1] and not (sweep / "tasks").exists()

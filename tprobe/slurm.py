@@ -312,9 +312,11 @@ def _watch(store, name, n_units, shards, poll, echo, logs) -> None:
         time.sleep(poll)
 
 
-def _last_line(log: Path) -> str:
+def _last_line(log: Path, skip: str | None = None) -> str:
+    """The log's last non-blank line (leaving out lines that start with ``skip``), cut to 200 characters."""
     try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()
+                 if ln.strip() and not (skip and ln.strip().startswith(skip))]  # fmt: skip
     except OSError:
         return "(no log)"
     return lines[-1][-200:] if lines else "(empty log)"
@@ -478,7 +480,9 @@ def sweep_array(
     failed = [i for i, s in states.items() if s != "done"]
     if failed:
         what = ", ".join(f"{i} ({plan.tasks[i][0]} · {plan.tasks[i][1]})" for i in failed)
-        logs = Path(options.slurm_dir).absolute()
-        raise TprobeError(f"sweep task(s) {what} ended without a run (logs: {logs}/{name}-<job>_<task>.out); "
+        slurm_dir = Path(options.slurm_dir).absolute()
+        logs = sorted(slurm_dir.glob(f"{name}-*_{failed[0]}.out"), key=lambda p: p.stat().st_mtime)
+        ends = f"; {logs[-1].name} ends: {_last_line(logs[-1], skip='tprobe-task-exit')!r}" if logs else ""
+        raise TprobeError(f"sweep task(s) {what} ended without a run (logs: {slurm_dir}/{name}-<job>_<task>.out{ends}); "
                           f"`tprobe probe --resume {sweep} --executor slurm` resubmits only those")  # fmt: skip
     return states
