@@ -361,11 +361,13 @@ SLURM_PARAMS = ("executor", "shards", "partition", "time", "gpus_per_task", "cpu
                 "max_running", "sbatch_option", "slurm_dir", "poll")  # fmt: skip
 
 
-def slurm_options(f):
+def slurm_options(f, *, sweep: bool = False):
+    executor_help = ("slurm: one array task per pool x head, watched; then the sweep summary." if sweep else
+                     "slurm: submit one array job of --shards tasks, watch it, return when sealed.")  # fmt: skip
     opts = [
         click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
-                     help="slurm: submit one array job of --shards tasks, watch it, return when sealed."),
-        click.option("--shards", type=int, default=None, help="[slurm] Array tasks (e.g. total GPUs)."),
+                     help=executor_help),
+        *([] if sweep else [click.option("--shards", type=int, default=None, help="[slurm] Array tasks (e.g. total GPUs).")]),
         click.option("--partition", default=None, help="[slurm] Partition."),
         click.option("--time", default=None, help="[slurm] Time limit per task, e.g. 2:00:00."),
         click.option("--gpus-per-task", type=int, default=None, help="[slurm] GPUs per task (1 = one shard per GPU)."),
@@ -651,9 +653,17 @@ def _echo_table(df, floatfmt="{:.3f}"):
 @CACHE_OPTION
 @OFFLINE_OPTION
 @data_options
-def probe(model, revision, store, features, id_column, exclude, keep_columns, all_table_rows, head, pool, split,
+@functools.partial(slurm_options, sweep=True)
+@click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Finish the sweep folder of an earlier --executor slurm sweep: run only its missing pool x head "
+              "tasks (as an array with --executor slurm, else here), then write its summary.")  # fmt: skip
+@click.option(
+    "--sweep-task", type=int, default=None, hidden=True, help="[array task] Run task i of --resume."
+)
+@click.pass_context
+def probe(ctx, model, revision, store, features, id_column, exclude, keep_columns, all_table_rows, head, pool, split,
           test_donor, folds, tta, train_views, penalty, seed, n_boot, no_final_head, normalize, out, cache, offline,
-          data, prep):  # fmt: skip
+          data, prep, executor, resume, sweep_task, **slurm):  # fmt: skip
     """Train heads on cached features with donor-held-out nested CV; write run directories.
 
     Prints per-donor accuracy, balanced accuracy, average precision (beside the donor's
@@ -667,7 +677,13 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
       tprobe probe --head mlp --pool registers --split test-donor --test-donor 4
       tprobe probe --head all --pool all                      # the sweep, one table
       tprobe probe --features cellprofiler.csv --id-column FileName_NADH
+      tprobe probe --head all --pool all --executor slurm --partition cpu   # one array task per run
+      tprobe probe --resume runs/20250101-120000-sweep --executor slurm     # only its missing runs
     """
+    if resume is not None or sweep_task is not None:
+        return _probe_resume(ctx, resume, sweep_task, executor, slurm)
+    if executor == "slurm":
+        _probe_slurm_checks(features, out, slurm)
     from tprobe.heads import HEADS
     from tprobe.store import POOLS
     from tprobe.sweep import run_sweep, store_sources
@@ -695,6 +711,15 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
             _check_store_matches(store, _prepare(data, prep, progress=False, patch_size=_store_patch(store)))
         sources = store_sources(store, pools)
 
+    probe_kwargs = dict(split=split, test_donor=test_donor, n_splits=folds, tta=tta, train_views=train_views,
+                        penalty=penalty, seed=seed, n_boot=n_boot, final_head=not no_final_head,
+                        data=str(data) if data else None, normalize=normalize)  # fmt: skip
+    if executor == "slurm":
+        from tprobe.sweep import plan_sweep
+
+        sweep = plan_sweep(store, pools, heads, out=out, probe_kwargs=probe_kwargs)
+        click.echo(f"sweep folder {sweep}: one SLURM array task per pool x head", err=True)
+        return _sweep_on_slurm(sweep, slurm)
     random_seen = []
 
     def report(ev):
@@ -717,11 +742,7 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
             click.echo(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
             click.echo(f"   {ev.message}")
 
-    res = run_sweep(sources, heads, out=out, progress=report,
-                    probe_kwargs=dict(split=split, test_donor=test_donor, n_splits=folds, tta=tta,
-                                      train_views=train_views, penalty=penalty, seed=seed, n_boot=n_boot,
-                                      final_head=not no_final_head, data=str(data) if data else None,
-                                      normalize=normalize))  # fmt: skip
+    res = run_sweep(sources, heads, out=out, progress=report, probe_kwargs=probe_kwargs)
     if res.is_sweep:
         click.echo("== sweep summary (mean over held-out donors)")
         _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
@@ -730,6 +751,71 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
             click.echo(f"   {RANDOM_NOTE}")
     if res.runs or res.is_sweep:
         click.echo(str(res.out))
+
+
+# ---- the probe sweep as a SLURM array (tprobe/sweep.py plan/run_task/collect, tprobe/slurm.py sweep_array) ----
+def _probe_slurm_checks(features, out, slurm):
+    """Refusals before any work: a feature table, or a value that cannot go into an sbatch script."""
+    from tprobe.slurm import script_value
+
+    if features is not None:
+        raise TprobeError("--executor slurm sweeps a feature store (--store/--model); a --features table's "
+                          "sweep is small: run it without --executor slurm")  # fmt: skip
+    script_value("--out", Path(out).absolute())
+    script_value("the working directory", Path.cwd())
+    _slurm_options(slurm)
+
+
+def _probe_resume(ctx, resume, sweep_task, executor, slurm):
+    """--resume SWEEP [--sweep-task i]: one array task, or the missing tasks here / as an array, then collect."""
+    from tprobe.sweep import SweepPlan, missing_tasks, run_task
+
+    if resume is None:
+        raise TprobeError("--sweep-task i needs --resume SWEEP (the sweep folder whose task i to run)")
+    given = [f"--{p.replace('_', '-')}" for p in ("model", "store", "features", "head", "pool", "out")
+             if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]  # fmt: skip
+    if given:
+        raise TprobeError(f"--resume takes the sweep's own settings ({resume / 'sweep.json'}); leave out "
+                          f"{', '.join(given)}")  # fmt: skip
+    if sweep_task is not None:
+        click.echo(str(run_task(resume, sweep_task, progress=_echo_task_event)))
+        return
+    if executor == "slurm":
+        _probe_slurm_checks(None, resume, slurm)
+        return _sweep_on_slurm(resume, slurm)
+    plan = SweepPlan.load(resume)
+    for i in missing_tasks(resume, plan):
+        run_task(resume, i, progress=_echo_task_event)
+    _echo_collected(resume)
+
+
+def _echo_task_event(ev):
+    if ev.kind == "start":
+        click.echo(f"== {ev.features.name} · {ev.head}: {ev.message}")
+    elif ev.kind == "run":
+        _echo_table(ev.run.table())
+        click.echo(f"   {ev.message}")
+
+
+def _sweep_on_slurm(sweep, slurm):
+    from tprobe.slurm import sweep_array
+
+    sweep_array(sweep, options=_slurm_options(slurm), poll=slurm["poll"])
+    _echo_collected(sweep)
+
+
+def _echo_collected(sweep):
+    from tprobe.sweep import collect_sweep
+
+    res = collect_sweep(sweep)
+    for pool, why in res.skipped.items():
+        click.echo(f"skipped pool {pool}: {why}", err=True)
+    click.echo(f"== sweep summary (mean over held-out donors; {len(res.runs)} runs collected from {sweep})")
+    _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
+    click.echo(f"   run time {res.seconds:.1f} s summed over the tasks")
+    if res.random_init:
+        click.echo(f"   {RANDOM_NOTE}")
+    click.echo(str(res.out))
 
 
 def _table(path, manifest, id_column, exclude, keep_columns, all_table_rows):
