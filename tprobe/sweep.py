@@ -29,7 +29,7 @@ from tprobe.fastcv import FoldProgress
 from tprobe.features import META, FeatureSet, store_source, verified_manifest
 from tprobe.probe import ProbeRun
 from tprobe.store import POOLS, FeatureStore
-from tprobe.tokens import check_pool
+from tprobe.tokens import LAYER_POOLS, is_pool, pool_layer
 
 __all__ = ["SweepEvent", "SweepResult", "run_sweep", "store_sources", "pool_store", "SUMMARY_METRICS"]
 log = logging.getLogger(__name__)
@@ -79,15 +79,15 @@ def pool_store(path: str | Path, pools: Sequence[str]) -> dict[str, FeatureSet |
     model without registers) maps to the :class:`TprobeError` ``from_store`` would raise.
     """
     for p in pools:
-        if p not in POOLS:
-            raise TprobeError(f"pool {p!r} is not one of {', '.join(POOLS)}")
+        if not is_pool(p):
+            raise TprobeError(f"pool {p!r} is not one of {', '.join(POOLS + LAYER_POOLS)}")
     store = FeatureStore.open(path)
     meta = verified_manifest(store)[META].reset_index(drop=True)
     out: dict[str, FeatureSet | TprobeError] = {}
     ok = []
     for p in dict.fromkeys(pools):
         try:
-            check_pool(p, store.num_registers)
+            store.check_pool(p)  # registers the model lacks, layers the store lacks
             ok.append(p)
         except TprobeError as exc:
             out[p] = TprobeError(f"{path}: {exc}")
@@ -141,7 +141,7 @@ def run_sweep(sources: Sequence[Source], heads: Sequence[str], *, out: str | Pat
         if progress is not None:
             progress(ev)
 
-    rows, runs, skipped = [], [], {}
+    rows, runs, skipped, random_init = [], [], {}, False
     for name, load in sources:
         try:
             fs = load(name)
@@ -151,6 +151,7 @@ def run_sweep(sources: Sequence[Source], heads: Sequence[str], *, out: str | Pat
             skipped[name] = str(exc)
             emit(SweepEvent("skip", name, message=f"skipping pool {name}: {exc}"))
             continue
+        random_init = random_init or bool(fs.source.get("random_init", False))
         for h in heads:
             emit(SweepEvent("start", name, h, f"{len(fs.meta)} rows x {fs.X.shape[1]} features", features=fs))
 
@@ -172,5 +173,9 @@ def run_sweep(sources: Sequence[Source], heads: Sequence[str], *, out: str | Pat
         write_json(base / "summary.json", summary.to_dict("records"))
         if len(summary):
             sweep_bars(summary, base / "sweep_auc.png")
+        if summary["pool"].map(pool_layer).nunique() > 1 if len(summary) else False:  # --pool layers
+            from tprobe.plots import auc_by_layer
+
+            auc_by_layer(summary, base / "auc_by_layer.png", random_init=random_init)
     out_path = base if sweep else (runs[0] if runs else base)
     return SweepResult(out_path, summary, runs, skipped, time.perf_counter() - t_start)
