@@ -33,7 +33,8 @@ def _extract(pre, model, cache, **kw):
     )
 
 
-def test_parse_layers_normalises_sorts_and_refuses_out_of_range():
+@pytest.mark.refuses("a --layers / --patch-layers index outside the model's blocks, or not an integer")
+def test_parse_layers_normalises_sorts_and_refuses_out_of_range(tmp_path, small_data, deep_reg):
     assert parse_layers("-1,-4,-7", 12) == (-7, -4, -1)
     assert parse_layers("12, -1", 12) == (-1,)  # hidden_states[12] is the last block's output
     assert parse_layers([0], 4) == (-5,)  # the embeddings
@@ -41,6 +42,12 @@ def test_parse_layers_normalises_sorts_and_refuses_out_of_range():
         parse_layers("-6", 4)
     with pytest.raises(TprobeError, match="not an integer"):
         parse_layers("-1,last", 4)
+    args = ["extract", "--data", str(small_data), "--model", str(deep_reg), "--cache", str(tmp_path)]
+    r = CliRunner().invoke(main, [*args, "--layers", "-9"])
+    assert r.exit_code == 2 and "--layers '-9': layer -9 is outside the model's 4 blocks" in r.output
+    r = CliRunner().invoke(main, [*args, "--patch-layers", "-1,x"])
+    assert r.exit_code == 2 and "--patch-layers '-1,x': 'x' is not an integer" in r.output
+    assert not list(tmp_path.rglob("*.zarr"))
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
@@ -119,6 +126,9 @@ def test_cls_at_layer_is_the_final_layernorm_of_hidden_states(tmp_path, small_da
                                atol=2e-5)  # fmt: skip
 
 
+@pytest.mark.refuses(
+    "a pool of layers the store does not hold (cls@-5, last4 or cls@-4 on a last-block store)"
+)
 def test_layer_pools_shapes_and_refusals(tmp_path, small_data, deep_reg):
     pre = preprocess(discover(small_data))
     n = len(pre.kept)
@@ -182,5 +192,3 @@ def test_probe_pool_layers_draws_auc_by_layer(tmp_path, deep_reg):
     summary = pd.read_parquet(sweep / "summary.parquet")
     assert summary["pool"].tolist() == ["cls@-4", "cls@-2", "cls@-1"]
     assert (sweep / "auc_by_layer.png").stat().st_size > 1000
-    r = CliRunner().invoke(main, ["extract", *args, "--layers", "-9"])
-    assert r.exit_code == 2 and "--layers '-9': layer -9 is outside the model's 4 blocks" in r.output

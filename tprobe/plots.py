@@ -211,9 +211,11 @@ def auc_by_layer(summary: pd.DataFrame, out: str | Path, *, random_init: bool = 
     if rows.empty:
         raise ValueError("no cls@<layer> rows in the summary")
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for head, r in rows.groupby("head", sort=False):
+    heads = list(dict.fromkeys(rows["head"]))
+    for k, (head, r) in enumerate(rows.groupby("head", sort=False)):
         r = r.sort_values("layer")
-        ax.errorbar(r["layer"], r[f"{metric}_mean"], yerr=r[f"{metric}_sd"], marker="o", ms=4, capsize=2,
+        dodge = 0.06 * (k - (len(heads) - 1) / 2)  # side by side, so the donor sd bars stay readable
+        ax.errorbar(r["layer"] + dodge, r[f"{metric}_mean"], yerr=r[f"{metric}_sd"], marker="o", ms=4, capsize=2,
                     lw=1.2, label=head)  # fmt: skip
     ax.axhline(0.5, ls="--", c="grey", lw=0.8, label="chance (0.5)")
     layers = sorted(int(v) for v in rows["layer"].unique())

@@ -9,7 +9,8 @@ can call it too::
     res.summary  # one row per run: pool, head, mean/sd ROC AUC, AP, accuracy, seconds, run
 
 With more than one run it writes ``<out>/<stamp>-sweep/`` holding the run directories,
-``summary.parquet``, ``summary.json`` and ``sweep_auc.png``; a single run goes straight under ``out``.
+``summary.parquet``, ``summary.json`` and ``sweep_auc.png`` (and ``auc_by_layer.png`` when it probes several
+``cls@<layer>`` pools: ``--pool layers``); a single run goes straight under ``out``.
 Progress (each run's start and end, and every outer fold) goes to this module's logger at INFO and to
 the optional ``progress`` callback as :class:`SweepEvent` objects.
 """
