@@ -192,3 +192,25 @@ def test_probe_pool_layers_draws_auc_by_layer(tmp_path, deep_reg):
     summary = pd.read_parquet(sweep / "summary.parquet")
     assert summary["pool"].tolist() == ["cls@-4", "cls@-2", "cls@-1"]
     assert (sweep / "auc_by_layer.png").stat().st_size > 1000
+
+
+def test_predict_extracts_the_layer_a_cls_at_layer_run_was_trained_on(tmp_path, deep_reg):
+    import shutil
+
+    data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
+    args = ["--data", str(data), "--model", str(deep_reg), "--cache", str(tmp_path / "c")]
+    r = CliRunner().invoke(main, ["extract", *args, "--layers", "-1,-3"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["probe", *args, "--pool", "cls@-3", "--head", "logreg", "--bootstrap", "20",
+                                  "--out", str(tmp_path / "runs")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    run = Path(r.output.strip().splitlines()[-1])
+    new = tmp_path / "new"
+    shutil.copytree(data / "donor_1", new)
+    r = CliRunner().invoke(
+        main, ["predict", "--run", str(run), str(new), "--cache", str(tmp_path / "new-cache")]
+    )
+    assert r.exit_code == 0, r.output
+    stores = [p.name for p in (tmp_path / "new-cache").rglob("*.zarr")]
+    assert len(stores) == 1 and stores[0].endswith("-L-3.zarr"), stores
+    assert (run / f"predictions-{new.name}.csv").exists()

@@ -15,7 +15,7 @@ import numpy as np
 from tprobe.errors import TprobeError
 
 __all__ = ["TokenLayout", "pool_tokens", "POOLS", "TOKENS", "check_pool", "LAYER_POOLS", "is_pool", "pool_layer",
-           "pool_needs", "pool_layered", "check_layered_pool"]  # fmt: skip
+           "pool_needs", "pool_layered", "check_layered_pool", "pool_layers"]  # fmt: skip
 
 POOLS = ("cls", "mean", "registers", "cls+mean", "concat")
 # pools over a store's layer axis (``tprobe extract --layers``): ``cls@<layer>`` (one block's CLS, e.g. cls@-4)
@@ -36,6 +36,12 @@ def pool_layer(pool: str) -> int | None:
         except ValueError:
             return None
     return None
+
+
+def pool_layers(pool: str) -> tuple[int, ...]:
+    """The CLS layers ``pool`` reads: (-4, -3, -2, -1) for ``last4``, (l,) for ``cls@l``, (-1,) otherwise."""
+    layer = pool_layer(pool)
+    return LAST4 if pool == "last4" else (layer,) if layer is not None else (-1,)
 
 
 def is_pool(pool: str) -> bool:
