@@ -214,3 +214,27 @@ def test_predict_extracts_the_layer_a_cls_at_layer_run_was_trained_on(tmp_path, 
     stores = [p.name for p in (tmp_path / "new-cache").rglob("*.zarr")]
     assert len(stores) == 1 and stores[0].endswith("-L-3.zarr"), stores
     assert (run / f"predictions-{new.name}.csv").exists()
+
+
+def test_per_channel_layers_store_has_channel_then_layer_axes(tmp_path, deep_reg):
+    import zarr
+
+    from tprobe.testing import SYNTHETIC_CHANNELS, make_multichannel
+
+    data = make_multichannel(tmp_path / "mc", layout="chw", donors=("donor_1",), per_class=2)
+    cfg = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="per-channel", use=("fad", "nadh"),
+                           max_value=(4095.0, 4095.0, 65535.0), views="orig")  # fmt: skip
+    pre = preprocess(discover(data), cfg)
+    n = len(pre.kept)
+    base = FeatureStore.open(_extract(pre, deep_reg, tmp_path / "c").path)
+    lay = FeatureStore.open(_extract(pre, deep_reg, tmp_path / "c", layers="-1,-2").path)
+    assert lay.shapes["cls"] == (n, 2, 2, 32) and lay.shapes["patches"] == (n, 2, 1, 100, 32)
+    g = zarr.open_group(lay.path, mode="r")
+    assert g["cls"].metadata.dimension_names == ("rows", "channel", "layer", "hidden")
+    assert g["patches"].metadata.dimension_names == ("rows", "channel", "patch_layer", "patch", "hidden")
+    assert lay.read("cls")[:, :, 1].tobytes() == base.read("cls").tobytes()
+    assert lay.read("patches")[:, :, 0].tobytes() == base.read("patches").tobytes()
+    at2 = lay.pooled("cls@-2")  # per channel, concatenated in channel order
+    assert at2.shape == (n, 64)
+    np.testing.assert_array_equal(at2[:, 32:], lay.read("cls")[:, 1, 0].astype(np.float32))
+    np.testing.assert_array_equal(lay.pooled("mean"), base.pooled("mean"))
