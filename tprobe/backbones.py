@@ -31,7 +31,7 @@ from tprobe.errors import TprobeError
 from tprobe.tokens import TokenLayout
 
 __all__ = ["ALIASES", "LAYOUT_TYPES", "ModelRef", "Backbone", "resolve_model", "pick_device", "fit_canvas",
-           "round_canvas", "normalisation", "normalisation_tag"]  # fmt: skip
+           "round_canvas", "normalisation", "normalisation_tag", "parse_layers"]  # fmt: skip
 log = logging.getLogger(__name__)
 
 ALIASES = {
@@ -110,6 +110,38 @@ class ModelRef:
     @property
     def patch_size(self) -> int:
         return _square(getattr(self.config, "patch_size", None))
+
+    @property
+    def num_layers(self) -> int:
+        """Transformer blocks (``hidden_states`` holds one more: the embeddings, at index 0)."""
+        return int(getattr(self.config, "num_hidden_layers", 0) or 0)
+
+
+def parse_layers(spec, n_layers: int, option: str = "--layers") -> tuple[int, ...]:
+    """``"-1,-4"`` (or a sequence of ints) -> sorted unique negative layer indices, shallow to deep.
+
+    Layer ``-1`` is the last block's output, ``-k`` the k-th from the end, ``-(n_layers+1)`` the
+    embeddings; a non-negative ``i`` counts from the embeddings (``0``) like ``hidden_states[i]`` and is
+    turned into its negative index, so ``--layers 12`` and ``-1`` key the same store for a 12-block model.
+    """
+    items = [t.strip() for t in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out = set()
+    for item in items:
+        if item == "":
+            continue
+        try:
+            v = int(item)
+        except (TypeError, ValueError):
+            raise TprobeError(
+                f"{option} {spec!r}: {item!r} is not an integer layer index; e.g. {option} -1,-4,-7"
+            ) from None
+        if not -(n_layers + 1) <= v <= n_layers:
+            raise TprobeError(f"{option} {spec!r}: layer {v} is outside the model's {n_layers} blocks; use -1 (the "
+                              f"last block) to -{n_layers + 1} (the embeddings)")  # fmt: skip
+        out.add(v - (n_layers + 1) if v >= 0 else v)
+    if not out:
+        raise TprobeError(f"{option} {spec!r}: no layer given; e.g. {option} -1")
+    return tuple(sorted(out))
 
 
 def _square(value) -> int:
@@ -351,6 +383,14 @@ class Backbone:
                 return layers
         raise TprobeError(f"model {self.ref.name!r}: no list of transformer blocks found "
                           "(encoder.layer, model.layer or layers)")  # fmt: skip
+
+    def layer_outputs(self, pixel_values: torch.Tensor, layers) -> dict[int, torch.Tensor]:
+        """``{layer: (B, T, D) tokens}`` of every layer in ``layers`` from ONE forward pass, each through the
+        final layer norm as DINOv2's ``get_intermediate_layers(norm=True)`` does: layer -1 is
+        ``last_hidden_state`` itself (already normed), layer ``l`` is ``final_norm(hidden_states[l])``."""
+        out = self.model(pixel_values=pixel_values, output_hidden_states=any(v != -1 for v in layers))
+        norm = self.final_norm
+        return {v: out.last_hidden_state if v == -1 else norm(out.hidden_states[v]) for v in layers}
 
     @property
     def final_norm(self) -> torch.nn.Module:

@@ -432,7 +432,8 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
     if p["precision"] == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here
         ctx.params["precision"] = "fp16" if slurm["gpus_per_task"] else "fp32"
     tokens = _token_names(p["tokens"])
-    path = store_path(p["cache"], pre, ref, p["dtype"], p["fmt"], ctx.params["precision"], tokens)
+    path = store_path(p["cache"], pre, ref, p["dtype"], p["fmt"], ctx.params["precision"], tokens,
+                      layers=p["layers"], patch_layers=p["patch_layers"])  # fmt: skip
     res = extract_array(_forward_args(ctx), path, rows=len(pre.kept), chunk_rows=p["chunk_rows"],
                         shards=shards, options=options, poll=slurm["poll"])  # fmt: skip
     if res.status == "up to date":
@@ -483,6 +484,19 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
     help="Token arrays to store: any of cls, registers, patches (patches are ~98% of the bytes).",
 )
 @click.option(
+    "--layers",
+    default="-1",
+    show_default=True,
+    help="Blocks whose CLS and register tokens to store, e.g. -1,-4,-7 (-1 = last; each through the final "
+    "layer norm); more than -1 adds a `layer` axis to the store.",
+)
+@click.option(
+    "--patch-layers",
+    default="-1",
+    show_default=True,
+    help="Blocks whose patch tokens to store (patches are ~98% of the bytes per layer).",
+)
+@click.option(
     "--compression",
     type=click.Choice(["zstd", "lz4", "none"]),
     default="zstd",
@@ -496,7 +510,8 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
 @slurm_options
 @click.pass_context
 def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_rows, device, precision,
-            compile_, workers, tokens, compression, shard, offline, executor, shards, **slurm):  # fmt: skip
+            compile_, workers, tokens, layers, patch_layers, compression, shard, offline, executor, shards,
+            **slurm):  # fmt: skip
     """Run every kept image view through a ViT (DINOv2, DINOv3, ...) once; store CLS, register, patch tokens.
 
     The store lands under cache/<dataset>/<preprocess-hash>/<model>@<revision>/; its path is the
@@ -507,6 +522,7 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
       tprobe extract --model dinov2-small-reg
       tprobe extract --model dinov2-base --data path/to/images --format hdf5
       tprobe extract --model ./my-local-dinov2 --batch-size 64 --dtype float32 --device cuda
+      tprobe extract --model dinov2-small-reg --layers -1,-2,-3,-4,-7   # then probe --pool layers / last4
       tprobe extract --model dinov2-small-reg --executor slurm --shards 8 --partition gpu \\
           --gpus-per-task 1 --time 2:00:00     # one array job, task i runs --shard i/8
     """
@@ -529,7 +545,7 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
     res = run_extract(pre, ref, cache=cache, fmt=fmt, dtype=dtype, batch_size=batch_size,
                       chunk_rows=chunk_rows, device=device, precision=precision, compile=compile_,
                       workers=workers, shard=_parse_shard(shard), offline=offline, tokens=names,
-                      compression=compression)  # fmt: skip
+                      compression=compression, layers=layers, patch_layers=patch_layers)  # fmt: skip
     if ref.random_init:
         click.echo(RANDOM_NOTE)
     if res.status == "up to date":
@@ -628,7 +644,11 @@ def _echo_table(df, floatfmt="{:.3f}"):
     help="logreg, mlp, xgboost, knn, prototype or all (every head).",
 )
 @click.option(
-    "--pool", default="cls", show_default=True, help="cls, mean, registers, cls+mean, concat or all."
+    "--pool",
+    default="cls",
+    show_default=True,
+    help="cls, mean, registers, cls+mean, concat, all; with a --layers store also cls@-4 (one layer's CLS), "
+    "last4 (DINOv2's linear eval) or layers (cls@ each stored layer, and the AUC-by-layer figure).",
 )
 @split_options
 @click.option("--folds", default=5, show_default=True, help="Folds for --split group-kfold.")
@@ -676,6 +696,7 @@ def probe(ctx, model, revision, store, features, id_column, exclude, keep_column
       tprobe probe --head xgboost --model dinov2-base-reg --pool cls+mean
       tprobe probe --head mlp --pool registers --split test-donor --test-donor 4
       tprobe probe --head all --pool all                      # the sweep, one table
+      tprobe probe --head all --pool layers --store S.zarr    # which layer to probe: auc_by_layer.png
       tprobe probe --features cellprofiler.csv --id-column FileName_NADH
       tprobe probe --head all --pool all --executor slurm --partition cpu   # one array task per run
       tprobe probe --resume runs/20250101-120000-sweep --executor slurm     # only its missing runs
@@ -687,6 +708,7 @@ def probe(ctx, model, revision, store, features, id_column, exclude, keep_column
     from tprobe.heads import HEADS
     from tprobe.store import POOLS
     from tprobe.sweep import run_sweep, store_sources
+    from tprobe.tokens import LAYER_POOLS, is_pool
 
     heads = list(HEADS) if head == "all" else [head]
     pools = list(POOLS) if pool == "all" else [pool]
@@ -694,8 +716,10 @@ def probe(ctx, model, revision, store, features, id_column, exclude, keep_column
         if h not in HEADS:
             raise TprobeError(f"--head {h!r} is not one of {', '.join(HEADS)}, all")
     for p in pools:
-        if p not in POOLS:
-            raise TprobeError(f"--pool {p!r} is not one of {', '.join(POOLS)}, all")
+        if p != "layers" and not is_pool(p):
+            raise TprobeError(f"--pool {p!r} is not one of {', '.join(POOLS + LAYER_POOLS)}, all, layers")
+    if pool == "layers" and features is not None:
+        raise TprobeError("--pool layers pools a store's layers; drop --features or pick --store")
     if features is not None:
         pre = _prepare(data, prep, progress=False)
         sources = [("table", lambda _p: _table(features, pre.manifest, id_column, exclude, keep_columns,
@@ -706,9 +730,14 @@ def probe(ctx, model, revision, store, features, id_column, exclude, keep_column
             from tprobe.extract import find_store
 
             ref = resolve_model(model, revision, offline=offline)
-            store = find_store(cache, _prepare(data, prep, progress=False, ref=ref), ref)
+            layered = pool == "layers" or any(p == "last4" or "@" in p for p in pools)
+            store = find_store(cache, _prepare(data, prep, progress=False, ref=ref), ref, layered=layered)
         elif data is not None:
             _check_store_matches(store, _prepare(data, prep, progress=False, patch_size=_store_patch(store)))
+        if pool == "layers":
+            from tprobe.store import FeatureStore
+
+            pools = FeatureStore.open(store).layer_pools()
         sources = store_sources(store, pools)
 
     probe_kwargs = dict(split=split, test_donor=test_donor, n_splits=folds, tta=tta, train_views=train_views,

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tprobe import __version__
-from tprobe.backbones import Backbone, ModelRef, normalisation, normalisation_tag, pick_device
+from tprobe.backbones import Backbone, ModelRef, normalisation, normalisation_tag, parse_layers, pick_device
 from tprobe.errors import TprobeError
 from tprobe.preprocess import PreprocessConfig, Preprocessed, apply_view, load_canvas
 from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, manifest_hash, manifest_path, rows_hash
@@ -61,8 +61,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def store_name(pre: Preprocessed, *, dtype: str = "float16", precision: str = "fp32", fmt: str = "zarr",
-               tokens=TOKENS, norm: tuple | None = None) -> str:  # fmt: skip
-    """``<dtype>-<precision>-<rows-hash>[-<tokens>][-n<norm>].zarr|.h5``: all that keys a store beyond its folder.
+               tokens=TOKENS, norm: tuple | None = None, layers=(-1,), patch_layers=(-1,)) -> str:  # fmt: skip
+    """``<dtype>-<precision>-<rows-hash>[-<tokens>][-n<norm>][-L<layers>][-P<patch layers>].zarr|.h5``: all that
+    keys a store beyond its folder.
+
+    ``layers`` / ``patch_layers`` (negative indices, :func:`~tprobe.backbones.parse_layers`) add
+    ``-L-7_-4_-1`` / ``-P-4_-1`` unless they are ``(-1,)``: a store of the last block keeps today's name.
 
     ``norm`` (the model's input mean, std) adds ``-n<hash>`` unless it is ImageNet's
     (:func:`~tprobe.backbones.normalisation_tag`); the rest of what changes pixel values (canvas,
@@ -72,21 +76,41 @@ def store_name(pre: Preprocessed, *, dtype: str = "float16", precision: str = "f
         raise TprobeError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     part = "" if set(tokens) == set(TOKENS) else "-" + "+".join(t for t in TOKENS if t in tokens)
     part += normalisation_tag(*norm) if norm else ""
+    part += "" if tuple(layers) == (-1,) else "-L" + "_".join(map(str, layers))
+    part += (
+        ""
+        if tuple(patch_layers) == (-1,) or "patches" not in tokens
+        else "-P" + "_".join(map(str, patch_layers))
+    )
     return f"{dtype}-{precision}-{rows_hash(pre.kept['image_id'])[:8]}{part}{FORMATS[fmt]}"
 
 
 def store_path(cache, pre: Preprocessed, ref: ModelRef, dtype="float16", fmt="zarr", precision="fp32",
-               tokens=TOKENS, norm: tuple | None = None) -> Path:  # fmt: skip
-    """The store's path; ``norm`` defaults to the normalisation ``ref``'s files give (read offline)."""
+               tokens=TOKENS, norm: tuple | None = None, layers=(-1,), patch_layers=(-1,)) -> Path:  # fmt: skip
+    """The store's path; ``norm`` defaults to the normalisation ``ref``'s files give (read offline);
+    ``layers`` / ``patch_layers`` as given to ``--layers`` (text or ints, checked against the model)."""
     norm = norm or normalisation(ref, offline=True)
+    layers = parse_layers(layers, ref.num_layers)
+    patch_layers = parse_layers(patch_layers, ref.num_layers, "--patch-layers")
     return store_dir(cache, pre, ref) / store_name(
-        pre, dtype=dtype, precision=precision, fmt=fmt, tokens=tokens, norm=norm
-    )
+        pre, dtype=dtype, precision=precision, fmt=fmt, tokens=tokens, norm=norm, layers=layers,
+        patch_layers=patch_layers,
+    )  # fmt: skip
 
 
-def find_store(cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None, precision=None) -> Path:
-    """The complete store for this data, preprocessing, row order and model; error naming the fix if none."""
+def find_store(cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None, precision=None,
+               layered: bool = False) -> Path:  # fmt: skip
+    """The complete store for this data, preprocessing, row order and model; error naming the fix if none.
+
+    ``layered``: first the most recently written complete store of several layers (``--layers``), if any."""
     norm = normalisation(ref, offline=True)
+    if layered:
+        rows = rows_hash(pre.kept["image_id"])[:8]
+        found = sorted((p for p in store_dir(cache, pre, ref).glob(f"*-{rows}*-L*")
+                        if p.suffix in FORMATS.values() and not p.with_name(p.name + ".progress").exists()),
+                       key=lambda p: p.stat().st_mtime)  # fmt: skip
+        if found:
+            return found[-1]
     candidates = [
         store_path(cache, pre, ref, d, f, p, norm=norm)
         for d in ([dtype] if dtype else ["float16", "float32"])
@@ -104,9 +128,9 @@ def find_store(cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None, pr
 
 
 def estimate_bytes(n_rows: int, hidden: int, registers: int, patches: int, dtype: str = "float16",
-                   tokens=TOKENS, channels: int = 1) -> int:  # fmt: skip
+                   tokens=TOKENS, channels: int = 1, layers: int = 1, patch_layers: int = 1) -> int:  # fmt: skip
     """Uncompressed size of a store's token arrays (random-weight tokens compress little)."""
-    per = {"cls": 1, "registers": registers, "patches": patches}
+    per = {"cls": layers, "registers": registers * layers, "patches": patches * patch_layers}
     return n_rows * channels * hidden * np.dtype(dtype).itemsize * sum(per[t] for t in tokens)
 
 
@@ -231,18 +255,28 @@ def extract(
     tokens=TOKENS,
     compression: str = "zstd",
     check_disk: bool = True,
+    layers="-1",
+    patch_layers="-1",
 ) -> ExtractResult:
     """Extract the chosen tokens (CLS, registers, patches) of every kept view of ``pre`` into the cache.
 
-    The store is keyed by the data, preprocessing, row order, model content, precision, dtype and
-    tokens; a complete store with the same key is left as it is ("up to date").
+    ``layers`` (``"-1,-4,-7"`` or ints; -1 the last block) picks the blocks whose CLS and registers are
+    stored, ``patch_layers`` those whose patch tokens are; each layer through the final layer norm
+    (:meth:`~tprobe.backbones.Backbone.layer_outputs`). The store is keyed by the data, preprocessing,
+    row order, model content, precision, dtype, tokens and layers; a complete store with the same key
+    is left as it is ("up to date").
     """
     ref = model.ref if isinstance(model, Backbone) else model
     dev = model.device if isinstance(model, Backbone) else pick_device(device)
     precision = resolve_precision(precision, dev)
     tokens = tuple(t for t in TOKENS if t in tokens)
+    layers = parse_layers(layers, ref.num_layers)
+    patch_layers = (
+        parse_layers(patch_layers, ref.num_layers, "--patch-layers") if "patches" in tokens else (-1,)
+    )
     norm = (model.mean, model.std) if isinstance(model, Backbone) else normalisation(ref, offline)
-    path = store_path(cache, pre, ref, dtype, fmt, precision, tokens, norm=norm)
+    path = store_path(cache, pre, ref, dtype, fmt, precision, tokens, norm=norm, layers=layers,
+                      patch_layers=patch_layers)  # fmt: skip
     kept = pre.kept
     if path.exists() and not path.with_name(path.name + ".progress").exists():
         FeatureStore.open(path)  # removes what killed workers left beside it; refuses a missing chunk
@@ -258,12 +292,13 @@ def extract(
     channels = pre.config.per_channel  # a channel axis in per-channel mode
     if check_disk and not path.with_name(path.name + ".progress").exists():
         _check_disk(path, estimate_bytes(len(kept), layout.hidden, layout.registers, layout.patches, dtype, tokens,
-                                         max(1, len(channels))))  # fmt: skip
+                                         max(1, len(channels)), len(layers), len(patch_layers)))  # fmt: skip
     _write_manifest(manifest_path(path), kept)
     store = FeatureStore.create(
         path, row_ids=kept["image_id"].tolist(), hidden=layout.hidden, registers=layout.registers,
         patches=layout.patches, chunk_rows=chunk_rows, dtype=dtype, tokens=tokens, compression=compression,
-        channels=channels, attrs=_attrs(pre, backbone, layout, dtype, precision),
+        channels=channels, attrs=_attrs(pre, backbone, layout, dtype, precision, layers, patch_layers),
+        layers=layers, patch_layers=patch_layers,
     )  # fmt: skip
     units = store.pending_units(shard)
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
@@ -287,7 +322,10 @@ def extract(
     ok = False
     try:
         with backbone.fixed_canvas(pre.config.canvas):
-            forward = _forward_fn(backbone, precision, compile)
+            forward = _forward_fn(
+                backbone, precision, compile, (*layers, *patch_layers) if store.layered else None
+            )
+            take = _token_taker(layout, layers, patch_layers) if store.layered else None
             it = iter(loader)
             for b in range(len(batches)):
                 tw = time.perf_counter()
@@ -299,10 +337,12 @@ def extract(
                 images = images.to(dev, non_blocking=True)
                 if channels:  # (B, C, H, W): every channel through the model on its own, as grey
                     hidden = forward(backbone.pixel_values(images.flatten(0, 1)))
-                    hidden = hidden.unflatten(0, (len(images), len(channels)))
                 else:
                     hidden = forward(backbone.pixel_values(images))
-                parts = dict(zip(TOKENS, layout.split(hidden), strict=True))
+                # {token: (B', ...)}: the last block's split, or each chosen layer's on a layer axis
+                parts = dict(zip(TOKENS, layout.split(hidden), strict=True)) if take is None else take(hidden)
+                if channels:
+                    parts = {n: v.unflatten(0, (len(images), len(channels))) for n, v in parts.items()}
                 for n in names:  # cast to the store's dtype in torch (on the device: half the copy to host)
                     buffer[n].append(parts[n].to(out_dtype).cpu().numpy())
                 times.forward += time.perf_counter() - tf
@@ -379,8 +419,11 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _forward_fn(backbone: Backbone, precision: str, compile: bool):
-    """Build the model call: inference mode, autocast per ``precision``, optional torch.compile."""
+def _forward_fn(backbone: Backbone, precision: str, compile: bool, layers=None):
+    """Build the model call: inference mode, autocast per ``precision``, optional torch.compile.
+
+    It returns ``last_hidden_state``, or with ``layers`` ``{layer: tokens}`` of each (through the final
+    layer norm, :meth:`~tprobe.backbones.Backbone.layer_outputs`)."""
     dev = backbone.device
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(precision, dev)]
     net = backbone.model
@@ -392,12 +435,36 @@ def _forward_fn(backbone: Backbone, precision: str, compile: bool):
         with torch.inference_mode(), ctx:
             return net(pixel_values=pixel_values).last_hidden_state
 
-    return forward
+    def forward_layers(pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        ctx = torch.autocast(dev.type, dtype=amp) if amp else nullcontext()
+        with torch.inference_mode(), ctx:
+            out = net(pixel_values=pixel_values, output_hidden_states=any(v != -1 for v in layers))
+            norm = backbone.final_norm  # as Backbone.layer_outputs: -1 is last_hidden_state, already normed
+            return {v: out.last_hidden_state if v == -1 else norm(out.hidden_states[v]) for v in set(layers)}
+
+    return forward if layers is None else forward_layers
 
 
-def _attrs(pre: Preprocessed, backbone: Backbone, layout, dtype: str, precision: str) -> dict:
+def _token_taker(layout, layers, patch_layers):
+    """``{layer: (B, T, D)}`` -> ``{token: (B, L, ...)}``: CLS and registers of ``layers``, patches of
+    ``patch_layers``, each stacked on a layer axis after the rows, in the store's layer order."""
+
+    def take(by_layer: dict) -> dict:
+        split = {v: layout.split(t) for v, t in by_layer.items()}
+        return {"cls": torch.stack([split[v][0] for v in layers], 1),
+                "registers": torch.stack([split[v][1] for v in layers], 1),
+                "patches": torch.stack([split[v][2] for v in patch_layers], 1)}  # fmt: skip
+
+    return take
+
+
+def _attrs(pre: Preprocessed, backbone: Backbone, layout, dtype: str, precision: str, layers=(-1,),
+           patch_layers=(-1,)) -> dict:  # fmt: skip
     ref = backbone.ref
     channels = {"channels": list(pre.config.used_channels), "channel_mode": pre.config.channel_mode}
+    layered = {"layers": list(layers), "patch_layers": list(patch_layers), "num_hidden_layers": ref.num_layers,
+               "tokens_source": "layer -1: last_hidden_state; layer l: final layernorm(hidden_states[l]) "
+                                "(DINOv2's get_intermediate_layers(norm=True))"}  # fmt: skip
     return {
         "model": ref.name,
         "model_source": ref.source,
@@ -419,6 +486,9 @@ def _attrs(pre: Preprocessed, backbone: Backbone, layout, dtype: str, precision:
         "preprocess": pre.config.to_dict(),
         "preprocess_hash": pre.config.hash,
         **(channels if pre.config.channels else {}),  # a one-channel store keeps tprobe 0.2's attributes
+        **(
+            layered if (tuple(layers), tuple(patch_layers)) != ((-1,), (-1,)) else {}
+        ),  # last block: as before
         "dataset_fingerprint": pre.fingerprint,
         "manifest_hash": manifest_hash(
             pre.kept

@@ -2,7 +2,9 @@
 
 Both exports take the store's own manifest (``<store>.manifest.parquet``, verified against the
 store's ``row_ids``) as the per-row table, and one matrix per pooling the store can give
-(:func:`pools_of`): ``cls``, ``mean`` (patch mean), ``registers`` (register mean) and ``cls+mean``.
+(:func:`pools_of`): ``cls``, ``mean`` (patch mean), ``registers`` (register mean) and ``cls+mean``; a
+store of several layers (``--layers``) also ``cls@<layer>`` per stored layer (``X_cls_layer-4``) and
+``last4``, with the layer indices in ``uns["tprobe"]["layers"]`` (the store's attributes).
 ``concat`` (every token, flattened) is left out: read the token arrays themselves for that.
 
 - **AnnData**: ``obs`` = the manifest (index ``image_id``, in store order); ``obsm["X_<pool>"]``
@@ -27,7 +29,7 @@ import pandas as pd
 
 from tprobe.errors import TprobeError
 from tprobe.store import FeatureStore
-from tprobe.tokens import POOL_NEEDS
+from tprobe.tokens import POOL_NEEDS, pool_needs
 
 __all__ = ["EXPORT_FORMATS", "pools_of", "obsm_key", "store_table", "export_anndata", "export_parquet",
            "export", "check_target"]  # fmt: skip
@@ -36,14 +38,27 @@ EXPORT_POOLS = ("cls", "mean", "registers", "cls+mean")
 
 
 def obsm_key(pool: str) -> str:
-    """``cls`` -> ``X_cls``, ``cls+mean`` -> ``X_cls_mean`` (a key every tool accepts)."""
-    return "X_" + pool.replace("+", "_")
+    """``cls`` -> ``X_cls``, ``cls+mean`` -> ``X_cls_mean``, ``cls@-4`` -> ``X_cls_layer-4`` (a key every tool accepts)."""
+    return "X_" + pool.replace("+", "_").replace("@", "_layer")
 
 
 def pools_of(store: FeatureStore) -> list[str]:
-    """The poolings the store's token arrays can give (``registers`` only when it holds registers)."""
+    """The poolings the store's token arrays can give (``registers`` only when it holds registers); a store
+    with a layer axis adds ``cls@<layer>`` for each stored layer but -1 (that is ``cls``) and ``last4``."""
     held = set(store.shapes)
-    return [p for p in EXPORT_POOLS if all(t in held for t in POOL_NEEDS[p])]
+    pools = [p for p in EXPORT_POOLS if all(t in held for t in POOL_NEEDS[p])]
+    if not store.layered:
+        return pools
+    pools += [p for p in store.layer_pools() if p != "cls@-1"] + ["last4"]
+    return [p for p in pools if _gives(store, p)]
+
+
+def _gives(store: FeatureStore, pool: str) -> bool:
+    try:
+        store.check_pool(pool)
+    except TprobeError:
+        return False
+    return all(t in store.shapes for t in pool_needs(pool))
 
 
 def store_table(path: str | Path) -> tuple[FeatureStore, pd.DataFrame, dict[str, np.ndarray]]:

@@ -20,6 +20,7 @@ __all__ = [
     "learning_curves",
     "plain_text",
     "reliability_diagram",
+    "auc_by_layer",
 ]
 
 
@@ -195,5 +196,37 @@ def learning_curves(curves: pd.DataFrame, out: str | Path) -> Path:
     b.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+@plain_text
+def auc_by_layer(summary: pd.DataFrame, out: str | Path, *, random_init: bool = False, metric: str = "roc_auc",
+                 n_layers: int | None = None) -> Path:  # fmt: skip
+    """Mean held-out-donor ``metric`` (± sd over donors) against depth, one line per head, from the
+    ``cls@<layer>`` rows of a sweep summary: which layer to probe. ``random_init`` marks random weights."""
+    from tprobe.tokens import pool_layer
+
+    rows = summary.assign(layer=[pool_layer(p) for p in summary["pool"]]).dropna(subset=["layer"])
+    if rows.empty:
+        raise ValueError("no cls@<layer> rows in the summary")
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    heads = list(dict.fromkeys(rows["head"]))
+    for k, (head, r) in enumerate(rows.groupby("head", sort=False)):
+        r = r.sort_values("layer")
+        dodge = 0.06 * (k - (len(heads) - 1) / 2)  # side by side, so the donor sd bars stay readable
+        ax.errorbar(r["layer"] + dodge, r[f"{metric}_mean"], yerr=r[f"{metric}_sd"], marker="o", ms=4, capsize=2,
+                    lw=1.2, label=head)  # fmt: skip
+    ax.axhline(0.5, ls="--", c="grey", lw=0.8, label="chance (0.5)")
+    layers = sorted(int(v) for v in rows["layer"].unique())
+    ax.set_xticks(layers)
+    where = f" of {n_layers} blocks" if n_layers else ""
+    ax.set(xlabel=f"layer (-1 = last block{where}; CLS through the final layer norm)",
+           ylabel=f"{metric} (mean ± sd over held-out donors)", ylim=(0, 1.05))  # fmt: skip
+    features = summary["features"].iloc[0] if "features" in summary else ""
+    rnd = "RANDOM WEIGHTS (plumbing check, not a result) · " if random_init else ""
+    ax.set_title(f"{rnd}{Path(str(features)).name}: AUC by layer", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head", frameon=False)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(out)

@@ -92,8 +92,11 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     out = pd.concat([out, pd.DataFrame(dropped)], ignore_index=True) if dropped else out
     out = out[[*cols, "kept", "drop_reason", "source_id"]].assign(p_activated=float("nan"))
     if pre.manifest["kept"].any():
+        from tprobe.tokens import pool_layers
+
         res = extract(pre, ref, cache=cache, fmt=src.format or "zarr", dtype=src.dtype or "float16",
-                      precision=src.precision or "auto", device=device, offline=offline)  # fmt: skip
+                      precision=src.precision or "auto", device=device, offline=offline,
+                      layers=pool_layers(src.pool or "cls"))  # fmt: skip  # the layers the run's pool reads
         fs = from_store(res.path, src.pool)
         X = fs.X
         if record.options.get("normalize") == "donor-center":  # as in training: each donor on its own mean

@@ -2,7 +2,11 @@
 
 A store holds ``cls (N, D)``, ``registers (N, R, D)`` (only when R > 0) and ``patches (N, P, D)``
 (or the subset chosen with ``tokens``), chunked along N in units of ``chunk_rows`` rows, plus
-``row_ids (N,)``: the ``image_id`` of every row. A store of per-channel embeddings (``channels``) has a
+``row_ids (N,)``: the ``image_id`` of every row. A store of several layers (``tprobe extract --layers
+-1,-4``) has a layer axis after the rows (and channels): ``cls (N, L, D)``, ``registers (N, L, R, D)``
+(dimension ``layer``) and ``patches (N, Lp, P, D)`` (dimension ``patch_layer``), with coordinate arrays
+``layer`` and ``patch_layer`` holding the layer indices (-1 = the last block; every layer through the
+model's final layer norm); a store of layer -1 alone has no layer axis (today's layout). A store of per-channel embeddings (``channels``) has a
 channel axis after the rows: ``cls (N, C, D)``, ``registers (N, C, R, D)``, ``patches (N, C, P, D)``;
 its poolings are taken per channel and concatenated in channel order. ``attrs["rows_hash"]`` hashes the ordered row ids;
 every reader checks row identity against the manifest it is given (:meth:`FeatureStore.verify_rows`),
@@ -49,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from tprobe.errors import TprobeError
-from tprobe.tokens import POOL_NEEDS, POOLS, TOKENS, check_pool, pool_tokens
+from tprobe.tokens import POOLS, TOKENS, check_layered_pool, pool_layered, pool_needs, pool_tokens
 
 __all__ = [
     "FeatureStore",
@@ -75,9 +79,16 @@ DIMS = {"cls": ("rows", "hidden"), "registers": ("rows", "register", "hidden"),
         "patches": ("rows", "patch", "hidden"), "row_ids": ("rows",)}  # fmt: skip
 
 
-def _dims(name: str, channels) -> tuple[str, ...]:
+LAYER_DIMS = {"cls": "layer", "registers": "layer", "patches": "patch_layer"}  # the layer axis of each array
+
+
+def _dims(name: str, channels, layered: bool = False) -> tuple[str, ...]:
     dims = DIMS[name]
-    return (dims[0], "channel", *dims[1:]) if channels and name != "row_ids" else dims
+    dims = (dims[0], "channel", *dims[1:]) if channels and name != "row_ids" else dims
+    if layered and name in LAYER_DIMS:  # the layer axis comes after the rows (and the channel axis)
+        at = 2 if channels else 1
+        dims = (*dims[:at], LAYER_DIMS[name], *dims[at:])
+    return dims
 
 
 def rows_hash(row_ids: Sequence[str]) -> str:
@@ -195,6 +206,10 @@ class FeatureStore:
         self.shapes = {k: tuple(v) for k, v in meta["shapes"].items()}
         self.attrs = meta["attrs"]
         self.channels: list[str] = list(meta.get("channels") or [])  # the channel axis, when there is one
+        # the layer axes (``--layers``), only in stores that have them; -1 (the last block) otherwise
+        self.layered = "layers" in meta
+        self.layers: tuple[int, ...] = tuple(int(v) for v in meta.get("layers") or (-1,))
+        self.patch_layers: tuple[int, ...] = tuple(int(v) for v in meta.get("patch_layers") or (-1,))
         self.version = int(meta.get("store_version", 1))
         self.units = meta.get("units")  # sealed format-2 stores: {"hash": [...], "sizes": {array: [...]}}
         self._lock_fd: int | None = None
@@ -209,10 +224,13 @@ class FeatureStore:
         cls, path: str | Path, *, row_ids: Sequence[str], hidden: int, registers: int, patches: int,
         chunk_rows: int = 64, dtype: str = "float16", tokens: Sequence[str] = TOKENS,
         compression: str = "zstd", attrs: dict | None = None, channels: Sequence[str] = (),
+        layers: Sequence[int] = (-1,), patch_layers: Sequence[int] = (-1,),
     ) -> FeatureStore:  # fmt: skip
         """Create (or reopen, when the same layout and rows exist) a store at its final shape.
 
         ``channels`` names a channel axis after the rows (per-channel embeddings); empty for none.
+        ``layers`` (CLS and registers) and ``patch_layers`` (patches) other than ``(-1,)`` add a layer
+        axis after the rows (and channels), named ``layer`` / ``patch_layer``; ``(-1,)`` keeps today's layout.
         """
         path = Path(path)
         fmt = next((f for f, suf in FORMATS.items() if path.name.endswith(suf)), None)
@@ -232,8 +250,13 @@ class FeatureStore:
         if len(set(row_ids)) != n:
             raise TprobeError("row ids must be unique: the manifest lists an image view twice")
         c = [len(channels)] if channels else []
-        shapes = {"cls": [n, *c, hidden], "registers": [n, *c, registers, hidden],
-                  "patches": [n, *c, patches, hidden]}  # fmt: skip
+        layers, patch_layers = tuple(int(v) for v in layers), tuple(int(v) for v in patch_layers)
+        if "patches" not in tokens:
+            patch_layers = (-1,)
+        layered = layers != (-1,) or patch_layers != (-1,)
+        lc, lp = ([len(layers)], [len(patch_layers)]) if layered else ([], [])
+        shapes = {"cls": [n, *c, *lc, hidden], "registers": [n, *c, *lc, registers, hidden],
+                  "patches": [n, *c, *lp, patches, hidden]}  # fmt: skip
         shapes = {k: v for k, v in shapes.items() if k in tokens and not (k == "registers" and not registers)}
         attrs = {**(attrs or {}), "rows_hash": rows_hash(row_ids), "compression": compression,
                  "tokens": [t for t in TOKENS if t in shapes]}  # fmt: skip
@@ -248,6 +271,8 @@ class FeatureStore:
         }
         if channels:  # only then, so a one-channel store's metadata stays that of tprobe 0.2
             meta["channels"] = [str(ch) for ch in channels]
+        if layered:  # only then, so a last-block store's metadata stays as it was
+            meta["layers"], meta["patch_layers"] = list(layers), list(patch_layers)
         store = cls(path, meta)
         if path.exists() and not store.progress_dir.exists():  # complete already
             return cls.open(path)._check_layout(meta)
@@ -354,7 +379,8 @@ class FeatureStore:
         """Remove Zarr's ``*.partial`` temp files (a writer killed mid-chunk) from the store's metadata folders;
         chunk folders are cleaned by :meth:`_scan_chunks`. Only while no writer runs: sealed, or sealing."""
         removed = []
-        for folder in [self.path, *(self.path / n for n in (*self.shapes, "row_ids", "channel"))]:
+        for folder in [self.path, *(self.path / n for n in (*self.shapes, "row_ids", "channel", "layer",
+                                                              "patch_layer"))]:  # fmt: skip
             for p in folder.glob("*.partial") if folder.is_dir() else ():
                 _remove(p)
                 removed.append(p)
@@ -367,12 +393,23 @@ class FeatureStore:
 
     def _check_layout(self, meta: dict) -> FeatureStore:
         if self.meta["shapes"] != meta["shapes"] or self.meta["dtype"] != meta["dtype"] \
-                or self.channels != list(meta.get("channels") or []):  # fmt: skip
+                or self.channels != list(meta.get("channels") or []) \
+                or (self.meta.get("layers"), self.meta.get("patch_layers")) != (meta.get("layers"),
+                                                                               meta.get("patch_layers")):  # fmt: skip
             raise TprobeError(f"{self.path}: exists with another layout; delete it to re-extract")
         if self.attrs.get("rows_hash") != meta["attrs"]["rows_hash"]:
             raise TprobeError(f"{self.path}: exists with other rows (rows hash {self.attrs.get('rows_hash')}, "
                               f"expected {meta['attrs']['rows_hash']}); delete it to re-extract")  # fmt: skip
         return self
+
+    def _layer_coords(self) -> dict[str, tuple[int, ...]]:
+        """The layer axes' coordinate arrays: ``layer`` (CLS, registers) and, when patches are stored, ``patch_layer``."""
+        if not self.layered:
+            return {}
+        return {
+            "layer": self.layers,
+            **({"patch_layer": self.patch_layers} if "patches" in self.shapes else {}),
+        }
 
     def _codec(self):
         from zarr.codecs import BloscCodec
@@ -388,7 +425,8 @@ class FeatureStore:
         for name, shape in self.shapes.items():
             zarr.create_array(group.store, name=name, shape=tuple(shape), dtype=self.meta["dtype"],
                               chunks=(self.chunk_rows, *shape[1:]), compressors=codec, fill_value=0,
-                              dimension_names=_dims(name, self.channels), attributes={"coordinates": "row_ids"},
+                              dimension_names=_dims(name, self.channels, self.layered),
+                              attributes={"coordinates": "row_ids"},
                               overwrite=True)  # fmt: skip
         ids = zarr.create_array(group.store, name="row_ids", shape=(self.n,), dtype=str, chunks=(self.n,),
                                 dimension_names=DIMS["row_ids"], overwrite=True)  # fmt: skip
@@ -397,6 +435,11 @@ class FeatureStore:
             names = zarr.create_array(group.store, name="channel", shape=(len(self.channels),), dtype=str,
                                       chunks=(len(self.channels),), dimension_names=("channel",), overwrite=True)  # fmt: skip
             names[:] = np.asarray(self.channels, dtype=str)
+        if self.layered:  # the layer indices (-1 = the last block), xarray's index: ds.sel(layer=-4)
+            for dim, values in self._layer_coords().items():
+                arr = zarr.create_array(group.store, name=dim, shape=(len(values),), dtype="int64",
+                                        chunks=(len(values),), dimension_names=(dim,), overwrite=True)  # fmt: skip
+                arr[:] = np.asarray(values, dtype=np.int64)
         # every file and folder made here reaches the disk before meta.json says the arrays exist
         for folder, _, files in os.walk(self.path, topdown=False):
             for f in files:
@@ -636,12 +679,14 @@ class FeatureStore:
                 f.create_dataset(
                     "channel", data=np.asarray(self.channels, dtype=object), dtype=h5py.string_dtype()
                 )
+            for dim, values in self._layer_coords().items():
+                f.create_dataset(dim, data=np.asarray(values, dtype=np.int64))
             for unit in range(self.n_units):
                 with np.load(self.progress_dir / f"part_{unit:06d}.npz", allow_pickle=False) as part:
                     for name, ds in dsets.items():
                         ds[self.unit_slice(unit)] = part[name]
             for name, ds in dsets.items():
-                for i, dim in enumerate(_dims(name, self.channels)):
+                for i, dim in enumerate(_dims(name, self.channels, self.layered)):
                     ds.dims[i].label = dim
             for key, value in self.attrs.items():
                 f.attrs[key] = json.dumps(value) if isinstance(value, dict | list) else value
@@ -741,6 +786,14 @@ class FeatureStore:
             sl = self.unit_slice(unit)
             yield sl, {n: self.read(n, sl) for n in names}
 
+    def check_pool(self, pool: str) -> None:
+        """Refuse (one line naming the fix) a pool this store's tokens and layers cannot give."""
+        check_layered_pool(pool, self.num_registers, self.layers, self.patch_layers)
+
+    def layer_pools(self) -> list[str]:
+        """``cls@<layer>`` for every stored CLS layer, shallow to deep (what ``--pool layers`` sweeps)."""
+        return [f"cls@{v}" for v in self.layers]
+
     def pooled(self, pool: str = "cls") -> np.ndarray:
         """Pool tokens into one float32 vector per row (:func:`tprobe.tokens.pool_tokens`), chunk by chunk."""
         return self.pooled_many([pool])[pool]
@@ -749,8 +802,8 @@ class FeatureStore:
         """Several poolings from ONE pass over the store (each chunk read and decoded once)."""
         need = set()
         for pool in pools:
-            check_pool(pool, self.num_registers)
-            need |= {t for t in POOL_NEEDS[pool] if not (t == "registers" and not self.num_registers)}
+            self.check_pool(pool)
+            need |= {t for t in pool_needs(pool) if not (t == "registers" and not self.num_registers)}
         missing = sorted(need - set(self.shapes))
         if missing:
             raise TprobeError(f"{self.path}: pool(s) {', '.join(pools)} need {', '.join(missing)} tokens, which this "
@@ -761,9 +814,12 @@ class FeatureStore:
             t = {k: v.astype(np.float32).reshape(-1, *v.shape[2:]) if self.channels else v.astype(np.float32)
                  for k, v in t.items()}  # fmt: skip
             for p in pools:
-                v = pool_tokens(t.get("cls"), t.get("registers"), t.get("patches"), p).reshape(
-                    sl.stop - sl.start, -1
-                )
+                if self.layered:
+                    v = pool_layered(t.get("cls"), t.get("registers"), t.get("patches"), p, self.layers,
+                                     self.patch_layers)  # fmt: skip
+                else:
+                    v = pool_tokens(t.get("cls"), t.get("registers"), t.get("patches"), p)
+                v = v.reshape(sl.stop - sl.start, -1)
                 if p not in out:
                     out[p] = np.empty((self.n, v.shape[1]), np.float32)
                 out[p][sl] = v

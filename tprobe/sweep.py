@@ -9,7 +9,8 @@ can call it too::
     res.summary  # one row per run: pool, head, mean/sd ROC AUC, AP, accuracy, seconds, run
 
 With more than one run it writes ``<out>/<stamp>-sweep/`` holding the run directories,
-``summary.parquet``, ``summary.json`` and ``sweep_auc.png``; a single run goes straight under ``out``.
+``summary.parquet``, ``summary.json`` and ``sweep_auc.png`` (and ``auc_by_layer.png`` when it probes several
+``cls@<layer>`` pools: ``--pool layers``); a single run goes straight under ``out``.
 Progress (each run's start and end, and every outer fold) goes to this module's logger at INFO and to
 the optional ``progress`` callback as :class:`SweepEvent` objects.
 
@@ -38,7 +39,7 @@ from tprobe.fastcv import FoldProgress
 from tprobe.features import META, FeatureSet, store_source, verified_manifest
 from tprobe.probe import ProbeRun
 from tprobe.store import POOLS, FeatureStore
-from tprobe.tokens import check_pool
+from tprobe.tokens import LAYER_POOLS, is_pool, pool_layer
 
 __all__ = ["SweepEvent", "SweepResult", "run_sweep", "store_sources", "pool_store", "SUMMARY_METRICS",
            "SweepPlan", "plan_sweep", "run_task", "task_done", "missing_tasks", "collect_sweep"]  # fmt: skip
@@ -90,15 +91,15 @@ def pool_store(path: str | Path, pools: Sequence[str]) -> dict[str, FeatureSet |
     model without registers) maps to the :class:`TprobeError` ``from_store`` would raise.
     """
     for p in pools:
-        if p not in POOLS:
-            raise TprobeError(f"pool {p!r} is not one of {', '.join(POOLS)}")
+        if not is_pool(p):
+            raise TprobeError(f"pool {p!r} is not one of {', '.join(POOLS + LAYER_POOLS)}")
     store = FeatureStore.open(path)
     meta = verified_manifest(store)[META].reset_index(drop=True)
     out: dict[str, FeatureSet | TprobeError] = {}
     ok = []
     for p in dict.fromkeys(pools):
         try:
-            check_pool(p, store.num_registers)
+            store.check_pool(p)  # registers the model lacks, layers the store lacks
             ok.append(p)
         except TprobeError as exc:
             out[p] = TprobeError(f"{path}: {exc}")
@@ -152,7 +153,7 @@ def run_sweep(sources: Sequence[Source], heads: Sequence[str], *, out: str | Pat
         if progress is not None:
             progress(ev)
 
-    rows, runs, skipped = [], [], {}
+    rows, runs, skipped, random_init = [], [], {}, False
     for name, load in sources:
         try:
             fs = load(name)
@@ -162,6 +163,7 @@ def run_sweep(sources: Sequence[Source], heads: Sequence[str], *, out: str | Pat
             skipped[name] = str(exc)
             emit(SweepEvent("skip", name, message=f"skipping pool {name}: {exc}"))
             continue
+        random_init = random_init or bool(fs.source.get("random_init", False))
         for h in heads:
             emit(SweepEvent("start", name, h, f"{len(fs.meta)} rows x {fs.X.shape[1]} features", features=fs))
 
@@ -177,13 +179,14 @@ def run_sweep(sources: Sequence[Source], heads: Sequence[str], *, out: str | Pat
         del fs
     summary = pd.DataFrame(rows)
     if sweep:
-        write_summary(base, summary)
+        write_summary(base, summary, random_init=random_init)
     out_path = base if sweep else (runs[0] if runs else base)
     return SweepResult(out_path, summary, runs, skipped, time.perf_counter() - t_start)
 
 
-def write_summary(base: Path, summary: pd.DataFrame) -> None:
-    """A sweep folder's ``summary.parquet``, ``summary.json`` and ``sweep_auc.png``."""
+def write_summary(base: Path, summary: pd.DataFrame, *, random_init: bool = False) -> None:
+    """A sweep folder's ``summary.parquet``, ``summary.json`` and ``sweep_auc.png`` (and ``auc_by_layer.png``
+    when it probed ``cls@`` several layers)."""
     from tprobe.plots import sweep_bars
     from tprobe.runs import write_json
 
@@ -191,6 +194,10 @@ def write_summary(base: Path, summary: pd.DataFrame) -> None:
     write_json(base / "summary.json", summary.to_dict("records"))
     if len(summary):
         sweep_bars(summary, base / "sweep_auc.png")
+        if summary["pool"].map(pool_layer).nunique() > 1:  # --pool layers
+            from tprobe.plots import auc_by_layer
+
+            auc_by_layer(summary, base / "auc_by_layer.png", random_init=random_init)
 
 
 # ---- the sweep as separate tasks (a SLURM array): plan, run task i, collect ---------------------------
@@ -242,8 +249,8 @@ def _check_names(pools: Sequence[str], heads: Sequence[str], where: str) -> None
     from tprobe.heads import HEADS
 
     for p in pools:
-        if p not in POOLS:
-            raise TprobeError(f"{where}: pool {p!r} is not one of {', '.join(POOLS)}")
+        if not is_pool(p):
+            raise TprobeError(f"{where}: pool {p!r} is not one of {', '.join(POOLS + LAYER_POOLS)}")
     for h in heads:
         if h not in HEADS:
             raise TprobeError(f"{where}: head {h!r} is not one of {', '.join(HEADS)}")
@@ -264,7 +271,7 @@ def plan_sweep(store: str | Path, pools: Sequence[str], heads: Sequence[str], *,
     ok, skipped = [], {}
     for p in dict.fromkeys(pools):
         try:
-            check_pool(p, st.num_registers)
+            st.check_pool(p)
             ok.append(p)
         except TprobeError as exc:
             skipped[p] = f"{store}: {exc}"
@@ -348,8 +355,9 @@ def collect_sweep(sweep: str | Path) -> SweepResult:
     summary = pd.DataFrame([r["row"] for r in recs])
     numeric = [c for c in summary.columns if c not in ("features", "pool", "head", "run")]
     summary[numeric] = summary[numeric].apply(pd.to_numeric, errors="coerce")  # JSON null -> NaN
-    write_summary(sweep, summary)
+    random_init = bool(FeatureStore.open(plan.store).attrs.get("model_random_init", False))
+    write_summary(sweep, summary, random_init=random_init)
     runs = [sweep / r["row"]["run"] for r in recs]
     res = SweepResult(sweep, summary, runs, dict(plan.skipped), float(summary["seconds"].sum()))
-    res.random_init = bool(FeatureStore.open(plan.store).attrs.get("model_random_init", False))
+    res.random_init = random_init
     return res

@@ -15,8 +15,15 @@ __all__ = ["save_random_dinov2", "save_random_vit", "make_multichannel", "SHAPES
            "SYNTHETIC_CHANNELS"]  # fmt: skip
 
 # hidden, layers, heads: "small" is the real ViT-S/14 shape (same compute as dinov2-small)
+# "tiny-deep": tiny with 4 blocks, so tests can take layers -1 to -4 (last4)
 # "blockless-small": ViT-S token width with no transformer blocks, so benchmarks see the data path alone
-SHAPES = {"tiny": (32, 2, 2), "small": (384, 12, 6), "base": (768, 12, 12), "blockless-small": (384, 0, 6)}
+SHAPES = {
+    "tiny": (32, 2, 2),
+    "tiny-deep": (32, 4, 2),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+    "blockless-small": (384, 0, 6),
+}
 
 
 def save_random_dinov2(path: str | Path, *, shape: str = "tiny", registers: int = 4, seed: int = 0) -> Path:
