@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,8 +96,13 @@ def _predict(model, X: np.ndarray, name: str | None, value) -> np.ndarray:
 def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
     """Fit one head single-threaded; return ``{(name, value): proba over rows}`` per requested output."""
     model = make(**params)
-    Xr, Xt, yt = X[rows], X[train], y[train]
     warm = [v for name, v in outputs if name in WARM_PARAMS]
+    if warm and len(model) == 1 and hasattr(model[-1], "fit_path"):
+        # the whole path in one batched fit, reading X's training rows in place (tprobe.linear)
+        name = next(n for n, _ in outputs if n in WARM_PARAMS)
+        fitted = model[-1].fit_path(X, y, sorted(warm), rows=train)
+        return {(name, m.C): m.predict_proba_rows(X, rows)[:, 1] for m in fitted}
+    Xr, Xt, yt = X[rows], X[train], y[train]
     if warm:
         name = next(n for n, _ in outputs if n in WARM_PARAMS)
         if hasattr(model[-1], "warm_start"):
@@ -108,6 +114,22 @@ def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
         return out
     model.fit(Xt, yt)
     return {out: _predict(model, Xr, *out).astype(np.float64) for out in outputs}
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads limited to ``n`` meanwhile, when torch is loaded (threadpoolctl does not
+    reach its thread pool); the fits of a batch run in parallel, each single-threaded."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _key(j: int, train: np.ndarray) -> tuple[int, str]:
@@ -126,10 +148,12 @@ class _Fits:
     def want(self, g: int, train: np.ndarray, rows: np.ndarray) -> tuple:
         j, name, value = self.where[g]
         key = _key(j, train)
-        w = self.wanted.setdefault(key, {"j": j, "train": train, "rows": set(), "outputs": set()})
-        if key in self.done and not (set(rows.tolist()) <= w["rows"] and (name, value) in w["outputs"]):
+        w = self.wanted.setdefault(
+            key, {"j": j, "train": train, "rows": np.empty(0, np.int64), "outputs": set()}
+        )
+        if key in self.done and not (np.isin(rows, w["rows"]).all() and (name, value) in w["outputs"]):
             del self.done[key]  # asked for more after it ran: fit again (costs time, never correctness)
-        w["rows"].update(rows.tolist())
+        w["rows"] = np.union1d(w["rows"], np.asarray(rows, np.int64))  # sorted, unique
         w["outputs"].add((name, value))
         return key
 
@@ -149,10 +173,10 @@ class _Fits:
         jobs = []
         for k in todo:
             w = self.wanted[k]
-            rows = np.array(sorted(w["rows"]), dtype=np.int64)
+            rows = w["rows"]
             jobs.append((k, self.fit_grid[w["j"]], w["train"], rows, sorted(w["outputs"], key=repr)))
         n_jobs = min(self.n_jobs, len(jobs)) if self.n_jobs > 0 else self.n_jobs
-        with threadpool_limits(1):
+        with threadpool_limits(1), _torch_threads(1):
             fit = delayed(_fit_and_predict)
             outs = Parallel(n_jobs=n_jobs, backend=self.backend, return_as="generator")(
                 fit(self.make, params, self.X, self.y, train, rows, outputs)
