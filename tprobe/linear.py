@@ -273,7 +273,8 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
 
     def to_sklearn(self):
         """A fitted scikit-learn ``Pipeline([("scale", StandardScaler), ("clf", LogisticRegression)])``
-        holding this model's numbers: the form saved as a head (data only, no tprobe type)."""
+        holding this model's numbers (without the scaler when ``standardize=False``): the form saved
+        as a head (data only, no tprobe type)."""
         from sklearn.linear_model import LogisticRegression
         from sklearn.pipeline import Pipeline
         from sklearn.preprocessing import StandardScaler
@@ -282,9 +283,6 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         scaler = StandardScaler()
         scaler.mean_, scaler.scale_, scaler.var_ = self.mean_.copy(), self.scale_.copy(), self.var_.copy()
         scaler.n_features_in_, scaler.n_samples_seen_ = self.n_features_in_, self.n_samples_seen_
-        if not self.standardize:
-            scaler.set_params(with_mean=False, with_std=False)
-            scaler.mean_ = scaler.scale_ = scaler.var_ = None
         clf = LogisticRegression(
             C=self.C, class_weight=self.class_weight, solver="lbfgs", max_iter=self.max_iter
         )
@@ -293,7 +291,7 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         clf.intercept_ = self.intercept_std_.copy()
         clf.n_features_in_ = self.n_features_in_
         clf.n_iter_ = self.n_iter_.copy()
-        return Pipeline([("scale", scaler), ("clf", clf)])
+        return Pipeline([("scale", scaler), ("clf", clf)] if self.standardize else [("clf", clf)])
 
 
 def resolve_solver(solver: str, head: str, penalty: str, n_rows: int) -> str | None:
@@ -313,12 +311,13 @@ def resolve_solver(solver: str, head: str, penalty: str, n_rows: int) -> str | N
     return solver
 
 
-def make_logreg(*, seed: int = 0, class_weight: str | None = "balanced", penalty: str = "l2", **params):
+def make_logreg(*, seed: int = 0, class_weight: str | None = "balanced", penalty: str = "l2", scale: bool = True,
+                **params):  # fmt: skip
     """The torch logreg head as tprobe's engines use it: a one-step pipeline (the model standardises
-    the training rows itself), ``clf__C`` tunable like ``heads.make_head("logreg")``'s."""
+    the training rows itself unless ``scale=False``), ``clf__C`` tunable like ``heads.make_head("logreg")``'s."""
     from sklearn.pipeline import Pipeline
 
     if penalty != "l2":
         raise TprobeError(f"solver 'torch' fits L2 logistic regression only, not penalty {penalty!r}")
-    pipe = Pipeline([("clf", TorchLogisticRegression(C=0.1, class_weight=class_weight))])
+    pipe = Pipeline([("clf", TorchLogisticRegression(C=0.1, class_weight=class_weight, standardize=scale))])
     return pipe.set_params(**params)
