@@ -7,8 +7,8 @@ columns, rows grouped by donor), then times ``tprobe.probe.ProbeRun(head=..., n_
 engine ``tprobe probe`` uses: nested LODO with the inner C / depth / k search and the final head's
 search and refit. It prints one row per configuration - wall time of the fit, mean ROC AUC over held-out
 donors, the peak resident set of the subprocess (VmHWM, or its own worker processes' ru_maxrss if
-larger), the resident set after the imports (the interpreter, torch, scikit-learn, XGBoost: a floor
-that does not grow with N), the float32 feature matrix's size and (peak - floor) / matrix - and then the
+larger), the floor: the resident set after the imports and one run of the same head on 1,200 cells
+(the interpreter, torch, scikit-learn, XGBoost, their thread pools: it does not grow with N), the float32 feature matrix's size and (peak - floor) / matrix - and then the
 growth exponent per head and donor count: the least-squares slope of log(time) on log(cells).
 
 Targets (issue 20): growth <= N^1.15; peak RSS <= 3x the float32 matrix; 400k-cell logreg LODO <= 5 min
@@ -51,6 +51,8 @@ def one(cells: int, donors: int, head: str, dims: int, n_jobs: int, solver: str)
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
+    # the same head once on 1,200 cells first: lazily loaded code and thread pools count in the floor
+    ProbeRun(head=head, n_jobs=n_jobs, n_boot=0, solver=solver).fit(synthetic_features(1200, 4, dims, seed=1))
     floor = rss_mb()
     t0 = time.perf_counter()
     fs = synthetic_features(cells, donors, dims, seed=0)

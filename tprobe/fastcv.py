@@ -192,19 +192,28 @@ class _Fits:
         return out[(name, value)][np.searchsorted(have, rows)]
 
 
-def _inner_requests(grid, y, donors, train, is_orig):
-    """(grid index, inner train rows, validation rows) of one inner leave-one-donor-out search."""
+def _inner_requests(grid, y, donors, train, is_orig, rows_cache: dict | None = None):
+    """(grid index, inner train rows, validation rows) of one inner leave-one-donor-out search.
+
+    The row arrays are shared: every grid point's request holds the same arrays, and ``rows_cache``
+    (content hash -> array, shared across the searches of a run) hands out one array per distinct
+    training set - outer fold a's inner fit without b trains on exactly the rows of fold b's without a.
+    Held as int32 when the rows allow. Without this, 20 donors x 19 inner donors x 4 grid points of
+    400k-row index arrays held 4.4 GB for the whole run (issue 20)."""
     inner = sorted(set(donors[train]))
     if len(grid) == 1 or len(inner) < 2:
         return inner, []
-    reqs = []
+    cache = {} if rows_cache is None else rows_cache
+    small = len(y) < 2**31
     d_tr = donors[train]
-    for g in range(len(grid)):
-        for d in inner:
-            tr, va = train[d_tr != d], train[(d_tr == d) & is_orig[train]]
-            if len(np.unique(y[tr])) == 2 and len(np.unique(y[va])) == 2:  # else AP undefined
-                reqs.append((g, tr, va))
-    return inner, reqs
+    per_donor = []
+    for d in inner:
+        tr, va = train[d_tr != d], train[(d_tr == d) & is_orig[train]]
+        if len(np.unique(y[tr])) == 2 and len(np.unique(y[va])) == 2:  # else AP undefined
+            tr = tr.astype(np.int32) if small else tr
+            tr = cache.setdefault(_key(0, tr)[1], tr)
+            per_donor.append((tr, va))
+    return inner, [(g, tr, va) for g in range(len(grid)) for tr, va in per_donor]
 
 
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
@@ -250,16 +259,16 @@ def nested_cv_fast(make: Callable, grid: list[dict], X: np.ndarray, meta: pd.Dat
         return fold_test if tta else fold_test[is_orig[fold_test]]
 
     # plan every request up front so each fit predicts all the rows any step will score with it
-    outer = []
+    outer, rows_cache = [], {}
     for fold in plan:
         train = fold.train if train_views == "all" else fold.train[is_orig[fold.train]]
-        _, reqs = _inner_requests(grid, y, donors, train, is_orig)
+        _, reqs = _inner_requests(grid, y, donors, train, is_orig, rows_cache)
         keys = [fits.want(g, tr, va) for g, tr, va in reqs]
         outer.append((fold, train, reqs, keys))
     final_reqs, final_keys = [], []
     if final_head:
         keep = np.arange(len(meta)) if train_views == "all" else np.flatnonzero(is_orig)
-        inner, final_reqs = _inner_requests(grid, y, donors, keep, is_orig)
+        inner, final_reqs = _inner_requests(grid, y, donors, keep, is_orig, rows_cache)
         if len(grid) > 1 and len(inner) < 2:
             log.warning("one training donor: no inner validation; using the first grid point")
         final_keys = [fits.want(g, tr, va) for g, tr, va in final_reqs]

@@ -169,14 +169,14 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
                 blocks.append((xb, tb[:, None], sb[:, None]))
 
         # training-row statistics as StandardScaler (scale 1 for constant columns), from float64 sums over
-        # small gathered chunks of the rows (a chunk of 8192 rows is the only copy)
+        # small gathered chunks of the rows (a chunk of 2048 rows is the only copy)
         sum1 = np.zeros(d)
-        for i in range(0, n, 8192):
-            sum1 += X[rows[i : i + 8192]].sum(0, dtype=np.float64)
+        for i in range(0, n, 2048):
+            sum1 += X[rows[i : i + 2048]].sum(0, dtype=np.float64)
         mean_np = sum1 / n
         sum2, m32 = np.zeros(d), mean_np.astype(X.dtype)
-        for i in range(0, n, 8192):
-            dx = X[rows[i : i + 8192]]
+        for i in range(0, n, 2048):
+            dx = X[rows[i : i + 2048]]
             dx -= m32
             dx *= dx
             sum2 += dx.sum(0, dtype=np.float64)
@@ -255,7 +255,7 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
             np.float64
         ) @ self.coef_std_[0] + self.intercept_std_[0]
 
-    def predict_proba_rows(self, X, rows, chunk: int = 8192) -> np.ndarray:
+    def predict_proba_rows(self, X, rows, chunk: int = 2048) -> np.ndarray:
         """``predict_proba(X[rows])`` without copying more than ``chunk`` rows of ``X`` at a time."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), 2))
