@@ -11,12 +11,17 @@ larger), the floor: the resident set after the imports and one run of the same h
 (the interpreter, torch, scikit-learn, XGBoost, their thread pools: it does not grow with N), the float32 feature matrix's size and (peak - floor) / matrix - and then the
 growth exponent per head and donor count: the least-squares slope of log(time) on log(cells).
 
+``--store-views N`` also builds a store of N views of random float16 tokens (``--store-shape``, default
+100 patches x 64 hidden + CLS + 4 registers) and pools it (cls, mean, registers in one pass,
+``FeatureStore.pooled_many``) in a fresh subprocess: peak RSS beside the size all its tokens would take.
+
 Targets (issue 20): growth <= N^1.15; peak RSS <= 3x the float32 matrix; 400k-cell logreg LODO <= 5 min
 on 2 cores. Nothing here is a test.
 
     python scripts/bench_scale.py                                  # 25k, 100k, 400k; 6 and 20 donors; all heads
     python scripts/bench_scale.py --sizes 25000,100000 --heads logreg --donors 6
     python scripts/bench_scale.py --quick                          # 2k-8k cells, 6 donors: a smoke run
+    python scripts/bench_scale.py --heads logreg --sizes 25000 --store-views 100000  # + pooling a 100k-view store
 """
 
 from __future__ import annotations
@@ -69,6 +74,60 @@ def one(cells: int, donors: int, head: str, dims: int, n_jobs: int, solver: str)
             "dtype": str(np.asarray(fs.X).dtype)}  # fmt: skip
 
 
+def build_store(path: Path, views: int, hidden: int, patches: int, registers: int = 4) -> None:
+    """A sealed Zarr store of ``views`` rows of random float16 tokens (no model: only its shape matters)."""
+    import numpy as np
+
+    from tprobe.store import FeatureStore
+
+    store = FeatureStore.create(path, row_ids=[f"v{i:07d}" for i in range(views)], hidden=hidden,
+                                registers=registers, patches=patches, compression="lz4")  # fmt: skip
+    rng = np.random.default_rng(0)
+    for unit in store.pending_units():
+        n = store.unit_slice(unit).stop - store.unit_slice(unit).start
+        store.write_unit(unit, {"cls": rng.standard_normal((n, hidden), np.float32),
+                                "registers": rng.standard_normal((n, registers, hidden), np.float32),
+                                "patches": rng.standard_normal((n, patches, hidden), np.float32)})  # fmt: skip
+    assert store.finalize()
+
+
+def pool_store(path: Path) -> dict:
+    """Pool a store (cls, mean, registers in one pass) in this process; return time and memory."""
+    from tprobe.scale import peak_rss_mb
+    from tprobe.store import FeatureStore
+
+    store = FeatureStore.open(path)
+    with open("/proc/self/status") as f:
+        floor = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    t0 = time.perf_counter()
+    out = store.pooled_many(["cls", "mean", "registers"])
+    seconds = time.perf_counter() - t0
+    n, p, d = store.shapes["patches"]
+    return {"views": n, "patches": p, "hidden": d, "chunk_rows": store.chunk_rows, "seconds": round(seconds, 1),
+            "peak_mb": round(peak_rss_mb(), 0), "floor_mb": round(floor, 0),
+            "tokens_f32_mb": round(n * (1 + store.num_registers + p) * d * 4 / 2**20, 0),
+            "pooled_mb": round(sum(v.nbytes for v in out.values()) / 2**20, 0)}  # fmt: skip
+
+
+def store_row(views: int, hidden: int, patches: int, env: dict) -> None:
+    """Build a random-token store of ``views`` rows, then pool it in a fresh subprocess; print one line."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        path = Path(tmp) / "tokens.zarr"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--build-store", str(path), str(views), str(hidden), str(patches)],
+                       check=True, env=env)  # fmt: skip
+        built = time.perf_counter() - t0
+        res = subprocess.run([sys.executable, __file__, "--pool-store", str(path)], capture_output=True, text=True,
+                             check=True, env=env)  # fmt: skip
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"pooling a store of {r['views']} views x {1 + 4 + r['patches']} tokens x {r['hidden']} (float16, "
+          f"chunks of {r['chunk_rows']} rows; built in {built:.0f} s): cls+mean+registers in {r['seconds']:.1f} s, "
+          f"peak RSS {r['peak_mb']:.0f} MB (floor {r['floor_mb']:.0f} MB) for {r['pooled_mb']:.0f} MB of pooled "
+          f"output; all its tokens in float32 would be {r['tokens_f32_mb']:.0f} MB", flush=True)  # fmt: skip
+
+
 def slope(points: list[tuple[int, float]]) -> float | None:
     """Least-squares slope of log(seconds) on log(cells)."""
     if len(points) < 2:
@@ -92,8 +151,20 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="2k, 4k, 8k cells, 6 donors: a smoke run")
     ap.add_argument("--json", type=Path, help="also write the rows here")
+    ap.add_argument("--store-views", type=int, default=0,
+                    help="also pool a random-token store of this many views (0: skip)")  # fmt: skip
+    ap.add_argument("--store-shape", default="100,64", help="patches,hidden of that store (4 registers)")
     ap.add_argument("--one", nargs=3, metavar=("CELLS", "DONORS", "HEAD"), help=argparse.SUPPRESS)
+    ap.add_argument("--build-store", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--pool-store", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.build_store:
+        path, views, hidden, patches = args.build_store
+        build_store(Path(path), int(views), int(hidden), int(patches))
+        return
+    if args.pool_store:
+        print(json.dumps(pool_store(Path(args.pool_store))))
+        return
     if args.one:
         cells, donors, head = args.one
         print(json.dumps(one(int(cells), int(donors), head, args.dims, args.n_jobs, args.solver)))
@@ -130,6 +201,9 @@ def main() -> None:
                 print(f"{cells:>8} {donors:>6} {head:>8} {r['solver'] or '-':>6} {r['seconds']:>8.1f} "
                       f"{r['auc']:>6.3f} {r['peak_mb']:>8.0f} {r['floor_mb']:>8.0f} {r['matrix_mb']:>6.0f} "
                       f"{ratio:>14.2f}", flush=True)  # fmt: skip
+    if args.store_views:
+        patches, hidden = (int(v) for v in args.store_shape.split(","))
+        store_row(args.store_views, hidden, patches, env)
     print(f"# load average at end {os.getloadavg()[0]:.1f}")
     print("growth exponent (slope of log time on log cells; target <= 1.15):")
     for donors in donor_counts:

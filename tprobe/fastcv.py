@@ -102,8 +102,9 @@ def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
         name = next(n for n, _ in outputs if n in WARM_PARAMS)
         fitted = model[-1].fit_path(X, y, sorted(warm), rows=train)
         return {(name, m.C): m.predict_proba_rows(X, rows)[:, 1] for m in fitted}
-    Xr, Xt, yt = X[rows], X[train], y[train]
+    Xt, yt = X[train], y[train]
     if warm:
+        Xr = X[rows]
         name = next(n for n, _ in outputs if n in WARM_PARAMS)
         if hasattr(model[-1], "warm_start"):
             model.set_params(clf__warm_start=True)
@@ -113,6 +114,8 @@ def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
             out[(name, v)] = model.predict_proba(Xr)[:, 1].astype(np.float64)
         return out
     model.fit(Xt, yt)
+    del Xt  # the prediction rows are gathered once the training copy is gone (peak memory at 400k cells)
+    Xr = X[rows]
     return {out: _predict(model, Xr, *out).astype(np.float64) for out in outputs}
 
 
