@@ -103,3 +103,16 @@ def test_inner_searches_hold_one_row_array_per_distinct_training_set():
     assert len(reqs) == 5 * 4 * 4
     assert len({id(tr) for _, tr, _ in reqs}) == 10  # 5 choose 2 training sets
     assert all(tr.dtype == np.int32 for _, tr, _ in reqs)
+
+
+def test_knn_k_grid_is_scored_from_one_neighbour_search():
+    """The engine fits kNN once per training set at the largest k and scores every k of the grid from
+    that one search (issue 20: a k grid of 4 cost 4 searches over every training row)."""
+    from tprobe.fastcv import _split_path
+
+    X, y, Q = _knn_data()
+    path = KNNHead(k=50).fit(X, y).predict_proba_path(Q, [5, 10, 20, 50])
+    for k in (5, 10, 20, 50):
+        np.testing.assert_allclose(path[k], KNNHead(k=k).fit(X, y).predict_proba(Q), atol=1e-12)
+    fits, where = _split_path(heads.param_grid("knn"))
+    assert fits == [{"clf__k": 50}] and {w[2] for w in where.values()} == {5, 10, 20, 50}

@@ -44,8 +44,9 @@ from tprobe.evaluate import CVResult, Fold, _score_rows, selection
 __all__ = ["FoldProgress", "nested_cv_fast", "PATH_PARAMS"]
 log = logging.getLogger(__name__)
 
-# grid axes scored as prefixes of one fit (predict with the first k trees)
-PATH_PARAMS = ("clf__n_estimators",)
+# grid axes scored as prefixes of one fit (predict with the first k trees; kNN: the k nearest of one
+# neighbour search for the largest k, KNNHead.predict_proba_path)
+PATH_PARAMS = ("clf__n_estimators", "clf__k")
 # grid axes fitted in one job along the path of values, each fit warm-started from the previous one
 # (ascending: the most regularised fit first); equal to separate fits up to the solver's tolerance
 WARM_PARAMS = ("clf__C",)
@@ -90,6 +91,8 @@ def _predict(model, X: np.ndarray, name: str | None, value) -> np.ndarray:
     if name is None or name in WARM_PARAMS:
         return model.predict_proba(X)[:, 1]
     scaled = model[:-1].transform(X) if len(model) > 1 else X
+    if name == "clf__k":
+        return model[-1].predict_proba_path(scaled, [value])[value][:, 1]
     return model[-1].predict_proba(scaled, iteration_range=(0, int(value)))[:, 1]
 
 
@@ -116,6 +119,12 @@ def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
     model.fit(Xt, yt)
     del Xt  # the prediction rows are gathered once the training copy is gone (peak memory at 400k cells)
     Xr = X[rows]
+    ks = [v for name, v in outputs if name == "clf__k"]
+    if ks and hasattr(model[-1], "predict_proba_path"):  # every k from one neighbour search
+        scaled = model[:-1].transform(Xr) if len(model) > 1 else Xr
+        path = model[-1].predict_proba_path(scaled, ks)
+        return {out: (path[int(out[1])][:, 1] if out[0] == "clf__k" else _predict(model, Xr, *out)).astype(np.float64)
+                for out in outputs}  # fmt: skip
     return {out: _predict(model, Xr, *out).astype(np.float64) for out in outputs}
 
 

@@ -123,16 +123,24 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
+        return self.predict_proba_path(X, [self.k])[self.k]
+
+    def predict_proba_path(self, X, ks) -> dict[int, np.ndarray]:
+        """``{k: predict_proba(X) with that k}`` for every ``k`` in ``ks``, from ONE neighbour search (the
+        largest k's, sorted): the engine scores a whole ``clf__k`` grid at the cost of one prediction."""
         Q = _l2(X)
-        k = int(min(self.k, len(self.X_)))
-        out = np.zeros((len(Q), len(self.classes_)), dtype=np.float64)
+        ks = sorted({int(k) for k in ks})
+        k_max = int(min(ks[-1], len(self.X_)))
+        out = {k: np.zeros((len(Q), len(self.classes_)), dtype=np.float64) for k in ks}
         for start in range(0, len(Q), self.batch_size):
-            s, labels = self._top_k(Q[start : start + self.batch_size], k)
-            w = _softmax(
-                s.astype(np.float64) / self.temperature
-            )  # = exp(s/T) normalised over the k neighbours
-            for c in range(len(self.classes_)):
-                out[start : start + len(s), c] = (w * (labels == c)).sum(axis=1)
+            s, labels = self._top_k(Q[start : start + self.batch_size], k_max)
+            order = np.argsort(-s, axis=1, kind="stable")  # most similar first
+            s, labels = np.take_along_axis(s, order, axis=1), np.take_along_axis(labels, order, axis=1)
+            for k in ks:
+                kk = min(k, k_max)
+                w = _softmax(s[:, :kk].astype(np.float64) / self.temperature)  # exp(s/T) over kk neighbours
+                for c in range(len(self.classes_)):
+                    out[k][start : start + len(s), c] = (w * (labels[:, :kk] == c)).sum(axis=1)
         return out
 
     def _top_k(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
