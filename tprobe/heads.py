@@ -97,8 +97,9 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-# KNNHead.predict_proba computes at most this many query x training similarities at a time (float32: 32 MiB)
-TOPK_BLOCK = 2**23
+# KNNHead.predict_proba computes at most this many query x training similarities at a time (float32: 8 MiB,
+# with their int64 partition indices 24 MiB per worker)
+TOPK_BLOCK = 2**21
 
 
 class KNNHead(ClassifierMixin, BaseEstimator):
@@ -153,7 +154,9 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         for lo in range(0, len(self.X_), width):
             sims = q @ self.X_[lo : lo + width].T
             kk = min(k, sims.shape[1])
-            top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+            top = np.argpartition(sims, sims.shape[1] - kk, axis=1)[
+                :, -kk:
+            ]  # the kk largest, no negated copy
             cand_s = np.concatenate([best_s, np.take_along_axis(sims, top, axis=1)], axis=1)
             cand_y = np.concatenate([best_y, self.y_[lo + top]], axis=1)
             del sims, top
