@@ -70,7 +70,7 @@ def one(cells: int, donors: int, head: str, dims: int, n_jobs: int, solver: str)
             "seconds": round(seconds, 1), "gen_seconds": round(t_gen, 1),
             "auc": round(float(run.summary_["roc_auc"]["mean"]), 4),
             "peak_mb": round(max(peak_rss_mb(), children), 0), "floor_mb": round(floor, 0),
-            "matrix_mb": round(fs.X.nbytes / 2**20, 0), "chosen": [c["params"] for c in run.chosen_][:1],
+            "matrix_mb": round(fs.X.nbytes / 2**20, 1), "chosen": [c["params"] for c in run.chosen_][:1],
             "dtype": str(np.asarray(fs.X).dtype)}  # fmt: skip
 
 
@@ -150,6 +150,8 @@ def main() -> None:
         "--timeout", type=float, default=1800, help="seconds per configuration before it is stopped"
     )
     ap.add_argument("--quick", action="store_true", help="2k, 4k, 8k cells, 6 donors: a smoke run")
+    ap.add_argument("--cap", default="", help="largest cells (and donors) per head, e.g. knn=25000x6,xgboost=25000: "
+                    "bigger configurations are listed as skipped, not run")  # fmt: skip
     ap.add_argument("--json", type=Path, help="also write the rows here")
     ap.add_argument("--store-views", type=int, default=0,
                     help="also pool a random-token store of this many views (0: skip)")  # fmt: skip
@@ -178,11 +180,21 @@ def main() -> None:
     header = f"{'cells':>8} {'donors':>6} {'head':>8} {'solver':>6} {'seconds':>8} {'AUC':>6} {'peak MB':>8} " \
              f"{'floor MB':>8} {'X MB':>6} {'(peak-floor)/X':>14}"  # fmt: skip
     print(header, flush=True)
+    caps = {}
+    for item in filter(None, args.cap.split(",")):
+        head, _, limit = item.partition("=")
+        cells, _, donors = limit.partition("x")
+        caps[head] = (int(cells), int(donors) if donors else None)
     rows = []
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for donors in donor_counts:
         for head in heads:
             for cells in sizes:
+                cap_cells, cap_donors = caps.get(head, (None, None))
+                if (cap_cells and cells > cap_cells) or (cap_donors and donors > cap_donors):
+                    print(f"{cells:>8} {donors:>6} {head:>8} skipped (--cap {head}={args.cap.split(head + '=')[1].split(',')[0]})",
+                          flush=True)  # fmt: skip
+                    continue
                 cmd = [sys.executable, __file__, "--one", str(cells), str(donors), head, "--dims", str(args.dims),
                        "--n-jobs", str(args.n_jobs), "--solver", args.solver]  # fmt: skip
                 try:
