@@ -1,6 +1,7 @@
 """Write a CellProfiler-style per-cell feature table for an image folder (default: the bundled sample).
 
-Hand-crafted shape and intensity features of the largest bright component (``pixel > 20``), named
+Hand-crafted shape and intensity features of the largest bright component (``pixel > 20``, or above
+half the image's maximum for a cell dimmer than that, so every image gets a row), named
 as CellProfiler names them, plus the bookkeeping columns CellProfiler writes (FileName, ImageNumber,
 ObjectNumber, Number_Object_Number) and location columns, all of which the feature rule drops. It
 stands in for a real CellProfiler export in `tprobe curve --features` demos:
@@ -26,6 +27,9 @@ def features(path: str, threshold: float = 20.0, image_number: int = 1) -> dict:
     img = read_image(path).astype(np.float32)
     mask = label(img > threshold, connectivity=1)
     props = regionprops(mask, intensity_image=img)
+    if not props and img.max() > 0:  # a dim cell (the quality filters remove it): half its own maximum
+        mask = label(img > img.max() / 2, connectivity=1)
+        props = regionprops(mask, intensity_image=img)
     # one object per image here: the largest component, numbered 1 in its image
     row = {
         "FileName": Path(path).name,

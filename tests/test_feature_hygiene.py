@@ -84,6 +84,9 @@ LEAKS = ["ImageNumber", "ObjectNumber", "Number_Object_Number", "Cells_Number_Ob
          "Children_Nuclei_Count", "Nuclei_Center_Y", "Cells_Location_CenterMassIntensity_X_DNA"]  # fmt: skip
 
 
+@pytest.mark.refuses(
+    "identifier and position columns of a feature table as features (dropped, recorded, unless --keep-columns)"
+)
 @pytest.mark.parametrize("leak", LEAKS)
 def test_a_label_leak_in_an_identifier_column_is_dropped_and_recorded(sample_manifest, tmp_path, leak):
     from tprobe.features import from_table
@@ -173,8 +176,12 @@ def test_cli_prints_dropped_columns_and_unused_rows_and_records_them(sample_mani
     }
     res = CliRunner().invoke(main, [*args, "--all-table-rows", "--keep-columns", "Nope"])
     assert res.exit_code == 2 and "--keep-columns names unknown column(s) ['Nope']" in res.output
-    res = CliRunner().invoke(main, [*args, "--all-table-rows"])
+    res = CliRunner().invoke(main, [*args, "--all-table-rows", "--normalize", "donor-center"])
     assert res.exit_code == 0 and "table rows unused" not in res.output
+    run = tmp_path / "runs" / res.output.strip().splitlines()[-1].split("/")[-1]
+    record = json.loads((run / "config.json").read_text())
+    assert record["options"]["normalize"] == "donor-center" and record["features"]["all_rows"]
+    assert record["features"]["name"] == "table:cp+all-rows"
 
 
 # ---- small ones: means over the same donors, the fold-count refusal -----------------------------
@@ -194,13 +201,15 @@ def test_accuracy_and_f1_means_cover_the_same_donors_as_auc():
         Fold(i, [d], np.flatnonzero(donors != d), np.flatnonzero(donors == d)) for i, d in enumerate("abc")
     ]
     ev = evaluate(pred, meta, plan, n_boot=20)
-    assert ev.per_donor.set_index("donor").loc["a", "accuracy"] == 1.0  # still shown per donor
+    a = ev.per_donor.set_index("donor").loc["a"]
+    assert a["accuracy"] == 1.0 and "left out of every mean" in a["note"]  # still shown per donor
     s = ev.summary
     assert {s[m]["n_donors"] for m in ("accuracy", "f1", "roc_auc", "average_precision")} == {2}
     assert s["accuracy"]["mean"] == pytest.approx(0.5)  # donors b and c only, not (1 + .5 + .5) / 3
     assert ev.reference["frequency"]["accuracy"]["n_donors"] == 2
 
 
+@pytest.mark.refuses("more --folds than donors (the numbers are named)")
 def test_too_few_donors_for_the_folds_names_the_numbers():
     from tprobe.errors import TprobeError
     from tprobe.evaluate import split_plan
@@ -214,3 +223,94 @@ def test_too_few_donors_for_the_folds_names_the_numbers():
         TprobeError, match=r"5 folds on the cells of one donor needs at least 5 cells; the data has 4"
     ):
         split_plan(one, "group-kfold", n_splits=5)
+
+
+# ---- --normalize ------------------------------------------------------------------------------
+def donor_shifted(n_donors=5, cells=40, seed=0) -> FeatureSet:
+    """Each donor's cells carry a large donor-specific offset (a batch effect); the label a small shift."""
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    for d in range(n_donors):
+        offset = rng.normal(size=6) * 3.0
+        for c in range(cells):
+            label = int(c % 2 == 0)
+            X.append(offset + rng.normal(size=6) + 0.8 * label)
+            rows.append({"image_id": f"d{d}c{c}", "path": f"d{d}/c{c}.png", "label": label,
+                         "donor": f"donor_{d + 1}", "group": f"d{d}c{c}", "view": "orig"})  # fmt: skip
+    return FeatureSet(
+        np.asarray(X, np.float32), pd.DataFrame(rows), {"kind": "table", "name": "donor-shifted"}
+    )
+
+
+def test_donor_centring_uses_the_donors_own_rows_only():
+    from tprobe.features import donor_center
+
+    fs = donor_shifted()
+    donors, orig = fs.meta["donor"].to_numpy(), np.ones(len(fs.meta), bool)
+    Z = donor_center(fs.X, donors, orig)
+    for d in np.unique(donors):
+        assert np.allclose(Z[donors == d].mean(0), 0, atol=1e-5)
+    # change every other donor's rows (and their number): donor_1's centred rows are unchanged
+    other = donors != "donor_1"
+    X2 = fs.X.copy()
+    X2[other] = np.random.default_rng(1).normal(size=(other.sum(), fs.X.shape[1])) * 50
+    keep = np.flatnonzero(~other | (np.arange(len(donors)) % 3 == 0))
+    Z2 = donor_center(X2[keep], donors[keep], orig[keep])
+    assert np.array_equal(Z2[donors[keep] == "donor_1"], Z[donors == "donor_1"])
+    # only the rows in the mask define a donor's mean (augmented views are centred, never counted)
+    mask = np.arange(len(donors)) % 2 == 0
+    Z3 = donor_center(fs.X, donors, mask)
+    first = donors == "donor_1"
+    assert np.allclose(Z3[first], fs.X[first] - fs.X[first & mask].mean(0), atol=1e-5)
+
+
+def test_normalize_options_in_probe_curve_and_record(tmp_path):
+    fs = donor_shifted()
+    auc = {}
+    for norm in ("none", "standard", "donor-center"):
+        run = ProbeRun(head="prototype", n_boot=20, normalize=norm).fit(fs)
+        auc[norm] = run.summary_["roc_auc"]["mean"]
+    assert auc["donor-center"] > auc["standard"] + 0.05, auc  # the donor offsets removed
+    assert [n for n, _ in make_head("logreg", scale=False).steps] == ["clf"]
+    ref = ProbeRun(
+        head="prototype", n_boot=20, normalize="donor-center", engine="reference", final_head=False
+    )
+    assert ref.fit(fs).summary_["roc_auc"]["mean"] == pytest.approx(auc["donor-center"], abs=1e-9)
+    from tprobe.runs import RunRecord
+
+    record = RunRecord.load(run.save(tmp_path))
+    assert record.options["normalize"] == "donor-center" and "normalize donor-center" in record.title
+    a = LabelCurve(head="prototype", shots=("all",), repeats=1).fit(fs).results_["roc_auc"].mean()
+    b = LabelCurve(head="prototype", shots=("all",), repeats=1, normalize="donor-center").fit(fs).results_
+    assert b["roc_auc"].mean() > a + 0.05
+    from tprobe.errors import TprobeError
+
+    with pytest.raises(TprobeError, match="--normalize 'z'"):
+        ProbeRun(normalize="z").fit(fs)
+
+
+def test_predict_centres_new_images_per_donor_for_a_donor_centred_run(tmp_path, tiny_reg):
+    from conftest import copy_subset
+
+    from tprobe.backbones import resolve_model
+    from tprobe.dataset import discover, discover_unlabelled
+    from tprobe.extract import extract
+    from tprobe.features import donor_center, from_store
+    from tprobe.predict import predict
+    from tprobe.preprocess import preprocess
+
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=5)
+    ref, cache = resolve_model(str(tiny_reg)), tmp_path / "cache"
+    store = extract(preprocess(discover(data)), ref, cache=cache, progress=False).path
+    run = ProbeRun(head="logreg", n_boot=20, normalize="donor-center").fit(from_store(store, "cls"))
+    run_dir = run.save(tmp_path / "runs")
+    new = copy_subset(tmp_path / "new", donors=("donor_4",), per_class=4)
+    table = predict(run_dir, new, cache=cache)
+    fs = from_store(
+        extract(preprocess(discover_unlabelled(new)), ref, cache=cache, progress=False).path, "cls"
+    )
+    orig = (fs.meta["view"] == "orig").to_numpy()
+    want = run.final_["model"].predict_proba(donor_center(fs.X, fs.meta["donor"], orig))[:, 1][orig]
+    got = table.set_index(table["path"].map(lambda p: p.split("/")[-1]))["p_activated"]
+    names = fs.meta.loc[orig, "path"].map(lambda p: p.split("/")[-1])
+    assert np.allclose(got.loc[names].to_numpy(), want, atol=1e-6)

@@ -38,6 +38,7 @@ def slash_run(tmp_path_factory, tiny_reg):
     return root, r
 
 
+@pytest.mark.refuses("a donor name with a slash (written inside the run, never as a path)")
 def test_finetune_with_a_slash_in_donor_names_writes_inside_the_run(slash_run):
     root, r = slash_run
     assert r.exit_code == 0, r.output
@@ -71,6 +72,7 @@ def test_resume_accepts_a_run_started_with_an_alias(tmp_path, tiny_reg, monkeypa
     assert r.exit_code == 0, r.output
 
 
+@pytest.mark.refuses("a received run whose donor names point outside it (saliency)")
 @pytest.mark.parametrize("donor", ["/../../x", "../../escaped", "a/../../../b"])
 def test_saliency_never_writes_outside_a_received_run(slash_run, tmp_path, donor):
     root, _ = slash_run
@@ -115,6 +117,7 @@ def _probe_run(out, name="feats", **kw):
     return ProbeRun(n_boot=10, n_jobs=1, **kw).fit(_features(name)).save(out)
 
 
+@pytest.mark.refuses("a run folder whose head.skops is missing")
 def test_a_missing_head_file_is_named_as_missing_not_blamed_on_no_final_head(tmp_path):
     from tprobe.errors import TprobeError
     from tprobe.probe import load_head
@@ -126,6 +129,7 @@ def test_a_missing_head_file_is_named_as_missing_not_blamed_on_no_final_head(tmp
     assert "--no-final-head" not in str(err.value)
 
 
+@pytest.mark.refuses("a run record naming a head file outside the run")
 def test_a_head_file_outside_the_run_is_refused(tmp_path):
     import json
 
@@ -141,6 +145,7 @@ def test_a_head_file_outside_the_run_is_refused(tmp_path):
         load_head(run)
 
 
+@pytest.mark.refuses("a sweep summary naming a run outside the sweep")
 def test_a_sweep_summary_cannot_point_outside_the_sweep(tmp_path):
     from tprobe.errors import TprobeError
     from tprobe.predict import resolve_run
@@ -153,6 +158,7 @@ def test_a_sweep_summary_cannot_point_outside_the_sweep(tmp_path):
         resolve_run(sweep)
 
 
+@pytest.mark.refuses("a damaged sweep summary.parquet")
 def test_a_damaged_sweep_summary_is_one_line(tmp_path):
     from tprobe.errors import TprobeError
     from tprobe.predict import resolve_run
@@ -173,6 +179,7 @@ def test_a_dollar_sign_in_a_name_is_drawn_as_text(tmp_path):
     assert (tmp_path / "rep" / "donor_auc.png").exists()
 
 
+@pytest.mark.refuses("an interrupted run in a report folder (listed as incomplete; the report goes on)")
 def test_an_interrupted_run_is_listed_as_incomplete_and_the_report_goes_on(tmp_path):
     runs = tmp_path / "runs"
     done = _probe_run(runs, name="done")
@@ -215,3 +222,31 @@ def test_probe_records_the_data_it_was_given(tmp_path):
     assert r.exit_code == 0, r.output
     run = next((tmp_path / "runs").iterdir())
     assert json.loads((run / "config.json").read_text())["data"] == str(data)
+
+
+def test_curve_with_the_mlp_head_fits_one_and_two_cells_per_class():
+    from tprobe.curve import LabelCurve
+
+    c = LabelCurve(head="mlp", shots=(1, 2, "all"), repeats=2).fit(_features(n=36))
+    res = c.results_
+    assert set(res["shots"]) == {"1", "2", "all"}
+    assert (res.loc[res["shots"] == "1", "n_train_cells"] == 2).all()
+    assert res["roc_auc"].notna().all()
+
+
+@pytest.mark.refuses("a run figure linked to a file outside the run (not embedded)")
+def test_report_does_not_embed_a_figure_linked_from_outside_the_run(tmp_path):
+    runs = tmp_path / "runs"
+    run = _probe_run(runs, name="linked")
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG SECRET-BYTES")
+    (run / "roc.png").unlink()
+    (run / "roc.png").symlink_to(secret)
+    r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    import base64
+
+    assert (
+        base64.b64encode(secret.read_bytes()).decode()[:16]
+        not in (tmp_path / "rep" / "report.html").read_text()
+    )

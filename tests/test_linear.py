@@ -157,3 +157,13 @@ def test_saved_torch_head_is_data_only_sklearn(tmp_path):
         fs.X, fs.meta["label"]
     )
     np.testing.assert_allclose(head.predict_proba(fs.X), sk.predict_proba(fs.X), atol=1e-3)
+
+
+def test_torch_solver_without_standardisation_matches_lbfgs(tmp_path):
+    """--normalize none: no scaler step; the torch model fits the raw features, its saved head has no scaler."""
+    fs = synthetic_features(2400, 4, 16, seed=5)
+    lb = ProbeRun(solver="lbfgs", normalize="none", n_boot=0, final_head=False).fit(fs)
+    tr = ProbeRun(solver="torch", normalize="none", n_boot=0).fit(fs)
+    assert abs(_mean_auc(tr) - _mean_auc(lb)) <= 0.005
+    head = load_head(tr.save(tmp_path / "runs"))
+    assert [name for name, _ in head.steps] == ["clf"] and type(head[-1]) is LogisticRegression

@@ -125,6 +125,7 @@ FREQ = {"command": "baseline", "baseline": "frequency", "features": {"kind": "ba
 WORSE = [0.70, 0.72, 0.69, 0.75, 0.71, 0.73]
 
 
+@pytest.mark.refuses("a --reference that matches no run, or several")
 def test_report_compares_with_the_declared_reference_not_the_winner(tmp_path):
     from click.testing import CliRunner
 
@@ -157,7 +158,10 @@ def test_report_compares_with_the_declared_reference_not_the_winner(tmp_path):
     # --reference names another run; a name matching none is one line, exit 2
     r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "r2"), "--reference", "c-mlp"])
     assert r.exit_code == 0, r.output
-    assert "c-mlp, named with --reference" in r.output and "2/2^6 = 0.031" in r.output
+    assert (
+        "c-mlp, named with --reference (a comparison to fix before looking" in r.output
+        and "2/2^6 = 0.031" in r.output
+    )
     r = CliRunner().invoke(main, ["report", str(runs), "--out", str(tmp_path / "r3"), "--reference", "nope"])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1 and "--reference" in r.output, (
         r.output
@@ -306,3 +310,29 @@ def test_map_warns_on_donor_signal_within_class():
     diag = diagnose(MapData(np.asarray(X, np.float32), pd.DataFrame(rows), "donor-driven"))
     assert diag["within_class"]["donor"]["skill"] > 0.8
     assert diag["warning"] and "donor" in diag["warning"] and "within each class" in diag["warning"]
+
+
+def test_report_shows_within_class_map_signal(tmp_path):
+    from tprobe.embedmap import diagnose
+    from tprobe.report import write_report
+    from tprobe.runs import write_json
+
+    runs = tmp_path / "runs"
+    _run(runs, "b-logreg-cls", _probe("logreg"), WORSE)
+    diag = diagnose(_class_only_donors())
+    (runs / "m-map").mkdir()
+    write_json(runs / "m-map" / "diagnostics.json", [diag])
+    res = write_report(runs, tmp_path / "rep")
+    row = res["map_signal"].iloc[0]
+    w = diag["within_class"]["donor"]
+    assert row["source"] == "class-only" and f"chance {w['chance']:.3f}" in row["donor within class"]
+    for name in ("report.md", "report.html"):
+        text = (tmp_path / "rep" / name).read_text()
+        assert "within each class" in text and "chance 0.450" in text
+
+
+def test_t_interval_stays_inside_the_metric_range():
+    v = [1.0, 1.0, 1.0, 0.6, 1.0, 1.0]  # the raw t-interval's upper end is above 1
+    lo, hi = t_interval(v)
+    assert hi == 1.0 and lo < np.mean(v)
+    assert t_interval(v, bounds=None)[1] > 1.0

@@ -19,7 +19,7 @@ from tprobe.features import FeatureSet, from_store
 from tprobe.heads import HEADS, KNNHead, PrototypeHead, make_head, param_grid
 from tprobe.preprocess import preprocess
 from tprobe.probe import ProbeRun
-from tprobe.report import collect_runs, write_report
+from tprobe.report import choose_reference, collect_runs, write_report
 from tprobe.runs import RunRecord
 from tprobe.stats import holm, paired_comparisons, sign_flip_test
 
@@ -289,7 +289,7 @@ def test_report_marks_random_weights_pairs_runs_and_counts_cells(tmp_path):
     assert md.count("PLUMBING CHECK: random weights") >= 3  # two table rows + the headline
     assert "c-real" in md and "d-real-again" in md  # same model/pool/head, told apart by run name
     assert "600 cells scored per run" in md and "[0.800, 0.900]" in md  # cells, not views; the CI
-    pairs = paired_comparisons(summary)
+    pairs = paired_comparisons(summary, against=choose_reference(summary)[0])
     auc = pairs[pairs["metric"] == "roc_auc"].set_index("label")
     # the reference is fixed by rule (logreg on CLS, no random weights, first folder), not the best run
     assert len(auc) == 3 and (auc["reference"] == str(runs / "c-real")).all()

@@ -246,3 +246,71 @@ def test_command_array_resubmits_only_failed_tasks(tmp_path, monkeypatch):
         command_array(commands, name="tprobe-test-cmds", options=opts, done=done, echo=lines.append) == states
     )
     assert not any("submitted" in ln for ln in lines)
+
+
+@needs_slurm
+def test_probe_sweep_array_on_slurm_equals_the_local_sweep(tmp_path, tiny_reg):
+    """A real array: one task per pool (x one head); a cancelled task is resubmitted alone by --resume."""
+    import pandas as pd
+
+    from tprobe.slurm import sweep_job_name
+
+    data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
+    ext = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(data), "--cache",
+                                    str(tmp_path / "cache")])  # fmt: skip
+    assert ext.exit_code == 0, ext.output
+    store = ext.output.splitlines()[-1]
+    args = [
+        "probe",
+        "--store",
+        store,
+        "--head",
+        "logreg",
+        "--pool",
+        "all",
+        "--bootstrap",
+        20,
+        "--no-final-head",
+    ]
+    local = _tprobe(*args, "--out", tmp_path / "local", cwd=tmp_path)
+    ref = pd.read_parquet(Path(local.stdout.splitlines()[-1]) / "summary.parquet")
+
+    # 1) the array, one task at a time (--max-running 1); task 4 is cancelled while it waits
+    slurm = ["--executor", "slurm", "--poll", 0.3, "--slurm-dir", tmp_path / "slurm", "--max-running", 1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "tprobe.cli",
+        *map(str, args),
+        "--out",
+        str(tmp_path / "array"),
+        *map(str, slurm),
+    ]
+    watcher = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    end = time.monotonic() + 120
+    while not (sweeps := list((tmp_path / "array").glob("*-sweep"))) or not queue_states(
+        sweep_job_name(sweeps[0])
+    ).get(sweep_job_name(sweeps[0])):
+        assert watcher.poll() is None, watcher.communicate()
+        assert time.monotonic() < end, "the sweep array never appeared in the queue"
+        time.sleep(0.1)
+    sweep, name = sweeps[0], sweep_job_name(sweeps[0])
+    job = queue_states(name)[name][4][0]
+    subprocess.run(["scancel", f"{job}_4"], check=True)
+    out, err = watcher.communicate(timeout=240)
+    assert watcher.returncode == 2, err
+    assert "sweep task(s) 4 (concat · logreg)" in err and "resubmits only those" in err, err
+
+    # 2) --resume resubmits only task 4, watches it, collects: the summary equals the local one
+    again = _tprobe("probe", "--resume", sweep, *slurm, cwd=tmp_path)
+    assert "tasks 4 of 5" in again.stderr, again.stderr
+    assert again.stdout.splitlines()[-1] == str(sweep)
+    got = pd.read_parquet(sweep / "summary.parquet")
+    pd.testing.assert_frame_equal(got.drop(columns=["run", "seconds"]), ref.drop(columns=["run", "seconds"]))
+    assert (sweep / "sweep_auc.png").exists()
+    # the report reads the array's run folders like any others
+    rep = _tprobe("report", sweep, "--out", tmp_path / "report", cwd=tmp_path)
+    assert "incomplete run" not in rep.stderr

@@ -38,6 +38,7 @@ def test_a_clean_script_runs_only_the_expected_lines(tmp_path):
     assert subprocess.run(["bash", "-n"], input=text, text=True).returncode == 0
 
 
+@pytest.mark.refuses("a SLURM resource value with a line break or extra words")
 @pytest.mark.parametrize("option", ["partition", "time", "mem", "account"])
 @pytest.mark.parametrize("value", [EVIL, "gpu\rtouch x", "gpu\x00", "gpu --wrap=id", "gpu'; id #"])
 def test_a_resource_value_with_a_line_break_or_extra_words_is_refused(tmp_path, option, value):
@@ -45,16 +46,19 @@ def test_a_resource_value_with_a_line_break_or_extra_words_is_refused(tmp_path, 
         _script(tmp_path, **{option: value})
 
 
+@pytest.mark.refuses("an --sbatch-option with a control character")
 def test_an_sbatch_option_with_a_line_break_is_refused(tmp_path):
     with pytest.raises(TprobeError, match="--sbatch-option"):
         _script(tmp_path, extra=("--qos=high\rid",))
 
 
+@pytest.mark.refuses("a --slurm-dir with a line break")
 def test_a_slurm_dir_with_a_line_break_is_refused(tmp_path):
     with pytest.raises(TprobeError, match="--slurm-dir.*control character"):
         _script(tmp_path, slurm_dir=tmp_path / "s\ntouch pwned")
 
 
+@pytest.mark.refuses("a --cache path with a line break (in an sbatch script)")
 def test_a_store_path_from_a_cache_with_a_line_break_is_refused(tmp_path):
     with pytest.raises(TprobeError, match="--cache"):
         _script(tmp_path, store=tmp_path / "c\ntouch pwned" / "s.zarr")
@@ -62,6 +66,7 @@ def test_a_store_path_from_a_cache_with_a_line_break_is_refused(tmp_path):
         extract_array(COMMAND[4:], tmp_path / "c\ntouch pwned" / "s.zarr", rows=4, chunk_rows=2, shards=2)
 
 
+@pytest.mark.refuses("a working directory with a line break (in an sbatch script)")
 def test_a_working_directory_with_a_line_break_is_refused(tmp_path, monkeypatch):
     cwd = tmp_path / "w\ntouch pwned"
     cwd.mkdir()

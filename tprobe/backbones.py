@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,7 @@ from tprobe.errors import TprobeError
 from tprobe.tokens import TokenLayout
 
 __all__ = ["ALIASES", "LAYOUT_TYPES", "ModelRef", "Backbone", "resolve_model", "pick_device", "fit_canvas",
-           "round_canvas"]  # fmt: skip
+           "round_canvas", "normalisation", "normalisation_tag"]  # fmt: skip
 log = logging.getLogger(__name__)
 
 ALIASES = {
@@ -221,6 +223,10 @@ def resolve_model(model: str, revision: str | None = None, *, offline: bool = Fa
         resolved = _dir_hash(local)
         source = str(local.resolve())
     else:
+        if _looks_like_a_path(source):
+            what = "is a file, not a model folder" if local.is_file() else "is not there (moved or deleted?)"
+            raise TprobeError(f"model folder {source} {what}; pass the folder's current path, or a hub id "
+                              "(owner/name)")  # fmt: skip
         if "/" not in source:
             raise _hub_error(model, FileNotFoundError(source))
         forced = False
@@ -236,6 +242,11 @@ def resolve_model(model: str, revision: str | None = None, *, offline: bool = Fa
             log.info("hub unreachable: using the cached snapshot %s", resolved[:12])
     _check_layout(model, config)
     return ModelRef(model, source, revision, resolved, config)
+
+
+def _looks_like_a_path(source: str) -> bool:
+    """A local path, never a hub id (``owner/name``): absolute, ``./``, ``../``, ``~``, or more than one ``/``."""
+    return source.startswith(("/", "./", "../", "~", "\\")) or source.count("/") > 1 or Path(source).is_file()
 
 
 def _dir_hash(folder: Path) -> str:
@@ -307,6 +318,12 @@ class Backbone:
                 local_files_only=offline or ref.is_local,
                 attn_implementation=attn_implementation,
             )
+        except pickle.UnpicklingError:  # torch's weights-only loader refused a pickle weight file
+            raise TprobeError(
+                f"model {ref.name!r}: {ref.source} holds only pickle weights (pytorch_model.bin) that are not plain "
+                "tensors, and tprobe never runs code from a file; convert them to safetensors where you trust them "
+                "(model.save_pretrained(folder, safe_serialization=True))"
+            ) from None
         except (OSError, ValueError) as exc:
             raise _hub_error(ref.name, exc) from None
         if _takes_interpolate(net):
@@ -394,6 +411,20 @@ def _takes_interpolate(net: torch.nn.Module) -> bool:
     import inspect
 
     return "interpolate_pos_encoding" in inspect.signature(net.forward).parameters
+
+
+def normalisation(ref: ModelRef, offline: bool = False) -> tuple[tuple, tuple]:
+    """The input normalisation (mean, std) a :class:`Backbone` of ``ref`` applies; part of the store key."""
+    return _normalisation(ref, offline or ref.is_local)
+
+
+def normalisation_tag(mean, std) -> str:
+    """``""`` for ImageNet's mean/std (every DINOv2 checkpoint's, so their store names stay as they were),
+    else ``-n<hash>``: stores of inputs normalised differently never share a name."""
+    mean, std = tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+    if mean == IMAGENET_MEAN and std == IMAGENET_STD:
+        return ""
+    return "-n" + hashlib.sha256(json.dumps([mean, std]).encode()).hexdigest()[:8]
 
 
 def _normalisation(ref: ModelRef, offline: bool = False) -> tuple[tuple, tuple]:

@@ -117,13 +117,17 @@ def data_options(f):
         click.option("--channel-files", default=None, metavar="PATTERN",
                      help="One file per channel: the file-name stem pattern, e.g. '{cell}_{channel}' for "
                           "cell7_nadh.tif, cell7_fad.tif."),
+        click.option("--z", type=click.IntRange(min=0), default=None,
+                     help="The Z plane of TIFFs with a Z axis (OME-TIFF T,C,Z,Y,X); needed when they have several."),
+        click.option("--t", type=click.IntRange(min=0), default=None,
+                     help="The time point of TIFFs with a T axis; needed when they have several."),
     ]  # fmt: skip
 
     @functools.wraps(f)
     def wrapper(*args, data, **kw):
         keys = ("canvas", "fit", "views", "entropy_min", "entropy_dim", "intensity_dim",
                 "binary_threshold", "min_component_area", "channel_mode", "segment_channel",
-                "channel_files", "max_pixels")  # fmt: skip
+                "channel_files", "max_pixels", "z", "t")  # fmt: skip
         raw_channels, raw_use = kw.pop("channels"), kw.pop("use")  # an empty name (a,,b) is refused below
         channels = tuple(c.strip() for c in raw_channels.split(",")) if raw_channels else ()
         use = tuple(c.strip() for c in raw_use.split(",")) if raw_use else ()
@@ -161,7 +165,7 @@ def _prepare(data, prep, *, progress=True, ref=None, patch_size=None):
     to the model's patch size.
     """
     from tprobe.dataset import discover
-    from tprobe.preprocess import PreprocessConfig, Preprocessed, is_saved, preprocess
+    from tprobe.preprocess import PreprocessConfig, Preprocessed, is_saved, ome_defaults, preprocess
 
     patch = patch_size or (ref.patch_size if ref is not None else None)
     name = ref.name if ref is not None else "the store's model"
@@ -184,7 +188,7 @@ def _prepare(data, prep, *, progress=True, ref=None, patch_size=None):
         source = ctx.get_parameter_source("canvas") if ctx else None
         prep = fit_canvas(prep, patch, user_set=source not in (None, click.core.ParameterSource.DEFAULT))
     found = discover(data, channel_files=prep.channel_files, channels=prep.channels)
-    pre = preprocess(found, prep, progress=progress)
+    pre = preprocess(found, ome_defaults(found, prep), progress=progress)  # OME-TIFF names the channels
     for s in pre.skipped:
         click.echo(f"skipped: {s}", err=True)
     return pre
@@ -210,6 +214,12 @@ CACHE_OPTION = click.option(
     help="Cache folder of manifests and feature stores.",
 )  # fmt: skip
 OFFLINE_OPTION = click.option("--offline", is_flag=True, help="Never contact the hub; use the HF cache only.")
+NORMALIZE_OPTION = click.option(
+    "--normalize", type=click.Choice(["none", "standard", "donor-center"]), default="standard", show_default=True,
+    help="none: heads see the features as given; standard: standardised inside each training fold; "
+         "donor-center: each donor centred on its own cells' mean first (label-free; transductive for the "
+         "held-out donor), then standard.",
+)  # fmt: skip
 DEVICE_OPTION = click.option(
     "--device",
     default="auto",
@@ -238,22 +248,71 @@ def run_option(command: str):
 # ---- commands -------------------------------------------------------------------------------
 @main.command()
 @data_options
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Output folder [default: cache/<dataset>/<preprocess-hash>/].")  # fmt: skip
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Output folder [default: cache/<dataset>/<preprocess-hash>/; fields: cache/fov/<key>/].",
+)
 @CACHE_OPTION
-def preprocess(data, prep, out, cache):
+@click.option(
+    "--fov",
+    type=click.Path(path_type=Path, exists=True),
+    default=None,
+    help="Fields of view (folder laid out like --data, or a CSV/Parquet table image,mask,label[,donor]): "
+    "each labelled object becomes one cell.",
+)
+@click.option(
+    "--masks",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="[--fov] Folder of label images, same subfolders: NAME.tif pairs with NAME_masks.tif/.png, "
+    "NAME_cp_masks.png (or NAME.tif/.png) [default: the --fov folder].",
+)
+@click.option(
+    "--margin",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="[--fov] Pixels around each object's bounding box.",
+)
+@click.option(
+    "--outside",
+    type=click.Choice(["zero", "keep"]),
+    default="zero",
+    show_default=True,
+    help="[--fov] Crop pixels outside the object: zeroed, or kept (neighbours included).",
+)
+@click.option(
+    "--min-object-area",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="[--fov] Drop objects of fewer pixels (small_object).",
+)
+@click.option("--max-object-area", type=click.IntRange(min=1), default=None,
+              help="[--fov] Drop objects of more pixels (large_object) [default: no limit].")  # fmt: skip
+def preprocess(data, prep, out, cache, fov, masks, margin, outside, min_object_area, max_object_area):
     """Filter, pad and augment images; write manifest.parquet, counts and a contact sheet.
 
     \b
     Examples:
       tprobe preprocess
       tprobe preprocess --data my_plate/ --views dihedral8 --fit resize --out prep/
+      tprobe preprocess --fov fields/ --masks masks/ --margin 4 --out prep/   # then extract --data prep/
     """
     import pandas as pd
 
     from tprobe.plots import contact_sheet
 
-    pre = _prepare(data, prep)
+    if fov is None:
+        if masks is not None or margin or outside != "zero" or min_object_area != 1 or max_object_area:
+            raise TprobeError("--masks, --margin, --outside, --min-object-area and --max-object-area apply to fields "
+                              "of view: add --fov FIELDS")  # fmt: skip
+        pre = _prepare(data, prep)
+    else:
+        pre, out = _prepare_fields(data, prep, out, cache, fov, masks, margin=margin, outside=outside,
+                                   min_object_area=min_object_area, max_object_area=max_object_area)  # fmt: skip
     out = out or Path(cache) / pre.fingerprint / pre.config.hash
     manifest = pre.save(out)
     contact_sheet(pre.manifest, pre.config, out / "contact_sheet.png")
@@ -263,6 +322,27 @@ def preprocess(data, prep, out, cache):
     click.echo(f"contact sheet: {out / 'contact_sheet.png'}")
     click.echo(str(manifest))
     _finish(pre)
+
+
+def _prepare_fields(data, prep, out, cache, fov, masks, **crop):
+    """``preprocess --fov``: crops under ``OUT/crops/`` (OUT keyed by the fields' paths and options)."""
+    import dataclasses
+    import hashlib
+
+    from tprobe.fov import preprocess_fields
+
+    if data is not None:
+        raise TprobeError("--fov and --data are two inputs; give one (fields of view, or single-cell images)")
+    prep = dataclasses.replace(prep, fov=True, **crop)
+    if out is None:
+        key = f"{Path(fov).resolve()}|{Path(masks or fov).resolve()}|{prep.hash}"
+        out = Path(cache) / "fov" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    pre, warnings = preprocess_fields(fov, masks, prep, Path(out) / "crops", progress=True)
+    for line in warnings:
+        click.echo(f"warning: {line}", err=True)
+    for s in pre.skipped:
+        click.echo(f"skipped: {s}", err=True)
+    return pre, out
 
 
 @main.command()
@@ -281,11 +361,13 @@ SLURM_PARAMS = ("executor", "shards", "partition", "time", "gpus_per_task", "cpu
                 "max_running", "sbatch_option", "slurm_dir", "poll")  # fmt: skip
 
 
-def slurm_options(f):
+def slurm_options(f, *, sweep: bool = False):
+    executor_help = ("slurm: one array task per pool x head, watched; then the sweep summary." if sweep else
+                     "slurm: submit one array job of --shards tasks, watch it, return when sealed.")  # fmt: skip
     opts = [
         click.option("--executor", type=click.Choice(["local", "slurm"]), default="local", show_default=True,
-                     help="slurm: submit one array job of --shards tasks, watch it, return when sealed."),
-        click.option("--shards", type=int, default=None, help="[slurm] Array tasks (e.g. total GPUs)."),
+                     help=executor_help),
+        *([] if sweep else [click.option("--shards", type=int, default=None, help="[slurm] Array tasks (e.g. total GPUs).")]),
         click.option("--partition", default=None, help="[slurm] Partition."),
         click.option("--time", default=None, help="[slurm] Time limit per task, e.g. 2:00:00."),
         click.option("--gpus-per-task", type=int, default=None, help="[slurm] GPUs per task (1 = one shard per GPU)."),
@@ -463,20 +545,27 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--shards", type=int, default=1, show_default=True, help="Report per shard for N workers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(store, shards, as_json):
-    """Units done / pending (in total and per shard), seal state and key attributes of a store.
+@click.option("--deep", is_flag=True, help="Re-read every unit and compare it with the hash recorded when it was "
+              "written (default: check that every chunk exists with its recorded size).")  # fmt: skip
+def status(store, shards, as_json, deep):
+    """Units done / pending (in total and per shard), seal state, key attributes and integrity of a store.
+
+    Exits with status 2 when a chunk is missing, truncated or (--deep) altered.
 
     \b
     Examples:
       tprobe status cache/<dataset>/<hash>/<model>/float16-fp32-<rows>.zarr --shards 8
       tprobe status STORE --json
+      tprobe status STORE --deep
     """
     import json
 
     from tprobe.status import store_status
 
-    st = store_status(store, shards=shards)
+    st = store_status(store, shards=shards, deep=deep)
     click.echo(json.dumps(st.to_dict(), indent=2) if as_json else "\n".join(st.lines()))
+    if not st.ok:
+        raise SystemExit(2)
 
 
 def _store_patch(store) -> int | None:
@@ -559,13 +648,22 @@ def _echo_table(df, floatfmt="{:.3f}"):
     "--bootstrap", "n_boot", default=2000, show_default=True, help="Deprecated, ignored (CI: t over donors)."
 )
 @click.option("--no-final-head", is_flag=True, help="Skip refitting a head on all donors (no predict).")
+@NORMALIZE_OPTION
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @CACHE_OPTION
 @OFFLINE_OPTION
 @data_options
-def probe(model, revision, store, features, id_column, exclude, keep_columns, all_table_rows, head, pool, split,
-          test_donor, folds, tta, train_views, penalty, seed, n_boot, no_final_head, out, cache, offline, data,
-          prep):  # fmt: skip
+@functools.partial(slurm_options, sweep=True)
+@click.option("--resume", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Finish the sweep folder of an earlier --executor slurm sweep: run only its missing pool x head "
+              "tasks (as an array with --executor slurm, else here), then write its summary.")  # fmt: skip
+@click.option(
+    "--sweep-task", type=int, default=None, hidden=True, help="[array task] Run task i of --resume."
+)
+@click.pass_context
+def probe(ctx, model, revision, store, features, id_column, exclude, keep_columns, all_table_rows, head, pool, split,
+          test_donor, folds, tta, train_views, penalty, seed, n_boot, no_final_head, normalize, out, cache, offline,
+          data, prep, executor, resume, sweep_task, **slurm):  # fmt: skip
     """Train heads on cached features with donor-held-out nested CV; write run directories.
 
     Prints per-donor accuracy, balanced accuracy, average precision (beside the donor's
@@ -579,7 +677,13 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
       tprobe probe --head mlp --pool registers --split test-donor --test-donor 4
       tprobe probe --head all --pool all                      # the sweep, one table
       tprobe probe --features cellprofiler.csv --id-column FileName_NADH
+      tprobe probe --head all --pool all --executor slurm --partition cpu   # one array task per run
+      tprobe probe --resume runs/20250101-120000-sweep --executor slurm     # only its missing runs
     """
+    if resume is not None or sweep_task is not None:
+        return _probe_resume(ctx, resume, sweep_task, executor, slurm)
+    if executor == "slurm":
+        _probe_slurm_checks(features, out, slurm)
     from tprobe.heads import HEADS
     from tprobe.store import POOLS
     from tprobe.sweep import run_sweep, store_sources
@@ -607,6 +711,15 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
             _check_store_matches(store, _prepare(data, prep, progress=False, patch_size=_store_patch(store)))
         sources = store_sources(store, pools)
 
+    probe_kwargs = dict(split=split, test_donor=test_donor, n_splits=folds, tta=tta, train_views=train_views,
+                        penalty=penalty, seed=seed, n_boot=n_boot, final_head=not no_final_head,
+                        data=str(data) if data else None, normalize=normalize)  # fmt: skip
+    if executor == "slurm":
+        from tprobe.sweep import plan_sweep
+
+        sweep = plan_sweep(store, pools, heads, out=out, probe_kwargs=probe_kwargs)
+        click.echo(f"sweep folder {sweep}: one SLURM array task per pool x head", err=True)
+        return _sweep_on_slurm(sweep, slurm)
     random_seen = []
 
     def report(ev):
@@ -629,10 +742,7 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
             click.echo(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
             click.echo(f"   {ev.message}")
 
-    res = run_sweep(sources, heads, out=out, progress=report,
-                    probe_kwargs=dict(split=split, test_donor=test_donor, n_splits=folds, tta=tta,
-                                      train_views=train_views, penalty=penalty, seed=seed, n_boot=n_boot,
-                                      final_head=not no_final_head, data=str(data) if data else None))  # fmt: skip
+    res = run_sweep(sources, heads, out=out, progress=report, probe_kwargs=probe_kwargs)
     if res.is_sweep:
         click.echo("== sweep summary (mean over held-out donors)")
         _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
@@ -641,6 +751,71 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
             click.echo(f"   {RANDOM_NOTE}")
     if res.runs or res.is_sweep:
         click.echo(str(res.out))
+
+
+# ---- the probe sweep as a SLURM array (tprobe/sweep.py plan/run_task/collect, tprobe/slurm.py sweep_array) ----
+def _probe_slurm_checks(features, out, slurm):
+    """Refusals before any work: a feature table, or a value that cannot go into an sbatch script."""
+    from tprobe.slurm import script_value
+
+    if features is not None:
+        raise TprobeError("--executor slurm sweeps a feature store (--store/--model); a --features table's "
+                          "sweep is small: run it without --executor slurm")  # fmt: skip
+    script_value("--out", Path(out).absolute())
+    script_value("the working directory", Path.cwd())
+    _slurm_options(slurm)
+
+
+def _probe_resume(ctx, resume, sweep_task, executor, slurm):
+    """--resume SWEEP [--sweep-task i]: one array task, or the missing tasks here / as an array, then collect."""
+    from tprobe.sweep import SweepPlan, missing_tasks, run_task
+
+    if resume is None:
+        raise TprobeError("--sweep-task i needs --resume SWEEP (the sweep folder whose task i to run)")
+    given = [f"--{p.replace('_', '-')}" for p in ("model", "store", "features", "head", "pool", "out")
+             if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)]  # fmt: skip
+    if given:
+        raise TprobeError(f"--resume takes the sweep's own settings ({resume / 'sweep.json'}); leave out "
+                          f"{', '.join(given)}")  # fmt: skip
+    if sweep_task is not None:
+        click.echo(str(run_task(resume, sweep_task, progress=_echo_task_event)))
+        return
+    if executor == "slurm":
+        _probe_slurm_checks(None, resume, slurm)
+        return _sweep_on_slurm(resume, slurm)
+    plan = SweepPlan.load(resume)
+    for i in missing_tasks(resume, plan):
+        run_task(resume, i, progress=_echo_task_event)
+    _echo_collected(resume)
+
+
+def _echo_task_event(ev):
+    if ev.kind == "start":
+        click.echo(f"== {ev.features.name} · {ev.head}: {ev.message}")
+    elif ev.kind == "run":
+        _echo_table(ev.run.table())
+        click.echo(f"   {ev.message}")
+
+
+def _sweep_on_slurm(sweep, slurm):
+    from tprobe.slurm import sweep_array
+
+    sweep_array(sweep, options=_slurm_options(slurm), poll=slurm["poll"])
+    _echo_collected(sweep)
+
+
+def _echo_collected(sweep):
+    from tprobe.sweep import collect_sweep
+
+    res = collect_sweep(sweep)
+    for pool, why in res.skipped.items():
+        click.echo(f"skipped pool {pool}: {why}", err=True)
+    click.echo(f"== sweep summary (mean over held-out donors; {len(res.runs)} runs collected from {sweep})")
+    _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
+    click.echo(f"   run time {res.seconds:.1f} s summed over the tasks")
+    if res.random_init:
+        click.echo(f"   {RANDOM_NOTE}")
+    click.echo(str(res.out))
 
 
 def _table(path, manifest, id_column, exclude, keep_columns, all_table_rows):
@@ -730,12 +905,14 @@ def source_options(f):
               help="Train on a drawn cell's original view, or on all its views (stores only).")  # fmt: skip
 @click.option("--seed", default=0, show_default=True)
 @click.option("--jobs", default=1, show_default=True, help="Parallel (fold, repeat) fits.")
+@NORMALIZE_OPTION
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @CACHE_OPTION
 @OFFLINE_OPTION
 @data_options
 def curve(stores, models, revision, pool, features, id_column, exclude, keep_columns, all_table_rows, pixels, head,
-          shots, repeats, split, test_donor, train_views, seed, jobs, out, cache, offline, data, prep):  # fmt: skip
+          shots, repeats, split, test_donor, train_views, seed, jobs, normalize, out, cache, offline, data,
+          prep):  # fmt: skip
     """Label-efficiency curves: held-out-donor AUC against labelled cells per class, several sources.
 
     For each held-out donor, k cells per class are drawn from the training donors (a cell brings
@@ -769,7 +946,7 @@ def curve(stores, models, revision, pool, features, id_column, exclude, keep_col
             randoms.append(fs.name)
         for h in heads:
             c = LabelCurve(head=h, shots=ks, repeats=repeats, seed=seed, split=split, test_donor=test_donor,
-                           train_views=train_views, n_jobs=jobs).fit(fs)  # fmt: skip
+                           train_views=train_views, n_jobs=jobs, normalize=normalize).fit(fs)  # fmt: skip
             click.echo(
                 f"== {fs.name} · {h}: {len(fs.meta)} rows x {fs.X.shape[1]} features, {c.seconds_:.1f} s"
             )
@@ -785,7 +962,7 @@ def curve(stores, models, revision, pool, features, id_column, exclude, keep_col
     plot_curves(res, run / "curve.png", random_sources=randoms)
     write_json(run / "config.json", {"command": "curve", "heads": heads, "shots": list(ks), "repeats": repeats,
                                      "seed": seed, "split": split, "test_donor": test_donor,
-                                     "train_views": train_views, "sources": meta,
+                                     "train_views": train_views, "normalize": normalize, "sources": meta,
                                      "random_init_sources": randoms})  # fmt: skip
     click.echo("== mean ROC AUC over held-out donors [95% t-interval over donors]")
     band = band.assign(auc=[f"{m:.3f} [{lo:.3f}, {hi:.3f}]" for m, lo, hi in
@@ -876,10 +1053,13 @@ def map_(stores, models, revision, pool, features, id_column, exclude, keep_colu
     help="CSV to write [default: <run>/predictions-<images-folder>.csv].",
 )
 @click.option("--threshold", default=0.5, show_default=True, help="p_activated at or above -> activated.")
+@click.option("--masks", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="IMAGES are fields of view and this folder their label images (same pairing as preprocess "
+                   "--fov): one row per object and an overlay PNG per field in <csv>-overlays/.")  # fmt: skip
 @CACHE_OPTION
 @DEVICE_OPTION
 @OFFLINE_OPTION
-def predict(run_dir, images, out, threshold, cache, device, offline):
+def predict(run_dir, images, out, threshold, masks, cache, device, offline):
     """Label new images with a trained run: path, p_activated, label (CSV).
 
     Images that fail the quality filters are listed with the reason, not dropped.
@@ -891,15 +1071,21 @@ def predict(run_dir, images, out, threshold, cache, device, offline):
     from tprobe.predict import predict as run_predict
     from tprobe.runs import inside, safe_name
 
-    table = run_predict(run_dir, images, cache=cache, device=device, offline=offline, threshold=threshold)
     out = out or inside(run_dir, f"predictions-{safe_name(Path(images).resolve().name)}.csv")
+    overlays = Path(out).with_name(Path(out).stem + "-overlays") if masks is not None else None
+    table = run_predict(run_dir, images, cache=cache, device=device, offline=offline, threshold=threshold,
+                        masks=masks, overlays=overlays)  # fmt: skip
     table.to_csv(out, index=False)
     kept = table["kept"].sum()
     if table["model_random_init"].any():
         click.echo(RANDOM_NOTE)
-    click.echo(f"{kept} of {len(table)} images scored; {int((table['label'] == 1).sum())} activated")
+    what = "objects" if masks is not None else "images"
+    click.echo(f"{kept} of {len(table)} {what} scored; {int((table['label'] == 1).sum())} activated")
     for rec in table[~table["kept"]].itertuples():
-        click.echo(f"not scored: {rec.path}: {rec.drop_reason}", err=True)
+        where = f"{rec.field} object {rec.object}" if masks is not None else rec.path
+        click.echo(f"not scored: {where}: {rec.drop_reason}", err=True)
+    if overlays is not None:
+        click.echo(f"overlays: {overlays}")
     click.echo(str(out))
 
 
@@ -1097,7 +1283,7 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
 @click.option("--reference", default=None,
               help="Run folder name every other run is compared with (declare it before looking). Default: the "
-              "logreg probe on CLS tokens, else the frequency baseline, else the first run folder by name.")  # fmt: skip
+              "logreg probe on CLS tokens, else the frequency baseline, else the first run folder by path.")  # fmt: skip
 def report(runs_dir, out, reference):
     """Collect run directories into one table + figures: report.md, report.html, summary.parquet.
 
@@ -1132,6 +1318,11 @@ def report(runs_dir, out, reference):
         click.echo(res["paired"].drop(columns=["AUC diff per donor"]).to_string(index=False))
         click.echo(res["bound_line"])
         click.echo(TEST_NOTE)
+    if len(res["map_signal"]):
+        click.echo(
+            "== donor and batch signal within each class (tprobe map folders; chance = the class's majority rate)"
+        )
+        click.echo(res["map_signal"].to_string(index=False))
     for p in res["paths"]:
         click.echo(str(p))
 
@@ -1146,7 +1337,8 @@ def report(runs_dir, out, reference):
     help="anndata: .h5ad (obs, obsm X_<pool>, uns provenance); parquet: one list column per pooling.",
 )
 @click.argument("out", type=click.Path(path_type=Path))
-def export(store, to, out):
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (never the store or its manifest).")
+def export(store, to, out, overwrite):
     """Export a store's manifest and pooled features (cls, mean, registers, cls+mean) for other tools.
 
     \b
@@ -1156,7 +1348,7 @@ def export(store, to, out):
     """
     from tprobe.interop import export as run_export
 
-    click.echo(str(run_export(store, to, out)))
+    click.echo(str(run_export(store, to, out, overwrite=overwrite)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from joblib import Parallel, delayed
@@ -38,9 +39,8 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 
 from tprobe.errors import TprobeError
 from tprobe.evaluate import check_plan, split_plan
-from tprobe.features import FeatureSet, FeatureSource
+from tprobe.features import NORMALIZE, FeatureSet, FeatureSource, donor_center
 from tprobe.heads import HEADS, make_head
-from tprobe.plots import plain_text
 
 __all__ = ["LabelCurve", "DEFAULT_SHOTS", "curve_band", "plot_curves", "is_random_source"]
 
@@ -77,6 +77,7 @@ class LabelCurve:
     params: dict = field(default_factory=dict)
     max_dims: int | None = 2048
     n_jobs: int = 1
+    normalize: str = "standard"  # as ProbeRun.normalize: none, standard or donor-center
 
     def _validate(self):
         if self.head not in HEADS:
@@ -86,6 +87,8 @@ class LabelCurve:
                               "leave-one-donor-out or test-donor")  # fmt: skip
         if self.train_views not in ("orig", "all"):
             raise TprobeError(f"--train-views {self.train_views!r} is not orig or all")
+        if self.normalize not in NORMALIZE:
+            raise TprobeError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZE)}")
         if self.repeats < 1:
             raise TprobeError(f"--repeats {self.repeats}: need at least 1")
         for k in self.shots:
@@ -107,6 +110,8 @@ class LabelCurve:
             # data-independent, as in ProbeRun: cannot leak, keeps wide inputs (pixels, concat) cheap
             X = GaussianRandomProjection(self.max_dims, random_state=self.seed).fit(X[:1]).transform(X)
             X = X.astype(np.float32)
+        if self.normalize == "donor-center":  # fold-independent, label-free: see features.donor_center
+            X = donor_center(X, meta["donor"], (meta["view"] == "orig").to_numpy())
         jobs = [(fold, r) for fold in plan for r in range(self.repeats)]
         out = Parallel(n_jobs=self.n_jobs)(delayed(self._one)(X, meta, fold, r) for fold, r in jobs)
         self.results_ = pd.DataFrame([row for rows, _ in out for row in rows])
@@ -136,6 +141,9 @@ class LabelCurve:
         test = fold.test[is_orig[fold.test]]
         train_rows = fold.train if self.train_views == "all" else fold.train[is_orig[fold.train]]
         order = self._draw_order(meta, fold, r)
+        # the MLP without early stopping: its 15% validation split cannot be drawn from 1-2 cells per class,
+        # and one setting for every k keeps the curve's points comparable
+        params = {"clf__early_stopping": False, **self.params} if self.head == "mlp" else self.params
         rows, draws = [], []
         for k in self.shots:
             if k == "all" and r > 0:
@@ -145,7 +153,8 @@ class LabelCurve:
                 continue
             cells = np.concatenate(list(drawn.values()))
             tr = train_rows[np.isin(groups[train_rows], cells)]
-            model = make_head(self.head, seed=self.seed + r, **self.params).fit(X[tr], y[tr])
+            model = make_head(self.head, seed=self.seed + r, scale=self.normalize != "none", **params)
+            model = model.fit(X[tr], y[tr])
             p = model.predict_proba(X[test])[:, 1]
             kk = None if k == "all" else int(k)
             for donor in fold.test_donors:
@@ -217,7 +226,7 @@ def all_label(results: pd.DataFrame, source: str, head: str) -> str:
     return f"all\n(~{r['n_train_cells'].mean():.0f} cells)"  # curves written before the per-class counts
 
 
-@plain_text
+@matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
 def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_auc", random_sources=(),
                 title: str | None = None) -> Path:  # fmt: skip
     """AUC against labelled cells per class (log x), one line + 95% band per source (and head)."""

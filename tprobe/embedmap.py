@@ -30,6 +30,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from sklearn.decomposition import PCA
@@ -41,7 +42,6 @@ from sklearn.preprocessing import StandardScaler
 
 from tprobe.errors import TprobeError
 from tprobe.features import FeatureSet
-from tprobe.plots import plain_text
 
 __all__ = [
     "MapData",
@@ -250,7 +250,7 @@ def _scatter(ax, xy: np.ndarray, values, title: str, *, legend: bool, cmap="tab1
                 fontsize=6, va="top")  # fmt: skip
 
 
-@plain_text
+@matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
 def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | None = None) -> Path:
     """PCA (top) and UMAP (bottom) coloured by label, donor and batch, with the diagnostics below."""
     import matplotlib
@@ -282,7 +282,8 @@ def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | 
         v = p.get(t)
         if not v or v["accuracy"] is None:
             return f"{t}: –"
-        return f"{t}: accuracy {v['accuracy']:.2f} (chance {v['chance']:.2f}, skill {v['skill']:.2f})"
+        given = f", {v['chance_given_class']:.2f} from the class alone" if "chance_given_class" in v else ""
+        return f"{t}: accuracy {v['accuracy']:.2f} (chance {v['chance']:.2f}{given}, skill {v['skill']:.2f})"
 
     def fmt_within(t, w):
         sk = "–" if w["skill"] is None else f"{w['skill']:.2f}"

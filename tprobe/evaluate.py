@@ -218,7 +218,8 @@ def donor_metrics(pred: pd.DataFrame, threshold: float = THRESHOLD) -> pd.DataFr
             "f1": f1_score(y, yhat, zero_division=0.0),
             "brier": brier_score(y, p), "ece": expected_calibration_error(y, p),
             "tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp),
-            "note": "" if two else "single-class donor: AUC, AP and balanced accuracy undefined (NaN)",
+            "note": "" if two else "single-class donor: AUC, AP and balanced accuracy undefined (NaN); "
+                                   "left out of every mean",
         })  # fmt: skip
     return pd.DataFrame(rows)
 

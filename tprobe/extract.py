@@ -30,10 +30,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tprobe import __version__
-from tprobe.backbones import Backbone, ModelRef, pick_device
+from tprobe.backbones import Backbone, ModelRef, normalisation, normalisation_tag, pick_device
 from tprobe.errors import TprobeError
 from tprobe.preprocess import PreprocessConfig, Preprocessed, apply_view, load_canvas
-from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, manifest_path, rows_hash
+from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, manifest_hash, manifest_path, rows_hash
 
 __all__ = ["ExtractResult", "StageTimes", "extract", "store_dir", "store_path", "store_name", "manifest_path",
            "find_store", "resolve_precision", "estimate_bytes", "DEFAULT_CACHE", "PRECISIONS"]  # fmt: skip
@@ -61,25 +61,34 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def store_name(pre: Preprocessed, *, dtype: str = "float16", precision: str = "fp32", fmt: str = "zarr",
-               tokens=TOKENS) -> str:  # fmt: skip
-    """``<dtype>-<precision>-<rows-hash>[-<tokens>].zarr|.h5``: all that keys a store beyond its folder."""
+               tokens=TOKENS, norm: tuple | None = None) -> str:  # fmt: skip
+    """``<dtype>-<precision>-<rows-hash>[-<tokens>][-n<norm>].zarr|.h5``: all that keys a store beyond its folder.
+
+    ``norm`` (the model's input mean, std) adds ``-n<hash>`` unless it is ImageNet's
+    (:func:`~tprobe.backbones.normalisation_tag`); the rest of what changes pixel values (canvas,
+    resize, channel mapping) is in the preprocessing hash of the folder.
+    """
     if fmt not in FORMATS:
         raise TprobeError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
     part = "" if set(tokens) == set(TOKENS) else "-" + "+".join(t for t in TOKENS if t in tokens)
+    part += normalisation_tag(*norm) if norm else ""
     return f"{dtype}-{precision}-{rows_hash(pre.kept['image_id'])[:8]}{part}{FORMATS[fmt]}"
 
 
 def store_path(cache, pre: Preprocessed, ref: ModelRef, dtype="float16", fmt="zarr", precision="fp32",
-               tokens=TOKENS) -> Path:  # fmt: skip
+               tokens=TOKENS, norm: tuple | None = None) -> Path:  # fmt: skip
+    """The store's path; ``norm`` defaults to the normalisation ``ref``'s files give (read offline)."""
+    norm = norm or normalisation(ref, offline=True)
     return store_dir(cache, pre, ref) / store_name(
-        pre, dtype=dtype, precision=precision, fmt=fmt, tokens=tokens
+        pre, dtype=dtype, precision=precision, fmt=fmt, tokens=tokens, norm=norm
     )
 
 
 def find_store(cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None, precision=None) -> Path:
     """The complete store for this data, preprocessing, row order and model; error naming the fix if none."""
+    norm = normalisation(ref, offline=True)
     candidates = [
-        store_path(cache, pre, ref, d, f, p)
+        store_path(cache, pre, ref, d, f, p, norm=norm)
         for d in ([dtype] if dtype else ["float16", "float32"])
         for p in ([precision] if precision else ["fp32", "bf16", "fp16"])
         for f in ([fmt] if fmt else list(FORMATS))
@@ -232,14 +241,19 @@ def extract(
     dev = model.device if isinstance(model, Backbone) else pick_device(device)
     precision = resolve_precision(precision, dev)
     tokens = tuple(t for t in TOKENS if t in tokens)
-    path = store_path(cache, pre, ref, dtype, fmt, precision, tokens)
+    norm = (model.mean, model.std) if isinstance(model, Backbone) else normalisation(ref, offline)
+    path = store_path(cache, pre, ref, dtype, fmt, precision, tokens, norm=norm)
     kept = pre.kept
     if path.exists() and not path.with_name(path.name + ".progress").exists():
+        FeatureStore.open(path)  # removes what killed workers left beside it; refuses a missing chunk
+        _write_manifest(manifest_path(path), kept)  # restores an edited or deleted manifest
         return ExtractResult(path, "up to date", len(kept))
     if isinstance(model, Backbone):
         backbone = model
     else:
         backbone = Backbone.from_pretrained(ref, device=str(dev), offline=offline)
+        if (backbone.mean, backbone.std) != norm:
+            raise TprobeError(f"model {ref.name}: its preprocessor_config.json changed while loading; rerun")
     layout = backbone.layout(pre.config.canvas)
     channels = pre.config.per_channel  # a channel axis in per-channel mode
     if check_disk and not path.with_name(path.name + ".progress").exists():
@@ -406,15 +420,21 @@ def _attrs(pre: Preprocessed, backbone: Backbone, layout, dtype: str, precision:
         "preprocess_hash": pre.config.hash,
         **(channels if pre.config.channels else {}),  # a one-channel store keeps tprobe 0.2's attributes
         "dataset_fingerprint": pre.fingerprint,
+        "manifest_hash": manifest_hash(
+            pre.kept
+        ),  # rows, labels, donors: checked on every read of the manifest
         "tprobe_version": __version__,
     }
 
 
 def _write_manifest(path: Path, kept: pd.DataFrame) -> None:
-    """Write the store's own manifest (atomically); an existing one must list the same rows."""
+    """Write the store's own manifest (atomically), unless one with the same rows, labels and donors is there."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
-        old = pd.read_parquet(path, columns=["image_id"])["image_id"].tolist()
-        if old == kept["image_id"].tolist():
+        try:
+            old = pd.read_parquet(path, columns=["image_id", "label", "donor"])
+        except (OSError, ValueError, KeyError):
+            old = None
+        if old is not None and manifest_hash(old) == manifest_hash(kept):
             return
     _atomic_write(path, lambda p: kept.assign(row=np.arange(len(kept))).to_parquet(p, index=False))

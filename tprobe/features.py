@@ -48,6 +48,8 @@ __all__ = [
     "table_note",
     "read_table",
     "CLASS_NAMES",
+    "NORMALIZE",
+    "donor_center",
 ]
 
 META = ["image_id", "path", "label", "donor", "group", "view"]
@@ -59,6 +61,9 @@ _IDENTIFIER = re.compile(
 )
 _POSITION = re.compile(r"location|center|centroid|boundingbox|_[xyz]$", re.IGNORECASE)
 CLASS_NAMES = {1: "activated", 0: "quiescent"}
+# --normalize: none (each head sees the features as given), standard (the head's in-fold
+# standardisation; the default), donor-center (each donor centred on its own mean, then standard)
+NORMALIZE = ("none", "standard", "donor-center")
 
 
 @dataclass
@@ -89,6 +94,8 @@ class FeatureSource:
     unused_rows: dict | None = None  # table rows not scored: {"filtered": {class: n}, "no_image": n}
     all_rows: bool | None = None  # --all-table-rows: rows of images the quality filters removed scored too
     canvas: int | None = None
+    image_mean: list | None = None  # the model's input normalisation (store key; predict checks it)
+    image_std: list | None = None
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -128,7 +135,7 @@ def verified_manifest(store: FeatureStore, manifest: pd.DataFrame | None = None)
     """The manifest of ``store``'s rows, row identity verified.
 
     ``manifest`` defaults to the store's own (``<store>.manifest.parquet``); any manifest given must
-    list exactly the store's rows, in order, or this raises.
+    list exactly the store's rows, in order, with the labels and donors it was extracted with, or this raises.
     """
     from tprobe.store import manifest_path  # not tprobe.extract: importing it loads torch (~1 s)
 
@@ -138,7 +145,7 @@ def verified_manifest(store: FeatureStore, manifest: pd.DataFrame | None = None)
         if not mpath.exists():
             raise TprobeError(f"{store.path}: its manifest {mpath.name} is missing; re-extract the store")
         manifest, source_name = pd.read_parquet(mpath), mpath.name
-    store.verify_rows(manifest["image_id"].tolist(), source_name)
+    store.verify_manifest(manifest, source_name)
     return manifest
 
 
@@ -151,7 +158,7 @@ def store_source(store: FeatureStore, pool: str) -> FeatureSource:
         resolved_revision=a.get("resolved_revision"), random_init=bool(a.get("model_random_init", False)),
         precision=a.get("precision"), dtype=a.get("dtype"), format=store.format, rows_hash=a.get("rows_hash"),
         preprocess=a.get("preprocess"), preprocess_hash=a.get("preprocess_hash"),
-        dataset_fingerprint=a.get("dataset_fingerprint"),
+        dataset_fingerprint=a.get("dataset_fingerprint"), image_mean=a.get("image_mean"), image_std=a.get("image_std"),
     )  # fmt: skip
 
 
@@ -335,7 +342,7 @@ def table_note(source: FeatureSource) -> list[str]:
     if dropped:
         kinds = sorted({why.split(";")[0].split(" (")[0] for why in dropped.values()})
         lines.append(f"{source.name}: {len(source.columns or [])} feature columns; {len(dropped)} column(s) dropped "
-                     f"({', '.join(kinds)}), each named with its reason in the run record")  # fmt: skip
+                     f"({', '.join(kinds)}); each with its reason in features.dropped_columns")  # fmt: skip
     unused = source.unused_rows or {}
     filtered = unused.get("filtered") or {}
     n_filtered, no_image = sum(filtered.values()), unused.get("no_image", 0)
@@ -346,3 +353,27 @@ def table_note(source: FeatureSource) -> list[str]:
         parts += [f"{no_image} name no image of the data"] if no_image else []
         lines.append(f"{source.name}: {n_filtered + no_image} table rows unused: {'; '.join(parts)}")
     return lines
+
+
+def donor_center(X: np.ndarray, donors, rows: np.ndarray | None = None) -> np.ndarray:
+    """Each row minus the mean of its own donor's rows (``--normalize donor-center``).
+
+    ``rows`` (a boolean mask, e.g. the original views) selects the rows each donor's mean is taken
+    over; every row of the donor is centred on it. The result for a donor's rows depends on that
+    donor's rows alone and on no label, so it cannot carry information across a donor-held-out
+    split: a donor is never on both sides of a fold, hence centring once before the splits gives
+    exactly what centring inside every fold would (each training donor on its own mean, the held-out
+    donor on its own). Label-free is not free of assumptions: the held-out donor is centred on its
+    own cells, which is transductive (all of a new donor's cells must be at hand, unlabelled, before
+    any is scored), and a donor's mean moves with its class mix, so part of the activation signal is
+    subtracted from donors with many activated cells.
+    """
+    X = np.asarray(X)
+    donors = np.asarray(donors).astype(str)
+    use = np.ones(len(X), bool) if rows is None else np.asarray(rows, bool)
+    out = np.empty(X.shape, np.float32)
+    for d in np.unique(donors):
+        mine = donors == d
+        base = mine & use if (mine & use).any() else mine
+        out[mine] = X[mine] - X[base].mean(axis=0, dtype=np.float64).astype(np.float32)
+    return out

@@ -204,14 +204,17 @@ class PrototypeHead(ClassifierMixin, BaseEstimator):
 
 
 def make_head(name: str, *, seed: int = 0, class_weight: str | None = "balanced",
-              penalty: str = "l2", n_jobs: int = 1,
+              penalty: str = "l2", n_jobs: int = 1, scale: bool = True,
               **params) -> Pipeline:  # fmt: skip
-    """A fresh unfitted head: standardise (a step fitted on the training rows only), then the classifier."""
+    """A fresh unfitted head: standardise (a step fitted on the training rows only), then the classifier.
+
+    ``scale=False`` (``--normalize none``) leaves out the standardisation: the classifier sees the
+    features as given."""
     if name not in HEADS:
         raise TprobeError(f"head {name!r} is not one of {', '.join(HEADS)}")
     if penalty not in ("l1", "l2"):
         raise TprobeError(f"penalty {penalty!r} is not l1 or l2")
-    steps = [("scale", StandardScaler())]
+    steps = [("scale", StandardScaler())] if scale else []
     if name == "knn":
         clf = KNNHead()
     elif name == "prototype":

@@ -81,23 +81,82 @@ def _unreadable(path: Path, exc: BaseException) -> TprobeError:
     )
 
 
-def _read_tiff(path: Path, max_pixels: int | None) -> tuple[np.ndarray, str]:
-    """A TIFF's first series and its axes, its declared size checked before it is decoded."""
+def _read_tiff(
+    path: Path, max_pixels: int | None, z: int | None = None, t: int | None = None
+) -> tuple[np.ndarray, str]:
+    """A TIFF's first series and its axes, its declared size checked before it is decoded.
+
+    A series with a Z or T axis longer than one (an OME-TIFF's (T, C, Z, Y, X)) keeps the plane ``z`` /
+    ``t`` chosen (``--z`` / ``--t``); one not chosen is refused in one line. An axis the file lacks
+    ignores the choice.
+    """
     check_regular(path)
     try:
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             _check_pixels(path, series.shape, max_pixels)
-            return series.asarray(), series.axes
+            arr, axes = series.asarray(), series.axes
     except (OSError, ValueError, IndexError, MemoryError, tifffile.TiffFileError) as exc:
         if isinstance(exc, TprobeError):
             raise
         raise _unreadable(path, exc) from None
+    for axis, choice in (("T", t), ("Z", z)):
+        if axis not in axes:
+            continue
+        i, n = axes.index(axis), arr.shape[axes.index(axis)]
+        option = f"--{axis.lower()}"
+        if choice is None and n > 1:
+            raise ChannelError(f"{path}: the TIFF's axes are {axes} and its {n} planes are {axis}, not channels (shape "
+                               f"{arr.shape}, axes {axes}); choose one with {option} N (0..{n - 1}), or save one "
+                               "plane per file")  # fmt: skip
+        if choice is not None and not 0 <= choice < n:
+            raise ChannelError(
+                f"{path}: {option} {choice} is out of range; the file has {n} {axis} planes (0..{n - 1})"
+            )
+        arr, axes = np.take(arr, choice or 0, axis=i), axes.replace(axis, "")
+    return arr, axes
 
 
-def _read_raw(path: Path, max_pixels: int | None = None) -> np.ndarray:
+def ome_info(path: str | Path) -> dict | None:
+    """An OME-TIFF's channel names, axes and physical pixel size, read from its OME-XML; None for other files.
+
+    Returns ``{"channels": (names...), "axes": "TCZYX"-like, "pixel_size_y": float | None,
+    "pixel_size_x": float | None, "pixel_size_unit": str}``; channel names are () when the file names
+    none (or not every channel). Only the XML is parsed; nothing in it is executed.
+    """
+    import xml.etree.ElementTree as ET
+
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    check_regular(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.is_ome:
+                return None
+            xml, axes = tif.ome_metadata, tif.series[0].axes
+            root = ET.fromstring(xml)
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError, ET.ParseError) as exc:
+        raise TprobeError(f"{path}: OME-XML cannot be read ({type(exc).__name__}); replace the file or save it "
+                          "as a plain TIFF") from None  # fmt: skip
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    names = [c.get("Name") for c in pixels if c.tag.rsplit("}", 1)[-1] == "Channel"]
+    size = {}
+    for a in ("X", "Y"):
+        value = pixels.get(f"PhysicalSize{a}")
+        size[a] = float(value) if value not in (None, "") else None
+    unit = pixels.get("PhysicalSizeXUnit") or ("µm" if size["X"] is not None else "")
+    return {"channels": tuple(names) if names and all(names) else (), "axes": axes,
+            "pixel_size_y": size["Y"], "pixel_size_x": size["X"], "pixel_size_unit": unit}  # fmt: skip
+
+
+def _read_raw(
+    path: Path, max_pixels: int | None = None, z: int | None = None, t: int | None = None
+) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
-        return _read_tiff(path, max_pixels)[0]
+        return _read_tiff(path, max_pixels, z, t)[0]
     check_regular(path)
     try:
         with warnings.catch_warnings():
@@ -118,7 +177,12 @@ def _read_raw(path: Path, max_pixels: int | None = None) -> np.ndarray:
 
 
 def read_image(
-    path: str | Path, *, max_value: float | None = None, max_pixels: int | None = None
+    path: str | Path,
+    *,
+    max_value: float | None = None,
+    max_pixels: int | None = None,
+    z: int | None = None,
+    t: int | None = None,
 ) -> np.ndarray:
     """Read a greyscale image as a float32 (H, W) array on the 0..255 scale.
 
@@ -127,14 +191,20 @@ def read_image(
     but a regular file.
     """
     path = Path(path)
-    arr = _to_grey(_read_raw(path, max_pixels), path)
+    arr = _to_grey(_read_raw(path, max_pixels, z, t), path)
     if arr.size == 0 or min(arr.shape) == 0:
         raise TprobeError(f"{path}: image has zero size; delete the file")
     return _to_8bit_scale(arr, path, max_value)
 
 
 def read_channels(
-    path: str | Path, channels, *, max_value=None, max_pixels: int | None = None
+    path: str | Path,
+    channels,
+    *,
+    max_value=None,
+    max_pixels: int | None = None,
+    z: int | None = None,
+    t: int | None = None,
 ) -> tuple[np.ndarray, str]:
     """Read every named channel of one cell: float32 (C, H, W) on the 0..255 scale, and the raw pixel type.
 
@@ -154,7 +224,7 @@ def read_channels(
             if not file.exists():  # a FIFO or device exists: refused, as one file, when it is read
                 raise ChannelError(f"{file}: missing (channel {name} of this cell); add the file or remove the "
                                    "cell's other channel files")  # fmt: skip
-            arr = _to_grey(_read_raw(file, max_pixels), file)
+            arr = _to_grey(_read_raw(file, max_pixels, z, t), file)
             if planes and arr.shape != planes[0].shape:
                 raise ChannelError(f"{file}: {arr.shape[0]}x{arr.shape[1]} px, but channel {channels[0]} is "
                                   f"{planes[0].shape[0]}x{planes[0].shape[1]} px; save every channel of a cell at one size")  # fmt: skip
@@ -167,7 +237,7 @@ def read_channels(
         where = Path(path.replace(CHANNEL, channels[0]))
     else:
         where = Path(path)
-        arr, axes = _read_stack(where, max_pixels)
+        arr, axes = _read_stack(where, max_pixels, z, t)
         stack = _channels_first(arr, axes, len(channels), where, channels)
     if stack.size == 0 or min(stack.shape) == 0:
         raise TprobeError(f"{where}: image has zero size; delete the file")
@@ -178,7 +248,9 @@ def read_channels(
     return np.stack(scaled), str(stack.dtype)
 
 
-def _read_stack(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+def _read_stack(
+    path: Path, max_pixels: int | None = None, z: int | None = None, t: int | None = None
+) -> tuple[np.ndarray, str]:
     """A stack and its axes, as the file itself says: a TIFF's axes (``C`` channels, ``S`` samples,
     ``YXS`` = interleaved, ``Z``/``T`` = planes that are not channels), a PNG's colour samples
     (``YXS``). Never guessed from the shape, which is ambiguous when a side equals the channel count."""
@@ -187,7 +259,7 @@ def _read_stack(path: Path, max_pixels: int | None = None) -> tuple[np.ndarray, 
         if arr.ndim == 3 and arr.shape[-1] == 4 and np.all(arr[..., 3] == np.iinfo(arr.dtype).max):
             arr = arr[..., :3]  # RGBA with an opaque alpha: three channels
         return arr, "YXS" if arr.ndim == 3 else "YX"
-    arr, axes = _read_tiff(path, max_pixels)
+    arr, axes = _read_tiff(path, max_pixels, z, t)
     keep = [i for i, n in enumerate(arr.shape) if n != 1 or axes[i] in "YX"]  # drop length-1 axes (T, Z, ...)
     return arr.reshape([arr.shape[i] for i in keep]), "".join(axes[i] for i in keep)
 

@@ -19,6 +19,7 @@ store's ``row_ids``) as the per-row table, and one matrix per pooling the store 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from tprobe.store import FeatureStore
 from tprobe.tokens import POOL_NEEDS
 
 __all__ = ["EXPORT_FORMATS", "pools_of", "obsm_key", "store_table", "export_anndata", "export_parquet",
-           "export"]  # fmt: skip
+           "export", "check_target"]  # fmt: skip
 EXPORT_FORMATS = ("anndata", "parquet")
 EXPORT_POOLS = ("cls", "mean", "registers", "cls+mean")
 
@@ -54,13 +55,61 @@ def store_table(path: str | Path) -> tuple[FeatureStore, pd.DataFrame, dict[str,
     if not mpath.exists():
         raise TprobeError(f"{path}: its manifest {mpath.name} is missing; re-extract the store")
     manifest = pd.read_parquet(mpath)
-    store.verify_rows(manifest["image_id"].tolist(), mpath.name)
+    store.verify_manifest(manifest, mpath.name)
     pools = pools_of(store)
     if not pools:
         raise TprobeError(
             f"{path}: holds {', '.join(store.shapes)} tokens, from which no pooling can be made"
         )
     return store, manifest.reset_index(drop=True), {p: store.pooled(p) for p in pools}
+
+
+def check_target(store: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Refuse an export target that is the store, a file of the store (its manifest, progress folder),
+    a folder, or (without ``overwrite``) any existing file; links are followed."""
+    from tprobe.extract import manifest_path
+
+    out, store = Path(out), Path(store)
+    real = out.resolve()
+    own = [store, manifest_path(store), store.with_name(store.name + ".progress")]
+    for p in own:
+        rp = p.resolve()
+        same = (
+            real == rp
+            or real.is_relative_to(rp)
+            or (out.exists() and p.exists() and os.path.samefile(out, p))
+        )
+        if same:
+            what = "the store itself" if p == store else f"the store's {p.name[len(store.name) + 1 :]}"
+            raise TprobeError(f"{out}: is {what} ({store}); export to another path")
+    if out.is_dir():
+        raise TprobeError(f"{out}: is a folder; give a file path such as {out / 'cells.h5ad'}")
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise TprobeError(f"{out}: already exists; pass --overwrite to replace it, or choose another path")
+    return out
+
+
+def _write_target(out: Path, write) -> None:
+    """Write ``out`` through a private temp file beside it (fsynced, renamed into place); on any failure
+    the temp file is removed, and an unwritable target is one line."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+        fd = os.open(out.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise TprobeError(f"{out}: cannot be written ({exc.strerror or type(exc).__name__}); choose a writable "
+                          "file path") from None  # fmt: skip
+    finally:
+        if tmp.is_file():
+            tmp.unlink()
 
 
 def _provenance(store: FeatureStore, path, pools) -> dict:
@@ -123,15 +172,15 @@ def _value(group, name: str, value) -> None:
         _value(group, name, json.dumps(value))
 
 
-def export_anndata(path: str | Path, out: str | Path) -> Path:
-    """Write the store as an AnnData ``.h5ad``: obs = manifest, obsm = each pooling, uns = provenance."""
+def export_anndata(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the store as an AnnData ``.h5ad``: obs = manifest, obsm = each pooling, uns = provenance.
+
+    An existing ``out`` is replaced only with ``overwrite``; the store and its manifest never.
+    """
     import h5py
 
-    from tprobe.store import _atomic_write
-
+    out = check_target(path, out, overwrite=overwrite)
     store, manifest, X = store_table(path)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     index = manifest["image_id"].astype(str).tolist()
 
     def write(tmp: Path) -> None:
@@ -147,18 +196,20 @@ def export_anndata(path: str | Path, out: str | Path) -> Path:
             uns = _enc(f.create_group("uns"), "dict", "0.1.0")
             _value(uns, "tprobe", _provenance(store, path, X))
 
-    _atomic_write(out, write)
+    _write_target(out, write)
     return out
 
 
 # ---- Parquet ----------------------------------------------------------------------------------------
-def export_parquet(path: str | Path, out: str | Path) -> Path:
-    """Write the manifest plus one fixed-size-list float32 column per pooling; provenance in the metadata."""
+def export_parquet(path: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the manifest plus one fixed-size-list float32 column per pooling; provenance in the metadata.
+
+    An existing ``out`` is replaced only with ``overwrite``; the store and its manifest never.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tprobe.store import _atomic_write
-
+    out = check_target(path, out, overwrite=overwrite)
     store, manifest, X = store_table(path)
     table = pa.Table.from_pandas(manifest, preserve_index=False)
     for pool, x in X.items():
@@ -167,14 +218,12 @@ def export_parquet(path: str | Path, out: str | Path) -> Path:
         table = table.append_column(obsm_key(pool), col)
     meta = {**(table.schema.metadata or {}), b"tprobe": json.dumps(_provenance(store, path, X)).encode()}
     table = table.replace_schema_metadata(meta)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, lambda p: pq.write_table(table, p))
+    _write_target(out, lambda p: pq.write_table(table, p))
     return out
 
 
-def export(path: str | Path, to: str, out: str | Path) -> Path:
-    """``to`` = ``anndata`` (``.h5ad``) or ``parquet``."""
+def export(path: str | Path, to: str, out: str | Path, *, overwrite: bool = False) -> Path:
+    """``to`` = ``anndata`` (``.h5ad``) or ``parquet``; an existing ``out`` is replaced only with ``overwrite``."""
     if to not in EXPORT_FORMATS:
         raise TprobeError(f"--to {to!r} is not one of {', '.join(EXPORT_FORMATS)}")
-    return (export_anndata if to == "anndata" else export_parquet)(path, out)
+    return (export_anndata if to == "anndata" else export_parquet)(path, out, overwrite=overwrite)

@@ -146,7 +146,7 @@ def reliability_diagram(predictions: pd.DataFrame, out: str | Path, *, title: st
             label=f"all donors (Brier {brier_score(y, p):.3f}, ECE {expected_calibration_error(y, p):.3f})")  # fmt: skip
     ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="activated fraction in bin")
     head = f"Reliability: {title}" if title else "Reliability of out-of-fold predictions"
-    ax.set_title("\n".join(textwrap.wrap(head, 56)) + f"\n{ECE_BINS} equal-width bins; held-out donors only",
+    ax.set_title("\n".join(textwrap.wrap(head, 56, break_on_hyphens=False)) + f"\n{ECE_BINS} equal-width bins; held-out donors only",
                  fontsize=8)  # fmt: skip
     ax.legend(fontsize=6, loc="upper left")
     hx.bar((t["low"] + t["high"]) / 2, t["n"], width=1 / ECE_BINS * 0.9, color="grey")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from tprobe.backbones import resolve_model
+from tprobe.backbones import normalisation, resolve_model
 from tprobe.dataset import discover_unlabelled
 from tprobe.errors import TprobeError
 from tprobe.extract import DEFAULT_CACHE, extract
@@ -40,11 +41,18 @@ def resolve_run(run: str | Path) -> Path:
 
 
 def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CACHE, device: str = "auto",
-            offline: bool = False, threshold: float = 0.5) -> pd.DataFrame:  # fmt: skip
+            offline: bool = False, threshold: float = 0.5, masks: str | Path | None = None,
+            overlays: str | Path | None = None) -> pd.DataFrame:  # fmt: skip
     """One row per input image: ``path, p_activated, label, label_name, kept, drop_reason``.
 
     Images that fail the run's quality filters keep their row, with no probability and the reason.
     The model must be the one the run was trained on (same resolved snapshot or content hash).
+
+    With ``masks`` (a folder of label images, :mod:`tprobe.fov`'s pairing rule), ``data`` holds fields
+    of view: one row per object, with ``field, object, area, centroid_y/x, bbox_*`` (objects dropped
+    by the crop rules keep their row and reason), and with ``overlays`` a PNG per field there of the
+    object outlines coloured by P(activated). The crops follow the run's crop options (margin,
+    outside, areas) when it was trained on fields, else the defaults.
     """
     run = resolve_run(run)
     record = RunRecord.load(run)
@@ -54,7 +62,23 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
                           "images and score them with tprobe.probe.load_head(run)")  # fmt: skip
     head = load_head(run)
     config = record.preprocess_config()
-    found = discover_unlabelled(data, channel_files=config.channel_files, channels=config.channels)
+    dropped, cols = [], ["path"]
+    if masks is None:
+        found = discover_unlabelled(data, channel_files=config.channel_files, channels=config.channels)
+    else:
+        found, dropped, config = _crops(data, masks, config, cache)
+        cols = [
+            "field",
+            "mask",
+            "object",
+            "area",
+            "centroid_y",
+            "centroid_x",
+            "bbox_y0",
+            "bbox_x0",
+            "bbox_y1",
+            "bbox_x1",
+        ]
     pre = preprocess(found, config, each_file=True)  # every input keeps its row, out-of-range ones too
     source = src.model_source or src.model
     if not source:
@@ -63,13 +87,23 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     if ref.resolved != src.resolved_revision:
         raise TprobeError(f"model {source} has changed since run {run.name} "
                           f"({ref.resolved[:12]} != {str(src.resolved_revision)[:12]}); retrain the probe")  # fmt: skip
-    out = pre.manifest[pre.manifest["view"] == "orig"][["path", "kept", "drop_reason", "source_id"]]
-    out = out.assign(p_activated=float("nan"))
+    _check_normalisation(run, src, ref, source, offline)
+    out = pre.manifest[pre.manifest["view"] == "orig"]
+    out = pd.concat([out, pd.DataFrame(dropped)], ignore_index=True) if dropped else out
+    out = out[[*cols, "kept", "drop_reason", "source_id"]].assign(p_activated=float("nan"))
     if pre.manifest["kept"].any():
         res = extract(pre, ref, cache=cache, fmt=src.format or "zarr", dtype=src.dtype or "float16",
                       precision=src.precision or "auto", device=device, offline=offline)  # fmt: skip
         fs = from_store(res.path, src.pool)
-        scored = fs.meta.assign(p=head.predict_proba(fs.X)[:, 1])
+        X = fs.X
+        if record.options.get("normalize") == "donor-center":  # as in training: each donor on its own mean
+            from tprobe.features import donor_center
+
+            log.warning("run %s centres each donor's features on that donor's own mean: the new images are "
+                        "centred per donor (from their folder names, else all together) on their own cells, "
+                        "so each score depends on the other images scored with it", run.name)  # fmt: skip
+            X = donor_center(X, fs.meta["donor"], (fs.meta["view"] == "orig").to_numpy())
+        scored = fs.meta.assign(p=head.predict_proba(X)[:, 1])
         if record.options.get("tta"):
             scored["p"] = scored.groupby("group")["p"].transform("mean")
         p = scored[scored["view"] == "orig"].set_index("group")["p"]
@@ -77,6 +111,67 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     out["label"] = (out["p_activated"] >= threshold).astype("Int64").where(out["kept"])
     out["label_name"] = out["label"].map({1: "activated", 0: "quiescent"})
     out["model_random_init"] = record.random_weights  # True: a plumbing check, not a result
-    return out.drop(columns="source_id").reset_index(drop=True)[
-        ["path", "p_activated", "label", "label_name", "kept", "drop_reason", "model_random_init"]
-    ]
+    out = out.drop(columns="source_id").reset_index(drop=True)
+    if masks is not None:
+        out = out.sort_values(["field", "object"], kind="stable").reset_index(drop=True)
+        if overlays is not None:
+            _overlays(out, config, Path(overlays), record.random_weights)
+    return out[[*cols, "p_activated", "label", "label_name", "kept", "drop_reason", "model_random_init"]]
+
+
+def _crops(data, masks, config, cache):
+    """Fields + masks -> the crops' dataset (under the cache, keyed by the fields and the crop options),
+    the dropped objects' rows and the config with ``fov`` set."""
+    import hashlib
+    from dataclasses import replace
+
+    from tprobe.fov import crop_fields, discover_fields
+
+    fields = discover_fields(data, masks, labelled=False)
+    config = replace(config, fov=True)
+    key = f"{Path(data).resolve()}|{Path(masks).resolve()}|{config.hash}"
+    crops = Path(cache) / "fov-predict" / hashlib.sha256(key.encode()).hexdigest()[:12] / "crops"
+    found, dropped, warnings = crop_fields(fields, config, crops)
+    for line in warnings:
+        log.warning("warning: %s", line)
+    return found, dropped, config
+
+
+def _overlays(out: pd.DataFrame, config, folder: Path, random_weights: bool) -> None:
+    """One PNG per field under ``folder``, named after its path below the fields' common folder
+    (``donor_1-activated-field0.png``)."""
+    import os
+
+    from tprobe.fov import draw_overlay
+
+    fields = sorted(set(map(str, out["field"])))
+    top = os.path.commonpath([os.path.dirname(f) for f in fields]) if fields else ""
+    for field, rows in out.groupby("field", sort=True):
+        p = dict(zip(rows["object"], rows["p_activated"], strict=True))
+        rel = os.path.relpath(str(field), top) if top else Path(str(field)).name  # donor_1/activated/f.tif
+        stem = rel[: -len(".ome.tif")] if rel.lower().endswith(".ome.tif") else str(Path(rel).with_suffix(""))
+        stem = stem.replace(os.sep, "-")
+        draw_overlay(
+            field, rows["mask"].iloc[0], p, config, folder / f"{stem}.png", random_weights=random_weights
+        )
+
+
+def _check_normalisation(run: Path, src, ref, source: str, offline: bool) -> None:
+    """The model must normalise its input as it did for the run's store (its preprocessor_config.json mean/std)."""
+    recorded = (src.image_mean, src.image_std)
+    if recorded[0] is None and src.store:  # runs saved before the run recorded it: the store's attributes
+        try:
+            from tprobe.store import FeatureStore
+
+            attrs = FeatureStore.open(src.store, check=False).attrs
+            recorded = (attrs.get("image_mean"), attrs.get("image_std"))
+        except TprobeError:
+            pass
+    if recorded[0] is None or recorded[1] is None:
+        log.warning("%s records no input normalisation (and its store is gone): not checked", run)
+        return
+    mean, std = normalisation(ref, offline)
+    if not (np.allclose(mean, recorded[0]) and np.allclose(std, recorded[1])):
+        raise TprobeError(f"model {source}: its input normalisation (mean {list(mean)}, std {list(std)}) differs from "
+                          f"the one run {run.name} was trained with (mean {list(recorded[0])}, std {list(recorded[1])}); "
+                          "restore its preprocessor_config.json or retrain the probe")  # fmt: skip

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,7 @@ from tprobe.images import (
     UnsupportedPixels,
     bit_depth,
     check_regular,
+    ome_info,
     read_channels,
     read_image,
 )  # fmt: skip
@@ -57,6 +58,7 @@ from tprobe.images import (
 __all__ = [
     "PreprocessConfig", "Preprocessed", "preprocess", "load_view", "load_canvas", "read_cell", "apply_view",
     "pad_to_canvas", "measure", "VIEW_SETS", "PREPROCESS_VERSION", "CHANNEL_MODES", "is_saved",
+    "ome_defaults", "FOV_DROPS",
 ]  # fmt: skip
 
 PREPROCESS_VERSION = 1  # bump when the algorithm changes, so old caches are not reused
@@ -67,10 +69,14 @@ VIEW_SETS = {
 }
 FIT_MODES = ("pad", "resize", "fill")
 DROP_ORDER = ("unreadable", "duplicate", "dim", "multi_cell", "too_large")
+FOV_DROPS = ("touches_border", "small_object", "large_object")  # objects of a field of view (tprobe.fov)
+OUTSIDE_MODES = ("zero", "keep")
 CHANNEL_MODES = ("grey", "rgb", "per-channel")
 # fields left out of to_dict() at their defaults, so a one-channel config keeps its 0.2 hash
 CHANNEL_DEFAULTS = {"channels": (), "channel_mode": "grey", "use": (), "segment_channel": None,
-                    "channel_files": None, "max_pixels": DEFAULT_MAX_PIXELS}  # fmt: skip
+                    "channel_files": None, "max_pixels": DEFAULT_MAX_PIXELS, "z": None, "t": None,
+                    "fov": False, "margin": 0, "outside": "zero", "min_object_area": 1,
+                    "max_object_area": None}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,14 @@ class PreprocessConfig:
     max_pixels: int = (
         DEFAULT_MAX_PIXELS  # a file whose header declares more values (W x H x planes) is skipped
     )
+    z: int | None = None  # the Z plane of a TIFF with a Z axis (OME (T, C, Z, Y, X)); needed when Z > 1
+    t: int | None = None  # the time point of a TIFF with a T axis; needed when T > 1
+    # fields of view cut into one crop per labelled object (tprobe.fov); recorded only when fov is set
+    fov: bool = False
+    margin: int = 0  # px around each object's bounding box
+    outside: str = "zero"  # pixels of the crop outside the object: zero, or keep (neighbours included)
+    min_object_area: int = 1  # objects of fewer pixels are dropped (small_object)
+    max_object_area: int | None = None  # objects of more pixels are dropped (large_object)
 
     def __post_init__(self):
         for name in ("channels", "use"):
@@ -121,6 +135,16 @@ class PreprocessConfig:
             raise TprobeError(f"--max-pixels {self.max_pixels}: give a positive whole number of pixels")
         if self.min_component_area < 1 or self.max_components < 1:
             raise TprobeError("min_component_area and max_components must be >= 1")
+        for name in ("z", "t"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise TprobeError(f"--{name} {value}: give a plane index, 0 or more")
+        if self.outside not in OUTSIDE_MODES:
+            raise TprobeError(f"--outside {self.outside!r} is not one of {', '.join(OUTSIDE_MODES)}")
+        if self.margin < 0 or self.min_object_area < 1 or (self.max_object_area or 1) < self.min_object_area:
+            raise TprobeError(f"--margin {self.margin}, --min-object-area {self.min_object_area}, --max-object-area "
+                              f"{self.max_object_area}: give margin >= 0 and 1 <= min-object-area <= "
+                              "max-object-area")  # fmt: skip
 
     def _check_channels(self) -> None:
         names, mode = self.channels, self.channel_mode
@@ -212,7 +236,7 @@ class Preprocessed:
         src = self.manifest[self.manifest["view"] == "orig"]
         src = src.assign(cls=np.where(src["label"] == 1, "activated", "quiescent"))
         table = src.groupby(["donor", "cls"]).size().rename("found").to_frame()
-        for reason in DROP_ORDER:
+        for reason in DROP_ORDER + (FOV_DROPS if self.config.fov else ()):
             hit = src[src["drop_reason"] == reason].groupby(["donor", "cls"]).size()
             table[reason] = hit.reindex(table.index, fill_value=0)
         kept = src[src["kept"]].groupby(["donor", "cls"]).size()
@@ -261,7 +285,10 @@ class Preprocessed:
                               "run `tprobe preprocess` again")  # fmt: skip
         if verify_files:
             src = manifest[manifest["kept"] & (manifest["view"] == "orig")]
-            for path, sid in zip(src["path"], src["source_id"], strict=True):
+            ids = (
+                src["crop_id"] if "crop_id" in src.columns else src["source_id"]
+            )  # a crop: its own bytes' hash
+            for path, sid in zip(src["path"], ids, strict=True):
                 try:
                     same = _hash(source_bytes(path, config), 16) == sid
                 except (OSError, TprobeError):  # gone, or no longer a regular file
@@ -350,13 +377,17 @@ def read_cell(path: str | Path, config: PreprocessConfig) -> tuple[np.ndarray, n
             raise ChannelError(
                 f"{path}: is a per-channel template; pass --channels NAME,NAME,... naming its channels"
             )
-        img = read_image(path, max_value=config.max_value, max_pixels=config.max_pixels)
+        img = read_image(
+            path, max_value=config.max_value, max_pixels=config.max_pixels, z=config.z, t=config.t
+        )
         return img, img, ""
     names = config.channels
     tops = config.max_value if isinstance(config.max_value, tuple) else (config.max_value,) * len(names)
     needed = {*config.used_channels, config.segment}  # a channel nobody reads is not range-checked
     tops = tuple(t if n in needed else None for n, t in zip(names, tops, strict=True))
-    stack, dtype = read_channels(path, names, max_value=tops, max_pixels=config.max_pixels)
+    stack, dtype = read_channels(
+        path, names, max_value=tops, max_pixels=config.max_pixels, z=config.z, t=config.t
+    )
     index = {n: i for i, n in enumerate(names)}
     used = stack[[index[n] for n in config.used_channels]]
     return stack[index[config.segment]], used[0] if config.channel_mode == "grey" else used, dtype
@@ -407,6 +438,11 @@ def preprocess(
         try:
             img, _, depth = read_cell(path, config)  # first: it checks the file's type and declared size
             raw = source_bytes(path, config)
+            ome = (
+                _ome_columns(path, config)
+                if config.channels or str(path).lower().endswith((".tif", ".tiff"))
+                else {}
+            )
         except ChannelError:
             raise
         except (AboveMaxValue, UnsupportedPixels) as exc:
@@ -426,6 +462,9 @@ def preprocess(
             raise ChannelError(f"{path}: {bit_depth(depth)} pixels, but {first[1]} is {bit_depth(first[0])}; convert the "
                                "dataset to one bit depth (or preprocess the two parts separately)")  # fmt: skip
         sid = _hash(raw, 16)
+        if isinstance(rec.get("cell_id"), str) and rec["cell_id"]:  # a crop of a field: field hash + label
+            base["crop_id"], sid = sid, rec["cell_id"]
+        base.update(ome)
         m = measure(img, config)
         base.update(m, source_id=sid, group=sid, image_id=f"{sid}_orig")
         if sid in seen:
@@ -456,6 +495,37 @@ def preprocess(
     return Preprocessed(manifest, config, fingerprint, skipped)
 
 
+def _ome_columns(path: str, config: PreprocessConfig) -> dict:
+    """An OME-TIFF's physical pixel size for the manifest; its channel names must be ``config.channels``."""
+    if CHANNEL in str(path):
+        return {}
+    info = ome_info(path)
+    if info is None:
+        return {}
+    if info["channels"] and config.channels and info["channels"] != config.channels:
+        raise ChannelError(f"{path}: the OME-XML names the channels {','.join(info['channels'])}, but --channels "
+                           f"is {','.join(config.channels)}; give the file's names (or leave --channels out)")  # fmt: skip
+    return {k: info[k] for k in ("pixel_size_y", "pixel_size_x", "pixel_size_unit")}
+
+
+def ome_defaults(dataset: Dataset, config: PreprocessConfig) -> PreprocessConfig:
+    """``config`` with ``channels`` taken from the first OME-TIFF's channel names when none were given.
+
+    The names of every file are checked against them while preprocessing; a file naming other
+    channels is an error naming both.
+    """
+    if config.channels or config.channel_files:
+        return config
+    for path in dataset.table["path"]:  # the first TIFF decides: one header read, not one per file
+        if Path(str(path)).suffix.lower() in (".tif", ".tiff"):
+            try:
+                info = ome_info(path)
+            except TprobeError:  # unreadable: skipped with its line when preprocessed
+                continue
+            return replace(config, channels=info["channels"]) if info and info["channels"] else config
+    return config
+
+
 def is_saved(folder: str | Path | None) -> bool:
     """Whether ``folder`` holds a saved :class:`Preprocessed` (what ``tprobe preprocess --out`` writes)."""
     return folder is not None and (Path(folder) / "preprocess.json").is_file()
@@ -467,4 +537,6 @@ def _fingerprint(manifest: pd.DataFrame) -> str:
     lines = sorted(
         f"{s},{lab},{d}" for s, lab, d in zip(src["source_id"], src["label"], src["donor"], strict=True)
     )
+    if "crop_id" in src.columns:  # crops of fields: their content (margin, outside, the mask) counts too
+        lines = sorted([*lines, *(f"crop,{c}" for c in src["crop_id"].fillna("") if c)])
     return _hash("\n".join(lines))

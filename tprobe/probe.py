@@ -26,7 +26,7 @@ from tprobe.evaluate import (
     split_plan,
 )
 from tprobe.fastcv import FoldProgress, nested_cv_fast, projected
-from tprobe.features import FeatureSet
+from tprobe.features import NORMALIZE, FeatureSet, donor_center
 from tprobe.heads import HEADS, load_head_file, make_head, param_grid, projection, projection_width, save_head
 from tprobe.linear import make_logreg, resolve_solver
 from tprobe.runs import RunRecord, inside, make_run_dir, save_run
@@ -84,6 +84,9 @@ class ProbeRun:
     engine: str = "fast"  # "fast" (tprobe.fastcv: shared, parallel fits) or "reference" (evaluate.nested_cv)
     n_jobs: int = 2  # parallel fits (each fit single-threaded): threads, or processes for PROCESS_HEADS
     data: str | None = None  # the --data given (None = bundled sample), recorded in config.json
+    # none: heads see the features as given; standard: in-fold standardisation (every head's first step);
+    # donor-center: each donor centred on its own mean first (features.donor_center), then standard
+    normalize: str = "standard"
     # logreg's solver: "lbfgs" (scikit-learn), "torch" (tprobe.linear: the whole C grid as one batched
     # L-BFGS fit, rows read in place) or "auto" (torch from linear.TORCH_MIN_ROWS training rows up)
     solver: str = "auto"
@@ -95,6 +98,8 @@ class ProbeRun:
             raise TprobeError(f"train_views {self.train_views!r} is not 'all' or 'orig'")
         if self.engine not in ENGINES:
             raise TprobeError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.normalize not in NORMALIZE:
+            raise TprobeError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZE)}")
         projection_width(self.head, 0, self.max_dims)  # raises on a bad width
         resolve_solver(self.solver, self.head, self.penalty, 0)  # raises on a bad solver
 
@@ -115,9 +120,11 @@ class ProbeRun:
         if self.solver_ == "torch":
             import torch  # noqa: F401 - loaded before the engine, so its fits run single-threaded
 
-            make = partial(make_logreg, seed=self.seed, penalty=self.penalty)
+            make = partial(make_logreg, seed=self.seed, penalty=self.penalty, scale=self.normalize != "none")
         else:
-            make = partial(make_head, self.head, seed=self.seed, penalty=self.penalty)
+            make = partial(
+                make_head, self.head, seed=self.seed, penalty=self.penalty, scale=self.normalize != "none"
+            )
         grid = param_grid(self.head)
         dims = projection_width(self.head, fs.X.shape[1], self.max_dims)
         final = None
@@ -128,12 +135,14 @@ class ProbeRun:
                 # row before the splits cannot leak; it keeps inner-CV fits cheap on --pool concat
                 self.projection_ = projection(X.shape[1], dims, self.seed)
                 X = self.projection_.transform(X).astype(np.float32)
+            X = self._normalized(X, meta)
             cv = nested_cv(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta)
         else:
             # only the rows a fit trains on or a score uses are projected (the same matrix product
             # row by row); the projection and its product are cached on ``fs`` for the next head
             rows = None if (self.tta or self.train_views == "all") else (meta["view"] == "orig").to_numpy()
             X, self.projection_ = projected(fs, dims, self.seed, rows)
+            X = self._normalized(X, meta)
             # torch's fits release the GIL: threads share X without copies
             backend = "loky" if self.head in PROCESS_HEADS and self.solver_ != "torch" else "threading"
             cv, final = nested_cv_fast(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta,
@@ -149,6 +158,14 @@ class ProbeRun:
         self.final_ = self._final_head(make, grid, X, fs.meta, final) if self.final_head else None
         self.seconds_ = time.perf_counter() - t0
         return self
+
+    def _normalized(self, X: np.ndarray, meta: pd.DataFrame) -> np.ndarray:
+        """``X`` donor-centred for ``normalize="donor-center"`` (each donor on the mean of its original
+        views; fold-independent and label-free, see :func:`~tprobe.features.donor_center`), else ``X``.
+        After the random projection: the two are linear, so the order does not matter."""
+        if self.normalize != "donor-center":
+            return X
+        return donor_center(X, meta["donor"], (meta["view"] == "orig").to_numpy())
 
     def _final_head(self, make, grid, X, meta, final=None):
         """Refit on every donor, hyperparameters chosen by leave-one-donor-out on all of them
@@ -203,7 +220,7 @@ class ProbeRun:
         options = {"head": self.head, "split": self.split, "test_donor": self.test_donor, "n_splits": self.n_splits,
                    "tta": self.tta, "train_views": self.train_views, "penalty": self.penalty,
                    "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot, "engine": self.engine,
-                   "solver": getattr(self, "solver_", None),
+                   "normalize": self.normalize, "solver": getattr(self, "solver_", None),
                    **(extra or {})}  # fmt: skip
         p = self.projection_
         proj = None if p is None else {"method": "gaussian", "n_components": int(p.n_components_),

@@ -10,12 +10,12 @@ import html
 import logging
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 
 from tprobe.errors import TprobeError
-from tprobe.plots import plain_text
-from tprobe.runs import RunRecord, read_json
+from tprobe.runs import RunRecord, inside, read_json
 
 log = logging.getLogger(__name__)
 __all__ = [
@@ -133,8 +133,8 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
 
 REFERENCE_RULE = (
     "the default reference is fixed by a rule that reads no result: the logistic-regression probe on CLS "
-    "tokens (a model without random weights; with several, the first run folder by name), else the "
-    "frequency baseline, else the first run folder by name (preferring runs without random weights); "
+    "tokens (a model without random weights; with several, the first run folder by path), else the "
+    "frequency baseline, else the first run folder by path (preferring runs without random weights); "
     "`tprobe report --reference NAME` sets it"
 )
 
@@ -166,9 +166,10 @@ def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[st
                 else f"matches {len(hit)} runs ({', '.join(hit['run_name'])})"
             )
             raise TprobeError(f"--reference {name!r} {what}; use one run folder name of: {have}")
-        return hit["run"].iloc[
-            0
-        ], f"`{hit['run_name'].iloc[0]}`, named with --reference before the results were read"
+        return (
+            hit["run"].iloc[0],
+            f"`{hit['run_name'].iloc[0]}`, named with --reference (a comparison to fix before looking at the results)",
+        )
 
     def col(c):
         return runs[c] if c in runs.columns else pd.Series(None, index=runs.index)
@@ -178,7 +179,7 @@ def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[st
     if len(logreg_cls):
         r = logreg_cls.iloc[0]
         why = "the logistic-regression probe on CLS tokens" + (
-            f" (the first of {len(logreg_cls)} such runs by folder name)" if len(logreg_cls) > 1 else ""
+            f" (the first of {len(logreg_cls)} such runs by folder path)" if len(logreg_cls) > 1 else ""
         )
     else:
         freq = runs[(col("command") == "baseline") & (col("baseline") == "frequency")]
@@ -187,7 +188,7 @@ def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[st
         else:
             real = runs[~runs["random_init"].astype(bool)]
             r = (real if len(real) else runs).iloc[0]
-            why = ("the first run folder by name (without random weights, if any): neither a logistic-regression "
+            why = ("the first run folder by path (without random weights, if any): neither a logistic-regression "
                    "probe on CLS tokens nor a frequency baseline is here")  # fmt: skip
     return r["run"], f"`{r['run_name']}`, {why}; fixed by rule before the results were read"
 
@@ -226,7 +227,7 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-@plain_text
+@matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
 def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
     """ROC AUC per held-out donor, one row per run; colour = donor (legend), bar = mean over donors."""
     import matplotlib.pyplot as plt
@@ -266,6 +267,16 @@ def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
     return out
 
 
+def _own_figure(run, name: str) -> Path | None:
+    """``run/name`` when it is a file inside the run folder; a link pointing elsewhere is skipped, not embedded."""
+    try:
+        path = inside(run, name, what="figure")
+    except TprobeError as exc:
+        log.warning("skipping %s", exc)
+        return None
+    return path if path.is_file() else None
+
+
 def _img(path: Path, caption: str) -> str:
     data = base64.b64encode(path.read_bytes()).decode()
     return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
@@ -302,6 +313,34 @@ def _paired_display(pairs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
         row["AUC diff per donor"] = auc["diffs"].iloc[0] if len(auc) else ""
         row["note"] = d["note"].iloc[0]
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def map_signal(root: str | Path) -> pd.DataFrame:
+    """Donor and batch predictability within each class from every ``tprobe map`` folder under ``root``
+    (its ``diagnostics.json``): one row per source, accuracy against the within-class chance."""
+    rows = []
+    for path in sorted(Path(root).rglob("diagnostics.json")):
+        try:
+            diags = read_json(path)
+        except TprobeError as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        for d in diags if isinstance(diags, list) else []:
+            within = d.get("within_class") if isinstance(d, dict) else None
+            if not within:
+                continue  # maps written before the within-class measure
+            row = {"map": path.parent.name, "source": d.get("source", "")
+                   + (" (RANDOM WEIGHTS)" if d.get("random_init") else "")}  # fmt: skip
+            act = (d.get("predictability") or {}).get("activation") or {}
+            if act.get("skill") is not None:
+                row["activation skill"] = f"{act['skill']:.2f}"
+            for t in ("donor", "batch"):
+                w = within.get(t)
+                if w:
+                    sk = "–" if w.get("skill") is None else f"{w['skill']:.2f}"
+                    row[f"{t} within class"] = f"{w['accuracy']:.3f} (chance {w['chance']:.3f}, skill {sk})"
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -345,6 +384,13 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
     n_ref = int(summary.set_index("run").loc[ref_run, "n_donors"])
     m_tests = int(pairs.loc[pairs["metric"] == "roc_auc", "p"].notna().sum()) if len(pairs) else 0
     bound_line = donors_bound_line(n_ref, m_tests)
+    signal = map_signal(root)
+    map_title = ("Donor and batch signal within each class (`tprobe map` folders under the runs; chance = each "
+                 "class's own majority rate, pooled)")  # fmt: skip
+    map_md = [map_title, "", _md(signal), ""] if len(signal) else []
+    map_html = (
+        (f"<p>{html.escape(map_title)}</p>" + signal.to_html(index=False, na_rep="–")) if len(signal) else ""
+    )
     dots = _donor_auc_plot(summary, out / "donor_auc.png")
     best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
     best_per_family = summary.loc[summary.groupby("family")["roc_auc_mean"].idxmax()]
@@ -367,24 +413,25 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
     md = ["# tprobe report", "", header, "", "## Measured", "", _md(table), "",
           "## Published reference numbers (not measured here)", "", _md(PUBLISHED), "",
           *[line + "\n" for line in headline],
-          BATCH_CONFOUND, "",
+          BATCH_CONFOUND, "", *map_md,
           "## Paired comparisons (each run vs the pre-declared reference, same held-out donors)", "", ref_line, "",
           _md(paired) if len(paired) else "Only one run: nothing to compare.", "", bound_line, "", TEST_NOTE, "",
           "![per-donor AUC](donor_auc.png)", ""]  # fmt: skip
     figs = [_img(dots, "ROC AUC per held-out donor; colour = donor, bar = mean")]
     for _, r in best_per_family.iterrows():
-        roc = Path(r["run"]) / "roc.png"
-        if roc.exists():
+        roc = _own_figure(r["run"], "roc.png")
+        if roc:
             figs.append(_img(roc, f"ROC, best {r['family']}: {r['label']}"))
-    rel = Path(ref_run) / "reliability.png"
-    if rel.exists():
+    rel = _own_figure(ref_run, "reliability.png")
+    if rel:
         figs.append(_img(rel, f"reliability (calibration), reference run: {Path(ref_run).name}"))
-    conf = Path(best["run"]) / "confusion.png"
-    if conf.exists():
+    conf = _own_figure(best["run"], "confusion.png")
+    if conf:
         figs.append(_img(conf, f"confusion matrix, best run: {best['label']}"))
     for run in summary.loc[summary["family"] == "finetune", "run"]:
         for sal in sorted(Path(run).glob("saliency_*.png")):
-            figs.append(_img(sal, f"saliency {Path(run).name}: {sal.stem}"))
+            if _own_figure(run, sal.name):
+                figs.append(_img(sal, f"saliency {Path(run).name}: {sal.stem}"))
     (out / "report.md").write_text("\n".join(md))
     table_html = table.to_html(index=False, na_rep="–").replace(
         f"<td>{RANDOM_MARK}</td>", f'<td class="random">{RANDOM_MARK}</td>'
@@ -398,7 +445,7 @@ img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:b
 <h2>Measured</h2>{table_html}
 <h2>Published reference numbers (not measured here)</h2><div class="ref">{PUBLISHED.to_html(index=False, na_rep="–")}</div>
 {"".join(f"<p>{html.escape(line)}</p>" for line in headline)}
-<p>{html.escape(BATCH_CONFOUND)}</p>
+<p>{html.escape(BATCH_CONFOUND)}</p>{map_html}
 <h2>Paired comparisons (each run vs the pre-declared reference, same held-out donors)</h2><p>{html.escape(ref_line)}</p>{paired_html}<p>{html.escape(bound_line)}</p><p>{html.escape(TEST_NOTE)}</p>
 <h2>Figures</h2>{"".join(figs)}</body></html>"""
     (out / "report.html").write_text(page)
@@ -412,5 +459,6 @@ img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:b
         "reference": ref_run,
         "bound_line": bound_line,
         "batch_confound": BATCH_CONFOUND,
+        "map_signal": signal,
         "paths": [out / "report.md", out / "report.html", out / "summary.parquet", out / "paired.csv"],
     }

@@ -226,7 +226,9 @@ class RunRecord:
             model = self.model_name
             head = o.get("head") or ("frozen" if o.get("freeze") else "finetune")
             parts = [model, str(f.pool or o.get("pool")), str(head)]
-        title = " · ".join(filter(None, [*parts, self.channels_text, self.split_text]))
+        norm = o.get("normalize")
+        norm = f"normalize {norm}" if norm not in (None, "standard") else None
+        title = " · ".join(filter(None, [*parts, self.channels_text, norm, self.split_text]))
         return title + (" (random weights: plumbing check)" if self.random_weights else "")
 
     @property

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import torch
 
-from tprobe.plots import plain_text
 from tprobe.preprocess import PreprocessConfig, load_view
 
 __all__ = ["saliency_maps", "saliency_grid"]
@@ -48,7 +48,7 @@ def _crop(a: np.ndarray, size: int) -> np.ndarray:
     return a[..., c0 : c0 + size, c0 : c0 + size]
 
 
-@plain_text
+@matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
 def saliency_grid(
     model, rows: pd.DataFrame, prep: PreprocessConfig, out: str | Path, *, title: str = ""
 ) -> Path:

@@ -34,7 +34,8 @@ from pathlib import Path
 from tprobe.errors import TprobeError
 
 __all__ = ["SlurmOptions", "ArrayResult", "extract_array", "render_script", "job_name", "queue_states",
-           "shard_progress", "SBATCH_TEMPLATE", "command_array"]  # fmt: skip
+           "shard_progress", "SBATCH_TEMPLATE", "command_array", "render_commands", "sweep_array",
+           "sweep_job_name", "sweep_commands"]  # fmt: skip
 
 SBATCH_TEMPLATE = """\
 #!/bin/bash
@@ -311,9 +312,11 @@ def _watch(store, name, n_units, shards, poll, echo, logs) -> None:
         time.sleep(poll)
 
 
-def _last_line(log: Path) -> str:
+def _last_line(log: Path, skip: str | None = None) -> str:
+    """The log's last non-blank line (leaving out lines that start with ``skip``), cut to 200 characters."""
     try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()
+                 if ln.strip() and not (skip and ln.strip().startswith(skip))]  # fmt: skip
     except OSError:
         return "(no log)"
     return lines[-1][-200:] if lines else "(empty log)"
@@ -358,6 +361,20 @@ exit $rc
 """
 
 
+def render_commands(commands: Sequence[Sequence[str]], *, name: str, options: SlurmOptions) -> str:
+    """The sbatch script text of :func:`command_array`: task i runs ``commands[i]`` (each value checked)."""
+    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+        raise TprobeError(f"job name {name!r}: use letters, digits and _.+- only")
+    for cmd in commands:
+        for arg in cmd:
+            script_value("command argument", arg)
+    chdir = _script_path("the working directory", Path.cwd())
+    log = _script_path("--slurm-dir", Path(options.slurm_dir).absolute() / "%x-%A_%a.out")
+    cases = "\n".join(f"  {i}) {shlex.join(map(str, cmd))} ;;" for i, cmd in enumerate(commands))
+    return COMMANDS_TEMPLATE.format(name=name, log=log, chdir=chdir, sbatch_lines="\n".join(options.sbatch_lines()),
+                                    cases=cases)  # fmt: skip
+
+
 def command_array(
     commands: Sequence[Sequence[str]],
     *,
@@ -377,23 +394,14 @@ def command_array(
     """
     options = options or SlurmOptions()
     slurm_dir = Path(options.slurm_dir).absolute()
-    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-        raise TprobeError(f"job name {name!r}: use letters, digits and _.+- only")
-    for cmd in commands:
-        for arg in cmd:
-            script_value("command argument", arg)
-    chdir = _script_path("the working directory", Path.cwd())
+    text = render_commands(commands, name=name, options=options)  # every value checked before squeue
     queued = queue_states(name).get(name, {})
     todo = [i for i in range(len(commands)) if not (done and done(i)) and i not in queued]
     logs: dict[int, Path] = {}
     if todo:
         slurm_dir.mkdir(parents=True, exist_ok=True)
         script = slurm_dir / f"{name}.sbatch"
-        cases = "\n".join(f"  {i}) {shlex.join(map(str, cmd))} ;;" for i, cmd in enumerate(commands))
-        script.write_text(COMMANDS_TEMPLATE.format(
-            name=name, log=_script_path("--slurm-dir", slurm_dir / "%x-%A_%a.out"), chdir=chdir,
-            sbatch_lines="\n".join(options.sbatch_lines()), cases=cases,
-        ))  # fmt: skip
+        script.write_text(text)
         array = f"--array={_spec(todo, options.max_running)}"
         job = (
             _run(["sbatch", "--parsable", array, str(script)], f"sbatch {script}", tries=1)
@@ -425,3 +433,56 @@ def command_array(
         if not queued:
             return states
         time.sleep(poll)
+
+
+# ---- a probe sweep as one array: task i fits (pool, head) i of the sweep folder's plan -----------------
+def sweep_job_name(sweep: str | Path) -> str:
+    """One name per sweep folder: a rerun finds that sweep's tasks still in the queue."""
+    digest = hashlib.sha1(str(Path(sweep).absolute()).encode()).hexdigest()[:10]
+    return f"tprobe-sweep-{digest}"
+
+
+def sweep_commands(sweep: str | Path, n_tasks: int, python: str | None = None) -> list[list[str]]:
+    """Task i's command: ``tprobe probe --resume SWEEP --sweep-task i`` (the plan in SWEEP says the rest)."""
+    sweep = str(Path(sweep).absolute())
+    return [[python or sys.executable, "-m", "tprobe.cli", "probe", "--resume", sweep, "--sweep-task", str(i)]
+            for i in range(n_tasks)]  # fmt: skip
+
+
+def sweep_array(
+    sweep: str | Path,
+    *,
+    options: SlurmOptions | None = None,
+    poll: float = 10.0,
+    echo: Callable[[str], None] = _stderr,
+    python: str | None = None,
+) -> dict[int, str]:
+    """Submit the sweep folder's missing (pool, head) tasks as ONE array job, watch them, return the states.
+
+    The folder comes from :func:`tprobe.sweep.plan_sweep`; a task is done when its record is written
+    (:func:`tprobe.sweep.task_done`), so a rerun submits only failed, cancelled or never-run tasks, and
+    tasks of this sweep still queued are watched, not resubmitted. Raises :class:`TprobeError` naming
+    failed tasks; collect with :func:`tprobe.sweep.collect_sweep` once every task is done.
+    """
+    from tprobe.sweep import SweepPlan, task_done
+
+    sweep = Path(sweep).absolute()
+    options = options or SlurmOptions()
+    plan = SweepPlan.load(sweep)
+    commands = sweep_commands(sweep, len(plan.tasks), python)
+    name = sweep_job_name(sweep)
+    try:
+        states = command_array(commands, name=name, options=options, done=lambda i: task_done(sweep, i),
+                               poll=poll, echo=echo)  # fmt: skip
+    except KeyboardInterrupt:
+        raise TprobeError(f"stopped watching; the tasks ({name}) keep running: `tprobe probe --resume {sweep} "
+                          f"--executor slurm` watches them again (nothing queued is resubmitted)") from None  # fmt: skip
+    failed = [i for i, s in states.items() if s != "done"]
+    if failed:
+        what = ", ".join(f"{i} ({plan.tasks[i][0]} · {plan.tasks[i][1]})" for i in failed)
+        slurm_dir = Path(options.slurm_dir).absolute()
+        logs = sorted(slurm_dir.glob(f"{name}-*_{failed[0]}.out"), key=lambda p: p.stat().st_mtime)
+        ends = f"; {logs[-1].name} ends: {_last_line(logs[-1], skip='tprobe-task-exit')!r}" if logs else ""
+        raise TprobeError(f"sweep task(s) {what} ended without a run (logs: {slurm_dir}/{name}-<job>_<task>.out{ends}); "
+                          f"`tprobe probe --resume {sweep} --executor slurm` resubmits only those")  # fmt: skip
+    return states

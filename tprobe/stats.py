@@ -47,7 +47,7 @@ ECE_NOTE = (
     "sum over bins of (cells in bin / cells) x |activated fraction - mean p|; Brier: mean (p - label)^2"
 )
 
-CI_METHOD = "t over donors: mean ± t(0.975, n-1)·sd/√n"
+CI_METHOD = "t over donors: mean ± t(0.975, n-1)·sd/√n, clipped to the metric's range [0, 1]"
 
 TEST_NOTE = (
     "Paired test: exact sign-flip permutation test on the per-donor differences (two-sided; all 2^n "
@@ -59,8 +59,11 @@ TEST_NOTE = (
 )
 
 
-def t_interval(values, level: float = 0.95) -> tuple[float, float]:
-    """The t-interval of the mean of ``values`` (NaN ignored): mean ± t_{(1+level)/2, n-1}·sd/√n.
+def t_interval(
+    values, level: float = 0.95, *, bounds: tuple[float, float] = (0.0, 1.0)
+) -> tuple[float, float]:
+    """The t-interval of the mean of ``values`` (NaN ignored): mean ± t_{(1+level)/2, n-1}·sd/√n,
+    clipped to ``bounds`` (every tprobe metric lies in [0, 1], so its mean does; ``None``: no clipping).
 
     Honest at small n when the values are roughly normal (coverage 94.6% at n = 6 in simulation);
     NaN bounds with fewer than two values (no spread to estimate).
@@ -72,7 +75,8 @@ def t_interval(values, level: float = 0.95) -> tuple[float, float]:
     if len(v) < 2:
         return float("nan"), float("nan")
     half = float(t.ppf(0.5 + level / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
-    return float(v.mean() - half), float(v.mean() + half)
+    lo, hi = float(v.mean() - half), float(v.mean() + half)
+    return (lo, hi) if bounds is None else (max(lo, bounds[0]), min(hi, bounds[1]))
 
 
 def reliability_table(y, p, n_bins: int = ECE_BINS) -> pd.DataFrame:
@@ -139,20 +143,17 @@ def _per_donor(run: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(run) / "per_donor.parquet").set_index("donor")
 
 
-def paired_comparisons(summary: pd.DataFrame, *, metrics=("roc_auc", "average_precision"),
-                       against: str | None = None) -> pd.DataFrame:  # fmt: skip
-    """Each run vs ``against`` on their shared donors (default: :func:`tprobe.report.choose_reference`,
-    a run fixed by a rule that reads no result; never the run that happened to win).
+def paired_comparisons(summary: pd.DataFrame, *, against: str,
+                       metrics=("roc_auc", "average_precision")) -> pd.DataFrame:  # fmt: skip
+    """Each run vs ``against`` on their shared donors. ``against`` is declared, never the run that happened
+    to win: ``tprobe report`` passes :func:`tprobe.report.choose_reference`'s run (``--reference``, or a
+    rule that reads no result).
 
     ``summary`` is :func:`tprobe.report.collect_runs`'s table (``run``, ``label``, ``roc_auc_mean``).
     Only runs whose held-out donors are exactly the reference's are compared (same folds); the
     others are listed with a note. Returns one row per (run, metric): the mean and per-donor
     differences (run minus reference), the exact p-value and its Holm adjustment within the metric.
     """
-    if against is None:
-        from tprobe.report import choose_reference
-
-        against = choose_reference(summary)[0]
     ref = _per_donor(against)
     ref_label = summary.set_index("run").loc[against, "label"]
     ref_cells = summary.set_index("run").loc[against].get("n_cells")

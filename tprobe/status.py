@@ -43,6 +43,12 @@ class StoreStatus:
     shards: list[ShardStatus] = field(default_factory=list)  # for the N asked for
     attrs: dict = field(default_factory=dict)
     row_check: str = "not available"
+    chunk_check: str = "not checked"
+
+    @property
+    def ok(self) -> bool:
+        """False when the chunk check found damage (a missing, truncated or altered chunk)."""
+        return not self.chunk_check.startswith("DAMAGED")
 
     @property
     def units_pending(self) -> int:
@@ -74,6 +80,7 @@ class StoreStatus:
                  for s in self.shards]  # fmt: skip
         rows += [(key, str(self.attrs[key])) for key in KEY_ATTRS if key in self.attrs]
         rows.append(("rows check", self.row_check))
+        rows.append(("chunks check", self.chunk_check))
         width = max(len(k) for k, _ in rows) + 2
         return [f"{k:<{width}s}{v}" for k, v in rows]
 
@@ -101,15 +108,32 @@ def _row_check(store: FeatureStore) -> str:
     return f"ok: {store.n} rows match {manifest_path(store.path).name} (rows hash {store.attrs.get('rows_hash')})"
 
 
-def store_status(path: str | Path, shards: int = 1) -> StoreStatus:
-    """Status of the store at ``path``, per shard for ``shards`` workers (``--shard i/shards``)."""
+def _chunk_check(store: FeatureStore, deep: bool) -> str:
+    """Every chunk present (Zarr, with its recorded size); with ``deep`` every unit re-hashed."""
+    if not store.complete:
+        return "not checked (the store is not sealed)"
+    problems = store.verify(deep=deep)
+    if problems:
+        return f"DAMAGED: {problems[0]} ({len(problems)} problem(s)); delete the store and re-extract"
+    if deep and not store.units:
+        return "not verifiable: written before store format 2 (no recorded hashes); re-extract to get them"
+    what = f"{store.n_units} units re-hashed" if deep else (
+        f"{store.n_units * len(store.shapes)} chunks present" if store.format == "zarr" else "one HDF5 file"
+    )  # fmt: skip
+    return f"ok: {what}" + ("" if deep else " (--deep re-hashes every unit)")
+
+
+def store_status(path: str | Path, shards: int = 1, *, deep: bool = False) -> StoreStatus:
+    """Status of the store at ``path``, per shard for ``shards`` workers (``--shard i/shards``);
+    ``deep`` re-hashes every unit against the hashes recorded when it was written."""
     if shards < 1:
         raise TprobeError(f"--shards {shards}: must be at least 1")
     path = Path(path)
     progress = path.with_name(path.name + ".progress")
     if progress.exists() and not (progress / "meta.json").exists():
         raise TprobeError(f"{path}: a worker is creating this store right now; ask again in a moment")
-    store = FeatureStore.open(path, allow_incomplete=True)
+    store = FeatureStore.open(path, allow_incomplete=True, check=False)
+    store.row_ids()  # a store without its row ids is damaged beyond a report: one line
     done = store.done_units()
     per_shard = []
     if shards > 1 or not store.complete:
@@ -120,4 +144,5 @@ def store_status(path: str | Path, shards: int = 1) -> StoreStatus:
         path=store.path, state=seal_state(store), format=store.format, rows=store.n,
         chunk_rows=store.chunk_rows, units=store.n_units, units_done=len(done), shards=per_shard,
         attrs={k: store.attrs[k] for k in KEY_ATTRS if k in store.attrs}, row_check=_row_check(store),
+        chunk_check=_chunk_check(store, deep),
     )  # fmt: skip

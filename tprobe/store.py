@@ -51,7 +51,17 @@ import numpy as np
 from tprobe.errors import TprobeError
 from tprobe.tokens import POOL_NEEDS, POOLS, TOKENS, check_pool, pool_tokens
 
-__all__ = ["FeatureStore", "POOLS", "FORMATS", "TOKENS", "COMPRESSIONS", "rows_hash", "manifest_path"]
+__all__ = [
+    "FeatureStore",
+    "POOLS",
+    "FORMATS",
+    "TOKENS",
+    "COMPRESSIONS",
+    "rows_hash",
+    "manifest_hash",
+    "manifest_path",
+    "STORE_VERSION",
+]
 log = logging.getLogger(__name__)
 
 FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
@@ -96,6 +106,14 @@ def _unit_digest(arrays: dict[str, np.ndarray]) -> str:
         h.update(f"{name}:{a.dtype.str}:{a.shape}".encode())
         h.update(a.data)
     return h.hexdigest()
+
+
+def _remove(path: Path) -> None:
+    """Remove a leftover file; a store on a read-only file system keeps it (it is harmless to readers)."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.debug("cannot remove %s: %s", path, exc)
 
 
 def _fsync_path(path: Path) -> None:
@@ -150,6 +168,15 @@ def _checked_meta(path: Path, meta) -> dict:
             isinstance(v, list) and all(isinstance(d, int) for d in v) for v in shapes.values()
         )
         ok = ok and meta["format"] in FORMATS and meta["n"] > 0 and meta["chunk_rows"] > 0
+    if ok and meta.get("units") is not None:  # format 2: one hash (and chunk size per array) per unit
+        units, n_units = meta["units"], -(-meta["n"] // meta["chunk_rows"])
+        ok = isinstance(units, dict) and isinstance(units.get("hash"), list) and len(units["hash"]) == n_units
+        sizes = units.get("sizes", {}) if ok else None
+        ok = (
+            ok
+            and isinstance(sizes, dict)
+            and all(isinstance(v, list) and len(v) == n_units for v in sizes.values())
+        )
     if not ok:
         raise TprobeError(f"{path}: its tprobe_meta attribute is damaged (not the metadata tprobe writes); "
                           "delete the store and re-extract")  # fmt: skip
@@ -235,10 +262,8 @@ class FeatureStore:
                     np.save(store.progress_dir / "row_ids.npy", np.asarray(row_ids, dtype=str))
                     _fsync_path(store.progress_dir / "row_ids.npy")
                     if fmt == "zarr":
-                        if (
-                            path.exists()
-                        ):  # half made by a creator that died: no unit is written before meta.json
-                            shutil.rmtree(path)
+                        # arrays half made by a creator that died (no unit is written before meta.json)
+                        shutil.rmtree(path, ignore_errors=True)
                         store._create_zarr(row_ids)
                     _atomic_write(store.progress_dir / "meta.json", lambda p: p.write_text(json.dumps(meta)))
                 finally:
@@ -281,22 +306,27 @@ class FeatureStore:
             if owner and _alive(owner) and owner.get("pid") != os.getpid():
                 os.close(fd)
                 return False
-        if (self.progress_dir / "meta.json").exists():  # created while we waited for the lock
-            os.close(fd)
-            return False
-        try:
-            owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        except ValueError:
-            owner = {}
-        if owner or (age is not None and age > 2.0):  # an empty lock: its creator died right after making it
-            log.warning("%s: the worker that began creating this store (host %s, pid %s) is gone; taking over",
-                        self.path, owner.get("host", "?"), owner.get("pid", "?"))  # fmt: skip
-        data = json.dumps(_owner()).encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)
-        os.fsync(fd)
-        _fsync_path(self.progress_dir)
         self._lock_fd = fd
+        try:
+            if (self.progress_dir / "meta.json").exists():  # created while we waited for the lock
+                self._release_creation()
+                return False
+            try:
+                owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                owner = {}
+            if owner or (
+                age is not None and age > 2.0
+            ):  # an empty lock: its creator died right after making it
+                log.warning("%s: the worker that began creating this store (host %s, pid %s) is gone; taking over",
+                            self.path, owner.get("host", "?"), owner.get("pid", "?"))  # fmt: skip
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(_owner()).encode(), 0)
+            os.fsync(fd)
+            _fsync_path(self.progress_dir)
+        except BaseException:
+            self._release_creation()
+            raise
         return True
 
     def _release_creation(self) -> None:
@@ -316,7 +346,7 @@ class FeatureStore:
                     if not pid.isdigit() or (int(pid) != os.getpid()
                                              and _alive({"host": socket.gethostname(), "pid": int(pid)})):  # fmt: skip
                         continue
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else _remove(p)
                     removed.append(p)
         return removed
 
@@ -326,12 +356,12 @@ class FeatureStore:
         removed = []
         for folder in [self.path, *(self.path / n for n in (*self.shapes, "row_ids", "channel"))]:
             for p in folder.glob("*.partial") if folder.is_dir() else ():
-                p.unlink(missing_ok=True)
+                _remove(p)
                 removed.append(p)
         rid = self.path / "row_ids" / "c"
         if rid.is_dir():
             for p in rid.glob("*.partial"):
-                p.unlink(missing_ok=True)
+                _remove(p)
                 removed.append(p)
         return removed
 
@@ -437,7 +467,7 @@ class FeatureStore:
                 if clean:
                     for e in entries:
                         if e.endswith(".partial"):
-                            (f.parent / e).unlink(missing_ok=True)
+                            _remove(f.parent / e)
                 entry = entries.get(f.name)
                 want = sizes.get(name, [None] * self.n_units)[u] if name in sizes else None
                 if (
@@ -656,6 +686,15 @@ class FeatureStore:
         i = int(bad[0])
         raise TprobeError(f"{self.path}: row {i} holds {stored[i]} but {source} says {ids[i]} ({len(bad)} rows "
                           "differ); use the store's own manifest or re-extract with this data")  # fmt: skip
+
+    def verify_manifest(self, manifest, source: str = "the manifest") -> None:
+        """:meth:`verify_rows`, then the manifest's labels and donors against the store's ``manifest_hash``
+        (stores written before it was recorded are checked for rows only)."""
+        self.verify_rows(manifest["image_id"].tolist(), source)
+        want = self.attrs.get("manifest_hash")
+        if want and manifest_hash(manifest) != want:
+            raise TprobeError(f"{self.path}: {source} lists the store's rows with other labels or donors than it was "
+                              "extracted with (edited?); restore it or re-extract")  # fmt: skip
 
     # ---- reading ------------------------------------------------------------------------
     @property

@@ -12,11 +12,20 @@ With more than one run it writes ``<out>/<stamp>-sweep/`` holding the run direct
 ``summary.parquet``, ``summary.json`` and ``sweep_auc.png``; a single run goes straight under ``out``.
 Progress (each run's start and end, and every outer fold) goes to this module's logger at INFO and to
 the optional ``progress`` callback as :class:`SweepEvent` objects.
+
+The same sweep as separate tasks (one per pool x head; a SLURM array, see
+:func:`tprobe.slurm.sweep_array`): :func:`plan_sweep` writes the sweep folder with its plan
+(``sweep.json``: store, pools, heads, probe settings; plain JSON), :func:`run_task` runs task ``i``
+through :func:`run_sweep` into that folder and records its summary row in ``tasks/<i>.json`` once the
+run directory is written, and :func:`collect_sweep` writes the summary, equal to the one-process
+sweep's. A task whose record is missing (failed, cancelled, never run) is the only thing a rerun does.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +40,8 @@ from tprobe.probe import ProbeRun
 from tprobe.store import POOLS, FeatureStore
 from tprobe.tokens import check_pool
 
-__all__ = ["SweepEvent", "SweepResult", "run_sweep", "store_sources", "pool_store", "SUMMARY_METRICS"]
+__all__ = ["SweepEvent", "SweepResult", "run_sweep", "store_sources", "pool_store", "SUMMARY_METRICS",
+           "SweepPlan", "plan_sweep", "run_task", "task_done", "missing_tasks", "collect_sweep"]  # fmt: skip
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("roc_auc", "average_precision", "accuracy")
@@ -62,6 +72,7 @@ class SweepResult:
     runs: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    random_init: bool = False  # set by collect_sweep: the store's model was randomly initialised
 
     @property
     def is_sweep(self) -> bool:
@@ -128,7 +139,7 @@ def run_sweep(sources: Sequence[Source], heads: Sequence[str], *, out: str | Pat
     With one source and one head, errors propagate and the run directory goes straight under ``out``;
     in a sweep a source that cannot load is skipped (a "skip" event) and the rest run.
     """
-    from tprobe.runs import make_run_dir, write_json
+    from tprobe.runs import make_run_dir
 
     t_start = time.perf_counter()
     probe_kwargs = dict(probe_kwargs or {})
@@ -166,11 +177,179 @@ def run_sweep(sources: Sequence[Source], heads: Sequence[str], *, out: str | Pat
         del fs
     summary = pd.DataFrame(rows)
     if sweep:
-        from tprobe.plots import sweep_bars
-
-        summary.to_parquet(base / "summary.parquet", index=False)
-        write_json(base / "summary.json", summary.to_dict("records"))
-        if len(summary):
-            sweep_bars(summary, base / "sweep_auc.png")
+        write_summary(base, summary)
     out_path = base if sweep else (runs[0] if runs else base)
     return SweepResult(out_path, summary, runs, skipped, time.perf_counter() - t_start)
+
+
+def write_summary(base: Path, summary: pd.DataFrame) -> None:
+    """A sweep folder's ``summary.parquet``, ``summary.json`` and ``sweep_auc.png``."""
+    from tprobe.plots import sweep_bars
+    from tprobe.runs import write_json
+
+    summary.to_parquet(base / "summary.parquet", index=False)
+    write_json(base / "summary.json", summary.to_dict("records"))
+    if len(summary):
+        sweep_bars(summary, base / "sweep_auc.png")
+
+
+# ---- the sweep as separate tasks (a SLURM array): plan, run task i, collect ---------------------------
+PLAN_FILE = "sweep.json"
+PLAN_SCHEMA = 1
+
+
+@dataclass
+class SweepPlan:
+    """What every task of a split sweep needs: task ``i`` is ``tasks[i]`` = (pool, head), pools outer."""
+
+    store: str  # absolute path of the feature store
+    pools: list[str]  # the pools the store can give, in sweep order
+    heads: list[str]
+    probe_kwargs: dict = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # pool -> why the store cannot give it
+
+    @property
+    def tasks(self) -> list[tuple[str, str]]:
+        return [(p, h) for p in self.pools for h in self.heads]
+
+    def to_dict(self) -> dict:
+        return {"schema": PLAN_SCHEMA, "store": self.store, "pools": self.pools, "heads": self.heads,
+                "probe_kwargs": self.probe_kwargs, "skipped": self.skipped}  # fmt: skip
+
+    @classmethod
+    def load(cls, sweep: str | Path) -> SweepPlan:
+        path = Path(sweep) / PLAN_FILE
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise TprobeError(f"{path}: no sweep plan here; give the folder `tprobe probe --executor slurm` "
+                              "printed (it holds sweep.json)") from None  # fmt: skip
+        except (OSError, ValueError) as exc:
+            raise TprobeError(f"{path}: not a readable sweep plan ({exc}); start the sweep again") from None
+        if not isinstance(d, dict) or d.get("schema") != PLAN_SCHEMA:
+            raise TprobeError(f"{path}: sweep plan schema {d.get('schema') if isinstance(d, dict) else '?'!r}, "
+                              f"this tprobe reads {PLAN_SCHEMA}; start the sweep again")  # fmt: skip
+        try:
+            plan = cls(str(d["store"]), list(d["pools"]), list(d["heads"]), dict(d["probe_kwargs"]),
+                       dict(d["skipped"]))  # fmt: skip
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TprobeError(f"{path}: sweep plan lacks or garbles {exc}; start the sweep again") from None
+        _check_names(plan.pools, plan.heads, str(path))
+        return plan
+
+
+def _check_names(pools: Sequence[str], heads: Sequence[str], where: str) -> None:
+    from tprobe.heads import HEADS
+
+    for p in pools:
+        if p not in POOLS:
+            raise TprobeError(f"{where}: pool {p!r} is not one of {', '.join(POOLS)}")
+    for h in heads:
+        if h not in HEADS:
+            raise TprobeError(f"{where}: head {h!r} is not one of {', '.join(HEADS)}")
+
+
+def plan_sweep(store: str | Path, pools: Sequence[str], heads: Sequence[str], *, out: str | Path = "runs",
+               probe_kwargs: dict | None = None) -> Path:  # fmt: skip
+    """Make ``<out>/<stamp>-sweep/`` with its ``sweep.json``; return the folder (absolute).
+
+    A pool the store cannot give is left out of the tasks and recorded as skipped, as :func:`run_sweep`
+    skips it; nothing is fitted here.
+    """
+    from tprobe.runs import make_run_dir, write_json
+
+    _check_names(pools, heads, "probe sweep")
+    store = Path(store).absolute()
+    st = FeatureStore.open(store)
+    ok, skipped = [], {}
+    for p in dict.fromkeys(pools):
+        try:
+            check_pool(p, st.num_registers)
+            ok.append(p)
+        except TprobeError as exc:
+            skipped[p] = f"{store}: {exc}"
+    if not ok:
+        raise TprobeError(
+            f"{store}: gives none of the pools {', '.join(pools)}: {next(iter(skipped.values()))}"
+        )
+    base = make_run_dir(Path(out).absolute(), "sweep")
+    plan = SweepPlan(str(store), ok, list(dict.fromkeys(heads)), dict(probe_kwargs or {}), skipped)
+    write_json(base / PLAN_FILE, plan.to_dict())
+    return base
+
+
+def _record(sweep: Path, i: int) -> Path:
+    return Path(sweep) / "tasks" / f"{i}.json"
+
+
+def _read_record(sweep: Path, i: int) -> dict | None:
+    """Task ``i``'s record if it finished: its run folder is there and the record names it."""
+    from tprobe.runs import inside
+
+    try:
+        rec = json.loads(_record(sweep, i).read_text())
+        run = inside(sweep, rec["row"]["run"], what="run folder of a sweep task")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return rec if (run / "per_donor.parquet").exists() else None
+
+
+def task_done(sweep: str | Path, i: int) -> bool:
+    return _read_record(Path(sweep), i) is not None
+
+
+def missing_tasks(sweep: str | Path, plan: SweepPlan | None = None) -> list[int]:
+    plan = plan or SweepPlan.load(sweep)
+    return [i for i in range(len(plan.tasks)) if not task_done(sweep, i)]
+
+
+def run_task(sweep: str | Path, i: int, *, progress: Callable[[SweepEvent], None] | None = None) -> Path:
+    """Run task ``i`` of the sweep folder (one pool x head) and record it; a done task is left as it is.
+
+    The run goes through :func:`run_sweep` with the plan's store, pool, head and settings, so it is the
+    run a one-process sweep makes. Returns the run folder.
+    """
+    sweep = Path(sweep)
+    plan = SweepPlan.load(sweep)
+    if not 0 <= i < len(plan.tasks):
+        raise TprobeError(f"--sweep-task {i}: {sweep} has tasks 0..{len(plan.tasks) - 1}")
+    rec = _read_record(sweep, i)
+    if rec is not None:
+        log.info("task %d (%s · %s) already done: %s", i, rec["pool"], rec["head"], rec["row"]["run"])
+        return sweep / rec["row"]["run"]
+    pool, head = plan.tasks[i]
+    res = run_sweep(store_sources(plan.store, [pool]), [head], out=sweep, probe_kwargs=plan.probe_kwargs,
+                    progress=progress)  # fmt: skip
+    row = res.summary.iloc[0].to_dict()
+    path = _record(sweep, i)
+    path.parent.mkdir(exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    from tprobe.runs import write_json
+
+    write_json(tmp, {"task": i, "pool": pool, "head": head, "row": row})
+    os.replace(tmp, path)  # the record appears whole, after the run folder is written
+    return res.runs[0]
+
+
+def collect_sweep(sweep: str | Path) -> SweepResult:
+    """The sweep summary from every task's record (in the one-process sweep's order), written to the folder.
+
+    Raises :class:`TprobeError` naming the tasks still missing.
+    """
+    sweep = Path(sweep)
+    plan = SweepPlan.load(sweep)
+    recs = [_read_record(sweep, i) for i in range(len(plan.tasks))]
+    missing = [
+        f"{i} ({p} · {h})" for i, ((p, h), r) in enumerate(zip(plan.tasks, recs, strict=True)) if r is None
+    ]
+    if missing:
+        raise TprobeError(f"{sweep}: task(s) {', '.join(missing)} not done; rerun them with `tprobe probe --resume "
+                          f"{sweep}` (add --executor slurm to run them as an array)")  # fmt: skip
+    summary = pd.DataFrame([r["row"] for r in recs])
+    numeric = [c for c in summary.columns if c not in ("features", "pool", "head", "run")]
+    summary[numeric] = summary[numeric].apply(pd.to_numeric, errors="coerce")  # JSON null -> NaN
+    write_summary(sweep, summary)
+    runs = [sweep / r["row"]["run"] for r in recs]
+    res = SweepResult(sweep, summary, runs, dict(plan.skipped), float(summary["seconds"].sum()))
+    res.random_init = bool(FeatureStore.open(plan.store).attrs.get("model_random_init", False))
+    return res

@@ -1,0 +1,420 @@
+"""Store integrity (issue 18): missing and altered chunks, edited manifests, stale locks, kill leftovers,
+fsync coverage, and a fuzz test over kill points in extract and sealing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from conftest import copy_subset
+
+from tprobe.backbones import resolve_model
+from tprobe.cli import main
+from tprobe.dataset import discover
+from tprobe.errors import TprobeError
+from tprobe.extract import extract, manifest_path
+from tprobe.features import from_store
+from tprobe.preprocess import preprocess
+from tprobe.store import FeatureStore
+
+KW = dict(chunk_rows=8, batch_size=8, progress=False, check_disk=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return copy_subset(tmp_path_factory.mktemp("integrity") / "data", per_class=3)  # 12 images, 2 units
+
+
+@pytest.fixture(scope="module")
+def pre(data):
+    return preprocess(discover(data))
+
+
+@pytest.fixture(scope="module")
+def ref(tiny_reg):
+    return resolve_model(str(tiny_reg))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, pre, ref) -> dict[str, Path]:
+    """One uninterrupted store per format, copied by the tests that damage it."""
+    root = tmp_path_factory.mktemp("built")
+    return {fmt: extract(pre, ref, cache=root / fmt, fmt=fmt, **KW).path for fmt in ("zarr", "hdf5")}
+
+
+def _copy(store: Path, dst: Path) -> Path:
+    """A copy of a store with its manifest, under ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    (shutil.copytree if store.is_dir() else shutil.copy)(store, dst / store.name)
+    shutil.copy(manifest_path(store), manifest_path(dst / store.name))
+    return dst / store.name
+
+
+def _one_line_exit_2(r):
+    assert r.exit_code == 2, r.output
+    assert "unexpected" not in r.output and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file under (or beside, for the store's own names) ``root``'s folder, by relative path."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# 1: a deleted Zarr chunk reads as zeros ----------------------------------------------------------
+@pytest.mark.refuses("a sealed store with a deleted chunk (status and every reader)")
+def test_a_deleted_zarr_chunk_is_refused_by_status_and_readers(tmp_path, built):
+    store = _copy(built["zarr"], tmp_path)
+    assert CliRunner().invoke(main, ["status", str(store)]).exit_code == 0
+    (store / "cls" / "c" / "1" / "0").unlink()
+    r = CliRunner().invoke(main, ["status", str(store)])
+    assert r.exit_code == 2 and "DAMAGED: chunk cls/c/1" in r.output, r.output
+    with pytest.raises(TprobeError, match="chunk cls/c/1 is missing.*re-extract"):
+        from_store(store, "cls")
+    _one_line_exit_2(CliRunner().invoke(main, ["probe", "--store", str(store), "--bootstrap", "5", "--out",
+                                               str(tmp_path / "runs")]))  # fmt: skip
+    _one_line_exit_2(
+        CliRunner().invoke(main, ["export", str(store), "--to", "parquet", str(tmp_path / "x.parquet")])
+    )
+    r = CliRunner().invoke(main, ["status", str(built["zarr"])])
+    assert r.exit_code == 0 and "chunks check" in r.output and "present" in r.output, r.output
+
+
+@pytest.mark.refuses("a truncated chunk (status), an altered one (status --deep)")
+def test_a_truncated_chunk_is_found_fast_and_an_altered_one_by_deep(tmp_path, built):
+    store = _copy(built["zarr"], tmp_path)
+    chunk = store / "patches" / "c" / "0" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    chunk.write_bytes(raw[:-7])  # truncated: the fast check sees the size
+    r = CliRunner().invoke(main, ["status", str(store)])
+    assert r.exit_code == 2 and "DAMAGED: chunk patches/c/0" in r.output, r.output
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)  # same size, altered bytes
+    chunk.write_bytes(raw)
+    assert CliRunner().invoke(main, ["status", str(store)]).exit_code == 0  # sizes agree
+    r = CliRunner().invoke(main, ["status", str(store), "--deep"])
+    assert r.exit_code == 2 and "DAMAGED: unit 0 (rows 0-8)" in r.output, r.output
+    assert "units re-hashed" in CliRunner().invoke(main, ["status", str(built["zarr"]), "--deep"]).output
+
+
+@pytest.mark.refuses("an HDF5 store with a zeroed unit (status --deep)")
+def test_a_zeroed_hdf5_unit_is_found_by_deep(tmp_path, built, pre, ref):
+    import h5py
+
+    store = extract(pre, ref, cache=tmp_path / "c", fmt="hdf5", compression="none", **KW).path
+    assert CliRunner().invoke(main, ["status", str(store), "--deep"]).exit_code == 0
+    with h5py.File(store, "r") as f:
+        info = f["cls"].id.get_chunk_info(1)  # unit 1's chunk of cls
+    with open(store, "r+b") as fh:
+        fh.seek(info.byte_offset)
+        fh.write(bytes(info.size))
+    r = CliRunner().invoke(main, ["status", str(store), "--deep"])
+    assert r.exit_code == 2 and "DAMAGED: unit 1 " in r.output, r.output
+
+
+def test_a_store_from_before_format_2_is_checked_for_existence_with_a_note(tmp_path, built):
+    import zarr
+
+    store = _copy(built["zarr"], tmp_path)
+    group = zarr.open_group(store, mode="r+")
+    meta = dict(group.attrs)["tprobe_meta"]
+    del meta["units"], meta["store_version"]
+    group.attrs["tprobe_meta"] = meta
+    r = CliRunner().invoke(main, ["status", str(store), "--deep"])
+    assert r.exit_code == 0 and "not verifiable: written before store format 2" in r.output, r.output
+    assert from_store(store, "cls").X.shape[0] == FeatureStore.open(store).n
+    (store / "registers" / "c" / "0" / "0" / "0").unlink()
+    with pytest.raises(TprobeError, match="chunk registers/c/0 is missing"):
+        from_store(store, "registers")
+
+
+# status one-liners -----------------------------------------------------------------------------
+@pytest.mark.refuses("a store with a garbage tprobe_meta or no row_ids (status)")
+def test_status_of_a_garbage_tprobe_meta_or_no_row_ids_is_one_line(tmp_path, built):
+    import zarr
+
+    store = _copy(built["zarr"], tmp_path / "a")
+    zarr.open_group(store, mode="r+").attrs["tprobe_meta"] = "garbage"
+    r = CliRunner().invoke(main, ["status", str(store)])
+    _one_line_exit_2(r)
+    assert "tprobe_meta" in r.output and "re-extract" in r.output
+    store = _copy(built["zarr"], tmp_path / "b")
+    shutil.rmtree(store / "row_ids")
+    r = CliRunner().invoke(main, ["status", str(store)])
+    _one_line_exit_2(r)
+    assert "row_ids array is missing" in r.output and "re-extract" in r.output
+    with pytest.raises(TprobeError, match="row_ids array is missing"):
+        from_store(store, "cls")
+
+
+# 4: labels edited in a store's manifest ---------------------------------------------------------
+@pytest.mark.refuses("a store manifest whose labels or donors were edited")
+def test_an_edited_label_in_the_stores_manifest_is_refused_and_extract_restores_it(tmp_path, pre, ref):
+    store = extract(pre, ref, cache=tmp_path / "c", **KW).path
+    mpath = manifest_path(store)
+    original = mpath.read_bytes()
+    m = pd.read_parquet(mpath)
+    m.loc[3, "label"] = 1 - m.loc[3, "label"]
+    m.to_parquet(mpath, index=False)
+    with pytest.raises(TprobeError, match="other labels or donors"):
+        from_store(store, "cls")
+    _one_line_exit_2(CliRunner().invoke(main, ["probe", "--store", str(store), "--bootstrap", "5", "--out",
+                                               str(tmp_path / "runs")]))  # fmt: skip
+    r = CliRunner().invoke(main, ["status", str(store)])
+    assert "NOT VERIFIED" in r.output and "other labels" in r.output, r.output
+    m.loc[3, "label"] = 1 - m.loc[3, "label"]
+    m.loc[5, "donor"] = "donor_9"
+    m.to_parquet(mpath, index=False)
+    with pytest.raises(TprobeError, match="other labels or donors"):
+        from_store(store, "cls")
+    assert extract(pre, ref, cache=tmp_path / "c", **KW).status == "up to date"  # the same data restores it
+    assert mpath.read_bytes() == original
+    assert from_store(store, "cls").meta["label"].tolist() == pre.kept["label"].tolist()
+
+
+# 2: the model's input normalisation keys the store and is checked by predict ------------------------
+@pytest.mark.refuses("predict with a model whose input normalisation changed since the run")
+def test_a_preprocessor_config_added_to_the_same_snapshot_keys_a_new_store_and_predict_refuses(
+    tmp_path, data, monkeypatch
+):
+    import huggingface_hub.constants as hf_constants
+
+    from tprobe.predict import predict
+    from tprobe.probe import ProbeRun
+    from tprobe.testing import save_random_dinov2
+
+    commit = "d" * 40
+    snap = tmp_path / "hub" / "models--facebook--dinov2-with-registers-small" / "snapshots" / commit
+    save_random_dinov2(snap)
+    (snap / "preprocessor_config.json").unlink()  # a snapshot without it: ImageNet mean/std
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    pre = preprocess(discover(data))
+    kw = dict(cache=tmp_path / "c", offline=True, **KW)
+    first = extract(pre, resolve_model("dinov2-small-reg", offline=True), **kw)
+    run = ProbeRun(n_boot=5).fit(from_store(first.path, "cls")).save(tmp_path / "runs")
+    new = copy_subset(tmp_path / "new", donors=("donor_3",), per_class=1)
+    assert predict(run, new, cache=tmp_path / "c", offline=True)["p_activated"].notna().all()
+    # the same snapshot gains a preprocessor_config.json with other values
+    (snap / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    )
+    ref = resolve_model("dinov2-small-reg", offline=True)
+    assert ref.resolved == commit
+    second = extract(pre, ref, **kw)
+    assert second.status == "written" and second.path != first.path
+    assert FeatureStore.open(second.path).attrs["image_mean"] == [0.5] * 3
+    with pytest.raises(TprobeError, match="input normalisation .* differs .*retrain the probe"):
+        predict(run, new, cache=tmp_path / "c", offline=True)
+
+
+def test_a_local_model_folder_gaining_a_preprocessor_config_gets_its_own_store(tmp_path, pre):
+    from tprobe.testing import save_random_dinov2
+
+    folder = save_random_dinov2(tmp_path / "m")
+    (folder / "preprocessor_config.json").unlink()
+    first = extract(pre, resolve_model(str(folder)), cache=tmp_path / "c", **KW)
+    (folder / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3})
+    )
+    second = extract(pre, resolve_model(str(folder)), cache=tmp_path / "c", **KW)
+    assert second.status == "written" and second.path != first.path
+    assert not np.allclose(
+        FeatureStore.open(first.path).read("cls"), FeatureStore.open(second.path).read("cls")
+    )
+
+
+# 12: a stale create.lock ------------------------------------------------------------------------
+def _dead_pid() -> int:
+    import subprocess
+
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _create(path: Path) -> FeatureStore:
+    return FeatureStore.create(path, row_ids=[f"r{i}" for i in range(6)], hidden=4, registers=0, patches=2,
+                               chunk_rows=2)  # fmt: skip
+
+
+@pytest.mark.parametrize("owner", ["empty", "dead pid", "dead host"])
+def test_a_stale_create_lock_is_taken_over_at_once(tmp_path, caplog, owner):
+    import socket
+
+    path = tmp_path / "s.zarr"
+    progress = path.with_name(path.name + ".progress")
+    progress.mkdir()
+    lock = progress / "create.lock"
+    lock.write_text({"empty": "", "dead pid": json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}),
+                     "dead host": json.dumps({"host": "node-that-died", "pid": 1})}[owner])  # fmt: skip
+    os.utime(lock, (time.time() - 60, time.time() - 60))  # killed a minute ago
+    t0 = time.monotonic()
+    store = _create(path)
+    assert time.monotonic() - t0 < 10 and (progress / "meta.json").exists()
+    assert "is gone; taking over" in caplog.text
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    for u in range(store.n_units):
+        store.write_unit(u, {"cls": np.ones((2, 4)), "patches": np.ones((2, 2, 4))})
+    assert store.finalize() and FeatureStore.open(path).read("cls").shape == (6, 4)
+
+
+def test_a_live_creator_is_waited_for_and_taken_over_when_it_dies(tmp_path, caplog):
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.zarr"
+    progress = path.with_name(path.name + ".progress")
+    progress.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(progress / 'create.lock')!r}, os.O_CREAT | os.O_RDWR)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'{\"pid\": %d}' % os.getpid())\n"
+                               "print('held', flush=True); time.sleep(1.5)"], stdout=subprocess.PIPE)  # fmt: skip
+    assert holder.stdout.readline().strip() == b"held"
+    t0 = time.monotonic()
+    _create(path)
+    assert 0.5 < time.monotonic() - t0 < 10, "did not wait for the live creator, or waited too long"
+    holder.wait()
+    assert "taking over" in caplog.text
+
+
+# 15: kill leftovers -----------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_leftovers_beside_a_finished_store_are_removed_and_it_is_byte_identical(
+    tmp_path, built, pre, ref, fmt
+):
+    cache = built[fmt].parents[3]  # cache/<dataset>/<preprocess>/<model>/<store>
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    store = work / built[fmt].relative_to(cache)
+    dead = _dead_pid()
+    sealed = store.with_name(f"{store.name}.sealed-{dead}")
+    sealed.mkdir()
+    (sealed / "part_000000.npz").write_bytes(b"x" * 1000)  # the HDF5 parts: an uncompressed copy
+    store.with_name(f"{store.name}.tmp{dead}").write_bytes(b"half an h5")
+    manifest_path(store).with_name(manifest_path(store).name + f".tmp{dead}").write_bytes(b"half a parquet")
+    if fmt == "zarr":
+        (store / "cls" / "c" / "0" / "0.1234abcd.partial").write_bytes(b"half a chunk")
+        (store / "zarr.5678.partial").write_bytes(b"half a zarr.json")
+    assert extract(pre, ref, cache=work, fmt=fmt, **KW).status == "up to date"
+    assert _tree(work) == _tree(cache)
+
+
+# 16: fsync coverage -----------------------------------------------------------------------------
+def test_zarr_metadata_row_ids_lock_and_new_chunk_folders_are_fsynced(tmp_path, pre, ref, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store = extract(pre, ref, cache=tmp_path / "c", **KW).path
+    s = str(store)
+    for name in ("cls", "registers", "patches", "row_ids"):
+        assert f"{s}/{name}/zarr.json" in synced, name
+    assert f"{s}/row_ids/c/0" in synced and f"{s}/zarr.json" in synced
+    assert any(p.endswith(".progress/create.lock") for p in synced)
+    for name in ("cls", "registers", "patches"):
+        assert f"{s}/{name}/c" in synced and f"{s}/{name}" in synced, name
+    assert str(store.parent) in synced  # the folder holding the seal rename
+
+
+# done-when: random kill points over os.replace / os.fsync in extract and sealing ------------------
+class _Killed(BaseException):
+    """Stands in for SIGKILL at a kill point: no ``except Exception`` cleanup runs (Zarr's neither)."""
+
+
+def _kill_at(monkeypatch, k: int) -> list:
+    """The k-th call of os.replace or os.fsync (counted together) raises :class:`_Killed`."""
+    calls = []
+    # fsync itself is skipped (what it makes durable is not under test here, and it is slow on shared disks)
+    for name, real in (("replace", os.replace), ("fsync", lambda fd: None)):
+
+        def dying(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            if len(calls) == k:
+                raise _Killed(f"killed at {_name} #{k}")
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(os, name, dying)
+    return calls
+
+
+def _everything(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))
+    }
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_fuzz_kill_points_end_byte_identical_with_no_leftovers(tmp_path, data, tiny_reg, monkeypatch, fmt):
+    from tprobe.backbones import Backbone
+    from tprobe.preprocess import PreprocessConfig
+
+    bb = Backbone.from_pretrained(str(tiny_reg), device="cpu")
+    pre = preprocess(discover(data), PreprocessConfig(views="orig"))  # 12 rows: units of 8 and 4
+    kw = dict(fmt=fmt, **KW)
+    with monkeypatch.context() as m:
+        calls = _kill_at(m, 0)
+        extract(pre, bb, cache=tmp_path / "ref", **kw)
+    want = _everything(tmp_path / "ref")
+    n = len(calls)  # 8 random points, and the last 4 calls: sealing
+    points = sorted({*np.random.default_rng(18).choice(np.arange(1, n - 3), 8, replace=False).tolist(),
+                     *range(n - 3, n + 1)})  # fmt: skip
+    t0 = time.monotonic()
+    for k in points:
+        cache = tmp_path / f"k{k}"
+        with monkeypatch.context() as m:
+            _kill_at(m, k)
+            with pytest.raises(_Killed):
+                extract(pre, bb, cache=cache, **kw)
+        assert extract(pre, bb, cache=cache, **kw).status in ("written", "up to date"), k
+        assert _everything(cache) == want, f"kill point {k} of {n} ({fmt})"
+    print(f"{fmt}: {len(points)} kill points of {n} in {time.monotonic() - t0:.1f} s")
+
+
+# one-line messages about model folders ----------------------------------------------------------
+@pytest.mark.refuses("a model folder with only pickle weights (never unpickled)")
+def test_pickle_only_weights_are_one_line_and_run_no_code(tmp_path, data):
+    import pickle
+
+    from tprobe.testing import save_random_dinov2
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    folder = save_random_dinov2(tmp_path / "m")
+    (folder / "model.safetensors").unlink()
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
+    r = CliRunner().invoke(main, ["extract", "--model", str(folder), "--data", str(data), "--cache",
+                                  str(tmp_path / "c")])  # fmt: skip
+    _one_line_exit_2(r)
+    assert "only pickle weights" in r.output and "safetensors" in r.output and "weights_only" not in r.output
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.refuses("a local model folder that was moved (no hub lookup)")
+def test_a_moved_model_folder_is_one_line_without_the_hub(tmp_path, data, pre, ref, tiny_reg, caplog):
+    from tprobe.predict import predict
+    from tprobe.probe import ProbeRun
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_reg, folder)
+    store = extract(pre, resolve_model(str(folder)), cache=tmp_path / "c", **KW).path
+    run = ProbeRun(n_boot=5).fit(from_store(store, "cls")).save(tmp_path / "runs")
+    folder.rename(tmp_path / "moved")
+    with pytest.raises(TprobeError, match=f"model folder {folder} is not there"):
+        predict(run, data, cache=tmp_path / "c")
+    r = CliRunner().invoke(main, ["extract", "--model", str(folder), "--data", str(data), "--cache",
+                                  str(tmp_path / "c")])  # fmt: skip
+    _one_line_exit_2(r)
+    assert "is not there" in r.output and "contacting the Hugging Face hub" not in caplog.text
