@@ -1,6 +1,7 @@
 """The batched torch logistic regression (tprobe.linear) against scikit-learn, and its use by the engine."""
 
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -167,3 +168,32 @@ def test_torch_solver_without_standardisation_matches_lbfgs(tmp_path):
     assert abs(_mean_auc(tr) - _mean_auc(lb)) <= 0.005
     head = load_head(tr.save(tmp_path / "runs"))
     assert [name for name, _ in head.steps] == ["clf"] and type(head[-1]) is LogisticRegression
+
+
+def test_cli_probe_solver_option_is_recorded(tmp_path):
+    import json
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from tprobe.cli import main
+
+    pre = preprocess(discover())
+    src = pre.manifest[pre.manifest["view"] == "orig"]
+    pd.DataFrame({"FileName": src["path"].map(lambda p: p.split("/")[-1]), "Entropy": src["entropy"],
+                  "Intensity": src["total_intensity"] / (src["height"] * src["width"]),
+                  "Area": src["height"] * src["width"]}).to_csv(tmp_path / "cp.csv", index=False)  # fmt: skip
+    args = [
+        "probe",
+        "--features",
+        str(tmp_path / "cp.csv"),
+        "--head",
+        "logreg",
+        "--out",
+        str(tmp_path / "runs"),
+    ]
+    res = CliRunner().invoke(main, [*args, "--solver", "torch"])
+    assert res.exit_code == 0, res.output
+    run = res.output.strip().splitlines()[-1]
+    assert json.loads((Path(run) / "config.json").read_text())["options"]["solver"] == "torch"
+    assert CliRunner().invoke(main, [*args, "--solver", "nope"]).exit_code == 2
