@@ -74,6 +74,8 @@ def assert_engines_agree(ref_chosen, ref_preds, fast_chosen, fast_preds, tol):
     ("mlp", [{"clf__alpha": 1e-3}, {"clf__alpha": 1e-1}]),
     # n_estimators is a path parameter: fitted once at 40 trees, scored at 10/20/40 via iteration_range
     ("xgboost", [{"clf__max_depth": d, "clf__n_estimators": n} for d in (2, 3) for n in (10, 20, 40)]),
+    # k is a path parameter: one neighbour search at k=10, scored at 3/5/10 (KNNHead.predict_proba_path)
+    ("knn", [{"clf__k": k} for k in (3, 5, 10)]),
 ])  # fmt: skip
 @pytest.mark.parametrize("tta", [False, True])
 def test_fast_engine_matches_the_reference(head, grid, tta):

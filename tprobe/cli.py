@@ -669,6 +669,9 @@ def _echo_table(df, floatfmt="{:.3f}"):
 )
 @click.option("--no-final-head", is_flag=True, help="Skip refitting a head on all donors (no predict).")
 @NORMALIZE_OPTION
+@click.option("--solver", type=click.Choice(["auto", "lbfgs", "torch"]), default="auto", show_default=True,
+              help="logreg's solver: torch fits the whole C grid as one batched model (tprobe.linear); auto "
+                   "uses it from 20,000 training cells up, scikit-learn's lbfgs below.")  # fmt: skip
 @click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @CACHE_OPTION
 @OFFLINE_OPTION
@@ -682,8 +685,8 @@ def _echo_table(df, floatfmt="{:.3f}"):
 )
 @click.pass_context
 def probe(ctx, model, revision, store, features, id_column, exclude, keep_columns, all_table_rows, head, pool, split,
-          test_donor, folds, tta, train_views, penalty, seed, n_boot, no_final_head, normalize, out, cache, offline,
-          data, prep, executor, resume, sweep_task, **slurm):  # fmt: skip
+          test_donor, folds, tta, train_views, penalty, seed, n_boot, no_final_head, normalize, solver, out, cache,
+          offline, data, prep, executor, resume, sweep_task, **slurm):  # fmt: skip
     """Train heads on cached features with donor-held-out nested CV; write run directories.
 
     Prints per-donor accuracy, balanced accuracy, average precision (beside the donor's
@@ -742,7 +745,7 @@ def probe(ctx, model, revision, store, features, id_column, exclude, keep_column
 
     probe_kwargs = dict(split=split, test_donor=test_donor, n_splits=folds, tta=tta, train_views=train_views,
                         penalty=penalty, seed=seed, n_boot=n_boot, final_head=not no_final_head,
-                        data=str(data) if data else None, normalize=normalize)  # fmt: skip
+                        data=str(data) if data else None, normalize=normalize, solver=solver)  # fmt: skip
     if executor == "slurm":
         from tprobe.sweep import plan_sweep
 

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,8 +44,9 @@ from tprobe.evaluate import CVResult, Fold, _score_rows, selection
 __all__ = ["FoldProgress", "nested_cv_fast", "PATH_PARAMS"]
 log = logging.getLogger(__name__)
 
-# grid axes scored as prefixes of one fit (predict with the first k trees)
-PATH_PARAMS = ("clf__n_estimators",)
+# grid axes scored as prefixes of one fit (predict with the first k trees; kNN: the k nearest of one
+# neighbour search for the largest k, KNNHead.predict_proba_path)
+PATH_PARAMS = ("clf__n_estimators", "clf__k")
 # grid axes fitted in one job along the path of values, each fit warm-started from the previous one
 # (ascending: the most regularised fit first); equal to separate fits up to the solver's tolerance
 WARM_PARAMS = ("clf__C",)
@@ -89,15 +91,23 @@ def _predict(model, X: np.ndarray, name: str | None, value) -> np.ndarray:
     if name is None or name in WARM_PARAMS:
         return model.predict_proba(X)[:, 1]
     scaled = model[:-1].transform(X) if len(model) > 1 else X
+    if name == "clf__k":
+        return model[-1].predict_proba_path(scaled, [value])[value][:, 1]
     return model[-1].predict_proba(scaled, iteration_range=(0, int(value)))[:, 1]
 
 
 def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
     """Fit one head single-threaded; return ``{(name, value): proba over rows}`` per requested output."""
     model = make(**params)
-    Xr, Xt, yt = X[rows], X[train], y[train]
     warm = [v for name, v in outputs if name in WARM_PARAMS]
+    if warm and len(model) == 1 and hasattr(model[-1], "fit_path"):
+        # the whole path in one batched fit, reading X's training rows in place (tprobe.linear)
+        name = next(n for n, _ in outputs if n in WARM_PARAMS)
+        fitted = model[-1].fit_path(X, y, sorted(warm), rows=train)
+        return {(name, m.C): m.predict_proba_rows(X, rows)[:, 1] for m in fitted}
+    Xt, yt = X[train], y[train]
     if warm:
+        Xr = X[rows]
         name = next(n for n, _ in outputs if n in WARM_PARAMS)
         if hasattr(model[-1], "warm_start"):
             model.set_params(clf__warm_start=True)
@@ -107,7 +117,31 @@ def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
             out[(name, v)] = model.predict_proba(Xr)[:, 1].astype(np.float64)
         return out
     model.fit(Xt, yt)
+    del Xt  # the prediction rows are gathered once the training copy is gone (peak memory at 400k cells)
+    Xr = X[rows]
+    ks = [v for name, v in outputs if name == "clf__k"]
+    if ks and hasattr(model[-1], "predict_proba_path"):  # every k from one neighbour search
+        scaled = model[:-1].transform(Xr) if len(model) > 1 else Xr
+        path = model[-1].predict_proba_path(scaled, ks)
+        return {out: (path[int(out[1])][:, 1] if out[0] == "clf__k" else _predict(model, Xr, *out)).astype(np.float64)
+                for out in outputs}  # fmt: skip
     return {out: _predict(model, Xr, *out).astype(np.float64) for out in outputs}
+
+
+@contextmanager
+def _torch_threads(n: int):
+    """torch's intra-op threads limited to ``n`` meanwhile, when torch is loaded (threadpoolctl does not
+    reach its thread pool); the fits of a batch run in parallel, each single-threaded."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _key(j: int, train: np.ndarray) -> tuple[int, str]:
@@ -126,10 +160,12 @@ class _Fits:
     def want(self, g: int, train: np.ndarray, rows: np.ndarray) -> tuple:
         j, name, value = self.where[g]
         key = _key(j, train)
-        w = self.wanted.setdefault(key, {"j": j, "train": train, "rows": set(), "outputs": set()})
-        if key in self.done and not (set(rows.tolist()) <= w["rows"] and (name, value) in w["outputs"]):
+        w = self.wanted.setdefault(
+            key, {"j": j, "train": train, "rows": np.empty(0, np.int64), "outputs": set()}
+        )
+        if key in self.done and not (np.isin(rows, w["rows"]).all() and (name, value) in w["outputs"]):
             del self.done[key]  # asked for more after it ran: fit again (costs time, never correctness)
-        w["rows"].update(rows.tolist())
+        w["rows"] = np.union1d(w["rows"], np.asarray(rows, np.int64))  # sorted, unique
         w["outputs"].add((name, value))
         return key
 
@@ -149,10 +185,10 @@ class _Fits:
         jobs = []
         for k in todo:
             w = self.wanted[k]
-            rows = np.array(sorted(w["rows"]), dtype=np.int64)
+            rows = w["rows"]
             jobs.append((k, self.fit_grid[w["j"]], w["train"], rows, sorted(w["outputs"], key=repr)))
         n_jobs = min(self.n_jobs, len(jobs)) if self.n_jobs > 0 else self.n_jobs
-        with threadpool_limits(1):
+        with threadpool_limits(1), _torch_threads(1):
             fit = delayed(_fit_and_predict)
             outs = Parallel(n_jobs=n_jobs, backend=self.backend, return_as="generator")(
                 fit(self.make, params, self.X, self.y, train, rows, outputs)
@@ -168,19 +204,28 @@ class _Fits:
         return out[(name, value)][np.searchsorted(have, rows)]
 
 
-def _inner_requests(grid, y, donors, train, is_orig):
-    """(grid index, inner train rows, validation rows) of one inner leave-one-donor-out search."""
+def _inner_requests(grid, y, donors, train, is_orig, rows_cache: dict | None = None):
+    """(grid index, inner train rows, validation rows) of one inner leave-one-donor-out search.
+
+    The row arrays are shared: every grid point's request holds the same arrays, and ``rows_cache``
+    (content hash -> array, shared across the searches of a run) hands out one array per distinct
+    training set - outer fold a's inner fit without b trains on exactly the rows of fold b's without a.
+    Held as int32 when the rows allow. Without this, 20 donors x 19 inner donors x 4 grid points of
+    400k-row index arrays held 4.4 GB for the whole run (issue 20)."""
     inner = sorted(set(donors[train]))
     if len(grid) == 1 or len(inner) < 2:
         return inner, []
-    reqs = []
+    cache = {} if rows_cache is None else rows_cache
+    small = len(y) < 2**31
     d_tr = donors[train]
-    for g in range(len(grid)):
-        for d in inner:
-            tr, va = train[d_tr != d], train[(d_tr == d) & is_orig[train]]
-            if len(np.unique(y[tr])) == 2 and len(np.unique(y[va])) == 2:  # else AP undefined
-                reqs.append((g, tr, va))
-    return inner, reqs
+    per_donor = []
+    for d in inner:
+        tr, va = train[d_tr != d], train[(d_tr == d) & is_orig[train]]
+        if len(np.unique(y[tr])) == 2 and len(np.unique(y[va])) == 2:  # else AP undefined
+            tr = tr.astype(np.int32) if small else tr
+            tr = cache.setdefault(_key(0, tr)[1], tr)
+            per_donor.append((tr, va))
+    return inner, [(g, tr, va) for g in range(len(grid)) for tr, va in per_donor]
 
 
 def average_precision(y: np.ndarray, score: np.ndarray) -> float:
@@ -226,16 +271,16 @@ def nested_cv_fast(make: Callable, grid: list[dict], X: np.ndarray, meta: pd.Dat
         return fold_test if tta else fold_test[is_orig[fold_test]]
 
     # plan every request up front so each fit predicts all the rows any step will score with it
-    outer = []
+    outer, rows_cache = [], {}
     for fold in plan:
         train = fold.train if train_views == "all" else fold.train[is_orig[fold.train]]
-        _, reqs = _inner_requests(grid, y, donors, train, is_orig)
+        _, reqs = _inner_requests(grid, y, donors, train, is_orig, rows_cache)
         keys = [fits.want(g, tr, va) for g, tr, va in reqs]
         outer.append((fold, train, reqs, keys))
     final_reqs, final_keys = [], []
     if final_head:
         keep = np.arange(len(meta)) if train_views == "all" else np.flatnonzero(is_orig)
-        inner, final_reqs = _inner_requests(grid, y, donors, keep, is_orig)
+        inner, final_reqs = _inner_requests(grid, y, donors, keep, is_orig, rows_cache)
         if len(grid) > 1 and len(inner) < 2:
             log.warning("one training donor: no inner validation; using the first grid point")
         final_keys = [fits.want(g, tr, va) for g, tr, va in final_reqs]

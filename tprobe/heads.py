@@ -97,6 +97,11 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+# KNNHead.predict_proba computes at most this many query x training similarities at a time (float32: 8 MiB,
+# with their int64 partition indices 24 MiB per worker)
+TOPK_BLOCK = 2**21
+
+
 class KNNHead(ClassifierMixin, BaseEstimator):
     """Weighted k-nearest neighbours on cosine similarity (DINOv2's kNN evaluation).
 
@@ -119,17 +124,50 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, X) -> np.ndarray:
+        return self.predict_proba_path(X, [self.k])[self.k]
+
+    def predict_proba_path(self, X, ks) -> dict[int, np.ndarray]:
+        """``{k: predict_proba(X) with that k}`` for every ``k`` in ``ks``, from ONE neighbour search (the
+        largest k's, sorted): the engine scores a whole ``clf__k`` grid at the cost of one prediction."""
         Q = _l2(X)
-        k = int(min(self.k, len(self.X_)))
-        out = np.zeros((len(Q), len(self.classes_)), dtype=np.float64)
+        ks = sorted({int(k) for k in ks})
+        k_max = int(min(ks[-1], len(self.X_)))
+        out = {k: np.zeros((len(Q), len(self.classes_)), dtype=np.float64) for k in ks}
         for start in range(0, len(Q), self.batch_size):
-            sims = Q[start : start + self.batch_size] @ self.X_.T
-            top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-            s = np.take_along_axis(sims, top, axis=1).astype(np.float64)
-            w = _softmax(s / self.temperature)  # = exp(s/T) normalised over the k neighbours
-            for c in range(len(self.classes_)):
-                out[start : start + len(s), c] = (w * (self.y_[top] == c)).sum(axis=1)
+            s, labels = self._top_k(Q[start : start + self.batch_size], k_max)
+            order = np.argsort(-s, axis=1, kind="stable")  # most similar first
+            s, labels = np.take_along_axis(s, order, axis=1), np.take_along_axis(labels, order, axis=1)
+            for k in ks:
+                kk = min(k, k_max)
+                w = _softmax(s[:, :kk].astype(np.float64) / self.temperature)  # exp(s/T) over kk neighbours
+                for c in range(len(self.classes_)):
+                    out[k][start : start + len(s), c] = (w * (labels[:, :kk] == c)).sum(axis=1)
         return out
+
+    def _top_k(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` largest similarities of each query row and their training labels, by blocks of
+        training rows (at most :data:`TOPK_BLOCK` similarities at a time): memory bounded whatever the
+        training set's size, never a queries x training-rows matrix (400k training rows: issue 20)."""
+        width = max(k, TOPK_BLOCK // max(len(q), 1))
+        best_s = np.empty((len(q), 0), np.float32)
+        best_y = np.empty((len(q), 0), np.int64)
+        for lo in range(0, len(self.X_), width):
+            sims = q @ self.X_[lo : lo + width].T
+            kk = min(k, sims.shape[1])
+            top = np.argpartition(sims, sims.shape[1] - kk, axis=1)[
+                :, -kk:
+            ]  # the kk largest, no negated copy
+            cand_s = np.concatenate([best_s, np.take_along_axis(sims, top, axis=1)], axis=1)
+            cand_y = np.concatenate([best_y, self.y_[lo + top]], axis=1)
+            del sims, top
+            if cand_s.shape[1] > k:  # merge: keep the k best of the running best and this block's
+                keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+                cand_s, cand_y = (
+                    np.take_along_axis(cand_s, keep, axis=1),
+                    np.take_along_axis(cand_y, keep, axis=1),
+                )
+            best_s, best_y = cand_s, cand_y
+        return best_s, best_y
 
     def predict(self, X) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]

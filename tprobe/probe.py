@@ -28,6 +28,7 @@ from tprobe.evaluate import (
 from tprobe.fastcv import FoldProgress, nested_cv_fast, projected
 from tprobe.features import NORMALIZE, FeatureSet, donor_center
 from tprobe.heads import HEADS, load_head_file, make_head, param_grid, projection, projection_width, save_head
+from tprobe.linear import make_logreg, resolve_solver
 from tprobe.runs import RunRecord, inside, make_run_dir, save_run
 
 __all__ = ["ProbeRun", "load_head", "projection", "ENGINES"]
@@ -86,6 +87,9 @@ class ProbeRun:
     # none: heads see the features as given; standard: in-fold standardisation (every head's first step);
     # donor-center: each donor centred on its own mean first (features.donor_center), then standard
     normalize: str = "standard"
+    # logreg's solver: "lbfgs" (scikit-learn), "torch" (tprobe.linear: the whole C grid as one batched
+    # L-BFGS fit, rows read in place) or "auto" (torch from linear.TORCH_MIN_ROWS training rows up)
+    solver: str = "auto"
 
     def _validate(self):
         if self.head not in HEADS:
@@ -97,6 +101,7 @@ class ProbeRun:
         if self.normalize not in NORMALIZE:
             raise TprobeError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZE)}")
         projection_width(self.head, 0, self.max_dims)  # raises on a bad width
+        resolve_solver(self.solver, self.head, self.penalty, 0)  # raises on a bad solver
 
     def fit(self, fs: FeatureSet, *, progress: Callable[[FoldProgress], None] | None = None) -> ProbeRun:
         """Nested CV, evaluation and (``final_head``) the final head; ``progress`` gets one
@@ -108,9 +113,18 @@ class ProbeRun:
             raise TprobeError("the data has one class only; a probe needs activated and quiescent cells")
         plan = split_plan(meta, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
         check_plan(plan, meta)
-        make = partial(
-            make_head, self.head, seed=self.seed, penalty=self.penalty, scale=self.normalize != "none"
+        n_train = (
+            len(meta) if (self.tta or self.train_views == "all") else int((meta["view"] == "orig").sum())
         )
+        self.solver_ = resolve_solver(self.solver, self.head, self.penalty, n_train)
+        if self.solver_ == "torch":
+            import torch  # noqa: F401 - loaded before the engine, so its fits run single-threaded
+
+            make = partial(make_logreg, seed=self.seed, penalty=self.penalty, scale=self.normalize != "none")
+        else:
+            make = partial(
+                make_head, self.head, seed=self.seed, penalty=self.penalty, scale=self.normalize != "none"
+            )
         grid = param_grid(self.head)
         dims = projection_width(self.head, fs.X.shape[1], self.max_dims)
         final = None
@@ -129,7 +143,8 @@ class ProbeRun:
             rows = None if (self.tta or self.train_views == "all") else (meta["view"] == "orig").to_numpy()
             X, self.projection_ = projected(fs, dims, self.seed, rows)
             X = self._normalized(X, meta)
-            backend = "loky" if self.head in PROCESS_HEADS else "threading"
+            # torch's fits release the GIL: threads share X without copies
+            backend = "loky" if self.head in PROCESS_HEADS and self.solver_ != "torch" else "threading"
             cv, final = nested_cv_fast(make, grid, X, meta, plan, train_views=self.train_views, tta=self.tta,
                                        final_head=self.final_head, n_jobs=self.n_jobs, progress=progress,
                                        backend=backend)  # fmt: skip
@@ -163,13 +178,21 @@ class ProbeRun:
             from threadpoolctl import threadpool_limits
 
             with threadpool_limits(1):  # as the engine's fits: BLAS threads only spin on small problems
-                head = make(**best).fit(X[keep], y[keep])
+                head = self._fit_final(make(**best), X, y, keep)
         else:
-            head = make(**best).fit(X[keep], y[keep])
+            head = self._fit_final(make(**best), X, y, keep)
         model = (
             head if self.projection_ is None else Pipeline([("project", self.projection_), ("head", head)])
         )
         return {"model": model, "head": head, "params": best}
+
+    @staticmethod
+    def _fit_final(model, X, y, keep):
+        if len(model) == 1 and hasattr(model[-1], "to_sklearn"):
+            # torch logreg: fitted on X's rows in place, kept as the scikit-learn pipeline of its numbers
+            # (StandardScaler + LogisticRegression) so the saved head stays plain data
+            return model[-1].fit(X, y, rows=keep).to_sklearn()
+        return model.fit(X[keep], y[keep])
 
     @property
     def predictions_(self) -> pd.DataFrame:
@@ -197,7 +220,8 @@ class ProbeRun:
         options = {"head": self.head, "split": self.split, "test_donor": self.test_donor, "n_splits": self.n_splits,
                    "tta": self.tta, "train_views": self.train_views, "penalty": self.penalty,
                    "max_dims": self.max_dims, "seed": self.seed, "n_boot": self.n_boot, "engine": self.engine,
-                   "normalize": self.normalize, **(extra or {})}  # fmt: skip
+                   "normalize": self.normalize, "solver": getattr(self, "solver_", None),
+                   **(extra or {})}  # fmt: skip
         p = self.projection_
         proj = None if p is None else {"method": "gaussian", "n_components": int(p.n_components_),
                                        "n_features": int(p.n_features_in_), "seed": self.seed}  # fmt: skip
