@@ -183,3 +183,45 @@ def test_a_damaged_chunk_is_one_line_not_a_crash(tmp_path, small_data, tiny_reg)
     chunk.write_bytes(chunk.read_bytes()[:20])  # truncated on disk
     r = CliRunner().invoke(main, ["probe", "--store", str(res.path), "--out", str(tmp_path / "runs")])
     assert r.exit_code == 2 and "damaged" in r.output and "unexpected" not in r.output, r.output
+
+
+@pytest.mark.parametrize("shape", [(3, 14, 14), (3, 2, 14, 14)])
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+def test_device_views_equal_the_host_views_bit_for_bit(shape, kind):
+    from tprobe.extract import VIEW_CODES, _device_views
+    from tprobe.preprocess import apply_view
+
+    rng = np.random.default_rng(0)
+    canvases = (
+        rng.integers(0, 256, shape).astype(np.uint8)
+        if kind == "uint8"
+        else rng.random(shape, np.float32) * 255
+    )
+    src = np.array([0, 0, 1, 2, 1, 0, 2, 2])
+    views = np.arange(len(VIEW_CODES))
+    out = _device_views(
+        torch.from_numpy(canvases), torch.from_numpy(src), torch.from_numpy(views), torch.device("cpu")
+    )
+    want = np.stack(
+        [apply_view(canvases[s].astype(np.float32), VIEW_CODES[v]) / 255.0 for s, v in zip(src, views)]
+    )
+    assert out.dtype == torch.float32 and out.numpy().tobytes() == want.tobytes()
+
+
+def test_resized_canvases_go_as_float32_and_all_eight_views_match_the_per_view_path(
+    tmp_path, small_data, tiny_reg
+):
+    from tprobe.preprocess import PreprocessConfig
+
+    from tprobe.extract import _Batches
+
+    pre = preprocess(discover(small_data), PreprocessConfig(fit="fill", views="dihedral8"))
+    assert _Batches(pre.kept, [[0, 1]], pre.config)[0][0].dtype == torch.float32  # resized: not whole numbers
+    plain = preprocess(discover(small_data))
+    assert _Batches(plain.kept, [[0, 1]], plain.config)[0][0].dtype == torch.uint8  # 8-bit, padded: uint8
+    res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, dtype="float32", chunk_rows=16,
+                  batch_size=5, progress=False)  # fmt: skip
+    store = FeatureStore.open(res.path)
+    ref = _reference_tokens(pre, tiny_reg, batch_size=5, chunk_rows=16)
+    for name, arr in ref.items():
+        assert store.read(name).tobytes() == arr.tobytes()

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tprobe import __version__
 from tprobe.backbones import Backbone, ModelRef, normalisation, normalisation_tag, pick_device
 from tprobe.errors import TprobeError
-from tprobe.preprocess import PreprocessConfig, Preprocessed, apply_view, load_canvas
+from tprobe.preprocess import PreprocessConfig, Preprocessed, load_canvas
 from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, manifest_hash, manifest_path, rows_hash
 
 __all__ = ["ExtractResult", "StageTimes", "extract", "store_dir", "store_path", "store_name", "manifest_path",
@@ -111,12 +111,22 @@ def estimate_bytes(n_rows: int, hidden: int, registers: int, patches: int, dtype
 
 
 # ---- reader ----------------------------------------------------------------------------------
+VIEW_CODES = ("orig", "r90", "r180", "r270", "fliph", "flipv", "transpose", "antitranspose")
+
+
 class _Batches(Dataset):
-    """Item ``b`` is batch ``b`` stacked: each source image decoded once, its views derived from it."""
+    """Item ``b`` is batch ``b`` as each cell's canvas once plus which view of which canvas each row is.
+
+    The canvases travel as uint8 when they hold whole numbers 0..255 (8-bit sources without a
+    resize: 4x less than float32), float32 otherwise; :func:`_device_views` derives the views and
+    scales them to [0, 1] on the model's device.
+    """
 
     def __init__(self, rows: pd.DataFrame, batches: list[list[int]], config: PreprocessConfig):
         self.paths = rows["path"].tolist()
         self.views = rows["view"].tolist()
+        for v in set(self.views) - set(VIEW_CODES):
+            raise TprobeError(f"unknown view {v!r}; known views: {', '.join(VIEW_CODES)}")
         self.batches = batches
         self.config = config
 
@@ -125,13 +135,43 @@ class _Batches(Dataset):
 
     def __getitem__(self, b):
         t0 = time.perf_counter()
-        canvases, out = {}, []
+        index, canvases, src = {}, [], []
         for i in self.batches[b]:
             path = self.paths[i]
-            if path not in canvases:
-                canvases[path] = load_canvas(path, self.config)
-            out.append(apply_view(canvases[path], self.views[i]) / 255.0)
-        return torch.from_numpy(np.stack(out)), len(canvases), time.perf_counter() - t0
+            if path not in index:
+                index[path] = len(canvases)
+                canvases.append(load_canvas(path, self.config))
+            src.append(index[path])
+        stack = np.stack(canvases)
+        small = stack.astype(np.uint8)
+        if np.array_equal(small, stack):  # whole numbers 0..255: exact as uint8
+            stack = small
+        views = torch.tensor([VIEW_CODES.index(self.views[i]) for i in self.batches[b]])
+        return torch.from_numpy(stack), torch.tensor(src), views, len(canvases), time.perf_counter() - t0
+
+
+def _view(x: torch.Tensor, code: int) -> torch.Tensor:
+    """:func:`~tprobe.preprocess.apply_view` in torch on the last two axes (the same exact permutation)."""
+    d = (-2, -1)
+    return [lambda a: a, lambda a: torch.rot90(a, 1, d), lambda a: torch.rot90(a, 2, d),
+            lambda a: torch.rot90(a, 3, d), lambda a: a.flip(-1), lambda a: a.flip(-2),
+            lambda a: a.transpose(-1, -2), lambda a: torch.rot90(a, 2, d).transpose(-1, -2)][code](x)  # fmt: skip
+
+
+def _device_views(canvases: torch.Tensor, src: torch.Tensor, views: torch.Tensor, dev) -> torch.Tensor:
+    """The batch's views in [0, 1] float32 on ``dev``, from each cell's canvas shipped once.
+
+    Bit-identical to ``apply_view(canvas, view) / 255.0`` on the host: a permutation, an exact cast
+    to float32 and one IEEE division.
+    """
+    x = canvases.to(dev, non_blocking=True)
+    out = torch.empty((len(src), *x.shape[1:]), dtype=torch.float32, device=dev)
+    codes, src_l = views.tolist(), src.tolist()
+    for code in sorted(set(codes)):
+        rows = [r for r, c in enumerate(codes) if c == code]
+        picked = x[torch.tensor([src_l[r] for r in rows], device=dev)]
+        out[torch.tensor(rows, device=dev)] = _view(picked, code).to(torch.float32)
+    return out.div_(255.0)
 
 
 # ---- writer ----------------------------------------------------------------------------------
@@ -291,12 +331,12 @@ def extract(
             it = iter(loader)
             for b in range(len(batches)):
                 tw = time.perf_counter()
-                images, decodes, read_s = next(it)
+                canvases, src, views, decodes, read_s = next(it)
                 times.wait_data += time.perf_counter() - tw
                 times.read += read_s
                 times.decodes += decodes
                 tf = time.perf_counter()
-                images = images.to(dev, non_blocking=True)
+                images = _device_views(canvases, src, views, dev)
                 if channels:  # (B, C, H, W): every channel through the model on its own, as grey
                     hidden = forward(backbone.pixel_values(images.flatten(0, 1)))
                     hidden = hidden.unflatten(0, (len(images), len(channels)))
