@@ -203,7 +203,10 @@ def test_device_views_equal_the_host_views_bit_for_bit(shape, kind):
         torch.from_numpy(canvases), torch.from_numpy(src), torch.from_numpy(views), torch.device("cpu")
     )
     want = np.stack(
-        [apply_view(canvases[s].astype(np.float32), VIEW_CODES[v]) / 255.0 for s, v in zip(src, views)]
+        [
+            apply_view(canvases[s].astype(np.float32), VIEW_CODES[v]) / 255.0
+            for s, v in zip(src, views, strict=True)
+        ]
     )
     assert out.dtype == torch.float32 and out.numpy().tobytes() == want.tobytes()
 
@@ -211,9 +214,8 @@ def test_device_views_equal_the_host_views_bit_for_bit(shape, kind):
 def test_resized_canvases_go_as_float32_and_all_eight_views_match_the_per_view_path(
     tmp_path, small_data, tiny_reg
 ):
-    from tprobe.preprocess import PreprocessConfig
-
     from tprobe.extract import _Batches
+    from tprobe.preprocess import PreprocessConfig
 
     pre = preprocess(discover(small_data), PreprocessConfig(fit="fill", views="dihedral8"))
     assert _Batches(pre.kept, [[0, 1]], pre.config)[0][0].dtype == torch.float32  # resized: not whole numbers
