@@ -185,10 +185,10 @@ def test_a_damaged_chunk_is_one_line_not_a_crash(tmp_path, small_data, tiny_reg)
     assert r.exit_code == 2 and "damaged" in r.output and "unexpected" not in r.output, r.output
 
 
-@pytest.mark.parametrize("shape", [(3, 14, 14), (3, 2, 14, 14)])
+@pytest.mark.parametrize("shape", [(3, 14, 14), (3, 3, 14, 14)])
 @pytest.mark.parametrize("kind", ["uint8", "float32"])
-def test_device_views_equal_the_host_views_bit_for_bit(shape, kind):
-    from tprobe.extract import VIEW_CODES, _device_views
+def test_device_views_and_pixel_values_equal_the_host_path_bit_for_bit(tiny_reg, shape, kind):
+    from tprobe.extract import VIEW_CODES, _device_views, _pixel_values
     from tprobe.preprocess import apply_view
 
     rng = np.random.default_rng(0)
@@ -197,18 +197,19 @@ def test_device_views_equal_the_host_views_bit_for_bit(shape, kind):
         if kind == "uint8"
         else rng.random(shape, np.float32) * 255
     )
+    canvases.flat[:256] = np.arange(256)  # every level
     src = np.array([0, 0, 1, 2, 1, 0, 2, 2])
     views = np.arange(len(VIEW_CODES))
-    out = _device_views(
+    got = _device_views(
         torch.from_numpy(canvases), torch.from_numpy(src), torch.from_numpy(views), torch.device("cpu")
     )
-    want = np.stack(
-        [
-            apply_view(canvases[s].astype(np.float32), VIEW_CODES[v]) / 255.0
-            for s, v in zip(src, views, strict=True)
-        ]
+    host = np.stack(
+        [apply_view(canvases[s].astype(np.float32), VIEW_CODES[v]) for s, v in zip(src, views, strict=True)]
     )
-    assert out.dtype == torch.float32 and out.numpy().tobytes() == want.tobytes()
+    assert got.dtype == torch.from_numpy(canvases).dtype and np.array_equal(got.numpy(), host)
+    bb = Backbone.from_pretrained(str(tiny_reg), device="cpu")
+    want = bb.pixel_values(host / 255.0)  # today's host path: float32 views / 255, then normalised
+    assert _pixel_values(bb, got).numpy().tobytes() == want.numpy().tobytes()
 
 
 def test_resized_canvases_go_as_float32_and_all_eight_views_match_the_per_view_path(

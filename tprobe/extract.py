@@ -159,19 +159,37 @@ def _view(x: torch.Tensor, code: int) -> torch.Tensor:
 
 
 def _device_views(canvases: torch.Tensor, src: torch.Tensor, views: torch.Tensor, dev) -> torch.Tensor:
-    """The batch's views in [0, 1] float32 on ``dev``, from each cell's canvas shipped once.
+    """The batch's views on ``dev``, in the canvases' own dtype, from each cell's canvas shipped once.
 
-    Bit-identical to ``apply_view(canvas, view) / 255.0`` on the host: a permutation, an exact cast
-    to float32 and one IEEE division.
+    Equal to ``apply_view(canvas, view)`` on the host: a permutation, no arithmetic.
     """
     x = canvases.to(dev, non_blocking=True)
-    out = torch.empty((len(src), *x.shape[1:]), dtype=torch.float32, device=dev)
     codes, src_l = views.tolist(), src.tolist()
-    for code in sorted(set(codes)):
+    parts, order = [], []
+    for code in sorted(set(codes)):  # one gather + one permutation per view kind, then rows back in order
         rows = [r for r, c in enumerate(codes) if c == code]
-        picked = x[torch.tensor([src_l[r] for r in rows], device=dev)]
-        out[torch.tensor(rows, device=dev)] = _view(picked, code).to(torch.float32)
-    return out.div_(255.0)
+        parts.append(_view(x.index_select(0, torch.tensor([src_l[r] for r in rows], device=dev)), code))
+        order += rows
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if order != sorted(order):
+        out = out.index_select(0, torch.from_numpy(np.argsort(order)).to(dev))
+    return out
+
+
+def _pixel_values(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """The model's normalised input for views ``x`` (0..255): ``backbone.pixel_values(x / 255.0)``, bit for bit.
+
+    uint8 views go through a per-channel table of the 256 values computed by those same float32
+    operations, so one gather replaces the scaling, the grey-to-RGB copy and the normalisation.
+    """
+    if x.dtype != torch.uint8:
+        return backbone.pixel_values(x.to(torch.float32).div_(255.0))
+    levels = torch.arange(256, dtype=torch.float32, device=x.device).div_(255.0)
+    lut = backbone.pixel_values(levels.view(1, 1, 256)).view(3, 256)  # (channel, level)
+    idx = x.long()
+    if x.ndim == 3:  # grey: (B, H, W) -> (B, 3, H, W)
+        return torch.stack([lut[c][idx] for c in range(3)], dim=1)
+    return torch.stack([lut[c][idx[:, c]] for c in range(3)], dim=1)
 
 
 # ---- writer ----------------------------------------------------------------------------------
@@ -338,10 +356,10 @@ def extract(
                 tf = time.perf_counter()
                 images = _device_views(canvases, src, views, dev)
                 if channels:  # (B, C, H, W): every channel through the model on its own, as grey
-                    hidden = forward(backbone.pixel_values(images.flatten(0, 1)))
+                    hidden = forward(_pixel_values(backbone, images.flatten(0, 1)))
                     hidden = hidden.unflatten(0, (len(images), len(channels)))
                 else:
-                    hidden = forward(backbone.pixel_values(images))
+                    hidden = forward(_pixel_values(backbone, images))
                 parts = dict(zip(TOKENS, layout.split(hidden), strict=True))
                 for n in names:  # cast to the store's dtype in torch (on the device: half the copy to host)
                     buffer[n].append(parts[n].to(out_dtype).cpu().numpy())
