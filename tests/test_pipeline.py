@@ -228,3 +228,16 @@ def test_resized_canvases_go_as_float32_and_all_eight_views_match_the_per_view_p
     ref = _reference_tokens(pre, tiny_reg, batch_size=5, chunk_rows=16)
     for name, arr in ref.items():
         assert store.read(name).tobytes() == arr.tobytes()
+
+
+def test_parallel_writer_threads_write_the_same_bytes_as_one(tmp_path, small_data, tiny_reg):
+    pre = preprocess(discover(small_data))
+    trees = []
+    for threads in (1, 3):
+        cache = tmp_path / f"w{threads}"
+        extract(pre, resolve_model(str(tiny_reg)), cache=cache, chunk_rows=8, batch_size=4, write_threads=threads,
+                progress=False)  # fmt: skip
+        trees.append(
+            {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+        )
+    assert trees[0] == trees[1] and len(trees[0]) > 10

@@ -187,13 +187,20 @@ def _pixel_values(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
 
 # ---- writer ----------------------------------------------------------------------------------
 class _Writer:
-    """A background thread writing whole units from a bounded queue; errors surface in the runner."""
+    """Background threads writing whole units from a bounded queue; errors surface in the runner.
 
-    def __init__(self, store: FeatureStore, depth: int = 2):
+    ``threads`` units are compressed at once (Blosc releases the GIL; each unit is its own chunk
+    files and marker, and a chunk's bytes do not depend on which thread wrote it).
+    """
+
+    def __init__(self, store: FeatureStore, depth: int = 2, threads: int = 1):
         self.store, self.seconds, self.error = store, 0.0, None
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.thread = threading.Thread(target=self._run, name="tprobe-writer", daemon=True)
-        self.thread.start()
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, threads))
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=f"tprobe-writer-{i}", daemon=True)
+                        for i in range(max(1, threads))]  # fmt: skip
+        for t in self.threads:
+            t.start()
 
     def _run(self):
         while (item := self.queue.get()) is not None:
@@ -203,7 +210,8 @@ class _Writer:
                     self.store.write_unit(*item)
                 except BaseException as exc:  # noqa: BLE001 - handed to the runner thread
                     self.error = exc
-                self.seconds += time.perf_counter() - t0
+                with self.lock:
+                    self.seconds += time.perf_counter() - t0
 
     def put(self, unit: int, tokens: dict) -> float:
         """Queue a unit; returns the seconds spent waiting for room (the writer was behind)."""
@@ -217,14 +225,16 @@ class _Writer:
             raise self.error
 
     def close(self, *, drain: bool = True):
-        if not drain:  # interrupted: finish the unit in hand, drop the rest (they are not marked done)
+        if not drain:  # interrupted: finish the units in hand, drop the rest (they are not marked done)
             while not self.queue.empty():
                 try:
                     self.queue.get_nowait()
                 except queue.Empty:
                     break
-        self.queue.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
         self.check()
 
 
@@ -236,7 +246,7 @@ class StageTimes:
     read: float = 0.0  # decode + views, summed over reader workers (in the loop when workers=0)
     wait_data: float = 0.0  # the model waited for the reader
     forward: float = 0.0  # model forward + copy to host
-    write: float = 0.0  # compress + write + fsync, in the writer thread
+    write: float = 0.0  # compress + write + fsync, summed over the writer threads
     wait_write: float = 0.0  # the model waited for the writer's queue
     total: float = 0.0
     decodes: int = 0  # source images decoded
@@ -282,6 +292,7 @@ def extract(
     tokens=TOKENS,
     compression: str = "zstd",
     check_disk: bool = True,
+    write_threads: int | None = None,
 ) -> ExtractResult:
     """Extract the chosen tokens (CLS, registers, patches) of every kept view of ``pre`` into the cache.
 
@@ -333,7 +344,7 @@ def extract(
     out_dtype = getattr(torch, dtype)  # torch's float16 rounding equals numpy's astype, and is ~10x faster
     t0 = time.perf_counter()
     bar = _Progress(todo, f"extract {ref.name}", progress)
-    writer = _Writer(store)
+    writer = _Writer(store, threads=write_threads or min(4, _cpus()))
     buffer: dict[str, list] = {n: [] for n in names}
     ok = False
     try:
