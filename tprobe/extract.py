@@ -35,7 +35,7 @@ from tprobe.errors import TprobeError
 from tprobe.preprocess import PreprocessConfig, Preprocessed, load_canvas
 from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, manifest_hash, manifest_path, rows_hash
 
-__all__ = ["ExtractResult", "StageTimes", "extract", "store_dir", "store_path", "store_name", "manifest_path",
+__all__ = ["ExtractResult", "StageTimes", "WorkersResult", "extract", "run_workers", "worker_env", "store_dir", "store_path", "store_name", "manifest_path",
            "find_store", "resolve_precision", "estimate_bytes", "DEFAULT_CACHE", "PRECISIONS"]  # fmt: skip
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path("cache")
@@ -388,6 +388,49 @@ def extract(
     sealed = store.finalize()  # any worker that finds every unit done seals the store
     status = "written" if sealed else "partial (shard)"
     return ExtractResult(path, status, len(kept), times.total, todo, times)
+
+
+# ---- one node, many workers ------------------------------------------------------------------
+@dataclass
+class WorkersResult:
+    status: str  # "written" | "up to date" | "partial (shard)"
+    seconds: float
+    codes: list[int]  # each worker's exit status
+
+
+def worker_env(i: int, n: int, devices: list[str], cores: int | None = None) -> dict[str, str]:
+    """Worker ``i`` of ``n``'s environment: its device (``CUDA_VISIBLE_DEVICES``), or on CPU cores/n threads."""
+    import os
+
+    env = dict(os.environ)
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+    else:
+        threads = str(max(1, (cores or _cpus()) // n))
+        env.update(
+            OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads
+        )  # torch takes its thread count from these
+    return env
+
+
+def run_workers(args: list[str], path: Path, n: int, devices: list[str]) -> WorkersResult:
+    """Run ``tprobe extract ARGS --shard i/n`` as ``n`` processes on this node and wait for all of them.
+
+    The same shard contract as SLURM array tasks: each takes units ``i::n``; whichever finds every
+    unit done seals the store. A worker that dies leaves its finished units; the others run on, and a
+    rerun of the same command redoes only the missing units.
+    """
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    procs = []
+    for i in range(n):
+        cmd = [sys.executable, "-m", "tprobe.cli", "extract", *args, "--shard", f"{i}/{n}"]
+        procs.append(subprocess.Popen(cmd, env=worker_env(i, n, devices), stdout=subprocess.DEVNULL))
+    codes = [p.wait() for p in procs]
+    sealed = path.exists() and not path.with_name(path.name + ".progress").exists()
+    return WorkersResult("written" if sealed else "partial (shard)", time.perf_counter() - t0, codes)
 
 
 class _Progress:
