@@ -3,12 +3,14 @@
 The pipeline (after clip-retrieval's reader -> mapper -> writer -> runner):
 
 - **reader**: a ``DataLoader`` over whole batches (batches never cross a store unit). Each batch
-  decodes each of its source images once and derives that cell's views from the one decode
-  (``--workers`` processes decode ahead of the model).
+  decodes each of its source images once and ships each cell's canvas once (uint8 when exact); the
+  views (rot90/flip) and the normalisation are made on the model's device
+  (``--loader-workers`` processes decode ahead of the model; ``--workers N`` is N whole extract
+  processes, one shard each: :func:`run_workers`).
 - **mapper**: the model under ``inference_mode`` and autocast; tokens split by the
   :class:`~tprobe.tokens.TokenLayout`.
-- **writer**: a background thread behind a bounded queue compresses, writes and fsyncs whole units
-  (chunks) and marks each done, while the model computes the next one.
+- **writer**: background threads behind a bounded queue compress, write and fsync whole units
+  (chunks; several at once) and mark each done, while the model computes the next one.
 - **runner** (:func:`extract`): keys, resume, shards, progress and per-stage timings.
 
 Units already done are skipped, so a rerun resumes; ``shard=(i, N)`` takes units ``i::N``.
@@ -297,7 +299,9 @@ def extract(
     """Extract the chosen tokens (CLS, registers, patches) of every kept view of ``pre`` into the cache.
 
     The store is keyed by the data, preprocessing, row order, model content, precision, dtype and
-    tokens; a complete store with the same key is left as it is ("up to date").
+    tokens; a complete store with the same key is left as it is ("up to date"). ``workers`` are the
+    DataLoader's decoding processes (the CLI's ``--loader-workers``); ``write_threads`` units are
+    compressed at once [default: min(4, cores)].
     """
     ref = model.ref if isinstance(model, Backbone) else model
     dev = model.device if isinstance(model, Backbone) else pick_device(device)
