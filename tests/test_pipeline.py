@@ -187,7 +187,8 @@ def test_a_damaged_chunk_is_one_line_not_a_crash(tmp_path, small_data, tiny_reg)
 
 @pytest.mark.parametrize("shape", [(3, 14, 14), (3, 3, 14, 14)])
 @pytest.mark.parametrize("kind", ["uint8", "float32"])
-def test_device_views_and_pixel_values_equal_the_host_path_bit_for_bit(tiny_reg, shape, kind):
+@pytest.mark.parametrize("host", [False, True])
+def test_device_views_and_pixel_values_equal_the_host_path_bit_for_bit(tiny_reg, shape, kind, host):
     from tprobe.extract import VIEW_CODES, _device_views, _pixel_values
     from tprobe.preprocess import apply_view
 
@@ -210,6 +211,8 @@ def test_device_views_and_pixel_values_equal_the_host_path_bit_for_bit(tiny_reg,
     bb = Backbone.from_pretrained(str(tiny_reg), device="cpu")
     want = bb.pixel_values(host / 255.0)  # today's host path: float32 views / 255, then normalised
     assert _pixel_values(bb, got).numpy().tobytes() == want.numpy().tobytes()
+    torch_path = bb.pixel_values(got.to(torch.float32).div_(255.0))  # the path a GPU takes, run on the CPU
+    assert torch_path.numpy().tobytes() == want.numpy().tobytes()
 
 
 def test_resized_canvases_go_as_float32_and_all_eight_views_match_the_per_view_path(

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tprobe import __version__
 from tprobe.backbones import Backbone, ModelRef, normalisation, normalisation_tag, pick_device
 from tprobe.errors import TprobeError
-from tprobe.preprocess import PreprocessConfig, Preprocessed, load_canvas
+from tprobe.preprocess import PreprocessConfig, Preprocessed, apply_view, load_canvas
 from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, manifest_hash, manifest_path, rows_hash
 
 __all__ = ["ExtractResult", "StageTimes", "WorkersResult", "extract", "run_workers", "worker_env", "store_dir", "store_path", "store_name", "manifest_path",
@@ -160,11 +160,19 @@ def _view(x: torch.Tensor, code: int) -> torch.Tensor:
             lambda a: a.transpose(-1, -2), lambda a: torch.rot90(a, 2, d).transpose(-1, -2)][code](x)  # fmt: skip
 
 
-def _device_views(canvases: torch.Tensor, src: torch.Tensor, views: torch.Tensor, dev) -> torch.Tensor:
+def _device_views(
+    canvases: torch.Tensor, src: torch.Tensor, views: torch.Tensor, dev, *, host: bool | None = None
+) -> torch.Tensor:
     """The batch's views on ``dev``, in the canvases' own dtype, from each cell's canvas shipped once.
 
-    Equal to ``apply_view(canvas, view)`` on the host: a permutation, no arithmetic.
+    Equal to ``apply_view(canvas, view)`` on the host: a permutation, no arithmetic. On a CPU device
+    (``host``) numpy makes them: one thread and no torch thread-pool hand-offs for these small copies.
     """
+    if host if host is not None else torch.device(dev).type == "cpu":
+        arr, codes = canvases.numpy(), views.tolist()
+        return torch.from_numpy(
+            np.stack([apply_view(arr[s], VIEW_CODES[c]) for s, c in zip(src.tolist(), codes, strict=True)])
+        )
     x = canvases.to(dev, non_blocking=True)
     codes, src_l = views.tolist(), src.tolist()
     parts, order = [], []
@@ -184,6 +192,8 @@ def _pixel_values(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
     (A per-channel table of the 256 levels gathered on the CPU was 2x slower than these three
     elementwise passes; measured in the README's extract benchmark section.)
     """
+    if x.device.type == "cpu":  # numpy's float32 division, one thread (as the host path always did)
+        return backbone.pixel_values(torch.from_numpy(x.numpy().astype(np.float32) / np.float32(255.0)))
     return backbone.pixel_values(x.to(torch.float32).div_(255.0))
 
 
