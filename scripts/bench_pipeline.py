@@ -110,9 +110,9 @@ def main():
         )
         print(head)
         for w in args.workers:
-            print(fmt_row(f"tprobe --workers {w}", run(ROOT, blockless, w)), flush=True)
+            print(fmt_row(f"tprobe --loader-workers {w}", run(ROOT, blockless, w)), flush=True)
             if args.old:
-                print(fmt_row(f"old code --workers {w}", run(args.old, blockless, w)), flush=True)
+                print(fmt_row(f"old code --loader-workers {w}", run(args.old, blockless, w)), flush=True)
         if args.skip_real:
             return
         small = save_random_dinov2(Path(tmp) / "small", shape="small")
@@ -131,7 +131,7 @@ def main():
                   f"({o['views'] / o['end_to_end'] / o['bare']:.2f} of its bare forward {o['bare']:.1f}; loop "
                   f"{o['views'] / o['loop']:.1f} views/s)")  # fmt: skip
         print(head)
-        print(fmt_row("tprobe --workers 0", r))
+        print(fmt_row("tprobe --loader-workers 0", r))
 
 
 if __name__ == "__main__":

@@ -84,3 +84,34 @@ def test_store_from_other_data_is_refused(small_data, tmp_path, tiny_plain):
     store = r.output.strip().splitlines()[-1]
     r = CliRunner().invoke(main, ["probe", "--store", store, "--views", "orig", "--data", str(small_data)])
     assert r.exit_code == 2 and "another dataset or preprocessing" in r.output
+
+
+LIGHT = """
+import sys
+from tprobe.cli import main
+try:
+    main(sys.argv[1:], prog_name="tprobe")
+except SystemExit as exc:
+    code = exc.code
+print("HEAVY", sorted(m for m in ("torch", "transformers", "skimage") if m in sys.modules), code)
+"""
+
+
+def test_help_status_report_and_export_never_import_torch_or_transformers(tmp_path, small_data, tiny_reg):
+    import subprocess
+    import sys
+
+    from tprobe.backbones import resolve_model
+    from tprobe.dataset import discover
+    from tprobe.extract import extract
+    from tprobe.preprocess import preprocess
+
+    store = extract(
+        preprocess(discover(small_data)), resolve_model(str(tiny_reg)), cache=tmp_path, progress=False
+    ).path
+    for args in (["--help"], ["status", str(store)], ["report", "--help"],
+                 ["export", str(store), "--to", "parquet", str(tmp_path / "out.parquet")]):  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", LIGHT, *args], capture_output=True, text=True, timeout=120
+        ).stdout
+        assert out.strip().splitlines()[-1] == "HEAVY [] 0", (args, out[-500:])

@@ -1,10 +1,16 @@
+import os
+import time
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from click.testing import CliRunner
 
 import tprobe.store
 from tprobe.backbones import Backbone, resolve_model
+from tprobe.cli import main
 from tprobe.dataset import discover
 from tprobe.errors import TprobeError
 from tprobe.extract import extract, find_store, manifest_path
@@ -175,3 +181,72 @@ def test_concurrent_shard_workers_build_one_store(tmp_path, tiny_reg, fmt):
         pre, resolve_model(str(tiny_reg)), cache=tmp_path / "one", fmt=fmt, chunk_rows=32, progress=False
     )
     np.testing.assert_array_equal(store.read("patches"), FeatureStore.open(ref.path).read("patches"))
+
+
+def _store_tree(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def _workers_cmd(tiny_reg, data, cache, *extra):
+    import sys
+
+    return [sys.executable, "-m", "tprobe.cli", "extract", "--model", str(tiny_reg), "--data", str(data), "--cache",
+            str(cache), *extra]  # fmt: skip
+
+
+def test_workers_build_a_store_byte_identical_to_one_process(tmp_path, small_data, tiny_reg):
+    import subprocess
+
+    r = subprocess.run(_workers_cmd(tiny_reg, small_data, tmp_path / "two", "--chunk-rows", "8", "--workers", "2"),
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "2 workers on CPU" in r.stdout and FeatureStore.open(r.stdout.strip().splitlines()[-1]).complete
+    one = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--cache",
+                                    str(tmp_path / "one"), "--chunk-rows", "8"])  # fmt: skip
+    assert one.exit_code == 0, one.output
+    assert _store_tree(tmp_path / "two") == _store_tree(tmp_path / "one")
+    again = subprocess.run(_workers_cmd(tiny_reg, small_data, tmp_path / "two", "--chunk-rows", "8", "--workers", "2"),
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0 and "up to date" in again.stdout
+
+
+def test_a_killed_worker_units_are_redone_by_a_rerun(tmp_path, small_data, tiny_reg):
+    import signal
+    import subprocess
+
+    cmd = _workers_cmd(tiny_reg, small_data, tmp_path / "two", "--chunk-rows", "1", "--workers", "2")
+    parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children: list[int] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list((tmp_path / "two").rglob("unit_*.done")):
+        time.sleep(0.05)
+    children = [int(c) for c in Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()]
+    assert len(children) == 2
+    os.kill(children[1], signal.SIGKILL)  # worker 1 dies mid-run
+    out, err = parent.communicate(timeout=300)
+    assert parent.returncode == 2 and "worker 1 (--shard 1/2) exit status -9" in err and "rerun" in err, err
+    assert list((tmp_path / "two").rglob("*.progress"))  # not sealed
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "written" in r.stdout, r.stderr
+    one = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--cache",
+                                    str(tmp_path / "one"), "--chunk-rows", "1"])  # fmt: skip
+    assert one.exit_code == 0, one.output
+    assert _store_tree(tmp_path / "two") == _store_tree(tmp_path / "one")
+
+
+def test_worker_environment_pins_a_device_or_a_share_of_the_cores(tmp_path, small_data, tiny_reg):
+    from tprobe.extract import worker_env
+
+    assert worker_env(1, 2, ["2", "3"])["CUDA_VISIBLE_DEVICES"] == "3"
+    assert worker_env(2, 3, ["0", "1"])["CUDA_VISIBLE_DEVICES"] == "0"
+    cpu = worker_env(0, 2, [], cores=8)
+    assert cpu["OMP_NUM_THREADS"] == cpu["MKL_NUM_THREADS"] == "4"
+    assert worker_env(0, 4, [], cores=2)["OMP_NUM_THREADS"] == "1"
+    for bad in (
+        ["--workers", "2", "--shard", "0/2"],
+        ["--workers", "2", "--devices", "a,b"],
+        ["--devices", "0"],
+    ):
+        r = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--cache",
+                                      str(tmp_path), *bad])  # fmt: skip
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output

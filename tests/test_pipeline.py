@@ -183,3 +183,64 @@ def test_a_damaged_chunk_is_one_line_not_a_crash(tmp_path, small_data, tiny_reg)
     chunk.write_bytes(chunk.read_bytes()[:20])  # truncated on disk
     r = CliRunner().invoke(main, ["probe", "--store", str(res.path), "--out", str(tmp_path / "runs")])
     assert r.exit_code == 2 and "damaged" in r.output and "unexpected" not in r.output, r.output
+
+
+@pytest.mark.parametrize("shape", [(3, 14, 14), (3, 3, 14, 14)])
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+@pytest.mark.parametrize("host", [False, True])
+def test_device_views_and_pixel_values_equal_the_host_path_bit_for_bit(tiny_reg, shape, kind, host):
+    from tprobe.extract import VIEW_CODES, _device_views, _pixel_values
+    from tprobe.preprocess import apply_view
+
+    rng = np.random.default_rng(0)
+    canvases = (
+        rng.integers(0, 256, shape).astype(np.uint8)
+        if kind == "uint8"
+        else rng.random(shape, np.float32) * 255
+    )
+    canvases.flat[:256] = np.arange(256)  # every level
+    src = np.array([0, 0, 1, 2, 1, 0, 2, 2])
+    views = np.arange(len(VIEW_CODES))
+    got = _device_views(
+        torch.from_numpy(canvases), torch.from_numpy(src), torch.from_numpy(views), torch.device("cpu")
+    )
+    host = np.stack(
+        [apply_view(canvases[s].astype(np.float32), VIEW_CODES[v]) for s, v in zip(src, views, strict=True)]
+    )
+    assert got.dtype == torch.from_numpy(canvases).dtype and np.array_equal(got.numpy(), host)
+    bb = Backbone.from_pretrained(str(tiny_reg), device="cpu")
+    want = bb.pixel_values(host / 255.0)  # today's host path: float32 views / 255, then normalised
+    assert _pixel_values(bb, got).numpy().tobytes() == want.numpy().tobytes()
+    torch_path = bb.pixel_values(got.to(torch.float32).div_(255.0))  # the path a GPU takes, run on the CPU
+    assert torch_path.numpy().tobytes() == want.numpy().tobytes()
+
+
+def test_resized_canvases_go_as_float32_and_all_eight_views_match_the_per_view_path(
+    tmp_path, small_data, tiny_reg
+):
+    from tprobe.extract import _Batches
+    from tprobe.preprocess import PreprocessConfig
+
+    pre = preprocess(discover(small_data), PreprocessConfig(fit="fill", views="dihedral8"))
+    assert _Batches(pre.kept, [[0, 1]], pre.config)[0][0].dtype == torch.float32  # resized: not whole numbers
+    plain = preprocess(discover(small_data))
+    assert _Batches(plain.kept, [[0, 1]], plain.config)[0][0].dtype == torch.uint8  # 8-bit, padded: uint8
+    res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, dtype="float32", chunk_rows=16,
+                  batch_size=5, progress=False)  # fmt: skip
+    store = FeatureStore.open(res.path)
+    ref = _reference_tokens(pre, tiny_reg, batch_size=5, chunk_rows=16)
+    for name, arr in ref.items():
+        assert store.read(name).tobytes() == arr.tobytes()
+
+
+def test_parallel_writer_threads_write_the_same_bytes_as_one(tmp_path, small_data, tiny_reg):
+    pre = preprocess(discover(small_data))
+    trees = []
+    for threads in (1, 3):
+        cache = tmp_path / f"w{threads}"
+        extract(pre, resolve_model(str(tiny_reg)), cache=cache, chunk_rows=8, batch_size=4, write_threads=threads,
+                progress=False)  # fmt: skip
+        trees.append(
+            {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+        )
+    assert trees[0] == trees[1] and len(trees[0]) > 10

@@ -418,6 +418,42 @@ def _slurm_options(slurm):
     )  # fmt: skip
 
 
+def _extract_workers(ctx, pre, ref, n, gpus):
+    """``--workers N``: N local processes, each ``tprobe extract ... --shard i/N``; returns when all exit."""
+    from tprobe.backbones import pick_device
+    from tprobe.extract import resolve_precision, run_workers, store_path
+
+    p = ctx.params
+    dev = pick_device(p["device"])
+    if not gpus and dev.type == "cuda":
+        import torch
+
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    ctx.params.update(canvas=pre.config.canvas, workers=1, devices=None,
+                      precision=resolve_precision(p["precision"], dev))  # fmt: skip
+    if gpus and p["device"].startswith("cuda:"):
+        ctx.params["device"] = "cuda"  # each worker sees only its own GPU
+    path = store_path(p["cache"], pre, ref, p["dtype"], p["fmt"], ctx.params["precision"], _token_names(p["tokens"]),
+                      layers=p["layers"], patch_layers=p["patch_layers"])  # fmt: skip
+    if path.exists() and not path.with_name(path.name + ".progress").exists():
+        click.echo(f"up to date: {len(pre.kept)} rows already extracted for {ref.slug}; no worker started")
+        click.echo(str(path))
+        return _finish(pre)
+    res = run_workers(_forward_args(ctx), path, n, gpus)
+    failed = [f"worker {i} (--shard {i}/{n}) exit status {c}" for i, c in enumerate(res.codes) if c]
+    if failed:
+        raise TprobeError(f"{'; '.join(failed)}: the store is not sealed; finished units are kept, rerun the same "
+                          "command to redo the rest (the worker's own error is above)")  # fmt: skip
+    if ref.random_init:
+        click.echo(RANDOM_NOTE)
+    where = f"GPUs {','.join(gpus)}" if gpus else "CPU"
+    click.echo(
+        f"{res.status}: {len(pre.kept)} views in the store, {n} workers on {where} in {res.seconds:.1f} s"
+    )
+    click.echo(str(path))
+    _finish(pre)
+
+
 def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
     from tprobe.extract import store_path
     from tprobe.slurm import extract_array
@@ -475,7 +511,25 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
 )
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (pays off on long runs).")
 @click.option(
-    "--workers", type=int, default=None, help="Image-decoding processes [default: 0 on CPU, up to 8 on GPU]."
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes on this node, worker i taking --shard i/N of the store (as SLURM array "
+    "tasks); each gets one device of --devices, or on CPU cores/N threads.",
+)
+@click.option(
+    "--devices",
+    default=None,
+    metavar="I,J,...",
+    help="GPUs for --workers (CUDA_VISIBLE_DEVICES of worker i: the i-th, round robin) [default: every "
+    "visible GPU; none on CPU].",
+)
+@click.option(
+    "--loader-workers",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Image-decoding processes per worker [default: 0 on CPU, up to 8 on GPU].",
 )
 @click.option(
     "--tokens",
@@ -510,7 +564,8 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
 @slurm_options
 @click.pass_context
 def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chunk_rows, device, precision,
-            compile_, workers, tokens, layers, patch_layers, compression, shard, offline, executor, shards,
+            compile_, workers, devices, loader_workers, tokens, layers, patch_layers, compression, shard, offline,
+            executor, shards,
             **slurm):  # fmt: skip
     """Run every kept image view through a ViT (DINOv2, DINOv3, ...) once; store CLS, register, patch tokens.
 
@@ -523,6 +578,7 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
       tprobe extract --model dinov2-base --data path/to/images --format hdf5
       tprobe extract --model ./my-local-dinov2 --batch-size 64 --dtype float32 --device cuda
       tprobe extract --model dinov2-small-reg --layers -1,-2,-3,-4,-7   # then probe --pool layers / last4
+      tprobe extract --model dinov2-small-reg --workers 4 --devices 0,1,2,3   # one node, 4 GPUs
       tprobe extract --model dinov2-small-reg --executor slurm --shards 8 --partition gpu \\
           --gpus-per-task 1 --time 2:00:00     # one array job, task i runs --shard i/8
     """
@@ -531,6 +587,12 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
 
     if executor == "local" and shards:
         raise TprobeError("--shards N is for --executor slurm; one local worker takes --shard i/N")
+    if workers > 1 and (executor == "slurm" or shard != "0/1"):
+        raise TprobeError("--workers N runs --shard 0/N ... N-1/N itself on this node; leave out --shard and "
+                          "--executor slurm (or use --executor slurm --shards N instead of --workers)")  # fmt: skip
+    gpus = [d.strip() for d in devices.split(",")] if devices else []
+    if devices and (not all(d.isdigit() for d in gpus) or workers == 1):
+        raise TprobeError(f"--devices {devices!r}: give GPU indices like 0,1,2,3, with --workers N")
     if executor == "slurm":
         from tprobe.slurm import script_value
 
@@ -541,10 +603,12 @@ def extract(ctx, model, revision, data, prep, cache, fmt, dtype, batch_size, chu
     pre = _prepare(data, prep, progress=False, ref=ref)
     if executor == "slurm":
         return _extract_slurm(ctx, pre, ref, shard, shards, slurm)
+    if workers > 1:
+        return _extract_workers(ctx, pre, ref, workers, gpus)
     names = _token_names(tokens)
     res = run_extract(pre, ref, cache=cache, fmt=fmt, dtype=dtype, batch_size=batch_size,
                       chunk_rows=chunk_rows, device=device, precision=precision, compile=compile_,
-                      workers=workers, shard=_parse_shard(shard), offline=offline, tokens=names,
+                      workers=loader_workers, shard=_parse_shard(shard), offline=offline, tokens=names,
                       compression=compression, layers=layers, patch_layers=patch_layers)  # fmt: skip
     if ref.random_init:
         click.echo(RANDOM_NOTE)

@@ -3,12 +3,14 @@
 The pipeline (after clip-retrieval's reader -> mapper -> writer -> runner):
 
 - **reader**: a ``DataLoader`` over whole batches (batches never cross a store unit). Each batch
-  decodes each of its source images once and derives that cell's views from the one decode
-  (``--workers`` processes decode ahead of the model).
+  decodes each of its source images once and ships each cell's canvas once (uint8 when exact); the
+  views (rot90/flip) and the normalisation are made on the model's device
+  (``--loader-workers`` processes decode ahead of the model; ``--workers N`` is N whole extract
+  processes, one shard each: :func:`run_workers`).
 - **mapper**: the model under ``inference_mode`` and autocast; tokens split by the
   :class:`~tprobe.tokens.TokenLayout`.
-- **writer**: a background thread behind a bounded queue compresses, writes and fsyncs whole units
-  (chunks) and marks each done, while the model computes the next one.
+- **writer**: background threads behind a bounded queue compress, write and fsync whole units
+  (chunks; several at once) and mark each done, while the model computes the next one.
 - **runner** (:func:`extract`): keys, resume, shards, progress and per-stage timings.
 
 Units already done are skipped, so a rerun resumes; ``shard=(i, N)`` takes units ``i::N``.
@@ -35,7 +37,7 @@ from tprobe.errors import TprobeError
 from tprobe.preprocess import PreprocessConfig, Preprocessed, apply_view, load_canvas
 from tprobe.store import FORMATS, TOKENS, FeatureStore, _atomic_write, manifest_hash, manifest_path, rows_hash
 
-__all__ = ["ExtractResult", "StageTimes", "extract", "store_dir", "store_path", "store_name", "manifest_path",
+__all__ = ["ExtractResult", "StageTimes", "WorkersResult", "extract", "run_workers", "worker_env", "store_dir", "store_path", "store_name", "manifest_path",
            "find_store", "resolve_precision", "estimate_bytes", "DEFAULT_CACHE", "PRECISIONS"]  # fmt: skip
 log = logging.getLogger(__name__)
 DEFAULT_CACHE = Path("cache")
@@ -135,12 +137,22 @@ def estimate_bytes(n_rows: int, hidden: int, registers: int, patches: int, dtype
 
 
 # ---- reader ----------------------------------------------------------------------------------
+VIEW_CODES = ("orig", "r90", "r180", "r270", "fliph", "flipv", "transpose", "antitranspose")
+
+
 class _Batches(Dataset):
-    """Item ``b`` is batch ``b`` stacked: each source image decoded once, its views derived from it."""
+    """Item ``b`` is batch ``b`` as each cell's canvas once plus which view of which canvas each row is.
+
+    The canvases travel as uint8 when they hold whole numbers 0..255 (8-bit sources without a
+    resize: 4x less than float32), float32 otherwise; :func:`_device_views` derives the views and
+    scales them to [0, 1] on the model's device.
+    """
 
     def __init__(self, rows: pd.DataFrame, batches: list[list[int]], config: PreprocessConfig):
         self.paths = rows["path"].tolist()
         self.views = rows["view"].tolist()
+        for v in set(self.views) - set(VIEW_CODES):
+            raise TprobeError(f"unknown view {v!r}; known views: {', '.join(VIEW_CODES)}")
         self.batches = batches
         self.config = config
 
@@ -149,24 +161,82 @@ class _Batches(Dataset):
 
     def __getitem__(self, b):
         t0 = time.perf_counter()
-        canvases, out = {}, []
+        index, canvases, src = {}, [], []
         for i in self.batches[b]:
             path = self.paths[i]
-            if path not in canvases:
-                canvases[path] = load_canvas(path, self.config)
-            out.append(apply_view(canvases[path], self.views[i]) / 255.0)
-        return torch.from_numpy(np.stack(out)), len(canvases), time.perf_counter() - t0
+            if path not in index:
+                index[path] = len(canvases)
+                canvases.append(load_canvas(path, self.config))
+            src.append(index[path])
+        stack = np.stack(canvases)
+        small = stack.astype(np.uint8)
+        if np.array_equal(small, stack):  # whole numbers 0..255: exact as uint8
+            stack = small
+        views = torch.tensor([VIEW_CODES.index(self.views[i]) for i in self.batches[b]])
+        return torch.from_numpy(stack), torch.tensor(src), views, len(canvases), time.perf_counter() - t0
+
+
+def _view(x: torch.Tensor, code: int) -> torch.Tensor:
+    """:func:`~tprobe.preprocess.apply_view` in torch on the last two axes (the same exact permutation)."""
+    d = (-2, -1)
+    return [lambda a: a, lambda a: torch.rot90(a, 1, d), lambda a: torch.rot90(a, 2, d),
+            lambda a: torch.rot90(a, 3, d), lambda a: a.flip(-1), lambda a: a.flip(-2),
+            lambda a: a.transpose(-1, -2), lambda a: torch.rot90(a, 2, d).transpose(-1, -2)][code](x)  # fmt: skip
+
+
+def _device_views(
+    canvases: torch.Tensor, src: torch.Tensor, views: torch.Tensor, dev, *, host: bool | None = None
+) -> torch.Tensor:
+    """The batch's views on ``dev``, in the canvases' own dtype, from each cell's canvas shipped once.
+
+    Equal to ``apply_view(canvas, view)`` on the host: a permutation, no arithmetic. On a CPU device
+    (``host``) numpy makes them: one thread and no torch thread-pool hand-offs for these small copies.
+    """
+    if host if host is not None else torch.device(dev).type == "cpu":
+        arr, codes = canvases.numpy(), views.tolist()
+        return torch.from_numpy(
+            np.stack([apply_view(arr[s], VIEW_CODES[c]) for s, c in zip(src.tolist(), codes, strict=True)])
+        )
+    x = canvases.to(dev, non_blocking=True)
+    codes, src_l = views.tolist(), src.tolist()
+    parts, order = [], []
+    for code in sorted(set(codes)):  # one gather + one permutation per view kind, then rows back in order
+        rows = [r for r, c in enumerate(codes) if c == code]
+        parts.append(_view(x.index_select(0, torch.tensor([src_l[r] for r in rows], device=dev)), code))
+        order += rows
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if order != sorted(order):
+        out = out.index_select(0, torch.from_numpy(np.argsort(order)).to(dev))
+    return out
+
+
+def _pixel_values(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """The model's normalised input for views ``x`` (0..255): ``backbone.pixel_values(x / 255.0)``, on x's device.
+
+    (A per-channel table of the 256 levels gathered on the CPU was 2x slower than these three
+    elementwise passes; measured in the README's extract benchmark section.)
+    """
+    if x.device.type == "cpu":  # numpy's float32 division, one thread (as the host path always did)
+        return backbone.pixel_values(torch.from_numpy(x.numpy().astype(np.float32) / np.float32(255.0)))
+    return backbone.pixel_values(x.to(torch.float32).div_(255.0))
 
 
 # ---- writer ----------------------------------------------------------------------------------
 class _Writer:
-    """A background thread writing whole units from a bounded queue; errors surface in the runner."""
+    """Background threads writing whole units from a bounded queue; errors surface in the runner.
 
-    def __init__(self, store: FeatureStore, depth: int = 2):
+    ``threads`` units are compressed at once (Blosc releases the GIL; each unit is its own chunk
+    files and marker, and a chunk's bytes do not depend on which thread wrote it).
+    """
+
+    def __init__(self, store: FeatureStore, depth: int = 2, threads: int = 1):
         self.store, self.seconds, self.error = store, 0.0, None
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.thread = threading.Thread(target=self._run, name="tprobe-writer", daemon=True)
-        self.thread.start()
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, threads))
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, name=f"tprobe-writer-{i}", daemon=True)
+                        for i in range(max(1, threads))]  # fmt: skip
+        for t in self.threads:
+            t.start()
 
     def _run(self):
         while (item := self.queue.get()) is not None:
@@ -176,7 +246,8 @@ class _Writer:
                     self.store.write_unit(*item)
                 except BaseException as exc:  # noqa: BLE001 - handed to the runner thread
                     self.error = exc
-                self.seconds += time.perf_counter() - t0
+                with self.lock:
+                    self.seconds += time.perf_counter() - t0
 
     def put(self, unit: int, tokens: dict) -> float:
         """Queue a unit; returns the seconds spent waiting for room (the writer was behind)."""
@@ -190,14 +261,16 @@ class _Writer:
             raise self.error
 
     def close(self, *, drain: bool = True):
-        if not drain:  # interrupted: finish the unit in hand, drop the rest (they are not marked done)
+        if not drain:  # interrupted: finish the units in hand, drop the rest (they are not marked done)
             while not self.queue.empty():
                 try:
                     self.queue.get_nowait()
                 except queue.Empty:
                     break
-        self.queue.put(None)
-        self.thread.join()
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
         self.check()
 
 
@@ -209,7 +282,7 @@ class StageTimes:
     read: float = 0.0  # decode + views, summed over reader workers (in the loop when workers=0)
     wait_data: float = 0.0  # the model waited for the reader
     forward: float = 0.0  # model forward + copy to host
-    write: float = 0.0  # compress + write + fsync, in the writer thread
+    write: float = 0.0  # compress + write + fsync, summed over the writer threads
     wait_write: float = 0.0  # the model waited for the writer's queue
     total: float = 0.0
     decodes: int = 0  # source images decoded
@@ -257,6 +330,7 @@ def extract(
     check_disk: bool = True,
     layers="-1",
     patch_layers="-1",
+    write_threads: int | None = None,
 ) -> ExtractResult:
     """Extract the chosen tokens (CLS, registers, patches) of every kept view of ``pre`` into the cache.
 
@@ -264,7 +338,8 @@ def extract(
     stored, ``patch_layers`` those whose patch tokens are; each layer through the final layer norm
     (:meth:`~tprobe.backbones.Backbone.layer_outputs`). The store is keyed by the data, preprocessing,
     row order, model content, precision, dtype, tokens and layers; a complete store with the same key
-    is left as it is ("up to date").
+    is left as it is ("up to date"). ``workers`` are the DataLoader's decoding processes (the CLI's
+    ``--loader-workers``); ``write_threads`` units are compressed at once [default: min(4, cores)].
     """
     ref = model.ref if isinstance(model, Backbone) else model
     dev = model.device if isinstance(model, Backbone) else pick_device(device)
@@ -317,7 +392,7 @@ def extract(
     out_dtype = getattr(torch, dtype)  # torch's float16 rounding equals numpy's astype, and is ~10x faster
     t0 = time.perf_counter()
     bar = _Progress(todo, f"extract {ref.name}", progress)
-    writer = _Writer(store)
+    writer = _Writer(store, threads=write_threads or min(4, _cpus()))
     buffer: dict[str, list] = {n: [] for n in names}
     ok = False
     try:
@@ -329,16 +404,16 @@ def extract(
             it = iter(loader)
             for b in range(len(batches)):
                 tw = time.perf_counter()
-                images, decodes, read_s = next(it)
+                canvases, src, views, decodes, read_s = next(it)
                 times.wait_data += time.perf_counter() - tw
                 times.read += read_s
                 times.decodes += decodes
                 tf = time.perf_counter()
-                images = images.to(dev, non_blocking=True)
+                images = _device_views(canvases, src, views, dev)
                 if channels:  # (B, C, H, W): every channel through the model on its own, as grey
-                    hidden = forward(backbone.pixel_values(images.flatten(0, 1)))
+                    hidden = forward(_pixel_values(backbone, images.flatten(0, 1)))
                 else:
-                    hidden = forward(backbone.pixel_values(images))
+                    hidden = forward(_pixel_values(backbone, images))
                 # {token: (B', ...)}: the last block's split, or each chosen layer's on a layer axis
                 parts = dict(zip(TOKENS, layout.split(hidden), strict=True)) if take is None else take(hidden)
                 if channels:
@@ -366,6 +441,49 @@ def extract(
     sealed = store.finalize()  # any worker that finds every unit done seals the store
     status = "written" if sealed else "partial (shard)"
     return ExtractResult(path, status, len(kept), times.total, todo, times)
+
+
+# ---- one node, many workers ------------------------------------------------------------------
+@dataclass
+class WorkersResult:
+    status: str  # "written" | "up to date" | "partial (shard)"
+    seconds: float
+    codes: list[int]  # each worker's exit status
+
+
+def worker_env(i: int, n: int, devices: list[str], cores: int | None = None) -> dict[str, str]:
+    """Worker ``i`` of ``n``'s environment: its device (``CUDA_VISIBLE_DEVICES``), or on CPU cores/n threads."""
+    import os
+
+    env = dict(os.environ)
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+    else:
+        threads = str(max(1, (cores or _cpus()) // n))
+        env.update(
+            OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads
+        )  # torch takes its thread count from these
+    return env
+
+
+def run_workers(args: list[str], path: Path, n: int, devices: list[str]) -> WorkersResult:
+    """Run ``tprobe extract ARGS --shard i/n`` as ``n`` processes on this node and wait for all of them.
+
+    The same shard contract as SLURM array tasks: each takes units ``i::n``; whichever finds every
+    unit done seals the store. A worker that dies leaves its finished units; the others run on, and a
+    rerun of the same command redoes only the missing units.
+    """
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    procs = []
+    for i in range(n):
+        cmd = [sys.executable, "-m", "tprobe.cli", "extract", *args, "--shard", f"{i}/{n}"]
+        procs.append(subprocess.Popen(cmd, env=worker_env(i, n, devices), stdout=subprocess.DEVNULL))
+    codes = [p.wait() for p in procs]
+    sealed = path.exists() and not path.with_name(path.name + ".progress").exists()
+    return WorkersResult("written" if sealed else "partial (shard)", time.perf_counter() - t0, codes)
 
 
 class _Progress:

@@ -63,7 +63,7 @@ def _gives(store: FeatureStore, pool: str) -> bool:
 
 def store_table(path: str | Path) -> tuple[FeatureStore, pd.DataFrame, dict[str, np.ndarray]]:
     """The store, its own manifest (rows verified) and ``{pool: X (N, F) float32}`` for every exportable pool."""
-    from tprobe.extract import manifest_path
+    from tprobe.store import manifest_path
 
     store = FeatureStore.open(path)
     mpath = manifest_path(path)
@@ -82,7 +82,7 @@ def store_table(path: str | Path) -> tuple[FeatureStore, pd.DataFrame, dict[str,
 def check_target(store: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse an export target that is the store, a file of the store (its manifest, progress folder),
     a folder, or (without ``overwrite``) any existing file; links are followed."""
-    from tprobe.extract import manifest_path
+    from tprobe.store import manifest_path
 
     out, store = Path(out), Path(store)
     real = out.resolve()

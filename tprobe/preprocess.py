@@ -38,8 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from skimage.measure import label as label_components
-from skimage.transform import resize
 
 from tprobe.dataset import Dataset, Skipped
 from tprobe.errors import ChannelError, TprobeError
@@ -310,6 +308,8 @@ def measure(img: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> d
     hist = np.bincount(np.clip(img, 0, 255).astype(np.uint8).ravel(), minlength=256)
     p = hist[hist > 0] / img.size
     entropy = float(-(p * np.log2(p)).sum())
+    from skimage.measure import label as label_components  # scikit-image on use: `tprobe --help` stays light
+
     labels = label_components(img > config.binary_threshold, connectivity=1)
     areas = np.bincount(labels.ravel())[1:]
     return {
@@ -342,6 +342,8 @@ def pad_to_canvas(img: np.ndarray, config: PreprocessConfig = PreprocessConfig()
     scale = c / max(h, w)
     if (config.fit == "resize" and scale < 1) or config.fit == "fill":
         shape = (max(1, round(h * scale)), max(1, round(w * scale)))
+        from skimage.transform import resize
+
         img = resize(img, shape, order=1, preserve_range=True, anti_aliasing=scale < 1)
         h, w = img.shape
     if h > c or w > c:

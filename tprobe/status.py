@@ -98,8 +98,8 @@ def seal_state(store: FeatureStore) -> str:
 def _row_check(store: FeatureStore) -> str:
     """Row identity of the store against its own manifest (every row's image id, in order)."""
     from tprobe.errors import TprobeError
-    from tprobe.extract import manifest_path
     from tprobe.features import verified_manifest
+    from tprobe.store import manifest_path
 
     try:
         verified_manifest(store)

@@ -160,7 +160,10 @@ def pool_tokens(cls, registers, patches, pool: str):
     mean; ``cls+mean``; ``concat`` CLS, registers and every patch token, flattened in that order.
     """
     check_pool(pool, 0 if registers is None else registers.shape[1])
-    if isinstance(cls, np.ndarray):
+    first = next(
+        t for t in (cls, registers, patches) if t is not None
+    )  # cls is None when a pool needs no CLS
+    if isinstance(first, np.ndarray):
         cat = np.concatenate
     else:
         import torch
