@@ -5,7 +5,7 @@ Builds - once, then reuses - a randomly initialised model of the real ViT-S/14-w
 its store of the bundled sample under FOLDER (extraction in bf16; a few minutes on 2 cores), then runs
 ``tprobe.sweep.run_sweep`` exactly as ``tprobe probe --store STORE --head all --pool all`` does and prints
 one row per run: seconds and mean ROC AUC over held-out donors, beside the figures of the engine before
-this benchmark existed (README "Probe sweep" table, commit 07914ac: one process per fit via joblib,
+this benchmark existed (docs/guide/benchmarks.md "Probe sweep" table, commit 07914ac: one process per fit via joblib,
 256-bin 200-tree XGBoost, every fit run separately). The features are random projections, so the AUCs
 are plumbing checks, not results about DINOv2. Nothing here is a test.
 
@@ -77,7 +77,7 @@ def main():
     ap.add_argument("--n-jobs", type=int, default=2, help="worker threads of the fast engine")
     ap.add_argument("--before", type=Path, default=None,
                     help="summary.parquet of an earlier sweep of the same store to compare with "
-                         "(default: the engine of commit 07914ac on this store, README)")  # fmt: skip
+                         "(default: the engine of commit 07914ac on this store, docs/guide/benchmarks.md)")  # fmt: skip
     args = ap.parse_args()
 
     import pandas as pd

@@ -214,7 +214,7 @@ def _pixel_values(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
     """The model's normalised input for views ``x`` (0..255): ``backbone.pixel_values(x / 255.0)``, on x's device.
 
     (A per-channel table of the 256 levels gathered on the CPU was 2x slower than these three
-    elementwise passes; measured in the README's extract benchmark section.)
+    elementwise passes; measured in docs/guide/benchmarks.md.)
     """
     if x.device.type == "cpu":  # numpy's float32 division, one thread (as the host path always did)
         return backbone.pixel_values(torch.from_numpy(x.numpy().astype(np.float32) / np.float32(255.0)))

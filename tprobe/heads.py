@@ -67,7 +67,7 @@ GRIDS = {
 # splits on one column at a time, so its cost grows with the width (each fit bins and histograms every
 # column), and the columns of a random projection are random mixtures anyway, so more of them add
 # little. On the random ViT-S concat cache 512 columns cost 0.29x the CPU of 2048 at +0.008 mean AUC
-# (README, "Probe sweep"). Inputs narrow enough to keep their own columns are never projected: on
+# (docs/guide/benchmarks.md, "Probe sweep"). Inputs narrow enough to keep their own columns are never projected: on
 # cls+mean (768 columns) a 512-column projection cost xgboost 0.03 AUC.
 MAX_DIMS = 2048
 HEAD_DIMS = {"xgboost": 512}
@@ -232,7 +232,7 @@ def make_head(name: str, *, seed: int = 0, class_weight: str | None = "balanced"
         from xgboost import XGBClassifier
 
         # 32 histogram bins, not 256: ~6x faster on a few hundred training rows x 2048 features,
-        # with sweep AUCs within 0.01 of 256 bins (README, "Probe sweep")
+        # with sweep AUCs within 0.01 of 256 bins (docs/guide/benchmarks.md, "Probe sweep")
         clf = XGBClassifier(n_estimators=200, learning_rate=0.1, max_depth=3, tree_method="hist", max_bin=32,
                             subsample=0.8, colsample_bytree=0.5, n_jobs=n_jobs, random_state=seed,
                             eval_metric="logloss")  # fmt: skip

@@ -60,7 +60,7 @@ def load_head(run: str | Path):
 
 # heads whose fits hold the GIL (lbfgs' and the MLP's Python loops around small matrix products) run in
 # processes; XGBoost and the numpy heads release it and run in threads (no start-up, no copies). Measured on
-# the README's sweep (2 cores): logreg + MLP runs 35.1 s in threads, 31.4 s in processes, same results.
+# the sweep benchmark (docs/guide/benchmarks.md; 2 cores): logreg + MLP runs 35.1 s in threads, 31.4 s in processes, same results.
 PROCESS_HEADS = ("logreg", "mlp")
 
 
