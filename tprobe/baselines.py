@@ -198,7 +198,7 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     record.features.canvas = canvas
     save_run(run, record=record, evaluation=ev, plan=plan, meta=rows)
     curves.to_csv(run / "curves.csv", index=False)
-    learning_curves(curves, run / "curves.png")
+    learning_curves(curves, run / "curves.png", title=record.title)
     return run, ev
 
 

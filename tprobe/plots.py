@@ -18,6 +18,7 @@ __all__ = [
     "confusion_matrix_plot",
     "sweep_bars",
     "learning_curves",
+    "fold_names",
     "plain_text",
     "reliability_diagram",
 ]
@@ -101,8 +102,12 @@ def roc_curves(predictions: pd.DataFrame, out: str | Path, *, title: str = "") -
 
 
 @plain_text
-def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold: float = 0.5) -> Path:
-    """Confusion matrix of all out-of-fold predictions at ``threshold``."""
+def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold: float = 0.5, *,
+                          title: str = "") -> Path:  # fmt: skip
+    """Confusion matrix of all out-of-fold predictions at ``threshold``; ``title`` (the run's
+    :attr:`~tprobe.runs.RunRecord.title`) carries the random-weights mark."""
+    import textwrap
+
     from sklearn.metrics import confusion_matrix
 
     cm = confusion_matrix(predictions["label"], predictions["p_activated"] >= threshold, labels=[0, 1])
@@ -111,10 +116,11 @@ def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold:
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="black" if v < cm.max() / 2 else "white")
     names = ["quiescent", "activated"]
+    head = f"out-of-fold predictions: {title}" if title else "out-of-fold predictions"
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=names, yticklabels=names,
-           xlabel="predicted", ylabel="true", title="out-of-fold predictions")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+           xlabel=f"predicted (p(activated) >= {threshold:g})", ylabel="true")  # fmt: skip
+    ax.set_title("\n".join(textwrap.wrap(head, 40, break_on_hyphens=False)), fontsize=8)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(out)
 
@@ -182,18 +188,61 @@ def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") 
     return Path(out)
 
 
+def fold_names(curves: pd.DataFrame) -> dict:
+    """Each fold's name for a legend: ``held out donor_3`` (from the curves' ``test_donor``), else ``fold N``."""
+    out = {}
+    for fold, c in curves.groupby("fold", sort=True):
+        held = c["test_donor"].iloc[0] if "test_donor" in c and pd.notna(c["test_donor"].iloc[0]) else None
+        out[fold] = f"held out {held}" if held else f"fold {fold}"
+    return out
+
+
 @plain_text
-def learning_curves(curves: pd.DataFrame, out: str | Path) -> Path:
-    """Train/validation loss and validation AUC per epoch, one line per fold."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
-    for fold, c in curves.groupby("fold"):
-        a.plot(c["epoch"], c["train_loss"], "-", lw=1, label=f"fold {fold} train")
-        a.plot(c["epoch"], c["val_loss"], "--", lw=1, label=f"fold {fold} val")
-        b.plot(c["epoch"], c["val_auc"], "-o", ms=3, lw=1, label=f"fold {fold}")
-    a.set(xlabel="epoch", ylabel="BCE loss", title="loss")
-    b.set(xlabel="epoch", ylabel="validation ROC AUC", ylim=(0, 1), title="validation AUC")
-    b.legend(fontsize=6)
+def learning_curves(curves: pd.DataFrame, out: str | Path, *, title: str = "") -> Path:
+    """Training loss (solid) and validation loss (dashed) per epoch, and validation ROC AUC, one colour
+    per fold, each fold named by its held-out donor; whole-epoch ticks (one epoch is one point)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    names = fold_names(curves)
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for i, (fold, c) in enumerate(curves.groupby("fold", sort=True)):
+        col = colours(i % colours.N)
+        a.plot(c["epoch"], c["train_loss"], "-o", ms=3, lw=1.2, c=col, label=f"{names[fold]}: training loss")
+        a.plot(c["epoch"], c["val_loss"], "--s", ms=3, lw=1.2, c=col, label=f"{names[fold]}: validation loss")
+        b.plot(c["epoch"], c["val_auc"], "-o", ms=3, lw=1.2, c=col, label=names[fold])
+    epochs = curves["epoch"]
+    lo, hi = (int(epochs.min()), int(epochs.max())) if len(epochs) else (1, 1)
+    for ax in (a, b):
+        if hi - lo < 12:
+            ax.set_xticks(range(lo, hi + 1))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(lo - 0.5, hi + 0.5)  # one epoch: one point, centred, tick "1"
+    a.set(
+        xlabel="epoch", ylabel="binary cross-entropy loss", title="loss (solid: training; dashed: validation)"
+    )
+    b.set(
+        xlabel="epoch",
+        ylabel="validation ROC AUC",
+        ylim=(0, 1.02),
+        title="validation ROC AUC (early stopping)",
+    )
+    style = [Line2D([], [], c="k", ls="-", marker="o", ms=3, label="training loss"),
+             Line2D([], [], c="k", ls="--", marker="s", ms=3, label="validation loss")]  # fmt: skip
+    a.legend(handles=style, fontsize=7, loc="best")
+    b.legend(
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+        title="fold",
+        title_fontsize=7,
+    )
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(out)

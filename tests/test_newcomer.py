@@ -1,0 +1,69 @@
+"""The newcomer's walk (issue 19): progress lines, refused options, predict's views, a quiet sweep,
+random-weights marks, readable figures and messages that say what to do."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pytest
+from click.testing import CliRunner
+from conftest import copy_subset
+
+from tprobe.cli import RANDOM_NOTE, main
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every figure a plot function closes, kept for its axes, labels and legends."""
+    got, real = [], plt.close
+
+    def close(fig=None):
+        got.append(fig)
+        real(fig)
+
+    monkeypatch.setattr(plt, "close", close)
+    return got
+
+
+def _texts(fig) -> str:
+    """Every title, axis label, tick label, legend entry and free text of a figure, joined."""
+    out = [t.get_text() for t in fig.texts]
+    if fig._suptitle is not None:
+        out.append(fig._suptitle.get_text())
+    for ax in fig.axes:
+        out += [ax.get_title(), ax.get_xlabel(), ax.get_ylabel()]
+        out += [t.get_text() for t in ax.texts + ax.get_xticklabels() + ax.get_yticklabels()]
+        if ax.get_legend() is not None:
+            leg = ax.get_legend()
+            out += [t.get_text() for t in leg.get_texts()] + [leg.get_title().get_text()]
+    return "\n".join(out)
+
+
+def _flat(fig) -> str:
+    """The figure's texts with line breaks as spaces (titles are wrapped)."""
+    return " ".join(_texts(fig).split())
+
+
+# ---- random weights --------------------------------------------------------------------------
+def test_finetune_on_a_random_model_says_random_weights_and_its_figures_carry_the_mark(
+    tmp_path, tiny_reg, figures
+):
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_3", "donor_6"), per_class=3)
+    r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_reg), "--data", str(data), "--pool", "cls",
+                                  "--freeze", "--epochs", "1", "--batch-size", "8", "--saliency-n", "0",
+                                  "--out", str(tmp_path / "runs")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert RANDOM_NOTE in r.output
+    confusion = next(f for f in figures if "predicted" in f.axes[0].get_xlabel())
+    assert "random weights" in _flat(confusion)
+    curves = next(f for f in figures if "epoch" in f.axes[0].get_xlabel())
+    text = _texts(curves)
+    assert "random weights" in _flat(curves)
+    # lines say what they are, folds are named by the donor they hold out, one epoch is one tick
+    assert "training loss" in text and "validation loss" in text
+    assert {"held out donor_1", "held out donor_3", "held out donor_6"} <= set(text.splitlines())
+    ticks = [
+        t
+        for t in curves.axes[0].get_xticks()
+        if curves.axes[0].get_xlim()[0] <= t <= curves.axes[0].get_xlim()[1]
+    ]
+    assert ticks == [1.0]
