@@ -67,3 +67,34 @@ def test_finetune_on_a_random_model_says_random_weights_and_its_figures_carry_th
         if curves.axes[0].get_xlim()[0] <= t <= curves.axes[0].get_xlim()[1]
     ]
     assert ticks == [1.0]
+
+
+# ---- messages ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["table", "pixels"])
+def test_predict_on_a_run_not_trained_on_a_store_names_the_command_that_makes_one(tmp_path, kind):
+    from tprobe.features import FeatureSource
+    from tprobe.runs import RunRecord
+
+    run = tmp_path / "run"
+    run.mkdir()
+    RunRecord(command="probe", name="run", features=FeatureSource(kind=kind, name="cp", table="cp.csv")).save(
+        run
+    )
+    r = CliRunner().invoke(main, ["predict", "--run", str(run), str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    line = r.output.strip()
+    assert "\n" not in line and "needs a run trained on a store" in line and "tprobe probe --model" in line
+    assert "load_head" not in line
+
+
+@pytest.mark.parametrize("what", ["folder", "file"])
+def test_export_of_a_path_that_is_no_store_says_so_and_how_to_find_stores(tmp_path, what):
+    path = tmp_path / "runs"
+    path.mkdir()
+    if what == "file":
+        path = path / "config.json"
+        path.write_text("{}")
+    r = CliRunner().invoke(main, ["export", str(path), "--to", "anndata", str(tmp_path / "x.h5ad")])
+    assert r.exit_code == 2, r.output
+    assert "not a feature store" in r.output and "find cache" in r.output
+    assert "re-extract" not in r.output and not (tmp_path / "x.h5ad").exists()

@@ -50,8 +50,15 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     record = RunRecord.load(run)
     src = record.features
     if src.kind != "store":
-        raise TprobeError(f"{run}: was trained on {src.kind} features; compute the same features for the new "
-                          "images and score them with tprobe.probe.load_head(run)")  # fmt: skip
+        what = {
+            "table": "a feature table",
+            "pixels": "raw pixels",
+            "baseline": "a baseline's inputs",
+            "finetune": "images end to end (`tprobe finetune`)",
+        }.get(src.kind, f"{src.kind} features")
+        raise TprobeError(f"{run}: was trained on {what}, not a feature store; `tprobe predict` needs a run "
+                          "trained on a store: `tprobe probe --model MODEL ...` (after `tprobe extract --model "
+                          "MODEL`)")  # fmt: skip
     head = load_head(run)
     config = record.preprocess_config()
     found = discover_unlabelled(data, channel_files=config.channel_files, channels=config.channels)
