@@ -98,3 +98,42 @@ def test_export_of_a_path_that_is_no_store_says_so_and_how_to_find_stores(tmp_pa
     assert r.exit_code == 2, r.output
     assert "not a feature store" in r.output and "find cache" in r.output
     assert "re-extract" not in r.output and not (tmp_path / "x.h5ad").exists()
+
+
+# ---- options that do not apply ------------------------------------------------------------------
+NOT_APPLYING = [
+    (["probe", "--model", "m", "--pool", "concat", "--features", "{t}"], "--model does not apply with --features"),
+    (["probe", "--pool", "concat", "--features", "{t}"], "--pool does not apply with --features"),
+    (["probe", "--store", "{s}", "--features", "{t}"], "--store does not apply with --features"),
+    (["probe", "--features", "{t}", "--tta"], "--tta does not apply with --features"),
+    (["probe", "--features", "{t}", "--train-views", "all"], "--train-views does not apply with --features"),
+    (["probe", "--store", "{s}", "--model", "m"], "--model does not apply with --store"),
+    (["probe", "--store", "{s}", "--views", "orig"], "--views does not apply with --store and no --data"),
+    (["probe", "--id-column", "FileName"], "--id-column does not apply without --features"),
+    (["probe", "--test-donor", "4"], "--test-donor does not apply with --split leave-one-donor-out"),
+    (["probe", "--folds", "3"], "--folds does not apply with --split leave-one-donor-out"),
+    (["probe", "--head", "mlp", "--penalty", "l1"], "--penalty does not apply to --head mlp"),
+    (["curve", "--pixels", "--pool", "mean"], "--pool does not apply without --store/--model"),
+    (["curve", "--pixels", "--train-views", "all"], "--train-views does not apply without --store/--model"),
+    (["curve", "--pixels", "--revision", "main"], "--revision does not apply without --model"),
+    (["curve", "--pixels", "--test-donor", "3"], "--test-donor does not apply with --split"),
+    (["map", "--pixels", "--keep-columns", "x"], "--keep-columns does not apply without --features"),
+    (["map", "--store", "{s}", "--canvas", "64"], "--canvas does not apply with --store sources and no --data"),
+    (["map", "--store", "{s}", "--cache", "c"], "--cache does not apply without --model"),
+    (["baseline", "--name", "frequency", "--epochs", "3"], "--epochs does not apply to --name frequency"),
+    (["baseline", "--name", "lenet", "--inception-size", "75"], "--inception-size does not apply to --name lenet"),
+    (["baseline", "--name", "pixel-logreg", "--inception-weights", "random"], "--inception-weights does not apply"),
+    (["baseline", "--test-donor", "3"], "--test-donor does not apply with --split leave-one-donor-out"),
+]  # fmt: skip
+
+
+@pytest.mark.refuses("an option that does not apply to the rest of the command (e.g. --pool with --features)")
+@pytest.mark.parametrize("args, says", NOT_APPLYING, ids=[" ".join(a[:3]) for a, _ in NOT_APPLYING])
+def test_an_option_that_does_not_apply_is_refused_in_one_line(tmp_path, args, says):
+    (tmp_path / "t.csv").write_text("FileName,x\na.png,1\n")
+    (tmp_path / "s.zarr").mkdir()
+    args = [a.format(t=tmp_path / "t.csv", s=tmp_path / "s.zarr") for a in args]
+    r = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "runs")])
+    assert r.exit_code == 2, r.output
+    assert says in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "runs").exists()

@@ -235,6 +235,43 @@ def split_options(f):
     )(f)  # fmt: skip
 
 
+# ---- options that do not apply: refused in one line, never silently ignored -------------------------
+PREP_PARAMS = ("canvas", "fit", "views", "entropy_min", "entropy_dim", "intensity_dim", "binary_threshold",
+               "min_component_area", "max_value", "max_pixels", "channels", "channel_mode", "use",
+               "segment_channel", "channel_files")  # fmt: skip
+
+
+def _given(name: str) -> bool:
+    """Whether the user gave option ``name`` (not left at its default)."""
+    ctx = click.get_current_context()
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _refuse_unused(rules) -> None:
+    """``rules``: (option name, applies, why). The first option given that does not apply is refused in
+    one line naming it and why (e.g. ``--pool does not apply with --features (...)``); drop it to run."""
+    ctx = click.get_current_context()
+    for name, applies, why in rules:
+        if not applies and _given(name):
+            opt = next(p for p in ctx.command.params if p.name == name)
+            raise TprobeError(f"{max(opt.opts, key=len)} does not apply {why}; drop it")
+
+
+def _prep_rules(applies: bool, why: str):
+    """Every preprocessing option: used only when images are read (``applies``)."""
+    return [(name, applies, why) for name in PREP_PARAMS]
+
+
+def _split_rules(split: str, with_folds: bool = False):
+    rules = [("test_donor", split == "test-donor", f"with --split {split} (add --split test-donor)")]
+    if with_folds:
+        rules.append(("folds", split == "group-kfold", f"with --split {split} (add --split group-kfold)"))
+    return rules
+
+
+TABLE_PARAMS = ("id_column", "exclude", "keep_columns", "all_table_rows")
+
+
 def run_option(command: str):
     return click.option("--run", "run_dir", required=True, type=click.Path(path_type=Path, exists=True),
                         help=f"A run directory written by `tprobe {command}`"
@@ -591,6 +628,21 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
     from tprobe.store import POOLS
     from tprobe.sweep import run_sweep, store_sources
 
+    table = features is not None
+    no_table = "with --features (the table is the features; `tprobe curve` compares a table with stores)"
+    no_views = "with --features (a table has one row per image, no augmented views)"
+    _refuse_unused([
+        ("store", not table, no_table),
+        *[(n, not table, no_table) for n in ("model", "revision", "cache")],
+        ("pool", not table, "with --features (it pools a store's tokens)"),
+        *[(n, not table, no_views) for n in ("tta", "train_views")],
+        *[(n, store is None, "with --store (the store fixes the model)") for n in ("model", "revision", "cache")],
+        *[(n, table, "without --features TABLE") for n in TABLE_PARAMS],
+        *_split_rules(split, with_folds=True),
+        ("penalty", head in ("logreg", "all"), f"to --head {head} (only logreg has a penalty)"),
+        *_prep_rules(data is not None or store is None, "with --store and no --data (the store holds its own "
+                     "preprocessing; add --data to check the store against those images)"),
+    ])  # fmt: skip
     heads = list(HEADS) if head == "all" else [head]
     pools = list(POOLS) if pool == "all" else [pool]
     for h in heads:
@@ -702,6 +754,19 @@ def _feature_sources(stores, models, revision, pool, features, id_column, exclud
     return out
 
 
+def _source_rules(stores, models, features, pixels, data):
+    """Options of `curve` and `map` that only some feature sources use."""
+    reads_images = data is not None or bool(models or features or pixels)
+    return [
+        ("revision", bool(models), "without --model"),
+        ("cache", bool(models), "without --model (--store gives the store's path)"),
+        ("pool", bool(stores or models), "without --store/--model (it pools a store's tokens)"),
+        *[(n, bool(features), "without --features TABLE") for n in TABLE_PARAMS],
+        *_prep_rules(reads_images, "with --store sources and no --data (a store holds its own preprocessing; "
+                     "add --data to check it against those images)"),
+    ]  # fmt: skip
+
+
 def source_options(f):
     """Feature sources shared by `curve` and `map`: several stores, tables and the pixel baseline."""
     opts = [
@@ -771,6 +836,10 @@ def curve(stores, models, revision, pool, features, id_column, exclude, keep_col
     from tprobe.heads import HEADS
 
     heads = list(HEADS) if head == "all" else [h.strip() for h in head.split(",")]
+    _refuse_unused([*_source_rules(stores, models, features, pixels, data),
+                    ("train_views", bool(stores or models), "without --store/--model (tables and pixels have one "
+                     "view per cell)"),
+                    *_split_rules(split)])  # fmt: skip
     sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
                                offline, data, prep, keep_columns, all_table_rows)  # fmt: skip
     results, draws, randoms, meta = [], [], [], []
@@ -836,6 +905,7 @@ def map_(stores, models, revision, pool, features, id_column, exclude, keep_colu
     from tprobe.embedmap import diagnose, embed, map_data, plot_map
     from tprobe.runs import inside, make_run_dir, safe_name, write_json
 
+    _refuse_unused(_source_rules(stores, models, features, pixels, data))
     sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
                                offline, data, prep, keep_columns, all_table_rows)  # fmt: skip
     manifest = None  # tables and pixels take the batch column from the data's manifest (stores: their own)
@@ -1087,6 +1157,13 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
     for n in names:
         if n not in BASELINES:
             raise TprobeError(f"--name {n!r} is not one of {', '.join(BASELINES)}, all")
+    inception, trained = any(n in INCEPTION for n in names), {"lenet", "inception-finetuned"} & set(names)
+    _refuse_unused([
+        ("inception_weights", inception, f"to --name {name} (only the inception-* baselines)"),
+        ("inception_size", inception, f"to --name {name} (only the inception-* baselines)"),
+        ("epochs", bool(trained), f"to --name {name} (only lenet and inception-finetuned train for epochs)"),
+        *_split_rules(split),
+    ])  # fmt: skip
     if any(n in INCEPTION for n in names):  # before any work: an unreachable hub fails at once
         from tprobe.inception import check_size, resolve_weights
 
