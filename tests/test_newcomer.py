@@ -137,3 +137,27 @@ def test_an_option_that_does_not_apply_is_refused_in_one_line(tmp_path, args, sa
     assert r.exit_code == 2, r.output
     assert says in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "runs").exists()
+
+
+# ---- predict extracts only the views the run scores ---------------------------------------------
+@pytest.mark.parametrize("tta", [False, True])
+def test_predict_extracts_only_the_views_the_run_scores(tmp_path, tiny_reg, tta):
+    from tprobe.backbones import resolve_model
+    from tprobe.dataset import discover
+    from tprobe.extract import extract
+    from tprobe.features import from_store
+    from tprobe.predict import predict
+    from tprobe.preprocess import preprocess
+    from tprobe.probe import ProbeRun
+
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
+    pre = preprocess(discover(data))
+    store = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path / "c1", progress=False).path
+    run = ProbeRun(head="logreg", n_boot=20, tta=tta).fit(from_store(store, "cls"))
+    run_dir = run.save(tmp_path / "runs")
+    new = copy_subset(tmp_path / "new", donors=("donor_4",), per_class=3)
+    table = predict(run_dir, new, cache=tmp_path / "c2")
+    (written,) = [p for p in (tmp_path / "c2").rglob("*.zarr") if p.is_dir()]
+    views = set(from_store(written, "cls").meta["view"])
+    assert views == (set(pre.config.view_names) if tta else {"orig"})
+    assert table["p_activated"].notna().sum() == table["kept"].sum() > 0

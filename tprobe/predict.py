@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     """One row per input image: ``path, p_activated, label, label_name, kept, drop_reason``.
 
     Images that fail the run's quality filters keep their row, with no probability and the reason.
-    The model must be the one the run was trained on (same resolved snapshot or content hash).
+    The model must be the one the run was trained on (same resolved snapshot or content hash). Only
+    the original view of each image is extracted, unless the run scores every view (``tta``).
     """
     run = resolve_run(run)
     record = RunRecord.load(run)
@@ -61,6 +63,8 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
                           "MODEL`)")  # fmt: skip
     head = load_head(run)
     config = record.preprocess_config()
+    if not record.options.get("tta") and config.views != "orig":  # scored on originals: extract only those
+        config = dataclasses.replace(config, views="orig")
     found = discover_unlabelled(data, channel_files=config.channel_files, channels=config.channels)
     pre = preprocess(found, config, each_file=True)  # every input keeps its row, out-of-range ones too
     source = src.model_source or src.model
