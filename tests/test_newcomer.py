@@ -161,3 +161,41 @@ def test_predict_extracts_only_the_views_the_run_scores(tmp_path, tiny_reg, tta)
     views = set(from_store(written, "cls").meta["view"])
     assert views == (set(pre.config.view_names) if tta else {"orig"})
     assert table["p_activated"].notna().sum() == table["kept"].sum() > 0
+
+
+# ---- a sweep prints one summary table; per-run detail lands in each run folder -------------------
+def test_a_sweep_prints_one_summary_table_and_keeps_each_runs_detail_in_its_folder(
+    tmp_path, tiny_reg, caplog
+):
+    import logging
+
+    from tprobe.backbones import resolve_model
+    from tprobe.dataset import discover
+    from tprobe.extract import extract
+    from tprobe.preprocess import preprocess
+
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
+    store = extract(
+        preprocess(discover(data)), resolve_model(str(tiny_reg)), cache=tmp_path / "c", progress=False
+    )
+    caplog.set_level(logging.INFO, logger="tprobe")
+    r = CliRunner().invoke(main, ["probe", "--store", str(store.path), "--head", "logreg", "--pool", "all",
+                                  "--bootstrap", "20", "--out", str(tmp_path / "runs")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    runs = sorted(p for p in (tmp_path / "runs").glob("*/*") if p.is_dir())
+    assert len(runs) == 5  # cls, mean, registers, cls+mean, concat
+    lines = r.output.strip().splitlines()
+    # the summary table (header + one row per run), its title, the wall time, the folder: nothing per donor
+    assert len(lines) <= len(runs) + 5, r.output
+    assert not any(line.lstrip().startswith("donor_") for line in lines)
+    progress = [
+        rec.getMessage()
+        for rec in caplog.records
+        if rec.name == "tprobe.sweep" and rec.levelno >= logging.INFO
+    ]
+    assert (
+        len(progress) == len(runs) and progress[0].startswith("[1/5] ") and progress[-1].startswith("[5/5] ")
+    )
+    for run in runs:
+        detail = (run / "details.txt").read_text()
+        assert "donor_1" in detail and "grid" in detail and RANDOM_NOTE in detail

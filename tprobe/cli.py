@@ -14,6 +14,7 @@ from tprobe import __version__
 from tprobe.errors import TprobeError
 
 EXIT_SKIPPED = 3  # finished, but some input files were skipped (listed on stderr)
+RUN_DETAIL = "details.txt"  # a sweep's run folder: the per-donor table and notes a single run prints
 RANDOM_NOTE = "RANDOM WEIGHTS: features from a randomly initialised model; a plumbing check, not a result"
 
 
@@ -544,13 +545,17 @@ def _check_store_matches(store, pre) -> None:
     fs.verify_rows(pre.kept["image_id"].tolist(), "--data")
 
 
-def _echo_table(df, floatfmt="{:.3f}"):
+def _table_text(df, floatfmt="{:.3f}") -> str:
     import pandas as pd
 
     with pd.option_context(
         "display.width", 200, "display.max_columns", 30, "display.float_format", floatfmt.format
     ):
-        click.echo(df.to_string(index=False))
+        return df.to_string(index=False)
+
+
+def _echo_table(df, floatfmt="{:.3f}"):
+    click.echo(_table_text(df, floatfmt))
 
 
 @main.command()
@@ -667,26 +672,33 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
         sources = store_sources(store, pools)
 
     random_seen = []
+    sweep = (
+        len(heads) * len(sources) > 1
+    )  # a sweep prints one summary table; each run's detail goes to its folder
 
     def report(ev):
         if ev.kind == "skip":
             click.echo(ev.message, err=True)
-        elif ev.kind == "start":
+        elif ev.kind == "start" and not sweep:
             click.echo(f"== {ev.features.name} · {ev.head}: {ev.message}")
-        elif ev.kind == "fold":
-            pass  # the tprobe.sweep logger prints one line per outer fold on stderr
         elif ev.kind == "run":
             run = ev.run
+            lines = [f"== {ev.features.name} · {ev.head}: {len(ev.features.meta)} rows x "
+                     f"{ev.features.X.shape[1]} features"] if sweep else []  # fmt: skip
             if run.features_.source.random_init:
                 random_seen.append(True)
-                click.echo(f"   {RANDOM_NOTE}")
-            _echo_table(run.table())
-            click.echo(f"   accuracy, balanced accuracy, f1: {run.summary_['f1']['note']}; brier, ece: calibration "
-                       "(lower is better; ECE over 10 equal-width bins)")  # fmt: skip
+                lines.append(f"   {RANDOM_NOTE}")
+            lines.append(_table_text(run.table()))
+            lines.append(f"   accuracy, balanced accuracy, f1: {run.summary_['f1']['note']}; brier, ece: "
+                         "calibration (lower is better; ECE over 10 equal-width bins)")  # fmt: skip
             chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in run.chosen_)
             how = sorted({c.get("selection", "chosen by inner donor CV (mean AP)") for c in run.chosen_})
-            click.echo(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
-            click.echo(f"   {ev.message}")
+            lines.append(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
+            lines.append(f"   {ev.message}")
+            if sweep:
+                (ev.path / RUN_DETAIL).write_text("\n".join(lines) + "\n")
+            else:
+                click.echo("\n".join(lines))
 
     res = run_sweep(sources, heads, out=out, progress=report,
                     probe_kwargs=dict(split=split, test_donor=test_donor, n_splits=folds, tta=tta,
@@ -694,7 +706,9 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
                                       final_head=not no_final_head, data=str(data) if data else None,
                                       normalize=normalize))  # fmt: skip
     if res.is_sweep:
-        click.echo("== sweep summary (mean over held-out donors)")
+        click.echo(
+            f"== sweep summary (mean over held-out donors); per-donor tables: {res.out}/<run>/{RUN_DETAIL}"
+        )
         _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
         click.echo(f"   sweep wall time {res.seconds:.1f} s")
         if random_seen:
