@@ -199,3 +199,60 @@ def test_a_sweep_prints_one_summary_table_and_keeps_each_runs_detail_in_its_fold
     for run in runs:
         detail = (run / "details.txt").read_text()
         assert "donor_1" in detail and "grid" in detail and RANDOM_NOTE in detail
+
+
+# ---- progress lines for the long commands (INFO lines of tprobe.*: the CLI shows them on stderr) -----
+def _messages(caplog, logger: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger and r.levelno >= 20]
+
+
+@pytest.fixture
+def three_donors(tmp_path):
+    from tprobe.dataset import discover
+    from tprobe.preprocess import preprocess
+
+    return preprocess(
+        discover(copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=4))
+    )
+
+
+def test_curve_reports_each_held_out_donor_as_it_finishes(three_donors, caplog):
+    import logging
+
+    from tprobe.baselines import pixel_features
+    from tprobe.curve import LabelCurve
+
+    caplog.set_level(logging.INFO, logger="tprobe")
+    LabelCurve(shots=(1, "all"), repeats=2).fit(pixel_features(three_donors))
+    done = [m for m in _messages(caplog, "tprobe.curve") if " done (" in m]
+    assert [m.split("held out ")[1].split(" done")[0] for m in done] == ["donor_1", "donor_2", "donor_3"]
+    assert done[-1].split(" done ")[1].startswith("(3/3)")
+
+
+def test_map_reports_each_diagnostic_and_embedding_step(three_donors, caplog):
+    import logging
+
+    from tprobe.baselines import pixel_features
+    from tprobe.embedmap import diagnose, embed, map_data
+
+    caplog.set_level(logging.INFO, logger="tprobe")
+    md = map_data(pixel_features(three_donors), three_donors.manifest)
+    diagnose(md)
+    embed(md, umap=False)
+    said = " | ".join(_messages(caplog, "tprobe.embedmap"))
+    for step in ("predicting activation", "predicting donor", "within each class", "PCA of"):
+        assert step in said, said
+
+
+@pytest.mark.parametrize("name, says", [("lenet", "epoch 1"), ("pixel-logreg", "fold 3/3")])
+def test_baseline_cli_reports_progress(tmp_path, caplog, name, says):
+    import logging
+
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=4)
+    caplog.set_level(logging.INFO, logger="tprobe")
+    args = ["baseline", "--name", name, "--data", str(data), "--out", str(tmp_path / "runs")]
+    r = CliRunner().invoke(main, args + (["--epochs", "1"] if name == "lenet" else []))
+    assert r.exit_code == 0, r.output
+    said = _messages(caplog, "tprobe.baselines")
+    assert any(says in m for m in said), said
+    assert all(m.startswith(f"baseline {name}: ") or m.startswith("pixels: ") for m in said)

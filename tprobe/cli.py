@@ -1189,7 +1189,7 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
         click.echo(f"== baseline {n}")
         run, ev = run_baseline(n, pre, out, split=split, test_donor=test_donor, seed=seed, n_boot=n_boot,
                                epochs=epochs, device=device, inception_weights=inception_weights,
-                               inception_size=inception_size, log=lambda row: None,
+                               inception_size=inception_size,
                                data=str(data) if data else None)  # fmt: skip
         if n in INCEPTION and inception_weights.random_init:
             click.echo(f"   {RANDOM_NOTE}")

@@ -26,6 +26,8 @@ draws them coloured by label, donor and batch, side by side.
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,7 @@ __all__ = [
     "PCA_DIMS",
 ]
 
+log = logging.getLogger(__name__)
 PCA_DIMS = 64  # the diagnostic classifier sees the top principal components (fitted in each training fold)
 
 
@@ -172,11 +175,18 @@ def diagnose(data: MapData, *, seed: int = 0) -> dict:
     targets = {"activation": label, "donor": meta["donor"]}
     if meta["batch"].notna().all():
         targets["batch"] = meta["batch"]
-    pred = {t: predictability(X, v, groups, seed=seed) for t, v in targets.items()}
+    t0 = time.perf_counter()
+    pred = {}
+    for t, v in targets.items():
+        log.info("map %s: predicting %s from %d cells x %d features (5-fold CV)...", data.name, t, len(meta),
+                 X.shape[1])  # fmt: skip
+        pred[t] = predictability(X, v, groups, seed=seed)
     within = {}
     for t in [t for t in targets if t != "activation"]:
+        log.info("map %s: predicting %s within each class...", data.name, t)
         pred[t]["chance_given_class"] = chance_given_class(targets[t], label)
         within[t] = within_class(X, targets[t], label, groups, seed=seed)
+    log.info("map %s: silhouettes (%.0f s so far)", data.name, time.perf_counter() - t0)
     Z = StandardScaler().fit_transform(X)
     sil = {
         t: _silhouette(Z, v)
@@ -207,6 +217,8 @@ def diagnose(data: MapData, *, seed: int = 0) -> dict:
 
 def embed(data: MapData, *, umap: bool = True, seed: int = 0) -> pd.DataFrame:
     """2-D PCA (and UMAP) coordinates of the standardised features, beside the cell's metadata."""
+    t0 = time.perf_counter()
+    log.info("map %s: PCA of %d cells x %d features", data.name, *data.X.shape)
     Z = StandardScaler().fit_transform(data.X)
     cols = ["image_id", "donor", "group", "label", "batch"]
     out = data.meta[[c for c in cols if c in data.meta.columns]].copy()
@@ -218,8 +230,11 @@ def embed(data: MapData, *, umap: bool = True, seed: int = 0) -> pd.DataFrame:
             import umap as umap_lib
         except ImportError:
             raise TprobeError("UMAP needs umap-learn: pip install umap-learn (or pass --no-umap)") from None
+        log.info("map %s: UMAP of %d cells x %d features (minutes for wide inputs such as pixels; --no-umap "
+                 "skips it)...", data.name, *Z.shape)  # fmt: skip
         reducer = umap_lib.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed, n_jobs=1)
         out[["umap1", "umap2"]] = reducer.fit_transform(Z)
+        log.info("map %s: UMAP done in %.0f s", data.name, time.perf_counter() - t0)
     return out
 
 
