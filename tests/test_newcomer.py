@@ -4,6 +4,8 @@ random-weights marks, readable figures and messages that say what to do."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from conftest import copy_subset
@@ -256,3 +258,31 @@ def test_baseline_cli_reports_progress(tmp_path, caplog, name, says):
     said = _messages(caplog, "tprobe.baselines")
     assert any(says in m for m in said), said
     assert all(m.startswith(f"baseline {name}: ") or m.startswith("pixels: ") for m in said)
+
+
+# ---- figures a biologist reads without help ---------------------------------------------------------
+def test_map_panels_name_their_axes_and_give_every_batch_its_own_colour(tmp_path, figures):
+    from tprobe.embedmap import category_colours, plot_map
+
+    rng = np.random.default_rng(0)
+    n = 300
+    batches = [f"donor_{(i % 28) // 10 + 1}·b{i % 28}" for i in range(n)]
+    coords = pd.DataFrame({"image_id": range(n), "donor": [b.split("·")[0] for b in batches], "group": range(n),
+                           "label": rng.integers(0, 2, n), "batch": batches, "pca1": rng.normal(size=n),
+                           "pca2": rng.normal(size=n)})  # fmt: skip
+    coords.loc[0, "pca1"] = 40.0  # an outlier: left out and counted, never half-drawn on the frame
+    coords.attrs["pca_explained"] = [0.32, 0.12]
+    diag = {"source": "s", "n_cells": n, "predictability": {}, "silhouette": {}, "within_class": {}}
+    plot_map(coords, diag, tmp_path / "map.png")
+    (fig,) = figures
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "PC1 (32% of variance)" and ax.get_ylabel() == "PC2 (12% of variance)"
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        for col in ax.collections:
+            xy = col.get_offsets()
+            assert ((xy[:, 0] >= x0) & (xy[:, 0] <= x1) & (xy[:, 1] >= y0) & (xy[:, 1] <= y1)).all()
+    batch = fig.axes[2].get_legend()
+    assert batch.get_title().get_text() == "28 imaging batches" and len(batch.get_texts()) == 28
+    colours = {tuple(np.round(c, 3)) for c in category_colours(28)}
+    assert len(colours) == 28 and min(0.299 * r + 0.587 * g + 0.114 * b for r, g, b, _ in colours) < 0.7
+    assert all(0.299 * r + 0.587 * g + 0.114 * b < 0.75 for r, g, b, _ in colours)  # none pale on white
