@@ -121,7 +121,6 @@ NOT_APPLYING = [
     (["curve", "--pixels", "--test-donor", "3"], "--test-donor does not apply with --split"),
     (["map", "--pixels", "--keep-columns", "x"], "--keep-columns does not apply without --features"),
     (["map", "--store", "{s}", "--canvas", "64"], "--canvas does not apply with --store sources and no --data"),
-    (["map", "--store", "{s}", "--cache", "c"], "--cache does not apply without --model"),
     (["baseline", "--name", "frequency", "--epochs", "3"], "--epochs does not apply to --name frequency"),
     (["baseline", "--name", "lenet", "--inception-size", "75"], "--inception-size does not apply to --name lenet"),
     (["baseline", "--name", "pixel-logreg", "--inception-weights", "random"], "--inception-weights does not apply"),

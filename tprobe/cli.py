@@ -638,10 +638,10 @@ def probe(model, revision, store, features, id_column, exclude, keep_columns, al
     no_views = "with --features (a table has one row per image, no augmented views)"
     _refuse_unused([
         ("store", not table, no_table),
-        *[(n, not table, no_table) for n in ("model", "revision", "cache")],
+        *[(n, not table, no_table) for n in ("model", "revision")],
         ("pool", not table, "with --features (it pools a store's tokens)"),
         *[(n, not table, no_views) for n in ("tta", "train_views")],
-        *[(n, store is None, "with --store (the store fixes the model)") for n in ("model", "revision", "cache")],
+        *[(n, store is None, "with --store (the store fixes the model)") for n in ("model", "revision")],
         *[(n, table, "without --features TABLE") for n in TABLE_PARAMS],
         *_split_rules(split, with_folds=True),
         ("penalty", head in ("logreg", "all"), f"to --head {head} (only logreg has a penalty)"),
@@ -773,7 +773,6 @@ def _source_rules(stores, models, features, pixels, data):
     reads_images = data is not None or bool(models or features or pixels)
     return [
         ("revision", bool(models), "without --model"),
-        ("cache", bool(models), "without --model (--store gives the store's path)"),
         ("pool", bool(stores or models), "without --store/--model (it pools a store's tokens)"),
         *[(n, bool(features), "without --features TABLE") for n in TABLE_PARAMS],
         *_prep_rules(reads_images, "with --store sources and no --data (a store holds its own preprocessing; "
