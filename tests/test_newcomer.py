@@ -285,3 +285,47 @@ def test_map_panels_name_their_axes_and_give_every_batch_its_own_colour(tmp_path
     colours = {tuple(np.round(c, 3)) for c in category_colours(28)}
     assert len(colours) == 28 and min(0.299 * r + 0.587 * g + 0.114 * b for r, g, b, _ in colours) < 0.7
     assert all(0.299 * r + 0.587 * g + 0.114 * b < 0.75 for r, g, b, _ in colours)  # none pale on white
+
+
+def test_source_names_read_as_words():
+    from tprobe.plots import source_label
+
+    assert source_label("table:cellprofiler_sample") == "feature table cellprofiler_sample"
+    assert source_label("table:cp+all-rows") == "feature table cp (every table row)"
+    assert source_label("pixels") == "raw pixels (64 px canvas)"
+    assert source_label("dinov2-small-reg-cls+mean") == "dinov2-small-reg · cls+mean tokens"
+    assert source_label("tiny-reg-cls#2") == "tiny-reg · cls tokens (#2)"
+
+
+def test_curve_legend_names_sources_in_words(tmp_path, figures):
+    from tprobe.curve import plot_curves
+
+    rows = [{"source": src, "head": "logreg", "k": k, "shots": str(k), "repeat": 0, "donor": d, "fold": i,
+             "n_train_cells": 2 * k, "roc_auc": 0.6 + 0.01 * k}
+            for src in ("table:cellprofiler_sample", "pixels") for k in (1, 2) for i, d in enumerate(("a", "b"))]  # fmt: skip
+    plot_curves(pd.DataFrame(rows), tmp_path / "c.png")
+    legend = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
+    assert "feature table cellprofiler_sample" in legend and "raw pixels (64 px canvas)" in legend
+    assert not any("table:" in t for t in legend)
+
+
+def test_donor_auc_plot_labels_runs_by_what_they_are_and_zooms_on_close_values(tmp_path, figures):
+    from tprobe.report import _donor_auc_plot
+
+    runs = []
+    for i, auc in enumerate((0.86, 0.91)):
+        run = tmp_path / f"20261201-11000{i}-tiny-reg-cls-logreg"
+        run.mkdir()
+        pd.DataFrame({"donor": ["donor_1", "donor_2"], "roc_auc": [auc, auc + 0.03]}).to_parquet(
+            run / "per_donor.parquet"
+        )
+        runs.append(run)
+    summary = pd.DataFrame({"run": [str(r) for r in runs], "run_name": [r.name for r in runs],
+                            "model": ["tiny-reg · cls · logreg", "tiny-reg · mean · logreg"],
+                            "random_init": [False, True], "split": ["leave-one-donor-out"] * 2})  # fmt: skip
+    _donor_auc_plot(summary, tmp_path / "donor_auc.png")
+    ax = figures[0].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels == ["tiny-reg · cls · logreg", "tiny-reg · mean · logreg · RANDOM WEIGHTS"]
+    lo, hi = ax.get_xlim()
+    assert 0.5 < lo < 0.86 and 0.94 < hi <= 1.02 and "chance (0.5) is off it" in ax.get_xlabel()

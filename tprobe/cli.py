@@ -916,6 +916,7 @@ def map_(stores, models, revision, pool, features, id_column, exclude, keep_colu
     """
     from tprobe.curve import is_random_source
     from tprobe.embedmap import diagnose, embed, map_data, plot_map
+    from tprobe.plots import source_label
     from tprobe.runs import inside, make_run_dir, safe_name, write_json
 
     _refuse_unused(_source_rules(stores, models, features, pixels, data))
@@ -934,7 +935,7 @@ def map_(stores, models, revision, pool, features, id_column, exclude, keep_colu
         safe = safe_name(fs.name)
         coords.to_parquet(inside(run, f"map-{safe}.parquet"), index=False)
         what = "pooled tokens" if fs.source.get("kind") == "store" else "features"
-        title = f"{fs.name}: {diag['n_cells']} cells (original views), {what}" + (
+        title = f"{source_label(fs.name)}: {diag['n_cells']} cells (original views), {what}" + (
             " — random weights: plumbing check" if diag["random_init"] else "")  # fmt: skip
         plot_map(coords, diag, inside(run, f"map-{safe}.png"), title=title)
         diags.append(diag)

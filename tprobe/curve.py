@@ -248,6 +248,8 @@ def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_au
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tprobe.plots import source_label
+
     band = curve_band(results, metric)
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     keys = list(dict.fromkeys(zip(band["source"], band["head"], strict=True)))
@@ -255,7 +257,7 @@ def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_au
     for i, (src, head) in enumerate(keys):
         b = band[(band["source"] == src) & (band["head"] == head)]
         colour = plt.cm.tab10(i % 10)
-        label = f"{src} · {head}" if several_heads else src
+        label = f"{source_label(src)} · {head}" if several_heads else source_label(src)
         if src in random_sources:
             label += " (random weights: plumbing check)"
         ax.plot(b["x"], b["mean"], "-o", ms=3.5, lw=1.6, color=colour, label=label)

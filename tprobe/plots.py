@@ -19,9 +19,36 @@ __all__ = [
     "sweep_bars",
     "learning_curves",
     "fold_names",
+    "source_label",
     "plain_text",
     "reliability_diagram",
 ]
+
+
+def source_label(name: str) -> str:
+    """A feature source's name as a reader meets it in a legend: ``table:cellprofiler_sample`` ->
+    ``feature table cellprofiler_sample``, ``pixels`` -> ``raw pixels (64 px canvas)``; a store's
+    ``<model>-<pool>`` -> ``<model> · <pool> tokens``; anything else unchanged."""
+    from tprobe.store import POOLS
+
+    name = str(name)
+    suffix = ""
+    if "#" in name:  # two sources of the same name, numbered
+        name, n = name.rsplit("#", 1)
+        suffix = f" (#{n})"
+    if name.startswith("table:"):
+        stem = name[len("table:") :]
+        every = stem.endswith("+all-rows")
+        stem = stem.removesuffix("+all-rows")
+        return f"feature table {stem}" + (" (every table row)" if every else "") + suffix
+    if name == "pixels":
+        from tprobe.baselines import PIXEL_CANVAS
+
+        return f"raw pixels ({PIXEL_CANVAS} px canvas)" + suffix
+    for pool in sorted(POOLS, key=len, reverse=True):
+        if name.endswith(f"-{pool}") and len(name) > len(pool) + 1:
+            return f"{name[: -len(pool) - 1]} · {pool} tokens" + suffix
+    return name + suffix
 
 
 def plain_text(draw):
