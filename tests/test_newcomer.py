@@ -329,3 +329,29 @@ def test_donor_auc_plot_labels_runs_by_what_they_are_and_zooms_on_close_values(t
     assert labels == ["tiny-reg · cls · logreg", "tiny-reg · mean · logreg · RANDOM WEIGHTS"]
     lo, hi = ax.get_xlim()
     assert 0.5 < lo < 0.86 and 0.94 < hi <= 1.02 and "chance (0.5) is off it" in ax.get_xlabel()
+
+
+def test_saliency_grid_marks_wrong_calls_names_p_and_has_a_colour_bar(tmp_path, tiny_reg, figures):
+    from tprobe.backbones import Backbone
+    from tprobe.dataset import discover
+    from tprobe.finetune import DinoClassifier
+    from tprobe.preprocess import PreprocessConfig, load_view, preprocess
+    from tprobe.saliency import saliency_grid, saliency_maps
+
+    pre = preprocess(
+        discover(copy_subset(tmp_path / "d", per_class=3)), PreprocessConfig(canvas=28, fit="resize")
+    )
+    rows = pre.kept[pre.kept["view"] == "orig"].head(6).reset_index(drop=True)
+    model = DinoClassifier(Backbone.from_pretrained(str(tiny_reg), device="cpu"), canvas=28, pool="cls")
+    saliency_grid(model, rows, pre.config, tmp_path / "s.png")
+    images = np.stack([load_view(p, v, pre.config) for p, v in zip(rows["path"], rows["view"], strict=True)])
+    p = saliency_maps(model, images)["p_activated"]
+    wrong = int(((p >= 0.5) != (rows["label"] == 1).to_numpy()).sum())
+    assert 0 < wrong < 6  # both kinds of call on the grid
+    (fig,) = figures
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert len(titles) == 6 and all("p(activated)=" in t for t in titles)
+    assert sum("WRONG call" in t for t in titles) == wrong
+    framed = [ax for ax in fig.axes[:24] if ax.spines["left"].get_visible()]
+    assert len(framed) == 4 * wrong  # the wrong call's whole column is framed
+    assert any("saliency" in ax.get_ylabel() for ax in fig.axes[24:])  # the colour bar
