@@ -355,3 +355,27 @@ def test_saliency_grid_marks_wrong_calls_names_p_and_has_a_colour_bar(tmp_path, 
     framed = [ax for ax in fig.axes[:24] if ax.spines["left"].get_visible()]
     assert len(framed) == 4 * wrong  # the wrong call's whole column is framed
     assert any("saliency" in ax.get_ylabel() for ax in fig.axes[24:])  # the colour bar
+
+
+def test_contact_sheet_says_which_channel_and_row_labels_keep_clear_of_the_panels(tmp_path, figures):
+    from tprobe.dataset import discover
+    from tprobe.plots import contact_sheet
+    from tprobe.preprocess import preprocess
+
+    pre = preprocess(discover(copy_subset(tmp_path / "d", per_class=4)))
+    contact_sheet(pre.manifest, pre.config, tmp_path / "sheet.png")
+    (fig,) = figures
+    assert "channel shown: the grey image" in fig._suptitle.get_text()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    rows = [ax for ax in fig.axes if ax.texts and ax.get_subplotspec().colspan.start == 0]
+    labels = [t for ax in rows for t in ax.texts if "images)" in t.get_text()]
+    assert labels and labels[0].get_text().startswith("kept\n(")
+    for t in labels:
+        box = t.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), t.get_text()
+        for ax in fig.axes:  # panel titles hold no row name: they never run into the panel above
+            assert "kept" not in ax.get_title() and "dim" not in ax.get_title()

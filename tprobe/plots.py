@@ -14,6 +14,7 @@ import pandas as pd  # noqa: E402
 
 __all__ = [
     "contact_sheet",
+    "channel_text",
     "roc_curves",
     "confusion_matrix_plot",
     "sweep_bars",
@@ -62,9 +63,18 @@ def plain_text(draw):
     return wrapper
 
 
+def channel_text(config) -> str:
+    """Which channel a contact sheet shows: the one the filters measure (``nadh``), or the grey image."""
+    seg = getattr(config, "segment", None)
+    if seg:
+        return f"channel shown: {seg} (the channel the filters measure)"
+    return "channel shown: the grey image (one channel)"
+
+
 @plain_text
 def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group: int = 8) -> Path:
-    """A grid of kept and dropped example images (by drop reason), each titled with its reason."""
+    """A grid of kept and dropped example images, one row per outcome (labelled at the left, with how many
+    images it holds), each panel titled with its donor, class and entropy; says which channel it shows."""
     from tprobe.preprocess import pad_to_canvas, read_cell
 
     src = manifest[manifest["view"] == "orig"]
@@ -73,10 +83,15 @@ def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group:
         for reason in ("dim", "multi_cell", "too_large", "duplicate")
         if (src["drop_reason"] == reason).any()
     ]
-    fig, axes = plt.subplots(len(groups), per_group, figsize=(1.4 * per_group, 1.6 * len(groups)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(len(groups), per_group, figsize=(1.4 * per_group + 1.1, 1.55 * len(groups) + 0.3),
+                             squeeze=False, gridspec_kw={"hspace": 0.28, "wspace": 0.12})  # fmt: skip
     for r, (name, rows) in enumerate(groups):
+        n_rows = len(rows)
         rows = rows.sample(min(per_group, len(rows)), random_state=0) if len(rows) else rows
+        row_label = "kept" if name == "kept" else f"dropped:\n{name.replace('_', ' ')}"
+        axes[r, 0].annotate(f"{row_label}\n({n_rows} images)", xy=(0, 0.5), xycoords="axes fraction",
+                            xytext=(-10, 0), textcoords="offset points", ha="right", va="center", fontsize=7.5,
+                            fontweight="bold")  # fmt: skip
         for c in range(per_group):
             ax = axes[r, c]
             ax.axis("off")
@@ -88,19 +103,19 @@ def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group:
                 img = pad_to_canvas(img, config)
             ax.imshow(img, cmap="magma", vmin=0, vmax=max(1.0, float(img.max())))
             label = "act" if row["label"] == 1 else "qui"
-            ax.set_title(f"{name}\n{row['donor']} {label} H={row['entropy']:.1f}", fontsize=6)
+            ax.set_title(f"{row['donor']} {label} H={row['entropy']:.1f}", fontsize=6, pad=3)
             bar = 20  # px scale bar, bottom left, in image pixels (every image is shown at 1 px = 1 px)
             h = img.shape[0]
             ax.plot([3, 3 + bar], [h - 4, h - 4], c="white", lw=1.5, solid_capstyle="butt")
             ax.text(3, h - 7, f"{bar} px", color="white", fontsize=4.5, va="bottom")
-    fig.suptitle(f"kept and dropped examples (of {len(src)} images)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.text(0.5, 0.01, "Row = kept, or the filter that dropped the image. Title: donor, class (act = activated, "
+    fig.suptitle(f"kept and dropped examples (of {len(src)} images); {channel_text(config)}", fontsize=9)
+    fig.subplots_adjust(bottom=0.05, top=0.9)
+    fig.text(0.5, 0.0, "Row = kept, or the filter that dropped the image. Title: donor, class (act = activated, "
              "qui = quiescent), H = Shannon entropy of the 8-bit histogram in bits (dim: H < 4.0, or H < 4.7 "
-             "and summed intensity < 3500).\nWhite bar: 20 px. Magma colour map, 0 = black.", ha="center", va="bottom",
+             "and summed intensity < 3500).\nWhite bar: 20 px. Magma colour map, 0 = black.", ha="center", va="top",
              fontsize=6.5, wrap=True)  # fmt: skip
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
