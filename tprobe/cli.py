@@ -1090,8 +1090,6 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
         import dataclasses
 
         ref = dataclasses.replace(ref, name=recorded_name)
-    if ref.random_init:
-        click.echo(RANDOM_NOTE)
     pre = _prepare(data, prep, progress=False, ref=ref)
     job = FinetuneRun(ref, pool=pool, freeze=freeze, unfreeze_last=unfreeze_last, split=split,
                       test_donor=test_donor, device=device, train=cfg, data=str(data) if data else None)  # fmt: skip
@@ -1103,7 +1101,7 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
         )
 
     job.fit(pre, run, log=log)
-    if ref.random_init:  # also beside the results, where a reader looks
+    if ref.random_init:  # beside the results, where a reader looks (a refusal stays one line)
         click.echo(f"   {RANDOM_NOTE}")
     _echo_table(job.evaluation_.table())
     if saliency_n:
