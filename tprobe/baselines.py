@@ -22,6 +22,8 @@ while keeping the inputs at 4096 values.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +41,8 @@ from tprobe.runs import RunRecord, make_run_dir, save_run
 __all__ = ["BASELINES", "ALL", "PIXEL_CANVAS", "LeNet", "pixel_features", "inception_feature_set",
            "run_baseline"]  # fmt: skip
 
+logger = logging.getLogger(__name__)
+
 BASELINES = ("frequency", "pixel-logreg", "pixel-mlp", "lenet", "inception-frozen", "inception-finetuned")
 ALL = BASELINES[:4]  # what ``--name all`` runs
 INCEPTION = ("inception-frozen", "inception-finetuned")
@@ -53,6 +57,7 @@ def pixel_features(pre: Preprocessed) -> FeatureSet:
     """Raw pixels of each kept cell's original view on the 64 px canvas, flattened (values 0..1)."""
     rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
     prep = _pixel_prep(pre)
+    logger.info("pixels: reading %d cells onto the %d px canvas", len(rows), PIXEL_CANVAS)
     X = np.stack([load_view(p, "orig", prep).ravel() for p in rows["path"]]).astype(np.float32)
     source = FeatureSource(kind="pixels", name="pixels", canvas=PIXEL_CANVAS, preprocess=pre.config.to_dict(),
                            preprocess_hash=pre.config.hash, dataset_fingerprint=pre.fingerprint)  # fmt: skip
@@ -112,15 +117,35 @@ class LeNet(nn.Module):
         return [{"params": list(self.parameters()), "lr": lr_head}]
 
 
+def progress_logger(name: str):
+    """The default ``log`` of :func:`run_baseline`: each training row (a fold's start, an epoch's
+    losses) as one INFO line of this module's logger (the CLI shows them on stderr), with the time since
+    the baseline started."""
+    t0 = time.perf_counter()
+
+    def log(row: dict) -> None:
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        logger.info("baseline %s: %s (%.0f s)", name, text, time.perf_counter() - t0)
+
+    return log
+
+
 def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = "leave-one-donor-out",
                  test_donor: str | None = None, seed: int = 0, n_boot: int = 2000, epochs: int = 30,
                  device: str = "auto", inception_weights=HUB_ID, inception_size: int = INPUT_SIZE,
-                 log=print, data: str | None = None):  # fmt: skip
+                 log=None, data: str | None = None):  # fmt: skip
     """Run one baseline; returns (run directory, Evaluation).
 
     ``inception_weights``: a hub id, a folder holding ``model.safetensors``, ``random``, or an
-    already resolved :class:`~tprobe.inception.InceptionWeights`.
+    already resolved :class:`~tprobe.inception.InceptionWeights`. ``log(row: dict)`` gets the progress
+    (each fold's start, each epoch; each outer fold of the probe-based ones) [default:
+    :func:`progress_logger`, INFO lines of this module's logger].
     """
+    log = log or progress_logger(name)
+
+    def on_fold(fp) -> None:  # the probe-based baselines: one line per outer fold
+        log({"step": f"{fp.step}/{fp.n_steps}", "what": str(fp)})
+
     if name not in BASELINES:
         raise TprobeError(f"baseline {name!r} is not one of {', '.join(BASELINES)}, all")
     if name in INCEPTION:
@@ -136,16 +161,18 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
         )
         common["inception_weights"] = weights.name
     if name == "inception-frozen":
+        log({"features": f"Inception v3 on {int((pre.kept['view'] == 'orig').sum())} cells"})
         fs = inception_feature_set(pre, weights, size=inception_size, seed=seed, device=device)
         probe = ProbeRun(head="logreg", penalty="l2", split=split, test_donor=test_donor, seed=seed,
-                         n_boot=n_boot, max_dims=None, final_head=False, data=data).fit(fs)  # fmt: skip
+                         n_boot=n_boot, max_dims=None, final_head=False, data=data).fit(fs, progress=on_fold)  # fmt: skip
         run = probe.save(out, f"baseline-{name}", command="baseline", extra_options=common)
         return run, probe.evaluation_
     if name in ("pixel-logreg", "pixel-mlp"):
         fs = pixel_features(pre)
         head, penalty = ("logreg", "l1") if name == "pixel-logreg" else ("mlp", "l2")
+        log({"features": f"{fs.X.shape[0]} cells x {fs.X.shape[1]} pixels", "head": f"{head} ({penalty})"})
         probe = ProbeRun(head=head, penalty=penalty, split=split, test_donor=test_donor, seed=seed,
-                         n_boot=n_boot, max_dims=None, final_head=False, data=data).fit(fs)  # fmt: skip
+                         n_boot=n_boot, max_dims=None, final_head=False, data=data).fit(fs, progress=on_fold)  # fmt: skip
         run = probe.save(out, f"baseline-{name}", command="baseline", extra_options=common)
         return run, probe.evaluation_
     rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
@@ -198,7 +225,7 @@ def run_baseline(name: str, pre: Preprocessed, out: str | Path, *, split: str = 
     record.features.canvas = canvas
     save_run(run, record=record, evaluation=ev, plan=plan, meta=rows)
     curves.to_csv(run / "curves.csv", index=False)
-    learning_curves(curves, run / "curves.png")
+    learning_curves(curves, run / "curves.png", title=record.title)
     return run, ev
 
 

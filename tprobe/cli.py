@@ -14,6 +14,7 @@ from tprobe import __version__
 from tprobe.errors import TprobeError
 
 EXIT_SKIPPED = 3  # finished, but some input files were skipped (listed on stderr)
+RUN_DETAIL = "details.txt"  # a sweep's run folder: the per-donor table and notes a single run prints
 RANDOM_NOTE = "RANDOM WEIGHTS: features from a randomly initialised model; a plumbing check, not a result"
 
 
@@ -237,6 +238,43 @@ def split_options(f):
         "--split", type=click.Choice(["leave-one-donor-out", "group-kfold", "test-donor"]),
         default="leave-one-donor-out", show_default=True, help="Outer split; donors never straddle it.",
     )(f)  # fmt: skip
+
+
+# ---- options that do not apply: refused in one line, never silently ignored -------------------------
+PREP_PARAMS = ("canvas", "fit", "views", "entropy_min", "entropy_dim", "intensity_dim", "binary_threshold",
+               "min_component_area", "max_value", "max_pixels", "channels", "channel_mode", "use",
+               "segment_channel", "channel_files")  # fmt: skip
+
+
+def _given(name: str) -> bool:
+    """Whether the user gave option ``name`` (not left at its default)."""
+    ctx = click.get_current_context()
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _refuse_unused(rules) -> None:
+    """``rules``: (option name, applies, why). The first option given that does not apply is refused in
+    one line naming it and why (e.g. ``--pool does not apply with --features (...)``); drop it to run."""
+    ctx = click.get_current_context()
+    for name, applies, why in rules:
+        if not applies and _given(name):
+            opt = next(p for p in ctx.command.params if p.name == name)
+            raise TprobeError(f"{max(opt.opts, key=len)} does not apply {why}; drop it")
+
+
+def _prep_rules(applies: bool, why: str):
+    """Every preprocessing option: used only when images are read (``applies``)."""
+    return [(name, applies, why) for name in PREP_PARAMS]
+
+
+def _split_rules(split: str, with_folds: bool = False):
+    rules = [("test_donor", split == "test-donor", f"with --split {split} (add --split test-donor)")]
+    if with_folds:
+        rules.append(("folds", split == "group-kfold", f"with --split {split} (add --split group-kfold)"))
+    return rules
+
+
+TABLE_PARAMS = ("id_column", "exclude", "keep_columns", "all_table_rows")
 
 
 def run_option(command: str):
@@ -670,13 +708,17 @@ def _check_store_matches(store, pre) -> None:
     fs.verify_rows(pre.kept["image_id"].tolist(), "--data")
 
 
-def _echo_table(df, floatfmt="{:.3f}"):
+def _table_text(df, floatfmt="{:.3f}") -> str:
     import pandas as pd
 
     with pd.option_context(
         "display.width", 200, "display.max_columns", 30, "display.float_format", floatfmt.format
     ):
-        click.echo(df.to_string(index=False))
+        return df.to_string(index=False)
+
+
+def _echo_table(df, floatfmt="{:.3f}"):
+    click.echo(_table_text(df, floatfmt))
 
 
 @main.command()
@@ -777,6 +819,21 @@ def probe(ctx, model, revision, store, features, id_column, exclude, keep_column
     from tprobe.sweep import run_sweep, store_sources
     from tprobe.tokens import LAYER_POOLS, is_pool
 
+    table = features is not None
+    no_table = "with --features (the table is the features; `tprobe curve` compares a table with stores)"
+    no_views = "with --features (a table has one row per image, no augmented views)"
+    _refuse_unused([
+        ("store", not table, no_table),
+        *[(n, not table, no_table) for n in ("model", "revision")],
+        ("pool", not table, "with --features (it pools a store's tokens)"),
+        *[(n, not table, no_views) for n in ("tta", "train_views")],
+        *[(n, store is None, "with --store (the store fixes the model)") for n in ("model", "revision")],
+        *[(n, table, "without --features TABLE") for n in TABLE_PARAMS],
+        *_split_rules(split, with_folds=True),
+        ("penalty", head in ("logreg", "all"), f"to --head {head} (only logreg has a penalty)"),
+        *_prep_rules(data is not None or store is None, "with --store and no --data (the store holds its own "
+                     "preprocessing; add --data to check the store against those images)"),
+    ])  # fmt: skip
     heads = list(HEADS) if head == "all" else [head]
     pools = list(POOLS) if pool == "all" else [pool]
     for h in heads:
@@ -817,30 +874,39 @@ def probe(ctx, model, revision, store, features, id_column, exclude, keep_column
         click.echo(f"sweep folder {sweep}: one SLURM array task per pool x head", err=True)
         return _sweep_on_slurm(sweep, slurm)
     random_seen = []
+    sweep = (
+        len(heads) * len(sources) > 1
+    )  # a sweep prints one summary table; each run's detail goes to its folder
 
     def report(ev):
         if ev.kind == "skip":
             click.echo(ev.message, err=True)
-        elif ev.kind == "start":
+        elif ev.kind == "start" and not sweep:
             click.echo(f"== {ev.features.name} · {ev.head}: {ev.message}")
-        elif ev.kind == "fold":
-            pass  # the tprobe.sweep logger prints one line per outer fold on stderr
         elif ev.kind == "run":
             run = ev.run
+            lines = [f"== {ev.features.name} · {ev.head}: {len(ev.features.meta)} rows x "
+                     f"{ev.features.X.shape[1]} features"] if sweep else []  # fmt: skip
             if run.features_.source.random_init:
                 random_seen.append(True)
-                click.echo(f"   {RANDOM_NOTE}")
-            _echo_table(run.table())
-            click.echo(f"   accuracy, balanced accuracy, f1: {run.summary_['f1']['note']}; brier, ece: calibration "
-                       "(lower is better; ECE over 10 equal-width bins)")  # fmt: skip
+                lines.append(f"   {RANDOM_NOTE}")
+            lines.append(_table_text(run.table()))
+            lines.append(f"   accuracy, balanced accuracy, f1: {run.summary_['f1']['note']}; brier, ece: "
+                         "calibration (lower is better; ECE over 10 equal-width bins)")  # fmt: skip
             chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in run.chosen_)
             how = sorted({c.get("selection", "chosen by inner donor CV (mean AP)") for c in run.chosen_})
-            click.echo(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
-            click.echo(f"   {ev.message}")
+            lines.append(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
+            lines.append(f"   {ev.message}")
+            if sweep:
+                (ev.path / RUN_DETAIL).write_text("\n".join(lines) + "\n")
+            else:
+                click.echo("\n".join(lines))
 
     res = run_sweep(sources, heads, out=out, progress=report, probe_kwargs=probe_kwargs)
     if res.is_sweep:
-        click.echo("== sweep summary (mean over held-out donors)")
+        click.echo(
+            f"== sweep summary (mean over held-out donors); per-donor tables: {res.out}/<run>/{RUN_DETAIL}"
+        )
         _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
         click.echo(f"   sweep wall time {res.seconds:.1f} s")
         if random_seen:
@@ -965,6 +1031,18 @@ def _feature_sources(stores, models, revision, pool, features, id_column, exclud
     return out
 
 
+def _source_rules(stores, models, features, pixels, data):
+    """Options of `curve` and `map` that only some feature sources use."""
+    reads_images = data is not None or bool(models or features or pixels)
+    return [
+        ("revision", bool(models), "without --model"),
+        ("pool", bool(stores or models), "without --store/--model (it pools a store's tokens)"),
+        *[(n, bool(features), "without --features TABLE") for n in TABLE_PARAMS],
+        *_prep_rules(reads_images, "with --store sources and no --data (a store holds its own preprocessing; "
+                     "add --data to check it against those images)"),
+    ]  # fmt: skip
+
+
 def source_options(f):
     """Feature sources shared by `curve` and `map`: several stores, tables and the pixel baseline."""
     opts = [
@@ -1034,6 +1112,10 @@ def curve(stores, models, revision, pool, features, id_column, exclude, keep_col
     from tprobe.heads import HEADS
 
     heads = list(HEADS) if head == "all" else [h.strip() for h in head.split(",")]
+    _refuse_unused([*_source_rules(stores, models, features, pixels, data),
+                    ("train_views", bool(stores or models), "without --store/--model (tables and pixels have one "
+                     "view per cell)"),
+                    *_split_rules(split)])  # fmt: skip
     sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
                                offline, data, prep, keep_columns, all_table_rows)  # fmt: skip
     results, draws, randoms, meta = [], [], [], []
@@ -1097,8 +1179,10 @@ def map_(stores, models, revision, pool, features, id_column, exclude, keep_colu
     """
     from tprobe.curve import is_random_source
     from tprobe.embedmap import diagnose, embed, map_data, plot_map
+    from tprobe.plots import source_label
     from tprobe.runs import inside, make_run_dir, safe_name, write_json
 
+    _refuse_unused(_source_rules(stores, models, features, pixels, data))
     sources = _feature_sources(stores, models, revision, pool, features, id_column, exclude, pixels, cache,
                                offline, data, prep, keep_columns, all_table_rows)  # fmt: skip
     manifest = None  # tables and pixels take the batch column from the data's manifest (stores: their own)
@@ -1114,7 +1198,7 @@ def map_(stores, models, revision, pool, features, id_column, exclude, keep_colu
         safe = safe_name(fs.name)
         coords.to_parquet(inside(run, f"map-{safe}.parquet"), index=False)
         what = "pooled tokens" if fs.source.get("kind") == "store" else "features"
-        title = f"{fs.name}: {diag['n_cells']} cells (original views), {what}" + (
+        title = f"{source_label(fs.name)}: {diag['n_cells']} cells (original views), {what}" + (
             " — random weights: plumbing check" if diag["random_init"] else "")  # fmt: skip
         plot_map(coords, diag, inside(run, f"map-{safe}.png"), title=title)
         diags.append(diag)
@@ -1289,6 +1373,8 @@ def finetune(model, revision, pool, freeze, unfreeze_last, epochs, batch_size, l
         )
 
     job.fit(pre, run, log=log)
+    if ref.random_init:  # beside the results, where a reader looks (a refusal stays one line)
+        click.echo(f"   {RANDOM_NOTE}")
     _echo_table(job.evaluation_.table())
     if saliency_n:
         from tprobe.saliency_report import saliency_for_run
@@ -1355,6 +1441,13 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
     for n in names:
         if n not in BASELINES:
             raise TprobeError(f"--name {n!r} is not one of {', '.join(BASELINES)}, all")
+    inception, trained = any(n in INCEPTION for n in names), {"lenet", "inception-finetuned"} & set(names)
+    _refuse_unused([
+        ("inception_weights", inception, f"to --name {name} (only the inception-* baselines)"),
+        ("inception_size", inception, f"to --name {name} (only the inception-* baselines)"),
+        ("epochs", bool(trained), f"to --name {name} (only lenet and inception-finetuned train for epochs)"),
+        *_split_rules(split),
+    ])  # fmt: skip
     if any(n in INCEPTION for n in names):  # before any work: an unreachable hub fails at once
         from tprobe.inception import check_size, resolve_weights
 
@@ -1366,7 +1459,7 @@ def baseline(name, split, test_donor, epochs, inception_weights, inception_size,
         click.echo(f"== baseline {n}")
         run, ev = run_baseline(n, pre, out, split=split, test_donor=test_donor, seed=seed, n_boot=n_boot,
                                epochs=epochs, device=device, inception_weights=inception_weights,
-                               inception_size=inception_size, log=lambda row: None,
+                               inception_size=inception_size,
                                data=str(data) if data else None)  # fmt: skip
         if n in INCEPTION and inception_weights.random_init:
             click.echo(f"   {RANDOM_NOTE}")

@@ -27,6 +27,7 @@ over its draws, so the donor-to-donor spread carries the draw-to-draw one); see 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from tprobe.heads import HEADS, make_head
 __all__ = ["LabelCurve", "DEFAULT_SHOTS", "curve_band", "plot_curves", "is_random_source"]
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16, 32, 64, "all")
+log = logging.getLogger(__name__)
 
 
 def is_random_source(source: FeatureSource | dict) -> bool:
@@ -113,7 +115,18 @@ class LabelCurve:
         if self.normalize == "donor-center":  # fold-independent, label-free: see features.donor_center
             X = donor_center(X, meta["donor"], (meta["view"] == "orig").to_numpy())
         jobs = [(fold, r) for fold in plan for r in range(self.repeats)]
-        out = Parallel(n_jobs=self.n_jobs)(delayed(self._one)(X, meta, fold, r) for fold, r in jobs)
+        log.info("curve %s · %s: %d held-out donor(s) x %d draws x %d k on %d rows x %d features", fs.name,
+                 self.head, len(plan), self.repeats, len(self.shots), len(meta), X.shape[1])  # fmt: skip
+        out = []
+        results = Parallel(n_jobs=self.n_jobs, return_as="generator")(
+            delayed(self._one)(X, meta, fold, r) for fold, r in jobs
+        )
+        for i, res in enumerate(results, 1):  # in order: a fold is done when its last draw is
+            out.append(res)
+            if i % self.repeats == 0:
+                fold = jobs[i - 1][0]
+                log.info("curve %s · %s: held out %s done (%d/%d), %.1f s", fs.name, self.head,
+                         ",".join(fold.test_donors), i // self.repeats, len(plan), time.perf_counter() - t0)  # fmt: skip
         self.results_ = pd.DataFrame([row for rows, _ in out for row in rows])
         self.draws_ = pd.concat([d for _, d in out], ignore_index=True)
         self.results_.insert(0, "source", fs.name)
@@ -235,6 +248,8 @@ def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_au
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tprobe.plots import source_label
+
     band = curve_band(results, metric)
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     keys = list(dict.fromkeys(zip(band["source"], band["head"], strict=True)))
@@ -242,7 +257,7 @@ def plot_curves(results: pd.DataFrame, out: str | Path, *, metric: str = "roc_au
     for i, (src, head) in enumerate(keys):
         b = band[(band["source"] == src) & (band["head"] == head)]
         colour = plt.cm.tab10(i % 10)
-        label = f"{src} · {head}" if several_heads else src
+        label = f"{source_label(src)} · {head}" if several_heads else source_label(src)
         if src in random_sources:
             label += " (random weights: plumbing check)"
         ax.plot(b["x"], b["mean"], "-o", ms=3.5, lw=1.6, color=colour, label=label)

@@ -26,6 +26,8 @@ draws them coloured by label, donor and batch, side by side.
 
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,7 @@ __all__ = [
     "PCA_DIMS",
 ]
 
+log = logging.getLogger(__name__)
 PCA_DIMS = 64  # the diagnostic classifier sees the top principal components (fitted in each training fold)
 
 
@@ -172,11 +175,18 @@ def diagnose(data: MapData, *, seed: int = 0) -> dict:
     targets = {"activation": label, "donor": meta["donor"]}
     if meta["batch"].notna().all():
         targets["batch"] = meta["batch"]
-    pred = {t: predictability(X, v, groups, seed=seed) for t, v in targets.items()}
+    t0 = time.perf_counter()
+    pred = {}
+    for t, v in targets.items():
+        log.info("map %s: predicting %s from %d cells x %d features (5-fold CV)...", data.name, t, len(meta),
+                 X.shape[1])  # fmt: skip
+        pred[t] = predictability(X, v, groups, seed=seed)
     within = {}
     for t in [t for t in targets if t != "activation"]:
+        log.info("map %s: predicting %s within each class...", data.name, t)
         pred[t]["chance_given_class"] = chance_given_class(targets[t], label)
         within[t] = within_class(X, targets[t], label, groups, seed=seed)
+    log.info("map %s: silhouettes (%.0f s so far)", data.name, time.perf_counter() - t0)
     Z = StandardScaler().fit_transform(X)
     sil = {
         t: _silhouette(Z, v)
@@ -207,6 +217,8 @@ def diagnose(data: MapData, *, seed: int = 0) -> dict:
 
 def embed(data: MapData, *, umap: bool = True, seed: int = 0) -> pd.DataFrame:
     """2-D PCA (and UMAP) coordinates of the standardised features, beside the cell's metadata."""
+    t0 = time.perf_counter()
+    log.info("map %s: PCA of %d cells x %d features", data.name, *data.X.shape)
     Z = StandardScaler().fit_transform(data.X)
     cols = ["image_id", "donor", "group", "label", "batch"]
     out = data.meta[[c for c in cols if c in data.meta.columns]].copy()
@@ -218,36 +230,72 @@ def embed(data: MapData, *, umap: bool = True, seed: int = 0) -> pd.DataFrame:
             import umap as umap_lib
         except ImportError:
             raise TprobeError("UMAP needs umap-learn: pip install umap-learn (or pass --no-umap)") from None
+        log.info("map %s: UMAP of %d cells x %d features (minutes for wide inputs such as pixels; --no-umap "
+                 "skips it)...", data.name, *Z.shape)  # fmt: skip
         reducer = umap_lib.UMAP(n_components=2, n_neighbors=15, min_dist=0.1, random_state=seed, n_jobs=1)
         out[["umap1", "umap2"]] = reducer.fit_transform(Z)
+        log.info("map %s: UMAP done in %.0f s", data.name, time.perf_counter() - t0)
     return out
 
 
-def _scatter(ax, xy: np.ndarray, values, title: str, *, legend: bool, cmap="tab10"):
+def category_colours(n: int) -> list:
+    """``n`` colours that stay apart: tab10 up to 10; beyond, hues a golden-ratio step apart at three
+    alternating lightnesses, bright ones darkened (no colour repeats, none pale)."""
+    import colorsys
+
     import matplotlib.pyplot as plt
 
-    cats = list(dict.fromkeys(sorted(pd.Series(values).astype(str))))
-    colours = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20")
+    if n <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(n)]
+    out = []
+    for i in range(n):
+        rgb = np.array(colorsys.hls_to_rgb((i * 0.618034) % 1.0, (0.32, 0.45, 0.58)[i % 3], 0.8))
+        lum = float(rgb @ [0.299, 0.587, 0.114])
+        out.append((*(rgb * min(1.0, 0.62 / lum)), 1.0))  # yellows and cyans darkened: never pale on white
+    return out
+
+
+def _sort_key(v: str):
+    """Natural order: ``donor_1·b2`` before ``donor_1·b10``."""
+    import re
+
+    return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", v) if t]
+
+
+def _scatter(ax, xy: np.ndarray, values, title: str, *, what: str, axis_names: tuple[str, str]):
     vals = pd.Series(values).astype(str).to_numpy()
-    for i, c in enumerate(cats):
-        sel = vals == c
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.75, color=colours(i % colours.N), label=c, lw=0)
+    cats = sorted(set(vals), key=_sort_key)
+    colours = category_colours(len(cats))
     lo, hi = np.percentile(xy, 0.5, axis=0), np.percentile(xy, 99.5, axis=0)
     pad = 0.08 * (hi - lo)
     lo, hi = lo - pad, hi + pad
-    outside = int((~((xy >= lo) & (xy <= hi)).all(axis=1)).sum())
+    inside = ((xy >= lo) & (xy <= hi)).all(axis=1)  # outliers are left out (and counted), never half-drawn
+    for i, c in enumerate(cats):
+        sel = (vals == c) & inside
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=6, alpha=0.8, color=colours[i], label=c, lw=0, clip_on=False)
     ax.set_xlim(lo[0], hi[0])
     ax.set_ylim(lo[1], hi[1])
+    outside = int((~inside).sum())
     if outside:  # a few outliers would otherwise squeeze the map into a corner
         title += f"\n(axes: 0.5-99.5th percentiles; {outside} outlying cells not shown)"
     ax.set_title(title, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
-    if legend:
-        ax.legend(fontsize=6, markerscale=2, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    else:
-        ax.text(1.02, 0.98, f"{len(cats)} batches\n(colour = donor·batch;\ncolours repeat)", transform=ax.transAxes,
-                fontsize=6, va="top")  # fmt: skip
+    ax.set_xlabel(axis_names[0], fontsize=8)
+    ax.set_ylabel(axis_names[1], fontsize=8)
+    many = len(cats) > 12
+    ax.legend(fontsize=5.5 if many else 6, markerscale=2, frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0),
+              ncol=2 if many else 1, title=f"{len(cats)} {what}", title_fontsize=6.5, handletextpad=0.1,
+              columnspacing=0.6, labelspacing=0.25 if many else 0.5)  # fmt: skip
+
+
+def axis_names(method: str, explained=None) -> tuple[str, str]:
+    """Axis labels of a map panel: ``PC1 (32% of variance)``, ``PC2 (15% of variance)``; ``UMAP 1``, ``UMAP 2``."""
+    if method == "pca":
+        if explained:
+            return tuple(f"PC{i + 1} ({v:.0%} of variance)" for i, v in enumerate(explained[:2]))
+        return ("PC1", "PC2")
+    return ("UMAP 1", "UMAP 2")
 
 
 @matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
@@ -261,20 +309,17 @@ def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | 
     methods = [m for m in ("pca", "umap") if f"{m}1" in coords]
     has_batch = coords["batch"].notna().all()
     by = [("label", "activation"), ("donor", "donor")] + ([("batch", "imaging batch")] if has_batch else [])
-    fig, axes = plt.subplots(len(methods), len(by), figsize=(4.6 * len(by), 3.9 * len(methods) + 1.2),
+    fig, axes = plt.subplots(len(methods), len(by), figsize=(5.2 * len(by), 3.9 * len(methods) + 1.2),
                              squeeze=False)  # fmt: skip
     label = coords["label"].map({1: "activated", 0: "quiescent"}).fillna(coords["label"].astype(str))
     ev = coords.attrs.get("pca_explained")
+    plural = {"activation": "classes", "donor": "donors", "imaging batch": "imaging batches"}
     for r, m in enumerate(methods):
         xy = coords[[f"{m}1", f"{m}2"]].to_numpy()
-        name = (
-            "PCA" + (f" ({ev[0]:.0%}, {ev[1]:.0%} of variance)" if m == "pca" and ev else "")
-            if m == "pca"
-            else "UMAP"
-        )
         for c, (col, what) in enumerate(by):
             values = label if col == "label" else coords[col]
-            _scatter(axes[r, c], xy, values, f"{name}, colour = {what}", legend=col != "batch")
+            _scatter(axes[r, c], xy, values, f"{m.upper()}, colour = {what}", what=plural[what],
+                     axis_names=axis_names(m, ev))  # fmt: skip
     p = diag["predictability"]
     s = diag["silhouette"]
 

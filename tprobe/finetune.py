@@ -153,7 +153,7 @@ class FinetuneRun:
         self.curves_.to_csv(run / "curves.csv", index=False)
         from tprobe.plots import learning_curves
 
-        learning_curves(self.curves_, run / "curves.png")
+        learning_curves(self.curves_, run / "curves.png", title=record.title)
         return self
 
 

@@ -32,7 +32,7 @@ from tprobe.store import FeatureStore
 from tprobe.tokens import POOL_NEEDS, pool_needs
 
 __all__ = ["EXPORT_FORMATS", "pools_of", "obsm_key", "store_table", "export_anndata", "export_parquet",
-           "export", "check_target"]  # fmt: skip
+           "export", "check_target", "require_store"]  # fmt: skip
 EXPORT_FORMATS = ("anndata", "parquet")
 EXPORT_POOLS = ("cls", "mean", "registers", "cls+mean")
 
@@ -237,8 +237,24 @@ def export_parquet(path: str | Path, out: str | Path, *, overwrite: bool = False
     return out
 
 
+def require_store(path: str | Path) -> Path:
+    """``path`` if it is a feature store (a Zarr folder or an ``.h5`` file, sealed or in progress); else one
+    line saying it is not one and how to find the stores (the fix is the path, not re-extracting)."""
+    path = Path(path)
+    in_progress = path.with_name(path.name + ".progress").exists()
+    zarr_group = path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup"))
+    hdf5 = path.is_file() and path.suffix in (".h5", ".hdf5")
+    if not (in_progress or zarr_group or hdf5):
+        what = "a folder" if path.is_dir() else "a file"
+        raise TprobeError(f"{path}: is {what}, not a feature store (a .zarr folder or .h5 file `tprobe extract` "
+                          "writes; its path is the last line extract prints); list the stores with "
+                          "`find cache -name '*.zarr' -o -name '*.h5'`")  # fmt: skip
+    return path
+
+
 def export(path: str | Path, to: str, out: str | Path, *, overwrite: bool = False) -> Path:
     """``to`` = ``anndata`` (``.h5ad``) or ``parquet``; an existing ``out`` is replaced only with ``overwrite``."""
     if to not in EXPORT_FORMATS:
         raise TprobeError(f"--to {to!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    require_store(path)
     return (export_anndata if to == "anndata" else export_parquet)(path, out, overwrite=overwrite)

@@ -14,14 +14,43 @@ import pandas as pd  # noqa: E402
 
 __all__ = [
     "contact_sheet",
+    "channel_text",
     "roc_curves",
     "confusion_matrix_plot",
     "sweep_bars",
     "learning_curves",
+    "fold_names",
+    "source_label",
     "plain_text",
     "reliability_diagram",
     "auc_by_layer",
 ]
+
+
+def source_label(name: str) -> str:
+    """A feature source's name as a reader meets it in a legend: ``table:cellprofiler_sample`` ->
+    ``feature table cellprofiler_sample``, ``pixels`` -> ``raw pixels (64 px canvas)``; a store's
+    ``<model>-<pool>`` -> ``<model> · <pool> tokens``; anything else unchanged."""
+    from tprobe.store import POOLS
+
+    name = str(name)
+    suffix = ""
+    if "#" in name:  # two sources of the same name, numbered
+        name, n = name.rsplit("#", 1)
+        suffix = f" (#{n})"
+    if name.startswith("table:"):
+        stem = name[len("table:") :]
+        every = stem.endswith("+all-rows")
+        stem = stem.removesuffix("+all-rows")
+        return f"feature table {stem}" + (" (every table row)" if every else "") + suffix
+    if name == "pixels":
+        from tprobe.baselines import PIXEL_CANVAS
+
+        return f"raw pixels ({PIXEL_CANVAS} px canvas)" + suffix
+    for pool in sorted(POOLS, key=len, reverse=True):
+        if name.endswith(f"-{pool}") and len(name) > len(pool) + 1:
+            return f"{name[: -len(pool) - 1]} · {pool} tokens" + suffix
+    return name + suffix
 
 
 def plain_text(draw):
@@ -35,9 +64,18 @@ def plain_text(draw):
     return wrapper
 
 
+def channel_text(config) -> str:
+    """Which channel a contact sheet shows: the one the filters measure (``nadh``), or the grey image."""
+    seg = getattr(config, "segment", None)
+    if seg:
+        return f"channel shown: {seg} (the channel the filters measure)"
+    return "channel shown: the grey image (one channel)"
+
+
 @plain_text
 def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group: int = 8) -> Path:
-    """A grid of kept and dropped example images (by drop reason), each titled with its reason."""
+    """A grid of kept and dropped example images, one row per outcome (labelled at the left, with how many
+    images it holds), each panel titled with its donor, class and entropy; says which channel it shows."""
     from tprobe.preprocess import pad_to_canvas, read_cell
 
     src = manifest[manifest["view"] == "orig"]
@@ -46,10 +84,15 @@ def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group:
         for reason in ("dim", "multi_cell", "too_large", "duplicate")
         if (src["drop_reason"] == reason).any()
     ]
-    fig, axes = plt.subplots(len(groups), per_group, figsize=(1.4 * per_group, 1.6 * len(groups)),
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(len(groups), per_group, figsize=(1.4 * per_group + 1.1, 1.55 * len(groups) + 0.3),
+                             squeeze=False, gridspec_kw={"hspace": 0.28, "wspace": 0.12})  # fmt: skip
     for r, (name, rows) in enumerate(groups):
+        n_rows = len(rows)
         rows = rows.sample(min(per_group, len(rows)), random_state=0) if len(rows) else rows
+        row_label = "kept" if name == "kept" else f"dropped:\n{name.replace('_', ' ')}"
+        axes[r, 0].annotate(f"{row_label}\n({n_rows} images)", xy=(0, 0.5), xycoords="axes fraction",
+                            xytext=(-10, 0), textcoords="offset points", ha="right", va="center", fontsize=7.5,
+                            fontweight="bold")  # fmt: skip
         for c in range(per_group):
             ax = axes[r, c]
             ax.axis("off")
@@ -61,19 +104,19 @@ def contact_sheet(manifest: pd.DataFrame, config, out: str | Path, *, per_group:
                 img = pad_to_canvas(img, config)
             ax.imshow(img, cmap="magma", vmin=0, vmax=max(1.0, float(img.max())))
             label = "act" if row["label"] == 1 else "qui"
-            ax.set_title(f"{name}\n{row['donor']} {label} H={row['entropy']:.1f}", fontsize=6)
+            ax.set_title(f"{row['donor']} {label} H={row['entropy']:.1f}", fontsize=6, pad=3)
             bar = 20  # px scale bar, bottom left, in image pixels (every image is shown at 1 px = 1 px)
             h = img.shape[0]
             ax.plot([3, 3 + bar], [h - 4, h - 4], c="white", lw=1.5, solid_capstyle="butt")
             ax.text(3, h - 7, f"{bar} px", color="white", fontsize=4.5, va="bottom")
-    fig.suptitle(f"kept and dropped examples (of {len(src)} images)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.text(0.5, 0.01, "Row = kept, or the filter that dropped the image. Title: donor, class (act = activated, "
+    fig.suptitle(f"kept and dropped examples (of {len(src)} images); {channel_text(config)}", fontsize=9)
+    fig.subplots_adjust(bottom=0.05, top=0.9)
+    fig.text(0.5, 0.0, "Row = kept, or the filter that dropped the image. Title: donor, class (act = activated, "
              "qui = quiescent), H = Shannon entropy of the 8-bit histogram in bits (dim: H < 4.0, or H < 4.7 "
-             "and summed intensity < 3500).\nWhite bar: 20 px. Magma colour map, 0 = black.", ha="center", va="bottom",
+             "and summed intensity < 3500).\nWhite bar: 20 px. Magma colour map, 0 = black.", ha="center", va="top",
              fontsize=6.5, wrap=True)  # fmt: skip
     out = Path(out)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return out
 
@@ -102,8 +145,12 @@ def roc_curves(predictions: pd.DataFrame, out: str | Path, *, title: str = "") -
 
 
 @plain_text
-def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold: float = 0.5) -> Path:
-    """Confusion matrix of all out-of-fold predictions at ``threshold``."""
+def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold: float = 0.5, *,
+                          title: str = "") -> Path:  # fmt: skip
+    """Confusion matrix of all out-of-fold predictions at ``threshold``; ``title`` (the run's
+    :attr:`~tprobe.runs.RunRecord.title`) carries the random-weights mark."""
+    import textwrap
+
     from sklearn.metrics import confusion_matrix
 
     cm = confusion_matrix(predictions["label"], predictions["p_activated"] >= threshold, labels=[0, 1])
@@ -112,10 +159,11 @@ def confusion_matrix_plot(predictions: pd.DataFrame, out: str | Path, threshold:
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="black" if v < cm.max() / 2 else "white")
     names = ["quiescent", "activated"]
+    head = f"out-of-fold predictions: {title}" if title else "out-of-fold predictions"
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=names, yticklabels=names,
-           xlabel="predicted", ylabel="true", title="out-of-fold predictions")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
+           xlabel=f"predicted (p(activated) >= {threshold:g})", ylabel="true")  # fmt: skip
+    ax.set_title("\n".join(textwrap.wrap(head, 40, break_on_hyphens=False)), fontsize=8)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return Path(out)
 
@@ -183,19 +231,62 @@ def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") 
     return Path(out)
 
 
+def fold_names(curves: pd.DataFrame) -> dict:
+    """Each fold's name for a legend: ``held out donor_3`` (from the curves' ``test_donor``), else ``fold N``."""
+    out = {}
+    for fold, c in curves.groupby("fold", sort=True):
+        held = c["test_donor"].iloc[0] if "test_donor" in c and pd.notna(c["test_donor"].iloc[0]) else None
+        out[fold] = f"held out {held}" if held else f"fold {fold}"
+    return out
+
+
 @plain_text
-def learning_curves(curves: pd.DataFrame, out: str | Path) -> Path:
-    """Train/validation loss and validation AUC per epoch, one line per fold."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8, 3.2))
-    for fold, c in curves.groupby("fold"):
-        a.plot(c["epoch"], c["train_loss"], "-", lw=1, label=f"fold {fold} train")
-        a.plot(c["epoch"], c["val_loss"], "--", lw=1, label=f"fold {fold} val")
-        b.plot(c["epoch"], c["val_auc"], "-o", ms=3, lw=1, label=f"fold {fold}")
-    a.set(xlabel="epoch", ylabel="BCE loss", title="loss")
-    b.set(xlabel="epoch", ylabel="validation ROC AUC", ylim=(0, 1), title="validation AUC")
-    b.legend(fontsize=6)
+def learning_curves(curves: pd.DataFrame, out: str | Path, *, title: str = "") -> Path:
+    """Training loss (solid) and validation loss (dashed) per epoch, and validation ROC AUC, one colour
+    per fold, each fold named by its held-out donor; whole-epoch ticks (one epoch is one point)."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    names = fold_names(curves)
+    colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    for i, (fold, c) in enumerate(curves.groupby("fold", sort=True)):
+        col = colours(i % colours.N)
+        a.plot(c["epoch"], c["train_loss"], "-o", ms=3, lw=1.2, c=col, label=f"{names[fold]}: training loss")
+        a.plot(c["epoch"], c["val_loss"], "--s", ms=3, lw=1.2, c=col, label=f"{names[fold]}: validation loss")
+        b.plot(c["epoch"], c["val_auc"], "-o", ms=3, lw=1.2, c=col, label=names[fold])
+    epochs = curves["epoch"]
+    lo, hi = (int(epochs.min()), int(epochs.max())) if len(epochs) else (1, 1)
+    for ax in (a, b):
+        if hi - lo < 12:
+            ax.set_xticks(range(lo, hi + 1))
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(lo - 0.5, hi + 0.5)  # one epoch: one point, centred, tick "1"
+    a.set(
+        xlabel="epoch", ylabel="binary cross-entropy loss", title="loss (solid: training; dashed: validation)"
+    )
+    b.set(
+        xlabel="epoch",
+        ylabel="validation ROC AUC",
+        ylim=(0, 1.02),
+        title="validation ROC AUC (early stopping)",
+    )
+    style = [Line2D([], [], c="k", ls="-", marker="o", ms=3, label="training loss"),
+             Line2D([], [], c="k", ls="--", marker="s", ms=3, label="validation loss")]  # fmt: skip
+    a.legend(handles=style, fontsize=7, loc="best")
+    b.legend(
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+        title="fold",
+        title_fontsize=7,
+    )
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(out)
 

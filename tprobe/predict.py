@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     """One row per input image: ``path, p_activated, label, label_name, kept, drop_reason``.
 
     Images that fail the run's quality filters keep their row, with no probability and the reason.
-    The model must be the one the run was trained on (same resolved snapshot or content hash).
+    The model must be the one the run was trained on (same resolved snapshot or content hash). Only
+    the original view of each image is extracted, unless the run scores every view (``tta``).
 
     With ``masks`` (a folder of label images, :mod:`tprobe.fov`'s pairing rule), ``data`` holds fields
     of view: one row per object, with ``field, object, area, centroid_y/x, bbox_*`` (objects dropped
@@ -58,10 +60,19 @@ def predict(run: str | Path, data: str | Path, *, cache: str | Path = DEFAULT_CA
     record = RunRecord.load(run)
     src = record.features
     if src.kind != "store":
-        raise TprobeError(f"{run}: was trained on {src.kind} features; compute the same features for the new "
-                          "images and score them with tprobe.probe.load_head(run)")  # fmt: skip
+        what = {
+            "table": "a feature table",
+            "pixels": "raw pixels",
+            "baseline": "a baseline's inputs",
+            "finetune": "images end to end (`tprobe finetune`)",
+        }.get(src.kind, f"{src.kind} features")
+        raise TprobeError(f"{run}: was trained on {what}, not a feature store; `tprobe predict` needs a run "
+                          "trained on a store: `tprobe probe --model MODEL ...` (after `tprobe extract --model "
+                          "MODEL`)")  # fmt: skip
     head = load_head(run)
     config = record.preprocess_config()
+    if not record.options.get("tta") and config.views != "orig":  # scored on originals: extract only those
+        config = dataclasses.replace(config, views="orig")
     dropped, cols = [], ["path"]
     if masks is None:
         found = discover_unlabelled(data, channel_files=config.channel_files, channels=config.channels)

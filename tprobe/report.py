@@ -74,7 +74,9 @@ def _family(record) -> tuple[str, str]:
         )
         return "finetune", f"{model} · {feats.pool or o.get('pool')} · {mode}"
     if feats.kind in ("table", "pixels"):
-        return "probe", f"{feats.name} · {o.get('head')}"
+        from tprobe.plots import source_label
+
+        return "probe", f"{source_label(feats.name)} · {o.get('head')}"
     return "probe", f"{model} · {feats.pool} · {o.get('head')}"
 
 
@@ -227,6 +229,40 @@ def _md(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def run_labels(summary: pd.DataFrame) -> list[str]:
+    """Readable run labels for figures: ``model · pool · head`` (the ``model`` column), marked when random;
+    runs sharing a label are told apart by what differs (split), else by their folder name."""
+    base = [f"{m}" + (" · RANDOM WEIGHTS" if rnd else "") for m, rnd in zip(summary["model"], summary["random_init"],
+                                                                          strict=True)]  # fmt: skip
+    out = []
+    for i, b in enumerate(base):
+        same = [j for j, o in enumerate(base) if o == b]
+        if len(same) == 1:
+            out.append(b)
+            continue
+        splits = summary["split"].iloc[same] if "split" in summary else pd.Series([None] * len(same))
+        own = summary["split"].iloc[i] if "split" in summary else None
+        if splits.nunique(dropna=False) == len(same) and own:
+            out.append(f"{b} · {own}")
+        else:
+            out.append(f"{b} · {summary['run_name'].iloc[i]}")
+    return out
+
+
+def auc_axis(values, *, chance: float = 0.5) -> tuple[float, float]:
+    """x limits of a per-donor AUC plot: 0-1 only when the values spread that wide; close values get an axis
+    around them (10% margins), so their differences show."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if not len(v):
+        return 0.0, 1.04
+    vmin, vmax = float(v.min()), float(v.max())
+    span = max(vmax - vmin, 0.1)
+    lo, hi = max(0.0, vmin - 0.15 * span), min(1.0, vmax + 0.15 * span) + 0.02
+    if lo <= chance + 0.1:  # chance is close: show it
+        lo = min(lo, chance - 0.05)
+    return lo, hi
+
+
 @matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
 def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
     """ROC AUC per held-out donor, one row per run; colour = donor (legend), bar = mean over donors."""
@@ -235,7 +271,7 @@ def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
     pers = [pd.read_parquet(Path(run) / "per_donor.parquet") for run in summary["run"]]
     donors = sorted({d for per in pers for d in per["donor"]})
     colours = {d: plt.cm.tab10(i % 10) for i, d in enumerate(donors)}
-    labels = list(summary["label"])
+    labels = run_labels(summary)
     width = 6.5 + 0.055 * max(len(s) for s in labels)
     fig, ax = plt.subplots(figsize=(width, 0.42 * len(summary) + 1.9))
     for i, per in enumerate(pers):
@@ -248,19 +284,24 @@ def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
         if rnd:
             tick.set_color("firebrick")
     ax.invert_yaxis()
-    lo = min(0.0, float(np.nanmin([per["roc_auc"].min() for per in pers])) - 0.02)
-    ax.set_xlim(lo, 1.04)  # room for points at 1.0
-    ax.axvline(0.5, ls="--", c="grey", lw=0.8)
+    lo, hi = auc_axis([a for per in pers for a in per["roc_auc"]])
+    ax.set_xlim(lo, hi)  # room for points at 1.0
+    chance_shown = lo < 0.5
+    if chance_shown:
+        ax.axvline(0.5, ls="--", c="grey", lw=0.8)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], ls="", marker="o", color=colours[d], label=d) for d in donors]
-    handles += [Line2D([], [], c="k", lw=1.6, label="mean over donors"),
-                Line2D([], [], c="grey", ls="--", lw=0.8, label="chance (0.5)")]  # fmt: skip
+    handles += [Line2D([], [], c="k", lw=1.6, label="mean over donors")]
+    if chance_shown:
+        handles += [Line2D([], [], c="grey", ls="--", lw=0.8, label="chance (0.5)")]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="held-out donor",
               title_fontsize=7, frameon=False)  # fmt: skip
-    ax.set_xlabel("ROC AUC on the held-out donor (each point: one donor)")
+    ax.set_xlabel("ROC AUC on the held-out donor (each point: one donor)"
+                  + ("" if chance_shown else f"; axis from {lo:.2f}, chance (0.5) is off it"))  # fmt: skip
     ax.set_title(
-        "ROC AUC per held-out donor, by run (red label: random weights, a plumbing check)", fontsize=9
+        "ROC AUC per held-out donor, by run (model · pooling · head; red: random weights, a plumbing check)",
+        fontsize=9,
     )
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -299,6 +299,6 @@ def save_run(run: Path, *, record: RunRecord, evaluation, plan, meta, chosen=Non
     evaluation.per_donor.to_parquet(run / "per_donor.parquet", index=False)
     evaluation.predictions.to_parquet(run / "predictions.parquet", index=False)
     roc_curves(evaluation.predictions, run / "roc.png", title=record.title)
-    confusion_matrix_plot(evaluation.predictions, run / "confusion.png")
+    confusion_matrix_plot(evaluation.predictions, run / "confusion.png", title=record.title)
     reliability_diagram(evaluation.predictions, run / "reliability.png", title=record.title)
     return run

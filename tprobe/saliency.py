@@ -50,9 +50,17 @@ def _crop(a: np.ndarray, size: int) -> np.ndarray:
 
 @matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
 def saliency_grid(
-    model, rows: pd.DataFrame, prep: PreprocessConfig, out: str | Path, *, title: str = ""
+    model,
+    rows: pd.DataFrame,
+    prep: PreprocessConfig,
+    out: str | Path,
+    *,
+    title: str = "",
+    threshold: float = 0.5,
 ) -> Path:
-    """A PNG grid: one column per image (title: truth, p), rows image / gradient / grad x input / attention."""
+    """A PNG grid: one column per image (title: true class, p(activated), the call; a wrong call framed in
+    red), rows image / |gradient| / |gradient x input| / CLS attention, each map scaled to its own maximum
+    (one colour bar, 0-1)."""
     import matplotlib.pyplot as plt
 
     images = np.stack([load_view(p, v, prep) for p, v in zip(rows["path"], rows["view"], strict=True)])
@@ -60,26 +68,43 @@ def saliency_grid(
     images = images.mean(1) if images.ndim == 4 else images  # RGB shown as its mean intensity
     size = int(min(prep.canvas, max(28, 8 + rows[["height", "width"]].to_numpy().max())))
     n = len(rows)
-    fig, axes = plt.subplots(4, n, figsize=(1.5 * n, 6.2), squeeze=False)
-    names = ["image", "gradient", "grad_x_input", "attention"]
+    fig, axes = plt.subplots(4, n, figsize=(1.55 * n + 1.6, 7.0), squeeze=False)
+    names = {"image": "image", "gradient": "|gradient|", "grad_x_input": "|gradient x input|",
+             "attention": "CLS attention\n(last layer)"}  # fmt: skip
+    shown = None
     for j in range(n):
-        truth = "act" if rows["label"].iloc[j] == 1 else "qui"
+        p = float(maps["p_activated"][j])
+        truth = rows["label"].iloc[j] == 1
+        wrong = (p >= threshold) != truth
         for i, name in enumerate(names):
             ax = axes[i, j]
-            ax.axis("off")
-            img = _crop(images[j] if name == "image" else maps[name][j], size)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(wrong)
+                spine.set_color("firebrick")
+                spine.set_linewidth(2.5)
             if name == "image":
-                ax.imshow(img, cmap="gray")
-                ax.set_title(f"{truth} p={maps['p_activated'][j]:.2f}", fontsize=7)
-            else:
                 ax.imshow(_crop(images[j], size), cmap="gray")
-                ax.imshow(img, cmap="inferno", alpha=0.6)
+                call = "WRONG call" if wrong else "right call"
+                ax.set_title(f"true: {'activated' if truth else 'quiescent'}\np(activated)={p:.2f}\n{call}",
+                             fontsize=6.5, color="firebrick" if wrong else "black")  # fmt: skip
+            else:
+                m = _crop(maps[name][j], size)
+                m = m / m.max() if m.max() > 0 else m
+                ax.imshow(_crop(images[j], size), cmap="gray")
+                shown = ax.imshow(m, cmap="inferno", alpha=0.6, vmin=0, vmax=1)
             if j == 0:
-                ax.text(
-                    -0.1, 0.5, name, transform=ax.transAxes, rotation=90, va="center", ha="right", fontsize=7
-                )
+                ax.set_ylabel(names[name], fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    if shown is not None:
+        cax = fig.add_axes((0.92, 0.1, 0.015, 0.55))
+        bar = fig.colorbar(shown, cax=cax)
+        bar.set_label("saliency, scaled to each map's maximum", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+    fig.text(0.5, 0.005, f"red frame = wrong call (p(activated) >= {threshold:g} calls activated)", ha="center",
+             va="bottom", fontsize=7, color="firebrick")  # fmt: skip
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return Path(out)

@@ -11,8 +11,9 @@ can call it too::
 With more than one run it writes ``<out>/<stamp>-sweep/`` holding the run directories,
 ``summary.parquet``, ``summary.json`` and ``sweep_auc.png`` (and ``auc_by_layer.png`` when it probes several
 ``cls@<layer>`` pools: ``--pool layers``); a single run goes straight under ``out``.
-Progress (each run's start and end, and every outer fold) goes to this module's logger at INFO and to
-the optional ``progress`` callback as :class:`SweepEvent` objects.
+Progress goes to this module's logger at INFO (a single run: its start and every outer fold; a sweep:
+one ``[i/N]`` line as each run starts, its folds at DEBUG) and to the optional ``progress`` callback as
+:class:`SweepEvent` objects.
 
 The same sweep as separate tasks (one per pool x head; a SLURM array, see
 :func:`tprobe.slurm.sweep_array`): :func:`plan_sweep` writes the sweep folder with its plan
@@ -147,9 +148,17 @@ def run_sweep(sources: Sequence[Source], heads: Sequence[str], *, out: str | Pat
     sweep = len(heads) * len(sources) > 1
     base = make_run_dir(out, "sweep") if sweep else Path(out)
 
+    n_runs, started = len(heads) * len(sources), [0]
+
     def emit(ev: SweepEvent) -> None:
-        if ev.kind in ("skip", "fold", "start"):
-            log.info("%s%s", f"{ev.source} · {ev.head}: " if ev.head else f"{ev.source}: ", ev.message)
+        where = f"{ev.source} · {ev.head}: " if ev.head else f"{ev.source}: "
+        if ev.kind == "start" and sweep:  # a sweep: one line per run; its folds at DEBUG
+            started[0] += 1
+            log.info("[%d/%d] %s%s", started[0], n_runs, where, ev.message)
+        elif ev.kind in ("skip", "start") or (ev.kind == "fold" and not sweep):
+            log.info("%s%s", where, ev.message)
+        elif ev.kind == "fold":
+            log.debug("%s%s", where, ev.message)
         if progress is not None:
             progress(ev)
 

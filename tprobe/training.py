@@ -215,7 +215,9 @@ def run_folds(make_model, rows: pd.DataFrame, plan, prep: PreprocessConfig, cfg:
         preds.append(
             test_rows[["image_id", "donor", "group", "label"]].assign(p_activated=p, fold=fold.index)
         )
-        curves.append(curve.assign(fold=fold.index, validation_donor=val_donor))
+        curves.append(
+            curve.assign(fold=fold.index, validation_donor=val_donor, test_donor=",".join(fold.test_donors))
+        )
         if save_state is not None:
             torch.save(save_state(model), run / f"fold{fold.index}.pt")
     return pd.concat(preds, ignore_index=True), pd.concat(curves, ignore_index=True)
