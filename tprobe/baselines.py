@@ -34,7 +34,7 @@ from tprobe.errors import TprobeError
 from tprobe.evaluate import check_plan, evaluate, frequency_predictions, split_plan
 from tprobe.features import META, FeatureSet, FeatureSource
 from tprobe.inception import HUB_ID, INPUT_SIZE
-from tprobe.preprocess import Preprocessed, load_view
+from tprobe.preprocess import PIXEL_CANVAS, Preprocessed, load_view
 from tprobe.probe import ProbeRun
 from tprobe.runs import RunRecord, make_run_dir, save_run
 
@@ -46,7 +46,6 @@ logger = logging.getLogger(__name__)
 BASELINES = ("frequency", "pixel-logreg", "pixel-mlp", "lenet", "inception-frozen", "inception-finetuned")
 ALL = BASELINES[:4]  # what ``--name all`` runs
 INCEPTION = ("inception-frozen", "inception-finetuned")
-PIXEL_CANVAS = 64
 
 
 def _pixel_prep(pre: Preprocessed):

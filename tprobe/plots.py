@@ -44,7 +44,7 @@ def source_label(name: str) -> str:
         stem = stem.removesuffix("+all-rows")
         return f"feature table {stem}" + (" (every table row)" if every else "") + suffix
     if name == "pixels":
-        from tprobe.baselines import PIXEL_CANVAS
+        from tprobe.preprocess import PIXEL_CANVAS
 
         return f"raw pixels ({PIXEL_CANVAS} px canvas)" + suffix
     for pool in sorted(POOLS, key=len, reverse=True):

@@ -66,6 +66,8 @@ VIEW_SETS = {
     "orig": ("orig",),
 }
 FIT_MODES = ("pad", "resize", "fill")
+# the canvas of the raw-pixel baselines (tprobe.baselines): each cell resized onto a 64 px square
+PIXEL_CANVAS = 64
 DROP_ORDER = ("unreadable", "duplicate", "dim", "multi_cell", "too_large")
 FOV_DROPS = ("touches_border", "small_object", "large_object")  # objects of a field of view (tprobe.fov)
 OUTSIDE_MODES = ("zero", "keep")
