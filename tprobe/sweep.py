@@ -39,8 +39,8 @@ from tprobe.errors import TprobeError
 from tprobe.fastcv import FoldProgress
 from tprobe.features import META, FeatureSet, store_source, verified_manifest
 from tprobe.probe import ProbeRun
-from tprobe.store import POOLS, FeatureStore
-from tprobe.tokens import LAYER_POOLS, is_pool, pool_layer
+from tprobe.store import FeatureStore
+from tprobe.tokens import check_pool_name, pool_layer
 
 __all__ = ["SweepEvent", "SweepResult", "run_sweep", "store_sources", "pool_store", "SUMMARY_METRICS",
            "SweepPlan", "plan_sweep", "run_task", "task_done", "missing_tasks", "collect_sweep"]  # fmt: skip
@@ -92,8 +92,7 @@ def pool_store(path: str | Path, pools: Sequence[str]) -> dict[str, FeatureSet |
     model without registers) maps to the :class:`TprobeError` ``from_store`` would raise.
     """
     for p in pools:
-        if not is_pool(p):
-            raise TprobeError(f"pool {p!r} is not one of {', '.join(POOLS + LAYER_POOLS)}")
+        check_pool_name(p)
     store = FeatureStore.open(path)
     meta = verified_manifest(store)[META].reset_index(drop=True)
     out: dict[str, FeatureSet | TprobeError] = {}
@@ -258,8 +257,7 @@ def _check_names(pools: Sequence[str], heads: Sequence[str], where: str) -> None
     from tprobe.heads import HEADS
 
     for p in pools:
-        if not is_pool(p):
-            raise TprobeError(f"{where}: pool {p!r} is not one of {', '.join(POOLS + LAYER_POOLS)}")
+        check_pool_name(p, f"{where}: ")
     for h in heads:
         if h not in HEADS:
             raise TprobeError(f"{where}: head {h!r} is not one of {', '.join(HEADS)}")

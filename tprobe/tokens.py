@@ -64,11 +64,16 @@ def _layer_line(pool: str, want, held, what: str) -> str:
             f"{', '.join(map(str, held))}; re-extract with --patch-layers -1")  # fmt: skip
 
 
+def check_pool_name(pool: str, where: str = "") -> None:
+    """Refuse a name that is no pool at all (:func:`is_pool`); ``where`` prefixes the message."""
+    if not is_pool(pool):
+        raise TprobeError(f"{where}pool {pool!r} is not one of {', '.join(POOLS + LAYER_POOLS)}")
+
+
 def check_layered_pool(pool: str, registers: int, layers=(-1,), patch_layers=(-1,)) -> None:
     """Refuse (one line naming the fix) a pool the stored layers cannot give; ``layers`` holds the
     CLS/register layers, ``patch_layers`` the patch layers (negative indices, -1 = the last block)."""
-    if not is_pool(pool):
-        raise TprobeError(f"pool {pool!r} is not one of {', '.join(POOLS + LAYER_POOLS)}")
+    check_pool_name(pool)
     layer = pool_layer(pool)
     want = LAST4 if pool == "last4" else (layer,) if layer is not None else (-1,)
     if set(pool_needs(pool)) - {"patches"} and any(w not in layers for w in want):
