@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import matplotlib
@@ -53,15 +52,10 @@ def source_label(name: str) -> str:
     return name + suffix
 
 
-def plain_text(draw):
-    """Draw with mathtext off: a ``$`` in a donor, model, run or channel name is shown as typed, never parsed."""
-
-    @functools.wraps(draw)
-    def wrapper(*args, **kwargs):
-        with matplotlib.rc_context({"text.parse_math": False}):
-            return draw(*args, **kwargs)
-
-    return wrapper
+# Draw with mathtext off: a ``$`` in a donor, model, run or channel name is shown as typed, never parsed.
+# matplotlib's own rc_context serves as the decorator (a fresh context per call); curve, map, report and
+# saliency use the same decorator inline, so they need not import this module (and pyplot) at start-up.
+plain_text = matplotlib.rc_context({"text.parse_math": False})
 
 
 def channel_text(config) -> str:
