@@ -23,11 +23,11 @@ import numpy as np
 def tokens(n: int, shape: str) -> np.ndarray:
     import torch
 
-    from tprobe.backbones import Backbone
-    from tprobe.dataset import discover
-    from tprobe.extract import extract
-    from tprobe.preprocess import preprocess
-    from tprobe.store import FeatureStore
+    from tprobe.cache.extract import extract
+    from tprobe.cache.store import FeatureStore
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.models.backbones import Backbone
     from tprobe.testing import save_random_dinov2
 
     torch.set_num_threads(1)
@@ -35,8 +35,13 @@ def tokens(n: int, shape: str) -> np.ndarray:
     pre.manifest = pre.manifest[pre.manifest["kept"]].iloc[:n].reset_index(drop=True)
     with tempfile.TemporaryDirectory() as tmp:
         model = save_random_dinov2(Path(tmp) / "model", shape=shape)
-        res = extract(pre, Backbone.from_pretrained(str(model), device="cpu"), cache=tmp, compression="none",
-                      progress=False)  # fmt: skip
+        res = extract(
+            pre,
+            Backbone.from_pretrained(str(model), device="cpu"),
+            cache=tmp,
+            compression="none",
+            progress=False,
+        )
         store = FeatureStore.open(res.path)
         return np.concatenate([store.read(k).reshape(n, -1) for k in ("cls", "registers", "patches")], axis=1)
 
@@ -91,8 +96,10 @@ def main():
                 t0 = time.perf_counter()
                 list(pool.map(enc, units))
                 best2 = min(best2, time.perf_counter() - t0)
-        print(f"{name:32s} {size / len(x) / 1e3:8.1f} {raw / size:6.3f} {raw / best1 / 1e6:10.0f} "
-              f"{raw / best2 / 1e6:10.0f} {len(x) / best1:13.0f}")  # fmt: skip
+        print(
+            f"{name:32s} {size / len(x) / 1e3:8.1f} {raw / size:6.3f} {raw / best1 / 1e6:10.0f} "
+            f"{raw / best2 / 1e6:10.0f} {len(x) / best1:13.0f}"
+        )
 
 
 if __name__ == "__main__":

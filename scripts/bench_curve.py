@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from tprobe.baselines import pixel_features
-from tprobe.curve import LabelCurve, curve_band
-from tprobe.dataset import discover
-from tprobe.features import from_store
-from tprobe.preprocess import preprocess
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import preprocess
+from tprobe.features.sources import from_store
+from tprobe.science.curve import LabelCurve, curve_band
+from tprobe.train.baselines import pixel_features
 
 
 def main():
@@ -41,8 +41,10 @@ def main():
             c = LabelCurve(head=head, repeats=args.repeats, n_jobs=args.jobs).fit(fs)
             band = curve_band(c.results_).set_index("shots")
             fits = c.results_.groupby(["fold", "shots", "repeat"]).ngroups
-            print(f"{fs.name:28s} {head:10s} {len(fs.meta):5d} {fs.X.shape[1]:6d} {fits:5d} {c.seconds_:8.1f} "
-                  f"{band.loc['1', 'mean']:8.3f} {band.loc['all', 'mean']:8.3f}")  # fmt: skip
+            print(
+                f"{fs.name:28s} {head:10s} {len(fs.meta):5d} {fs.X.shape[1]:6d} {fits:5d} {c.seconds_:8.1f} "
+                f"{band.loc['1', 'mean']:8.3f} {band.loc['all', 'mean']:8.3f}"
+            )
 
 
 if __name__ == "__main__":

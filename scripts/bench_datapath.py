@@ -25,10 +25,10 @@ def main():
     import torch
 
     torch.set_num_threads(args.threads)
-    from tprobe.backbones import Backbone
-    from tprobe.dataset import discover
-    from tprobe.extract import extract
-    from tprobe.preprocess import preprocess
+    from tprobe.cache.extract import extract
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.models.backbones import Backbone
     from tprobe.testing import save_random_dinov2
 
     pre = preprocess(discover())
@@ -40,8 +40,10 @@ def main():
         c0, w0 = time.process_time(), time.perf_counter()
         res = extract(pre, bb, cache=Path(tmp) / "cache", progress=False, batch_size=16, **kw)
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    print(f"{args.tag} threads {args.threads} {args.compression or 'default'}: {res.images} views, work {wall:.2f} s "
-          f"wall, {cpu:.2f} CPU-s; {res.times.line()}")  # fmt: skip
+    print(
+        f"{args.tag} threads {args.threads} {args.compression or 'default'}: {res.images} views, work {wall:.2f} s "
+        f"wall, {cpu:.2f} CPU-s; {res.times.line()}"
+    )
 
 
 if __name__ == "__main__":

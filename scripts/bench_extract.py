@@ -46,7 +46,7 @@ def naive_loop(model_dir: Path, kept, config) -> float:
     """HF image processor + one model call per image: what a first script usually does."""
     from transformers import AutoImageProcessor, AutoModel
 
-    from tprobe.preprocess import load_view
+    from tprobe.data.preprocess import load_view
 
     proc = AutoImageProcessor.from_pretrained(model_dir, do_resize=False, do_center_crop=False)
     model = AutoModel.from_pretrained(model_dir).eval()
@@ -60,8 +60,8 @@ def naive_loop(model_dir: Path, kept, config) -> float:
 
 
 def tprobe_rate(model_dir: Path, pre, **kw) -> float:
-    from tprobe.backbones import Backbone
-    from tprobe.extract import extract
+    from tprobe.cache.extract import extract
+    from tprobe.models.backbones import Backbone
 
     backbone = Backbone.from_pretrained(str(model_dir), device="cpu")
     with tempfile.TemporaryDirectory() as cache:
@@ -73,18 +73,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=192, help="views to extract per row")
     ap.add_argument("--bf16", action="store_true", help="add bf16 and bf16+compile rows")
-    ap.add_argument("--model-type", default="dinov2_with_registers",
-                    choices=["dinov2_with_registers", "dinov2", "dinov3_vit"],
-                    help="random ViT-S of this type; dinov3_vit: patch 16, canvas 144")  # fmt: skip
+    ap.add_argument(
+        "--model-type",
+        default="dinov2_with_registers",
+        choices=["dinov2_with_registers", "dinov2", "dinov3_vit"],
+        help="random ViT-S of this type; dinov3_vit: patch 16, canvas 144",
+    )
     args = ap.parse_args()
 
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    from tprobe.backbones import round_canvas
-    from tprobe.dataset import discover
-    from tprobe.preprocess import PreprocessConfig, preprocess
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import PreprocessConfig, preprocess
+    from tprobe.models.backbones import round_canvas
     from tprobe.testing import VIT_TYPES, save_random_vit
 
     patch = VIT_TYPES[args.model_type][0]
@@ -97,9 +100,11 @@ def main():
 
         gflop = flops_per_image(AutoModel.from_pretrained(model_dir).eval(), side) / 1e9
         peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16) if args.bf16 else None
-        print(f"threads {torch.get_num_threads()}, {args.n} views of {side}x{side}, ViT-S/{patch} {args.model_type} shape: "
-              f"{gflop:.2f} GFLOP/image; matmul peak fp32 {peak32:.0f} GFLOP/s"
-              + (f", bf16 {peak16:.0f} GFLOP/s" if peak16 else ""))  # fmt: skip
+        print(
+            f"threads {torch.get_num_threads()}, {args.n} views of {side}x{side}, ViT-S/{patch} {args.model_type} shape: "
+            f"{gflop:.2f} GFLOP/image; matmul peak fp32 {peak32:.0f} GFLOP/s"
+            + (f", bf16 {peak16:.0f} GFLOP/s" if peak16 else "")
+        )
         naive = naive_loop(model_dir, pre.kept, pre.config)
         rows = [("naive loop (HF processor, 1 image/call)", "fp32", 1, naive, peak32)]
         for bs in (1, 16, 64):
@@ -133,8 +138,10 @@ def main():
         f"{'path':48s} {'prec':5s} {'batch':>5s} {'img/s':>7s} {'GFLOP/s':>8s} {'% peak':>7s} {'x naive':>7s}"
     )
     for name, prec, bs, rate, peak in rows:
-        print(f"{name:48s} {prec:5s} {bs:5d} {rate:7.1f} {rate * gflop:8.1f} {100 * rate * gflop / peak:6.0f}% "
-              f"{rate / naive:7.2f}")  # fmt: skip
+        print(
+            f"{name:48s} {prec:5s} {bs:5d} {rate:7.1f} {rate * gflop:8.1f} {100 * rate * gflop / peak:6.0f}% "
+            f"{rate / naive:7.2f}"
+        )
 
 
 if __name__ == "__main__":

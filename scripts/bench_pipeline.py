@@ -37,10 +37,10 @@ RUN = r"""
 import json, sys, tempfile, time
 t_start = time.perf_counter()
 import torch
-from tprobe.dataset import discover
-from tprobe.preprocess import preprocess
-from tprobe.backbones import Backbone
-from tprobe.extract import extract
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import preprocess
+from tprobe.models.backbones import Backbone
+from tprobe.cache.extract import extract
 pre = preprocess(discover())
 n = int(sys.argv[3])
 if n:
@@ -74,17 +74,25 @@ print(json.dumps({"views": res.images, "loop": res.seconds, "load_model": t_load
 
 def run(code_dir: Path, model: Path, workers: int, n: int = 0, bare: bool = False) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code_dir)}
-    out = subprocess.run([sys.executable, "-c", RUN, str(model), str(workers), str(n), *(["bare"] if bare else [])], env=env,
-                         capture_output=True, text=True, check=True, cwd=code_dir).stdout  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", RUN, str(model), str(workers), str(n), *(["bare"] if bare else [])],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=code_dir,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def fmt_row(label, r) -> str:
     t = r["times"]
-    return (f"{label:28s} {r['views']:6d} {r['loop']:7.2f} {r['views'] / r['loop']:8.0f} "
-            f"{t.get('read', float('nan')):6.2f} {t.get('wait_data', float('nan')):6.2f} "
-            f"{t.get('forward', float('nan')):7.2f} {t.get('write', float('nan')):6.2f} "
-            f"{t.get('wait_write', float('nan')):6.2f} {r['load_model']:6.2f}")  # fmt: skip
+    return (
+        f"{label:28s} {r['views']:6d} {r['loop']:7.2f} {r['views'] / r['loop']:8.0f} "
+        f"{t.get('read', float('nan')):6.2f} {t.get('wait_data', float('nan')):6.2f} "
+        f"{t.get('forward', float('nan')):7.2f} {t.get('write', float('nan')):6.2f} "
+        f"{t.get('wait_write', float('nan')):6.2f} {r['load_model']:6.2f}"
+    )
 
 
 def main():
@@ -97,12 +105,16 @@ def main():
     from tprobe.testing import save_random_dinov2
 
     torch.set_num_threads(torch.get_num_threads())
-    print(f"threads {torch.get_num_threads()}, cores {os.cpu_count()}, torch {torch.__version__}; "
-          f"matmul peak fp32 {matmul_peak():.0f} GFLOP/s")  # fmt: skip
+    print(
+        f"threads {torch.get_num_threads()}, cores {os.cpu_count()}, torch {torch.__version__}; "
+        f"matmul peak fp32 {matmul_peak():.0f} GFLOP/s"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         blockless = save_random_dinov2(Path(tmp) / "blockless", shape="blockless-small")
-        head = (f"{'path':28s} {'views':>6s} {'work s':>7s} {'views/s':>8s} {'read':>6s} {'wait':>6s} "
-                f"{'forward':>7s} {'write':>6s} {'wwait':>6s} {'load':>6s}")  # fmt: skip
+        head = (
+            f"{'path':28s} {'views':>6s} {'work s':>7s} {'views/s':>8s} {'read':>6s} {'wait':>6s} "
+            f"{'forward':>7s} {'write':>6s} {'wwait':>6s} {'load':>6s}"
+        )
         print("\n1. data path: blockless ViT-S/14-reg-width model, whole bundled sample (fp32, batch 16)")
         print("   work s = extract loop + writer drain (start-up excluded); read = decode+views (summed over")
         print(
@@ -123,13 +135,17 @@ def main():
         loop = r["views"] / r["loop"]
         print(f"bare forward          {bare:6.1f} views/s  (same process, after the extract)")
         print(f"extract loop          {loop:6.1f} views/s  ({loop / bare:.2f} of bare forward)")
-        print(f"extract end to end    {e2e:6.1f} views/s  ({e2e / bare:.2f} of bare forward; model load "
-              f"{r['load_model']:.1f} s included)")  # fmt: skip
+        print(
+            f"extract end to end    {e2e:6.1f} views/s  ({e2e / bare:.2f} of bare forward; model load "
+            f"{r['load_model']:.1f} s included)"
+        )
         if args.old:
             o = run(args.old, small, 0, args.n, bare=True)
-            print(f"old code end to end  {o['views'] / o['end_to_end']:6.1f} views/s  "
-                  f"({o['views'] / o['end_to_end'] / o['bare']:.2f} of its bare forward {o['bare']:.1f}; loop "
-                  f"{o['views'] / o['loop']:.1f} views/s)")  # fmt: skip
+            print(
+                f"old code end to end  {o['views'] / o['end_to_end']:6.1f} views/s  "
+                f"({o['views'] / o['end_to_end'] / o['bare']:.2f} of its bare forward {o['bare']:.1f}; loop "
+                f"{o['views'] / o['loop']:.1f} views/s)"
+            )
         print(head)
         print(fmt_row("tprobe --loader-workers 0", r))
 

@@ -15,19 +15,31 @@ from pathlib import Path
 
 import numpy as np
 
-from tprobe.store import FeatureStore
+from tprobe.cache.store import FeatureStore
 
 
 def main() -> None:
     d = Path(tempfile.mkdtemp())
     n, hidden = 852, 384
-    s = FeatureStore.create(d / "s.zarr", row_ids=[f"r{i}" for i in range(n)], hidden=hidden, registers=4,
-                            patches=100, chunk_rows=64)  # fmt: skip
+    s = FeatureStore.create(
+        d / "s.zarr",
+        row_ids=[f"r{i}" for i in range(n)],
+        hidden=hidden,
+        registers=4,
+        patches=100,
+        chunk_rows=64,
+    )
     rng = np.random.default_rng(0)
     for u in range(s.n_units):
         k = s.unit_slice(u).stop - s.unit_slice(u).start
-        s.write_unit(u, {"cls": rng.normal(size=(k, hidden)), "registers": rng.normal(size=(k, 4, hidden)),
-                         "patches": rng.normal(size=(k, 100, hidden))})  # fmt: skip
+        s.write_unit(
+            u,
+            {
+                "cls": rng.normal(size=(k, hidden)),
+                "registers": rng.normal(size=(k, 4, hidden)),
+                "patches": rng.normal(size=(k, 100, hidden)),
+            },
+        )
     s.finalize()
     t0 = time.perf_counter()
     for _ in range(50):
@@ -44,8 +56,10 @@ def main() -> None:
     t0 = time.perf_counter()
     st.verify(deep=True)
     deep = time.perf_counter() - t0
-    print(f"{n} rows, {s.n_units} units x {len(s.shapes)} arrays: chunk scan {scan * 1e3:.2f} ms, open "
-          f"{opened * 1e3:.1f} ms, pooled cls {pooled * 1e3:.0f} ms, verify(deep=True) {deep * 1e3:.0f} ms")  # fmt: skip
+    print(
+        f"{n} rows, {s.n_units} units x {len(s.shapes)} arrays: chunk scan {scan * 1e3:.2f} ms, open "
+        f"{opened * 1e3:.1f} ms, pooled cls {pooled * 1e3:.0f} ms, verify(deep=True) {deep * 1e3:.0f} ms"
+    )
 
 
 if __name__ == "__main__":

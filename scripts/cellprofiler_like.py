@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from skimage.measure import label, regionprops
 
-from tprobe.dataset import discover
-from tprobe.images import read_image
+from tprobe.data.dataset import discover
+from tprobe.data.images import read_image
 
 
 def features(path: str, threshold: float = 20.0, image_number: int = 1) -> dict:
@@ -43,15 +43,25 @@ def features(path: str, threshold: float = 20.0, image_number: int = 1) -> dict:
     vals = img[mask == r.label]
     hist = np.bincount(np.clip(img, 0, 255).astype(int).ravel(), minlength=256) / img.size
     nz = hist[hist > 0]
-    row.update({
-        "AreaShape_Area": r.area, "AreaShape_Perimeter": r.perimeter, "AreaShape_Eccentricity": r.eccentricity,
-        "AreaShape_Solidity": r.solidity, "AreaShape_MajorAxisLength": r.axis_major_length,
-        "AreaShape_MinorAxisLength": r.axis_minor_length, "AreaShape_FormFactor": 4 * np.pi * r.area / max(r.perimeter, 1) ** 2,
-        "Intensity_MeanIntensity": vals.mean(), "Intensity_StdIntensity": vals.std(), "Intensity_MaxIntensity": vals.max(),
-        "Intensity_IntegratedIntensity": vals.sum(), "Intensity_MedianIntensity": float(np.median(vals)),
-        "Texture_Entropy": float(-(nz * np.log2(nz)).sum()),
-        "Location_Center_X": r.centroid[1], "Location_Center_Y": r.centroid[0],
-    })  # fmt: skip
+    row.update(
+        {
+            "AreaShape_Area": r.area,
+            "AreaShape_Perimeter": r.perimeter,
+            "AreaShape_Eccentricity": r.eccentricity,
+            "AreaShape_Solidity": r.solidity,
+            "AreaShape_MajorAxisLength": r.axis_major_length,
+            "AreaShape_MinorAxisLength": r.axis_minor_length,
+            "AreaShape_FormFactor": 4 * np.pi * r.area / max(r.perimeter, 1) ** 2,
+            "Intensity_MeanIntensity": vals.mean(),
+            "Intensity_StdIntensity": vals.std(),
+            "Intensity_MaxIntensity": vals.max(),
+            "Intensity_IntegratedIntensity": vals.sum(),
+            "Intensity_MedianIntensity": float(np.median(vals)),
+            "Texture_Entropy": float(-(nz * np.log2(nz)).sum()),
+            "Location_Center_X": r.centroid[1],
+            "Location_Center_Y": r.centroid[0],
+        }
+    )
     return row
 
 

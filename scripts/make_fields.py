@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from tprobe.dataset import DEFAULT_DATA
+from tprobe.data.dataset import DEFAULT_DATA
 
 GAP = 5  # px of background between cells and around them
 
@@ -54,7 +54,11 @@ if __name__ == "__main__":
     ap.add_argument("--out", type=Path, default=Path("fov-demo"))
     ap.add_argument("--per-field", type=int, default=4, help="cells per field")
     ap.add_argument("--per-class", type=int, default=None, help="cells per donor and class [default: all]")
-    ap.add_argument("--mask", choices=("rect", "threshold"), default="rect", help="object = cell rectangle or its "
-                    "pixels above 20")  # fmt: skip
+    ap.add_argument(
+        "--mask",
+        choices=("rect", "threshold"),
+        default="rect",
+        help="object = cell rectangle or its pixels above 20",
+    )
     args = ap.parse_args()
     print(f"{make_fields(args.out, args.per_field, args.per_class, args.mask)} fields under {args.out}")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tprobe.dataset import DEFAULT_DATA
+from tprobe.data.dataset import DEFAULT_DATA
 from tprobe.testing import save_random_dinov2
 
 SAMPLE = DEFAULT_DATA

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from tprobe.backbones import ALIASES, Backbone, resolve_model
 from tprobe.errors import TprobeError
+from tprobe.models.backbones import ALIASES, Backbone, resolve_model
 
 
 def test_unknown_alias_lists_the_aliases():
@@ -25,8 +25,13 @@ def test_unreachable_hub_without_cache_gives_one_clear_error(tmp_path):
         "HF_HUB_DOWNLOAD_TIMEOUT": "2",
     }
     env.pop("HF_HUB_OFFLINE", None)
-    proc = subprocess.run([sys.executable, "-m", "tprobe.cli", "extract", "--model", "dinov2-small-reg"],
-                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tprobe.cli", "extract", "--model", "dinov2-small-reg"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     # one line saying it is trying, then one line with the fix (the hub id is known)

@@ -4,12 +4,12 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from tprobe.baselines import PIXEL_CANVAS, LeNet, pixel_features, run_baseline
 from tprobe.cli import main
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import preprocess
 from tprobe.errors import TprobeError
-from tprobe.preprocess import preprocess
-from tprobe.report import collect_runs
+from tprobe.runs.report import collect_runs
+from tprobe.train.baselines import PIXEL_CANVAS, LeNet, pixel_features, run_baseline
 
 
 @pytest.fixture(scope="module")
@@ -31,8 +31,16 @@ def test_lenet_shapes():
 
 @pytest.mark.parametrize("name", ["pixel-logreg", "lenet"])
 def test_baselines_beat_the_frequency_classifier(sample_pre, tmp_path, name):
-    run, ev = run_baseline(name, sample_pre, tmp_path, split="test-donor", test_donor="4", n_boot=50,
-                           epochs=8, log=lambda r: None)  # fmt: skip
+    run, ev = run_baseline(
+        name,
+        sample_pre,
+        tmp_path,
+        split="test-donor",
+        test_donor="4",
+        n_boot=50,
+        epochs=8,
+        log=lambda r: None,
+    )
     assert ev.summary["roc_auc"]["mean"] > ev.reference["frequency"]["roc_auc"]["mean"] + 0.1
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["folds"][0]["test_donor"] == "donor_4"

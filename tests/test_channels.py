@@ -11,15 +11,15 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from tprobe.backbones import Backbone, resolve_model
+from tprobe.cache.extract import extract, manifest_path
+from tprobe.cache.store import FeatureStore
 from tprobe.cli import main
-from tprobe.dataset import DEFAULT_DATA, discover
+from tprobe.data.dataset import DEFAULT_DATA, discover
+from tprobe.data.images import read_channels
+from tprobe.data.preprocess import PreprocessConfig, load_view, preprocess
 from tprobe.errors import ChannelError, TprobeError
-from tprobe.extract import extract, manifest_path
-from tprobe.images import read_channels
-from tprobe.preprocess import PreprocessConfig, load_view, preprocess
-from tprobe.runs import RunRecord
-from tprobe.store import FeatureStore
+from tprobe.models.backbones import Backbone, resolve_model
+from tprobe.runs.record import RunRecord
 from tprobe.testing import SYNTHETIC_CHANNELS, make_multichannel, save_random_vit
 
 CH = ",".join(SYNTHETIC_CHANNELS)  # nadh,fad,mask
@@ -30,8 +30,10 @@ DONORS = ("donor_1", "donor_2", "donor_3")
 @pytest.fixture(scope="module")
 def stacks(tmp_path_factory):
     root = tmp_path_factory.mktemp("stacks")
-    return {lay: make_multichannel(root / lay, layout=lay, donors=DONORS, per_class=3)
-            for lay in ("chw", "hwc", "files")}  # fmt: skip
+    return {
+        lay: make_multichannel(root / lay, layout=lay, donors=DONORS, per_class=3)
+        for lay in ("chw", "hwc", "files")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +76,29 @@ def test_per_channel_files_are_grouped_into_one_row_per_cell(stacks):
     assert set(ds.table["donor"]) == set(DONORS) and ds.table["label"].sum() == 9
 
 
-@pytest.mark.parametrize("mode, layout, use, width", [
-    ("grey", "chw", None, 32),
-    ("rgb", "hwc", None, 32),
-    ("per-channel", "files", "nadh,fad", 64),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode, layout, use, width",
+    [
+        ("grey", "chw", None, 32),
+        ("rgb", "hwc", None, 32),
+        ("per-channel", "files", "nadh,fad", 64),
+    ],
+)
 def test_each_mode_runs_preprocess_extract_probe(stacks, dinov3, tmp_path, mode, layout, use, width):
-    args = ["--data", str(stacks[layout]), "--channels", CH, "--channel-mode", mode, "--max-value", MAX,
-            "--views", "orig", "--canvas", "144"]  # fmt: skip
+    args = [
+        "--data",
+        str(stacks[layout]),
+        "--channels",
+        CH,
+        "--channel-mode",
+        mode,
+        "--max-value",
+        MAX,
+        "--views",
+        "orig",
+        "--canvas",
+        "144",
+    ]
     args += ["--use", use] if use else []
     args += ["--channel-files", "{cell}_{channel}"] if layout == "files" else []
     r = CliRunner().invoke(main, ["preprocess", *args, "--out", str(tmp_path / "pre")])
@@ -103,8 +120,9 @@ def test_each_mode_runs_preprocess_extract_probe(stacks, dinov3, tmp_path, mode,
         SYNTHETIC_CHANNELS
     )
     assert store.pooled("cls").shape == (n, width)
-    r = CliRunner().invoke(main, ["probe", *common, "--head", "logreg", "--pool", "cls+mean",
-                                  "--out", str(tmp_path / "runs")])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["probe", *common, "--head", "logreg", "--pool", "cls+mean", "--out", str(tmp_path / "runs")]
+    )
     assert r.exit_code == 0, r.output
     metrics = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())
     assert 0.0 <= metrics["summary"]["roc_auc"]["mean"] <= 1.0
@@ -118,11 +136,25 @@ def test_each_mode_runs_preprocess_extract_probe(stacks, dinov3, tmp_path, mode,
 def test_per_channel_tokens_are_each_channels_own_forward(stacks, dinov3, tmp_path):
     from transformers import AutoModel
 
-    cfg = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="per-channel", use=("fad", "nadh"),
-                           max_value=(4095.0, 4095.0, 65535.0), views="six", canvas=144)  # fmt: skip
+    cfg = PreprocessConfig(
+        channels=SYNTHETIC_CHANNELS,
+        channel_mode="per-channel",
+        use=("fad", "nadh"),
+        max_value=(4095.0, 4095.0, 65535.0),
+        views="six",
+        canvas=144,
+    )
     pre = preprocess(discover(stacks["chw"]), cfg)
-    res = extract(pre, resolve_model(str(dinov3)), cache=tmp_path, dtype="float32", chunk_rows=8, batch_size=5,
-                  progress=False, device="cpu")  # fmt: skip
+    res = extract(
+        pre,
+        resolve_model(str(dinov3)),
+        cache=tmp_path,
+        dtype="float32",
+        chunk_rows=8,
+        batch_size=5,
+        progress=False,
+        device="cpu",
+    )
     store = FeatureStore.open(res.path)
     manifest = pd.read_parquet(manifest_path(res.path))
     rows = [0, 7, len(manifest) - 1]
@@ -148,8 +180,14 @@ def test_per_channel_tokens_are_each_channels_own_forward(stacks, dinov3, tmp_pa
 def test_rgb_mode_feeds_the_chosen_channels_as_r_g_b(stacks, dinov3, tmp_path):
     from transformers import AutoModel
 
-    cfg = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="rgb", use=("fad", "mask", "nadh"),
-                           max_value=(4095.0, 4095.0, 65535.0), views="orig", canvas=144)  # fmt: skip
+    cfg = PreprocessConfig(
+        channels=SYNTHETIC_CHANNELS,
+        channel_mode="rgb",
+        use=("fad", "mask", "nadh"),
+        max_value=(4095.0, 4095.0, 65535.0),
+        views="orig",
+        canvas=144,
+    )
     pre = preprocess(discover(stacks["hwc"]), cfg)
     res = extract(pre, resolve_model(str(dinov3)), cache=tmp_path, dtype="float32", progress=False)
     manifest = pd.read_parquet(manifest_path(res.path))
@@ -200,8 +238,18 @@ def _one_line_exit_2(r):
 
 
 def test_a_stack_with_another_channel_count_is_one_line(stacks, tmp_path):
-    r = CliRunner().invoke(main, ["preprocess", "--data", str(stacks["chw"]), "--channels", "nadh,fad",
-                                  "--out", str(tmp_path / "pre")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "preprocess",
+            "--data",
+            str(stacks["chw"]),
+            "--channels",
+            "nadh,fad",
+            "--out",
+            str(tmp_path / "pre"),
+        ],
+    )
     line = _one_line_exit_2(r)
     assert ".tif" in line and "has 3 channels" in line and "--channels names 2 (nadh,fad)" in line
     assert not (tmp_path / "pre").exists()
@@ -231,21 +279,36 @@ def test_a_missing_channel_file_is_one_line(tmp_path):
     data = make_multichannel(tmp_path / "files", layout="files", donors=("donor_1",), per_class=2)
     gone = sorted(data.rglob("*_fad.tif"))[1]
     gone.unlink()
-    r = CliRunner().invoke(main, ["preprocess", "--data", str(data), "--channels", CH, "--channel-files",
-                                  "{cell}_{channel}", "--out", str(tmp_path / "pre")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "preprocess",
+            "--data",
+            str(data),
+            "--channels",
+            CH,
+            "--channel-files",
+            "{cell}_{channel}",
+            "--out",
+            str(tmp_path / "pre"),
+        ],
+    )
     line = _one_line_exit_2(r)
     assert str(gone) in line and "missing" in line and "add the fad file" in line
     assert not (tmp_path / "pre").exists()
 
 
-@pytest.mark.parametrize("args, says", [
-    (["--channel-mode", "rgb", "--channels", "a,b"], "rgb uses 3 channel(s), got 2"),
-    (["--channels", "a,b", "--use", "c"], "channel 'c' is not one of --channels a,b"),
-    (["--channel-mode", "per-channel"], "need --channels"),
-    (["--channels", "a,b", "--max-value", "a=4095"], "give NAME=NUMBER for each of --channels a,b"),
-    (["--channels", "a,a"], "names must be non-empty and unique"),
-    (["--channels", "a,b", "--channel-files", "{channel}"], "must hold {cell} and {channel}"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--channel-mode", "rgb", "--channels", "a,b"], "rgb uses 3 channel(s), got 2"),
+        (["--channels", "a,b", "--use", "c"], "channel 'c' is not one of --channels a,b"),
+        (["--channel-mode", "per-channel"], "need --channels"),
+        (["--channels", "a,b", "--max-value", "a=4095"], "give NAME=NUMBER for each of --channels a,b"),
+        (["--channels", "a,a"], "names must be non-empty and unique"),
+        (["--channels", "a,b", "--channel-files", "{channel}"], "must hold {cell} and {channel}"),
+    ],
+)
 def test_channel_options_are_checked_in_one_line(small_data, tmp_path, args, says):
     r = CliRunner().invoke(
         main, ["preprocess", "--data", str(small_data), *args, "--out", str(tmp_path / "p")]
@@ -255,45 +318,109 @@ def test_channel_options_are_checked_in_one_line(small_data, tmp_path, args, say
 
 def test_xarray_names_the_channel_axis(stacks, tiny_reg, tmp_path):
     xr = pytest.importorskip("xarray")
-    cfg = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="per-channel", views="orig",
-                           max_value=(4095.0, 4095.0, 65535.0))  # fmt: skip
-    res = extract(preprocess(discover(stacks["chw"]), cfg), resolve_model(str(tiny_reg)), cache=tmp_path,
-                  progress=False)  # fmt: skip
+    cfg = PreprocessConfig(
+        channels=SYNTHETIC_CHANNELS,
+        channel_mode="per-channel",
+        views="orig",
+        max_value=(4095.0, 4095.0, 65535.0),
+    )
+    res = extract(
+        preprocess(discover(stacks["chw"]), cfg), resolve_model(str(tiny_reg)), cache=tmp_path, progress=False
+    )
     ds = xr.open_zarr(res.path, consolidated=False)
     assert ds["cls"].dims == ("rows", "channel", "hidden")
     assert ds["patches"].dims == ("rows", "channel", "patch", "hidden") and ds.sizes["channel"] == 3
     np.testing.assert_array_equal(
         ds["cls"].sel(channel="fad").values, FeatureStore.open(res.path).read("cls")[:, 1]
     )
-    h5 = extract(preprocess(discover(stacks["chw"]), cfg), resolve_model(str(tiny_reg)), cache=tmp_path,
-                 fmt="hdf5", progress=False)  # fmt: skip
+    h5 = extract(
+        preprocess(discover(stacks["chw"]), cfg),
+        resolve_model(str(tiny_reg)),
+        cache=tmp_path,
+        fmt="hdf5",
+        progress=False,
+    )
     import h5py
 
     with h5py.File(h5.path) as f:
         assert [d.label for d in f["registers"].dims] == ["rows", "channel", "register", "hidden"]
-    np.testing.assert_array_equal(FeatureStore.open(h5.path).pooled("concat"),
-                                  FeatureStore.open(res.path).pooled("concat"))  # fmt: skip
+    np.testing.assert_array_equal(
+        FeatureStore.open(h5.path).pooled("concat"), FeatureStore.open(res.path).pooled("concat")
+    )
 
 
 def test_finetune_and_lenet_take_rgb_and_refuse_or_adapt_to_per_channel(stacks, tiny_reg, tmp_path):
     data = ["--data", str(stacks["chw"]), "--channels", CH, "--max-value", MAX, "--views", "orig"]
-    r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_reg), *data, "--channel-mode", "rgb", "--epochs",
-                                  "1", "--out", str(tmp_path / "ft")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            str(tiny_reg),
+            *data,
+            "--channel-mode",
+            "rgb",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "rgb nadh+fad+mask" in RunRecord.load(next((tmp_path / "ft").iterdir())).title
-    r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_reg), *data, "--channel-mode", "per-channel",
-                                  "--epochs", "1", "--out", str(tmp_path / "ft2")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            str(tiny_reg),
+            *data,
+            "--channel-mode",
+            "per-channel",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "ft2"),
+        ],
+    )
     assert "use --channel-mode grey or rgb" in _one_line_exit_2(r)
-    r = CliRunner().invoke(main, ["baseline", "--name", "lenet", *data, "--channel-mode", "per-channel", "--use",
-                                  "nadh,fad", "--epochs", "1", "--out", str(tmp_path / "b")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "baseline",
+            "--name",
+            "lenet",
+            *data,
+            "--channel-mode",
+            "per-channel",
+            "--use",
+            "nadh,fad",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(next((tmp_path / "b").rglob("metrics.json")).read_text())["folds"]
 
 
 @pytest.mark.parametrize("value", ["nan", "0", "-1", "nadh=4095,fad=inf,mask=1"])
 def test_a_max_value_that_is_no_camera_range_is_one_line(stacks, tmp_path, value):
-    r = CliRunner().invoke(main, ["preprocess", "--data", str(stacks["chw"]), "--channels", CH, "--max-value",
-                                  value, "--out", str(tmp_path / "p")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "preprocess",
+            "--data",
+            str(stacks["chw"]),
+            "--channels",
+            CH,
+            "--max-value",
+            value,
+            "--out",
+            str(tmp_path / "p"),
+        ],
+    )
     assert "must be a positive number" in _one_line_exit_2(r) and not (tmp_path / "p").exists()
 
 
@@ -323,7 +450,7 @@ def test_channel_files_of_one_cell_with_different_suffixes_are_one_line(tmp_path
 
 
 def test_predict_finds_a_per_channel_cell_from_one_file_and_lists_strays(tmp_path):
-    from tprobe.dataset import discover_unlabelled
+    from tprobe.data.dataset import discover_unlabelled
 
     data = make_multichannel(tmp_path / "f", layout="files", donors=("donor_1",), per_class=2)
     folder = data / "donor_1" / "activated"
@@ -344,15 +471,21 @@ def test_a_template_without_channels_and_an_empty_channel_name_are_one_line(stac
 
     with pytest.raises(CE, match="is a per-channel template; pass --channels"):
         preprocess(discover(table), PreprocessConfig())
-    r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--channels", "a,,b", "--out",
-                                  str(tmp_path / "p")])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["preprocess", "--data", str(small_data), "--channels", "a,,b", "--out", str(tmp_path / "p")]
+    )
     assert "names must be non-empty" in _one_line_exit_2(r)
 
 
 def test_a_channel_the_model_and_the_filters_do_not_read_is_not_range_checked(stacks):
     # the mask is at 65535; with --max-value 4095 for every channel only a read mask would be out of range
-    cfg = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="per-channel", use=("nadh", "fad"),
-                           max_value=4095.0, views="orig")  # fmt: skip
+    cfg = PreprocessConfig(
+        channels=SYNTHETIC_CHANNELS,
+        channel_mode="per-channel",
+        use=("nadh", "fad"),
+        max_value=4095.0,
+        views="orig",
+    )
     assert len(preprocess(discover(stacks["chw"]), cfg).kept) > 0
     with_mask = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="per-channel", max_value=4095.0)
     with pytest.raises(
@@ -364,7 +497,22 @@ def test_a_channel_the_model_and_the_filters_do_not_read_is_not_range_checked(st
 def test_a_stack_without_channels_stops_in_one_line_and_inception_refuses_per_channel(stacks, tmp_path):
     r = CliRunner().invoke(main, ["preprocess", "--data", str(stacks["chw"]), "--out", str(tmp_path / "p")])
     assert "name a stack's planes with --channels" in _one_line_exit_2(r) and not (tmp_path / "p").exists()
-    r = CliRunner().invoke(main, ["baseline", "--name", "inception-frozen", "--inception-weights", "random",
-                                  "--data", str(stacks["chw"]), "--channels", CH, "--channel-mode", "per-channel",
-                                  "--out", str(tmp_path / "b")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "baseline",
+            "--name",
+            "inception-frozen",
+            "--inception-weights",
+            "random",
+            "--data",
+            str(stacks["chw"]),
+            "--channels",
+            CH,
+            "--channel-mode",
+            "per-channel",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
     assert "use --channel-mode grey or rgb" in _one_line_exit_2(r) and not (tmp_path / "b").exists()

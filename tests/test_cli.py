@@ -50,8 +50,10 @@ def test_preprocess_on_the_bundled_sample(tmp_path):
 
 def test_bad_input_is_reported_and_exit_status_says_so(small_data, tmp_path):
     (small_data / "donor_1" / "activated" / "CD3_1_act_9_9_9.png").write_bytes(b"garbage")
-    save_png(small_data / "donor_1" / "quiescent" / "rgb.png", np.dstack([np.eye(9, dtype=np.uint8) * 200,
-             np.zeros((9, 9), np.uint8), np.zeros((9, 9), np.uint8)]))  # fmt: skip
+    save_png(
+        small_data / "donor_1" / "quiescent" / "rgb.png",
+        np.dstack([np.eye(9, dtype=np.uint8) * 200, np.zeros((9, 9), np.uint8), np.zeros((9, 9), np.uint8)]),
+    )
     r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--out", str(tmp_path / "o")])
     assert r.exit_code == 3
     assert "skipped: " in r.output and "CD3_1_act_9_9_9.png: cannot be read" in r.output
@@ -79,8 +81,9 @@ def test_extract_cli_prints_the_store_path_last_and_is_idempotent(small_data, tm
 
 
 def test_store_from_other_data_is_refused(small_data, tmp_path, tiny_plain):
-    r = CliRunner().invoke(main, ["extract", "--model", str(tiny_plain), "--data", str(small_data), "--cache",
-                                  str(tmp_path)])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["extract", "--model", str(tiny_plain), "--data", str(small_data), "--cache", str(tmp_path)]
+    )
     store = r.output.strip().splitlines()[-1]
     r = CliRunner().invoke(main, ["probe", "--store", store, "--views", "orig", "--data", str(small_data)])
     assert r.exit_code == 2 and "another dataset or preprocessing" in r.output
@@ -101,16 +104,20 @@ def test_help_status_report_and_export_never_import_torch_or_transformers(tmp_pa
     import subprocess
     import sys
 
-    from tprobe.backbones import resolve_model
-    from tprobe.dataset import discover
-    from tprobe.extract import extract
-    from tprobe.preprocess import preprocess
+    from tprobe.cache.extract import extract
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.models.backbones import resolve_model
 
     store = extract(
         preprocess(discover(small_data)), resolve_model(str(tiny_reg)), cache=tmp_path, progress=False
     ).path
-    for args in (["--help"], ["status", str(store)], ["report", "--help"],
-                 ["export", str(store), "--to", "parquet", str(tmp_path / "out.parquet")]):  # fmt: skip
+    for args in (
+        ["--help"],
+        ["status", str(store)],
+        ["report", "--help"],
+        ["export", str(store), "--to", "parquet", str(tmp_path / "out.parquet")],
+    ):
         out = subprocess.run(
             [sys.executable, "-c", LIGHT, *args], capture_output=True, text=True, timeout=120
         ).stdout

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 from conftest import SAMPLE, save_png
 
-from tprobe.dataset import discover, parse_wang_name
+from tprobe.data.dataset import discover, parse_wang_name
 from tprobe.errors import TprobeError
 
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from tprobe.backbones import resolve_model
+from tprobe.cache.extract import extract, manifest_path
 from tprobe.cli import main
-from tprobe.dataset import discover
-from tprobe.extract import extract, manifest_path
-from tprobe.preprocess import PreprocessConfig, preprocess
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import PreprocessConfig, preprocess
+from tprobe.models.backbones import resolve_model
 
 
 @pytest.fixture(scope="module")
@@ -20,8 +20,10 @@ def stores(tmp_path_factory, tiny_plain):
     data = copy_subset(root / "data", per_class=2)
     pre = preprocess(discover(data), PreprocessConfig(views="orig"), progress=False)
     ref = resolve_model(str(tiny_plain))
-    return {fmt: extract(pre, ref, cache=root / "c", fmt=fmt, progress=False, device="cpu").path
-            for fmt in ("zarr", "hdf5")}  # fmt: skip
+    return {
+        fmt: extract(pre, ref, cache=root / "c", fmt=fmt, progress=False, device="cpu").path
+        for fmt in ("zarr", "hdf5")
+    }
 
 
 def _export(store, out, *extra):

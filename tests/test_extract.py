@@ -8,14 +8,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import tprobe.store
-from tprobe.backbones import Backbone, resolve_model
+import tprobe.cache.store
+from tprobe.cache.extract import extract, find_store, manifest_path
+from tprobe.cache.store import FeatureStore
 from tprobe.cli import main
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import PreprocessConfig, load_view, preprocess
 from tprobe.errors import TprobeError
-from tprobe.extract import extract, find_store, manifest_path
-from tprobe.preprocess import PreprocessConfig, load_view, preprocess
-from tprobe.store import FeatureStore
+from tprobe.models.backbones import Backbone, resolve_model
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
@@ -23,8 +23,16 @@ from tprobe.store import FeatureStore
 def test_store_layout_and_equality_with_model_outputs(request, tmp_path, small_data, fmt, model):
     path = request.getfixturevalue(model)
     pre = preprocess(discover(small_data))
-    res = extract(pre, resolve_model(str(path)), cache=tmp_path / "c", fmt=fmt, dtype="float32",
-                  chunk_rows=16, batch_size=5, progress=False)  # fmt: skip
+    res = extract(
+        pre,
+        resolve_model(str(path)),
+        cache=tmp_path / "c",
+        fmt=fmt,
+        dtype="float32",
+        chunk_rows=16,
+        batch_size=5,
+        progress=False,
+    )
     assert res.status == "written" and res.path.name.startswith("float32-fp32-")
     assert res.path.suffix == (".zarr" if fmt == "zarr" else ".h5")
     store = FeatureStore.open(res.path)
@@ -126,7 +134,7 @@ def test_zarr_chunks_are_aligned_with_units(tmp_path, small_data, tiny_reg):
     res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, chunk_rows=8, progress=False)
     arr = zarr.open_array(res.path / "patches", mode="r")
     assert arr.chunks[0] == 8 and arr.dtype == np.float16
-    assert tprobe.store.FeatureStore.open(res.path).chunk_rows == 8
+    assert tprobe.cache.store.FeatureStore.open(res.path).chunk_rows == 8
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
@@ -138,8 +146,22 @@ def test_kill_9_mid_run_then_resume(tmp_path, tiny_reg, fmt):
     import sys
     import time
 
-    args = [sys.executable, "-m", "tprobe.cli", "extract", "--model", str(tiny_reg), "--cache", str(tmp_path / "c"),
-            "--chunk-rows", "8", "--batch-size", "1", "--format", fmt]  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "tprobe.cli",
+        "extract",
+        "--model",
+        str(tiny_reg),
+        "--cache",
+        str(tmp_path / "c"),
+        "--chunk-rows",
+        "8",
+        "--batch-size",
+        "1",
+        "--format",
+        fmt,
+    ]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     markers = []
@@ -167,8 +189,20 @@ def test_concurrent_shard_workers_build_one_store(tmp_path, tiny_reg, fmt):
     import subprocess
     import sys
 
-    base = [sys.executable, "-m", "tprobe.cli", "extract", "--model", str(tiny_reg), "--cache", str(tmp_path),
-            "--chunk-rows", "32", "--format", fmt]  # fmt: skip
+    base = [
+        sys.executable,
+        "-m",
+        "tprobe.cli",
+        "extract",
+        "--model",
+        str(tiny_reg),
+        "--cache",
+        str(tmp_path),
+        "--chunk-rows",
+        "32",
+        "--format",
+        fmt,
+    ]
     procs = [
         subprocess.Popen([*base, "--shard", f"{i}/2"], stdout=subprocess.PIPE, text=True) for i in (0, 1)
     ]
@@ -190,23 +224,54 @@ def _store_tree(cache: Path) -> dict[str, bytes]:
 def _workers_cmd(tiny_reg, data, cache, *extra):
     import sys
 
-    return [sys.executable, "-m", "tprobe.cli", "extract", "--model", str(tiny_reg), "--data", str(data), "--cache",
-            str(cache), *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "tprobe.cli",
+        "extract",
+        "--model",
+        str(tiny_reg),
+        "--data",
+        str(data),
+        "--cache",
+        str(cache),
+        *extra,
+    ]
 
 
 def test_workers_build_a_store_byte_identical_to_one_process(tmp_path, small_data, tiny_reg):
     import subprocess
 
-    r = subprocess.run(_workers_cmd(tiny_reg, small_data, tmp_path / "two", "--chunk-rows", "8", "--workers", "2"),
-                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    r = subprocess.run(
+        _workers_cmd(tiny_reg, small_data, tmp_path / "two", "--chunk-rows", "8", "--workers", "2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "2 workers on CPU" in r.stdout and FeatureStore.open(r.stdout.strip().splitlines()[-1]).complete
-    one = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--cache",
-                                    str(tmp_path / "one"), "--chunk-rows", "8"])  # fmt: skip
+    one = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(small_data),
+            "--cache",
+            str(tmp_path / "one"),
+            "--chunk-rows",
+            "8",
+        ],
+    )
     assert one.exit_code == 0, one.output
     assert _store_tree(tmp_path / "two") == _store_tree(tmp_path / "one")
-    again = subprocess.run(_workers_cmd(tiny_reg, small_data, tmp_path / "two", "--chunk-rows", "8", "--workers", "2"),
-                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    again = subprocess.run(
+        _workers_cmd(tiny_reg, small_data, tmp_path / "two", "--chunk-rows", "8", "--workers", "2"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
@@ -228,14 +293,26 @@ def test_a_killed_worker_units_are_redone_by_a_rerun(tmp_path, small_data, tiny_
     assert list((tmp_path / "two").rglob("*.progress"))  # not sealed
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "written" in r.stdout, r.stderr
-    one = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--cache",
-                                    str(tmp_path / "one"), "--chunk-rows", "1"])  # fmt: skip
+    one = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(small_data),
+            "--cache",
+            str(tmp_path / "one"),
+            "--chunk-rows",
+            "1",
+        ],
+    )
     assert one.exit_code == 0, one.output
     assert _store_tree(tmp_path / "two") == _store_tree(tmp_path / "one")
 
 
 def test_worker_environment_pins_a_device_or_a_share_of_the_cores(tmp_path, small_data, tiny_reg):
-    from tprobe.extract import worker_env
+    from tprobe.cache.extract import worker_env
 
     assert worker_env(1, 2, ["2", "3"])["CUDA_VISIBLE_DEVICES"] == "3"
     assert worker_env(2, 3, ["0", "1"])["CUDA_VISIBLE_DEVICES"] == "0"
@@ -247,6 +324,8 @@ def test_worker_environment_pins_a_device_or_a_share_of_the_cores(tmp_path, smal
         ["--workers", "2", "--devices", "a,b"],
         ["--devices", "0"],
     ):
-        r = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--cache",
-                                      str(tmp_path), *bad])  # fmt: skip
+        r = CliRunner().invoke(
+            main,
+            ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--cache", str(tmp_path), *bad],
+        )
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output

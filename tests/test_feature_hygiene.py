@@ -4,10 +4,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tprobe.curve import LabelCurve
-from tprobe.features import FeatureSet
-from tprobe.heads import load_head_file, make_head, save_head
-from tprobe.probe import ProbeRun
+from tprobe.features.sources import FeatureSet
+from tprobe.probing.heads import load_head_file, make_head, save_head
+from tprobe.probing.run import ProbeRun
+from tprobe.science.curve import LabelCurve
 
 
 def area_dominated(n_donors=4, cells=60, seed=0) -> FeatureSet:
@@ -21,8 +21,16 @@ def area_dominated(n_donors=4, cells=60, seed=0) -> FeatureSet:
             signal = rng.normal(size=8) * 0.5 + 0.4 * label  # small variance, shifted by the label
             area = 3.5 * rng.normal()  # a size column (centred): variance 12 against 8 x 0.29
             X.append(np.r_[area, signal])
-            rows.append({"image_id": f"d{d}c{c}", "path": f"d{d}/c{c}.png", "label": label,
-                         "donor": f"donor_{d + 1}", "group": f"d{d}c{c}", "view": "orig"})  # fmt: skip
+            rows.append(
+                {
+                    "image_id": f"d{d}c{c}",
+                    "path": f"d{d}/c{c}.png",
+                    "label": label,
+                    "donor": f"donor_{d + 1}",
+                    "group": f"d{d}c{c}",
+                    "view": "orig",
+                }
+            )
     X = np.asarray(X, np.float32)
     return FeatureSet(X, pd.DataFrame(rows), {"kind": "table", "name": "area-dominated"})
 
@@ -60,8 +68,8 @@ def test_knn_and_prototype_standardise_inside_the_fold(head, tmp_path):
 # ---- identifier and position columns; unused table rows ---------------------------------------
 @pytest.fixture(scope="module")
 def sample_manifest():
-    from tprobe.dataset import discover
-    from tprobe.preprocess import preprocess
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
 
     return preprocess(discover(), progress=False).manifest
 
@@ -71,17 +79,34 @@ def leak_table(manifest, leak: str, rows="all") -> pd.DataFrame:
     the label encoded (as CellProfiler's bookkeeping columns would be if objects were numbered by class)."""
     orig = manifest[manifest["view"] == "orig"]
     rng = np.random.default_rng(0)
-    table = pd.DataFrame({"FileName": orig["path"].map(lambda p: "/".join(p.split("/")[-3:])).to_numpy(),
-                          "Intensity_A": rng.normal(size=len(orig)), "Intensity_B": rng.normal(size=len(orig)),
-                          "Texture_C": rng.normal(size=len(orig))})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "FileName": orig["path"].map(lambda p: "/".join(p.split("/")[-3:])).to_numpy(),
+            "Intensity_A": rng.normal(size=len(orig)),
+            "Intensity_B": rng.normal(size=len(orig)),
+            "Texture_C": rng.normal(size=len(orig)),
+        }
+    )
     if leak:
         table[leak] = orig["label"].to_numpy() * 7 + rng.integers(0, 3, len(orig))
     return table
 
 
-LEAKS = ["ImageNumber", "ObjectNumber", "Number_Object_Number", "Cells_Number_Object_Number", "Metadata_Well",
-         "FileName_Code", "PathName_Code", "URL_Code", "Location_Center_X", "Parent_Nuclei",
-         "Children_Nuclei_Count", "Nuclei_Center_Y", "Cells_Location_CenterMassIntensity_X_DNA"]  # fmt: skip
+LEAKS = [
+    "ImageNumber",
+    "ObjectNumber",
+    "Number_Object_Number",
+    "Cells_Number_Object_Number",
+    "Metadata_Well",
+    "FileName_Code",
+    "PathName_Code",
+    "URL_Code",
+    "Location_Center_X",
+    "Parent_Nuclei",
+    "Children_Nuclei_Count",
+    "Nuclei_Center_Y",
+    "Cells_Location_CenterMassIntensity_X_DNA",
+]
 
 
 @pytest.mark.refuses(
@@ -89,7 +114,7 @@ LEAKS = ["ImageNumber", "ObjectNumber", "Number_Object_Number", "Cells_Number_Ob
 )
 @pytest.mark.parametrize("leak", LEAKS)
 def test_a_label_leak_in_an_identifier_column_is_dropped_and_recorded(sample_manifest, tmp_path, leak):
-    from tprobe.features import from_table
+    from tprobe.features.sources import from_table
 
     leak_table(sample_manifest, leak).to_csv(tmp_path / "cp.csv", index=False)
     fs = from_table(tmp_path / "cp.csv", sample_manifest)
@@ -106,7 +131,7 @@ def test_a_label_leak_in_an_identifier_column_is_dropped_and_recorded(sample_man
 
 def test_column_rule_reasons_and_options(sample_manifest, tmp_path):
     from tprobe.errors import TprobeError
-    from tprobe.features import column_rule, from_table
+    from tprobe.features.sources import column_rule, from_table
 
     table = leak_table(sample_manifest, "Number_Object_Number").assign(
         Metadata_Plate="p1", Treatment=lambda t: np.where(t["Intensity_A"] > 0, "x", "y"), Flag=True
@@ -127,13 +152,19 @@ def test_column_rule_reasons_and_options(sample_manifest, tmp_path):
 
 
 def test_unused_table_rows_are_counted_by_class_and_all_rows_scores_them(sample_manifest, tmp_path):
-    from tprobe.features import from_table, table_note
+    from tprobe.features.sources import from_table, table_note
 
     orig = sample_manifest[sample_manifest["view"] == "orig"]
     removed = orig[~orig["kept"]]
     table = leak_table(sample_manifest, "")
-    extra = pd.DataFrame({"FileName": ["donor_9/activated/nowhere.png"], "Intensity_A": [0.0],
-                          "Intensity_B": [0.0], "Texture_C": [0.0]})  # fmt: skip
+    extra = pd.DataFrame(
+        {
+            "FileName": ["donor_9/activated/nowhere.png"],
+            "Intensity_A": [0.0],
+            "Intensity_B": [0.0],
+            "Texture_C": [0.0],
+        }
+    )
     pd.concat([table, extra]).to_csv(tmp_path / "cp.csv", index=False)
     fs = from_table(tmp_path / "cp.csv", sample_manifest)
     assert len(fs.meta) == int(orig["kept"].sum()) and len(fs.X) == len(fs.meta)
@@ -161,14 +192,25 @@ def test_cli_prints_dropped_columns_and_unused_rows_and_records_them(sample_mani
     from tprobe.cli import main
 
     leak_table(sample_manifest, "Number_Object_Number").to_csv(tmp_path / "cp.csv", index=False)
-    args = ["probe", "--features", str(tmp_path / "cp.csv"), "--bootstrap", "20", "--no-final-head",
-            "--drop-columns", "Texture_C", "--out", str(tmp_path / "runs")]  # fmt: skip
+    args = [
+        "probe",
+        "--features",
+        str(tmp_path / "cp.csv"),
+        "--bootstrap",
+        "20",
+        "--no-final-head",
+        "--drop-columns",
+        "Texture_C",
+        "--out",
+        str(tmp_path / "runs"),
+    ]
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     removed = sample_manifest[(sample_manifest["view"] == "orig") & ~sample_manifest["kept"]]
     assert "3 column(s) dropped" in res.output and f"{len(removed)} table rows unused" in res.output
-    record = json.loads((tmp_path / "runs" / res.output.strip().splitlines()[-1].split("/")[-1] / "config.json")
-                        .read_text())  # fmt: skip
+    record = json.loads(
+        (tmp_path / "runs" / res.output.strip().splitlines()[-1].split("/")[-1] / "config.json").read_text()
+    )
     assert record["features"]["dropped_columns"]["Number_Object_Number"].startswith("identifier")
     assert record["features"]["unused_rows"]["filtered"] == {  # on the bundled sample: 34 and 159
         "activated": int((removed["label"] == 1).sum()),
@@ -186,12 +228,18 @@ def test_cli_prints_dropped_columns_and_unused_rows_and_records_them(sample_mani
 
 # ---- small ones: means over the same donors, the fold-count refusal -----------------------------
 def test_accuracy_and_f1_means_cover_the_same_donors_as_auc():
-    from tprobe.evaluate import Fold, evaluate
+    from tprobe.probing.evaluate import Fold, evaluate
 
     # donor a: one class, every call right (accuracy 1); donors b, c: both classes, half right
-    meta = pd.DataFrame({"image_id": [f"i{i}" for i in range(12)], "donor": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
-                         "group": [f"g{i}" for i in range(12)], "view": "orig",
-                         "label": [1, 1, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1]})  # fmt: skip
+    meta = pd.DataFrame(
+        {
+            "image_id": [f"i{i}" for i in range(12)],
+            "donor": ["a"] * 4 + ["b"] * 4 + ["c"] * 4,
+            "group": [f"g{i}" for i in range(12)],
+            "view": "orig",
+            "label": [1, 1, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1],
+        }
+    )
     p = np.array([0.9, 0.9, 0.9, 0.9, 0.6, 0.4, 0.2, 0.8, 0.6, 0.4, 0.2, 0.8])
     pred = meta[["image_id", "donor", "group", "label"]].assign(
         p_activated=p, fold=meta["donor"].map({"a": 0, "b": 1, "c": 2})
@@ -212,7 +260,7 @@ def test_accuracy_and_f1_means_cover_the_same_donors_as_auc():
 @pytest.mark.refuses("more --folds than donors (the numbers are named)")
 def test_too_few_donors_for_the_folds_names_the_numbers():
     from tprobe.errors import TprobeError
-    from tprobe.evaluate import split_plan
+    from tprobe.probing.evaluate import split_plan
 
     meta = area_dominated(n_donors=3, cells=4).meta
     with pytest.raises(TprobeError, match=r"5 folds needs at least 5 donors; the data has 3 .*--folds 3"):
@@ -235,15 +283,23 @@ def donor_shifted(n_donors=5, cells=40, seed=0) -> FeatureSet:
         for c in range(cells):
             label = int(c % 2 == 0)
             X.append(offset + rng.normal(size=6) + 0.8 * label)
-            rows.append({"image_id": f"d{d}c{c}", "path": f"d{d}/c{c}.png", "label": label,
-                         "donor": f"donor_{d + 1}", "group": f"d{d}c{c}", "view": "orig"})  # fmt: skip
+            rows.append(
+                {
+                    "image_id": f"d{d}c{c}",
+                    "path": f"d{d}/c{c}.png",
+                    "label": label,
+                    "donor": f"donor_{d + 1}",
+                    "group": f"d{d}c{c}",
+                    "view": "orig",
+                }
+            )
     return FeatureSet(
         np.asarray(X, np.float32), pd.DataFrame(rows), {"kind": "table", "name": "donor-shifted"}
     )
 
 
 def test_donor_centring_uses_the_donors_own_rows_only():
-    from tprobe.features import donor_center
+    from tprobe.features.sources import donor_center
 
     fs = donor_shifted()
     donors, orig = fs.meta["donor"].to_numpy(), np.ones(len(fs.meta), bool)
@@ -276,7 +332,7 @@ def test_normalize_options_in_probe_curve_and_record(tmp_path):
         head="prototype", n_boot=20, normalize="donor-center", engine="reference", final_head=False
     )
     assert ref.fit(fs).summary_["roc_auc"]["mean"] == pytest.approx(auc["donor-center"], abs=1e-9)
-    from tprobe.runs import RunRecord
+    from tprobe.runs.record import RunRecord
 
     record = RunRecord.load(run.save(tmp_path))
     assert record.options["normalize"] == "donor-center" and "normalize donor-center" in record.title
@@ -292,12 +348,12 @@ def test_normalize_options_in_probe_curve_and_record(tmp_path):
 def test_predict_centres_new_images_per_donor_for_a_donor_centred_run(tmp_path, tiny_reg):
     from conftest import copy_subset
 
-    from tprobe.backbones import resolve_model
-    from tprobe.dataset import discover, discover_unlabelled
-    from tprobe.extract import extract
-    from tprobe.features import donor_center, from_store
-    from tprobe.predict import predict
-    from tprobe.preprocess import preprocess
+    from tprobe.cache.extract import extract
+    from tprobe.data.dataset import discover, discover_unlabelled
+    from tprobe.data.preprocess import preprocess
+    from tprobe.features.sources import donor_center, from_store
+    from tprobe.models.backbones import resolve_model
+    from tprobe.probing.predict import predict
 
     data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=5)
     ref, cache = resolve_model(str(tiny_reg)), tmp_path / "cache"

@@ -3,13 +3,13 @@ import pytest
 import torch
 from conftest import save_png
 
-from tprobe.backbones import Backbone, resolve_model
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import PreprocessConfig, preprocess
 from tprobe.errors import TprobeError
-from tprobe.finetune import DinoClassifier, FinetuneRun, load_fold_model
-from tprobe.preprocess import PreprocessConfig, preprocess
-from tprobe.saliency import saliency_maps
-from tprobe.training import TrainConfig, train_fold
+from tprobe.models.backbones import Backbone, resolve_model
+from tprobe.train.finetune import DinoClassifier, FinetuneRun, load_fold_model
+from tprobe.train.loop import TrainConfig, train_fold
+from tprobe.train.saliency import saliency_maps
 
 PREP = PreprocessConfig(canvas=28, views="dihedral8")
 
@@ -42,8 +42,15 @@ def _split(pre):
 def test_loss_falls_on_a_learnable_subset(learnable, tiny_reg):
     train, val = _split(learnable)
     cfg = TrainConfig(epochs=4, batch_size=8, lr_head=3e-3, lr_backbone=1e-4, patience=10)
-    model, curves = train_fold(_make(tiny_reg, pool="cls+mean"), train, val, learnable.config, cfg,
-                               torch.device("cpu"), log=lambda r: None)  # fmt: skip
+    model, curves = train_fold(
+        _make(tiny_reg, pool="cls+mean"),
+        train,
+        val,
+        learnable.config,
+        cfg,
+        torch.device("cpu"),
+        log=lambda r: None,
+    )
     assert len(curves) == 4
     assert curves["train_loss"].iloc[-1] < curves["train_loss"].iloc[0]
     assert curves["val_auc"].max() > 0.8
@@ -52,8 +59,15 @@ def test_loss_falls_on_a_learnable_subset(learnable, tiny_reg):
 def test_freeze_leaves_backbone_bit_identical(learnable, tiny_reg):
     train, val = _split(learnable)
     before = Backbone.from_pretrained(str(tiny_reg), device="cpu").model.state_dict()
-    model, _ = train_fold(_make(tiny_reg, freeze=True), train, val, learnable.config,
-                          TrainConfig(epochs=1, batch_size=8), torch.device("cpu"), log=lambda r: None)  # fmt: skip
+    model, _ = train_fold(
+        _make(tiny_reg, freeze=True),
+        train,
+        val,
+        learnable.config,
+        TrainConfig(epochs=1, batch_size=8),
+        torch.device("cpu"),
+        log=lambda r: None,
+    )
     after = model.encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert set(model.trainable_state()) == {"head.weight", "head.bias"}
@@ -71,17 +85,31 @@ def test_resume_continues_from_the_checkpoint(learnable, tiny_reg, tmp_path):
     train, val = _split(learnable)
     ck = tmp_path / "fold0.pt"
     kw = dict(checkpoint=ck, log=lambda r: None)
-    _, first = train_fold(_make(tiny_reg), train, val, learnable.config, TrainConfig(epochs=2, batch_size=8, patience=9),
-                          torch.device("cpu"), **kw)  # fmt: skip
-    _, resumed = train_fold(_make(tiny_reg), train, val, learnable.config,
-                            TrainConfig(epochs=3, batch_size=8, patience=9), torch.device("cpu"), **kw)  # fmt: skip
+    _, first = train_fold(
+        _make(tiny_reg),
+        train,
+        val,
+        learnable.config,
+        TrainConfig(epochs=2, batch_size=8, patience=9),
+        torch.device("cpu"),
+        **kw,
+    )
+    _, resumed = train_fold(
+        _make(tiny_reg),
+        train,
+        val,
+        learnable.config,
+        TrainConfig(epochs=3, batch_size=8, patience=9),
+        torch.device("cpu"),
+        **kw,
+    )
     assert resumed["epoch"].tolist() == [1, 2, 3]
     assert resumed["train_loss"].iloc[:2].tolist() == first["train_loss"].tolist()
 
 
 def test_saliency_maps_have_the_input_shape_and_vary(learnable, tiny_reg):
     model = _make(tiny_reg)()
-    from tprobe.preprocess import load_view
+    from tprobe.data.preprocess import load_view
 
     rows = learnable.kept.head(3)
     imgs = np.stack(
@@ -99,8 +127,13 @@ def test_registers_pool_needs_registers(tiny_plain):
 
 
 def test_finetune_run_writes_probe_schema_and_fold_weights(learnable, tiny_reg, tmp_path):
-    job = FinetuneRun(resolve_model(str(tiny_reg)), pool="cls", freeze=True, n_boot=50,
-                      train=TrainConfig(epochs=1, batch_size=8))  # fmt: skip
+    job = FinetuneRun(
+        resolve_model(str(tiny_reg)),
+        pool="cls",
+        freeze=True,
+        n_boot=50,
+        train=TrainConfig(epochs=1, batch_size=8),
+    )
     job.fit(learnable, tmp_path / "run", log=lambda r: None)
     run = tmp_path / "run"
     for name in ("metrics.json", "predictions.parquet", "curves.csv", "curves.png", "roc.png", "fold0.pt"):
@@ -114,15 +147,31 @@ def test_cli_finetune_interrupted_then_resumed(tmp_path, tiny_reg, monkeypatch):
     """Ctrl-C during fold 2 keeps fold 0-1 checkpoints; --resume finishes with the recorded options."""
     from click.testing import CliRunner
 
-    import tprobe.training as training
+    import tprobe.train.loop as training
     from tprobe.cli import main
 
     data = tmp_path / "d"
     from conftest import copy_subset
 
     copy_subset(data, donors=("donor_1", "donor_3", "donor_6"), per_class=5)
-    args = ["finetune", "--model", str(tiny_reg), "--data", str(data), "--pool", "cls", "--freeze",
-            "--epochs", "1", "--batch-size", "8", "--saliency-n", "2", "--out", str(tmp_path / "runs")]  # fmt: skip
+    args = [
+        "finetune",
+        "--model",
+        str(tiny_reg),
+        "--data",
+        str(data),
+        "--pool",
+        "cls",
+        "--freeze",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--saliency-n",
+        "2",
+        "--out",
+        str(tmp_path / "runs"),
+    ]
     real = training.train_fold
     calls = []
 

@@ -1,4 +1,4 @@
-"""Fields of view + label masks (tprobe.fov) and OME-TIFF input (issue 21, sections 1 and 2)."""
+"""Fields of view + label masks (tprobe.data.fov) and OME-TIFF input (issue 21, sections 1 and 2)."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import tifffile
 from click.testing import CliRunner
 from PIL import Image
 
-from tprobe.backbones import resolve_model
+from tprobe.cache.extract import extract
+from tprobe.cache.store import FeatureStore, manifest_path
 from tprobe.cli import main
-from tprobe.dataset import DEFAULT_DATA, discover
+from tprobe.data.dataset import DEFAULT_DATA, discover
+from tprobe.data.fov import preprocess_fields, read_mask
+from tprobe.data.images import read_image
+from tprobe.data.preprocess import PreprocessConfig, Preprocessed, measure, preprocess
 from tprobe.errors import ChannelError, TprobeError
-from tprobe.extract import extract
-from tprobe.fov import preprocess_fields, read_mask
-from tprobe.images import read_image
-from tprobe.preprocess import PreprocessConfig, Preprocessed, measure, preprocess
-from tprobe.store import FeatureStore, manifest_path
+from tprobe.models.backbones import resolve_model
 
 GAP = 5  # px of background between the cells of a synthetic field, and around them
 
@@ -97,8 +97,12 @@ def test_field_crops_give_the_single_cell_tokens_bit_for_bit(tmp_path, tiny_reg)
     )
     mask = tifffile.imread(row["mask"])
     ys, xs = np.nonzero(mask == row["object"])
-    assert (row["bbox_y0"], row["bbox_x0"], row["bbox_y1"], row["bbox_x1"]) == (ys.min(), xs.min(), ys.max() + 1,
-                                                                                xs.max() + 1)  # fmt: skip
+    assert (row["bbox_y0"], row["bbox_x0"], row["bbox_y1"], row["bbox_x1"]) == (
+        ys.min(),
+        xs.min(),
+        ys.max() + 1,
+        xs.max() + 1,
+    )
     assert (row["centroid_y"], row["centroid_x"]) == pytest.approx((ys.mean(), xs.mean()))
 
 
@@ -120,8 +124,12 @@ def test_crops_margin_outside_border_and_area_filters(tmp_path):
     )
     pre, _ = preprocess_fields(tmp_path / "f", None, config, tmp_path / "out" / "crops")
     orig = pre.manifest[pre.manifest["view"] == "orig"].set_index("object")
-    assert orig["drop_reason"].to_dict() == {1: orig.loc[1, "drop_reason"], 2: "small_object", 3: "touches_border",
-                                             4: "large_object"}  # fmt: skip
+    assert orig["drop_reason"].to_dict() == {
+        1: orig.loc[1, "drop_reason"],
+        2: "small_object",
+        3: "touches_border",
+        4: "large_object",
+    }
     crop = tifffile.imread(orig.loc[1, "path"])
     assert crop.dtype == np.uint16 and crop.shape == (10 + 6, 8 + 6)  # bbox plus the margin on each side
     assert (crop[3:-3, 3:-3] == 3000).all() and (crop[:3] == 0).all()  # outside the object: zeroed
@@ -179,16 +187,38 @@ def test_cli_fields_to_store_and_an_empty_label_image_is_a_warning(tmp_path, tin
     fields, masks, _, _ = make_fields(tmp_path, per_class=2, per_field=2)
     empty = masks / "donor_2" / "quiescent" / "field0_masks.tif"
     tifffile.imwrite(empty, np.zeros_like(tifffile.imread(empty)))
-    r = CliRunner().invoke(main, ["preprocess", "--fov", str(fields), "--masks", str(masks), "--outside", "keep",
-                                  "--out", str(tmp_path / "prep")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "preprocess",
+            "--fov",
+            str(fields),
+            "--masks",
+            str(masks),
+            "--outside",
+            "keep",
+            "--out",
+            str(tmp_path / "prep"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "warning: " in r.output and "field0_masks.tif: label image has no objects" in r.output
     pre = Preprocessed.load(tmp_path / "prep")  # the crops are verified like any kept file
     assert (
         pre.config.fov and pre.config.outside == "keep" and set(pre.kept["donor"]) == {"donor_1", "donor_2"}
     )
-    r = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(tmp_path / "prep"),
-                                  "--cache", str(tmp_path / "c")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(tmp_path / "prep"),
+            "--cache",
+            str(tmp_path / "c"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     rows = pd.read_parquet(manifest_path(r.output.strip().splitlines()[-1]))
     assert {"field", "object", "bbox_y0", "centroid_x"} <= set(rows.columns)
@@ -202,8 +232,9 @@ def test_cli_fields_to_store_and_an_empty_label_image_is_a_warning(tmp_path, tin
     assert r.exit_code == 2 and "apply to fields of view: add --fov FIELDS" in r.output
     (tmp_path / "mine" / "crops").mkdir(parents=True)
     (tmp_path / "mine" / "crops" / "notes.txt").write_text("mine")
-    r = CliRunner().invoke(main, ["preprocess", "--fov", str(fields), "--masks", str(masks), "--out",
-                                  str(tmp_path / "mine")])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["preprocess", "--fov", str(fields), "--masks", str(masks), "--out", str(tmp_path / "mine")]
+    )
     assert r.exit_code == 2 and "holds notes.txt, which tprobe did not write" in r.output
     assert (tmp_path / "mine" / "crops" / "notes.txt").exists()
 
@@ -216,9 +247,18 @@ def make_ome(root: Path, names=("nadh", "fad"), donors=("donor_1", "donor_2"), p
             (root / donor / cls).mkdir(parents=True, exist_ok=True)
             for f in sorted((DEFAULT_DATA / donor / cls).glob("*.png"))[:per_class]:
                 img = np.asarray(Image.open(f))
-                tifffile.imwrite(root / donor / cls / f"{f.stem}.ome.tif", np.stack([img, img // 2]), ome=True,
-                                 metadata={"axes": "CYX", "Channel": {"Name": list(names)}, "PhysicalSizeX": 0.5,
-                                           "PhysicalSizeY": 0.5, "PhysicalSizeXUnit": "µm"})  # fmt: skip
+                tifffile.imwrite(
+                    root / donor / cls / f"{f.stem}.ome.tif",
+                    np.stack([img, img // 2]),
+                    ome=True,
+                    metadata={
+                        "axes": "CYX",
+                        "Channel": {"Name": list(names)},
+                        "PhysicalSizeX": 0.5,
+                        "PhysicalSizeY": 0.5,
+                        "PhysicalSizeXUnit": "µm",
+                    },
+                )
     return root
 
 
@@ -244,8 +284,24 @@ def test_ome_tiff_channel_names_run_preprocess_extract_probe_without_channels(tm
         ],
     )
     assert r.exit_code == 0, r.output
-    r = run(main, ["probe", "--model", str(tiny_reg), "--data", str(tmp_path / "prep"), "--cache", str(tmp_path / "c"),
-                   "--head", "logreg", "--bootstrap", "20", "--out", str(tmp_path / "runs")])  # fmt: skip
+    r = run(
+        main,
+        [
+            "probe",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(tmp_path / "prep"),
+            "--cache",
+            str(tmp_path / "c"),
+            "--head",
+            "logreg",
+            "--bootstrap",
+            "20",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     # the grey channel the filters measured is the file's first channel, the sample's own cell image
     for path, entropy in zip(pre.kept["path"], pre.kept["entropy"], strict=True):
@@ -278,10 +334,11 @@ def test_a_5d_ome_tiff_needs_z_and_t(tmp_path):
         preprocess(ds, PreprocessConfig(channels=("a", "b"), t=1))
     with pytest.raises(ChannelError, match=r"--z 3 is out of range; the file has 3 Z planes"):
         preprocess(ds, PreprocessConfig(channels=("a", "b"), t=1, z=3))
-    from tprobe.preprocess import read_cell
+    from tprobe.data.preprocess import read_cell
 
-    seg, used, _ = read_cell(path, PreprocessConfig(channels=("a", "b"), channel_mode="rgb", use=("b", "a", "b"),
-                                                    t=1, z=2))  # fmt: skip
+    seg, used, _ = read_cell(
+        path, PreprocessConfig(channels=("a", "b"), channel_mode="rgb", use=("b", "a", "b"), t=1, z=2)
+    )
     np.testing.assert_array_equal(used[0], stack[1, 1, 2].astype(np.float32))
     np.testing.assert_array_equal(used[1], stack[1, 0, 2].astype(np.float32))
     r = CliRunner().invoke(
@@ -302,15 +359,55 @@ def test_predict_on_fields_scores_each_object_as_its_single_cell_and_draws_overl
         main, ["extract", "--model", str(tiny_reg), "--data", str(singles), "--cache", str(tmp_path / "c")]
     )
     assert r.exit_code == 0, r.output
-    r = run(main, ["probe", "--model", str(tiny_reg), "--data", str(singles), "--cache", str(tmp_path / "c"),
-                   "--head", "logreg", "--bootstrap", "20", "--out", str(tmp_path / "runs")])  # fmt: skip
+    r = run(
+        main,
+        [
+            "probe",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(singles),
+            "--cache",
+            str(tmp_path / "c"),
+            "--head",
+            "logreg",
+            "--bootstrap",
+            "20",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     run_dir = r.output.strip().splitlines()[-1]
-    r = run(main, ["predict", "--run", run_dir, str(singles), "--cache", str(tmp_path / "c"),
-                   "--out", str(tmp_path / "single.csv")])  # fmt: skip
+    r = run(
+        main,
+        [
+            "predict",
+            "--run",
+            run_dir,
+            str(singles),
+            "--cache",
+            str(tmp_path / "c"),
+            "--out",
+            str(tmp_path / "single.csv"),
+        ],
+    )
     assert r.exit_code == 0, r.output
-    r = run(main, ["predict", "--run", run_dir, str(fields), "--masks", str(masks), "--cache", str(tmp_path / "c"),
-                   "--out", str(tmp_path / "fields.csv")])  # fmt: skip
+    r = run(
+        main,
+        [
+            "predict",
+            "--run",
+            run_dir,
+            str(fields),
+            "--masks",
+            str(masks),
+            "--cache",
+            str(tmp_path / "c"),
+            "--out",
+            str(tmp_path / "fields.csv"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     single = pd.read_csv(tmp_path / "single.csv")
     objects = pd.read_csv(tmp_path / "fields.csv")
@@ -322,8 +419,9 @@ def test_predict_on_fields_scores_each_object_as_its_single_cell_and_draws_overl
     p_single = dict(zip(single["path"].map(lambda p: Path(p).name), single["p_activated"], strict=True))
     scored = objects[objects["object"] != 9]
     for field, obj, p in zip(scored["field"], scored["object"], scored["p_activated"], strict=True):
-        assert p == pytest.approx(p_single[where[(field, obj)]], rel=0, abs=1e-12) or (np.isnan(p) and np.isnan(
-            p_single[where[(field, obj)]]))  # fmt: skip
+        assert p == pytest.approx(p_single[where[(field, obj)]], rel=0, abs=1e-12) or (
+            np.isnan(p) and np.isnan(p_single[where[(field, obj)]])
+        )
     pngs = sorted(p.name for p in (tmp_path / "fields-overlays").glob("*.png"))
     assert pngs == sorted(
         f"{d}-{c}-field0.png" for d in ("donor_1", "donor_2") for c in ("activated", "quiescent")
@@ -339,8 +437,17 @@ def test_ome_fields_give_named_multichannel_crops_with_their_pixel_size(tmp_path
     mask[8:20, 10:24] = 5
     folder = tmp_path / "fields" / "donor_1" / "quiescent"
     folder.mkdir(parents=True)
-    tifffile.imwrite(folder / "f.ome.tif", field, ome=True, metadata={"axes": "CYX", "Channel": {"Name": ["nadh", "fad"]},
-                     "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})  # fmt: skip
+    tifffile.imwrite(
+        folder / "f.ome.tif",
+        field,
+        ome=True,
+        metadata={
+            "axes": "CYX",
+            "Channel": {"Name": ["nadh", "fad"]},
+            "PhysicalSizeX": 0.25,
+            "PhysicalSizeY": 0.25,
+        },
+    )
     Image.fromarray(mask).save(tmp_path / "fields" / "donor_1" / "quiescent" / "f_cp_masks.png")
     pre, _ = preprocess_fields(
         tmp_path / "fields", None, PreprocessConfig(max_value=4095), tmp_path / "o" / "crops"
@@ -357,10 +464,17 @@ def test_ome_fields_give_named_multichannel_crops_with_their_pixel_size(tmp_path
 
 def test_a_fields_table_gives_labels_and_donors(tmp_path):
     fields, masks, _, where = make_fields(tmp_path, donors=("donor_1",), per_class=2, per_field=2)
-    rows = [{"image": str(Path(f).relative_to(tmp_path)), "label": "activated" if "/activated/" in f else 0,
-             "donor": "patient_7",
-             "mask": str((masks / Path(f).relative_to(fields)).with_name("field0_masks.tif").relative_to(tmp_path))}
-            for f in sorted({f for f, _ in where})]  # fmt: skip
+    rows = [
+        {
+            "image": str(Path(f).relative_to(tmp_path)),
+            "label": "activated" if "/activated/" in f else 0,
+            "donor": "patient_7",
+            "mask": str(
+                (masks / Path(f).relative_to(fields)).with_name("field0_masks.tif").relative_to(tmp_path)
+            ),
+        }
+        for f in sorted({f for f, _ in where})
+    ]
     pd.DataFrame(rows).to_csv(tmp_path / "fields.csv", index=False)
     pre, _ = preprocess_fields(
         tmp_path / "fields.csv", None, PreprocessConfig(outside="keep"), tmp_path / "o" / "crops"

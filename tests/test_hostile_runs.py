@@ -30,8 +30,24 @@ def slash_run(tmp_path_factory, tiny_reg):
     root = tmp_path_factory.mktemp("slash")
     shutil.copytree(tiny_reg, root / "m")
     manifest = _manifest(root)
-    args = ["finetune", "--model", "./m", "--data", str(manifest), "--pool", "cls", "--freeze", "--epochs", "1",
-            "--batch-size", "8", "--saliency-n", "2", "--out", "runs"]  # fmt: skip
+    args = [
+        "finetune",
+        "--model",
+        "./m",
+        "--data",
+        str(manifest),
+        "--pool",
+        "cls",
+        "--freeze",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--saliency-n",
+        "2",
+        "--out",
+        "runs",
+    ]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         r = CliRunner().invoke(main, args)
@@ -58,13 +74,29 @@ def test_resume_accepts_an_unmodified_run_started_with_a_relative_model(slash_ru
 
 
 def test_resume_accepts_a_run_started_with_an_alias(tmp_path, tiny_reg, monkeypatch):
-    import tprobe.backbones as backbones
+    import tprobe.models.backbones as backbones
 
     monkeypatch.setitem(backbones.ALIASES, "tiny-test-alias", str(tiny_reg))
     monkeypatch.chdir(tmp_path)
     manifest = _manifest(tmp_path, donors=("d1", "d2", "d3"), per_class=3)
-    args = ["finetune", "--model", "tiny-test-alias", "--data", str(manifest), "--pool", "cls", "--freeze",
-            "--epochs", "1", "--batch-size", "8", "--saliency-n", "0", "--out", "runs"]  # fmt: skip
+    args = [
+        "finetune",
+        "--model",
+        "tiny-test-alias",
+        "--data",
+        str(manifest),
+        "--pool",
+        "cls",
+        "--freeze",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--saliency-n",
+        "0",
+        "--out",
+        "runs",
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     run = next((tmp_path / "runs").iterdir())
@@ -98,21 +130,29 @@ def test_saliency_never_writes_outside_a_received_run(slash_run, tmp_path, donor
 def _features(name="feats", n=60, one_class_donor=False):
     import numpy as np
 
-    from tprobe.features import FeatureSet
+    from tprobe.features.sources import FeatureSet
 
     rng = np.random.default_rng(0)
     label = np.arange(n) % 2
     donor = np.array([f"donor_{i % 3}" for i in range(n)])
     if one_class_donor:
         label[donor == "donor_0"] = 1
-    meta = pd.DataFrame({"image_id": [f"i{i}_orig" for i in range(n)], "path": "x", "label": label,
-                         "donor": donor, "group": [f"i{i}" for i in range(n)], "view": "orig"})  # fmt: skip
+    meta = pd.DataFrame(
+        {
+            "image_id": [f"i{i}_orig" for i in range(n)],
+            "path": "x",
+            "label": label,
+            "donor": donor,
+            "group": [f"i{i}" for i in range(n)],
+            "view": "orig",
+        }
+    )
     X = rng.normal(size=(n, 5)).astype(np.float32) + label[:, None]
     return FeatureSet(X, meta, {"kind": "table", "name": name})
 
 
 def _probe_run(out, name="feats", **kw):
-    from tprobe.probe import ProbeRun
+    from tprobe.probing.run import ProbeRun
 
     return ProbeRun(n_boot=10, n_jobs=1, **kw).fit(_features(name)).save(out)
 
@@ -120,7 +160,7 @@ def _probe_run(out, name="feats", **kw):
 @pytest.mark.refuses("a run folder whose head.skops is missing")
 def test_a_missing_head_file_is_named_as_missing_not_blamed_on_no_final_head(tmp_path):
     from tprobe.errors import TprobeError
-    from tprobe.probe import load_head
+    from tprobe.probing.run import load_head
 
     run = _probe_run(tmp_path)
     (run / "head.skops").unlink()
@@ -134,7 +174,7 @@ def test_a_head_file_outside_the_run_is_refused(tmp_path):
     import json
 
     from tprobe.errors import TprobeError
-    from tprobe.probe import load_head
+    from tprobe.probing.run import load_head
 
     run = _probe_run(tmp_path / "runs")
     shutil.copy(run / "head.skops", tmp_path / "outside.skops")
@@ -148,7 +188,7 @@ def test_a_head_file_outside_the_run_is_refused(tmp_path):
 @pytest.mark.refuses("a sweep summary naming a run outside the sweep")
 def test_a_sweep_summary_cannot_point_outside_the_sweep(tmp_path):
     from tprobe.errors import TprobeError
-    from tprobe.predict import resolve_run
+    from tprobe.probing.predict import resolve_run
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
@@ -161,7 +201,7 @@ def test_a_sweep_summary_cannot_point_outside_the_sweep(tmp_path):
 @pytest.mark.refuses("a damaged sweep summary.parquet")
 def test_a_damaged_sweep_summary_is_one_line(tmp_path):
     from tprobe.errors import TprobeError
-    from tprobe.predict import resolve_run
+    from tprobe.probing.predict import resolve_run
 
     (tmp_path / "summary.parquet").write_bytes(b"PAR1 not really")
     with pytest.raises(TprobeError, match="summary.parquet: unreadable"):
@@ -193,7 +233,7 @@ def test_an_interrupted_run_is_listed_as_incomplete_and_the_report_goes_on(tmp_p
 
 
 def test_a_one_class_donor_prints_its_note():
-    from tprobe.probe import ProbeRun
+    from tprobe.probing.run import ProbeRun
 
     run = ProbeRun(n_boot=10, n_jobs=1, final_head=False).fit(_features(one_class_donor=True))
     table = run.table()
@@ -208,24 +248,42 @@ def test_probe_records_the_data_it_was_given(tmp_path):
     import numpy as np
     from conftest import copy_subset
 
-    from tprobe.dataset import discover
-    from tprobe.preprocess import preprocess
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
 
     data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2", "donor_3"), per_class=4)
     src = preprocess(discover(data)).manifest.query("view == 'orig'")
     rng = np.random.default_rng(0)
-    table = pd.DataFrame({"FileName": src["path"].map(lambda p: p.split("/")[-1]),
-                          "f1": rng.normal(size=len(src)), "f2": src["entropy"]})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "FileName": src["path"].map(lambda p: p.split("/")[-1]),
+            "f1": rng.normal(size=len(src)),
+            "f2": src["entropy"],
+        }
+    )
     table.to_csv(tmp_path / "feats.csv", index=False)
-    r = CliRunner().invoke(main, ["probe", "--features", str(tmp_path / "feats.csv"), "--data", str(data),
-                                  "--bootstrap", "10", "--no-final-head", "--out", str(tmp_path / "runs")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--features",
+            str(tmp_path / "feats.csv"),
+            "--data",
+            str(data),
+            "--bootstrap",
+            "10",
+            "--no-final-head",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     run = next((tmp_path / "runs").iterdir())
     assert json.loads((run / "config.json").read_text())["data"] == str(data)
 
 
 def test_curve_with_the_mlp_head_fits_one_and_two_cells_per_class():
-    from tprobe.curve import LabelCurve
+    from tprobe.science.curve import LabelCurve
 
     c = LabelCurve(head="mlp", shots=(1, 2, "all"), repeats=2).fit(_features(n=36))
     res = c.results_

@@ -3,8 +3,8 @@ import pytest
 import tifffile
 from conftest import save_png
 
+from tprobe.data.images import read_image
 from tprobe.errors import TprobeError
-from tprobe.images import read_image
 
 
 def test_8bit_png_unchanged(tmp_path):

@@ -18,9 +18,9 @@ from safetensors.torch import save_file
 
 from tprobe.cli import main
 from tprobe.errors import TprobeError
-from tprobe.inception import check_size, load_inception, resolve_weights, to_input
-from tprobe.report import RANDOM_MARK
-from tprobe.runs import RunRecord
+from tprobe.models.inception import check_size, load_inception, resolve_weights, to_input
+from tprobe.runs.record import RunRecord
+from tprobe.runs.report import RANDOM_MARK
 
 # (key, shape) pairs of timm's inception_v3 (= torchvision's Inception3), read off the layer
 # definitions in timm/models/inception_v3.py: one per block type, the asymmetric kernels included
@@ -130,12 +130,32 @@ def test_pickle_weights_are_refused_unread(tmp_path):
 
 
 def test_unreachable_hub_is_one_line(tmp_path, small_data):
-    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf"),
-           "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "2"}  # fmt: skip
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+    }
     env.pop("HF_HUB_OFFLINE", None)
-    proc = subprocess.run([sys.executable, "-m", "tprobe.cli", "baseline", "--name", "inception-frozen", "--data",
-                           str(small_data), "--out", str(tmp_path / "runs")],
-                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tprobe.cli",
+            "baseline",
+            "--name",
+            "inception-frozen",
+            "--data",
+            str(small_data),
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 2 and "contacting the Hugging Face hub" in lines[0]
@@ -151,9 +171,24 @@ def _one_run(runs: Path) -> tuple[Path, RunRecord]:
 
 def test_frozen_random_end_to_end_and_labelled(tmp_path, small_data):
     runs = tmp_path / "runs"
-    res = CliRunner().invoke(main, ["baseline", "--name", "inception-frozen", "--inception-weights", "random",
-                                    "--inception-size", "75", "--data", str(small_data), "--out", str(runs),
-                                    "--bootstrap", "20"])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "baseline",
+            "--name",
+            "inception-frozen",
+            "--inception-weights",
+            "random",
+            "--inception-size",
+            "75",
+            "--data",
+            str(small_data),
+            "--out",
+            str(runs),
+            "--bootstrap",
+            "20",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "RANDOM WEIGHTS" in res.output  # on the console too, not only in the run record and report
     run, record = _one_run(runs)
@@ -178,10 +213,32 @@ def test_frozen_random_end_to_end_and_labelled(tmp_path, small_data):
 def test_finetuned_random_end_to_end(tmp_path):
     data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
     runs = tmp_path / "runs"
-    res = CliRunner().invoke(main, ["baseline", "--name", "inception-finetuned", "--inception-weights", "random",
-                                    "--inception-size", "75", "--epochs", "1", "--split", "test-donor",
-                                    "--test-donor", "3", "--data", str(data), "--out", str(runs),
-                                    "--bootstrap", "20", "--device", "cpu"])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "baseline",
+            "--name",
+            "inception-finetuned",
+            "--inception-weights",
+            "random",
+            "--inception-size",
+            "75",
+            "--epochs",
+            "1",
+            "--split",
+            "test-donor",
+            "--test-donor",
+            "3",
+            "--data",
+            str(data),
+            "--out",
+            str(runs),
+            "--bootstrap",
+            "20",
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     run, record = _one_run(runs)
     assert record.random_init and record.options["train"]["epochs"] == 1 and record.features.canvas == 75
@@ -192,6 +249,18 @@ def test_finetuned_random_end_to_end(tmp_path):
     assert not (run / "checkpoints").exists()  # baseline runs are never resumed: no 0.4 GB per fold
     assert json.loads((run / "metrics.json").read_text())["folds"][0]["test_donor"] == "donor_3"
     # two donors cannot give each fold a validation donor and a training donor
-    res = CliRunner().invoke(main, ["baseline", "--name", "inception-finetuned", "--inception-weights", "random",
-                                    "--data", str(copy_subset(tmp_path / "two")), "--out", str(runs)])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "baseline",
+            "--name",
+            "inception-finetuned",
+            "--inception-weights",
+            "random",
+            "--data",
+            str(copy_subset(tmp_path / "two")),
+            "--out",
+            str(runs),
+        ],
+    )
     assert res.exit_code == 2 and "needs at least 2 training donors per fold" in res.output

@@ -23,11 +23,11 @@ from click.testing import CliRunner
 from conftest import SAMPLE, copy_subset, save_png
 
 from tprobe.cli import main
-from tprobe.dataset import discover, discover_unlabelled
+from tprobe.data.dataset import discover, discover_unlabelled
+from tprobe.data.images import read_channels, read_image
+from tprobe.data.preprocess import PreprocessConfig, preprocess
 from tprobe.errors import ChannelError, TprobeError
-from tprobe.features import from_table
-from tprobe.images import read_channels, read_image
-from tprobe.preprocess import PreprocessConfig, preprocess
+from tprobe.features.sources import from_table
 
 
 @contextlib.contextmanager
@@ -225,25 +225,54 @@ def test_bad_files_are_skipped_each_with_a_line_and_exit_3(tmp_path):
     os.mkfifo(data / "donor_1" / "activated" / "pipe.png")
     huge_png(data / "donor_1" / "quiescent" / "bomb.png")
     huge_tiff(data / "donor_2" / "activated" / "huge.tif")
-    rows = [{"path": str(p), "label": p.parts[-2], "donor": p.parts[-3]} for p in sorted(data.rglob("*"))
-            if p.suffix in (".png", ".tif")]  # fmt: skip
+    rows = [
+        {"path": str(p), "label": p.parts[-2], "donor": p.parts[-3]}
+        for p in sorted(data.rglob("*"))
+        if p.suffix in (".png", ".tif")
+    ]
     pd.DataFrame([*rows, {"path": "/dev/zero", "label": "activated", "donor": "donor_2"}]).to_csv(
         tmp_path / "m.csv", index=False
     )
     with deadline(120):
-        r = CliRunner().invoke(main, ["preprocess", "--data", str(tmp_path / "m.csv"), "--views", "orig",
-                                      "--out", str(tmp_path / "p")])  # fmt: skip
+        r = CliRunner().invoke(
+            main,
+            [
+                "preprocess",
+                "--data",
+                str(tmp_path / "m.csv"),
+                "--views",
+                "orig",
+                "--out",
+                str(tmp_path / "p"),
+            ],
+        )
     assert r.exit_code == 3, r.output
     lines = [line for line in r.output.splitlines() if line.startswith("skipped: ")]
     assert len(lines) == 4 and "4 file(s) skipped" in r.output
-    for name, why in [("pipe.png", "FIFO"), ("bomb.png", "--max-pixels"), ("huge.tif", "--max-pixels"),
-                      ("/dev/zero", "is a device")]:  # fmt: skip
+    for name, why in [
+        ("pipe.png", "FIFO"),
+        ("bomb.png", "--max-pixels"),
+        ("huge.tif", "--max-pixels"),
+        ("/dev/zero", "is a device"),
+    ]:
         assert any(name in line and why in line for line in lines), (name, lines)
     manifest = pd.read_parquet(tmp_path / "p" / "manifest.parquet")
     assert len(manifest) == 16 and (manifest["drop_reason"] == "unreadable").sum() == 4  # 12 images + 4 bad
     # --max-pixels is an option: every sample cell (about 50 x 50 px) is over 100
-    r = CliRunner().invoke(main, ["preprocess", "--data", str(data / "donor_2"), "--max-pixels", "100",
-                                  "--views", "orig", "--out", str(tmp_path / "q")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "preprocess",
+            "--data",
+            str(data / "donor_2"),
+            "--max-pixels",
+            "100",
+            "--views",
+            "orig",
+            "--out",
+            str(tmp_path / "q"),
+        ],
+    )
     assert "over --max-pixels 100" in r.output
 
 
@@ -251,9 +280,12 @@ def test_bad_files_are_skipped_each_with_a_line_and_exit_3(tmp_path):
 @pytest.mark.refuses("signed, 32-bit or float pixels (the type found is named)")
 @pytest.mark.parametrize(
     "dtype, says",
-    [("int16", "16-bit signed integer pixels (int16)"), ("uint32", "32-bit unsigned integer pixels (uint32)"),
-     ("float32", "32-bit floating-point pixels (float32)")],
-)  # fmt: skip
+    [
+        ("int16", "16-bit signed integer pixels (int16)"),
+        ("uint32", "32-bit unsigned integer pixels (uint32)"),
+        ("float32", "32-bit floating-point pixels (float32)"),
+    ],
+)
 def test_unsupported_pixel_types_are_refused_with_the_bit_depth(tmp_path, dtype, says):
     tifffile.imwrite(tmp_path / "a.tif", np.full((8, 8), 100, dtype))
     with pytest.raises(
@@ -280,8 +312,11 @@ def test_a_too_low_max_value_is_refused_once_with_the_count(tmp_path):
         if top > 9000:
             img[6, 6] = img[7, 7] = top  # 3 pixels above
         tifffile.imwrite(data / donor / cls / f"c{i}.tif", img)
-    with pytest.raises(TprobeError, match=r"--max-value 4095 is below the data: 2 of 5 images have pixels above it "
-                                          r"\(4 pixels; the brightest, 60000, in .*c3.tif\)"):  # fmt: skip
+    with pytest.raises(
+        TprobeError,
+        match=r"--max-value 4095 is below the data: 2 of 5 images have pixels above it "
+        r"\(4 pixels; the brightest, 60000, in .*c3.tif\)",
+    ):
         preprocess(discover(data), PreprocessConfig(max_value=4095.0))
     assert len(preprocess(discover(data), PreprocessConfig(max_value=65535.0)).manifest) > 0
     # predict scores with the run's fixed scaling: there each such image keeps its row, with its line
@@ -305,7 +340,7 @@ def test_sample_images_are_far_under_the_default_max_pixels():
 
 @pytest.mark.refuses("a saved preprocess folder whose image vanished or became a FIFO")
 def test_a_saved_folder_whose_image_became_a_fifo_or_vanished_is_refused_not_hung(tmp_path, small_data):
-    from tprobe.preprocess import Preprocessed
+    from tprobe.data.preprocess import Preprocessed
 
     pre = preprocess(discover(small_data), PreprocessConfig(views="orig"))
     pre.save(tmp_path / "p")

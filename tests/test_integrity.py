@@ -15,14 +15,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import copy_subset
 
-from tprobe.backbones import resolve_model
+from tprobe.cache.extract import extract, manifest_path
+from tprobe.cache.store import FeatureStore
 from tprobe.cli import main
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import preprocess
 from tprobe.errors import TprobeError
-from tprobe.extract import extract, manifest_path
-from tprobe.features import from_store
-from tprobe.preprocess import preprocess
-from tprobe.store import FeatureStore
+from tprobe.features.sources import from_store
+from tprobe.models.backbones import resolve_model
 
 KW = dict(chunk_rows=8, batch_size=8, progress=False, check_disk=False)
 
@@ -77,8 +77,11 @@ def test_a_deleted_zarr_chunk_is_refused_by_status_and_readers(tmp_path, built):
     assert r.exit_code == 2 and "DAMAGED: chunk cls/c/1" in r.output, r.output
     with pytest.raises(TprobeError, match="chunk cls/c/1 is missing.*re-extract"):
         from_store(store, "cls")
-    _one_line_exit_2(CliRunner().invoke(main, ["probe", "--store", str(store), "--bootstrap", "5", "--out",
-                                               str(tmp_path / "runs")]))  # fmt: skip
+    _one_line_exit_2(
+        CliRunner().invoke(
+            main, ["probe", "--store", str(store), "--bootstrap", "5", "--out", str(tmp_path / "runs")]
+        )
+    )
     _one_line_exit_2(
         CliRunner().invoke(main, ["export", str(store), "--to", "parquet", str(tmp_path / "x.parquet")])
     )
@@ -163,8 +166,11 @@ def test_an_edited_label_in_the_stores_manifest_is_refused_and_extract_restores_
     m.to_parquet(mpath, index=False)
     with pytest.raises(TprobeError, match="other labels or donors"):
         from_store(store, "cls")
-    _one_line_exit_2(CliRunner().invoke(main, ["probe", "--store", str(store), "--bootstrap", "5", "--out",
-                                               str(tmp_path / "runs")]))  # fmt: skip
+    _one_line_exit_2(
+        CliRunner().invoke(
+            main, ["probe", "--store", str(store), "--bootstrap", "5", "--out", str(tmp_path / "runs")]
+        )
+    )
     r = CliRunner().invoke(main, ["status", str(store)])
     assert "NOT VERIFIED" in r.output and "other labels" in r.output, r.output
     m.loc[3, "label"] = 1 - m.loc[3, "label"]
@@ -184,8 +190,8 @@ def test_a_preprocessor_config_added_to_the_same_snapshot_keys_a_new_store_and_p
 ):
     import huggingface_hub.constants as hf_constants
 
-    from tprobe.predict import predict
-    from tprobe.probe import ProbeRun
+    from tprobe.probing.predict import predict
+    from tprobe.probing.run import ProbeRun
     from tprobe.testing import save_random_dinov2
 
     commit = "d" * 40
@@ -240,8 +246,9 @@ def _dead_pid() -> int:
 
 
 def _create(path: Path) -> FeatureStore:
-    return FeatureStore.create(path, row_ids=[f"r{i}" for i in range(6)], hidden=4, registers=0, patches=2,
-                               chunk_rows=2)  # fmt: skip
+    return FeatureStore.create(
+        path, row_ids=[f"r{i}" for i in range(6)], hidden=4, registers=0, patches=2, chunk_rows=2
+    )
 
 
 @pytest.mark.parametrize("owner", ["empty", "dead pid", "dead host"])
@@ -252,8 +259,13 @@ def test_a_stale_create_lock_is_taken_over_at_once(tmp_path, caplog, owner):
     progress = path.with_name(path.name + ".progress")
     progress.mkdir()
     lock = progress / "create.lock"
-    lock.write_text({"empty": "", "dead pid": json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}),
-                     "dead host": json.dumps({"host": "node-that-died", "pid": 1})}[owner])  # fmt: skip
+    lock.write_text(
+        {
+            "empty": "",
+            "dead pid": json.dumps({"host": socket.gethostname(), "pid": _dead_pid()}),
+            "dead host": json.dumps({"host": "node-that-died", "pid": 1}),
+        }[owner]
+    )
     os.utime(lock, (time.time() - 60, time.time() - 60))  # killed a minute ago
     t0 = time.monotonic()
     store = _create(path)
@@ -272,10 +284,17 @@ def test_a_live_creator_is_waited_for_and_taken_over_when_it_dies(tmp_path, capl
     path = tmp_path / "s.zarr"
     progress = path.with_name(path.name + ".progress")
     progress.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
-                               f"fd = os.open({str(progress / 'create.lock')!r}, os.O_CREAT | os.O_RDWR)\n"
-                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'{\"pid\": %d}' % os.getpid())\n"
-                               "print('held', flush=True); time.sleep(1.5)"], stdout=subprocess.PIPE)  # fmt: skip
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(progress / 'create.lock')!r}, os.O_CREAT | os.O_RDWR)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'{\"pid\": %d}' % os.getpid())\n"
+            "print('held', flush=True); time.sleep(1.5)",
+        ],
+        stdout=subprocess.PIPE,
+    )
     assert holder.stdout.readline().strip() == b"held"
     t0 = time.monotonic()
     _create(path)
@@ -356,8 +375,8 @@ def _everything(root: Path) -> dict[str, bytes | None]:
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
 def test_fuzz_kill_points_end_byte_identical_with_no_leftovers(tmp_path, data, tiny_reg, monkeypatch, fmt):
-    from tprobe.backbones import Backbone
-    from tprobe.preprocess import PreprocessConfig
+    from tprobe.data.preprocess import PreprocessConfig
+    from tprobe.models.backbones import Backbone
 
     bb = Backbone.from_pretrained(str(tiny_reg), device="cpu")
     pre = preprocess(discover(data), PreprocessConfig(views="orig"))  # 12 rows: units of 8 and 4
@@ -367,8 +386,12 @@ def test_fuzz_kill_points_end_byte_identical_with_no_leftovers(tmp_path, data, t
         extract(pre, bb, cache=tmp_path / "ref", **kw)
     want = _everything(tmp_path / "ref")
     n = len(calls)  # 8 random points, and the last 4 calls: sealing
-    points = sorted({*np.random.default_rng(18).choice(np.arange(1, n - 3), 8, replace=False).tolist(),
-                     *range(n - 3, n + 1)})  # fmt: skip
+    points = sorted(
+        {
+            *np.random.default_rng(18).choice(np.arange(1, n - 3), 8, replace=False).tolist(),
+            *range(n - 3, n + 1),
+        }
+    )
     t0 = time.monotonic()
     for k in points:
         cache = tmp_path / f"k{k}"
@@ -395,8 +418,9 @@ def test_pickle_only_weights_are_one_line_and_run_no_code(tmp_path, data):
     folder = save_random_dinov2(tmp_path / "m")
     (folder / "model.safetensors").unlink()
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(Payload()))
-    r = CliRunner().invoke(main, ["extract", "--model", str(folder), "--data", str(data), "--cache",
-                                  str(tmp_path / "c")])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["extract", "--model", str(folder), "--data", str(data), "--cache", str(tmp_path / "c")]
+    )
     _one_line_exit_2(r)
     assert "only pickle weights" in r.output and "safetensors" in r.output and "weights_only" not in r.output
     assert not (tmp_path / "PWNED").exists()
@@ -404,8 +428,8 @@ def test_pickle_only_weights_are_one_line_and_run_no_code(tmp_path, data):
 
 @pytest.mark.refuses("a local model folder that was moved (no hub lookup)")
 def test_a_moved_model_folder_is_one_line_without_the_hub(tmp_path, data, pre, ref, tiny_reg, caplog):
-    from tprobe.predict import predict
-    from tprobe.probe import ProbeRun
+    from tprobe.probing.predict import predict
+    from tprobe.probing.run import ProbeRun
 
     folder = tmp_path / "m"
     shutil.copytree(tiny_reg, folder)
@@ -414,7 +438,8 @@ def test_a_moved_model_folder_is_one_line_without_the_hub(tmp_path, data, pre, r
     folder.rename(tmp_path / "moved")
     with pytest.raises(TprobeError, match=f"model folder {folder} is not there"):
         predict(run, data, cache=tmp_path / "c")
-    r = CliRunner().invoke(main, ["extract", "--model", str(folder), "--data", str(data), "--cache",
-                                  str(tmp_path / "c")])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["extract", "--model", str(folder), "--data", str(data), "--cache", str(tmp_path / "c")]
+    )
     _one_line_exit_2(r)
     assert "is not there" in r.output and "contacting the Hugging Face hub" not in caplog.text

@@ -8,21 +8,28 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from tprobe.backbones import resolve_model
+from tprobe.cache.export import export, pools_of
+from tprobe.cache.extract import extract, manifest_path
+from tprobe.cache.store import FeatureStore
 from tprobe.cli import main
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import PreprocessConfig, preprocess
 from tprobe.errors import TprobeError
-from tprobe.extract import extract, manifest_path
-from tprobe.features import from_store
-from tprobe.interop import export, pools_of
-from tprobe.preprocess import PreprocessConfig, preprocess
-from tprobe.store import FeatureStore
+from tprobe.features.sources import from_store
+from tprobe.models.backbones import resolve_model
 
 
 def _store(model, data, cache, fmt="zarr", chunk_rows=8):
     pre = preprocess(discover(data), PreprocessConfig(views="orig"), progress=False)
-    return extract(pre, resolve_model(str(model)), cache=cache, fmt=fmt, chunk_rows=chunk_rows,
-                   progress=False, device="cpu").path  # fmt: skip
+    return extract(
+        pre,
+        resolve_model(str(model)),
+        cache=cache,
+        fmt=fmt,
+        chunk_rows=chunk_rows,
+        progress=False,
+        device="cpu",
+    ).path
 
 
 @pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
@@ -42,8 +49,12 @@ def test_h5ad_holds_manifest_pools_and_provenance(tiny_reg, small_data, tmp_path
         assert obs["donor"].asstr()[:].tolist() == manifest["donor"].tolist()
         np.testing.assert_array_equal(obs["label"][:], manifest["label"].to_numpy())
         assert sorted(f["obsm"]) == ["X_cls", "X_cls_mean", "X_mean", "X_registers"]
-        for key, pool in [("X_cls", "cls"), ("X_mean", "mean"), ("X_registers", "registers"),
-                          ("X_cls_mean", "cls+mean")]:  # fmt: skip
+        for key, pool in [
+            ("X_cls", "cls"),
+            ("X_mean", "mean"),
+            ("X_registers", "registers"),
+            ("X_cls_mean", "cls+mean"),
+        ]:
             np.testing.assert_array_equal(f["obsm"][key][:], from_store(path, pool).X)
         uns = f["uns"]["tprobe"]
         assert bool(uns["model_random_init"][()]) is True

@@ -10,21 +10,22 @@ import torch
 from click.testing import CliRunner
 from conftest import copy_subset
 
-from tprobe.backbones import Backbone, fit_canvas, parse_layers, resolve_model
+from tprobe.cache.extract import extract, manifest_path
+from tprobe.cache.store import FeatureStore
 from tprobe.cli import main
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import PreprocessConfig, load_view, preprocess
 from tprobe.errors import TprobeError
-from tprobe.extract import extract, manifest_path
-from tprobe.preprocess import PreprocessConfig, load_view, preprocess
-from tprobe.store import FeatureStore
+from tprobe.models.backbones import Backbone, fit_canvas, parse_layers, resolve_model
 from tprobe.testing import save_random_vit
 
 
 @pytest.fixture(scope="module")
 def deep_reg(tmp_path_factory):
     """A tiny DINOv2 with registers and 4 blocks (layers -1 to -4, and the embeddings at -5)."""
-    return save_random_vit(tmp_path_factory.mktemp("models") / "deep-reg", model_type="dinov2_with_registers",
-                           shape="tiny-deep")  # fmt: skip
+    return save_random_vit(
+        tmp_path_factory.mktemp("models") / "deep-reg", model_type="dinov2_with_registers", shape="tiny-deep"
+    )
 
 
 def _extract(pre, model, cache, **kw):
@@ -122,8 +123,9 @@ def test_cls_at_layer_is_the_final_layernorm_of_hidden_states(tmp_path, small_da
     last4 = store.pooled("last4")[rows]
     R = ref.num_registers
     mean_patch = out.last_hidden_state[:, 1 + R :].mean(1).numpy()
-    np.testing.assert_allclose(last4, np.concatenate([want[v][:, 0] for v in (-4, -3, -2, -1)] + [mean_patch], 1),
-                               atol=2e-5)  # fmt: skip
+    np.testing.assert_allclose(
+        last4, np.concatenate([want[v][:, 0] for v in (-4, -3, -2, -1)] + [mean_patch], 1), atol=2e-5
+    )
 
 
 @pytest.mark.refuses(
@@ -135,8 +137,14 @@ def test_layer_pools_shapes_and_refusals(tmp_path, small_data, deep_reg):
     lay = FeatureStore.open(_extract(pre, deep_reg, tmp_path, layers="-4,-3,-2,-1").path)
     got = lay.pooled_many(["cls@-4", "cls@-1", "last4", "cls", "mean", "registers", "concat"])
     assert {k: v.shape for k, v in got.items()} == {
-        "cls@-4": (n, 32), "cls@-1": (n, 32), "last4": (n, 5 * 32), "cls": (n, 32), "mean": (n, 32),
-        "registers": (n, 32), "concat": (n, (1 + 4 + 100) * 32)}  # fmt: skip
+        "cls@-4": (n, 32),
+        "cls@-1": (n, 32),
+        "last4": (n, 5 * 32),
+        "cls": (n, 32),
+        "mean": (n, 32),
+        "registers": (n, 32),
+        "concat": (n, (1 + 4 + 100) * 32),
+    }
     np.testing.assert_array_equal(got["last4"][:, 96:128], got["cls@-1"])
     np.testing.assert_array_equal(got["last4"][:, :32], got["cls@-4"])
     np.testing.assert_array_equal(got["last4"][:, 128:], got["mean"])
@@ -161,7 +169,7 @@ def test_export_carries_the_layer_axis(tmp_path, small_data, deep_reg):
     import h5py
     import pyarrow.parquet as pq
 
-    from tprobe.interop import export
+    from tprobe.cache.export import export
 
     pre = preprocess(discover(small_data))
     path = _extract(pre, deep_reg, tmp_path, layers="-1,-2,-3,-4").path
@@ -185,8 +193,22 @@ def test_probe_pool_layers_draws_auc_by_layer(tmp_path, deep_reg):
     assert r.exit_code == 0, r.output
     store = r.output.strip().splitlines()[-1]
     assert "-L-4_-2_-1" in store
-    r = CliRunner().invoke(main, ["probe", *args, "--pool", "layers", "--head", "logreg", "--bootstrap", "20",
-                                  "--no-final-head", "--out", str(tmp_path / "runs")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            *args,
+            "--pool",
+            "layers",
+            "--head",
+            "logreg",
+            "--bootstrap",
+            "20",
+            "--no-final-head",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     sweep = Path(r.output.strip().splitlines()[-1])
     summary = pd.read_parquet(sweep / "summary.parquet")
@@ -201,8 +223,21 @@ def test_predict_extracts_the_layer_a_cls_at_layer_run_was_trained_on(tmp_path, 
     args = ["--data", str(data), "--model", str(deep_reg), "--cache", str(tmp_path / "c")]
     r = CliRunner().invoke(main, ["extract", *args, "--layers", "-1,-3"])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["probe", *args, "--pool", "cls@-3", "--head", "logreg", "--bootstrap", "20",
-                                  "--out", str(tmp_path / "runs")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            *args,
+            "--pool",
+            "cls@-3",
+            "--head",
+            "logreg",
+            "--bootstrap",
+            "20",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     run = Path(r.output.strip().splitlines()[-1])
     new = tmp_path / "new"
@@ -222,8 +257,13 @@ def test_per_channel_layers_store_has_channel_then_layer_axes(tmp_path, deep_reg
     from tprobe.testing import SYNTHETIC_CHANNELS, make_multichannel
 
     data = make_multichannel(tmp_path / "mc", layout="chw", donors=("donor_1",), per_class=2)
-    cfg = PreprocessConfig(channels=SYNTHETIC_CHANNELS, channel_mode="per-channel", use=("fad", "nadh"),
-                           max_value=(4095.0, 4095.0, 65535.0), views="orig")  # fmt: skip
+    cfg = PreprocessConfig(
+        channels=SYNTHETIC_CHANNELS,
+        channel_mode="per-channel",
+        use=("fad", "nadh"),
+        max_value=(4095.0, 4095.0, 65535.0),
+        views="orig",
+    )
     pre = preprocess(discover(data), cfg)
     n = len(pre.kept)
     base = FeatureStore.open(_extract(pre, deep_reg, tmp_path / "c").path)

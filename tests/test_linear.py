@@ -1,4 +1,4 @@
-"""The batched torch logistic regression (tprobe.linear) against scikit-learn, and its use by the engine."""
+"""The batched torch logistic regression (tprobe.probing.linear) against scikit-learn, and its use by the engine."""
 
 import tracemalloc
 from pathlib import Path
@@ -9,15 +9,15 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from tprobe.backbones import resolve_model
-from tprobe.dataset import discover
+from tprobe.cache.extract import extract
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import preprocess
 from tprobe.errors import TprobeError
-from tprobe.extract import extract
-from tprobe.features import from_store
-from tprobe.linear import TorchLogisticRegression, resolve_solver, row_runs
-from tprobe.preprocess import preprocess
-from tprobe.probe import ProbeRun, load_head
-from tprobe.scale import synthetic_features
+from tprobe.features.sources import from_store
+from tprobe.features.synthetic import synthetic_features
+from tprobe.models.backbones import resolve_model
+from tprobe.probing.linear import TorchLogisticRegression, resolve_solver, row_runs
+from tprobe.probing.run import ProbeRun, load_head
 
 CS = [0.001, 0.01, 0.1, 1.0]
 
@@ -34,16 +34,18 @@ def test_batched_grid_equals_sklearn_logreg_per_C(dtype, atol):
     X, y = _data(dtype=dtype)
     models = TorchLogisticRegression(tol=1e-8).fit_path(X, y, CS)
     for m, C in zip(models, CS, strict=True):
-        sk = make_pipeline(StandardScaler(), LogisticRegression(C=C, class_weight="balanced", tol=1e-10,
-                                                                max_iter=5000)).fit(X.astype(np.float64), y)  # fmt: skip
+        sk = make_pipeline(
+            StandardScaler(), LogisticRegression(C=C, class_weight="balanced", tol=1e-10, max_iter=5000)
+        ).fit(X.astype(np.float64), y)
         lr = sk[-1]
         assert m.C == C and list(m.classes_) == [0, 1]
         np.testing.assert_allclose(m.coef_std_, lr.coef_, atol=atol * max(1.0, np.abs(lr.coef_).max()))
         np.testing.assert_allclose(m.intercept_std_, lr.intercept_, atol=atol * 10)
         np.testing.assert_allclose(m.predict_proba(X), sk.predict_proba(X), atol=atol * 10)
         # coef_ / intercept_ apply to the raw features (the standardisation folded in)
-        np.testing.assert_allclose(X.astype(np.float64) @ m.coef_[0] + m.intercept_[0],
-                                   sk.decision_function(X), atol=atol * 50)  # fmt: skip
+        np.testing.assert_allclose(
+            X.astype(np.float64) @ m.coef_[0] + m.intercept_[0], sk.decision_function(X), atol=atol * 50
+        )
 
 
 def test_fit_is_fit_path_with_one_C_and_unbalanced_weights_match_sklearn():
@@ -98,8 +100,15 @@ def test_fit_path_copies_no_training_rows():
     assert peak < 0.3 * X[rows].nbytes  # a copy of the training rows would be 1.0
 
 
-@pytest.mark.parametrize("bad, match", [({"C": -1.0}, "C"), ({"class_weight": "auto"}, "class_weight"),
-                                        ({"max_iter": 0}, "max_iter"), ({"device": "nope"}, "device")])  # fmt: skip
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"C": -1.0}, "C"),
+        ({"class_weight": "auto"}, "class_weight"),
+        ({"max_iter": 0}, "max_iter"),
+        ({"device": "nope"}, "device"),
+    ],
+)
 def test_bad_parameters_raise_one_line(bad, match):
     X, y = _data(n=100)
     with pytest.raises(TprobeError, match=match):
@@ -123,8 +132,9 @@ def test_solver_choice():
 def sample_cls(tmp_path_factory, tiny_reg):
     """The bundled sample's cls features through a tiny random DINOv2-with-registers."""
     cache = tmp_path_factory.mktemp("cache")
-    return from_store(extract(preprocess(discover()), resolve_model(str(tiny_reg)), cache=cache, progress=False).path,
-                      "cls")  # fmt: skip
+    return from_store(
+        extract(preprocess(discover()), resolve_model(str(tiny_reg)), cache=cache, progress=False).path, "cls"
+    )
 
 
 def _mean_auc(run):
@@ -180,9 +190,14 @@ def test_cli_probe_solver_option_is_recorded(tmp_path):
 
     pre = preprocess(discover())
     src = pre.manifest[pre.manifest["view"] == "orig"]
-    pd.DataFrame({"FileName": src["path"].map(lambda p: p.split("/")[-1]), "Entropy": src["entropy"],
-                  "Intensity": src["total_intensity"] / (src["height"] * src["width"]),
-                  "Area": src["height"] * src["width"]}).to_csv(tmp_path / "cp.csv", index=False)  # fmt: skip
+    pd.DataFrame(
+        {
+            "FileName": src["path"].map(lambda p: p.split("/")[-1]),
+            "Entropy": src["entropy"],
+            "Intensity": src["total_intensity"] / (src["height"] * src["width"]),
+            "Area": src["height"] * src["width"],
+        }
+    ).to_csv(tmp_path / "cp.csv", index=False)
     args = [
         "probe",
         "--features",

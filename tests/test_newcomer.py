@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import copy_subset
 
-from tprobe.cli import RANDOM_NOTE, main
+from tprobe.cli.main import RANDOM_NOTE, main
 
 
 @pytest.fixture
@@ -50,9 +50,27 @@ def test_finetune_on_a_random_model_says_random_weights_and_its_figures_carry_th
     tmp_path, tiny_reg, figures
 ):
     data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_3", "donor_6"), per_class=3)
-    r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_reg), "--data", str(data), "--pool", "cls",
-                                  "--freeze", "--epochs", "1", "--batch-size", "8", "--saliency-n", "0",
-                                  "--out", str(tmp_path / "runs")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(data),
+            "--pool",
+            "cls",
+            "--freeze",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--saliency-n",
+            "0",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert RANDOM_NOTE in r.output
     confusion = next(f for f in figures if "predicted" in f.axes[0].get_xlabel())
@@ -74,8 +92,8 @@ def test_finetune_on_a_random_model_says_random_weights_and_its_figures_carry_th
 # ---- messages ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["table", "pixels"])
 def test_predict_on_a_run_not_trained_on_a_store_names_the_command_that_makes_one(tmp_path, kind):
-    from tprobe.features import FeatureSource
-    from tprobe.runs import RunRecord
+    from tprobe.features.sources import FeatureSource
+    from tprobe.runs.record import RunRecord
 
     run = tmp_path / "run"
     run.mkdir()
@@ -104,7 +122,10 @@ def test_export_of_a_path_that_is_no_store_says_so_and_how_to_find_stores(tmp_pa
 
 # ---- options that do not apply ------------------------------------------------------------------
 NOT_APPLYING = [
-    (["probe", "--model", "m", "--pool", "concat", "--features", "{t}"], "--model does not apply with --features"),
+    (
+        ["probe", "--model", "m", "--pool", "concat", "--features", "{t}"],
+        "--model does not apply with --features",
+    ),
     (["probe", "--pool", "concat", "--features", "{t}"], "--pool does not apply with --features"),
     (["probe", "--store", "{s}", "--features", "{t}"], "--store does not apply with --features"),
     (["probe", "--features", "{t}", "--tta"], "--tta does not apply with --features"),
@@ -120,12 +141,21 @@ NOT_APPLYING = [
     (["curve", "--pixels", "--revision", "main"], "--revision does not apply without --model"),
     (["curve", "--pixels", "--test-donor", "3"], "--test-donor does not apply with --split"),
     (["map", "--pixels", "--keep-columns", "x"], "--keep-columns does not apply without --features"),
-    (["map", "--store", "{s}", "--canvas", "64"], "--canvas does not apply with --store sources and no --data"),
+    (
+        ["map", "--store", "{s}", "--canvas", "64"],
+        "--canvas does not apply with --store sources and no --data",
+    ),
     (["baseline", "--name", "frequency", "--epochs", "3"], "--epochs does not apply to --name frequency"),
-    (["baseline", "--name", "lenet", "--inception-size", "75"], "--inception-size does not apply to --name lenet"),
-    (["baseline", "--name", "pixel-logreg", "--inception-weights", "random"], "--inception-weights does not apply"),
+    (
+        ["baseline", "--name", "lenet", "--inception-size", "75"],
+        "--inception-size does not apply to --name lenet",
+    ),
+    (
+        ["baseline", "--name", "pixel-logreg", "--inception-weights", "random"],
+        "--inception-weights does not apply",
+    ),
     (["baseline", "--test-donor", "3"], "--test-donor does not apply with --split leave-one-donor-out"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.refuses("an option that does not apply to the rest of the command (e.g. --pool with --features)")
@@ -143,13 +173,13 @@ def test_an_option_that_does_not_apply_is_refused_in_one_line(tmp_path, args, sa
 # ---- predict extracts only the views the run scores ---------------------------------------------
 @pytest.mark.parametrize("tta", [False, True])
 def test_predict_extracts_only_the_views_the_run_scores(tmp_path, tiny_reg, tta):
-    from tprobe.backbones import resolve_model
-    from tprobe.dataset import discover
-    from tprobe.extract import extract
-    from tprobe.features import from_store
-    from tprobe.predict import predict
-    from tprobe.preprocess import preprocess
-    from tprobe.probe import ProbeRun
+    from tprobe.cache.extract import extract
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.features.sources import from_store
+    from tprobe.models.backbones import resolve_model
+    from tprobe.probing.predict import predict
+    from tprobe.probing.run import ProbeRun
 
     data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
     pre = preprocess(discover(data))
@@ -170,18 +200,32 @@ def test_a_sweep_prints_one_summary_table_and_keeps_each_runs_detail_in_its_fold
 ):
     import logging
 
-    from tprobe.backbones import resolve_model
-    from tprobe.dataset import discover
-    from tprobe.extract import extract
-    from tprobe.preprocess import preprocess
+    from tprobe.cache.extract import extract
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.models.backbones import resolve_model
 
     data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
     store = extract(
         preprocess(discover(data)), resolve_model(str(tiny_reg)), cache=tmp_path / "c", progress=False
     )
     caplog.set_level(logging.INFO, logger="tprobe")
-    r = CliRunner().invoke(main, ["probe", "--store", str(store.path), "--head", "logreg", "--pool", "all",
-                                  "--bootstrap", "20", "--out", str(tmp_path / "runs")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--store",
+            str(store.path),
+            "--head",
+            "logreg",
+            "--pool",
+            "all",
+            "--bootstrap",
+            "20",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     runs = sorted(p for p in (tmp_path / "runs").glob("*/*") if p.is_dir())
     assert len(runs) == 5  # cls, mean, registers, cls+mean, concat
@@ -192,7 +236,7 @@ def test_a_sweep_prints_one_summary_table_and_keeps_each_runs_detail_in_its_fold
     progress = [
         rec.getMessage()
         for rec in caplog.records
-        if rec.name == "tprobe.sweep" and rec.levelno >= logging.INFO
+        if rec.name == "tprobe.probing.sweep" and rec.levelno >= logging.INFO
     ]
     assert (
         len(progress) == len(runs) and progress[0].startswith("[1/5] ") and progress[-1].startswith("[5/5] ")
@@ -209,8 +253,8 @@ def _messages(caplog, logger: str) -> list[str]:
 
 @pytest.fixture
 def three_donors(tmp_path):
-    from tprobe.dataset import discover
-    from tprobe.preprocess import preprocess
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
 
     return preprocess(
         discover(copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=4))
@@ -220,12 +264,12 @@ def three_donors(tmp_path):
 def test_curve_reports_each_held_out_donor_as_it_finishes(three_donors, caplog):
     import logging
 
-    from tprobe.baselines import pixel_features
-    from tprobe.curve import LabelCurve
+    from tprobe.science.curve import LabelCurve
+    from tprobe.train.baselines import pixel_features
 
     caplog.set_level(logging.INFO, logger="tprobe")
     LabelCurve(shots=(1, "all"), repeats=2).fit(pixel_features(three_donors))
-    done = [m for m in _messages(caplog, "tprobe.curve") if " done (" in m]
+    done = [m for m in _messages(caplog, "tprobe.science.curve") if " done (" in m]
     assert [m.split("held out ")[1].split(" done")[0] for m in done] == ["donor_1", "donor_2", "donor_3"]
     assert done[-1].split(" done ")[1].startswith("(3/3)")
 
@@ -233,14 +277,14 @@ def test_curve_reports_each_held_out_donor_as_it_finishes(three_donors, caplog):
 def test_map_reports_each_diagnostic_and_embedding_step(three_donors, caplog):
     import logging
 
-    from tprobe.baselines import pixel_features
-    from tprobe.embedmap import diagnose, embed, map_data
+    from tprobe.science.embedmap import diagnose, embed, map_data
+    from tprobe.train.baselines import pixel_features
 
     caplog.set_level(logging.INFO, logger="tprobe")
     md = map_data(pixel_features(three_donors), three_donors.manifest)
     diagnose(md)
     embed(md, umap=False)
-    said = " | ".join(_messages(caplog, "tprobe.embedmap"))
+    said = " | ".join(_messages(caplog, "tprobe.science.embedmap"))
     for step in ("predicting activation", "predicting donor", "within each class", "PCA of"):
         assert step in said, said
 
@@ -254,21 +298,29 @@ def test_baseline_cli_reports_progress(tmp_path, caplog, name, says):
     args = ["baseline", "--name", name, "--data", str(data), "--out", str(tmp_path / "runs")]
     r = CliRunner().invoke(main, args + (["--epochs", "1"] if name == "lenet" else []))
     assert r.exit_code == 0, r.output
-    said = _messages(caplog, "tprobe.baselines")
+    said = _messages(caplog, "tprobe.train.baselines")
     assert any(says in m for m in said), said
     assert all(m.startswith(f"baseline {name}: ") or m.startswith("pixels: ") for m in said)
 
 
 # ---- figures a biologist reads without help ---------------------------------------------------------
 def test_map_panels_name_their_axes_and_give_every_batch_its_own_colour(tmp_path, figures):
-    from tprobe.embedmap import category_colours, plot_map
+    from tprobe.science.embedmap import category_colours, plot_map
 
     rng = np.random.default_rng(0)
     n = 300
     batches = [f"donor_{(i % 28) // 10 + 1}·b{i % 28}" for i in range(n)]
-    coords = pd.DataFrame({"image_id": range(n), "donor": [b.split("·")[0] for b in batches], "group": range(n),
-                           "label": rng.integers(0, 2, n), "batch": batches, "pca1": rng.normal(size=n),
-                           "pca2": rng.normal(size=n)})  # fmt: skip
+    coords = pd.DataFrame(
+        {
+            "image_id": range(n),
+            "donor": [b.split("·")[0] for b in batches],
+            "group": range(n),
+            "label": rng.integers(0, 2, n),
+            "batch": batches,
+            "pca1": rng.normal(size=n),
+            "pca2": rng.normal(size=n),
+        }
+    )
     coords.loc[0, "pca1"] = 40.0  # an outlier: left out and counted, never half-drawn on the frame
     coords.attrs["pca_explained"] = [0.32, 0.12]
     diag = {"source": "s", "n_cells": n, "predictability": {}, "silhouette": {}, "within_class": {}}
@@ -288,7 +340,7 @@ def test_map_panels_name_their_axes_and_give_every_batch_its_own_colour(tmp_path
 
 
 def test_source_names_read_as_words():
-    from tprobe.plots import source_label
+    from tprobe.plot.figures import source_label
 
     assert source_label("table:cellprofiler_sample") == "feature table cellprofiler_sample"
     assert source_label("table:cp+all-rows") == "feature table cp (every table row)"
@@ -298,11 +350,24 @@ def test_source_names_read_as_words():
 
 
 def test_curve_legend_names_sources_in_words(tmp_path, figures):
-    from tprobe.curve import plot_curves
+    from tprobe.science.curve import plot_curves
 
-    rows = [{"source": src, "head": "logreg", "k": k, "shots": str(k), "repeat": 0, "donor": d, "fold": i,
-             "n_train_cells": 2 * k, "roc_auc": 0.6 + 0.01 * k}
-            for src in ("table:cellprofiler_sample", "pixels") for k in (1, 2) for i, d in enumerate(("a", "b"))]  # fmt: skip
+    rows = [
+        {
+            "source": src,
+            "head": "logreg",
+            "k": k,
+            "shots": str(k),
+            "repeat": 0,
+            "donor": d,
+            "fold": i,
+            "n_train_cells": 2 * k,
+            "roc_auc": 0.6 + 0.01 * k,
+        }
+        for src in ("table:cellprofiler_sample", "pixels")
+        for k in (1, 2)
+        for i, d in enumerate(("a", "b"))
+    ]
     plot_curves(pd.DataFrame(rows), tmp_path / "c.png")
     legend = [t.get_text() for t in figures[0].axes[0].get_legend().get_texts()]
     assert "feature table cellprofiler_sample" in legend and "raw pixels (64 px canvas)" in legend
@@ -310,7 +375,7 @@ def test_curve_legend_names_sources_in_words(tmp_path, figures):
 
 
 def test_donor_auc_plot_labels_runs_by_what_they_are_and_zooms_on_close_values(tmp_path, figures):
-    from tprobe.report import _donor_auc_plot
+    from tprobe.runs.report import _donor_auc_plot
 
     runs = []
     for i, auc in enumerate((0.86, 0.91)):
@@ -320,9 +385,15 @@ def test_donor_auc_plot_labels_runs_by_what_they_are_and_zooms_on_close_values(t
             run / "per_donor.parquet"
         )
         runs.append(run)
-    summary = pd.DataFrame({"run": [str(r) for r in runs], "run_name": [r.name for r in runs],
-                            "model": ["tiny-reg · cls · logreg", "tiny-reg · mean · logreg"],
-                            "random_init": [False, True], "split": ["leave-one-donor-out"] * 2})  # fmt: skip
+    summary = pd.DataFrame(
+        {
+            "run": [str(r) for r in runs],
+            "run_name": [r.name for r in runs],
+            "model": ["tiny-reg · cls · logreg", "tiny-reg · mean · logreg"],
+            "random_init": [False, True],
+            "split": ["leave-one-donor-out"] * 2,
+        }
+    )
     _donor_auc_plot(summary, tmp_path / "donor_auc.png")
     ax = figures[0].axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
@@ -332,11 +403,11 @@ def test_donor_auc_plot_labels_runs_by_what_they_are_and_zooms_on_close_values(t
 
 
 def test_saliency_grid_marks_wrong_calls_names_p_and_has_a_colour_bar(tmp_path, tiny_reg, figures):
-    from tprobe.backbones import Backbone
-    from tprobe.dataset import discover
-    from tprobe.finetune import DinoClassifier
-    from tprobe.preprocess import PreprocessConfig, load_view, preprocess
-    from tprobe.saliency import saliency_grid, saliency_maps
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import PreprocessConfig, load_view, preprocess
+    from tprobe.models.backbones import Backbone
+    from tprobe.train.finetune import DinoClassifier
+    from tprobe.train.saliency import saliency_grid, saliency_maps
 
     pre = preprocess(
         discover(copy_subset(tmp_path / "d", per_class=3)), PreprocessConfig(canvas=28, fit="resize")
@@ -358,9 +429,9 @@ def test_saliency_grid_marks_wrong_calls_names_p_and_has_a_colour_bar(tmp_path, 
 
 
 def test_contact_sheet_says_which_channel_and_row_labels_keep_clear_of_the_panels(tmp_path, figures):
-    from tprobe.dataset import discover
-    from tprobe.plots import contact_sheet
-    from tprobe.preprocess import preprocess
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.plot.figures import contact_sheet
 
     pre = preprocess(discover(copy_subset(tmp_path / "d", per_class=4)))
     contact_sheet(pre.manifest, pre.config, tmp_path / "sheet.png")

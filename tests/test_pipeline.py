@@ -11,15 +11,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tprobe.backbones import Backbone, resolve_model
+from tprobe.cache.extract import extract
+from tprobe.cache.store import FeatureStore
 from tprobe.cli import main
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import Preprocessed, load_view, preprocess
 from tprobe.errors import TprobeError
-from tprobe.extract import extract
-from tprobe.features import from_store
-from tprobe.preprocess import Preprocessed, load_view, preprocess
-from tprobe.store import FeatureStore
-from tprobe.tokens import POOLS, TokenLayout, pool_tokens
+from tprobe.features.sources import from_store
+from tprobe.models.backbones import Backbone, resolve_model
+from tprobe.models.tokens import POOLS, TokenLayout, pool_tokens
 
 
 def _reference_tokens(pre, model_dir, batch_size, chunk_rows):
@@ -43,8 +43,16 @@ def _reference_tokens(pre, model_dir, batch_size, chunk_rows):
 @pytest.mark.parametrize("workers, dtype", [(0, "float32"), (2, "float32"), (0, "float16")])
 def test_pipelined_store_equals_the_per_view_path_bit_for_bit(tmp_path, small_data, tiny_reg, workers, dtype):
     pre = preprocess(discover(small_data))
-    res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, dtype=dtype, chunk_rows=16,
-                  batch_size=5, workers=workers, progress=False)  # fmt: skip
+    res = extract(
+        pre,
+        resolve_model(str(tiny_reg)),
+        cache=tmp_path,
+        dtype=dtype,
+        chunk_rows=16,
+        batch_size=5,
+        workers=workers,
+        progress=False,
+    )
     store = FeatureStore.open(res.path)
     ref = _reference_tokens(pre, tiny_reg, batch_size=5, chunk_rows=16)
     for name, arr in ref.items():  # float16: the old path's numpy astype of float32 tokens, bit for bit
@@ -126,15 +134,37 @@ def test_preprocessed_artifact_round_trips_and_detects_changed_files(tmp_path, s
 def test_commands_open_a_saved_preprocessed_folder(tmp_path, small_data, tiny_reg):
     r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--out", str(tmp_path / "prep")])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(tmp_path / "prep"),
-                                  "--cache", str(tmp_path / "c")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(tmp_path / "prep"),
+            "--cache",
+            str(tmp_path / "c"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     pre = preprocess(discover(small_data))
     assert (
         FeatureStore.open(r.output.strip().splitlines()[-1]).attrs["dataset_fingerprint"] == pre.fingerprint
     )
-    r = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(tmp_path / "prep"),
-                                  "--canvas", "154", "--cache", str(tmp_path / "c")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(tmp_path / "prep"),
+            "--canvas",
+            "154",
+            "--cache",
+            str(tmp_path / "c"),
+        ],
+    )
     assert r.exit_code == 2 and "own options" in r.output
 
 
@@ -146,15 +176,16 @@ def test_store_attrs_mark_random_weights_and_precision(tmp_path, small_data, tin
     assert FeatureStore.open(res.path).row_ids().tolist() == pre.kept["image_id"].tolist()
 
 
-def test_progress_is_logged_as_plain_lines_when_not_on_a_terminal(tmp_path, small_data, tiny_reg, monkeypatch,
-                                                                   caplog):  # fmt: skip
+def test_progress_is_logged_as_plain_lines_when_not_on_a_terminal(
+    tmp_path, small_data, tiny_reg, monkeypatch, caplog
+):
     import logging
 
-    import tprobe.extract as ex
+    import tprobe.cache.extract as ex
 
     monkeypatch.setattr(ex, "PROGRESS_EVERY_S", 0.0)  # a line per batch instead of every 10 s
     pre = preprocess(discover(small_data))
-    with caplog.at_level(logging.INFO, logger="tprobe.extract"):
+    with caplog.at_level(logging.INFO, logger="tprobe.cache.extract"):
         extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, batch_size=8, progress=None)
     lines = [r.getMessage() for r in caplog.records if "views/s" in r.getMessage()]
     assert lines and lines[-1].startswith(f"extract {tiny_reg}: {len(pre.kept)}/{len(pre.kept)} views (100%)")
@@ -163,9 +194,26 @@ def test_progress_is_logged_as_plain_lines_when_not_on_a_terminal(tmp_path, smal
 def test_predict_accepts_a_sweep_folder_and_names_the_run_it_uses(tmp_path, small_data, tiny_reg, caplog):
     pre = preprocess(discover(small_data))
     extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path / "c", progress=False)
-    r = CliRunner().invoke(main, ["probe", "--model", str(tiny_reg), "--data", str(small_data), "--cache",
-                                  str(tmp_path / "c"), "--head", "logreg", "--pool", "all", "--bootstrap", "20",
-                                  "--out", str(tmp_path / "runs")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(small_data),
+            "--cache",
+            str(tmp_path / "c"),
+            "--head",
+            "logreg",
+            "--pool",
+            "all",
+            "--bootstrap",
+            "20",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     sweep = r.output.strip().splitlines()[-1]
     new = tmp_path / "new"
@@ -189,8 +237,8 @@ def test_a_damaged_chunk_is_one_line_not_a_crash(tmp_path, small_data, tiny_reg)
 @pytest.mark.parametrize("kind", ["uint8", "float32"])
 @pytest.mark.parametrize("host", [False, True])
 def test_device_views_and_pixel_values_equal_the_host_path_bit_for_bit(tiny_reg, shape, kind, host):
-    from tprobe.extract import VIEW_CODES, _device_views, _pixel_values
-    from tprobe.preprocess import apply_view
+    from tprobe.cache.extract import VIEW_CODES, _device_views, _pixel_values
+    from tprobe.data.preprocess import apply_view
 
     rng = np.random.default_rng(0)
     canvases = (
@@ -218,15 +266,22 @@ def test_device_views_and_pixel_values_equal_the_host_path_bit_for_bit(tiny_reg,
 def test_resized_canvases_go_as_float32_and_all_eight_views_match_the_per_view_path(
     tmp_path, small_data, tiny_reg
 ):
-    from tprobe.extract import _Batches
-    from tprobe.preprocess import PreprocessConfig
+    from tprobe.cache.extract import _Batches
+    from tprobe.data.preprocess import PreprocessConfig
 
     pre = preprocess(discover(small_data), PreprocessConfig(fit="fill", views="dihedral8"))
     assert _Batches(pre.kept, [[0, 1]], pre.config)[0][0].dtype == torch.float32  # resized: not whole numbers
     plain = preprocess(discover(small_data))
     assert _Batches(plain.kept, [[0, 1]], plain.config)[0][0].dtype == torch.uint8  # 8-bit, padded: uint8
-    res = extract(pre, resolve_model(str(tiny_reg)), cache=tmp_path, dtype="float32", chunk_rows=16,
-                  batch_size=5, progress=False)  # fmt: skip
+    res = extract(
+        pre,
+        resolve_model(str(tiny_reg)),
+        cache=tmp_path,
+        dtype="float32",
+        chunk_rows=16,
+        batch_size=5,
+        progress=False,
+    )
     store = FeatureStore.open(res.path)
     ref = _reference_tokens(pre, tiny_reg, batch_size=5, chunk_rows=16)
     for name, arr in ref.items():
@@ -238,8 +293,15 @@ def test_parallel_writer_threads_write_the_same_bytes_as_one(tmp_path, small_dat
     trees = []
     for threads in (1, 3):
         cache = tmp_path / f"w{threads}"
-        extract(pre, resolve_model(str(tiny_reg)), cache=cache, chunk_rows=8, batch_size=4, write_threads=threads,
-                progress=False)  # fmt: skip
+        extract(
+            pre,
+            resolve_model(str(tiny_reg)),
+            cache=cache,
+            chunk_rows=8,
+            batch_size=4,
+            write_threads=threads,
+            progress=False,
+        )
         trees.append(
             {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
         )

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from conftest import copy_subset, save_png
 
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import PreprocessConfig, apply_view, measure, pad_to_canvas, preprocess
 from tprobe.errors import TprobeError
-from tprobe.preprocess import PreprocessConfig, apply_view, measure, pad_to_canvas, preprocess
 
 
 def test_entropy_of_known_histograms():
@@ -44,11 +44,17 @@ def test_filters_apply_to_both_classes(tmp_path):
     dim[10:14, 10:14] = 30  # near-empty
     two = cell.copy()
     two[14:16, :] = 0  # cut into two cells
-    ds = _dataset_of(tmp_path, {
-        "donor_1/activated/CD3_1_act_1_1_1.png": cell, "donor_1/quiescent/CD3_1_noact_2_1_1.png": cell[::-1],
-        "donor_1/activated/CD3_1_act_1_1_2.png": dim, "donor_1/quiescent/CD3_1_noact_2_1_2.png": dim // 2,
-        "donor_1/activated/CD3_1_act_1_1_3.png": two, "donor_1/quiescent/CD3_1_noact_2_1_3.png": two.T,
-    })  # fmt: skip
+    ds = _dataset_of(
+        tmp_path,
+        {
+            "donor_1/activated/CD3_1_act_1_1_1.png": cell,
+            "donor_1/quiescent/CD3_1_noact_2_1_1.png": cell[::-1],
+            "donor_1/activated/CD3_1_act_1_1_2.png": dim,
+            "donor_1/quiescent/CD3_1_noact_2_1_2.png": dim // 2,
+            "donor_1/activated/CD3_1_act_1_1_3.png": two,
+            "donor_1/quiescent/CD3_1_noact_2_1_3.png": two.T,
+        },
+    )
     pre = preprocess(ds)
     src = pre.manifest[pre.manifest["view"] == "orig"].set_index("cell")
     assert src.groupby("label")["drop_reason"].apply(sorted).to_dict() == {

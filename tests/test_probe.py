@@ -6,16 +6,16 @@ import pytest
 from click.testing import CliRunner
 from conftest import copy_subset
 
-from tprobe.backbones import resolve_model
+from tprobe.cache.extract import extract
 from tprobe.cli import main
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import preprocess
 from tprobe.errors import TprobeError
-from tprobe.evaluate import Fold, check_plan, donor_metrics, split_plan
-from tprobe.extract import extract
-from tprobe.features import feature_columns, from_store, from_table
-from tprobe.predict import predict
-from tprobe.preprocess import preprocess
-from tprobe.probe import ProbeRun
+from tprobe.features.sources import feature_columns, from_store, from_table
+from tprobe.models.backbones import resolve_model
+from tprobe.probing.evaluate import Fold, check_plan, donor_metrics, split_plan
+from tprobe.probing.predict import predict
+from tprobe.probing.run import ProbeRun
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,10 @@ def test_each_head_beats_the_frequency_classifier(sample_store, head):
     assert run.per_donor_["prevalence"].between(0, 1).all()
 
 
-@pytest.mark.parametrize("split, kw", [("leave-one-donor-out", {}), ("group-kfold", {"n_splits": 3}),
-                                       ("test-donor", {"test_donor": "4"})])  # fmt: skip
+@pytest.mark.parametrize(
+    "split, kw",
+    [("leave-one-donor-out", {}), ("group-kfold", {"n_splits": 3}), ("test-donor", {"test_donor": "4"})],
+)
 def test_no_donor_or_cell_crosses_a_split(sample_store, split, kw):
     meta = from_store(sample_store, "cls").meta
     plan = split_plan(meta, split, **kw)
@@ -64,8 +66,14 @@ def test_scored_rows_are_original_views_and_tta_averages_views(sample_store):
 
 
 def test_single_class_donor_gives_nan_auc_with_a_note():
-    pred = pd.DataFrame({"donor": ["a"] * 4 + ["b"] * 4, "label": [1, 1, 1, 1, 0, 1, 0, 1],
-                         "p_activated": [0.9, 0.8, 0.4, 0.7, 0.1, 0.9, 0.2, 0.6], "fold": [0] * 4 + [1] * 4})  # fmt: skip
+    pred = pd.DataFrame(
+        {
+            "donor": ["a"] * 4 + ["b"] * 4,
+            "label": [1, 1, 1, 1, 0, 1, 0, 1],
+            "p_activated": [0.9, 0.8, 0.4, 0.7, 0.1, 0.9, 0.2, 0.6],
+            "fold": [0] * 4 + [1] * 4,
+        }
+    )
     m = donor_metrics(pred).set_index("donor")
     assert np.isnan(m.loc["a", "roc_auc"]) and "single-class" in m.loc["a", "note"]
     assert m.loc["b", "roc_auc"] == 1.0
@@ -81,8 +89,22 @@ def test_bad_names_list_the_choices(sample_store):
 
 
 def test_cli_probe_writes_the_run_directory(sample_store, tmp_path):
-    res = CliRunner().invoke(main, ["probe", "--store", str(sample_store), "--head", "logreg", "--pool",
-                                    "cls+mean", "--bootstrap", "100", "--out", str(tmp_path)])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--store",
+            str(sample_store),
+            "--head",
+            "logreg",
+            "--pool",
+            "cls+mean",
+            "--bootstrap",
+            "100",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     run = tmp_path / res.output.strip().splitlines()[-1].split("/")[-1]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -131,10 +153,16 @@ def test_predict_round_trip(sample_store, tmp_path):
 def test_bring_your_own_feature_table(tmp_path):
     pre = preprocess(discover())
     src = pre.manifest[pre.manifest["view"] == "orig"]
-    table = pd.DataFrame({"FileName": src["path"].map(lambda p: p.split("/")[-1]),
-                          "Intensity_Mean": src["total_intensity"] / (src["height"] * src["width"]),
-                          "AreaShape_Area": src["height"] * src["width"], "Entropy": src["entropy"],
-                          "Location_Center_X": np.arange(len(src)), "ObjectNumber": 1})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "FileName": src["path"].map(lambda p: p.split("/")[-1]),
+            "Intensity_Mean": src["total_intensity"] / (src["height"] * src["width"]),
+            "AreaShape_Area": src["height"] * src["width"],
+            "Entropy": src["entropy"],
+            "Location_Center_X": np.arange(len(src)),
+            "ObjectNumber": 1,
+        }
+    )
     table.to_csv(tmp_path / "cp.csv", index=False)
     fs = from_table(tmp_path / "cp.csv", pre.manifest)
     assert fs.source["columns"] == ["Intensity_Mean", "AreaShape_Area", "Entropy"]
@@ -147,8 +175,10 @@ def test_bring_your_own_feature_table(tmp_path):
 
 
 def test_run_json_writes_nan_as_null_but_keeps_strings(tmp_path):
-    from tprobe.runs import read_json, write_json
+    from tprobe.runs.record import read_json, write_json
 
-    write_json(tmp_path / "m.json", {"auc": float("nan"), "v": [np.float32("nan"), 1.5],
-                                     "note": "AUC undefined (NaN)"})  # fmt: skip
+    write_json(
+        tmp_path / "m.json",
+        {"auc": float("nan"), "v": [np.float32("nan"), 1.5], "note": "AUC undefined (NaN)"},
+    )
     assert read_json(tmp_path / "m.json") == {"auc": None, "v": [None, 1.5], "note": "AUC undefined (NaN)"}

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tprobe.curve import all_label, curve_band
-from tprobe.evaluate import METRICS, summarise
+from tprobe.probing.evaluate import METRICS, summarise
+from tprobe.science.curve import all_label, curve_band
 from tprobe.stats import CI_METHOD, t_interval
 
 
@@ -50,9 +50,22 @@ def test_t_interval_needs_two_values():
 
 def _curve_results(aucs: np.ndarray, shots="4") -> pd.DataFrame:
     D, R = aucs.shape
-    return pd.DataFrame([{"source": "s", "head": "logreg", "shots": shots, "k": 4, "repeat": r,
-                          "donor": f"donor_{d}", "roc_auc": aucs[d, r], "n_train_cells": 8}
-                         for d in range(D) for r in range(R)])  # fmt: skip
+    return pd.DataFrame(
+        [
+            {
+                "source": "s",
+                "head": "logreg",
+                "shots": shots,
+                "k": 4,
+                "repeat": r,
+                "donor": f"donor_{d}",
+                "roc_auc": aucs[d, r],
+                "n_train_cells": 8,
+            }
+            for d in range(D)
+            for r in range(R)
+        ]
+    )
 
 
 def test_curve_band_is_the_t_interval_over_donor_means():
@@ -72,8 +85,8 @@ def test_curve_band_is_the_t_interval_over_donor_means():
 
 # ---- item 7: the curve's AP and its "all" tick -----------------------------------------------
 def test_curve_ap_is_nan_for_a_one_class_donor():
-    from tprobe.curve import LabelCurve
-    from tprobe.features import FeatureSet
+    from tprobe.features.sources import FeatureSet
+    from tprobe.science.curve import LabelCurve
 
     rng = np.random.default_rng(0)
     rows, X = [], []
@@ -81,8 +94,15 @@ def test_curve_ap_is_nan_for_a_one_class_donor():
         for c in range(20):
             label = 1 if d == 2 else c % 2  # donor_3: every cell activated
             X.append(rng.normal(size=4) + label)
-            rows.append({"image_id": f"d{d}c{c}", "label": label, "donor": f"donor_{d + 1}", "group": f"d{d}c{c}",
-                         "view": "orig"})  # fmt: skip
+            rows.append(
+                {
+                    "image_id": f"d{d}c{c}",
+                    "label": label,
+                    "donor": f"donor_{d + 1}",
+                    "group": f"d{d}c{c}",
+                    "view": "orig",
+                }
+            )
     fs = FeatureSet(np.asarray(X, np.float32), pd.DataFrame(rows), {"kind": "table", "name": "t"})
     res = LabelCurve(shots=(2, "all"), repeats=1).fit(fs).results_
     one = res[res["donor"] == "donor_3"]
@@ -94,8 +114,18 @@ def test_curve_ap_is_nan_for_a_one_class_donor():
 
 
 def test_curve_all_tick_names_both_class_counts():
-    res = pd.DataFrame([{"source": "s", "head": "h", "shots": "all", "n_train_cells": 180,
-                         "n_train_activated": 120, "n_train_quiescent": 60}])  # fmt: skip
+    res = pd.DataFrame(
+        [
+            {
+                "source": "s",
+                "head": "h",
+                "shots": "all",
+                "n_train_cells": 180,
+                "n_train_activated": 120,
+                "n_train_quiescent": 60,
+            }
+        ]
+    )
     label = all_label(res, "s", "h")
     assert "120 act" in label and "60 qui" in label and "90" not in label  # not "~90/class"
     assert "180 cells" in all_label(res.drop(columns=["n_train_activated", "n_train_quiescent"]), "s", "h")
@@ -106,10 +136,13 @@ def _run(root, name, cfg, aucs):
     run = root / name
     run.mkdir(parents=True)
     donors = [f"donor_{i}" for i in range(1, len(aucs) + 1)]
-    pd.DataFrame({"donor": donors, "n": 50, "roc_auc": aucs, "average_precision": aucs,
-                  "accuracy": aucs}).to_parquet(run / "per_donor.parquet", index=False)  # fmt: skip
-    summ = {m: {"mean": float(np.mean(aucs)), "sd": float(np.std(aucs, ddof=1))}
-            for m in ("roc_auc", "average_precision", "accuracy")}  # fmt: skip
+    pd.DataFrame(
+        {"donor": donors, "n": 50, "roc_auc": aucs, "average_precision": aucs, "accuracy": aucs}
+    ).to_parquet(run / "per_donor.parquet", index=False)
+    summ = {
+        m: {"mean": float(np.mean(aucs)), "sd": float(np.std(aucs, ddof=1))}
+        for m in ("roc_auc", "average_precision", "accuracy")
+    }
     folds = [{"test_donor": d, "n": 50} for d in donors]
     (run / "metrics.json").write_text(json.dumps({"summary": summ, "folds": folds}))
     (run / "config.json").write_text(json.dumps(cfg))
@@ -117,8 +150,12 @@ def _run(root, name, cfg, aucs):
 
 
 def _probe(head, pool="cls", model="dinov2-small"):
-    return {"command": "probe", "head": head, "split": "leave-one-donor-out",
-            "features": {"kind": "store", "model": model, "pool": pool}}  # fmt: skip
+    return {
+        "command": "probe",
+        "head": head,
+        "split": "leave-one-donor-out",
+        "features": {"kind": "store", "model": model, "pool": pool},
+    }
 
 
 FREQ = {"command": "baseline", "baseline": "frequency", "features": {"kind": "baseline", "name": "frequency"}}
@@ -130,7 +167,7 @@ def test_report_compares_with_the_declared_reference_not_the_winner(tmp_path):
     from click.testing import CliRunner
 
     from tprobe.cli import main
-    from tprobe.report import BATCH_CONFOUND, write_report
+    from tprobe.runs.report import BATCH_CONFOUND, write_report
 
     runs = tmp_path / "runs"
     _run(runs, "a-xgb-best", _probe("xgboost"), [0.95, 0.93, 0.96, 0.94, 0.97, 0.92])
@@ -170,7 +207,7 @@ def test_report_compares_with_the_declared_reference_not_the_winner(tmp_path):
 
 
 def test_default_reference_falls_back_in_a_fixed_order(tmp_path):
-    from tprobe.report import choose_reference, collect_runs
+    from tprobe.runs.report import choose_reference, collect_runs
 
     runs = tmp_path / "runs"
     _run(runs, "a-knn", _probe("knn"), [0.9] * 5 + [0.95])
@@ -187,7 +224,7 @@ def test_default_reference_falls_back_in_a_fixed_order(tmp_path):
 
 
 def test_donors_bound_line_is_computed_from_n():
-    from tprobe.report import donors_bound_line
+    from tprobe.runs.report import donors_bound_line
 
     assert "2/2^6 = 0.031" in donors_bound_line(6)
     assert "2/2^4 = 0.125" in donors_bound_line(4, 3) and "0.375" in donors_bound_line(4, 3)
@@ -207,7 +244,7 @@ def test_brier_and_ece_by_hand():
 
 
 def _synthetic(n_donors=3, cells=30, seed=0, source=None):
-    from tprobe.features import FeatureSet
+    from tprobe.features.sources import FeatureSet
 
     rng = np.random.default_rng(seed)
     rows, X = [], []
@@ -215,16 +252,24 @@ def _synthetic(n_donors=3, cells=30, seed=0, source=None):
         for c in range(cells):
             label = int(c % 2)
             X.append(rng.normal(0, 1, 6) + 1.2 * label)
-            rows.append({"image_id": f"d{d}c{c}", "path": f"donor_{d}/c{c}.png", "label": label,
-                         "donor": f"donor_{d}", "group": f"d{d}c{c}", "view": "orig"})  # fmt: skip
+            rows.append(
+                {
+                    "image_id": f"d{d}c{c}",
+                    "path": f"donor_{d}/c{c}.png",
+                    "label": label,
+                    "donor": f"donor_{d}",
+                    "group": f"d{d}c{c}",
+                    "view": "orig",
+                }
+            )
     src = source or {"kind": "table", "name": "syn"}
     return FeatureSet(np.asarray(X, np.float32), pd.DataFrame(rows), src)
 
 
 def test_probe_run_reports_calibration_and_draws_a_reliability_diagram(tmp_path, monkeypatch):
-    import tprobe.plots
-    from tprobe.probe import ProbeRun
-    from tprobe.report import write_report
+    import tprobe.plot.figures
+    from tprobe.probing.run import ProbeRun
+    from tprobe.runs.report import write_report
 
     run = ProbeRun(head="logreg", final_head=False).fit(_synthetic())
     per = run.per_donor_
@@ -252,7 +297,9 @@ def test_probe_run_reports_calibration_and_draws_a_reliability_diagram(tmp_path,
     assert "reliability (calibration)" in page
     # the diagram's title describes the run and marks random weights
     titles = []
-    monkeypatch.setattr(tprobe.plots, "reliability_diagram", lambda pred, out, title="": titles.append(title))
+    monkeypatch.setattr(
+        tprobe.plot.figures, "reliability_diagram", lambda pred, out, title="": titles.append(title)
+    )
     src = {"kind": "store", "name": "rnd-cls", "pool": "cls", "model": "m", "random_init": True}
     ProbeRun(head="logreg", final_head=False).fit(_synthetic(source=src)).save(tmp_path / "r2")
     assert "random weights" in titles[0] and "logreg" in titles[0] and "cls" in titles[0]
@@ -262,7 +309,7 @@ def test_probe_run_reports_calibration_and_draws_a_reliability_diagram(tmp_path,
 def _class_only_donors(seed=0):
     """Features carry the class only; donors differ only in class mix (donor_1/2 90% activated,
     donor_3/4 10%), and every batch holds one class, as in the T-cell data."""
-    from tprobe.embedmap import MapData
+    from tprobe.science.embedmap import MapData
 
     rng = np.random.default_rng(seed)
     rows, X = [], []
@@ -270,13 +317,20 @@ def _class_only_donors(seed=0):
         for c in range(40):
             label = int(c < frac * 40)
             X.append(rng.normal(0, 1, 8) + 4.0 * label)
-            rows.append({"image_id": f"d{d}c{c}", "label": label, "donor": f"donor_{d}", "group": f"d{d}c{c}",
-                         "batch": f"donor_{d}·b{label}"})  # fmt: skip
+            rows.append(
+                {
+                    "image_id": f"d{d}c{c}",
+                    "label": label,
+                    "donor": f"donor_{d}",
+                    "group": f"d{d}c{c}",
+                    "batch": f"donor_{d}·b{label}",
+                }
+            )
     return MapData(np.asarray(X, np.float32), pd.DataFrame(rows), "class-only")
 
 
 def test_map_measures_donor_and_batch_within_class():
-    from tprobe.embedmap import chance_given_class, diagnose
+    from tprobe.science.embedmap import chance_given_class, diagnose
 
     data = _class_only_donors()
     diag = diagnose(data)
@@ -294,7 +348,7 @@ def test_map_measures_donor_and_batch_within_class():
 
 
 def test_map_warns_on_donor_signal_within_class():
-    from tprobe.embedmap import MapData, diagnose
+    from tprobe.science.embedmap import MapData, diagnose
 
     rng = np.random.default_rng(1)
     rows, X = [], []
@@ -305,17 +359,24 @@ def test_map_warns_on_donor_signal_within_class():
             x[d] += 3.0  # donor identity in the features, the class only faintly
             x[5] += 0.3 * label
             X.append(x)
-            rows.append({"image_id": f"d{d}c{c}", "label": label, "donor": f"donor_{d}", "group": f"d{d}c{c}",
-                         "batch": f"donor_{d}·b{label}"})  # fmt: skip
+            rows.append(
+                {
+                    "image_id": f"d{d}c{c}",
+                    "label": label,
+                    "donor": f"donor_{d}",
+                    "group": f"d{d}c{c}",
+                    "batch": f"donor_{d}·b{label}",
+                }
+            )
     diag = diagnose(MapData(np.asarray(X, np.float32), pd.DataFrame(rows), "donor-driven"))
     assert diag["within_class"]["donor"]["skill"] > 0.8
     assert diag["warning"] and "donor" in diag["warning"] and "within each class" in diag["warning"]
 
 
 def test_report_shows_within_class_map_signal(tmp_path):
-    from tprobe.embedmap import diagnose
-    from tprobe.report import write_report
-    from tprobe.runs import write_json
+    from tprobe.runs.record import write_json
+    from tprobe.runs.report import write_report
+    from tprobe.science.embedmap import diagnose
 
     runs = tmp_path / "runs"
     _run(runs, "b-logreg-cls", _probe("logreg"), WORSE)

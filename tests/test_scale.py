@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tprobe import heads
-from tprobe.heads import KNNHead
-from tprobe.scale import synthetic_features
+from tprobe.features.synthetic import synthetic_features
+from tprobe.probing import heads
+from tprobe.probing.heads import KNNHead
 
 
 def _knn_data(n_train=3000, n_query=300, d=16, seed=0):
@@ -84,8 +84,8 @@ def test_inner_searches_hold_one_row_array_per_distinct_training_set():
     """Before: every (outer fold, inner donor, grid point) held its own copy of its training rows -
     20 donors x 19 x 4 grid points of ~360k int64 indices held 4.4 GB at 400k cells. Now one array per
     distinct training set (all donors but a and b), shared by the grid points and by folds a and b."""
-    from tprobe.evaluate import split_plan
-    from tprobe.fastcv import _inner_requests
+    from tprobe.probing.evaluate import split_plan
+    from tprobe.probing.fastcv import _inner_requests
 
     fs = synthetic_features(600, 5, 4, seed=4)
     meta = fs.meta
@@ -108,7 +108,7 @@ def test_inner_searches_hold_one_row_array_per_distinct_training_set():
 def test_knn_k_grid_is_scored_from_one_neighbour_search():
     """The engine fits kNN once per training set at the largest k and scores every k of the grid from
     that one search (issue 20: a k grid of 4 cost 4 searches over every training row)."""
-    from tprobe.fastcv import _split_path
+    from tprobe.probing.fastcv import _split_path
 
     X, y, Q = _knn_data()
     path = KNNHead(k=50).fit(X, y).predict_proba_path(Q, [5, 10, 20, 50])

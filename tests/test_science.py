@@ -9,18 +9,18 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
-from tprobe.backbones import resolve_model
+from tprobe.cache.extract import extract
 from tprobe.cli import main
-from tprobe.curve import LabelCurve, curve_band
-from tprobe.dataset import discover
-from tprobe.embedmap import diagnose, embed, map_data
-from tprobe.extract import extract
-from tprobe.features import FeatureSet, from_store
-from tprobe.heads import HEADS, KNNHead, PrototypeHead, make_head, param_grid
-from tprobe.preprocess import preprocess
-from tprobe.probe import ProbeRun
-from tprobe.report import choose_reference, collect_runs, write_report
-from tprobe.runs import RunRecord
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import preprocess
+from tprobe.features.sources import FeatureSet, from_store
+from tprobe.models.backbones import resolve_model
+from tprobe.probing.heads import HEADS, KNNHead, PrototypeHead, make_head, param_grid
+from tprobe.probing.run import ProbeRun
+from tprobe.runs.record import RunRecord
+from tprobe.runs.report import choose_reference, collect_runs, write_report
+from tprobe.science.curve import LabelCurve, curve_band
+from tprobe.science.embedmap import diagnose, embed, map_data
 from tprobe.stats import holm, paired_comparisons, sign_flip_test
 
 
@@ -38,9 +38,17 @@ def synthetic(n_donors=4, cells=40, views=1, shift=2.5, drive="label", dims=16, 
                 centre[d % dims] += shift * 2
             for v in range(views):
                 X.append(centre + 0.2 * rng.normal(size=dims))
-                rows.append({"image_id": f"d{d}c{c}v{v}", "path": f"d{d}/c{c}.png", "label": label,
-                             "donor": f"donor_{d + 1}", "group": f"d{d}c{c}",
-                             "view": "orig" if v == 0 else f"r{v}", "batch": f"donor_{d + 1}·b{label}"})  # fmt: skip
+                rows.append(
+                    {
+                        "image_id": f"d{d}c{c}v{v}",
+                        "path": f"d{d}/c{c}.png",
+                        "label": label,
+                        "donor": f"donor_{d + 1}",
+                        "group": f"d{d}c{c}",
+                        "view": "orig" if v == 0 else f"r{v}",
+                        "batch": f"donor_{d + 1}·b{label}",
+                    }
+                )
     meta = pd.DataFrame(rows)
     return FeatureSet(np.asarray(X, np.float32), meta, {"kind": "table", "name": f"synthetic-{drive}"})
 
@@ -131,8 +139,22 @@ def test_new_heads_on_a_feature_table_via_cli(tmp_path):
         act = p.parent.name == "activated"
         rows.append({"FileName": p.name, "f1": float(act) + 0.1 * len(rows) % 0.3, "f2": float(len(p.name))})
     pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
-    res = CliRunner().invoke(main, ["probe", "--data", str(data), "--features", str(tmp_path / "t.csv"),
-                                    "--head", "prototype", "--out", str(tmp_path / "runs"), "--bootstrap", "20"])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--data",
+            str(data),
+            "--features",
+            str(tmp_path / "t.csv"),
+            "--head",
+            "prototype",
+            "--out",
+            str(tmp_path / "runs"),
+            "--bootstrap",
+            "20",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "table:t · prototype" in res.output
 
@@ -191,13 +213,37 @@ def test_curve_band_and_more_labels_help():
 
 def test_curve_cli_puts_a_store_and_pixels_on_one_figure(small_data_store, tmp_path):
     data, store = small_data_store
-    res = CliRunner().invoke(main, ["curve", "--data", str(data), "--store", str(store), "--pixels", "--shots",
-                                    "1,2,all", "--repeats", "2", "--out", str(tmp_path)])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "curve",
+            "--data",
+            str(data),
+            "--store",
+            str(store),
+            "--pixels",
+            "--shots",
+            "1,2,all",
+            "--repeats",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     run = tmp_path / res.output.strip().splitlines()[-1].split("/")[-1]
     cur = pd.read_parquet(run / "curve.parquet")
-    assert {"source", "head", "k", "repeat", "donor", "roc_auc", "average_precision", "balanced_accuracy",
-            "n_train_cells"} <= set(cur.columns)  # fmt: skip
+    assert {
+        "source",
+        "head",
+        "k",
+        "repeat",
+        "donor",
+        "roc_auc",
+        "average_precision",
+        "balanced_accuracy",
+        "n_train_cells",
+    } <= set(cur.columns)
     assert set(cur["source"]) == {"tiny-reg-cls", "pixels"} and (run / "curve.png").exists()
     # the same cells in both sources: the draws are the same (paired curves)
     draws = pd.read_parquet(run / "draws.parquet")
@@ -209,7 +255,7 @@ def test_curve_cli_puts_a_store_and_pixels_on_one_figure(small_data_store, tmp_p
 
 
 def test_random_sources_are_marked():
-    from tprobe.curve import is_random_source
+    from tprobe.science.curve import is_random_source
 
     assert is_random_source({"kind": "store", "model": "models/random-vits14-reg"})
     assert is_random_source({"kind": "store", "model": "m", "model_random_init": True})
@@ -256,11 +302,19 @@ def _fake_run(root, name, cfg, aucs):
     run = root / name
     run.mkdir(parents=True)
     donors = [f"donor_{i}" for i in range(1, len(aucs) + 1)]
-    per = pd.DataFrame({"donor": donors, "n": 100, "roc_auc": aucs, "average_precision": aucs,
-                        "accuracy": aucs})  # fmt: skip
+    per = pd.DataFrame(
+        {"donor": donors, "n": 100, "roc_auc": aucs, "average_precision": aucs, "accuracy": aucs}
+    )
     per.to_parquet(run / "per_donor.parquet", index=False)
-    summ = {m: {"mean": float(np.mean(aucs)), "sd": float(np.std(aucs, ddof=1)), "ci_low": min(aucs),
-                "ci_high": max(aucs)} for m in ("roc_auc", "average_precision", "accuracy")}  # fmt: skip
+    summ = {
+        m: {
+            "mean": float(np.mean(aucs)),
+            "sd": float(np.std(aucs, ddof=1)),
+            "ci_low": min(aucs),
+            "ci_high": max(aucs),
+        }
+        for m in ("roc_auc", "average_precision", "accuracy")
+    }
     folds = [{"test_donor": d, "n": 100} for d in donors]
     (run / "metrics.json").write_text(json.dumps({"summary": summ, "folds": folds}))
     (run / "config.json").write_text(json.dumps(cfg))
@@ -270,18 +324,38 @@ def _fake_run(root, name, cfg, aucs):
 def test_report_marks_random_weights_pairs_runs_and_counts_cells(tmp_path):
     runs = tmp_path / "runs"
     probe = {"command": "probe", "head": "logreg", "split": "leave-one-donor-out"}
-    _fake_run(runs, "a-random", {**probe, "random_init": True, "features": {"model": "x", "pool": "cls"}},
-              [0.95, 0.9, 0.92, 0.97, 0.91, 0.93])  # fmt: skip
+    _fake_run(
+        runs,
+        "a-random",
+        {**probe, "random_init": True, "features": {"model": "x", "pool": "cls"}},
+        [0.95, 0.9, 0.92, 0.97, 0.91, 0.93],
+    )
     # old run without the flag: the model path names it random
-    _fake_run(runs, "b-old", {**probe, "features": {"model": "models/random-vits14-reg", "pool": "cls"}},
-              [0.8, 0.82, 0.85, 0.79, 0.81, 0.84])  # fmt: skip
-    _fake_run(runs, "c-real", {**probe, "random_init": False, "features": {"model": "dinov2-small", "pool": "cls"}},
-              [0.85, 0.86, 0.88, 0.9, 0.8, 0.87])  # fmt: skip
-    _fake_run(runs, "d-real-again", {**probe, "features": {"model": "dinov2-small", "pool": "cls"}},
-              [0.84, 0.86, 0.88, 0.9, 0.8, 0.87])  # fmt: skip
+    _fake_run(
+        runs,
+        "b-old",
+        {**probe, "features": {"model": "models/random-vits14-reg", "pool": "cls"}},
+        [0.8, 0.82, 0.85, 0.79, 0.81, 0.84],
+    )
+    _fake_run(
+        runs,
+        "c-real",
+        {**probe, "random_init": False, "features": {"model": "dinov2-small", "pool": "cls"}},
+        [0.85, 0.86, 0.88, 0.9, 0.8, 0.87],
+    )
+    _fake_run(
+        runs,
+        "d-real-again",
+        {**probe, "features": {"model": "dinov2-small", "pool": "cls"}},
+        [0.84, 0.86, 0.88, 0.9, 0.8, 0.87],
+    )
     summary = collect_runs(runs)
     assert dict(zip(summary["run_name"], summary["random_init"], strict=True)) == {
-        "a-random": True, "b-old": True, "c-real": False, "d-real-again": False}  # fmt: skip
+        "a-random": True,
+        "b-old": True,
+        "c-real": False,
+        "d-real-again": False,
+    }
     res = write_report(runs, tmp_path / "rep")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "PLUMBING CHECK" in res["headline"][0] and "a-random" in res["headline"][0]
@@ -308,8 +382,10 @@ def test_report_marks_random_weights_pairs_runs_and_counts_cells(tmp_path):
 
 def test_map_cli_writes_figure_coordinates_and_diagnostics(small_data_store, tmp_path):
     data, store = small_data_store
-    res = CliRunner().invoke(main, ["map", "--data", str(data), "--store", str(store), "--pixels", "--no-umap",
-                                    "--out", str(tmp_path)])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        ["map", "--data", str(data), "--store", str(store), "--pixels", "--no-umap", "--out", str(tmp_path)],
+    )
     assert res.exit_code == 0, res.output
     run = tmp_path / res.output.strip().splitlines()[-1].split("/")[-1]
     diags = json.loads((run / "diagnostics.json").read_text())
@@ -323,7 +399,7 @@ def test_map_cli_writes_figure_coordinates_and_diagnostics(small_data_store, tmp
 
 
 def test_table_n_is_an_integer_and_the_mean_row_does_not_sum_it():
-    from tprobe.evaluate import METRICS, Evaluation
+    from tprobe.probing.evaluate import METRICS, Evaluation
 
     per = pd.DataFrame(
         {"donor": ["a", "b"], "n": [3, 4], "prevalence": [0.5, 0.25], **{m: [0.5, 0.7] for m in METRICS}}
@@ -335,13 +411,18 @@ def test_table_n_is_an_integer_and_the_mean_row_does_not_sum_it():
 
 
 def test_experiment_titles_and_sweep_order(tmp_path):
-    from tprobe.plots import sweep_bars
+    from tprobe.plot.figures import sweep_bars
 
     def experiment_title(cfg):
         return RunRecord.from_dict(cfg).title
 
-    cfg = {"command": "probe", "head": "knn", "split": "test-donor", "test_donor": "4",
-           "features": {"kind": "store", "model": "/m/random-vits14-reg", "pool": "cls"}}  # fmt: skip
+    cfg = {
+        "command": "probe",
+        "head": "knn",
+        "split": "test-donor",
+        "test_donor": "4",
+        "features": {"kind": "store", "model": "/m/random-vits14-reg", "pool": "cls"},
+    }
     assert (
         experiment_title(cfg)
         == "random-vits14-reg · cls · knn · test donor 4 (random weights: plumbing check)"
@@ -362,8 +443,11 @@ def test_experiment_titles_and_sweep_order(tmp_path):
 
     plt.Figure.savefig = spy
     try:
-        rows = [{"features": "f", "pool": p, "head": h, "roc_auc_mean": 0.8, "roc_auc_sd": 0.1}
-                for p in ("mean", "cls", "concat") for h in ("mlp", "logreg")]  # fmt: skip
+        rows = [
+            {"features": "f", "pool": p, "head": h, "roc_auc_mean": 0.8, "roc_auc_sd": 0.1}
+            for p in ("mean", "cls", "concat")
+            for h in ("mlp", "logreg")
+        ]
         sweep_bars(pd.DataFrame(rows), tmp_path / "s.png")
     finally:
         plt.Figure.savefig = orig
@@ -374,8 +458,8 @@ def test_experiment_titles_and_sweep_order(tmp_path):
 def test_typed_sources_with_random_weights_are_marked():
     # issue 19: is_random_source read the store attribute's name on a FeatureSource, so a typed source
     # with random_init=True (a store's, a baseline's) was not marked random
-    from tprobe.curve import is_random_source
-    from tprobe.features import FeatureSource
+    from tprobe.features.sources import FeatureSource
+    from tprobe.science.curve import is_random_source
 
     assert is_random_source(FeatureSource("store", "tiny-cls", model="m", random_init=True))
     assert is_random_source(FeatureSource("baseline", "inception", random_init=True))
@@ -388,14 +472,26 @@ def test_two_sources_of_the_same_name_stay_distinguishable(tmp_path):
     # curve/map sources shared a name
     from conftest import copy_subset
 
-    from tprobe.cli import _feature_sources
-    from tprobe.preprocess import PreprocessConfig
+    from tprobe.cli.main import _feature_sources
+    from tprobe.data.preprocess import PreprocessConfig
 
     data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2"), per_class=4)
     rows = [
         {"FileName": p.name, "f1": float(p.parent.name == "activated")} for p in sorted(data.rglob("*.png"))
     ]
     pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
-    out = _feature_sources((), (), None, "cls", [tmp_path / "t.csv"] * 2, "FileName", (), False,
-                           tmp_path / "cache", True, data, PreprocessConfig())  # fmt: skip
+    out = _feature_sources(
+        (),
+        (),
+        None,
+        "cls",
+        [tmp_path / "t.csv"] * 2,
+        "FileName",
+        (),
+        False,
+        tmp_path / "cache",
+        True,
+        data,
+        PreprocessConfig(),
+    )
     assert [fs.name for fs in out] == ["table:t#1", "table:t#2"]

@@ -21,11 +21,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import copy_subset
 
+from tprobe.cache.extract import manifest_path
+from tprobe.cache.status import StoreStatus, store_status
+from tprobe.cache.store import FeatureStore
 from tprobe.cli import main
-from tprobe.extract import manifest_path
-from tprobe.slurm import job_name, queue_states
-from tprobe.status import StoreStatus, store_status
-from tprobe.store import FeatureStore
+from tprobe.cluster.slurm import job_name, queue_states
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,8 +46,14 @@ needs_slurm = pytest.mark.skipif(_PROBLEM is not None, reason=str(_PROBLEM))
 
 def _tprobe(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tprobe.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=240)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "tprobe.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -92,8 +98,16 @@ def test_array_with_cancelled_task_resubmits_and_matches_single_process(tmp_path
 
     # 1) three tasks; shard 2 is stopped once it has written a unit, then cancelled mid-run
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "tprobe.cli", "extract", *map(str, opts), "--cache", str(tmp_path / "c"),
-           *map(str, slurm)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tprobe.cli",
+        "extract",
+        *map(str, opts),
+        "--cache",
+        str(tmp_path / "c"),
+        *map(str, slurm),
+    ]
     watcher = subprocess.Popen(
         cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -161,8 +175,15 @@ def test_array_with_cancelled_task_resubmits_and_matches_single_process(tmp_path
 
 # ---- tprobe status on partial stores (no SLURM needed) -----------------------------------------
 def _partial_store(tmp_path, units_written) -> FeatureStore:
-    store = FeatureStore.create(tmp_path / "s.zarr", row_ids=[f"r{i}" for i in range(10)], hidden=4, registers=0,
-                                patches=3, chunk_rows=2, attrs={"model": "m", "dtype": "float16"})  # fmt: skip
+    store = FeatureStore.create(
+        tmp_path / "s.zarr",
+        row_ids=[f"r{i}" for i in range(10)],
+        hidden=4,
+        registers=0,
+        patches=3,
+        chunk_rows=2,
+        attrs={"model": "m", "dtype": "float16"},
+    )
     for u in units_written:
         rows = store.unit_slice(u).stop - store.unit_slice(u).start
         store.write_unit(u, {"cls": np.ones((rows, 4)), "patches": np.ones((rows, 3, 4))})
@@ -197,8 +218,17 @@ def test_status_seal_states_and_cli(tmp_path):
 
 
 def test_slurm_executor_needs_shards_and_rejects_shard(tmp_path, small_data, tiny_reg):
-    base = ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--cache", str(tmp_path / "c"),
-            "--executor", "slurm"]  # fmt: skip
+    base = [
+        "extract",
+        "--model",
+        str(tiny_reg),
+        "--data",
+        str(small_data),
+        "--cache",
+        str(tmp_path / "c"),
+        "--executor",
+        "slurm",
+    ]
     res = CliRunner().invoke(main, base)
     assert res.exit_code == 2 and "needs --shards N" in res.output
     res = CliRunner().invoke(main, [*base, "--shards", "2", "--shard", "0/2"])
@@ -222,7 +252,7 @@ def test_slurm_executor_on_a_complete_store_submits_nothing(tmp_path, small_data
 @needs_slurm
 def test_command_array_resubmits_only_failed_tasks(tmp_path, monkeypatch):
     """The generic array (a probe sweep's runs): task i runs command i; a rerun submits only tasks not done."""
-    from tprobe.slurm import SlurmOptions, command_array
+    from tprobe.cluster.slurm import SlurmOptions, command_array
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "fail1").touch()  # task 1 fails while this flag exists
@@ -253,11 +283,12 @@ def test_probe_sweep_array_on_slurm_equals_the_local_sweep(tmp_path, tiny_reg):
     """A real array: one task per pool (x one head); a cancelled task is resubmitted alone by --resume."""
     import pandas as pd
 
-    from tprobe.slurm import sweep_job_name
+    from tprobe.cluster.slurm import sweep_job_name
 
     data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
-    ext = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--data", str(data), "--cache",
-                                    str(tmp_path / "cache")])  # fmt: skip
+    ext = CliRunner().invoke(
+        main, ["extract", "--model", str(tiny_reg), "--data", str(data), "--cache", str(tmp_path / "cache")]
+    )
     assert ext.exit_code == 0, ext.output
     store = ext.output.splitlines()[-1]
     args = [

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from tprobe.cli import main
+from tprobe.cluster.slurm import SlurmOptions, command_array, extract_array, render_script
 from tprobe.errors import TprobeError
-from tprobe.slurm import SlurmOptions, command_array, extract_array, render_script
 
 EVIL = "gpu\ntouch /tmp/pwned"
 COMMAND = [sys.executable, "-m", "tprobe.cli", "extract", "--model", "m"]
@@ -91,8 +91,19 @@ def test_cli_refuses_an_injected_value_in_one_line_before_any_work(tmp_path, mon
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no scheduler: the refusal comes first
     value = str(tmp_path / EVIL) if option in ("--slurm-dir", "--cache") else EVIL
     args = {"--cache": str(tmp_path / "c"), option: value}
-    res = CliRunner().invoke(main, ["extract", "--model", "x", "--executor", "slurm", "--shards", "2",
-                                    *[a for kv in args.items() for a in kv]])  # fmt: skip
+    res = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            "x",
+            "--executor",
+            "slurm",
+            "--shards",
+            "2",
+            *[a for kv in args.items() for a in kv],
+        ],
+    )
     assert res.exit_code == 2, res.output
     assert option in res.output and "control character" in res.output
     assert len(res.output.strip().splitlines()) == 1

@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tprobe.cache.store import POOLS
 from tprobe.errors import TprobeError
-from tprobe.evaluate import nested_cv, split_plan
-from tprobe.fastcv import FoldProgress, nested_cv_fast
-from tprobe.features import FeatureSet, from_store
-from tprobe.heads import make_head
-from tprobe.probe import ProbeRun
-from tprobe.store import POOLS
-from tprobe.sweep import pool_store, run_sweep
+from tprobe.features.sources import FeatureSet, from_store
+from tprobe.probing.evaluate import nested_cv, split_plan
+from tprobe.probing.fastcv import FoldProgress, nested_cv_fast
+from tprobe.probing.heads import make_head
+from tprobe.probing.run import ProbeRun
+from tprobe.probing.sweep import pool_store, run_sweep
 
 
 def synthetic(n_donors=4, cells=30, views=("orig", "flip"), n_features=12, seed=0, pool="syn") -> FeatureSet:
@@ -28,8 +28,16 @@ def synthetic(n_donors=4, cells=30, views=("orig", "flip"), n_features=12, seed=
             base[:3] += 0.9 * label
             for v in views:
                 X.append(base + rng.normal(0, 0.3, n_features))
-                rows.append({"image_id": f"d{d}c{c}-{v}", "path": f"donor_{d}/c{c}.png", "label": label,
-                             "donor": f"donor_{d}", "group": f"d{d}c{c}", "view": v})  # fmt: skip
+                rows.append(
+                    {
+                        "image_id": f"d{d}c{c}-{v}",
+                        "path": f"donor_{d}/c{c}.png",
+                        "label": label,
+                        "donor": f"donor_{d}",
+                        "group": f"d{d}c{c}",
+                        "view": v,
+                    }
+                )
     meta = pd.DataFrame(rows)
     return FeatureSet(np.asarray(X, np.float32), meta, {"name": f"synthetic-{pool}", "pool": pool})
 
@@ -68,15 +76,18 @@ def assert_engines_agree(ref_chosen, ref_preds, fast_chosen, fast_preds, tol):
     return compared
 
 
-@pytest.mark.parametrize("head, grid", [
-    # C is a warm path: one job fits C ascending, each warm-started (equal up to the solver's tolerance)
-    ("logreg", [{"clf__C": 0.01}, {"clf__C": 0.1}, {"clf__C": 1.0}]),
-    ("mlp", [{"clf__alpha": 1e-3}, {"clf__alpha": 1e-1}]),
-    # n_estimators is a path parameter: fitted once at 40 trees, scored at 10/20/40 via iteration_range
-    ("xgboost", [{"clf__max_depth": d, "clf__n_estimators": n} for d in (2, 3) for n in (10, 20, 40)]),
-    # k is a path parameter: one neighbour search at k=10, scored at 3/5/10 (KNNHead.predict_proba_path)
-    ("knn", [{"clf__k": k} for k in (3, 5, 10)]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "head, grid",
+    [
+        # C is a warm path: one job fits C ascending, each warm-started (equal up to the solver's tolerance)
+        ("logreg", [{"clf__C": 0.01}, {"clf__C": 0.1}, {"clf__C": 1.0}]),
+        ("mlp", [{"clf__alpha": 1e-3}, {"clf__alpha": 1e-1}]),
+        # n_estimators is a path parameter: fitted once at 40 trees, scored at 10/20/40 via iteration_range
+        ("xgboost", [{"clf__max_depth": d, "clf__n_estimators": n} for d in (2, 3) for n in (10, 20, 40)]),
+        # k is a path parameter: one neighbour search at k=10, scored at 3/5/10 (KNNHead.predict_proba_path)
+        ("knn", [{"clf__k": k} for k in (3, 5, 10)]),
+    ],
+)
 @pytest.mark.parametrize("tta", [False, True])
 def test_fast_engine_matches_the_reference(head, grid, tta):
     fs = synthetic()
@@ -96,12 +107,13 @@ def test_fast_engine_shares_fits_and_its_final_search_matches_the_reference():
     fs = synthetic()
     grid = [{"clf__alpha": 1e-3}, {"clf__alpha": 1e-1}]
     _, _, final, events, plan = _both("mlp", grid, fs)
-    from tprobe.evaluate import inner_search
+    from tprobe.probing.evaluate import inner_search
 
     make = partial(make_head, "mlp", seed=0)
     is_orig = (fs.meta["view"] == "orig").to_numpy()
-    best, scores = inner_search(make, grid, fs.X, fs.meta["label"].to_numpy(), fs.meta,
-                                np.flatnonzero(is_orig), is_orig, n_jobs=1)  # fmt: skip
+    best, scores = inner_search(
+        make, grid, fs.X, fs.meta["label"].to_numpy(), fs.meta, np.flatnonzero(is_orig), is_orig, n_jobs=1
+    )
     assert final[0] == best
     np.testing.assert_allclose(list(final[1].values()), list(scores.values()), atol=1e-9)
     # 4 donors x 2 grid points: 6 donor pairs + 4 single-donor fits per grid point = 20 distinct fits,
@@ -116,8 +128,9 @@ def test_probe_run_engines_agree_and_keep_the_public_results():
     ref, fast = runs["reference"], runs["fast"]
     np.testing.assert_allclose(fast.per_donor_["roc_auc"], ref.per_donor_["roc_auc"], atol=1e-9)
     assert fast.final_["params"] == ref.final_["params"]
-    np.testing.assert_allclose(fast.final_["model"].predict_proba(fs.X), ref.final_["model"].predict_proba(fs.X),
-                               atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        fast.final_["model"].predict_proba(fs.X), ref.final_["model"].predict_proba(fs.X), atol=1e-6
+    )
     assert fast.summary_ == ref.summary_ and fast.reference_ == ref.reference_
 
 
@@ -133,7 +146,7 @@ def test_wide_inputs_are_projected_once_per_feature_set_and_match_the_reference(
 
 
 def test_wide_inputs_match_the_reference_at_equal_c(monkeypatch):
-    import tprobe.heads as heads
+    import tprobe.probing.heads as heads
 
     monkeypatch.setitem(heads.GRIDS, "logreg", {"clf__C": [0.01]})  # no choice: compare the fits themselves
     fs = synthetic(n_donors=3, n_features=40)
@@ -153,12 +166,13 @@ def test_a_near_tie_in_the_inner_search_does_not_decide_engine_equality():
     assert assert_engines_agree(ref_c, preds, fast_c, other, tol=2e-3) == 0  # a tie: either C is right
     clear = {**scores, "{'clf__C': 0.001}": 0.65}  # C=0.01 leads clearly: the engines must agree
     with pytest.raises(AssertionError):
-        assert_engines_agree([{**ref_c[0], "inner_ap": clear}], preds, [{**fast_c[0], "inner_ap": clear}],
-                             other, tol=2e-3)  # fmt: skip
+        assert_engines_agree(
+            [{**ref_c[0], "inner_ap": clear}], preds, [{**fast_c[0], "inner_ap": clear}], other, tol=2e-3
+        )
 
 
 def test_auto_width_projects_only_wide_inputs_and_xgboost_to_fewer_columns(monkeypatch):
-    import tprobe.heads as heads
+    import tprobe.probing.heads as heads
 
     assert heads.projection_width("xgboost", 40320) == 512 and heads.projection_width("logreg", 40320) == 2048
     assert heads.projection_width("xgboost", 768) is None  # narrow inputs keep their own columns
@@ -183,8 +197,9 @@ def test_auto_width_projects_only_wide_inputs_and_xgboost_to_fewer_columns(monke
 def test_run_sweep_writes_run_dirs_and_a_summary(tmp_path):
     sources = [(p, lambda p: synthetic(n_donors=3, seed=len(p), pool=p)) for p in ("a", "bb")]
     events = []
-    res = run_sweep(sources, ["logreg", "xgboost"], out=tmp_path, progress=events.append,
-                    probe_kwargs={"n_boot": 20})  # fmt: skip
+    res = run_sweep(
+        sources, ["logreg", "xgboost"], out=tmp_path, progress=events.append, probe_kwargs={"n_boot": 20}
+    )
     assert res.is_sweep and res.out.parent == tmp_path and res.out.name.endswith("-sweep")
     summary = pd.read_parquet(res.out / "summary.parquet")
     assert len(summary) == 4 and list(summary["head"]) == ["logreg", "xgboost"] * 2
@@ -206,21 +221,26 @@ def test_run_sweep_skips_a_source_that_cannot_load(tmp_path):
     def broken(_):
         raise TprobeError("no such pooling")
 
-    res = run_sweep([("bad", broken), ("ok", lambda _: synthetic(n_donors=3))], ["logreg"], out=tmp_path,
-                    probe_kwargs={"n_boot": 20, "final_head": False})  # fmt: skip
+    res = run_sweep(
+        [("bad", broken), ("ok", lambda _: synthetic(n_donors=3))],
+        ["logreg"],
+        out=tmp_path,
+        probe_kwargs={"n_boot": 20, "final_head": False},
+    )
     assert res.skipped == {"bad": "no such pooling"} and len(res.runs) == 1
     with pytest.raises(TprobeError, match="no such pooling"):
         run_sweep([("bad", broken)], ["logreg"], out=tmp_path)
 
 
 def test_pool_store_reads_once_and_equals_from_store(tmp_path, small_data, tiny_reg):
-    from tprobe.backbones import resolve_model
-    from tprobe.dataset import discover
-    from tprobe.extract import extract
-    from tprobe.preprocess import preprocess
+    from tprobe.cache.extract import extract
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.models.backbones import resolve_model
 
-    path = extract(preprocess(discover(small_data)), resolve_model(str(tiny_reg)), cache=tmp_path,
-                   progress=False).path  # fmt: skip
+    path = extract(
+        preprocess(discover(small_data)), resolve_model(str(tiny_reg)), cache=tmp_path, progress=False
+    ).path
     pooled = pool_store(path, POOLS)
     for p in POOLS:
         ref = from_store(path, p)
@@ -232,7 +252,7 @@ def test_pool_store_reads_once_and_equals_from_store(tmp_path, small_data, tiny_
 def test_the_engines_average_precision_is_sklearns():
     from sklearn.metrics import average_precision_score
 
-    from tprobe.fastcv import average_precision
+    from tprobe.probing.fastcv import average_precision
 
     rng = np.random.default_rng(0)
     for i in range(400):
@@ -245,7 +265,7 @@ def test_the_engines_average_precision_is_sklearns():
 
 
 def test_a_narrower_projection_taken_from_a_wider_one_is_the_one_drawn():
-    from tprobe import heads
+    from tprobe.probing import heads
 
     wide = heads.projection(700, 256, seed=3)
     derived = heads.projection(700, 64, seed=3)  # 256 = 4^1 x 64: the first 64 rows, times 2

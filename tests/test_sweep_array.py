@@ -19,9 +19,9 @@ from click.testing import CliRunner
 from conftest import copy_subset
 
 from tprobe.cli import main
+from tprobe.cluster.slurm import SlurmOptions, render_commands, sweep_array, sweep_commands, sweep_job_name
 from tprobe.errors import TprobeError
-from tprobe.slurm import SlurmOptions, render_commands, sweep_array, sweep_commands, sweep_job_name
-from tprobe.sweep import SweepPlan, collect_sweep, missing_tasks, plan_sweep, run_sweep, store_sources
+from tprobe.probing.sweep import SweepPlan, collect_sweep, missing_tasks, plan_sweep, run_sweep, store_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL = "gpu\ntouch /tmp/pwned"
@@ -53,15 +53,16 @@ print(job)
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_reg) -> Path:
     """A tiny store: 3 donors x 4 cells per class x 6 views through a tiny random DINOv2-with-registers."""
-    from tprobe.backbones import resolve_model
-    from tprobe.dataset import discover
-    from tprobe.extract import extract
-    from tprobe.preprocess import preprocess
+    from tprobe.cache.extract import extract
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.models.backbones import resolve_model
 
     tmp = tmp_path_factory.mktemp("sweep-store")
     data = copy_subset(tmp / "data", donors=("donor_1", "donor_2", "donor_3"), per_class=4)
-    return extract(preprocess(discover(data)), resolve_model(str(tiny_reg)), cache=tmp / "cache",
-                   progress=False).path  # fmt: skip
+    return extract(
+        preprocess(discover(data)), resolve_model(str(tiny_reg)), cache=tmp / "cache", progress=False
+    ).path
 
 
 @pytest.fixture
@@ -95,8 +96,13 @@ def _last_dir(output: str) -> Path:
 
 def test_the_sweep_script_has_one_task_per_pool_and_head(tmp_path, store, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    sweep = plan_sweep(store, ["cls", "mean", "registers"], ["logreg", "knn"], out=tmp_path / "runs",
-                       probe_kwargs={"n_boot": 20})  # fmt: skip
+    sweep = plan_sweep(
+        store,
+        ["cls", "mean", "registers"],
+        ["logreg", "knn"],
+        out=tmp_path / "runs",
+        probe_kwargs={"n_boot": 20},
+    )
     plan = SweepPlan.load(sweep)
     assert plan.tasks == [(p, h) for p in ("cls", "mean", "registers") for h in ("logreg", "knn")]
     opts = SlurmOptions(partition="cpu", time="0:30:00", mem="4G", slurm_dir=tmp_path / "slurm logs")
@@ -115,14 +121,15 @@ def test_the_sweep_script_has_one_task_per_pool_and_head(tmp_path, store, monkey
 
 
 def test_a_pool_the_store_cannot_give_is_planned_as_skipped(tmp_path, tiny_plain):
-    from tprobe.backbones import resolve_model
-    from tprobe.dataset import discover
-    from tprobe.extract import extract
-    from tprobe.preprocess import preprocess
+    from tprobe.cache.extract import extract
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.models.backbones import resolve_model
 
     data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2"), per_class=1)
-    path = extract(preprocess(discover(data)), resolve_model(str(tiny_plain)), cache=tmp_path / "c",
-                   progress=False).path  # fmt: skip
+    path = extract(
+        preprocess(discover(data)), resolve_model(str(tiny_plain)), cache=tmp_path / "c", progress=False
+    ).path
     plan = SweepPlan.load(plan_sweep(path, ["cls", "registers"], ["logreg"], out=tmp_path / "runs"))
     assert plan.tasks == [("cls", "logreg")] and "registers" in plan.skipped["registers"]
     with pytest.raises(TprobeError, match="gives none of the pools"):
@@ -201,8 +208,9 @@ def test_resume_without_slurm_runs_the_missing_tasks_here(tmp_path, store, monke
     assert res.exit_code == 0, res.output
     assert missing_tasks(sweep) == [] and _last_dir(res.output) == sweep
     got = collect_sweep(sweep).summary
-    ref = run_sweep(store_sources(store, ["cls", "mean"]), ["logreg", "knn"], out=tmp_path / "one",
-                    probe_kwargs=kw).summary  # fmt: skip
+    ref = run_sweep(
+        store_sources(store, ["cls", "mean"]), ["logreg", "knn"], out=tmp_path / "one", probe_kwargs=kw
+    ).summary
     pd.testing.assert_frame_equal(_comparable(got), _comparable(ref))
     assert list(got[KEY[1:]].itertuples(index=False, name=None)) == SweepPlan.load(sweep).tasks
 

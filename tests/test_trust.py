@@ -13,15 +13,15 @@ import pytest
 from click.testing import CliRunner
 from conftest import SAMPLE, copy_subset
 
-from tprobe.backbones import resolve_model
+from tprobe.cache.extract import extract
+from tprobe.cache.store import FeatureStore
 from tprobe.cli import main
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import preprocess
 from tprobe.errors import TprobeError
-from tprobe.extract import extract
-from tprobe.features import from_store, from_table
-from tprobe.preprocess import preprocess
-from tprobe.probe import ProbeRun
-from tprobe.store import FeatureStore
+from tprobe.features.sources import from_store, from_table
+from tprobe.models.backbones import resolve_model
+from tprobe.probing.run import ProbeRun
 
 HUB_ID = "facebook/dinov2-with-registers-small"
 
@@ -62,10 +62,14 @@ def test_hub_model_is_keyed_by_its_resolved_snapshot(tmp_path, small_data, monke
     # predict's "model changed" check can now fire
     run = ProbeRun(n_boot=20).fit(from_store(first.path, "cls")).save(tmp_path / "runs")
     with pytest.raises(TprobeError, match="has changed"):
-        from tprobe.predict import predict
+        from tprobe.probing.predict import predict
 
-        predict(run, copy_subset(tmp_path / "new", donors=("donor_3",), per_class=1), cache=tmp_path / "c",
-                offline=True)  # fmt: skip
+        predict(
+            run,
+            copy_subset(tmp_path / "new", donors=("donor_3",), per_class=1),
+            cache=tmp_path / "c",
+            offline=True,
+        )
 
 
 def test_unresolvable_hub_identity_is_an_error(tmp_path, monkeypatch):
@@ -101,8 +105,10 @@ def test_store_rows_are_never_paired_with_another_orders_manifest(tmp_path, smal
     fs1, fs2 = from_store(first.path, "cls"), from_store(second.path, "cls")
     by_id = pd.DataFrame(fs1.X, index=fs1.meta["image_id"])
     np.testing.assert_allclose(fs2.X, by_id.loc[fs2.meta["image_id"]].to_numpy(), atol=2e-3)
-    assert (fs2.meta["label"].to_numpy() == other.kept.set_index("image_id").loc[fs2.meta["image_id"], "label"]
-            .to_numpy()).all()  # fmt: skip
+    assert (
+        fs2.meta["label"].to_numpy()
+        == other.kept.set_index("image_id").loc[fs2.meta["image_id"], "label"].to_numpy()
+    ).all()
     # a reader handed the other order's manifest refuses instead of pairing rows by position
     with pytest.raises(TprobeError, match="row"):
         from_store(second.path, "cls", manifest=pre.kept)
@@ -168,15 +174,18 @@ def test_a_received_run_directory_never_executes_code(tmp_path, small_data, tiny
     for p in run.rglob("*"):  # now every file of the run
         if p.is_file():
             p.write_bytes(evil)
-    for args in (["predict", "--run", str(run), str(new)], ["report", str(tmp_path / "runs"), "--out",
-                 str(tmp_path / "rep")], ["saliency", "--run", str(run)]):  # fmt: skip
+    for args in (
+        ["predict", "--run", str(run), str(new)],
+        ["report", str(tmp_path / "runs"), "--out", str(tmp_path / "rep")],
+        ["saliency", "--run", str(run)],
+    ):
         r = CliRunner().invoke(main, args)
         assert not marker.exists() and r.exit_code == 2, (args, r.output)
 
 
 def test_a_crafted_checkpoint_never_executes_code(tmp_path, tiny_reg):
-    from tprobe.finetune import DinoClassifier
-    from tprobe.training import TrainConfig, train_fold
+    from tprobe.train.finetune import DinoClassifier
+    from tprobe.train.loop import TrainConfig, train_fold
 
     marker = tmp_path / "PWNED"
     ck = tmp_path / "fold0.pt"
@@ -185,27 +194,35 @@ def test_a_crafted_checkpoint_never_executes_code(tmp_path, tiny_reg):
     rows = pre.kept[pre.kept["view"] == "orig"]
 
     def make():
-        from tprobe.backbones import Backbone
+        from tprobe.models.backbones import Backbone
 
         return DinoClassifier(Backbone.from_pretrained(str(tiny_reg), device="cpu"), pool="cls", freeze=True)
 
     with pytest.raises(TprobeError, match="fold0.pt"):
-        train_fold(make, rows, rows, pre.config, TrainConfig(epochs=1), __import__("torch").device("cpu"),
-                   checkpoint=ck, log=lambda r: None)  # fmt: skip
+        train_fold(
+            make,
+            rows,
+            rows,
+            pre.config,
+            TrainConfig(epochs=1),
+            __import__("torch").device("cpu"),
+            checkpoint=ck,
+            log=lambda r: None,
+        )
     assert not marker.exists()
 
 
 def test_real_checkpoints_still_resume_with_weights_only(tmp_path, tiny_reg):
     import torch
 
-    from tprobe.finetune import DinoClassifier
-    from tprobe.training import TrainConfig, train_fold
+    from tprobe.train.finetune import DinoClassifier
+    from tprobe.train.loop import TrainConfig, train_fold
 
     pre = preprocess(discover(copy_subset(tmp_path / "d", per_class=2)))
     rows = pre.kept[pre.kept["view"] == "orig"]
 
     def make():
-        from tprobe.backbones import Backbone
+        from tprobe.models.backbones import Backbone
 
         return DinoClassifier(Backbone.from_pretrained(str(tiny_reg), device="cpu"), pool="cls", freeze=True)
 
@@ -282,10 +299,16 @@ def test_chunk_data_is_fsynced_before_its_marker(tmp_path, small_data, tiny_reg,
 
 # 8 ------------------------------------------------------------------------------------------
 def test_single_class_donor_has_no_average_precision():
-    from tprobe.evaluate import donor_metrics, summarise
+    from tprobe.probing.evaluate import donor_metrics, summarise
 
-    pred = pd.DataFrame({"donor": ["a"] * 4 + ["b"] * 4, "label": [1, 1, 1, 1, 0, 1, 0, 1],
-                         "p_activated": [0.9, 0.8, 0.4, 0.7, 0.1, 0.9, 0.6, 0.2], "fold": [0] * 4 + [1] * 4})  # fmt: skip
+    pred = pd.DataFrame(
+        {
+            "donor": ["a"] * 4 + ["b"] * 4,
+            "label": [1, 1, 1, 1, 0, 1, 0, 1],
+            "p_activated": [0.9, 0.8, 0.4, 0.7, 0.1, 0.9, 0.6, 0.2],
+            "fold": [0] * 4 + [1] * 4,
+        }
+    )
     m = donor_metrics(pred).set_index("donor")
     assert np.isnan(m.loc["a", "average_precision"]) and "AP" in m.loc["a", "note"]
     s = summarise(m.reset_index(), n_boot=10)
@@ -307,16 +330,43 @@ def test_inf_in_a_feature_table_is_one_line(tmp_path, small_data):
     )
     t.loc[3, "a"] = np.inf
     t.to_csv(tmp_path / "t.csv", index=False)
-    _one_line_exit_2(CliRunner().invoke(main, ["probe", "--features", str(tmp_path / "t.csv"), "--data",
-                                               str(small_data), "--out", str(tmp_path / "r")]))  # fmt: skip
+    _one_line_exit_2(
+        CliRunner().invoke(
+            main,
+            [
+                "probe",
+                "--features",
+                str(tmp_path / "t.csv"),
+                "--data",
+                str(small_data),
+                "--out",
+                str(tmp_path / "r"),
+            ],
+        )
+    )
 
 
 def test_empty_csvs_are_one_line(tmp_path, small_data):
     (tmp_path / "empty.csv").write_text("")
-    _one_line_exit_2(CliRunner().invoke(main, ["preprocess", "--data", str(tmp_path / "empty.csv"), "--out",
-                                               str(tmp_path / "p")]))  # fmt: skip
-    _one_line_exit_2(CliRunner().invoke(main, ["probe", "--features", str(tmp_path / "empty.csv"), "--data",
-                                               str(small_data), "--out", str(tmp_path / "r")]))  # fmt: skip
+    _one_line_exit_2(
+        CliRunner().invoke(
+            main, ["preprocess", "--data", str(tmp_path / "empty.csv"), "--out", str(tmp_path / "p")]
+        )
+    )
+    _one_line_exit_2(
+        CliRunner().invoke(
+            main,
+            [
+                "probe",
+                "--features",
+                str(tmp_path / "empty.csv"),
+                "--data",
+                str(small_data),
+                "--out",
+                str(tmp_path / "r"),
+            ],
+        )
+    )
 
 
 def test_empty_donor_cell_is_not_a_donor_named_nan(tmp_path):
@@ -332,8 +382,23 @@ def test_empty_donor_cell_is_not_a_donor_named_nan(tmp_path):
 @pytest.mark.parametrize("donors", [("donor_1", "donor_3"), ("donor_1",)])
 def test_finetune_with_too_few_donors_is_one_line(tmp_path, tiny_reg, donors):
     data = copy_subset(tmp_path / "d", donors=donors, per_class=3)
-    r = CliRunner().invoke(main, ["finetune", "--model", str(tiny_reg), "--data", str(data), "--epochs", "1",
-                                  "--freeze", "--pool", "cls", "--out", str(tmp_path / "runs")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "finetune",
+            "--model",
+            str(tiny_reg),
+            "--data",
+            str(data),
+            "--epochs",
+            "1",
+            "--freeze",
+            "--pool",
+            "cls",
+            "--out",
+            str(tmp_path / "runs"),
+        ],
+    )
     _one_line_exit_2(r)
     assert "group-kfold" not in r.output  # that split cannot train with one donor either
 
@@ -350,14 +415,21 @@ def test_one_training_donor_is_not_called_inner_donor_cv(tmp_path, small_data, t
 
 # 10 -----------------------------------------------------------------------------------------
 def test_a_projected_head_is_saved_small_and_rebuilt_from_the_seed(tmp_path):
-    from tprobe.features import FeatureSet
-    from tprobe.probe import load_head
+    from tprobe.features.sources import FeatureSet
+    from tprobe.probing.run import load_head
 
     rng = np.random.default_rng(0)
     n = 96
-    meta = pd.DataFrame({"image_id": [f"i{i}_orig" for i in range(n)], "path": "x", "label": np.arange(n) % 2,
-                         "donor": [f"donor_{i % 3}" for i in range(n)], "group": [f"i{i}" for i in range(n)],
-                         "view": "orig"})  # fmt: skip
+    meta = pd.DataFrame(
+        {
+            "image_id": [f"i{i}_orig" for i in range(n)],
+            "path": "x",
+            "label": np.arange(n) % 2,
+            "donor": [f"donor_{i % 3}" for i in range(n)],
+            "group": [f"i{i}" for i in range(n)],
+            "view": "orig",
+        }
+    )
     X = rng.normal(size=(n, 6000)).astype(np.float32) + meta["label"].to_numpy()[:, None] * 0.3
     run = ProbeRun(n_boot=10, max_dims=256, seed=3).fit(
         FeatureSet(X, meta, {"kind": "table", "name": "wide"})
@@ -377,3 +449,31 @@ def test_library_errors_speak_the_library_language():
     with pytest.raises(ValueError, match="head 'svm'") as e:
         ProbeRun(head="svm").fit(None)
     assert "--head" not in str(e.value)
+
+
+def test_head_files_written_before_the_stage_packages_still_load(tmp_path):
+    """A kNN/prototype head saved by tprobe 0.2 names ``tprobe.heads``; it loads as the moved class."""
+    import io
+    import json
+    import zipfile
+
+    from tprobe.probing.heads import KNNHead, PrototypeHead, load_head_file, save_head
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 4)), np.arange(30) % 2
+    for head in (KNNHead(k=5).fit(x, y), PrototypeHead().fit(x, y)):
+        path = save_head(head, tmp_path / "h.skops")
+        with zipfile.ZipFile(path) as src:
+            entries = {i.filename: src.read(i) for i in src.infolist()}
+        schema = json.loads(entries["schema.json"])
+        assert schema["__module__"] == "tprobe.probing.heads"
+        schema["__module__"] = "tprobe.heads"  # as tprobe 0.2 wrote it
+        entries["schema.json"] = json.dumps(schema).encode()
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as dst:
+            for name, body in entries.items():
+                dst.writestr(name, body)
+        path.write_bytes(buf.getvalue())
+        loaded = load_head_file(path)
+        assert type(loaded) is type(head)
+        np.testing.assert_allclose(loaded.predict_proba(x), head.predict_proba(x))

@@ -8,13 +8,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tprobe.backbones import ALIASES, Backbone, resolve_model, round_canvas
+from tprobe.cache.extract import extract, manifest_path
+from tprobe.cache.store import FeatureStore
 from tprobe.cli import main
-from tprobe.dataset import discover
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import PreprocessConfig, load_view, preprocess
 from tprobe.errors import TprobeError
-from tprobe.extract import extract, manifest_path
-from tprobe.preprocess import PreprocessConfig, load_view, preprocess
-from tprobe.store import FeatureStore
+from tprobe.models.backbones import ALIASES, Backbone, resolve_model, round_canvas
 from tprobe.testing import save_random_vit
 
 
@@ -47,8 +47,17 @@ def test_stored_tokens_equal_the_models_own_last_hidden_state(
 
     path = vits[kind]
     pre = preprocess(discover(small_data), PreprocessConfig(canvas=144, views="orig"))
-    res = extract(pre, resolve_model(str(path)), cache=tmp_path / "c", fmt=fmt, dtype="float32", chunk_rows=8,
-                  batch_size=3, progress=False, device="cpu")  # fmt: skip
+    res = extract(
+        pre,
+        resolve_model(str(path)),
+        cache=tmp_path / "c",
+        fmt=fmt,
+        dtype="float32",
+        chunk_rows=8,
+        batch_size=3,
+        progress=False,
+        device="cpu",
+    )
     store = FeatureStore.open(res.path)
     n = len(pre.kept)
     assert store.attrs["model_type"] == kind and store.attrs["patch_grid"] == [9, 9]
@@ -85,12 +94,15 @@ def _config_only(folder, model_type, **kw):
     return str(folder)
 
 
-@pytest.mark.parametrize("model_type, lacks", [
-    ("swin", "lacks a CLS token and a single patch grid"),
-    ("ijepa", "lacks a CLS token"),
-    ("convnext", "lacks tokens"),
-    ("bert", "lacks a token layout tprobe knows"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model_type, lacks",
+    [
+        ("swin", "lacks a CLS token and a single patch grid"),
+        ("ijepa", "lacks a CLS token"),
+        ("convnext", "lacks tokens"),
+        ("bert", "lacks a token layout tprobe knows"),
+    ],
+)
 def test_unsupported_models_are_refused_in_one_line(tmp_path, model_type, lacks):
     folder = _config_only(tmp_path / model_type, model_type)
     with pytest.raises(TprobeError, match=f"is a '{model_type}' model: its last_hidden_state {lacks}"):
@@ -107,8 +119,17 @@ def test_non_square_patches_are_refused(tmp_path):
 
 def test_default_canvas_is_rounded_to_the_patch_size_and_keys_the_store(vits, tmp_path, small_data):
     assert round_canvas(140, 14) == 140 and round_canvas(140, 16) == 144
-    args = ["extract", "--model", str(vits["dinov3_vit"]), "--data", str(small_data), "--cache", str(tmp_path),
-            "--views", "orig"]  # fmt: skip
+    args = [
+        "extract",
+        "--model",
+        str(vits["dinov3_vit"]),
+        "--data",
+        str(small_data),
+        "--cache",
+        str(tmp_path),
+        "--views",
+        "orig",
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     store = FeatureStore.open(r.output.strip().splitlines()[-1])
@@ -121,8 +142,20 @@ def test_default_canvas_is_rounded_to_the_patch_size_and_keys_the_store(vits, tm
         and "canvas 140 px is not a multiple of the patch size 16; set --canvas to 144" in r.output
     )
     # /14 models keep 140
-    r = CliRunner().invoke(main, ["extract", "--model", str(save_random_vit(tmp_path / "d2", model_type="dinov2")),
-                                  "--data", str(small_data), "--cache", str(tmp_path), "--views", "orig"])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(save_random_vit(tmp_path / "d2", model_type="dinov2")),
+            "--data",
+            str(small_data),
+            "--cache",
+            str(tmp_path),
+            "--views",
+            "orig",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert FeatureStore.open(r.output.strip().splitlines()[-1]).attrs["preprocess"]["canvas"] == 140
 
@@ -159,11 +192,12 @@ def test_models_lists_the_new_aliases():
     "kind, block", [("dinov3_vit", "model.layer"), ("vit", "layers"), ("vit_msn", "layers")]
 )
 def test_finetune_unfreeze_last_and_attention_saliency_on_other_vits(vits, kind, block):
-    from tprobe.finetune import DinoClassifier
-    from tprobe.saliency import saliency_maps
+    from tprobe.train.finetune import DinoClassifier
+    from tprobe.train.saliency import saliency_maps
 
-    model = DinoClassifier(Backbone.from_pretrained(str(vits[kind]), device="cpu"), canvas=32, pool="cls+mean",
-                           unfreeze_last=1)  # fmt: skip
+    model = DinoClassifier(
+        Backbone.from_pretrained(str(vits[kind]), device="cpu"), canvas=32, pool="cls+mean", unfreeze_last=1
+    )
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any(f"{block}.1." in n for n in trainable) and not any(f"{block}.0." in n for n in trainable)
     assert any("norm" in n and "layer." not in n for n in trainable)  # the final norm trains too
@@ -174,17 +208,50 @@ def test_finetune_unfreeze_last_and_attention_saliency_on_other_vits(vits, kind,
 
 
 def test_a_preprocessed_folder_on_the_wrong_canvas_names_the_fix(vits, tmp_path, small_data):
-    r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--views", "orig", "--out",
-                                  str(tmp_path / "pre")])  # fmt: skip
+    r = CliRunner().invoke(
+        main, ["preprocess", "--data", str(small_data), "--views", "orig", "--out", str(tmp_path / "pre")]
+    )
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["extract", "--model", str(vits["dinov3_vit"]), "--data", str(tmp_path / "pre"),
-                                  "--cache", str(tmp_path / "c")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(vits["dinov3_vit"]),
+            "--data",
+            str(tmp_path / "pre"),
+            "--cache",
+            str(tmp_path / "c"),
+        ],
+    )
     assert r.exit_code == 2 and r.output.count("\n") == 1
     assert "preprocessed on a 140 px canvas" in r.output and "--canvas 144" in r.output
-    r = CliRunner().invoke(main, ["preprocess", "--data", str(small_data), "--views", "orig", "--canvas", "144",
-                                  "--out", str(tmp_path / "pre144")])  # fmt: skip
-    r = CliRunner().invoke(main, ["extract", "--model", str(vits["dinov3_vit"]), "--data", str(tmp_path / "pre144"),
-                                  "--cache", str(tmp_path / "c")])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "preprocess",
+            "--data",
+            str(small_data),
+            "--views",
+            "orig",
+            "--canvas",
+            "144",
+            "--out",
+            str(tmp_path / "pre144"),
+        ],
+    )
+    r = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(vits["dinov3_vit"]),
+            "--data",
+            str(tmp_path / "pre144"),
+            "--cache",
+            str(tmp_path / "c"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert FeatureStore.open(r.output.strip().splitlines()[-1]).attrs["patch_grid"] == [9, 9]
 
@@ -216,12 +283,36 @@ def test_map_and_store_checks_mix_patch_sizes(vits, tmp_path, small_data):
         r = CliRunner().invoke(main, ["extract", "--model", str(m), *common])
         assert r.exit_code == 0, r.output
         stores.append(r.output.strip().splitlines()[-1])
-    r = CliRunner().invoke(main, ["map", "--model", str(vits["dinov3_vit"]), "--model", str(d2), "--no-umap",
-                                  "--out", str(tmp_path / "maps"), *common])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "map",
+            "--model",
+            str(vits["dinov3_vit"]),
+            "--model",
+            str(d2),
+            "--no-umap",
+            "--out",
+            str(tmp_path / "maps"),
+            *common,
+        ],
+    )
     assert r.exit_code == 0, r.output
     # --store with --data: checked against the data preprocessed at the store's own (rounded) canvas
-    r = CliRunner().invoke(main, ["map", "--store", stores[0], "--store", stores[1], "--no-umap", "--out",
-                                  str(tmp_path / "maps"), *common])  # fmt: skip
+    r = CliRunner().invoke(
+        main,
+        [
+            "map",
+            "--store",
+            stores[0],
+            "--store",
+            stores[1],
+            "--no-umap",
+            "--out",
+            str(tmp_path / "maps"),
+            *common,
+        ],
+    )
     assert r.exit_code == 0, r.output
 
 

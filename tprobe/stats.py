@@ -86,9 +86,16 @@ def reliability_table(y, p, n_bins: int = ECE_BINS) -> pd.DataFrame:
     rows = []
     for i in range(n_bins):
         sel = b == i
-        rows.append({"bin": i, "low": i / n_bins, "high": (i + 1) / n_bins, "n": int(sel.sum()),
-                     "mean_p": float(p[sel].mean()) if sel.any() else np.nan,
-                     "frac_activated": float(y[sel].mean()) if sel.any() else np.nan})  # fmt: skip
+        rows.append(
+            {
+                "bin": i,
+                "low": i / n_bins,
+                "high": (i + 1) / n_bins,
+                "n": int(sel.sum()),
+                "mean_p": float(p[sel].mean()) if sel.any() else np.nan,
+                "frac_activated": float(y[sel].mean()) if sel.any() else np.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -143,13 +150,14 @@ def _per_donor(run: str | Path) -> pd.DataFrame:
     return pd.read_parquet(Path(run) / "per_donor.parquet").set_index("donor")
 
 
-def paired_comparisons(summary: pd.DataFrame, *, against: str,
-                       metrics=("roc_auc", "average_precision")) -> pd.DataFrame:  # fmt: skip
+def paired_comparisons(
+    summary: pd.DataFrame, *, against: str, metrics=("roc_auc", "average_precision")
+) -> pd.DataFrame:
     """Each run vs ``against`` on their shared donors. ``against`` is declared, never the run that happened
-    to win: ``tprobe report`` passes :func:`tprobe.report.choose_reference`'s run (``--reference``, or a
+    to win: ``tprobe report`` passes :func:`tprobe.runs.report.choose_reference`'s run (``--reference``, or a
     rule that reads no result).
 
-    ``summary`` is :func:`tprobe.report.collect_runs`'s table (``run``, ``label``, ``roc_auc_mean``).
+    ``summary`` is :func:`tprobe.runs.report.collect_runs`'s table (``run``, ``label``, ``roc_auc_mean``).
     Only runs whose held-out donors are exactly the reference's are compared (same folds); the
     others are listed with a note. Returns one row per (run, metric): the mean and per-donor
     differences (run minus reference), the exact p-value and its Holm adjustment within the metric.
@@ -165,19 +173,42 @@ def paired_comparisons(summary: pd.DataFrame, *, against: str,
         # paired only on the same folds: the same held-out donors and the same cells scored
         same = set(per.index) == set(ref.index) and getattr(rec, "n_cells", ref_cells) == ref_cells
         for m in metrics:
-            row = {"run": rec.run, "label": rec.label, "reference": against, "reference_label": ref_label,
-                   "metric": m, "n_donors": len(per), "mean_diff": np.nan, "p": np.nan, "diffs": "",
-                   "note": ""}  # fmt: skip
+            row = {
+                "run": rec.run,
+                "label": rec.label,
+                "reference": against,
+                "reference_label": ref_label,
+                "metric": m,
+                "n_donors": len(per),
+                "mean_diff": np.nan,
+                "p": np.nan,
+                "diffs": "",
+                "note": "",
+            }
             if not same:
                 row["note"] = "different held-out donors: not paired"
             else:
                 d = (per[m] - ref.loc[per.index, m]).dropna()
-                row.update(n_donors=len(d), mean_diff=float(d.mean()) if len(d) else np.nan,
-                           p=sign_flip_test(d.to_numpy()),
-                           diffs=" ".join(f"{k.replace('donor_', 'd')}:{v:+.3f}" for k, v in d.items()))  # fmt: skip
+                row.update(
+                    n_donors=len(d),
+                    mean_diff=float(d.mean()) if len(d) else np.nan,
+                    p=sign_flip_test(d.to_numpy()),
+                    diffs=" ".join(f"{k.replace('donor_', 'd')}:{v:+.3f}" for k, v in d.items()),
+                )
             rows.append(row)
-    cols = ["label", "reference_label", "metric", "n_donors", "mean_diff", "p", "p_holm", "diffs", "note",
-            "run", "reference"]  # fmt: skip
+    cols = [
+        "label",
+        "reference_label",
+        "metric",
+        "n_donors",
+        "mean_diff",
+        "p",
+        "p_holm",
+        "diffs",
+        "note",
+        "run",
+        "reference",
+    ]
     if not rows:
         return pd.DataFrame(columns=cols)
     out = pd.DataFrame(rows)

@@ -11,8 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["save_random_dinov2", "save_random_vit", "make_multichannel", "SHAPES", "VIT_TYPES",
-           "SYNTHETIC_CHANNELS"]  # fmt: skip
+__all__ = [
+    "save_random_dinov2",
+    "save_random_vit",
+    "make_multichannel",
+    "SHAPES",
+    "VIT_TYPES",
+    "SYNTHETIC_CHANNELS",
+]
 
 # hidden, layers, heads: "small" is the real ViT-S/14 shape (same compute as dinov2-small)
 # "tiny-deep": tiny with 4 blocks, so tests can take layers -1 to -4 (last4)
@@ -39,8 +45,14 @@ def save_random_dinov2(path: str | Path, *, shape: str = "tiny", registers: int 
 
     hidden, layers, heads = SHAPES[shape]
     # the hub checkpoints use patch 14 / image 518; the configs' own defaults (16 / 224) do not
-    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                  patch_size=14, image_size=518, mlp_ratio=4)  # fmt: skip
+    common = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        patch_size=14,
+        image_size=518,
+        mlp_ratio=4,
+    )
     torch.manual_seed(seed)
     if registers:
         config = Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
@@ -52,20 +64,34 @@ def save_random_dinov2(path: str | Path, *, shape: str = "tiny", registers: int 
     path = Path(path)
     model.save_pretrained(path)
     BitImageProcessor(
-        image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225],
-        do_resize=False, do_center_crop=False,
-    ).save_pretrained(path)  # fmt: skip
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        do_resize=False,
+        do_center_crop=False,
+    ).save_pretrained(path)
     return path
 
 
 # model_type -> (patch size, image size, registers): each family's hub shape; registers only where it has them
-VIT_TYPES = {"dinov2": (14, 518, 0), "dinov2_with_registers": (14, 518, 4), "dinov3_vit": (16, 224, 4),
-             "vit": (16, 224, 0), "vit_msn": (16, 224, 0)}  # fmt: skip
+VIT_TYPES = {
+    "dinov2": (14, 518, 0),
+    "dinov2_with_registers": (14, 518, 4),
+    "dinov3_vit": (16, 224, 4),
+    "vit": (16, 224, 0),
+    "vit_msn": (16, 224, 0),
+}
 
 
-def save_random_vit(path: str | Path, *, model_type: str = "dinov3_vit", shape: str = "tiny",
-                    registers: int | None = None, seed: int = 0, image_mean=(0.485, 0.456, 0.406),
-                    image_std=(0.229, 0.224, 0.225)) -> Path:  # fmt: skip
+def save_random_vit(
+    path: str | Path,
+    *,
+    model_type: str = "dinov3_vit",
+    shape: str = "tiny",
+    registers: int | None = None,
+    seed: int = 0,
+    image_mean=(0.485, 0.456, 0.406),
+    image_std=(0.229, 0.224, 0.225),
+) -> Path:
     """Build a random ViT of ``model_type`` (see :data:`VIT_TYPES`) in its hub checkpoints' shape and save it.
 
     DINOv2 keeps patch 14 / image 518 (the config's own defaults are 16 / 224), DINOv3 has patch 16
@@ -78,12 +104,22 @@ def save_random_vit(path: str | Path, *, model_type: str = "dinov3_vit", shape: 
     if model_type not in VIT_TYPES:
         raise ValueError(f"model_type {model_type!r} is not one of {', '.join(VIT_TYPES)}")
     if model_type in ("dinov2", "dinov2_with_registers"):
-        return save_random_dinov2(path, shape=shape, seed=seed,
-                                  registers=(4 if registers is None else registers) if model_type.endswith("registers") else 0)  # fmt: skip
+        return save_random_dinov2(
+            path,
+            shape=shape,
+            seed=seed,
+            registers=(4 if registers is None else registers) if model_type.endswith("registers") else 0,
+        )
     hidden, layers, heads = SHAPES[shape]
     patch, image, regs = VIT_TYPES[model_type]
-    kw = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-              intermediate_size=4 * hidden, patch_size=patch, image_size=image)  # fmt: skip
+    kw = dict(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        patch_size=patch,
+        image_size=image,
+    )
     if model_type == "dinov3_vit":
         kw["num_register_tokens"] = regs if registers is None else registers
     torch.manual_seed(seed)
@@ -91,8 +127,9 @@ def save_random_vit(path: str | Path, *, model_type: str = "dinov3_vit", shape: 
     model.config.tprobe_random_init = True
     path = Path(path)
     model.save_pretrained(path)
-    BitImageProcessor(image_mean=list(image_mean), image_std=list(image_std), do_resize=False,
-                      do_center_crop=False).save_pretrained(path)  # fmt: skip
+    BitImageProcessor(
+        image_mean=list(image_mean), image_std=list(image_std), do_resize=False, do_center_crop=False
+    ).save_pretrained(path)
     return path
 
 
@@ -101,8 +138,14 @@ SYNTHETIC_CHANNELS = ("nadh", "fad", "mask")
 SYNTHETIC_MAX = {"nadh": 4095, "fad": 4095, "mask": 65535}
 
 
-def make_multichannel(out: str | Path, *, source: str | Path | None = None, layout: str = "chw",
-                      donors=None, per_class: int | None = None) -> Path:  # fmt: skip
+def make_multichannel(
+    out: str | Path,
+    *,
+    source: str | Path | None = None,
+    layout: str = "chw",
+    donors=None,
+    per_class: int | None = None,
+) -> Path:
     """Write a 3-channel 16-bit copy of the sample (``donor_N/<class>/`` folders) under ``out``.
 
     Channels (:data:`SYNTHETIC_CHANNELS`): ``nadh`` the real 8-bit image on a 12-bit scale (x 16),
@@ -116,7 +159,7 @@ def make_multichannel(out: str | Path, *, source: str | Path | None = None, layo
     from PIL import Image
     from scipy.ndimage import uniform_filter
 
-    from tprobe.dataset import DEFAULT_DATA
+    from tprobe.data.dataset import DEFAULT_DATA
 
     if layout not in ("chw", "hwc", "files"):
         raise ValueError(f"layout {layout!r} is not one of chw, hwc, files")
@@ -129,8 +172,11 @@ def make_multichannel(out: str | Path, *, source: str | Path | None = None, layo
             (out / donor_dir.name / cls_dir.name).mkdir(parents=True, exist_ok=True)
             for f in files:
                 img = np.asarray(Image.open(f)).astype(np.uint16)
-                planes = {"nadh": img * 16, "fad": (uniform_filter(img.astype(np.float32), 3) * 6).astype(np.uint16),
-                          "mask": np.where(img > 20, 65535, 0).astype(np.uint16)}  # fmt: skip
+                planes = {
+                    "nadh": img * 16,
+                    "fad": (uniform_filter(img.astype(np.float32), 3) * 6).astype(np.uint16),
+                    "mask": np.where(img > 20, 65535, 0).astype(np.uint16),
+                }
                 stem = out / donor_dir.name / cls_dir.name / f.stem
                 if layout == "files":
                     for name, plane in planes.items():

@@ -1,0 +1,1 @@
+"""The embedding cache: store keys and formats, the extractor, status checks and export."""

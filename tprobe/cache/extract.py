@@ -1,0 +1,759 @@
+"""Run every kept image view through a backbone once and write its tokens to a store.
+
+The pipeline (after clip-retrieval's reader -> mapper -> writer -> runner):
+
+- **reader**: a ``DataLoader`` over whole batches (batches never cross a store unit). Each batch
+  decodes each of its source images once and ships each cell's canvas once (uint8 when exact); the
+  views (rot90/flip) and the normalisation are made on the model's device
+  (``--loader-workers`` processes decode ahead of the model; ``--workers N`` is N whole extract
+  processes, one shard each: :func:`run_workers`).
+- **mapper**: the model under ``inference_mode`` and autocast; tokens split by the
+  :class:`~tprobe.models.tokens.TokenLayout`.
+- **writer**: background threads behind a bounded queue compress, write and fsync whole units
+  (chunks; several at once) and mark each done, while the model computes the next one.
+- **runner** (:func:`extract`): keys, resume, shards, progress and per-stage timings.
+
+Units already done are skipped, so a rerun resumes; ``shard=(i, N)`` takes units ``i::N``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tprobe import __version__
+from tprobe.cache.store import (
+    FORMATS,
+    TOKENS,
+    FeatureStore,
+    _atomic_write,
+    manifest_hash,
+    manifest_path,
+    rows_hash,
+)
+from tprobe.data.preprocess import PreprocessConfig, Preprocessed, apply_view, load_canvas
+from tprobe.errors import TprobeError
+from tprobe.models.backbones import (
+    Backbone,
+    ModelRef,
+    normalisation,
+    normalisation_tag,
+    parse_layers,
+    pick_device,
+)
+
+__all__ = [
+    "ExtractResult",
+    "StageTimes",
+    "WorkersResult",
+    "extract",
+    "run_workers",
+    "worker_env",
+    "store_dir",
+    "store_path",
+    "store_name",
+    "manifest_path",
+    "find_store",
+    "resolve_precision",
+    "estimate_bytes",
+    "DEFAULT_CACHE",
+    "PRECISIONS",
+]
+log = logging.getLogger(__name__)
+DEFAULT_CACHE = Path("cache")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PROGRESS_EVERY_S = 10.0  # plain progress lines in logs when stderr is not a terminal
+
+
+# ---- keys ------------------------------------------------------------------------------------
+def store_dir(cache: str | Path, pre: Preprocessed, ref: ModelRef) -> Path:
+    """``cache/<dataset-fingerprint>/<preprocess-hash>/<model-slug>@<resolved-revision>``."""
+    return Path(cache) / pre.fingerprint / pre.config.hash / ref.slug
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> fp16 on CUDA, fp32 elsewhere; checks the choice against the device."""
+    if precision not in PRECISIONS:
+        raise TprobeError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        precision = "fp16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise TprobeError("precision fp16 is for GPUs; on CPU use bf16 or fp32")
+    return precision
+
+
+def store_name(
+    pre: Preprocessed,
+    *,
+    dtype: str = "float16",
+    precision: str = "fp32",
+    fmt: str = "zarr",
+    tokens=TOKENS,
+    norm: tuple | None = None,
+    layers=(-1,),
+    patch_layers=(-1,),
+) -> str:
+    """``<dtype>-<precision>-<rows-hash>[-<tokens>][-n<norm>][-L<layers>][-P<patch layers>].zarr|.h5``: all that
+    keys a store beyond its folder.
+
+    ``layers`` / ``patch_layers`` (negative indices, :func:`~tprobe.models.backbones.parse_layers`) add
+    ``-L-7_-4_-1`` / ``-P-4_-1`` unless they are ``(-1,)``: a store of the last block keeps today's name.
+
+    ``norm`` (the model's input mean, std) adds ``-n<hash>`` unless it is ImageNet's
+    (:func:`~tprobe.models.backbones.normalisation_tag`); the rest of what changes pixel values (canvas,
+    resize, channel mapping) is in the preprocessing hash of the folder.
+    """
+    if fmt not in FORMATS:
+        raise TprobeError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+    part = "" if set(tokens) == set(TOKENS) else "-" + "+".join(t for t in TOKENS if t in tokens)
+    part += normalisation_tag(*norm) if norm else ""
+    part += "" if tuple(layers) == (-1,) else "-L" + "_".join(map(str, layers))
+    part += (
+        ""
+        if tuple(patch_layers) == (-1,) or "patches" not in tokens
+        else "-P" + "_".join(map(str, patch_layers))
+    )
+    return f"{dtype}-{precision}-{rows_hash(pre.kept['image_id'])[:8]}{part}{FORMATS[fmt]}"
+
+
+def store_path(
+    cache,
+    pre: Preprocessed,
+    ref: ModelRef,
+    dtype="float16",
+    fmt="zarr",
+    precision="fp32",
+    tokens=TOKENS,
+    norm: tuple | None = None,
+    layers=(-1,),
+    patch_layers=(-1,),
+) -> Path:
+    """The store's path; ``norm`` defaults to the normalisation ``ref``'s files give (read offline);
+    ``layers`` / ``patch_layers`` as given to ``--layers`` (text or ints, checked against the model)."""
+    norm = norm or normalisation(ref, offline=True)
+    layers = parse_layers(layers, ref.num_layers)
+    patch_layers = parse_layers(patch_layers, ref.num_layers, "--patch-layers")
+    return store_dir(cache, pre, ref) / store_name(
+        pre,
+        dtype=dtype,
+        precision=precision,
+        fmt=fmt,
+        tokens=tokens,
+        norm=norm,
+        layers=layers,
+        patch_layers=patch_layers,
+    )
+
+
+def find_store(
+    cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None, precision=None, layered: bool = False
+) -> Path:
+    """The complete store for this data, preprocessing, row order and model; error naming the fix if none.
+
+    ``layered``: first the most recently written complete store of several layers (``--layers``), if any."""
+    norm = normalisation(ref, offline=True)
+    if layered:
+        rows = rows_hash(pre.kept["image_id"])[:8]
+        found = sorted(
+            (
+                p
+                for p in store_dir(cache, pre, ref).glob(f"*-{rows}*-L*")
+                if p.suffix in FORMATS.values() and not p.with_name(p.name + ".progress").exists()
+            ),
+            key=lambda p: p.stat().st_mtime,
+        )
+        if found:
+            return found[-1]
+    candidates = [
+        store_path(cache, pre, ref, d, f, p, norm=norm)
+        for d in ([dtype] if dtype else ["float16", "float32"])
+        for p in ([precision] if precision else ["fp32", "bf16", "fp16"])
+        for f in ([fmt] if fmt else list(FORMATS))
+    ]
+    for path in candidates:
+        if path.exists() and not path.with_name(path.name + ".progress").exists():
+            return path
+    raise TprobeError(
+        f"no complete feature store for model {ref.name!r} on this data and preprocessing under "
+        f"{store_dir(cache, pre, ref)}; run `tprobe extract --model {ref.name}` with the same --data and "
+        "preprocessing options first"
+    )
+
+
+def estimate_bytes(
+    n_rows: int,
+    hidden: int,
+    registers: int,
+    patches: int,
+    dtype: str = "float16",
+    tokens=TOKENS,
+    channels: int = 1,
+    layers: int = 1,
+    patch_layers: int = 1,
+) -> int:
+    """Uncompressed size of a store's token arrays (random-weight tokens compress little)."""
+    per = {"cls": layers, "registers": registers * layers, "patches": patches * patch_layers}
+    return n_rows * channels * hidden * np.dtype(dtype).itemsize * sum(per[t] for t in tokens)
+
+
+# ---- reader ----------------------------------------------------------------------------------
+VIEW_CODES = ("orig", "r90", "r180", "r270", "fliph", "flipv", "transpose", "antitranspose")
+
+
+class _Batches(Dataset):
+    """Item ``b`` is batch ``b`` as each cell's canvas once plus which view of which canvas each row is.
+
+    The canvases travel as uint8 when they hold whole numbers 0..255 (8-bit sources without a
+    resize: 4x less than float32), float32 otherwise; :func:`_device_views` derives the views and
+    scales them to [0, 1] on the model's device.
+    """
+
+    def __init__(self, rows: pd.DataFrame, batches: list[list[int]], config: PreprocessConfig):
+        self.paths = rows["path"].tolist()
+        self.views = rows["view"].tolist()
+        for v in set(self.views) - set(VIEW_CODES):
+            raise TprobeError(f"unknown view {v!r}; known views: {', '.join(VIEW_CODES)}")
+        self.batches = batches
+        self.config = config
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, b):
+        t0 = time.perf_counter()
+        index, canvases, src = {}, [], []
+        for i in self.batches[b]:
+            path = self.paths[i]
+            if path not in index:
+                index[path] = len(canvases)
+                canvases.append(load_canvas(path, self.config))
+            src.append(index[path])
+        stack = np.stack(canvases)
+        small = stack.astype(np.uint8)
+        if np.array_equal(small, stack):  # whole numbers 0..255: exact as uint8
+            stack = small
+        views = torch.tensor([VIEW_CODES.index(self.views[i]) for i in self.batches[b]])
+        return torch.from_numpy(stack), torch.tensor(src), views, len(canvases), time.perf_counter() - t0
+
+
+def _view(x: torch.Tensor, code: int) -> torch.Tensor:
+    """:func:`~tprobe.data.preprocess.apply_view` in torch on the last two axes (the same exact permutation)."""
+    d = (-2, -1)
+    return [
+        lambda a: a,
+        lambda a: torch.rot90(a, 1, d),
+        lambda a: torch.rot90(a, 2, d),
+        lambda a: torch.rot90(a, 3, d),
+        lambda a: a.flip(-1),
+        lambda a: a.flip(-2),
+        lambda a: a.transpose(-1, -2),
+        lambda a: torch.rot90(a, 2, d).transpose(-1, -2),
+    ][code](x)
+
+
+def _device_views(
+    canvases: torch.Tensor, src: torch.Tensor, views: torch.Tensor, dev, *, host: bool | None = None
+) -> torch.Tensor:
+    """The batch's views on ``dev``, in the canvases' own dtype, from each cell's canvas shipped once.
+
+    Equal to ``apply_view(canvas, view)`` on the host: a permutation, no arithmetic. On a CPU device
+    (``host``) numpy makes them: one thread and no torch thread-pool hand-offs for these small copies.
+    """
+    if host if host is not None else torch.device(dev).type == "cpu":
+        arr, codes = canvases.numpy(), views.tolist()
+        return torch.from_numpy(
+            np.stack([apply_view(arr[s], VIEW_CODES[c]) for s, c in zip(src.tolist(), codes, strict=True)])
+        )
+    x = canvases.to(dev, non_blocking=True)
+    codes, src_l = views.tolist(), src.tolist()
+    parts, order = [], []
+    for code in sorted(set(codes)):  # one gather + one permutation per view kind, then rows back in order
+        rows = [r for r, c in enumerate(codes) if c == code]
+        parts.append(_view(x.index_select(0, torch.tensor([src_l[r] for r in rows], device=dev)), code))
+        order += rows
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if order != sorted(order):
+        out = out.index_select(0, torch.from_numpy(np.argsort(order)).to(dev))
+    return out
+
+
+def _pixel_values(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
+    """The model's normalised input for views ``x`` (0..255): ``backbone.pixel_values(x / 255.0)``, on x's device.
+
+    (A per-channel table of the 256 levels gathered on the CPU was 2x slower than these three
+    elementwise passes; measured in docs/guide/benchmarks.md.)
+    """
+    if x.device.type == "cpu":  # numpy's float32 division, one thread (as the host path always did)
+        return backbone.pixel_values(torch.from_numpy(x.numpy().astype(np.float32) / np.float32(255.0)))
+    return backbone.pixel_values(x.to(torch.float32).div_(255.0))
+
+
+# ---- writer ----------------------------------------------------------------------------------
+class _Writer:
+    """Background threads writing whole units from a bounded queue; errors surface in the runner.
+
+    ``threads`` units are compressed at once (Blosc releases the GIL; each unit is its own chunk
+    files and marker, and a chunk's bytes do not depend on which thread wrote it).
+    """
+
+    def __init__(self, store: FeatureStore, depth: int = 2, threads: int = 1):
+        self.store, self.seconds, self.error = store, 0.0, None
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, threads))
+        self.lock = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"tprobe-writer-{i}", daemon=True)
+            for i in range(max(1, threads))
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self):
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                t0 = time.perf_counter()
+                try:
+                    self.store.write_unit(*item)
+                except BaseException as exc:  # noqa: BLE001 - handed to the runner thread
+                    self.error = exc
+                with self.lock:
+                    self.seconds += time.perf_counter() - t0
+
+    def put(self, unit: int, tokens: dict) -> float:
+        """Queue a unit; returns the seconds spent waiting for room (the writer was behind)."""
+        self.check()
+        t0 = time.perf_counter()
+        self.queue.put((unit, tokens))
+        return time.perf_counter() - t0
+
+    def check(self):
+        if self.error is not None:
+            raise self.error
+
+    def close(self, *, drain: bool = True):
+        if not drain:  # interrupted: finish the units in hand, drop the rest (they are not marked done)
+            while not self.queue.empty():
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join()
+        self.check()
+
+
+# ---- runner ----------------------------------------------------------------------------------
+@dataclass
+class StageTimes:
+    """Seconds per stage of one extract run (the writer's seconds overlap the model's)."""
+
+    read: float = 0.0  # decode + views, summed over reader workers (in the loop when workers=0)
+    wait_data: float = 0.0  # the model waited for the reader
+    forward: float = 0.0  # model forward + copy to host
+    write: float = 0.0  # compress + write + fsync, summed over the writer threads
+    wait_write: float = 0.0  # the model waited for the writer's queue
+    total: float = 0.0
+    decodes: int = 0  # source images decoded
+
+    def to_dict(self) -> dict:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+    def line(self) -> str:
+        return (
+            f"read {self.read:.1f} s, model waited {self.wait_data:.1f} s for data, forward {self.forward:.1f} s, "
+            f"write {self.write:.1f} s (waited {self.wait_write:.1f} s)"
+        )
+
+
+@dataclass
+class ExtractResult:
+    path: Path
+    status: str  # "up to date" | "written" | "partial (shard)"
+    rows: int
+    seconds: float = 0.0
+    images: int = 0
+    times: StageTimes = field(default_factory=StageTimes)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
+
+
+def extract(
+    pre: Preprocessed,
+    model: ModelRef | Backbone,
+    *,
+    cache: str | Path = DEFAULT_CACHE,
+    fmt: str = "zarr",
+    dtype: str = "float16",
+    batch_size: int | None = None,
+    chunk_rows: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+    workers: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    offline: bool = False,
+    progress: bool | None = None,
+    tokens=TOKENS,
+    compression: str = "zstd",
+    check_disk: bool = True,
+    layers="-1",
+    patch_layers="-1",
+    write_threads: int | None = None,
+) -> ExtractResult:
+    """Extract the chosen tokens (CLS, registers, patches) of every kept view of ``pre`` into the cache.
+
+    ``layers`` (``"-1,-4,-7"`` or ints; -1 the last block) picks the blocks whose CLS and registers are
+    stored, ``patch_layers`` those whose patch tokens are; each layer through the final layer norm
+    (:meth:`~tprobe.models.backbones.Backbone.layer_outputs`). The store is keyed by the data, preprocessing,
+    row order, model content, precision, dtype, tokens and layers; a complete store with the same key
+    is left as it is ("up to date"). ``workers`` are the DataLoader's decoding processes (the CLI's
+    ``--loader-workers``); ``write_threads`` units are compressed at once [default: min(4, cores)].
+    """
+    ref = model.ref if isinstance(model, Backbone) else model
+    dev = model.device if isinstance(model, Backbone) else pick_device(device)
+    precision = resolve_precision(precision, dev)
+    tokens = tuple(t for t in TOKENS if t in tokens)
+    layers = parse_layers(layers, ref.num_layers)
+    patch_layers = (
+        parse_layers(patch_layers, ref.num_layers, "--patch-layers") if "patches" in tokens else (-1,)
+    )
+    norm = (model.mean, model.std) if isinstance(model, Backbone) else normalisation(ref, offline)
+    path = store_path(
+        cache, pre, ref, dtype, fmt, precision, tokens, norm=norm, layers=layers, patch_layers=patch_layers
+    )
+    kept = pre.kept
+    if path.exists() and not path.with_name(path.name + ".progress").exists():
+        FeatureStore.open(path)  # removes what killed workers left beside it; refuses a missing chunk
+        _write_manifest(manifest_path(path), kept)  # restores an edited or deleted manifest
+        return ExtractResult(path, "up to date", len(kept))
+    if isinstance(model, Backbone):
+        backbone = model
+    else:
+        backbone = Backbone.from_pretrained(ref, device=str(dev), offline=offline)
+        if (backbone.mean, backbone.std) != norm:
+            raise TprobeError(f"model {ref.name}: its preprocessor_config.json changed while loading; rerun")
+    layout = backbone.layout(pre.config.canvas)
+    channels = pre.config.per_channel  # a channel axis in per-channel mode
+    if check_disk and not path.with_name(path.name + ".progress").exists():
+        _check_disk(
+            path,
+            estimate_bytes(
+                len(kept),
+                layout.hidden,
+                layout.registers,
+                layout.patches,
+                dtype,
+                tokens,
+                max(1, len(channels)),
+                len(layers),
+                len(patch_layers),
+            ),
+        )
+    _write_manifest(manifest_path(path), kept)
+    store = FeatureStore.create(
+        path,
+        row_ids=kept["image_id"].tolist(),
+        hidden=layout.hidden,
+        registers=layout.registers,
+        patches=layout.patches,
+        chunk_rows=chunk_rows,
+        dtype=dtype,
+        tokens=tokens,
+        compression=compression,
+        channels=channels,
+        attrs=_attrs(pre, backbone, layout, dtype, precision, layers, patch_layers),
+        layers=layers,
+        patch_layers=patch_layers,
+    )
+    units = store.pending_units(shard)
+    batch_size = batch_size or (64 if dev.type == "cuda" else 16)
+    batches, owner = [], []
+    for u in units:
+        sl = store.unit_slice(u)
+        for s in range(sl.start, sl.stop, batch_size):
+            batches.append(list(range(s, min(sl.stop, s + batch_size))))
+            owner.append(u)
+    workers = workers if workers is not None else (min(8, _cpus()) if dev.type == "cuda" else 0)
+    loader = DataLoader(
+        _Batches(kept, batches, pre.config),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
+    todo = sum(len(b) for b in batches)
+    times = StageTimes()
+    names = list(store.shapes)
+    out_dtype = getattr(torch, dtype)  # torch's float16 rounding equals numpy's astype, and is ~10x faster
+    t0 = time.perf_counter()
+    bar = _Progress(todo, f"extract {ref.name}", progress)
+    writer = _Writer(store, threads=write_threads or min(4, _cpus()))
+    buffer: dict[str, list] = {n: [] for n in names}
+    ok = False
+    try:
+        with backbone.fixed_canvas(pre.config.canvas):
+            forward = _forward_fn(
+                backbone, precision, compile, (*layers, *patch_layers) if store.layered else None
+            )
+            take = _token_taker(layout, layers, patch_layers) if store.layered else None
+            it = iter(loader)
+            for b in range(len(batches)):
+                tw = time.perf_counter()
+                canvases, src, views, decodes, read_s = next(it)
+                times.wait_data += time.perf_counter() - tw
+                times.read += read_s
+                times.decodes += decodes
+                tf = time.perf_counter()
+                images = _device_views(canvases, src, views, dev)
+                if channels:  # (B, C, H, W): every channel through the model on its own, as grey
+                    hidden = forward(_pixel_values(backbone, images.flatten(0, 1)))
+                else:
+                    hidden = forward(_pixel_values(backbone, images))
+                # {token: (B', ...)}: the last block's split, or each chosen layer's on a layer axis
+                parts = dict(zip(TOKENS, layout.split(hidden), strict=True)) if take is None else take(hidden)
+                if channels:
+                    parts = {n: v.unflatten(0, (len(images), len(channels))) for n, v in parts.items()}
+                for n in names:  # cast to the store's dtype in torch (on the device: half the copy to host)
+                    buffer[n].append(parts[n].to(out_dtype).cpu().numpy())
+                times.forward += time.perf_counter() - tf
+                bar.update(len(images))
+                if b + 1 == len(batches) or owner[b + 1] != owner[b]:  # the unit is whole
+                    times.wait_write += writer.put(
+                        owner[b], {n: np.concatenate(v) for n, v in buffer.items()}
+                    )
+                    buffer = {n: [] for n in names}
+        ok = True
+    except torch.cuda.OutOfMemoryError:
+        raise TprobeError(
+            f"out of GPU memory at batch size {batch_size}; finished chunks are kept — "
+            "rerun with a smaller --batch-size to resume"
+        ) from None
+    finally:
+        bar.close()
+        writer.close(drain=ok)
+    times.write = writer.seconds
+    times.total = time.perf_counter() - t0
+    sealed = store.finalize()  # any worker that finds every unit done seals the store
+    status = "written" if sealed else "partial (shard)"
+    return ExtractResult(path, status, len(kept), times.total, todo, times)
+
+
+# ---- one node, many workers ------------------------------------------------------------------
+@dataclass
+class WorkersResult:
+    status: str  # "written" | "up to date" | "partial (shard)"
+    seconds: float
+    codes: list[int]  # each worker's exit status
+
+
+def worker_env(i: int, n: int, devices: list[str], cores: int | None = None) -> dict[str, str]:
+    """Worker ``i`` of ``n``'s environment: its device (``CUDA_VISIBLE_DEVICES``), or on CPU cores/n threads."""
+    import os
+
+    env = dict(os.environ)
+    if devices:
+        env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+    else:
+        threads = str(max(1, (cores or _cpus()) // n))
+        env.update(
+            OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads
+        )  # torch takes its thread count from these
+    return env
+
+
+def run_workers(args: list[str], path: Path, n: int, devices: list[str]) -> WorkersResult:
+    """Run ``tprobe extract ARGS --shard i/n`` as ``n`` processes on this node and wait for all of them.
+
+    The same shard contract as SLURM array tasks: each takes units ``i::n``; whichever finds every
+    unit done seals the store. A worker that dies leaves its finished units; the others run on, and a
+    rerun of the same command redoes only the missing units.
+    """
+    import subprocess
+    import sys
+
+    t0 = time.perf_counter()
+    procs = []
+    for i in range(n):
+        cmd = [sys.executable, "-m", "tprobe.cli", "extract", *args, "--shard", f"{i}/{n}"]
+        procs.append(subprocess.Popen(cmd, env=worker_env(i, n, devices), stdout=subprocess.DEVNULL))
+    codes = [p.wait() for p in procs]
+    sealed = path.exists() and not path.with_name(path.name + ".progress").exists()
+    return WorkersResult("written" if sealed else "partial (shard)", time.perf_counter() - t0, codes)
+
+
+class _Progress:
+    """A tqdm bar on a terminal; plain log lines every ~10 s otherwise (so logs show progress)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool | None):
+        import sys
+
+        from tqdm.auto import tqdm
+
+        self.total, self.desc, self.done, self.t0 = total, desc, 0, time.monotonic()
+        self.last = self.t0
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(
+            total=total, unit="img", desc=desc, disable=not tty if enabled is None else not enabled
+        )
+        self.plain = enabled is not False and not tty
+
+    def update(self, n: int):
+        self.bar.update(n)
+        self.done += n
+        now = time.monotonic()
+        if self.plain and (now - self.last >= PROGRESS_EVERY_S or self.done == self.total):
+            self.last = now
+            rate = self.done / (now - self.t0)
+            eta = (self.total - self.done) / rate if rate else float("nan")
+            log.info(
+                "%s: %d/%d views (%.0f%%), %.1f views/s, about %.0f s left",
+                self.desc,
+                self.done,
+                self.total,
+                100 * self.done / max(1, self.total),
+                rate,
+                eta,
+            )
+
+    def close(self):
+        self.bar.close()
+
+
+def _check_disk(path: Path, need: int) -> None:
+    import shutil
+
+    folder = path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    log.info(
+        "storage estimate: %.2f GB uncompressed for %s (%.1f GB free)", need / 1e9, path.name, free / 1e9
+    )
+    if need > free:
+        raise TprobeError(
+            f"{folder}: the store needs about {need / 1e9:.1f} GB (uncompressed) but the disk has "
+            f"{free / 1e9:.1f} GB free; free space, pick --tokens cls,registers, or --cache elsewhere"
+        )
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _forward_fn(backbone: Backbone, precision: str, compile: bool, layers=None):
+    """Build the model call: inference mode, autocast per ``precision``, optional torch.compile.
+
+    It returns ``last_hidden_state``, or with ``layers`` ``{layer: tokens}`` of each (through the final
+    layer norm, :meth:`~tprobe.models.backbones.Backbone.layer_outputs`)."""
+    dev = backbone.device
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[resolve_precision(precision, dev)]
+    net = backbone.model
+    if compile:
+        net = torch.compile(net)
+
+    def forward(pixel_values: torch.Tensor) -> torch.Tensor:
+        ctx = torch.autocast(dev.type, dtype=amp) if amp else nullcontext()
+        with torch.inference_mode(), ctx:
+            return net(pixel_values=pixel_values).last_hidden_state
+
+    def forward_layers(pixel_values: torch.Tensor) -> dict[int, torch.Tensor]:
+        ctx = torch.autocast(dev.type, dtype=amp) if amp else nullcontext()
+        with torch.inference_mode(), ctx:
+            out = net(pixel_values=pixel_values, output_hidden_states=any(v != -1 for v in layers))
+            norm = backbone.final_norm  # as Backbone.layer_outputs: -1 is last_hidden_state, already normed
+            return {v: out.last_hidden_state if v == -1 else norm(out.hidden_states[v]) for v in set(layers)}
+
+    return forward if layers is None else forward_layers
+
+
+def _token_taker(layout, layers, patch_layers):
+    """``{layer: (B, T, D)}`` -> ``{token: (B, L, ...)}``: CLS and registers of ``layers``, patches of
+    ``patch_layers``, each stacked on a layer axis after the rows, in the store's layer order."""
+
+    def take(by_layer: dict) -> dict:
+        split = {v: layout.split(t) for v, t in by_layer.items()}
+        return {
+            "cls": torch.stack([split[v][0] for v in layers], 1),
+            "registers": torch.stack([split[v][1] for v in layers], 1),
+            "patches": torch.stack([split[v][2] for v in patch_layers], 1),
+        }
+
+    return take
+
+
+def _attrs(
+    pre: Preprocessed,
+    backbone: Backbone,
+    layout,
+    dtype: str,
+    precision: str,
+    layers=(-1,),
+    patch_layers=(-1,),
+) -> dict:
+    ref = backbone.ref
+    channels = {"channels": list(pre.config.used_channels), "channel_mode": pre.config.channel_mode}
+    layered = {
+        "layers": list(layers),
+        "patch_layers": list(patch_layers),
+        "num_hidden_layers": ref.num_layers,
+        "tokens_source": "layer -1: last_hidden_state; layer l: final layernorm(hidden_states[l]) "
+        "(DINOv2's get_intermediate_layers(norm=True))",
+    }
+    return {
+        "model": ref.name,
+        "model_source": ref.source,
+        "model_id": ref.source if not ref.is_local else f"local:{Path(ref.source).name}",
+        "revision": ref.revision or "",
+        "resolved_revision": ref.resolved,
+        "model_random_init": ref.random_init,
+        "model_type": ref.config.model_type,
+        "hidden_size": layout.hidden,
+        "num_register_tokens": layout.registers,
+        "patch_size": backbone.patch_size,
+        "image_mean": list(backbone.mean),
+        "image_std": list(backbone.std),
+        "patch_grid": [layout.grid, layout.grid],
+        "token_layout": "cls, registers[R], patches[grid*grid] (row-major) of last_hidden_state",
+        "tokens_source": "last_hidden_state (final layernorm applied)",
+        "dtype": dtype,
+        "precision": precision,
+        "preprocess": pre.config.to_dict(),
+        "preprocess_hash": pre.config.hash,
+        **(channels if pre.config.channels else {}),  # a one-channel store keeps tprobe 0.2's attributes
+        **(
+            layered if (tuple(layers), tuple(patch_layers)) != ((-1,), (-1,)) else {}
+        ),  # last block: as before
+        "dataset_fingerprint": pre.fingerprint,
+        "manifest_hash": manifest_hash(
+            pre.kept
+        ),  # rows, labels, donors: checked on every read of the manifest
+        "tprobe_version": __version__,
+    }
+
+
+def _write_manifest(path: Path, kept: pd.DataFrame) -> None:
+    """Write the store's own manifest (atomically), unless one with the same rows, labels and donors is there."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        try:
+            old = pd.read_parquet(path, columns=["image_id", "label", "donor"])
+        except (OSError, ValueError, KeyError):
+            old = None
+        if old is not None and manifest_hash(old) == manifest_hash(kept):
+            return
+    _atomic_write(path, lambda p: kept.assign(row=np.arange(len(kept))).to_parquet(p, index=False))

@@ -1,0 +1,1 @@
+"""Scaling out: SLURM arrays and one-node worker pools over the same shard contract."""

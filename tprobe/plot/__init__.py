@@ -1,0 +1,1 @@
+"""Figures shared by every stage."""

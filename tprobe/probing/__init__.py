@@ -1,0 +1,1 @@
+"""Probes: heads, splits and metrics, the CV engines, probe runs, sweeps and predictions."""

@@ -1,0 +1,1 @@
+"""Run folders: the run record every command writes, the random-weights predicate, the report."""

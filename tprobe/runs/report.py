@@ -1,0 +1,619 @@
+"""Collect run directories into one comparison table, with figures, as Markdown, Parquet/CSV and HTML.
+
+Published reference numbers are a separate, labelled block and are never mixed with measured rows.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+
+from tprobe.errors import TprobeError
+from tprobe.runs.record import RunRecord, inside, read_json
+
+log = logging.getLogger(__name__)
+__all__ = [
+    "collect_runs",
+    "write_report",
+    "display_table",
+    "is_random_init",
+    "choose_reference",
+    "PUBLISHED",
+    "RANDOM_MARK",
+    "REFERENCE_RULE",
+    "BATCH_CONFOUND",
+]
+
+# Published results, as reported (not measured here).
+PUBLISHED = pd.DataFrame(
+    [
+        (
+            "Wang et al. 2019, sample, test donors 1,2,3,5,6 (mean AUC)",
+            "frequency classifier",
+            None,
+            None,
+            0.50,
+        ),
+        (
+            "Wang et al. 2019, sample, test donors 1,2,3,5,6 (mean AUC)",
+            "pixel logistic regression",
+            None,
+            None,
+            0.79,
+        ),
+        (
+            "Wang et al. 2019, sample, test donors 1,2,3,5,6 (mean AUC)",
+            "one-layer NN on pixels",
+            None,
+            None,
+            0.86,
+        ),
+        ("Wang et al. 2019, sample, test donors 1,2,3,5,6 (mean AUC)", "LeNet", None, None, 0.93),
+        (
+            "Wang et al. 2019, sample, test donors 1,2,3,5,6 (mean AUC)",
+            "Inception v3 off-the-shelf",
+            None,
+            None,
+            0.92,
+        ),
+        (
+            "Wang et al. 2019, sample, test donors 1,2,3,5,6 (mean AUC)",
+            "Inception v3 fine-tuned",
+            None,
+            None,
+            0.94,
+        ),
+        ("Wang et al. 2019, full data, held-out donors", "Inception v3 fine-tuned", 0.936, 0.964, 0.967),
+        ("DINOv2 study, Table 3 (test)", "ViT-S/14 with registers, linear head", 0.922, 0.925, 0.916),
+    ],
+    columns=["source", "model", "accuracy", "average_precision", "roc_auc"],
+)
+
+METRICS = (
+    "accuracy",
+    "average_precision",
+    "roc_auc",
+    "brier",
+    "ece",
+)  # brier, ece: calibration (lower is better)
+
+
+RANDOM_MARK = "PLUMBING CHECK: random weights, not a result"
+
+
+def is_random_init(config) -> bool:
+    """True when a run's features come from a randomly initialised model (``RunRecord.random_weights``)."""
+    from tprobe.runs.record import RunRecord
+
+    return (config if isinstance(config, RunRecord) else RunRecord.from_dict(config)).random_weights
+
+
+def _family(record) -> tuple[str, str]:
+    cmd, o, feats = record.command, record.options, record.features
+    if cmd == "baseline":
+        return "baseline", " · ".join(filter(None, [o.get("baseline", feats.name), record.channels_text]))
+    model = " · ".join(filter(None, [record.model_name, record.channels_text]))  # + channel mode and names
+    if cmd == "finetune":
+        mode = (
+            "frozen"
+            if o.get("freeze")
+            else (f"last {o['unfreeze_last']}" if o.get("unfreeze_last") else "full")
+        )
+        return "finetune", f"{model} · {feats.pool or o.get('pool')} · {mode}"
+    if feats.kind in ("table", "pixels"):
+        from tprobe.plot.figures import source_label
+
+        return "probe", f"{source_label(feats.name)} · {o.get('head')}"
+    return "probe", f"{model} · {feats.pool} · {o.get('head')}"
+
+
+def collect_runs(root: str | Path) -> pd.DataFrame:
+    """One row per run directory below ``root`` (any folder with config.json + metrics.json).
+
+    Columns: family, model (model · pool · head), run_name (the run folder), random_init, command, head,
+    pool (store runs), baseline (baseline runs), split,
+    n_donors, n_cells (cells scored, summed over held-out donors), ``<metric>_{mean,sd,ci_low,ci_high}``,
+    run (path) and label (model + run name, unique per run).
+    """
+    rows, incomplete = [], []
+    for metrics_path in sorted(Path(root).rglob("metrics.json")):
+        run = metrics_path.parent
+        if not (run / "config.json").exists():
+            continue
+        if not (run / "per_donor.parquet").exists():  # interrupted before its results were written
+            log.info("incomplete run %s: no per_donor.parquet (interrupted?); left out of the report", run)
+            incomplete.append(str(run))
+            continue
+        try:
+            record, met = RunRecord.load(run), read_json(metrics_path)
+            met["summary"].get  # noqa: B018 - a metrics.json without a summary dict is skipped
+        except (TprobeError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("skipping %s: %s", run, exc)
+            continue
+        family, name = _family(record)
+        folds = met.get("folds", [])
+        row = {
+            "family": family,
+            "model": name,
+            "run_name": run.name,
+            "random_init": record.random_weights,
+            "command": record.command,
+            "head": record.options.get("head"),
+            "pool": record.features.pool if record.features.kind == "store" else None,
+            "baseline": record.options.get("baseline"),
+            "split": record.options.get("split"),
+            "n_donors": len(folds),
+            "n_cells": int(sum(int(f.get("n") or 0) for f in folds)),
+            "run": str(run),
+        }
+        for m in METRICS:
+            s = met["summary"].get(m, {})
+            for k in ("mean", "sd", "ci_low", "ci_high"):
+                row[f"{m}_{k}"] = s.get(k)
+        rows.append(row)
+    if not rows:
+        raise TprobeError(
+            f"{root}: no run directories (readable metrics.json + config.json) found; run `tprobe probe` first"
+        )
+    out = (
+        pd.DataFrame(rows)
+        .sort_values(["family", "roc_auc_mean"], ascending=[True, False])
+        .reset_index(drop=True)
+    )
+    out["label"] = [
+        f"{m} · {r}" + (" · RANDOM WEIGHTS" if rnd else "")
+        for m, r, rnd in zip(out["model"], out["run_name"], out["random_init"], strict=True)
+    ]
+    out.attrs["incomplete"] = incomplete  # run folders left out: interrupted before per_donor.parquet
+    return out
+
+
+REFERENCE_RULE = (
+    "the default reference is fixed by a rule that reads no result: the logistic-regression probe on CLS "
+    "tokens (a model without random weights; with several, the first run folder by path), else the "
+    "frequency baseline, else the first run folder by path (preferring runs without random weights); "
+    "`tprobe report --reference NAME` sets it"
+)
+
+BATCH_CONFOUND = (
+    "Batch confound: every imaging batch holds one class (all activated or all quiescent), so features "
+    "that recognise the batch or the donor also separate the classes; only donor-held-out numbers count, "
+    "and `tprobe map` reports donor and batch predictability within each class."
+)
+
+
+def choose_reference(summary: pd.DataFrame, name: str | None = None) -> tuple[str, str]:
+    """The run every other run is compared with, and a sentence saying how it was chosen.
+
+    ``name`` (``--reference``): a run folder's name, its path, or a part of its name matching one run
+    only; a name matching no run, or several, is a one-line error. Without ``name`` the rule in
+    :data:`REFERENCE_RULE` picks it; it never looks at a metric, so the comparisons are declared
+    before the results are seen.
+    """
+    runs = summary.sort_values("run")
+    if name is not None:
+        hit = runs[(runs["run_name"] == name) | (runs["run"] == str(name))]
+        if not len(hit):
+            hit = runs[runs["run_name"].str.contains(str(name), regex=False)]
+        if len(hit) != 1:
+            have = ", ".join(runs["run_name"])
+            what = (
+                "matches no run"
+                if not len(hit)
+                else f"matches {len(hit)} runs ({', '.join(hit['run_name'])})"
+            )
+            raise TprobeError(f"--reference {name!r} {what}; use one run folder name of: {have}")
+        return (
+            hit["run"].iloc[0],
+            f"`{hit['run_name'].iloc[0]}`, named with --reference (a comparison to fix before looking at the results)",
+        )
+
+    def col(c):
+        return runs[c] if c in runs.columns else pd.Series(None, index=runs.index)
+
+    logreg_cls = runs[
+        (col("command") == "probe")
+        & (col("head") == "logreg")
+        & (col("pool") == "cls")
+        & ~runs["random_init"].astype(bool)
+    ]
+    if len(logreg_cls):
+        r = logreg_cls.iloc[0]
+        why = "the logistic-regression probe on CLS tokens" + (
+            f" (the first of {len(logreg_cls)} such runs by folder path)" if len(logreg_cls) > 1 else ""
+        )
+    else:
+        freq = runs[(col("command") == "baseline") & (col("baseline") == "frequency")]
+        if len(freq):
+            r, why = freq.iloc[0], "the frequency baseline (no logistic-regression probe on CLS tokens here)"
+        else:
+            real = runs[~runs["random_init"].astype(bool)]
+            r = (real if len(real) else runs).iloc[0]
+            why = (
+                "the first run folder by path (without random weights, if any): neither a logistic-regression "
+                "probe on CLS tokens nor a frequency baseline is here"
+            )
+    return r["run"], f"`{r['run_name']}`, {why}; fixed by rule before the results were read"
+
+
+def _fmt(mean, sd) -> str:
+    if mean is None or pd.isna(mean):
+        return "–"
+    return f"{mean:.3f} ± {sd:.3f}" if sd is not None and not pd.isna(sd) else f"{mean:.3f}"
+
+
+def _ci(lo, hi) -> str:
+    if lo is None or hi is None or pd.isna(lo) or pd.isna(hi):
+        return "–"
+    return f"[{lo:.3f}, {hi:.3f}]"
+
+
+def display_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Printable table: mean ± sd over donors, the 95% CI of the mean (t over donors), and the status mark."""
+    t = summary[["family", "model", "run_name", "n_donors", "n_cells"]].copy()
+    for m in METRICS:
+        t[m] = [_fmt(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_sd"], strict=True)]
+    for m, short in (("average_precision", "AP"), ("roc_auc", "AUC")):
+        t[f"{short} 95% CI"] = [
+            _ci(a, b) for a, b in zip(summary[f"{m}_ci_low"], summary[f"{m}_ci_high"], strict=True)
+        ]
+    t["status"] = [RANDOM_MARK if r else "result" for r in summary["random_init"]]
+    return t
+
+
+def _md(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += [
+        "| " + " | ".join("–" if pd.isna(v) else str(v) for v in row) + " |"
+        for row in df.itertuples(index=False)
+    ]
+    return "\n".join(lines)
+
+
+def run_labels(summary: pd.DataFrame) -> list[str]:
+    """Readable run labels for figures: ``model · pool · head`` (the ``model`` column), marked when random;
+    runs sharing a label are told apart by what differs (split), else by their folder name."""
+    base = [
+        f"{m}" + (" · RANDOM WEIGHTS" if rnd else "")
+        for m, rnd in zip(summary["model"], summary["random_init"], strict=True)
+    ]
+    out = []
+    for i, b in enumerate(base):
+        same = [j for j, o in enumerate(base) if o == b]
+        if len(same) == 1:
+            out.append(b)
+            continue
+        splits = summary["split"].iloc[same] if "split" in summary else pd.Series([None] * len(same))
+        own = summary["split"].iloc[i] if "split" in summary else None
+        if splits.nunique(dropna=False) == len(same) and own:
+            out.append(f"{b} · {own}")
+        else:
+            out.append(f"{b} · {summary['run_name'].iloc[i]}")
+    return out
+
+
+def auc_axis(values, *, chance: float = 0.5) -> tuple[float, float]:
+    """x limits of a per-donor AUC plot: 0-1 only when the values spread that wide; close values get an axis
+    around them (10% margins), so their differences show."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if not len(v):
+        return 0.0, 1.04
+    vmin, vmax = float(v.min()), float(v.max())
+    span = max(vmax - vmin, 0.1)
+    lo, hi = max(0.0, vmin - 0.15 * span), min(1.0, vmax + 0.15 * span) + 0.02
+    if lo <= chance + 0.1:  # chance is close: show it
+        lo = min(lo, chance - 0.05)
+    return lo, hi
+
+
+@matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
+def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
+    """ROC AUC per held-out donor, one row per run; colour = donor (legend), bar = mean over donors."""
+    import matplotlib.pyplot as plt
+
+    pers = [pd.read_parquet(Path(run) / "per_donor.parquet") for run in summary["run"]]
+    donors = sorted({d for per in pers for d in per["donor"]})
+    colours = {d: plt.cm.tab10(i % 10) for i, d in enumerate(donors)}
+    labels = run_labels(summary)
+    width = 6.5 + 0.055 * max(len(s) for s in labels)
+    fig, ax = plt.subplots(figsize=(width, 0.42 * len(summary) + 1.9))
+    for i, per in enumerate(pers):
+        ax.scatter(
+            per["roc_auc"],
+            [i] * len(per),
+            s=22,
+            alpha=0.85,
+            c=[colours[d] for d in per["donor"]],
+            edgecolors="none",
+            zorder=3,
+        )
+        ax.plot([per["roc_auc"].mean()] * 2, [i - 0.32, i + 0.32], c="k", lw=1.6, zorder=4)
+    ax.set_yticks(range(len(summary)))
+    ax.set_yticklabels(labels, fontsize=7)
+    for tick, rnd in zip(ax.get_yticklabels(), summary["random_init"], strict=True):
+        if rnd:
+            tick.set_color("firebrick")
+    ax.invert_yaxis()
+    lo, hi = auc_axis([a for per in pers for a in per["roc_auc"]])
+    ax.set_xlim(lo, hi)  # room for points at 1.0
+    chance_shown = lo < 0.5
+    if chance_shown:
+        ax.axvline(0.5, ls="--", c="grey", lw=0.8)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], ls="", marker="o", color=colours[d], label=d) for d in donors]
+    handles += [Line2D([], [], c="k", lw=1.6, label="mean over donors")]
+    if chance_shown:
+        handles += [Line2D([], [], c="grey", ls="--", lw=0.8, label="chance (0.5)")]
+    ax.legend(
+        handles=handles,
+        fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        title="held-out donor",
+        title_fontsize=7,
+        frameon=False,
+    )
+    ax.set_xlabel(
+        "ROC AUC on the held-out donor (each point: one donor)"
+        + ("" if chance_shown else f"; axis from {lo:.2f}, chance (0.5) is off it")
+    )
+    ax.set_title(
+        "ROC AUC per held-out donor, by run (model · pooling · head; red: random weights, a plumbing check)",
+        fontsize=9,
+    )
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
+def _own_figure(run, name: str) -> Path | None:
+    """``run/name`` when it is a file inside the run folder; a link pointing elsewhere is skipped, not embedded."""
+    try:
+        path = inside(run, name, what="figure")
+    except TprobeError as exc:
+        log.warning("skipping %s", exc)
+        return None
+    return path if path.is_file() else None
+
+
+def _img(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def _headline(summary: pd.DataFrame) -> list[str]:
+    best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
+    lines = [
+        f"Best measured run by mean ROC AUC: {best['family']} · {best['model']} (`{best['run_name']}`)"
+        + (f" — **{RANDOM_MARK}**." if best["random_init"] else ".")
+    ]
+    real = summary[~summary["random_init"].astype(bool)]
+    if best["random_init"] and len(real):
+        b = real.loc[real["roc_auc_mean"].astype(float).idxmax()]
+        lines.append(
+            f"Best run without random weights: {b['family']} · {b['model']} (`{b['run_name']}`), "
+            f"mean ROC AUC {b['roc_auc_mean']:.3f}."
+        )
+    return lines
+
+
+def _paired_display(pairs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per compared run: difference from the reference, p and Holm-adjusted p, per metric."""
+    if not len(pairs):
+        return pd.DataFrame()
+    rnd = dict(zip(summary["run"], summary["random_init"], strict=True))
+    short = {"roc_auc": "AUC", "average_precision": "AP"}
+    rows = []
+    for run, d in pairs.groupby("run", sort=False):
+        row = {
+            "run": Path(run).name + (" (RANDOM WEIGHTS)" if rnd.get(run) else ""),
+            "n_donors": int(d["n_donors"].iloc[0]),
+        }
+        for r in d.itertuples():
+            m = short.get(r.metric, r.metric)
+            row[f"{m} diff"] = "–" if pd.isna(r.mean_diff) else f"{r.mean_diff:+.3f}"
+            row[f"{m} p"] = "–" if pd.isna(r.p) else f"{r.p:.4f}"
+            row[f"{m} p_holm"] = "–" if pd.isna(r.p_holm) else f"{r.p_holm:.4f}"
+        auc = d[d["metric"] == "roc_auc"]
+        row["AUC diff per donor"] = auc["diffs"].iloc[0] if len(auc) else ""
+        row["note"] = d["note"].iloc[0]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def map_signal(root: str | Path) -> pd.DataFrame:
+    """Donor and batch predictability within each class from every ``tprobe map`` folder under ``root``
+    (its ``diagnostics.json``): one row per source, accuracy against the within-class chance."""
+    rows = []
+    for path in sorted(Path(root).rglob("diagnostics.json")):
+        try:
+            diags = read_json(path)
+        except TprobeError as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        for d in diags if isinstance(diags, list) else []:
+            within = d.get("within_class") if isinstance(d, dict) else None
+            if not within:
+                continue  # maps written before the within-class measure
+            row = {
+                "map": path.parent.name,
+                "source": d.get("source", "") + (" (RANDOM WEIGHTS)" if d.get("random_init") else ""),
+            }
+            act = (d.get("predictability") or {}).get("activation") or {}
+            if act.get("skill") is not None:
+                row["activation skill"] = f"{act['skill']:.2f}"
+            for t in ("donor", "batch"):
+                w = within.get(t)
+                if w:
+                    sk = "–" if w.get("skill") is None else f"{w['skill']:.2f}"
+                    row[f"{t} within class"] = f"{w['accuracy']:.3f} (chance {w['chance']:.3f}, skill {sk})"
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def donors_bound_line(n: int, m: int = 1) -> str:
+    """One line: how finely ``n`` donors (and ``m`` Holm-corrected comparisons) let runs be ranked."""
+    from tprobe.stats import sign_flip_floor
+
+    if n < 1:
+        return ""
+    floor = sign_flip_floor(n)
+    line = f"With {n} held-out donors the smallest two-sided sign-flip p-value is 2/2^{n} = {floor:.3f}"
+    if m > 1:
+        line += f"; Holm across {m} comparisons, the smallest adjusted p is {min(1.0, m * floor):.3f}"
+    return line + ": n donors bound what can be ranked, whatever the differences."
+
+
+def write_report(root: str | Path, out: str | Path, *, reference: str | None = None) -> dict:
+    """Write report.md, report.html (figures embedded), summary.parquet and summary.csv into ``out``.
+
+    Besides the table: each run against one reference run declared in advance (``reference``, a run
+    folder name; default :func:`choose_reference`'s rule, which reads no result) on the same held-out
+    donors, with the exact paired sign-flip test and Holm's correction across those comparisons
+    (:mod:`tprobe.stats`).
+    """
+    from tprobe.stats import TEST_NOTE, paired_comparisons
+
+    out = Path(out)
+    summary = collect_runs(root)
+    ref_run, ref_why = choose_reference(
+        summary, reference
+    )  # a bad --reference stops before anything is written
+    out.mkdir(parents=True, exist_ok=True)
+    summary.to_parquet(out / "summary.parquet", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    table = display_table(summary)
+    pairs = paired_comparisons(summary, against=ref_run)
+    pairs.to_csv(out / "paired.csv", index=False)
+    paired = _paired_display(pairs, summary)
+    ref_line = (
+        f"Reference: {ref_why}. Every other run is compared with it (declared before looking; Holm "
+        "across these comparisons); diff = run minus reference, per held-out donor, then averaged."
+    )
+    n_ref = int(summary.set_index("run").loc[ref_run, "n_donors"])
+    m_tests = int(pairs.loc[pairs["metric"] == "roc_auc", "p"].notna().sum()) if len(pairs) else 0
+    bound_line = donors_bound_line(n_ref, m_tests)
+    signal = map_signal(root)
+    map_title = (
+        "Donor and batch signal within each class (`tprobe map` folders under the runs; chance = each "
+        "class's own majority rate, pooled)"
+    )
+    map_md = [map_title, "", _md(signal), ""] if len(signal) else []
+    map_html = (
+        (f"<p>{html.escape(map_title)}</p>" + signal.to_html(index=False, na_rep="–")) if len(signal) else ""
+    )
+    dots = _donor_auc_plot(summary, out / "donor_auc.png")
+    best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
+    best_per_family = summary.loc[summary.groupby("family")["roc_auc_mean"].idxmax()]
+    cells = sorted(set(summary["n_cells"]))
+    cells_txt = (
+        f"{cells[0]:,} cells scored per run"
+        if len(cells) == 1
+        else ("cells scored per run: " + ", ".join(f"{c:,}" for c in cells))
+    )
+    n_random = int(summary["random_init"].sum())
+    random_txt = (
+        f" {n_random} run(s) use randomly initialised weights: they are marked `{RANDOM_MARK}` and "
+        "only show that the pipeline runs."
+        if n_random
+        else ""
+    )
+    incomplete = summary.attrs.get("incomplete", [])
+    incomplete_txt = (
+        f" Incomplete (interrupted, no per_donor.parquet), left out: "
+        f"{', '.join(Path(r).name for r in incomplete)}."
+        if incomplete
+        else ""
+    )
+    header = (
+        f"Runs under `{root}`: {len(summary)}; {cells_txt} (original views of the held-out donors). "
+        "Metrics: mean ± sd over held-out donors; 95% CI: t-interval over donors of the mean, "
+        "mean ± t(0.975, n-1)·sd/√n (metrics.json summary.<metric>.ci_low/ci_high; runs written before "
+        "it carry a donor bootstrap CI, too narrow at 6 donors). brier and ece: calibration, lower is better "
+        "(ECE over 10 equal-width probability bins; per-run reliability.png); accuracy at a fixed 0.5 "
+        f"threshold, tuned on no donor.{random_txt}{incomplete_txt}"
+    )
+    headline = _headline(summary)
+    md = [
+        "# tprobe report",
+        "",
+        header,
+        "",
+        "## Measured",
+        "",
+        _md(table),
+        "",
+        "## Published reference numbers (not measured here)",
+        "",
+        _md(PUBLISHED),
+        "",
+        *[line + "\n" for line in headline],
+        BATCH_CONFOUND,
+        "",
+        *map_md,
+        "## Paired comparisons (each run vs the pre-declared reference, same held-out donors)",
+        "",
+        ref_line,
+        "",
+        _md(paired) if len(paired) else "Only one run: nothing to compare.",
+        "",
+        bound_line,
+        "",
+        TEST_NOTE,
+        "",
+        "![per-donor AUC](donor_auc.png)",
+        "",
+    ]
+    figs = [_img(dots, "ROC AUC per held-out donor; colour = donor, bar = mean")]
+    for _, r in best_per_family.iterrows():
+        roc = _own_figure(r["run"], "roc.png")
+        if roc:
+            figs.append(_img(roc, f"ROC, best {r['family']}: {r['label']}"))
+    rel = _own_figure(ref_run, "reliability.png")
+    if rel:
+        figs.append(_img(rel, f"reliability (calibration), reference run: {Path(ref_run).name}"))
+    conf = _own_figure(best["run"], "confusion.png")
+    if conf:
+        figs.append(_img(conf, f"confusion matrix, best run: {best['label']}"))
+    for run in summary.loc[summary["family"] == "finetune", "run"]:
+        for sal in sorted(Path(run).glob("saliency_*.png")):
+            if _own_figure(run, sal.name):
+                figs.append(_img(sal, f"saliency {Path(run).name}: {sal.stem}"))
+    (out / "report.md").write_text("\n".join(md))
+    table_html = table.to_html(index=False, na_rep="–").replace(
+        f"<td>{RANDOM_MARK}</td>", f'<td class="random">{RANDOM_MARK}</td>'
+    )
+    paired_html = paired.to_html(index=False, na_rep="–") if len(paired) else "<p>Only one run.</p>"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tprobe report</title>
+<style>body{{font-family:sans-serif;max-width:1300px;margin:2em auto}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}figure{{display:inline-block;margin:8px}}
+img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:bold}}</style></head><body>
+<h1>tprobe report</h1><p>{html.escape(header)}</p>
+<h2>Measured</h2>{table_html}
+<h2>Published reference numbers (not measured here)</h2><div class="ref">{PUBLISHED.to_html(index=False, na_rep="–")}</div>
+{"".join(f"<p>{html.escape(line)}</p>" for line in headline)}
+<p>{html.escape(BATCH_CONFOUND)}</p>{map_html}
+<h2>Paired comparisons (each run vs the pre-declared reference, same held-out donors)</h2><p>{html.escape(ref_line)}</p>{paired_html}<p>{html.escape(bound_line)}</p><p>{html.escape(TEST_NOTE)}</p>
+<h2>Figures</h2>{"".join(figs)}</body></html>"""
+    (out / "report.html").write_text(page)
+    return {
+        "summary": summary,
+        "table": table,
+        "paired": paired,
+        "headline": headline,
+        "reference_line": ref_line,
+        "incomplete": incomplete,
+        "reference": ref_run,
+        "bound_line": bound_line,
+        "batch_confound": BATCH_CONFOUND,
+        "map_signal": signal,
+        "paths": [out / "report.md", out / "report.html", out / "summary.parquet", out / "paired.csv"],
+    }

@@ -1,0 +1,1 @@
+"""Questions about the data: label-efficiency curves, embedding maps."""

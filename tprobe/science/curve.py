@@ -1,0 +1,361 @@
+"""Label-efficiency curves: how a head's held-out-donor AUC grows with the number of labelled cells.
+
+For each outer fold (a held-out donor), ``k`` labelled *cells* per class are drawn from the training
+donors only. A cell is a manifest ``group``: a drawn cell brings every one of its rows (with
+``train_views="orig"``, the default, its original view; with ``"all"``, its augmented views too), and
+no cell is ever split or taken from the held-out donor. The head is fitted on the drawn cells and
+scores the held-out donor's original views. Each ``k`` is repeated ``repeats`` times with different
+draws.
+
+Choices, and why:
+
+- **Fixed hyperparameters** (each head's defaults in :func:`tprobe.probing.heads.make_head`: logreg C=0.1 on
+  standardised features with balanced class weights, knn k=20 capped at the training size, ...).
+  With 1-8 cells per class an inner donor CV has nothing to validate on, and one setting for every
+  ``k`` keeps the points of a curve comparable. ``params`` overrides them.
+- **Nested draws**: per (fold, repeat) each class's training cells are shuffled once and ``k`` takes
+  the first ``k``; the 4-cell draw holds the 2-cell draw. The shuffle depends only on the seed, the
+  fold, the repeat and the sorted candidate cells, so sources with the same cells get the same draws
+  (the curves of two feature sources are paired).
+- ``k = "all"`` uses every training cell; it is fitted once (every repeat would draw the same cells).
+- Original views only by default, so stores, one-row-per-image tables and pixels train on the same
+  rows.
+
+The figure's band is the 95% t-interval of the mean AUC over donors (each donor's AUC first averaged
+over its draws, so the donor-to-donor spread carries the draw-to-draw one); see :func:`curve_band`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from joblib import Parallel, delayed
+from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
+
+from tprobe.errors import TprobeError
+from tprobe.features.sources import NORMALIZE, FeatureSet, FeatureSource, donor_center
+from tprobe.probing.evaluate import check_plan, split_plan
+from tprobe.probing.heads import HEADS, make_head
+
+__all__ = ["LabelCurve", "DEFAULT_SHOTS", "curve_band", "plot_curves", "is_random_source"]
+
+DEFAULT_SHOTS = (1, 2, 4, 8, 16, 32, 64, "all")
+log = logging.getLogger(__name__)
+
+
+def is_random_source(source: FeatureSource | dict) -> bool:
+    """A feature source made by a randomly initialised model: its ``random_init`` (a store's
+    ``model_random_init`` attribute in a dict), else, for a store recorded without it, its model's name."""
+    if isinstance(source, dict):
+        if source.get("model_random_init") is not None:
+            return bool(source["model_random_init"])
+        source = FeatureSource.from_dict(source)
+    if source.random_init:
+        return True
+    if source.kind != "store":
+        return False
+    return any(
+        "random" in str(getattr(source, k) or "").lower() for k in ("model", "model_source", "model_id")
+    )
+
+
+@dataclass
+class LabelCurve:
+    """Parameters of one label-efficiency curve; ``fit`` fills ``results_`` and ``draws_``."""
+
+    head: str = "logreg"
+    shots: tuple = DEFAULT_SHOTS
+    repeats: int = 10
+    seed: int = 0
+    split: str = "leave-one-donor-out"
+    test_donor: str | None = None
+    train_views: str = "orig"
+    params: dict = field(default_factory=dict)
+    max_dims: int | None = 2048
+    n_jobs: int = 1
+    normalize: str = "standard"  # as ProbeRun.normalize: none, standard or donor-center
+
+    def _validate(self):
+        if self.head not in HEADS:
+            raise TprobeError(f"--head {self.head!r} is not one of {', '.join(HEADS)}")
+        if self.split not in ("leave-one-donor-out", "test-donor"):
+            raise TprobeError(
+                f"--split {self.split!r}: curves hold out whole donors; use leave-one-donor-out or test-donor"
+            )
+        if self.train_views not in ("orig", "all"):
+            raise TprobeError(f"--train-views {self.train_views!r} is not orig or all")
+        if self.normalize not in NORMALIZE:
+            raise TprobeError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZE)}")
+        if self.repeats < 1:
+            raise TprobeError(f"--repeats {self.repeats}: need at least 1")
+        for k in self.shots:
+            if k != "all" and (not isinstance(k, int | np.integer) or k < 1):
+                raise TprobeError(f"--shots {k!r}: use positive integers or all")
+
+    def fit(self, fs: FeatureSet) -> LabelCurve:
+        self._validate()
+        t0 = time.perf_counter()
+        meta = fs.meta.reset_index(drop=True)
+        if meta["label"].nunique() < 2:
+            raise TprobeError("the data has one class only; a curve needs activated and quiescent cells")
+        plan = split_plan(meta, self.split, test_donor=self.test_donor)
+        check_plan(plan, meta)
+        X = fs.X
+        if self.max_dims is not None and X.shape[1] > self.max_dims:
+            from sklearn.random_projection import GaussianRandomProjection
+
+            # data-independent, as in ProbeRun: cannot leak, keeps wide inputs (pixels, concat) cheap
+            X = GaussianRandomProjection(self.max_dims, random_state=self.seed).fit(X[:1]).transform(X)
+            X = X.astype(np.float32)
+        if self.normalize == "donor-center":  # fold-independent, label-free: see features.donor_center
+            X = donor_center(X, meta["donor"], (meta["view"] == "orig").to_numpy())
+        jobs = [(fold, r) for fold in plan for r in range(self.repeats)]
+        log.info(
+            "curve %s · %s: %d held-out donor(s) x %d draws x %d k on %d rows x %d features",
+            fs.name,
+            self.head,
+            len(plan),
+            self.repeats,
+            len(self.shots),
+            len(meta),
+            X.shape[1],
+        )
+        out = []
+        results = Parallel(n_jobs=self.n_jobs, return_as="generator")(
+            delayed(self._one)(X, meta, fold, r) for fold, r in jobs
+        )
+        for i, res in enumerate(results, 1):  # in order: a fold is done when its last draw is
+            out.append(res)
+            if i % self.repeats == 0:
+                fold = jobs[i - 1][0]
+                log.info(
+                    "curve %s · %s: held out %s done (%d/%d), %.1f s",
+                    fs.name,
+                    self.head,
+                    ",".join(fold.test_donors),
+                    i // self.repeats,
+                    len(plan),
+                    time.perf_counter() - t0,
+                )
+        self.results_ = pd.DataFrame([row for rows, _ in out for row in rows])
+        self.draws_ = pd.concat([d for _, d in out], ignore_index=True)
+        self.results_.insert(0, "source", fs.name)
+        self.results_.insert(1, "head", self.head)
+        self.draws_.insert(0, "source", fs.name)
+        self.results_["k"] = self.results_["k"].astype("Int64")
+        self.source_ = fs.source
+        self.seconds_ = time.perf_counter() - t0
+        return self
+
+    def _draw_order(self, meta: pd.DataFrame, fold, r: int) -> dict[int, np.ndarray]:
+        """Per class, the training donors' cells in this (fold, repeat)'s shuffled order."""
+        train = meta.iloc[fold.train]
+        rng = np.random.default_rng([self.seed, fold.index, r])
+        order = {}
+        for c in (0, 1):
+            cells = np.array(sorted(train.loc[train["label"] == c, "group"].astype(str).unique()))
+            order[c] = cells[rng.permutation(len(cells))]
+        return order
+
+    def _one(self, X, meta, fold, r):
+        y = meta["label"].to_numpy()
+        groups = meta["group"].astype(str).to_numpy()
+        is_orig = (meta["view"] == "orig").to_numpy()
+        test = fold.test[is_orig[fold.test]]
+        train_rows = fold.train if self.train_views == "all" else fold.train[is_orig[fold.train]]
+        order = self._draw_order(meta, fold, r)
+        # the MLP without early stopping: its 15% validation split cannot be drawn from 1-2 cells per class,
+        # and one setting for every k keeps the curve's points comparable
+        params = {"clf__early_stopping": False, **self.params} if self.head == "mlp" else self.params
+        rows, draws = [], []
+        for k in self.shots:
+            if k == "all" and r > 0:
+                continue  # the same cells every repeat: fitted once
+            drawn = {c: (cells if k == "all" else cells[:k]) for c, cells in order.items()}
+            if min(len(v) for v in drawn.values()) == 0:
+                continue
+            cells = np.concatenate(list(drawn.values()))
+            tr = train_rows[np.isin(groups[train_rows], cells)]
+            model = make_head(self.head, seed=self.seed + r, scale=self.normalize != "none", **params)
+            model = model.fit(X[tr], y[tr])
+            p = model.predict_proba(X[test])[:, 1]
+            kk = None if k == "all" else int(k)
+            for donor in fold.test_donors:
+                sel = meta["donor"].to_numpy()[test] == donor
+                yt, pt = y[test][sel], p[sel]
+                two = len(np.unique(yt)) == 2
+                rows.append(
+                    {
+                        "k": kk,
+                        "shots": str(k),
+                        "repeat": r,
+                        "donor": donor,
+                        "fold": fold.index,
+                        "n_train_cells": int(len(cells)),
+                        "n_train_rows": int(len(tr)),
+                        "n_train_activated": int(len(drawn[1])),
+                        "n_train_quiescent": int(len(drawn[0])),
+                        "n_test_cells": int(sel.sum()),
+                        "prevalence": float(yt.mean()),
+                        "roc_auc": roc_auc_score(yt, pt) if two else np.nan,
+                        "average_precision": average_precision_score(yt, pt) if two else np.nan,
+                        "balanced_accuracy": balanced_accuracy_score(yt, pt >= 0.5) if two else np.nan,
+                        "accuracy": float(np.mean(yt == (pt >= 0.5))),
+                    }
+                )
+            for c, cs in drawn.items():
+                draws.append(
+                    pd.DataFrame(
+                        {
+                            "fold": fold.index,
+                            "test_donor": ",".join(fold.test_donors),
+                            "shots": str(k),
+                            "repeat": r,
+                            "label": c,
+                            "group": cs,
+                        }
+                    )
+                )
+        return rows, pd.concat(draws, ignore_index=True) if draws else pd.DataFrame()
+
+    def save(self, out: str | Path) -> None:
+        """Append-free: write ``curve.parquet`` and ``draws.parquet`` of this curve alone into ``out``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.results_.to_parquet(out / "curve.parquet", index=False)
+        self.draws_.to_parquet(out / "draws.parquet", index=False)
+
+
+def curve_band(
+    results: pd.DataFrame, metric: str = "roc_auc", *, n_boot: int | None = None, seed: int = 0
+) -> pd.DataFrame:
+    """Per (source, head, shots): mean over donors and repeats, and the t-interval 95% band.
+
+    The mean averages repeats within each donor, then donors. The band is the t-interval over the
+    per-donor means (mean ± t_{0.975,D-1}·sd/√D, :func:`tprobe.stats.t_interval`): a donor's mean over
+    draws already carries the draw-to-draw noise, so the spread across donors holds both. With one
+    held-out donor it is the t-interval over that donor's draws (draw-to-draw spread only);
+    ``band_method`` says which. Donors whose metric is undefined (one class) are left out. ``x`` is
+    ``k``, or for ``all`` the mean number of training cells per class. ``n_boot`` and ``seed`` are
+    ignored (deprecated: the two-level percentile bootstrap they drove was too narrow at 6 donors).
+    """
+    from tprobe.stats import t_interval
+
+    rows = []
+    for (src, head, shots), d in results.groupby(["source", "head", "shots"], sort=False):
+        wide = d.pivot_table(index="donor", columns="repeat", values=metric, aggfunc="mean")
+        wide = wide.dropna(how="all")
+        v = wide.to_numpy(dtype=float)
+        if not v.size:
+            continue
+        per_donor = np.nanmean(v, axis=1)
+        D, R = v.shape
+        if D > 1:
+            (lo, hi), how = t_interval(per_donor), "t over donors"
+        else:
+            (lo, hi), how = t_interval(v[0]), "t over draws (one donor)"
+        x = float(d["k"].iloc[0]) if shots != "all" else float(d["n_train_cells"].mean() / 2)
+        rows.append(
+            {
+                "source": src,
+                "head": head,
+                "shots": shots,
+                "x": x,
+                "mean": float(per_donor.mean()),
+                "low": lo,
+                "high": hi,
+                "n_donors": D,
+                "n_repeats": R,
+                "band_method": how,
+            }
+        )
+    return pd.DataFrame(rows).sort_values(["source", "head", "x"]).reset_index(drop=True)
+
+
+def all_label(results: pd.DataFrame, source: str, head: str) -> str:
+    """The ``all`` tick: the training cells per class it used (mean over folds), e.g. ``all\n(~120 act / ~60 qui)``.
+
+    The x position of ``all`` is the mean per class; with unequal classes the tick names both counts.
+    """
+    r = results[(results["source"] == source) & (results["head"] == head) & (results["shots"] == "all")]
+    if {"n_train_activated", "n_train_quiescent"} <= set(r.columns) and r["n_train_activated"].notna().all():
+        return f"all\n(~{r['n_train_activated'].mean():.0f} act /\n~{r['n_train_quiescent'].mean():.0f} qui)"
+    return f"all\n(~{r['n_train_cells'].mean():.0f} cells)"  # curves written before the per-class counts
+
+
+@matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
+def plot_curves(
+    results: pd.DataFrame,
+    out: str | Path,
+    *,
+    metric: str = "roc_auc",
+    random_sources=(),
+    title: str | None = None,
+) -> Path:
+    """AUC against labelled cells per class (log x), one line + 95% band per source (and head)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tprobe.plot.figures import source_label
+
+    band = curve_band(results, metric)
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    keys = list(dict.fromkeys(zip(band["source"], band["head"], strict=True)))
+    several_heads = band["head"].nunique() > 1
+    for i, (src, head) in enumerate(keys):
+        b = band[(band["source"] == src) & (band["head"] == head)]
+        colour = plt.cm.tab10(i % 10)
+        label = f"{source_label(src)} · {head}" if several_heads else source_label(src)
+        if src in random_sources:
+            label += " (random weights: plumbing check)"
+        ax.plot(b["x"], b["mean"], "-o", ms=3.5, lw=1.6, color=colour, label=label)
+        ax.fill_between(b["x"], b["low"], b["high"], color=colour, alpha=0.18, lw=0)
+    ax.axhline(0.5, ls="--", c="grey", lw=0.9, label="chance (AUC 0.5)")
+    ax.set_xscale("log", base=2)
+    ticks = sorted(set(band["x"]))
+    names = {float(x): s for x, s in zip(band["x"], band["shots"], strict=True) if s != "all"}
+    names.update(
+        {
+            float(x): all_label(results, src, h)
+            for x, s, src, h in zip(band["x"], band["shots"], band["source"], band["head"], strict=True)
+            if s == "all"
+        }
+    )
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([names[float(t)] for t in ticks], fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("labelled cells per class (drawn from the training donors; log scale)")
+    nice = {
+        "roc_auc": "ROC AUC",
+        "average_precision": "average precision",
+        "balanced_accuracy": "balanced accuracy",
+    }
+    ax.set_ylabel(f"{nice.get(metric, metric)} on the held-out donor")
+    lo = min(0.45, float(np.nanmin(band["low"])) - 0.02) if len(band) else 0.45
+    ax.set_ylim(lo, 1.0)
+    n_d = int(band["n_donors"].max()) if len(band) else 0
+    reps = int(results["repeat"].max()) + 1 if len(results) else 0
+    heads = sorted(set(band["head"]))
+    split = "leave-one-donor-out" if n_d > 1 else "one held-out donor"
+    ax.set_title(
+        title
+        or (
+            f"Label efficiency: {', '.join(heads)} head{'s' if len(heads) > 1 else ''}, {split} "
+            f"({n_d} donor{'s' if n_d > 1 else ''}), {reps} draws per k\nline: mean; band: 95% "
+            + ("t-interval over donors" if n_d > 1 else "t-interval over draws")
+        ),
+        fontsize=9,
+    )
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(alpha=0.25)
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return Path(out)

@@ -1,0 +1,1 @@
+"""Training the backbone: fine-tuning, Wang et al.'s baselines, saliency."""
