@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 from conftest import copy_subset
 
-from tprobe.cli.main import RANDOM_NOTE, main
+from tprobe.cli import main
+from tprobe.cli.echo import RANDOM_NOTE
 
 
 @pytest.fixture
@@ -264,8 +265,8 @@ def three_donors(tmp_path):
 def test_curve_reports_each_held_out_donor_as_it_finishes(three_donors, caplog):
     import logging
 
+    from tprobe.features.pixels import pixel_features
     from tprobe.science.curve import LabelCurve
-    from tprobe.train.baselines import pixel_features
 
     caplog.set_level(logging.INFO, logger="tprobe")
     LabelCurve(shots=(1, "all"), repeats=2).fit(pixel_features(three_donors))
@@ -277,8 +278,8 @@ def test_curve_reports_each_held_out_donor_as_it_finishes(three_donors, caplog):
 def test_map_reports_each_diagnostic_and_embedding_step(three_donors, caplog):
     import logging
 
+    from tprobe.features.pixels import pixel_features
     from tprobe.science.embedmap import diagnose, embed, map_data
-    from tprobe.train.baselines import pixel_features
 
     caplog.set_level(logging.INFO, logger="tprobe")
     md = map_data(pixel_features(three_donors), three_donors.manifest)

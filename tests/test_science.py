@@ -472,26 +472,12 @@ def test_two_sources_of_the_same_name_stay_distinguishable(tmp_path):
     # curve/map sources shared a name
     from conftest import copy_subset
 
-    from tprobe.cli.main import _feature_sources
-    from tprobe.data.preprocess import PreprocessConfig
+    from tprobe.features.assemble import feature_sets
 
     data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2"), per_class=4)
     rows = [
         {"FileName": p.name, "f1": float(p.parent.name == "activated")} for p in sorted(data.rglob("*.png"))
     ]
     pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
-    out = _feature_sources(
-        (),
-        (),
-        None,
-        "cls",
-        [tmp_path / "t.csv"] * 2,
-        "FileName",
-        (),
-        False,
-        tmp_path / "cache",
-        True,
-        data,
-        PreprocessConfig(),
-    )
+    out = feature_sets(tables=[tmp_path / "t.csv"] * 2, id_column="FileName", data=data, offline=True)
     assert [fs.name for fs in out] == ["table:t#1", "table:t#2"]

@@ -11,11 +11,25 @@ from pathlib import Path
 import click
 
 from tprobe import __version__
+from tprobe.cli.echo import RANDOM_NOTE, RUN_DETAIL, echo_table, finish, table_text
+from tprobe.cli.inputs import feature_sources, prepare_data, table_source
+from tprobe.cli.options import (
+    CACHE_OPTION,
+    DEVICE_OPTION,
+    NORMALIZE_OPTION,
+    OFFLINE_OPTION,
+    TABLE_PARAMS,
+    data_options,
+    parse_shard,
+    prep_rules,
+    refuse_unused,
+    run_option,
+    source_options,
+    source_rules,
+    split_options,
+    split_rules,
+)
 from tprobe.errors import TprobeError
-
-EXIT_SKIPPED = 3  # finished, but some input files were skipped (listed on stderr)
-RUN_DETAIL = "details.txt"  # a sweep's run folder: the per-donor table and notes a single run prints
-RANDOM_NOTE = "RANDOM WEIGHTS: features from a randomly initialised model; a plumbing check, not a result"
 
 
 class _Group(click.Group):
@@ -73,347 +87,6 @@ def main(verbose: bool):
         import huggingface_hub
 
         huggingface_hub.utils.logging.set_verbosity_error()
-
-
-# ---- shared options -----------------------------------------------------------------------
-def data_options(f):
-    """--data plus every preprocessing parameter, turned into (dataset, config) for the command."""
-    from tprobe.data.preprocess import PreprocessConfig
-
-    d = PreprocessConfig()
-    opts = [
-        click.option(
-            "--data",
-            type=click.Path(path_type=Path),
-            default=None,
-            help="Image folder, CSV/Parquet manifest, or a `tprobe preprocess --out` folder "
-            "[default: bundled T-cell sample].",
-        ),
-        click.option(
-            "--canvas",
-            type=int,
-            default=d.canvas,
-            show_default=True,
-            help="Square canvas side in px, a multiple of the model's patch size; left at the default "
-            "it is rounded up to the patch size (144 for /16 models).",
-        ),
-        click.option(
-            "--fit",
-            type=click.Choice(["pad", "resize", "fill"]),
-            default=d.fit,
-            show_default=True,
-            help="pad: drop cells larger than the canvas; resize: shrink those; fill: scale every cell to fill it.",
-        ),
-        click.option(
-            "--views",
-            type=click.Choice(["six", "dihedral8", "orig"]),
-            default=d.views,
-            show_default=True,
-            help="Augmented views per cell: six (orig, r90/180/270, fliph, flipv), all eight, or orig only.",
-        ),
-        click.option(
-            "--entropy-min",
-            type=float,
-            default=d.entropy_min,
-            show_default=True,
-            help="Drop below this entropy (bits).",
-        ),
-        click.option(
-            "--entropy-dim",
-            type=float,
-            default=d.entropy_dim,
-            show_default=True,
-            help="Drop below this entropy when also dimmer than --intensity-dim.",
-        ),
-        click.option(
-            "--intensity-dim",
-            type=float,
-            default=d.intensity_dim,
-            show_default=True,
-            help="Summed-intensity dim limit.",
-        ),
-        click.option(
-            "--binary-threshold",
-            type=float,
-            default=d.binary_threshold,
-            show_default=True,
-            help="Pixel threshold for the cell mask (8-bit scale).",
-        ),
-        click.option(
-            "--min-area",
-            "min_component_area",
-            type=int,
-            default=d.min_component_area,
-            show_default=True,
-            help="Ignore mask components smaller than this (px) when counting cells.",
-        ),
-        click.option(
-            "--max-value",
-            default=None,
-            help="Top of the camera range for 16-bit input (e.g. 4095) [default: 65535]; with several "
-            "channels one value for all or NAME=VALUE,... for each.",
-        ),
-        click.option(
-            "--max-pixels",
-            type=click.IntRange(min=1),
-            default=d.max_pixels,
-            show_default=True,
-            help="Skip (with a line) an image whose header declares more values (width x height x "
-            "planes), before it is decoded.",
-        ),
-        click.option(
-            "--channels",
-            default=None,
-            metavar="NAME,NAME,...",
-            help="Name the planes of multi-channel images in file order (TIFF (C,H,W) or (H,W,C), or the "
-            "channel names of --channel-files) [default: one grey channel].",
-        ),
-        click.option(
-            "--channel-mode",
-            type=click.Choice(["grey", "rgb", "per-channel"]),
-            default="grey",
-            show_default=True,
-            help="grey: one channel; rgb: three channels as R,G,B; per-channel: each channel embedded "
-            "on its own, pooled per channel and concatenated.",
-        ),
-        click.option(
-            "--use",
-            default=None,
-            metavar="NAME,...",
-            help="The channels the model sees, in order [default: the first (grey), the first three "
-            "(rgb), all (per-channel)].",
-        ),
-        click.option(
-            "--segment-channel",
-            default=None,
-            metavar="NAME",
-            help="The channel the dim and multi-cell filters measure [default: the first used].",
-        ),
-        click.option(
-            "--channel-files",
-            default=None,
-            metavar="PATTERN",
-            help="One file per channel: the file-name stem pattern, e.g. '{cell}_{channel}' for "
-            "cell7_nadh.tif, cell7_fad.tif.",
-        ),
-        click.option(
-            "--z",
-            type=click.IntRange(min=0),
-            default=None,
-            help="The Z plane of TIFFs with a Z axis (OME-TIFF T,C,Z,Y,X); needed when they have several.",
-        ),
-        click.option(
-            "--t",
-            type=click.IntRange(min=0),
-            default=None,
-            help="The time point of TIFFs with a T axis; needed when they have several.",
-        ),
-    ]
-
-    @functools.wraps(f)
-    def wrapper(*args, data, **kw):
-        keys = (
-            "canvas",
-            "fit",
-            "views",
-            "entropy_min",
-            "entropy_dim",
-            "intensity_dim",
-            "binary_threshold",
-            "min_component_area",
-            "channel_mode",
-            "segment_channel",
-            "channel_files",
-            "max_pixels",
-            "z",
-            "t",
-        )
-        raw_channels, raw_use = kw.pop("channels"), kw.pop("use")  # an empty name (a,,b) is refused below
-        channels = tuple(c.strip() for c in raw_channels.split(",")) if raw_channels else ()
-        use = tuple(c.strip() for c in raw_use.split(",")) if raw_use else ()
-        max_value = _parse_max_value(kw.pop("max_value"), channels)
-        config = PreprocessConfig(
-            **{k: kw.pop(k) for k in keys}, channels=channels, use=use, max_value=max_value
-        )
-        return f(*args, data=data, prep=config, **kw)
-
-    for opt in reversed(opts):
-        wrapper = opt(wrapper)
-    return wrapper
-
-
-def _parse_max_value(value: str | None, channels: tuple[str, ...]):
-    """``4095`` (every channel) or ``nadh=4095,fad=65535`` (one per channel, in --channels order)."""
-    if value is None:
-        return None
-    try:
-        if "=" not in value:
-            return float(value)
-        pairs = dict((k.strip(), float(v)) for k, v in (item.split("=") for item in value.split(",")))
-    except ValueError:
-        raise TprobeError(f"--max-value {value!r}: give a number, or NAME=NUMBER for each channel") from None
-    if set(pairs) != set(channels):
-        raise TprobeError(
-            f"--max-value {value!r} names {','.join(pairs)}; give NAME=NUMBER for each of "
-            f"--channels {','.join(channels) or '(none given)'}"
-        )
-    return tuple(pairs[c] for c in channels)
-
-
-def _prepare(data, prep, *, progress=True, ref=None, patch_size=None):
-    """Discover + preprocess (or open a saved, verified ``tprobe preprocess --out`` folder); echo skipped files.
-
-    With a model ``ref`` (or its ``patch_size``), a --canvas left at its default is first rounded up
-    to the model's patch size.
-    """
-    from tprobe.data.dataset import discover
-    from tprobe.data.preprocess import PreprocessConfig, Preprocessed, is_saved, ome_defaults, preprocess
-
-    patch = patch_size or (ref.patch_size if ref is not None else None)
-    name = ref.name if ref is not None else "the store's model"
-    if is_saved(data):
-        pre = Preprocessed.load(data)
-        if prep not in (PreprocessConfig(), pre.config):
-            raise TprobeError(
-                f"{data}: is a preprocessed folder with its own options; drop the preprocessing "
-                "options or pass the image folder as --data"
-            )
-        if patch and pre.config.canvas % patch:
-            from tprobe.models.backbones import round_canvas
-
-            raise TprobeError(
-                f"{data}: was preprocessed on a {pre.config.canvas} px canvas, not a multiple of the "
-                f"patch size {patch} of {name}; rerun `tprobe preprocess` with --canvas "
-                f"{round_canvas(pre.config.canvas, patch)} or pass the image folder as --data"
-            )
-        return pre
-    if patch:
-        from tprobe.models.backbones import fit_canvas
-
-        ctx = click.get_current_context(silent=True)
-        source = ctx.get_parameter_source("canvas") if ctx else None
-        prep = fit_canvas(prep, patch, user_set=source not in (None, click.core.ParameterSource.DEFAULT))
-    found = discover(data, channel_files=prep.channel_files, channels=prep.channels)
-    pre = preprocess(found, ome_defaults(found, prep), progress=progress)  # OME-TIFF names the channels
-    for s in pre.skipped:
-        click.echo(f"skipped: {s}", err=True)
-    return pre
-
-
-def _finish(pre):
-    if pre.skipped:
-        click.echo(f"{len(pre.skipped)} file(s) skipped (listed above); exit status {EXIT_SKIPPED}", err=True)
-        sys.exit(EXIT_SKIPPED)
-
-
-def _parse_shard(value: str) -> tuple[int, int]:
-    try:
-        i, k = (int(x) for x in value.split("/"))
-        assert 0 <= i < k
-    except (ValueError, AssertionError):
-        raise click.BadParameter(f"{value!r}: use i/N with 0 <= i < N, e.g. 0/4") from None
-    return i, k
-
-
-CACHE_OPTION = click.option(
-    "--cache",
-    type=click.Path(path_type=Path),
-    default=Path("cache"),
-    show_default=True,
-    help="Cache folder of manifests and feature stores.",
-)
-OFFLINE_OPTION = click.option("--offline", is_flag=True, help="Never contact the hub; use the HF cache only.")
-NORMALIZE_OPTION = click.option(
-    "--normalize",
-    type=click.Choice(["none", "standard", "donor-center"]),
-    default="standard",
-    show_default=True,
-    help="none: heads see the features as given; standard: standardised inside each training fold; "
-    "donor-center: each donor centred on its own cells' mean first (label-free; transductive for the "
-    "held-out donor), then standard.",
-)
-DEVICE_OPTION = click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps.",
-)
-
-
-def split_options(f):
-    """--split and --test-donor, shared by probe, finetune and baseline."""
-    f = click.option(
-        "--test-donor", default=None, help="Donor held out with --split test-donor (e.g. 4 or donor_4)."
-    )(f)
-    return click.option(
-        "--split",
-        type=click.Choice(["leave-one-donor-out", "group-kfold", "test-donor"]),
-        default="leave-one-donor-out",
-        show_default=True,
-        help="Outer split; donors never straddle it.",
-    )(f)
-
-
-# ---- options that do not apply: refused in one line, never silently ignored -------------------------
-PREP_PARAMS = (
-    "canvas",
-    "fit",
-    "views",
-    "entropy_min",
-    "entropy_dim",
-    "intensity_dim",
-    "binary_threshold",
-    "min_component_area",
-    "max_value",
-    "max_pixels",
-    "channels",
-    "channel_mode",
-    "use",
-    "segment_channel",
-    "channel_files",
-)
-
-
-def _given(name: str) -> bool:
-    """Whether the user gave option ``name`` (not left at its default)."""
-    ctx = click.get_current_context()
-    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
-
-
-def _refuse_unused(rules) -> None:
-    """``rules``: (option name, applies, why). The first option given that does not apply is refused in
-    one line naming it and why (e.g. ``--pool does not apply with --features (...)``); drop it to run."""
-    ctx = click.get_current_context()
-    for name, applies, why in rules:
-        if not applies and _given(name):
-            opt = next(p for p in ctx.command.params if p.name == name)
-            raise TprobeError(f"{max(opt.opts, key=len)} does not apply {why}; drop it")
-
-
-def _prep_rules(applies: bool, why: str):
-    """Every preprocessing option: used only when images are read (``applies``)."""
-    return [(name, applies, why) for name in PREP_PARAMS]
-
-
-def _split_rules(split: str, with_folds: bool = False):
-    rules = [("test_donor", split == "test-donor", f"with --split {split} (add --split test-donor)")]
-    if with_folds:
-        rules.append(("folds", split == "group-kfold", f"with --split {split} (add --split group-kfold)"))
-    return rules
-
-
-TABLE_PARAMS = ("id_column", "exclude", "keep_columns", "all_table_rows")
-
-
-def run_option(command: str):
-    return click.option(
-        "--run",
-        "run_dir",
-        required=True,
-        type=click.Path(path_type=Path, exists=True),
-        help=f"A run directory written by `tprobe {command}`"
-        + (" (or a sweep folder: its best run is used)." if command == "probe" else "."),
-    )
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -486,7 +159,7 @@ def preprocess(data, prep, out, cache, fov, masks, margin, outside, min_object_a
                 "--masks, --margin, --outside, --min-object-area and --max-object-area apply to fields "
                 "of view: add --fov FIELDS"
             )
-        pre = _prepare(data, prep)
+        pre = prepare_data(data, prep)
     else:
         pre, out = _prepare_fields(
             data,
@@ -508,7 +181,7 @@ def preprocess(data, prep, out, cache, fov, masks, margin, outside, min_object_a
     click.echo(f"dataset {pre.fingerprint}  preprocess {pre.config.hash}")
     click.echo(f"contact sheet: {out / 'contact_sheet.png'}")
     click.echo(str(manifest))
-    _finish(pre)
+    finish(pre)
 
 
 def _prepare_fields(data, prep, out, cache, fov, masks, **crop):
@@ -692,7 +365,7 @@ def _extract_workers(ctx, pre, ref, n, gpus):
     if path.exists() and not path.with_name(path.name + ".progress").exists():
         click.echo(f"up to date: {len(pre.kept)} rows already extracted for {ref.slug}; no worker started")
         click.echo(str(path))
-        return _finish(pre)
+        return finish(pre)
     res = run_workers(_forward_args(ctx), path, n, gpus)
     failed = [f"worker {i} (--shard {i}/{n}) exit status {c}" for i, c in enumerate(res.codes) if c]
     if failed:
@@ -707,7 +380,7 @@ def _extract_workers(ctx, pre, ref, n, gpus):
         f"{res.status}: {len(pre.kept)} views in the store, {n} workers on {where} in {res.seconds:.1f} s"
     )
     click.echo(str(path))
-    _finish(pre)
+    finish(pre)
 
 
 def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
@@ -753,7 +426,7 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
             f"{res.seconds:.1f} s"
         )
     click.echo(str(path))
-    _finish(pre)
+    finish(pre)
 
 
 @main.command()
@@ -897,7 +570,7 @@ def extract(
         script_value("--cache", Path(cache).absolute())
         script_value("the working directory", Path.cwd())
     ref = resolve_model(model, revision, offline=offline)
-    pre = _prepare(data, prep, progress=False, ref=ref)
+    pre = prepare_data(data, prep, progress=False, ref=ref)
     if executor == "slurm":
         return _extract_slurm(ctx, pre, ref, shard, shards, slurm)
     if workers > 1:
@@ -915,7 +588,7 @@ def extract(
         precision=precision,
         compile=compile_,
         workers=loader_workers,
-        shard=_parse_shard(shard),
+        shard=parse_shard(shard),
         offline=offline,
         tokens=names,
         compression=compression,
@@ -932,7 +605,7 @@ def extract(
             f"{res.times.line()}"
         )
     click.echo(str(res.path))
-    _finish(pre)
+    finish(pre)
 
 
 @main.command()
@@ -964,41 +637,6 @@ def status(store, shards, as_json, deep):
     click.echo(json.dumps(st.to_dict(), indent=2) if as_json else "\n".join(st.lines()))
     if not st.ok:
         raise SystemExit(2)
-
-
-def _store_patch(store) -> int | None:
-    """The patch size a store was extracted with (its default canvas is rounded to it)."""
-    from tprobe.cache.store import FeatureStore
-
-    return FeatureStore.open(store).attrs.get("patch_size")
-
-
-def _check_store_matches(store, pre) -> None:
-    """--store with --data: the store must come from that data and preprocessing, row for row."""
-    from tprobe.cache.store import FeatureStore
-
-    fs = FeatureStore.open(store)
-    attrs = fs.attrs
-    if (attrs.get("dataset_fingerprint"), attrs.get("preprocess_hash")) != (pre.fingerprint, pre.config.hash):
-        raise TprobeError(
-            f"{store}: was extracted from another dataset or preprocessing (dataset "
-            f"{attrs.get('dataset_fingerprint')}, preprocess {attrs.get('preprocess_hash')}; --data gives "
-            f"{pre.fingerprint}, {pre.config.hash}); run `tprobe extract` on this data or drop --store"
-        )
-    fs.verify_rows(pre.kept["image_id"].tolist(), "--data")
-
-
-def _table_text(df, floatfmt="{:.3f}") -> str:
-    import pandas as pd
-
-    with pd.option_context(
-        "display.width", 200, "display.max_columns", 30, "display.float_format", floatfmt.format
-    ):
-        return df.to_string(index=False)
-
-
-def _echo_table(df, floatfmt="{:.3f}"):
-    click.echo(_table_text(df, floatfmt))
 
 
 @main.command()
@@ -1152,7 +790,7 @@ def probe(
     table = features is not None
     no_table = "with --features (the table is the features; `tprobe curve` compares a table with stores)"
     no_views = "with --features (a table has one row per image, no augmented views)"
-    _refuse_unused(
+    refuse_unused(
         [
             ("store", not table, no_table),
             *[(n, not table, no_table) for n in ("model", "revision")],
@@ -1160,9 +798,9 @@ def probe(
             *[(n, not table, no_views) for n in ("tta", "train_views")],
             *[(n, store is None, "with --store (the store fixes the model)") for n in ("model", "revision")],
             *[(n, table, "without --features TABLE") for n in TABLE_PARAMS],
-            *_split_rules(split, with_folds=True),
+            *split_rules(split, with_folds=True),
             ("penalty", head in ("logreg", "all"), f"to --head {head} (only logreg has a penalty)"),
-            *_prep_rules(
+            *prep_rules(
                 data is not None or store is None,
                 "with --store and no --data (the store holds its own "
                 "preprocessing; add --data to check the store against those images)",
@@ -1180,11 +818,13 @@ def probe(
     if pool == "layers" and features is not None:
         raise TprobeError("--pool layers pools a store's layers; drop --features or pick --store")
     if features is not None:
-        pre = _prepare(data, prep, progress=False)
+        pre = prepare_data(data, prep, progress=False)
         sources = [
             (
                 "table",
-                lambda _p: _table(features, pre.manifest, id_column, exclude, keep_columns, all_table_rows),
+                lambda _p: table_source(
+                    features, pre.manifest, id_column, exclude, keep_columns, all_table_rows
+                ),
             )
         ]
     else:
@@ -1194,9 +834,13 @@ def probe(
 
             ref = resolve_model(model, revision, offline=offline)
             layered = pool == "layers" or any(p == "last4" or "@" in p for p in pools)
-            store = find_store(cache, _prepare(data, prep, progress=False, ref=ref), ref, layered=layered)
+            store = find_store(cache, prepare_data(data, prep, progress=False, ref=ref), ref, layered=layered)
         elif data is not None:
-            _check_store_matches(store, _prepare(data, prep, progress=False, patch_size=_store_patch(store)))
+            from tprobe.features.assemble import check_store_matches, store_patch
+
+            check_store_matches(
+                store, prepare_data(data, prep, progress=False, patch_size=store_patch(store))
+            )
         if pool == "layers":
             from tprobe.cache.store import FeatureStore
 
@@ -1246,7 +890,7 @@ def probe(
             if run.features_.source.random_init:
                 random_seen.append(True)
                 lines.append(f"   {RANDOM_NOTE}")
-            lines.append(_table_text(run.table()))
+            lines.append(table_text(run.table()))
             lines.append(
                 f"   accuracy, balanced accuracy, f1: {run.summary_['f1']['note']}; brier, ece: "
                 "calibration (lower is better; ECE over 10 equal-width bins)"
@@ -1265,7 +909,7 @@ def probe(
         click.echo(
             f"== sweep summary (mean over held-out donors); per-donor tables: {res.out}/<run>/{RUN_DETAIL}"
         )
-        _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
+        echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
         click.echo(f"   sweep wall time {res.seconds:.1f} s")
         if random_seen:
             click.echo(f"   {RANDOM_NOTE}")
@@ -1319,7 +963,7 @@ def _echo_task_event(ev):
     if ev.kind == "start":
         click.echo(f"== {ev.features.name} · {ev.head}: {ev.message}")
     elif ev.kind == "run":
-        _echo_table(ev.run.table())
+        echo_table(ev.run.table())
         click.echo(f"   {ev.message}")
 
 
@@ -1337,138 +981,11 @@ def _echo_collected(sweep):
     for pool, why in res.skipped.items():
         click.echo(f"skipped pool {pool}: {why}", err=True)
     click.echo(f"== sweep summary (mean over held-out donors; {len(res.runs)} runs collected from {sweep})")
-    _echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
+    echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
     click.echo(f"   run time {res.seconds:.1f} s summed over the tasks")
     if res.random_init:
         click.echo(f"   {RANDOM_NOTE}")
     click.echo(str(res.out))
-
-
-def _table(path, manifest, id_column, exclude, keep_columns, all_table_rows):
-    """A --features table as a FeatureSet; echoes one line on its dropped columns and one on unused rows."""
-    from tprobe.features.sources import from_table, table_note
-
-    fs = from_table(
-        path, manifest, id_column=id_column, exclude=exclude, keep=keep_columns, all_rows=all_table_rows
-    )
-    for line in table_note(fs.source):
-        click.echo(f"   {line}")
-    return fs
-
-
-def _feature_sources(
-    stores,
-    models,
-    revision,
-    pool,
-    features,
-    id_column,
-    exclude,
-    pixels,
-    cache,
-    offline,
-    data,
-    prep,
-    keep_columns=(),
-    all_table_rows=False,
-):
-    """FeatureSets for curve/map: each --store, each --model's cached store, each --features table, pixels."""
-    from tprobe.features.sources import from_store
-
-    by_patch = {}  # a default canvas is rounded per patch size: preprocess once per patch size
-
-    def prepared(patch=None):
-        if patch not in by_patch:
-            by_patch[patch] = _prepare(data, prep, progress=False, patch_size=patch)
-        return by_patch[patch]
-
-    stores = list(stores)
-    for st in stores:
-        if data is not None:
-            _check_store_matches(st, prepared(_store_patch(st)))
-    if models:
-        from tprobe.cache.extract import find_store
-        from tprobe.models.backbones import resolve_model
-
-        for m in models:
-            ref = resolve_model(m, revision, offline=offline)
-            stores.append(find_store(cache, prepared(ref.patch_size), ref))
-    out = [from_store(st, pool) for st in stores]
-    out += [
-        _table(f, prepared().manifest, id_column, exclude, keep_columns, all_table_rows) for f in features
-    ]
-    if pixels:
-        from tprobe.train.baselines import pixel_features
-
-        out.append(pixel_features(prepared()))
-    if not out:
-        raise TprobeError("no features: pass --store PATH, --model M, --features TABLE and/or --pixels")
-    names = [fs.name for fs in out]
-    for i, fs in enumerate(out):  # two stores of the same model name stay distinguishable
-        if names.count(fs.name) > 1:
-            fs.source.name = f"{fs.name}#{i + 1}"
-    return out
-
-
-def _source_rules(stores, models, features, pixels, data):
-    """Options of `curve` and `map` that only some feature sources use."""
-    reads_images = data is not None or bool(models or features or pixels)
-    return [
-        ("revision", bool(models), "without --model"),
-        ("pool", bool(stores or models), "without --store/--model (it pools a store's tokens)"),
-        *[(n, bool(features), "without --features TABLE") for n in TABLE_PARAMS],
-        *_prep_rules(
-            reads_images,
-            "with --store sources and no --data (a store holds its own preprocessing; "
-            "add --data to check it against those images)",
-        ),
-    ]
-
-
-def source_options(f):
-    """Feature sources shared by `curve` and `map`: several stores, tables and the pixel baseline."""
-    opts = [
-        click.option(
-            "--store",
-            "stores",
-            multiple=True,
-            type=click.Path(path_type=Path, exists=True),
-            help="A feature store (repeatable).",
-        ),
-        click.option("--model", "models", multiple=True, help="Use this model's cached store (repeatable)."),
-        click.option("--revision", default=None, help="Hub revision of --model."),
-        click.option("--pool", default="cls", show_default=True, help="Pooling of the store tokens."),
-        click.option(
-            "--features",
-            multiple=True,
-            type=click.Path(path_type=Path),
-            help="A feature table, CSV/Parquet, one row per image (repeatable).",
-        ),
-        click.option(
-            "--id-column", default=None, help="Column of --features holding file names or image ids."
-        ),
-        click.option(
-            "--drop-columns",
-            "--exclude",
-            "exclude",
-            multiple=True,
-            help="Column of --features to leave out, beyond the identifier rule (repeatable).",
-        ),
-        click.option(
-            "--keep-columns",
-            multiple=True,
-            help="Column of --features the identifier/position rule drops, to use anyway (repeatable).",
-        ),
-        click.option(
-            "--all-table-rows",
-            is_flag=True,
-            help="Score every --features row naming an image, also images the quality filters removed.",
-        ),
-        click.option("--pixels", is_flag=True, help="Add the raw-pixel baseline (64 px canvas) as a source."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
 
 
 @main.command()
@@ -1552,18 +1069,18 @@ def curve(
     from tprobe.probing.heads import HEADS
 
     heads = list(HEADS) if head == "all" else [h.strip() for h in head.split(",")]
-    _refuse_unused(
+    refuse_unused(
         [
-            *_source_rules(stores, models, features, pixels, data),
+            *source_rules(stores, models, features, pixels, data),
             (
                 "train_views",
                 bool(stores or models),
                 "without --store/--model (tables and pixels have one view per cell)",
             ),
-            *_split_rules(split),
+            *split_rules(split),
         ]
     )
-    sources = _feature_sources(
+    sources = feature_sources(
         stores,
         models,
         revision,
@@ -1685,8 +1202,8 @@ def map_(
     from tprobe.science.curve import is_random_source
     from tprobe.science.embedmap import diagnose, embed, map_data, plot_map
 
-    _refuse_unused(_source_rules(stores, models, features, pixels, data))
-    sources = _feature_sources(
+    refuse_unused(source_rules(stores, models, features, pixels, data))
+    sources = feature_sources(
         stores,
         models,
         revision,
@@ -1707,7 +1224,7 @@ def map_(
     diags = []
     for fs in sources:
         if fs.source.get("kind") != "store" and manifest is None:
-            manifest = _prepare(data, prep, progress=False).manifest
+            manifest = prepare_data(data, prep, progress=False).manifest
         md = map_data(fs, manifest if fs.source.get("kind") != "store" else None)
         diag = diagnose(md, seed=seed)
         diag["random_init"] = is_random_source(fs.source)
@@ -1931,7 +1448,7 @@ def finetune(
         import dataclasses
 
         ref = dataclasses.replace(ref, name=recorded_name)
-    pre = _prepare(data, prep, progress=False, ref=ref)
+    pre = prepare_data(data, prep, progress=False, ref=ref)
     job = FinetuneRun(
         ref,
         pool=pool,
@@ -1953,7 +1470,7 @@ def finetune(
     job.fit(pre, run, log=log)
     if ref.random_init:  # beside the results, where a reader looks (a refusal stays one line)
         click.echo(f"   {RANDOM_NOTE}")
-    _echo_table(job.evaluation_.table())
+    echo_table(job.evaluation_.table())
     if saliency_n:
         from tprobe.train.saliency_report import saliency_for_run
 
@@ -2038,7 +1555,7 @@ def baseline(
         if n not in BASELINES:
             raise TprobeError(f"--name {n!r} is not one of {', '.join(BASELINES)}, all")
     inception, trained = any(n in INCEPTION for n in names), {"lenet", "inception-finetuned"} & set(names)
-    _refuse_unused(
+    refuse_unused(
         [
             ("inception_weights", inception, f"to --name {name} (only the inception-* baselines)"),
             ("inception_size", inception, f"to --name {name} (only the inception-* baselines)"),
@@ -2047,7 +1564,7 @@ def baseline(
                 bool(trained),
                 f"to --name {name} (only lenet and inception-finetuned train for epochs)",
             ),
-            *_split_rules(split),
+            *split_rules(split),
         ]
     )
     if any(n in INCEPTION for n in names):  # before any work: an unreachable hub fails at once
@@ -2056,7 +1573,7 @@ def baseline(
         prep.require_one_image("the Inception baselines")  # before the hub is contacted
         check_size(inception_size)
         inception_weights = resolve_weights(inception_weights)
-    pre = _prepare(data, prep, progress=False)
+    pre = prepare_data(data, prep, progress=False)
     for n in names:
         click.echo(f"== baseline {n}")
         run, ev = run_baseline(
@@ -2075,7 +1592,7 @@ def baseline(
         )
         if n in INCEPTION and inception_weights.random_init:
             click.echo(f"   {RANDOM_NOTE}")
-        _echo_table(ev.table())
+        echo_table(ev.table())
         click.echo(str(run))
 
 

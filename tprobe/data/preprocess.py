@@ -57,6 +57,7 @@ __all__ = [
     "PreprocessConfig",
     "Preprocessed",
     "preprocess",
+    "prepare",
     "load_view",
     "load_canvas",
     "read_cell",
@@ -606,3 +607,44 @@ def _fingerprint(manifest: pd.DataFrame) -> str:
     if "crop_id" in src.columns:  # crops of fields: their content (margin, outside, the mask) counts too
         lines = sorted([*lines, *(f"crop,{c}" for c in src["crop_id"].fillna("") if c)])
     return _hash("\n".join(lines))
+
+
+def prepare(
+    data=None,
+    config: PreprocessConfig | None = None,
+    *,
+    patch_size: int | None = None,
+    canvas_set: bool = False,
+    model_name: str = "the store's model",
+    progress: bool = True,
+) -> Preprocessed:
+    """Discover and preprocess ``data``, or open a saved ``tprobe preprocess --out`` folder.
+
+    ``data``: an image folder, a CSV/Parquet manifest, a saved preprocessed folder (verified on
+    opening) or ``None`` for the bundled sample. With a model's ``patch_size``, a canvas the user did
+    not set (``canvas_set=False``) is first rounded up to the patch size; a saved folder whose canvas
+    does not fit the patch size is refused with the fix. Skipped files are listed in
+    :attr:`Preprocessed.skipped`.
+    """
+    from tprobe.data.dataset import discover
+    from tprobe.models.backbones import fit_canvas, round_canvas
+
+    config = config or PreprocessConfig()
+    if is_saved(data):
+        pre = Preprocessed.load(data)
+        if config not in (PreprocessConfig(), pre.config):
+            raise TprobeError(
+                f"{data}: is a preprocessed folder with its own options; drop the preprocessing "
+                "options or pass the image folder as --data"
+            )
+        if patch_size and pre.config.canvas % patch_size:
+            raise TprobeError(
+                f"{data}: was preprocessed on a {pre.config.canvas} px canvas, not a multiple of the "
+                f"patch size {patch_size} of {model_name}; rerun `tprobe preprocess` with --canvas "
+                f"{round_canvas(pre.config.canvas, patch_size)} or pass the image folder as --data"
+            )
+        return pre
+    if patch_size:
+        config = fit_canvas(config, patch_size, user_set=canvas_set)
+    found = discover(data, channel_files=config.channel_files, channels=config.channels)
+    return preprocess(found, ome_defaults(found, config), progress=progress)  # OME-TIFF names the channels

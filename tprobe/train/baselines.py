@@ -32,6 +32,7 @@ from torch import nn
 
 from tprobe.data.preprocess import PIXEL_CANVAS, Preprocessed, load_view
 from tprobe.errors import TprobeError
+from tprobe.features.pixels import pixel_features, pixel_prep
 from tprobe.features.sources import META, FeatureSet, FeatureSource
 from tprobe.models.inception import HUB_ID, INPUT_SIZE
 from tprobe.probing.evaluate import check_plan, evaluate, frequency_predictions, split_plan
@@ -43,7 +44,7 @@ __all__ = [
     "ALL",
     "PIXEL_CANVAS",
     "LeNet",
-    "pixel_features",
+    "pixel_features",  # re-exported: tprobe.features.pixels
     "inception_feature_set",
     "run_baseline",
 ]
@@ -53,27 +54,6 @@ logger = logging.getLogger(__name__)
 BASELINES = ("frequency", "pixel-logreg", "pixel-mlp", "lenet", "inception-frozen", "inception-finetuned")
 ALL = BASELINES[:4]  # what ``--name all`` runs
 INCEPTION = ("inception-frozen", "inception-finetuned")
-
-
-def _pixel_prep(pre: Preprocessed):
-    return dataclasses.replace(pre.config, canvas=PIXEL_CANVAS, fit="resize")
-
-
-def pixel_features(pre: Preprocessed) -> FeatureSet:
-    """Raw pixels of each kept cell's original view on the 64 px canvas, flattened (values 0..1)."""
-    rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
-    prep = _pixel_prep(pre)
-    logger.info("pixels: reading %d cells onto the %d px canvas", len(rows), PIXEL_CANVAS)
-    X = np.stack([load_view(p, "orig", prep).ravel() for p in rows["path"]]).astype(np.float32)
-    source = FeatureSource(
-        kind="pixels",
-        name="pixels",
-        canvas=PIXEL_CANVAS,
-        preprocess=pre.config.to_dict(),
-        preprocess_hash=pre.config.hash,
-        dataset_fingerprint=pre.fingerprint,
-    )
-    return FeatureSet(X, rows[META], source)
 
 
 def inception_feature_set(
@@ -280,7 +260,7 @@ def run_baseline(
         def make():
             return LeNet(in_channels=in_channels)
 
-        prep, canvas = _pixel_prep(pre), PIXEL_CANVAS
+        prep, canvas = pixel_prep(pre), PIXEL_CANVAS
     else:
         from tprobe.models.inception import InceptionClassifier, load_inception
 

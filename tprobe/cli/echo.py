@@ -1,0 +1,34 @@
+"""Console output shared by the commands: tables, exit statuses, the random-weights line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+EXIT_SKIPPED = 3  # finished, but some input files were skipped (listed on stderr)
+
+
+RUN_DETAIL = "details.txt"  # a sweep's run folder: the per-donor table and notes a single run prints
+
+
+RANDOM_NOTE = "RANDOM WEIGHTS: features from a randomly initialised model; a plumbing check, not a result"
+
+
+def finish(pre):
+    if pre.skipped:
+        click.echo(f"{len(pre.skipped)} file(s) skipped (listed above); exit status {EXIT_SKIPPED}", err=True)
+        sys.exit(EXIT_SKIPPED)
+
+
+def table_text(df, floatfmt="{:.3f}") -> str:
+    import pandas as pd
+
+    with pd.option_context(
+        "display.width", 200, "display.max_columns", 30, "display.float_format", floatfmt.format
+    ):
+        return df.to_string(index=False)
+
+
+def echo_table(df, floatfmt="{:.3f}"):
+    click.echo(table_text(df, floatfmt))
