@@ -20,14 +20,18 @@ from tprobe.cli.options import (
     OFFLINE_OPTION,
     TABLE_PARAMS,
     data_options,
+    forward_args,
     parse_shard,
     prep_rules,
     refuse_unused,
     run_option,
+    sbatch_options,
+    slurm_options,
     source_options,
     source_rules,
     split_options,
     split_rules,
+    token_names,
 )
 from tprobe.errors import TprobeError
 
@@ -218,123 +222,6 @@ def models():
     )
 
 
-# ---- extract on SLURM: one array job; task i runs this same command with --shard i/N --------------
-SLURM_PARAMS = (
-    "executor",
-    "shards",
-    "partition",
-    "time",
-    "gpus_per_task",
-    "cpus_per_task",
-    "mem",
-    "account",
-    "max_running",
-    "sbatch_option",
-    "slurm_dir",
-    "poll",
-)
-
-
-def slurm_options(f, *, sweep: bool = False):
-    executor_help = (
-        "slurm: one array task per pool x head, watched; then the sweep summary."
-        if sweep
-        else "slurm: submit one array job of --shards tasks, watch it, return when sealed."
-    )
-    opts = [
-        click.option(
-            "--executor",
-            type=click.Choice(["local", "slurm"]),
-            default="local",
-            show_default=True,
-            help=executor_help,
-        ),
-        *(
-            []
-            if sweep
-            else [
-                click.option(
-                    "--shards", type=int, default=None, help="[slurm] Array tasks (e.g. total GPUs)."
-                )
-            ]
-        ),
-        click.option("--partition", default=None, help="[slurm] Partition."),
-        click.option("--time", default=None, help="[slurm] Time limit per task, e.g. 2:00:00."),
-        click.option(
-            "--gpus-per-task", type=int, default=None, help="[slurm] GPUs per task (1 = one shard per GPU)."
-        ),
-        click.option(
-            "--cpus-per-task", type=int, default=None, help="[slurm] CPUs per task (DataLoader workers)."
-        ),
-        click.option("--mem", default=None, help="[slurm] Memory per task, e.g. 32G."),
-        click.option("--account", default=None, help="[slurm] Account to charge."),
-        click.option(
-            "--max-running", type=int, default=None, help="[slurm] At most this many tasks at once."
-        ),
-        click.option(
-            "--sbatch-option",
-            multiple=True,
-            help="[slurm] Any other sbatch option, e.g. --qos=high (repeatable).",
-        ),
-        click.option(
-            "--slurm-dir",
-            type=click.Path(path_type=Path),
-            default=Path("slurm"),
-            show_default=True,
-            help="[slurm] Folder for the sbatch script and task logs.",
-        ),
-        click.option(
-            "--poll",
-            type=float,
-            default=10.0,
-            show_default=True,
-            help="[slurm] Seconds between progress checks.",
-        ),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def _forward_args(ctx) -> list[str]:
-    """This command's own options, minus the SLURM ones and --shard, for the array tasks to rerun."""
-    args = []
-    for p in ctx.command.params:
-        value = ctx.params.get(p.name)
-        if not isinstance(p, click.Option) or p.name in (*SLURM_PARAMS, "shard") or value is None:
-            continue
-        opt = max(p.opts, key=len)
-        if p.is_flag:
-            args += [opt] if value else []
-            continue
-        if isinstance(value, Path) or (p.name == "model" and Path(value).expanduser().is_dir()):
-            value = Path(value).expanduser().absolute()
-        args += [opt, str(value)]
-    return args
-
-
-def _token_names(text: str) -> tuple[str, ...]:
-    """``--tokens cls,registers`` -> ("cls", "registers")."""
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def _slurm_options(slurm):
-    """The sbatch options; a value that cannot go into a script is refused here, before any work."""
-    from tprobe.cluster.slurm import SlurmOptions
-
-    return SlurmOptions(
-        partition=slurm["partition"],
-        time=slurm["time"],
-        gpus_per_task=slurm["gpus_per_task"],
-        cpus_per_task=slurm["cpus_per_task"],
-        mem=slurm["mem"],
-        account=slurm["account"],
-        max_running=slurm["max_running"],
-        extra=tuple(slurm["sbatch_option"]),
-        slurm_dir=slurm["slurm_dir"],
-    )
-
-
 def _extract_workers(ctx, pre, ref, n, gpus):
     """``--workers N``: N local processes, each ``tprobe extract ... --shard i/N``; returns when all exit."""
     from tprobe.cache.extract import resolve_precision, run_workers, store_path
@@ -358,7 +245,7 @@ def _extract_workers(ctx, pre, ref, n, gpus):
         p["dtype"],
         p["fmt"],
         ctx.params["precision"],
-        _token_names(p["tokens"]),
+        token_names(p["tokens"]),
         layers=p["layers"],
         patch_layers=p["patch_layers"],
     )
@@ -366,7 +253,7 @@ def _extract_workers(ctx, pre, ref, n, gpus):
         click.echo(f"up to date: {len(pre.kept)} rows already extracted for {ref.slug}; no worker started")
         click.echo(str(path))
         return finish(pre)
-    res = run_workers(_forward_args(ctx), path, n, gpus)
+    res = run_workers(forward_args(ctx), path, n, gpus)
     failed = [f"worker {i} (--shard {i}/{n}) exit status {c}" for i, c in enumerate(res.codes) if c]
     if failed:
         raise TprobeError(
@@ -392,11 +279,11 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
         raise TprobeError("--shard is for one worker; with --executor slurm give --shards N instead")
     if not shards:
         raise TprobeError("--executor slurm needs --shards N (array tasks; e.g. the number of GPUs)")
-    options = _slurm_options(slurm)
+    options = sbatch_options(slurm)
     ctx.params["canvas"] = pre.config.canvas  # the (maybe rounded) canvas, so the tasks key the same store
     if p["precision"] == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here
         ctx.params["precision"] = "fp16" if slurm["gpus_per_task"] else "fp32"
-    tokens = _token_names(p["tokens"])
+    tokens = token_names(p["tokens"])
     path = store_path(
         p["cache"],
         pre,
@@ -409,7 +296,7 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
         patch_layers=p["patch_layers"],
     )
     res = extract_array(
-        _forward_args(ctx),
+        forward_args(ctx),
         path,
         rows=len(pre.kept),
         chunk_rows=p["chunk_rows"],
@@ -566,7 +453,7 @@ def extract(
     if executor == "slurm":
         from tprobe.cluster.slurm import script_value
 
-        _slurm_options(slurm)  # a line break in --partition, --time, --slurm-dir ... is refused up front
+        sbatch_options(slurm)  # a line break in --partition, --time, --slurm-dir ... is refused up front
         script_value("--cache", Path(cache).absolute())
         script_value("the working directory", Path.cwd())
     ref = resolve_model(model, revision, offline=offline)
@@ -575,7 +462,7 @@ def extract(
         return _extract_slurm(ctx, pre, ref, shard, shards, slurm)
     if workers > 1:
         return _extract_workers(ctx, pre, ref, workers, gpus)
-    names = _token_names(tokens)
+    names = token_names(tokens)
     res = run_extract(
         pre,
         ref,
@@ -929,7 +816,7 @@ def _probe_slurm_checks(features, out, slurm):
         )
     script_value("--out", Path(out).absolute())
     script_value("the working directory", Path.cwd())
-    _slurm_options(slurm)
+    sbatch_options(slurm)
 
 
 def _probe_resume(ctx, resume, sweep_task, executor, slurm):
@@ -970,7 +857,7 @@ def _echo_task_event(ev):
 def _sweep_on_slurm(sweep, slurm):
     from tprobe.cluster.slurm import sweep_array
 
-    sweep_array(sweep, options=_slurm_options(slurm), poll=slurm["poll"])
+    sweep_array(sweep, options=sbatch_options(slurm), poll=slurm["poll"])
     _echo_collected(sweep)
 
 

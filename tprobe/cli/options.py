@@ -370,3 +370,121 @@ def source_options(f):
     for opt in reversed(opts):
         f = opt(f)
     return f
+
+
+# ---- SLURM: an array job's options, and this command's own options for its tasks to rerun ---------
+# ---- extract on SLURM: one array job; task i runs this same command with --shard i/N --------------
+SLURM_PARAMS = (
+    "executor",
+    "shards",
+    "partition",
+    "time",
+    "gpus_per_task",
+    "cpus_per_task",
+    "mem",
+    "account",
+    "max_running",
+    "sbatch_option",
+    "slurm_dir",
+    "poll",
+)
+
+
+def slurm_options(f, *, sweep: bool = False):
+    executor_help = (
+        "slurm: one array task per pool x head, watched; then the sweep summary."
+        if sweep
+        else "slurm: submit one array job of --shards tasks, watch it, return when sealed."
+    )
+    opts = [
+        click.option(
+            "--executor",
+            type=click.Choice(["local", "slurm"]),
+            default="local",
+            show_default=True,
+            help=executor_help,
+        ),
+        *(
+            []
+            if sweep
+            else [
+                click.option(
+                    "--shards", type=int, default=None, help="[slurm] Array tasks (e.g. total GPUs)."
+                )
+            ]
+        ),
+        click.option("--partition", default=None, help="[slurm] Partition."),
+        click.option("--time", default=None, help="[slurm] Time limit per task, e.g. 2:00:00."),
+        click.option(
+            "--gpus-per-task", type=int, default=None, help="[slurm] GPUs per task (1 = one shard per GPU)."
+        ),
+        click.option(
+            "--cpus-per-task", type=int, default=None, help="[slurm] CPUs per task (DataLoader workers)."
+        ),
+        click.option("--mem", default=None, help="[slurm] Memory per task, e.g. 32G."),
+        click.option("--account", default=None, help="[slurm] Account to charge."),
+        click.option(
+            "--max-running", type=int, default=None, help="[slurm] At most this many tasks at once."
+        ),
+        click.option(
+            "--sbatch-option",
+            multiple=True,
+            help="[slurm] Any other sbatch option, e.g. --qos=high (repeatable).",
+        ),
+        click.option(
+            "--slurm-dir",
+            type=click.Path(path_type=Path),
+            default=Path("slurm"),
+            show_default=True,
+            help="[slurm] Folder for the sbatch script and task logs.",
+        ),
+        click.option(
+            "--poll",
+            type=float,
+            default=10.0,
+            show_default=True,
+            help="[slurm] Seconds between progress checks.",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def forward_args(ctx) -> list[str]:
+    """This command's own options, minus the SLURM ones and --shard, for the array tasks to rerun."""
+    args = []
+    for p in ctx.command.params:
+        value = ctx.params.get(p.name)
+        if not isinstance(p, click.Option) or p.name in (*SLURM_PARAMS, "shard") or value is None:
+            continue
+        opt = max(p.opts, key=len)
+        if p.is_flag:
+            args += [opt] if value else []
+            continue
+        if isinstance(value, Path) or (p.name == "model" and Path(value).expanduser().is_dir()):
+            value = Path(value).expanduser().absolute()
+        args += [opt, str(value)]
+    return args
+
+
+def token_names(text: str) -> tuple[str, ...]:
+    """``--tokens cls,registers`` -> ("cls", "registers")."""
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def sbatch_options(slurm):
+    """The sbatch options; a value that cannot go into a script is refused here, before any work."""
+    from tprobe.cluster.slurm import SlurmOptions
+
+    return SlurmOptions(
+        partition=slurm["partition"],
+        time=slurm["time"],
+        gpus_per_task=slurm["gpus_per_task"],
+        cpus_per_task=slurm["cpus_per_task"],
+        mem=slurm["mem"],
+        account=slurm["account"],
+        max_running=slurm["max_running"],
+        extra=tuple(slurm["sbatch_option"]),
+        slurm_dir=slurm["slurm_dir"],
+    )
