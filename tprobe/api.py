@@ -28,14 +28,9 @@ if TYPE_CHECKING:  # the typed artifacts the calls return
     from tprobe.features.sources import FeatureSet
     from tprobe.models.backbones import ModelRef
 
-__all__ = [
-    "discover",
-    "preprocess",
-    "list_models",
-    "resolve_model",
-    "open_store",
-    "feature_sets",
-]
+from tprobe import API
+
+__all__ = list(API)  # the names, in the order the docs list them: tprobe.API
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -186,3 +181,15 @@ def feature_sets(
         offline=offline,
         **table_options,
     )
+
+
+# ---- cache: extract, status, export ---------------------------------------------------------------
+
+
+# ---- probing: probe, predict ----------------------------------------------------------------------
+
+
+# ---- science and runs: curve, map, report ---------------------------------------------------------
+
+
+# ---- training: finetune, baseline, saliency -------------------------------------------------------
