@@ -40,6 +40,11 @@ __all__ = [
 
 @dataclass
 class TrainConfig:
+    """The training of an end-to-end model (:class:`~tprobe.train.finetune.FinetuneRun`, LeNet):
+    AdamW with warm-up then cosine decay, early stopping after ``patience`` epochs without a better
+    validation AUC. ``pos_weight``: "auto" (negatives/positives), None or a number; ``precision``:
+    one of ``tprobe.train.PRECISIONS``."""
+
     epochs: int = 10
     batch_size: int = 32
     lr_head: float = 1e-3
