@@ -3,6 +3,8 @@
 The names below are plain constants (no torch): the command line builds its choices from them.
 """
 
+from tprobe.errors import TprobeError
+
 BASELINES = ("frequency", "pixel-logreg", "pixel-mlp", "lenet", "inception-frozen", "inception-finetuned")
 ALL = BASELINES[:4]  # what ``--name all`` runs: the Inception ones download weights, name them explicitly
 INCEPTION = ("inception-frozen", "inception-finetuned")
@@ -12,8 +14,6 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # training precision: auto = fp16
 
 def baseline_names(name: str) -> list[str]:
     """The baselines ``name`` stands for: itself, or ``all`` -> :data:`ALL`; else one line naming them."""
-    from tprobe.errors import TprobeError
-
     names = list(ALL) if name == "all" else [name]
     for n in names:
         if n not in BASELINES:

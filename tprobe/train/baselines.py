@@ -37,7 +37,7 @@ from tprobe.data.preprocess import PIXEL_CANVAS, Preprocessed, load_view
 from tprobe.errors import TprobeError
 from tprobe.features.pixels import pixel_features, pixel_prep
 from tprobe.features.sources import META, FeatureSet, FeatureSource
-from tprobe.models.inception import HUB_ID, INPUT_SIZE
+from tprobe.models.inception import HUB_ID, INPUT_SIZE, InceptionWeights
 from tprobe.probing.evaluate import (
     Evaluation,
     check_plan,
@@ -188,7 +188,7 @@ class _Job:
     n_boot: int
     epochs: int
     device: str
-    weights: object | None  # InceptionWeights for the Inception baselines
+    weights: InceptionWeights | None  # the Inception baselines' weights
     size: int
     data: str | None
     log: Callable[[dict], None]
@@ -253,7 +253,9 @@ class _Job:
         )
 
     def train(self, pre: Preprocessed, make, prep, cfg, canvas: int, *, checkpoints: bool) -> BaselineRun:
-        """Train ``make()`` on every fold with the fine-tuning loop; save the run with its curves."""
+        """Train ``make()`` on every fold with the fine-tuning loop (``cfg(device)``: its TrainConfig;
+        ``prep``: the images' preprocessing; ``canvas``: the input side recorded); save the run with
+        its curves. Per-epoch ``checkpoints`` only where they are small (baseline runs never resume)."""
         from tprobe.models.backbones import pick_device
         from tprobe.plot.figures import learning_curves
         from tprobe.train.loop import run_folds
@@ -263,11 +265,12 @@ class _Job:
         run = make_run_dir(self.out, f"baseline-{self.name}")
         record = self.record(pre, run)
         dev = pick_device(self.device)
+        config = cfg(dev)
         preds, curves = run_folds(
-            make, rows, plan, prep, cfg(dev), dev, run, log=self.log, checkpoints=checkpoints
+            make, rows, plan, prep, config, dev, run, log=self.log, checkpoints=checkpoints
         )
         ev = evaluate(preds, rows, plan, n_boot=self.n_boot, seed=self.seed)
-        record.options["train"] = cfg(dev).to_dict()
+        record.options["train"] = config.to_dict()
         record.features.canvas = canvas
         save_run(run, record=record, evaluation=ev, plan=plan, meta=rows)
         curves.to_csv(run / "curves.csv", index=False)
