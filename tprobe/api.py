@@ -347,7 +347,8 @@ def saliency(run: str | Path, n: int = 8, *, data: Preprocessed | None = None) -
     wrong calls) with their gradient, gradient x input and CLS-attention maps.
 
     ``data``: the run's images already preprocessed [default: read again from the data the run
-    recorded, with its preprocessing]. Writes ``saliency_<donor>.png`` into the run folder (a donor
+    recorded, with its preprocessing; a run fitted on a ``Preprocessed`` object recorded no data
+    path, so pass that object again]. Writes ``saliency_<donor>.png`` into the run folder (a donor
     name never makes a path outside it) and returns their paths.
 
     Example::
