@@ -17,7 +17,7 @@ A session on the bundled sample, with a local model folder::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -193,3 +193,203 @@ def feature_sets(
 
 
 # ---- training: finetune, baseline, saliency -------------------------------------------------------
+if TYPE_CHECKING:
+    from tprobe.train.baselines import BaselineRun
+    from tprobe.train.finetune import FinetuneRun
+    from tprobe.train.loop import TrainConfig
+
+
+def finetune(
+    data: str | Path | Preprocessed | None = None,
+    model: str | Path | ModelRef = "dinov2-small-reg",
+    *,
+    out: str | Path = "runs",
+    resume: str | Path | None = None,
+    config: PreprocessConfig | None = None,
+    revision: str | None = None,
+    pool: str = "concat",
+    freeze: bool = False,
+    unfreeze_last: int | None = None,
+    split: str = "leave-one-donor-out",
+    test_donor: str | None = None,
+    train: TrainConfig | None = None,
+    device: str = "auto",
+    saliency_n: int = 8,
+    offline: bool = False,
+    canvas_set: bool | None = None,
+    log: Callable[[dict], None] | None = None,
+    **train_options,
+) -> FinetuneRun:
+    """Train a backbone + linear head end to end on the probe's donor splits (skips the cache).
+
+    ``data``: what :func:`preprocess` takes (a folder, a manifest, a saved preprocessed folder or
+    ``None`` for the sample) with ``config``, or a :class:`~tprobe.data.preprocess.Preprocessed`. A
+    canvas not chosen (``canvas_set``; default: chosen when not the default 140) is rounded up to the
+    model's patch size. ``model``: an alias, hub id, local folder or
+    :class:`~tprobe.models.backbones.ModelRef`. ``train`` (a :class:`~tprobe.train.loop.TrainConfig`)
+    or keyword ``train_options`` (its fields: ``epochs``, ``batch_size``, ``lr_backbone``, ``lr_head``,
+    ``weight_decay``, ``patience``, ``pos_weight`` ("auto", "none" or a number), ``seed``,
+    ``precision``) set the training; ``freeze`` trains the head only, ``unfreeze_last`` the last K
+    layers and the head.
+
+    Writes a new run folder under ``out``: the probe's run files plus curves.csv/curves.png, the
+    per-fold trainable weights ``fold<i>.pt``, a checkpoint per epoch and (``saliency_n`` > 0) saliency
+    grids of that many images per held-out donor. ``resume``: an interrupted run folder, continued
+    from its last finished epoch with the options it recorded (then every other argument but
+    ``device``, ``saliency_n``, ``offline`` and ``log`` is ignored). ``log(row: dict)`` gets each fold's
+    start and each epoch's losses [default: INFO lines of the ``tprobe.api`` logger].
+
+    Returns the fitted :class:`~tprobe.train.finetune.FinetuneRun`: ``.evaluation_`` (per-donor
+    metrics), ``.curves_``, ``.run_`` (the run folder), ``.saliency_`` (the grids written). On a
+    randomly initialised model (``.model.random_init``) the results are a plumbing check, and the
+    figures say so.
+
+    Example::
+
+        job = tprobe.finetune(model="dinov2-small-reg", freeze=True, epochs=5)
+        job.evaluation_.table()
+    """
+    from dataclasses import replace
+
+    from tprobe.runs.record import RunRecord, make_run_dir
+    from tprobe.train.finetune import FinetuneRun as _Run
+    from tprobe.train.loop import TrainConfig as _Train
+
+    if resume is not None:  # the run's own options win: a resumed run must train what it started
+        job = replace(_Run.from_run(resume, offline=offline), device=device)
+        data, config, canvas_set = job.data, RunRecord.load(resume).preprocess_config(), False
+    else:
+        ref = resolve_model(model, revision, offline=offline) if isinstance(model, str | Path) else model
+        job = _Run(
+            ref,
+            pool=pool,
+            freeze=freeze,
+            unfreeze_last=unfreeze_last,
+            split=split,
+            test_donor=test_donor,
+            device=device,
+            train=replace(train or _Train(), **train_options),
+            data=str(data) if isinstance(data, str | Path) else None,
+        )
+    pre = _prepared(data, config, canvas_set=canvas_set, patch_size=job.model.patch_size, name=job.model.name)
+    run = Path(resume) if resume is not None else make_run_dir(out, job.record(pre).name)
+    job.fit(pre, run, log=log or _row_logger("finetune"))
+    job.saliency(saliency_n, pre)
+    return job
+
+
+def baseline(
+    name: str = "all",
+    data: str | Path | Preprocessed | None = None,
+    *,
+    out: str | Path = "runs",
+    config: PreprocessConfig | None = None,
+    split: str = "leave-one-donor-out",
+    test_donor: str | None = None,
+    epochs: int = 30,
+    inception_weights: str = "timm/inception_v3.tv_in1k",
+    inception_size: int = 299,
+    device: str = "auto",
+    seed: int = 0,
+    n_boot: int = 2000,
+    log: Callable[[dict], None] | None = None,
+) -> list[BaselineRun]:
+    """Wang et al.'s baselines on the same donor splits and run-folder files as the probes.
+
+    ``name``: one of ``tprobe.train.BASELINES`` (frequency, pixel-logreg, pixel-mlp, lenet,
+    inception-frozen, inception-finetuned) or ``all`` (the first four: the Inception ones download
+    ImageNet weights, name them explicitly). ``data`` and ``config``: as :func:`finetune` takes them.
+    ``epochs``: lenet and inception-finetuned (early stopping may end sooner). ``inception_weights``:
+    a hub id, a folder holding ``model.safetensors`` or ``random`` (a plumbing check), resolved before
+    any image is read (an unreachable hub fails at once); ``inception_size``: the Inception input side
+    in px (>= 75). ``log(row: dict)`` gets the progress [default: INFO lines of the
+    ``tprobe.train.baselines`` logger].
+
+    Returns one :class:`~tprobe.train.baselines.BaselineRun` per baseline, in order: ``.path`` (a new
+    run folder under ``out``), ``.evaluation`` (per-donor metrics), ``.random_weights``.
+
+    Example::
+
+        runs = tprobe.baseline("all")
+        runs[0].evaluation.table()
+    """
+    from tprobe.train import INCEPTION
+    from tprobe.train.baselines import baseline_names, run_baseline
+
+    names = baseline_names(name)
+    if any(n in INCEPTION for n in names):  # before any work: an unreachable hub fails at once
+        from tprobe.data.preprocess import PreprocessConfig as _Config
+        from tprobe.models.inception import check_size, resolve_weights
+
+        prep = getattr(data, "config", None) or config or _Config()
+        prep.require_one_image("the Inception baselines")  # before the hub is contacted
+        check_size(inception_size)
+        inception_weights = resolve_weights(inception_weights)
+    pre = _prepared(data, config, canvas_set=False)
+    kw = dict(split=split, test_donor=test_donor, seed=seed, n_boot=n_boot, epochs=epochs, device=device)
+    return [
+        run_baseline(
+            n,
+            pre,
+            out,
+            inception_weights=inception_weights,
+            inception_size=inception_size,
+            log=log,
+            data=str(data) if isinstance(data, str | Path) else None,
+            **kw,
+        )
+        for n in names
+    ]
+
+
+def saliency(run: str | Path, n: int = 8, *, data: Preprocessed | None = None) -> list[Path]:
+    """Saliency grids of a :func:`finetune` run: per held-out donor, ``n`` images (half right, half
+    wrong calls) with their gradient, gradient x input and CLS-attention maps.
+
+    ``data``: the run's images already preprocessed [default: read again from the data the run
+    recorded, with its preprocessing; a run fitted on a ``Preprocessed`` object recorded no data
+    path, so pass that object again]. Writes ``saliency_<donor>.png`` into the run folder (a donor
+    name never makes a path outside it) and returns their paths.
+
+    Example::
+
+        tprobe.saliency("runs/20261125-101500-dinov2-small-reg-concat-finetuned", n=8)
+    """
+    from tprobe.train.saliency_report import saliency_for_run
+
+    return saliency_for_run(run, data, n=n)
+
+
+def _prepared(data, config, *, canvas_set: bool | None, patch_size=None, name=None) -> Preprocessed:
+    """``data`` as a Preprocessed (prepared here unless it is one); skipped files are logged."""
+    import logging
+
+    from tprobe.data.preprocess import PreprocessConfig as _Config
+    from tprobe.data.preprocess import Preprocessed as _Pre
+    from tprobe.data.preprocess import prepare
+
+    if isinstance(data, _Pre):
+        return data
+    config = config or _Config()
+    pre = prepare(
+        data,
+        config,
+        patch_size=patch_size,
+        canvas_set=config.canvas != _Config().canvas if canvas_set is None else canvas_set,
+        model_name=name or "the store's model",
+        progress=False,
+    )
+    for s in pre.skipped:
+        logging.getLogger(__name__).warning("skipped: %s", s)
+    return pre
+
+
+def _row_logger(what: str) -> Callable[[dict], None]:
+    """A training ``log``: each row (a fold's start, an epoch's losses) as one INFO line."""
+    import logging
+
+    def log(row: dict) -> None:
+        text = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+        logging.getLogger(__name__).info("%s: %s", what, text)
+
+    return log

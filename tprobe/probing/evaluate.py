@@ -31,6 +31,7 @@ __all__ = [
     "Fold",
     "split_plan",
     "check_plan",
+    "check_train_donors",
     "nested_cv",
     "donor_metrics",
     "selection",
@@ -127,6 +128,21 @@ def check_plan(plan: list[Fold], meta: pd.DataFrame) -> None:
         d_tr = set(meta["donor"].iloc[f.train])
         if set(f.test_donors) <= set(meta["donor"].iloc[f.test]) and d_tr & set(f.test_donors):
             raise TprobeError(f"fold {f.index}: donor on both sides: {sorted(d_tr & set(f.test_donors))}")
+
+
+def check_train_donors(plan: list[Fold], meta: pd.DataFrame, *, what: str, split: str) -> None:
+    """Raise if a fold of ``plan`` trains on fewer than 2 donors: models trained with early stopping
+    (fine-tuning, LeNet, Inception fine-tuned) need a validation donor and at least one other donor
+    to train on. ``what`` names the model in the one-line message."""
+    donors = sorted(set(meta["donor"]))
+    for fold in plan:
+        n_train = meta["donor"].iloc[fold.train].nunique()
+        if n_train < 2:
+            raise TprobeError(
+                f"{what} needs at least 2 training donors per fold (one for early stopping, one or "
+                f"more to train on); with split {split!r} and {len(donors)} donor(s) "
+                f"({', '.join(donors)}) fold {fold.index} has {n_train} — add donors"
+            )
 
 
 @dataclass

@@ -24,7 +24,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -34,14 +37,25 @@ from tprobe.data.preprocess import PIXEL_CANVAS, Preprocessed, load_view
 from tprobe.errors import TprobeError
 from tprobe.features.pixels import pixel_features, pixel_prep
 from tprobe.features.sources import META, FeatureSet, FeatureSource
-from tprobe.models.inception import HUB_ID, INPUT_SIZE
-from tprobe.probing.evaluate import check_plan, evaluate, frequency_predictions, split_plan
+from tprobe.models.inception import HUB_ID, INPUT_SIZE, InceptionWeights
+from tprobe.probing.evaluate import (
+    Evaluation,
+    check_plan,
+    check_train_donors,
+    evaluate,
+    frequency_predictions,
+    split_plan,
+)
 from tprobe.probing.run import ProbeRun
 from tprobe.runs.record import RunRecord, make_run_dir, save_run
+from tprobe.train import ALL, BASELINES, INCEPTION, baseline_names
 
 __all__ = [
     "BASELINES",
     "ALL",
+    "RUNNERS",
+    "BaselineRun",
+    "baseline_names",
     "PIXEL_CANVAS",
     "LeNet",
     "pixel_features",  # re-exported: tprobe.features.pixels
@@ -50,10 +64,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-BASELINES = ("frequency", "pixel-logreg", "pixel-mlp", "lenet", "inception-frozen", "inception-finetuned")
-ALL = BASELINES[:4]  # what ``--name all`` runs
-INCEPTION = ("inception-frozen", "inception-finetuned")
 
 
 def inception_feature_set(
@@ -145,6 +155,209 @@ def progress_logger(name: str):
     return log
 
 
+class BaselineRun(NamedTuple):
+    """One finished baseline: its run folder and its evaluation (unpacks as ``run, ev``)."""
+
+    path: Path
+    evaluation: Evaluation
+
+    @property
+    def record(self) -> RunRecord:
+        """The run's record (config.json)."""
+        return RunRecord.load(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.record.options["baseline"]
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether an Inception baseline ran on random weights (a plumbing check, not a result)."""
+        return self.record.random_weights
+
+
+@dataclass
+class _Job:
+    """One baseline's settings, shared by the runners of :data:`RUNNERS`."""
+
+    name: str
+    out: Path
+    split: str
+    test_donor: str | None
+    seed: int
+    n_boot: int
+    epochs: int
+    device: str
+    weights: InceptionWeights | None  # the Inception baselines' weights
+    size: int
+    data: str | None
+    log: Callable[[dict], None]
+
+    def options(self) -> dict:
+        common = {
+            "baseline": self.name,
+            "split": self.split,
+            "test_donor": self.test_donor,
+            "seed": self.seed,
+        }
+        if self.weights is not None:
+            common |= {"inception_size": self.size, "inception_weights": self.weights.name}
+        return common
+
+    def probe(self, fs: FeatureSet, head: str, penalty: str) -> BaselineRun:
+        """Fit a probe head on ``fs`` (inner donor CV, no final head) and save it as this baseline."""
+
+        def on_fold(fp) -> None:  # one line per outer fold
+            self.log({"step": f"{fp.step}/{fp.n_steps}", "what": str(fp)})
+
+        probe = ProbeRun(
+            head=head,
+            penalty=penalty,
+            split=self.split,
+            test_donor=self.test_donor,
+            seed=self.seed,
+            n_boot=self.n_boot,
+            max_dims=None,
+            final_head=False,
+            data=self.data,
+        ).fit(fs, progress=on_fold)
+        run = probe.save(self.out, f"baseline-{self.name}", command="baseline", extra_options=self.options())
+        return BaselineRun(run, probe.evaluation_)
+
+    def split_rows(self, pre: Preprocessed):
+        """The original views and their checked outer folds."""
+        rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
+        plan = split_plan(rows, self.split, test_donor=self.test_donor)
+        check_plan(plan, rows)
+        return rows, plan
+
+    def record(self, pre: Preprocessed, run: Path) -> RunRecord:
+        features = FeatureSource(
+            kind="baseline",
+            name=self.name,
+            preprocess=pre.config.to_dict(),
+            preprocess_hash=pre.config.hash,
+            dataset_fingerprint=pre.fingerprint,
+        )
+        w = self.weights
+        if w is not None:  # the model's identity; random weights mark the run as a plumbing check
+            features = dataclasses.replace(
+                features,
+                model=w.name,
+                model_source=w.source,
+                resolved_revision=w.resolved,
+                random_init=w.random_init,
+            )
+        return RunRecord(
+            command="baseline", name=run.name, features=features, options=self.options(), data=self.data
+        )
+
+    def train(self, pre: Preprocessed, make, prep, cfg, canvas: int, *, checkpoints: bool) -> BaselineRun:
+        """Train ``make()`` on every fold with the fine-tuning loop (``cfg(device)``: its TrainConfig;
+        ``prep``: the images' preprocessing; ``canvas``: the input side recorded); save the run with
+        its curves. Per-epoch ``checkpoints`` only where they are small (baseline runs never resume)."""
+        from tprobe.models.backbones import pick_device
+        from tprobe.plot.figures import learning_curves
+        from tprobe.train.loop import run_folds
+
+        rows, plan = self.split_rows(pre)
+        check_train_donors(plan, rows, what=self.name, split=self.split)
+        run = make_run_dir(self.out, f"baseline-{self.name}")
+        record = self.record(pre, run)
+        dev = pick_device(self.device)
+        config = cfg(dev)
+        preds, curves = run_folds(
+            make, rows, plan, prep, config, dev, run, log=self.log, checkpoints=checkpoints
+        )
+        ev = evaluate(preds, rows, plan, n_boot=self.n_boot, seed=self.seed)
+        record.options["train"] = config.to_dict()
+        record.features.canvas = canvas
+        save_run(run, record=record, evaluation=ev, plan=plan, meta=rows)
+        curves.to_csv(run / "curves.csv", index=False)
+        learning_curves(curves, run / "curves.png", title=record.title)
+        return BaselineRun(run, ev)
+
+
+def _frequency(job: _Job, pre: Preprocessed) -> BaselineRun:
+    """Every test cell gets its training donors' activated fraction."""
+    rows, plan = job.split_rows(pre)
+    run = make_run_dir(job.out, f"baseline-{job.name}")
+    ev = evaluate(frequency_predictions(rows, plan), rows, plan, n_boot=job.n_boot, seed=job.seed)
+    save_run(run, record=job.record(pre, run), evaluation=ev, plan=plan, meta=rows)
+    return BaselineRun(run, ev)
+
+
+def _pixel_probe(head: str, penalty: str):
+    """A probe ``head`` on the raw pixels of each cell (pixel-logreg: L1 logreg; pixel-mlp: one hidden layer)."""
+
+    def run(job: _Job, pre: Preprocessed) -> BaselineRun:
+        fs = pixel_features(pre)
+        job.log(
+            {"features": f"{fs.X.shape[0]} cells x {fs.X.shape[1]} pixels", "head": f"{head} ({penalty})"}
+        )
+        return job.probe(fs, head, penalty)
+
+    return run
+
+
+def _inception_frozen(job: _Job, pre: Preprocessed) -> BaselineRun:
+    """Inception v3's pooled 2048-d features + L2 logistic regression."""
+    job.log({"features": f"Inception v3 on {int((pre.kept['view'] == 'orig').sum())} cells"})
+    fs = inception_feature_set(pre, job.weights, size=job.size, seed=job.seed, device=job.device)
+    return job.probe(fs, "logreg", "l2")
+
+
+def _lenet(job: _Job, pre: Preprocessed) -> BaselineRun:
+    """LeNet trained end to end on the 64 px pixel canvas (checkpointed per epoch: it is small)."""
+    from tprobe.train.loop import TrainConfig
+
+    in_channels = max(1, len(pre.config.used_channels))  # 1 grey, 3 rgb, C per-channel
+
+    def cfg(dev):
+        return TrainConfig(
+            epochs=job.epochs, batch_size=32, lr_head=1e-3, weight_decay=1e-4, patience=5, seed=job.seed
+        )
+
+    return job.train(
+        pre, lambda: LeNet(in_channels=in_channels), pixel_prep(pre), cfg, PIXEL_CANVAS, checkpoints=True
+    )
+
+
+def _inception_finetuned(job: _Job, pre: Preprocessed) -> BaselineRun:
+    """Inception v3 + a linear layer trained end to end (no per-epoch checkpoints: ~0.4 GB each)."""
+    from tprobe.models.inception import InceptionClassifier, load_inception
+    from tprobe.train.loop import TrainConfig
+
+    def cfg(dev):  # bf16 on GPUs: fp16 overflows on a random-init network's eval-mode activations
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return TrainConfig(
+            epochs=job.epochs,
+            batch_size=32,
+            lr_head=1e-3,
+            lr_backbone=1e-4,
+            weight_decay=1e-4,
+            patience=5,
+            seed=job.seed,
+            precision=precision,
+        )
+
+    def make():
+        return InceptionClassifier(load_inception(job.weights, seed=job.seed), size=job.size)
+
+    return job.train(pre, make, pre.config, cfg, job.size, checkpoints=False)
+
+
+# name -> runner(job, pre): each baseline in one short function
+RUNNERS: dict[str, Callable[[_Job, Preprocessed], BaselineRun]] = {
+    "frequency": _frequency,
+    "pixel-logreg": _pixel_probe("logreg", "l1"),
+    "pixel-mlp": _pixel_probe("mlp", "l2"),
+    "lenet": _lenet,
+    "inception-frozen": _inception_frozen,
+    "inception-finetuned": _inception_finetuned,
+}
+
+
 def run_baseline(
     name: str,
     pre: Preprocessed,
@@ -160,145 +373,37 @@ def run_baseline(
     inception_size: int = INPUT_SIZE,
     log=None,
     data: str | None = None,
-):
-    """Run one baseline; returns (run directory, Evaluation).
+) -> BaselineRun:
+    """Run one baseline into a new run folder under ``out``; returns a :class:`BaselineRun` (run, evaluation).
 
     ``inception_weights``: a hub id, a folder holding ``model.safetensors``, ``random``, or an
     already resolved :class:`~tprobe.models.inception.InceptionWeights`. ``log(row: dict)`` gets the progress
     (each fold's start, each epoch; each outer fold of the probe-based ones) [default:
     :func:`progress_logger`, INFO lines of this module's logger].
     """
-    log = log or progress_logger(name)
-
-    def on_fold(fp) -> None:  # the probe-based baselines: one line per outer fold
-        log({"step": f"{fp.step}/{fp.n_steps}", "what": str(fp)})
-
     if name not in BASELINES:
         raise TprobeError(f"baseline {name!r} is not one of {', '.join(BASELINES)}, all")
-    if name in INCEPTION:
-        pre.config.require_one_image("the Inception baselines")
-    common = {"baseline": name, "split": split, "test_donor": test_donor, "seed": seed}
     weights = None
     if name in INCEPTION:
         from tprobe.models.inception import check_size, resolve_weights
 
-        common["inception_size"] = check_size(inception_size)
+        pre.config.require_one_image("the Inception baselines")
+        inception_size = check_size(inception_size)
         weights = (
             resolve_weights(inception_weights) if isinstance(inception_weights, str) else inception_weights
         )
-        common["inception_weights"] = weights.name
-    if name == "inception-frozen":
-        log({"features": f"Inception v3 on {int((pre.kept['view'] == 'orig').sum())} cells"})
-        fs = inception_feature_set(pre, weights, size=inception_size, seed=seed, device=device)
-        probe = ProbeRun(
-            head="logreg",
-            penalty="l2",
-            split=split,
-            test_donor=test_donor,
-            seed=seed,
-            n_boot=n_boot,
-            max_dims=None,
-            final_head=False,
-            data=data,
-        ).fit(fs, progress=on_fold)
-        run = probe.save(out, f"baseline-{name}", command="baseline", extra_options=common)
-        return run, probe.evaluation_
-    if name in ("pixel-logreg", "pixel-mlp"):
-        fs = pixel_features(pre)
-        head, penalty = ("logreg", "l1") if name == "pixel-logreg" else ("mlp", "l2")
-        log({"features": f"{fs.X.shape[0]} cells x {fs.X.shape[1]} pixels", "head": f"{head} ({penalty})"})
-        probe = ProbeRun(
-            head=head,
-            penalty=penalty,
-            split=split,
-            test_donor=test_donor,
-            seed=seed,
-            n_boot=n_boot,
-            max_dims=None,
-            final_head=False,
-            data=data,
-        ).fit(fs, progress=on_fold)
-        run = probe.save(out, f"baseline-{name}", command="baseline", extra_options=common)
-        return run, probe.evaluation_
-    rows = pre.kept[pre.kept["view"] == "orig"].reset_index(drop=True)
-    plan = split_plan(rows, split, test_donor=test_donor)
-    check_plan(plan, rows)
-    if name == "inception-finetuned":
-        _check_train_donors(rows, plan, split)
-    run = make_run_dir(out, f"baseline-{name}")
-    features = FeatureSource(
-        kind="baseline",
+    job = _Job(
         name=name,
-        preprocess=pre.config.to_dict(),
-        preprocess_hash=pre.config.hash,
-        dataset_fingerprint=pre.fingerprint,
+        out=Path(out),
+        split=split,
+        test_donor=test_donor,
+        seed=seed,
+        n_boot=n_boot,
+        epochs=epochs,
+        device=device,
+        weights=weights,
+        size=inception_size,
+        data=data,
+        log=log or progress_logger(name),
     )
-    if weights is not None:  # the model's identity; random weights mark the run as a plumbing check
-        features = dataclasses.replace(
-            features,
-            model=weights.name,
-            model_source=weights.source,
-            resolved_revision=weights.resolved,
-            random_init=weights.random_init,
-        )
-    record = RunRecord(command="baseline", name=run.name, features=features, options=common, data=data)
-    if name == "frequency":
-        ev = evaluate(frequency_predictions(rows, plan), rows, plan, n_boot=n_boot, seed=seed)
-        save_run(run, record=record, evaluation=ev, plan=plan, meta=rows)
-        return run, ev
-    from tprobe.models.backbones import pick_device
-    from tprobe.plot.figures import learning_curves
-    from tprobe.train.loop import TrainConfig, run_folds
-
-    dev = pick_device(device)
-    if name == "lenet":
-        cfg = TrainConfig(
-            epochs=epochs, batch_size=32, lr_head=1e-3, weight_decay=1e-4, patience=5, seed=seed
-        )
-        in_channels = max(1, len(pre.config.used_channels))  # 1 grey, 3 rgb, C per-channel
-
-        def make():
-            return LeNet(in_channels=in_channels)
-
-        prep, canvas = pixel_prep(pre), PIXEL_CANVAS
-    else:
-        from tprobe.models.inception import InceptionClassifier, load_inception
-
-        # bf16 on GPUs: fp16 overflows on a random-init network's eval-mode activations
-        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        cfg = TrainConfig(
-            epochs=epochs,
-            batch_size=32,
-            lr_head=1e-3,
-            lr_backbone=1e-4,
-            weight_decay=1e-4,
-            patience=5,
-            seed=seed,
-            precision=precision,
-        )
-        prep, canvas = pre.config, inception_size
-
-        def make():
-            return InceptionClassifier(load_inception(weights, seed=seed), size=inception_size)
-
-    # baseline runs are never resumed (each gets a new folder): no per-epoch checkpoints (~0.4 GB for Inception)
-    preds, curves = run_folds(make, rows, plan, prep, cfg, dev, run, log=log, checkpoints=name == "lenet")
-    ev = evaluate(preds, rows, plan, n_boot=n_boot, seed=seed)
-    record.options["train"] = cfg.to_dict()
-    record.features.canvas = canvas
-    save_run(run, record=record, evaluation=ev, plan=plan, meta=rows)
-    curves.to_csv(run / "curves.csv", index=False)
-    learning_curves(curves, run / "curves.png", title=record.title)
-    return run, ev
-
-
-def _check_train_donors(rows, plan, split: str) -> None:
-    """Each fold needs a validation donor (early stopping) and at least one other donor to train on."""
-    for fold in plan:
-        train = sorted(set(rows["donor"].iloc[fold.train]))
-        if len(train) < 2:
-            raise TprobeError(
-                f"inception-finetuned needs at least 2 training donors per fold (one for early "
-                f"stopping, one or more to train on); with split {split!r} fold {fold.index} has "
-                f"{len(train)} — add donors"
-            )
+    return RUNNERS[name](job, pre)

@@ -18,7 +18,7 @@ from tprobe.errors import TprobeError
 from tprobe.features.sources import FeatureSource
 from tprobe.models.backbones import Backbone, ModelRef, pick_device
 from tprobe.models.tokens import check_pool, pool_tokens
-from tprobe.probing.evaluate import check_plan, evaluate, split_plan
+from tprobe.probing.evaluate import check_plan, check_train_donors, evaluate, split_plan
 from tprobe.runs.record import RunRecord, inside, save_run
 from tprobe.train.loop import TrainConfig, run_folds
 
@@ -128,19 +128,44 @@ class FinetuneRun:
             command="finetune", name=features.name, features=features, options=options, data=self.data
         )
 
-    def _check_donors(self, rows, plan) -> None:
-        """Each fold needs one training donor with both classes for early stopping and another to train on."""
-        for fold in plan:
-            train = sorted(set(rows["donor"].iloc[fold.train]))
-            if len(train) < 2:
-                donors = sorted(set(rows["donor"]))
-                raise TprobeError(
-                    f"fine-tuning needs at least 2 training donors per fold (one for early stopping, "
-                    f"one or more to train on); with split {self.split!r} and {len(donors)} donor(s) "
-                    f"({', '.join(donors)}) fold {fold.index} has {len(train)} — add donors"
-                )
+    @classmethod
+    def from_run(cls, run: str | Path, *, offline: bool = False) -> FinetuneRun:
+        """The job an interrupted fine-tuning run folder recorded, to ``fit`` again into that folder.
 
-    def fit(self, pre: Preprocessed, run: Path, log=print) -> FinetuneRun:
+        Its recorded options win: a resumed run must train what it started. The model is resolved
+        again from its recorded source and keeps the name it was first given (``./m``, an alias),
+        so the record still matches.
+        """
+        import dataclasses
+
+        from tprobe.models.backbones import resolve_model
+
+        old = RunRecord.load(run)
+        if old.command != "finetune":
+            raise TprobeError(f"{run}: is not a `tprobe finetune` run; --resume continues fine-tuning runs")
+        o = old.options
+        ref = resolve_model(old.features.model_source, None, offline=offline)
+        if old.features.model:  # `./m` or an alias as first given: the record must match
+            ref = dataclasses.replace(ref, name=old.features.model)
+        return cls(
+            ref,
+            pool=o["pool"],
+            freeze=o["freeze"],
+            unfreeze_last=o["unfreeze_last"],
+            split=o["split"],
+            test_donor=o["test_donor"],
+            n_splits=o.get("n_splits", 5),
+            train=TrainConfig(**o["train"]),
+            n_boot=o.get("n_boot", 2000),
+            data=old.data,
+        )
+
+    def fit(self, pre: Preprocessed, run: str | Path, log=print) -> FinetuneRun:
+        """Train every fold into the run folder ``run`` (config.json first, then a checkpoint per epoch
+        in ``run/checkpoints``: an interrupted fit resumes there), then :meth:`save` the results.
+
+        Refits into a folder holding a run with other options are refused. ``log(row: dict)`` gets each
+        fold's start and each epoch's losses."""
         pre.config.require_one_image("finetune")
         run = Path(run)
         run.mkdir(parents=True, exist_ok=True)
@@ -162,7 +187,7 @@ class FinetuneRun:
         dev = pick_device(self.device)
         plan = split_plan(rows, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
         check_plan(plan, rows)
-        self._check_donors(rows, plan)
+        check_train_donors(plan, rows, what="fine-tuning", split=self.split)
         predictions, self.curves_ = run_folds(
             self._make(dev, pre.config.canvas),
             rows,
@@ -175,13 +200,29 @@ class FinetuneRun:
             save_state=lambda m: m.trainable_state(),
         )
         self.evaluation_ = evaluate(predictions, rows, plan, n_boot=self.n_boot, seed=self.train.seed)
-        self.plan_, self.rows_ = plan, rows
-        save_run(run, record=record, evaluation=self.evaluation_, plan=plan, meta=rows)
-        self.curves_.to_csv(run / "curves.csv", index=False)
+        self.plan_, self.rows_, self.record_, self.run_ = plan, rows, record, run
+        self.save()
+        return self
+
+    def save(self, run: str | Path | None = None) -> Path:
+        """Write the run-directory files of the fitted run (the probe's: record, metrics, splits,
+        predictions, figures; plus curves.csv/curves.png) into ``run`` [default: the folder it was
+        trained in, which also holds the per-fold weights ``fold<i>.pt``]; return its path."""
         from tprobe.plot.figures import learning_curves
 
-        learning_curves(self.curves_, run / "curves.png", title=record.title)
-        return self
+        run = Path(run) if run is not None else self.run_
+        save_run(run, record=self.record_, evaluation=self.evaluation_, plan=self.plan_, meta=self.rows_)
+        self.curves_.to_csv(run / "curves.csv", index=False)
+        learning_curves(self.curves_, run / "curves.png", title=self.record_.title)
+        return run
+
+    def saliency(self, n: int = 8, pre: Preprocessed | None = None) -> list[Path]:
+        """Saliency grids of ``n`` images per held-out donor into the fitted run's folder (``pre``: its
+        images, default read again); kept in ``saliency_``. ``n=0`` writes none."""
+        from tprobe.train.saliency_report import saliency_for_run
+
+        self.saliency_ = saliency_for_run(self.run_, pre, n=n) if n else []
+        return self.saliency_
 
 
 def load_fold_model(run: str | Path, fold: int, *, device: str = "cpu", attn_implementation: str = "eager"):

@@ -25,12 +25,26 @@ from torch.utils.data import DataLoader, Dataset
 
 from tprobe.data.preprocess import PreprocessConfig, load_view
 from tprobe.errors import TprobeError
+from tprobe.train import PRECISIONS
 
-__all__ = ["TrainConfig", "ImageRows", "train_fold", "run_folds", "predict_rows", "pick_validation_donor"]
+__all__ = [
+    "TrainConfig",
+    "pos_weight_value",
+    "ImageRows",
+    "train_fold",
+    "run_folds",
+    "predict_rows",
+    "pick_validation_donor",
+]
 
 
 @dataclass
 class TrainConfig:
+    """The training of an end-to-end model (:class:`~tprobe.train.finetune.FinetuneRun`, LeNet):
+    AdamW with warm-up then cosine decay, early stopping after ``patience`` epochs without a better
+    validation AUC. ``pos_weight``: "auto" (negatives/positives), None or a number; ``precision``:
+    one of ``tprobe.train.PRECISIONS``."""
+
     epochs: int = 10
     batch_size: int = 32
     lr_head: float = 1e-3
@@ -46,9 +60,24 @@ class TrainConfig:
     def __post_init__(self):
         if self.epochs < 1 or self.batch_size < 1:
             raise TprobeError("--epochs and --batch-size must be >= 1")
+        if self.precision not in PRECISIONS:
+            raise TprobeError(f"--precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        self.pos_weight = pos_weight_value(self.pos_weight)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def pos_weight_value(value: str | float | None) -> str | float | None:
+    """The BCE positive-class weight from ``auto``, ``none`` (or None) or a number (also as text)."""
+    if value is None or value == "none":
+        return None
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TprobeError(f"--pos-weight {value!r}: use auto, none or a number") from None
 
 
 class ImageRows(Dataset):
