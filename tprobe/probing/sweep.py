@@ -258,11 +258,21 @@ def write_summary(base: Path, summary: pd.DataFrame, *, random_init: bool = Fals
     summary.to_parquet(base / "summary.parquet", index=False)
     write_json(base / "summary.json", summary.to_dict("records"))
     if len(summary):
-        sweep_bars(summary, base / "sweep_auc.png")
+        sweep_bars(_bar_rows(summary), base / "sweep_auc.png")
         if summary["pool"].map(pool_layer).nunique() > 1:  # --pool layers
             from tprobe.plot.figures import auc_by_layer
 
             auc_by_layer(summary, base / "auc_by_layer.png", random_init=random_init)
+
+
+def _bar_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary with one bar per (pool, head): sources sharing a pool (several stores' ``cls``, several
+    tables) get a bar each, labelled ``<features> · <pool>`` (``#2``, ... for the same source again)."""
+    if not summary.duplicated(["pool", "head"]).any():
+        return summary
+    label = summary["features"].map(lambda f: Path(str(f)).name) + " · " + summary["pool"].astype(str)
+    n = label.groupby([label, summary["head"]]).cumcount()
+    return summary.assign(pool=label + n.map(lambda k: f" #{k + 1}" if k else ""))
 
 
 # ---- the sweep as separate tasks (a SLURM array): plan, run task i, collect ---------------------------
