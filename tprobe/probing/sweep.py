@@ -559,7 +559,8 @@ def probe_sources(
             raise TprobeError(
                 "features: give FeatureSets, a feature table, a store or None (a model's store)"
             )
-        return [(fs.name, lambda _n, fs=fs: fs) for fs in sets], None, ["cls"]
+        names = ["table"] if table else [fs.name for fs in sets]  # a table's progress lines: "table · head"
+        return [(n, lambda _n, fs=fs: fs) for n, fs in zip(names, sets, strict=True)], None, ["cls"]
     pools = ["cls"] if pools is None else list(pools)
     if isinstance(features, FeatureStore):
         features = features.path
