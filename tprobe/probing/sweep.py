@@ -1,7 +1,9 @@
 """Probe sweeps as a library call: heads x feature sources, one run directory each, one summary.
 
-``run_sweep(sources, heads, out=...)`` is what ``tprobe probe --head all --pool all`` runs; a notebook
-can call it too::
+``tprobe.probe(...)`` (what ``tprobe probe`` calls) checks the names asked for (:func:`expand_names`),
+builds the sources (:func:`probe_sources`: feature sets, a table, a store or a model's cached store) and
+fits one run or the sweep (:func:`run_probes`). ``run_sweep(sources, heads, out=...)`` is the sweep
+itself; a notebook can call it too::
 
     from tprobe.probing.sweep import run_sweep, store_sources
     res = run_sweep(store_sources("cache/.../float16-fp32-<rows>.zarr", ["cls", "mean"]), ["logreg", "xgboost"],
