@@ -215,6 +215,17 @@ def test_run_sweep_writes_run_dirs_and_a_summary(tmp_path):
     assert kinds.count("fold") == 4 * (3 + 1)  # 3 outer folds + the final head's search, per run
 
 
+def test_a_sweep_of_sources_sharing_a_pool_draws_a_bar_each(tmp_path):
+    """Two feature sets of one pool (tprobe.probe([fs1, fs2]), two tables): the bar chart pivots by pool,
+    and a repeated (pool, head) made it raise; now each source gets its own bar, the summary unchanged."""
+    sources = [(n, lambda _, s=s: synthetic(n_donors=3, seed=s, pool="cls")) for n, s in (("a", 1), ("b", 2))]
+    res = run_sweep(
+        sources, ["logreg", "knn"], out=tmp_path, probe_kwargs={"n_boot": 20, "final_head": False}
+    )
+    assert (res.out / "sweep_auc.png").exists() and len(res.runs) == 4
+    assert list(pd.read_parquet(res.out / "summary.parquet")["pool"]) == ["cls"] * 4
+
+
 def test_run_sweep_skips_a_source_that_cannot_load(tmp_path):
     from tprobe.errors import TprobeError
 

@@ -22,11 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the typed artifacts the calls return
+    import pandas as pd
+
     from tprobe.cache.store import FeatureStore
+    from tprobe.cluster.slurm import SlurmOptions
     from tprobe.data.dataset import Dataset
     from tprobe.data.preprocess import PreprocessConfig, Preprocessed
     from tprobe.features.sources import FeatureSet
     from tprobe.models.backbones import ModelRef
+    from tprobe.probing.run import ProbeRun
+    from tprobe.probing.sweep import SweepEvent, SweepResult
 
 from tprobe import API
 
@@ -187,6 +192,170 @@ def feature_sets(
 
 
 # ---- probing: probe, predict ----------------------------------------------------------------------
+def probe(
+    features: FeatureSet | Sequence[FeatureSet] | FeatureStore | str | Path | None = None,
+    *,
+    head: str | Sequence[str] = "logreg",
+    pool: str | Sequence[str] | None = None,
+    split: str = "leave-one-donor-out",
+    test_donor: str | None = None,
+    folds: int = 5,
+    out: str | Path | None = None,
+    model: str | None = None,
+    revision: str | None = None,
+    data: str | Path | None = None,
+    config: PreprocessConfig | None = None,
+    canvas_set: bool | None = None,
+    cache: str | Path = "cache",
+    offline: bool = False,
+    id_column: str | None = None,
+    exclude: Sequence[str] = (),
+    keep_columns: Sequence[str] = (),
+    all_table_rows: bool = False,
+    executor: str = "local",
+    slurm: SlurmOptions | None = None,
+    poll: float = 10.0,
+    resume: str | Path | None = None,
+    sweep_task: int | None = None,
+    progress: Callable[[SweepEvent], None] | None = None,
+    **options,
+) -> ProbeRun | SweepResult | Path:
+    """Train heads on features with donor-held-out nested CV: one run, or a sweep of heads x pools.
+
+    ``features``: a :class:`~tprobe.features.sources.FeatureSet` (or a list of them), a feature store
+    (its path or a :class:`~tprobe.cache.store.FeatureStore`; ``pool`` says how its tokens are pooled),
+    a CSV/Parquet feature table (joined to the images of ``data``: ``id_column``, ``exclude``,
+    ``keep_columns``, ``all_table_rows``), or ``None``: ``model``'s store in ``cache`` for ``data``
+    preprocessed with ``config`` (``canvas_set``: whether the canvas was set by hand; default: it
+    differs from the default canvas). ``head`` and ``pool`` take a name, ``all``, a list, and for
+    ``pool`` also ``layers`` (``cls@`` each layer a ``--layers`` store holds). ``options`` are
+    :class:`~tprobe.probing.run.ProbeRun` parameters (``tta``, ``train_views``, ``penalty``, ``seed``,
+    ``n_boot``, ``final_head``, ``normalize``, ``solver``, ...). ``progress`` gets every
+    :class:`~tprobe.probing.sweep.SweepEvent`.
+
+    One head on one feature set returns the fitted :class:`~tprobe.probing.run.ProbeRun`, saved under
+    ``out`` when given (its folder: ``run.path_``). Several return the
+    :class:`~tprobe.probing.sweep.SweepResult`; the sweep folder goes under ``out`` (default ``runs``).
+    ``executor="slurm"`` runs a store's sweep as one SLURM array job (``slurm``: the
+    :class:`~tprobe.cluster.slurm.SlurmOptions`; ``poll``: seconds between checks). ``resume`` (a
+    sweep folder) runs only its missing tasks (here, or as an array with ``executor="slurm"``) and
+    collects it; with ``sweep_task`` it runs that one task and returns its run folder.
+
+    Example::
+
+        run = tprobe.probe(store_path, pool="cls", head="logreg", out="runs")
+        run.summary_["roc_auc"]["mean"], run.path_
+        res = tprobe.probe(store_path, pool="all", head="all")   # the sweep
+        res.summary.sort_values("roc_auc_mean")
+    """
+    from dataclasses import fields
+
+    from tprobe.data.preprocess import PreprocessConfig as _Config
+    from tprobe.errors import TprobeError
+    from tprobe.probing import sweep as _sweep
+    from tprobe.probing.run import ProbeRun as _Run
+
+    known = {f.name for f in fields(_Run)} - {"head", "split", "test_donor", "n_splits", "data"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TprobeError(
+            f"probe: unknown option(s) {', '.join(unknown)}; ProbeRun takes {', '.join(sorted(known))}"
+        )
+    if executor not in ("local", "slurm"):
+        raise TprobeError(f"--executor {executor!r} is not one of local, slurm")
+    if resume is not None or sweep_task is not None:
+        return _resume_sweep(resume, sweep_task, executor, slurm, poll, progress)
+    if executor == "slurm":
+        from tprobe.cluster.slurm import check_sweep
+
+        check_sweep("runs" if out is None else out, store=_sweep.is_store_input(features))
+    heads, pools = _sweep.expand_names(head, "cls" if pool is None else pool)
+    if canvas_set is None:
+        canvas_set = config is not None and config.canvas != _Config().canvas
+    sources, store, pools = _sweep.probe_sources(
+        features,
+        None if pool is None else pools,
+        model=model,
+        revision=revision,
+        data=data,
+        config=config,
+        canvas_set=canvas_set,
+        cache=cache,
+        offline=offline,
+        table_options=dict(
+            id_column=id_column, exclude=exclude, keep_columns=keep_columns, all_table_rows=all_table_rows
+        ),
+    )
+    kwargs = dict(split=split, test_donor=test_donor, n_splits=folds, data=str(data) if data else None)
+    kwargs.update(options)
+    if executor == "slurm":
+        from tprobe.cluster.slurm import sweep_on_slurm
+
+        out = "runs" if out is None else out
+        return sweep_on_slurm(store, pools, heads, out=out, probe_kwargs=kwargs, options=slurm, poll=poll)
+    return _sweep.run_probes(sources, heads, out=out, probe_kwargs=kwargs, progress=progress)
+
+
+def _resume_sweep(resume, sweep_task, executor, slurm, poll, progress):
+    """:func:`probe`'s ``resume``: one task of the sweep folder, or its missing tasks, then its summary."""
+    from tprobe.errors import TprobeError
+    from tprobe.probing.sweep import resume_sweep, run_task
+
+    if resume is None:
+        raise TprobeError("--sweep-task i needs --resume SWEEP (the sweep folder whose task i to run)")
+    if sweep_task is not None:
+        return run_task(resume, sweep_task, progress=progress)
+    if executor == "slurm":
+        from tprobe.cluster.slurm import resume_on_slurm
+
+        return resume_on_slurm(resume, options=slurm, poll=poll)
+    return resume_sweep(resume, progress=progress)
+
+
+def predict(
+    run: str | Path,
+    images: str | Path,
+    *,
+    out: str | Path | None = None,
+    threshold: float = 0.5,
+    masks: str | Path | None = None,
+    cache: str | Path = "cache",
+    device: str = "auto",
+    offline: bool = False,
+) -> pd.DataFrame:
+    """Label new images with a trained probe run: one row per image (``path, p_activated, label, ...``).
+
+    ``run``: a run folder :func:`probe` saved from a feature store (a sweep folder: its best run by
+    mean ROC AUC); runs trained on a feature table, raw pixels or a baseline are refused (they have no
+    model to embed new images with). The images are preprocessed as the run's were and embedded
+    through the cache with the run's model; images that fail the quality filters keep their row, with
+    no probability and the reason. ``threshold``: ``p_activated`` at or above it -> activated. With
+    ``masks`` (label images), ``images`` are fields of view: one row per object, and with ``out`` an
+    overlay PNG per field in ``<out stem>-overlays/``. With ``out`` the table is also written there as
+    CSV.
+
+    Example::
+
+        table = tprobe.predict(run.path_, "new_plate/", out="new_plate.csv")
+        table["label_name"].value_counts()
+    """
+    from tprobe.probing.predict import overlay_folder
+    from tprobe.probing.predict import predict as _predict
+
+    overlays = overlay_folder(out) if masks is not None and out is not None else None
+    table = _predict(
+        run,
+        images,
+        cache=cache,
+        device=device,
+        offline=offline,
+        threshold=threshold,
+        masks=masks,
+        overlays=overlays,
+    )
+    if out is not None:
+        table.to_csv(out, index=False)
+    return table
 
 
 # ---- science and runs: curve, map, report ---------------------------------------------------------

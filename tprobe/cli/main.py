@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import sys
@@ -11,21 +10,18 @@ from pathlib import Path
 import click
 
 from tprobe import __version__
-from tprobe.cli import train
-from tprobe.cli.echo import RANDOM_NOTE, RUN_DETAIL, echo_table, finish, table_text
-from tprobe.cli.inputs import feature_sources, prepare_data, table_source
+from tprobe.cli import probe, train
+from tprobe.cli.echo import RANDOM_NOTE, finish
+from tprobe.cli.inputs import feature_sources, prepare_data
 from tprobe.cli.options import (
     CACHE_OPTION,
     DEVICE_OPTION,
     NORMALIZE_OPTION,
     OFFLINE_OPTION,
-    TABLE_PARAMS,
     data_options,
     forward_args,
     parse_shard,
-    prep_rules,
     refuse_unused,
-    run_option,
     sbatch_options,
     slurm_options,
     source_options,
@@ -528,355 +524,6 @@ def status(store, shards, as_json, deep):
 
 
 @main.command()
-@click.option(
-    "--model",
-    default="dinov2-small-reg",
-    show_default=True,
-    help="Model whose cached store to use (alias, hub id or local folder).",
-)
-@click.option("--revision", default=None, help="Hub revision of --model.")
-@click.option("--store", type=click.Path(path_type=Path), default=None, help="Use this store directly.")
-@click.option(
-    "--features",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Your own feature table (CSV/Parquet, one row per image) instead of a store.",
-)
-@click.option("--id-column", default=None, help="Column of --features holding file names or image ids.")
-@click.option(
-    "--drop-columns",
-    "--exclude",
-    "exclude",
-    multiple=True,
-    help="Column of --features to leave out, beyond the identifier rule (repeatable).",
-)
-@click.option(
-    "--keep-columns",
-    multiple=True,
-    help="Column of --features the identifier/position rule drops, to use anyway (repeatable).",
-)
-@click.option(
-    "--all-table-rows",
-    is_flag=True,
-    help="Score every --features row naming an image, also images the quality filters removed.",
-)
-@click.option(
-    "--head",
-    default="logreg",
-    show_default=True,
-    help="logreg, mlp, xgboost, knn, prototype or all (every head).",
-)
-@click.option(
-    "--pool",
-    default="cls",
-    show_default=True,
-    help="cls, mean, registers, cls+mean, concat, all; with a --layers store also cls@-4 (one layer's CLS), "
-    "last4 (DINOv2's linear eval) or layers (cls@ each stored layer, and the AUC-by-layer figure).",
-)
-@split_options
-@click.option("--folds", default=5, show_default=True, help="Folds for --split group-kfold.")
-@click.option("--tta", is_flag=True, help="Score each cell by its views' mean probability.")
-@click.option(
-    "--train-views",
-    type=click.Choice(["orig", "all"]),
-    default="orig",
-    show_default=True,
-    help="Train on original views only, or on every augmented view too (2-8x slower).",
-)
-@click.option(
-    "--penalty", type=click.Choice(["l2", "l1"]), default="l2", show_default=True, help="logreg penalty."
-)
-@click.option("--seed", default=0, show_default=True)
-@click.option(
-    "--bootstrap", "n_boot", default=2000, show_default=True, help="Deprecated, ignored (CI: t over donors)."
-)
-@click.option("--no-final-head", is_flag=True, help="Skip refitting a head on all donors (no predict).")
-@NORMALIZE_OPTION
-@click.option(
-    "--solver",
-    type=click.Choice(["auto", "lbfgs", "torch"]),
-    default="auto",
-    show_default=True,
-    help="logreg's solver: torch fits the whole C grid as one batched model (tprobe.probing.linear); auto "
-    "uses it from 20,000 training cells up, scikit-learn's lbfgs below.",
-)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-@CACHE_OPTION
-@OFFLINE_OPTION
-@data_options
-@functools.partial(slurm_options, sweep=True)
-@click.option(
-    "--resume",
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    default=None,
-    help="Finish the sweep folder of an earlier --executor slurm sweep: run only its missing pool x head "
-    "tasks (as an array with --executor slurm, else here), then write its summary.",
-)
-@click.option(
-    "--sweep-task", type=int, default=None, hidden=True, help="[array task] Run task i of --resume."
-)
-@click.pass_context
-def probe(
-    ctx,
-    model,
-    revision,
-    store,
-    features,
-    id_column,
-    exclude,
-    keep_columns,
-    all_table_rows,
-    head,
-    pool,
-    split,
-    test_donor,
-    folds,
-    tta,
-    train_views,
-    penalty,
-    seed,
-    n_boot,
-    no_final_head,
-    normalize,
-    solver,
-    out,
-    cache,
-    offline,
-    data,
-    prep,
-    executor,
-    resume,
-    sweep_task,
-    **slurm,
-):
-    """Train heads on cached features with donor-held-out nested CV; write run directories.
-
-    Prints per-donor accuracy, balanced accuracy, average precision (beside the donor's
-    prevalence), ROC AUC and F1, with mean ± sd and the frequency classifier. The last line of
-    stdout is the run (or sweep) directory.
-
-    \b
-    Examples:
-      tprobe probe --head logreg
-      tprobe probe --head xgboost --model dinov2-base-reg --pool cls+mean
-      tprobe probe --head mlp --pool registers --split test-donor --test-donor 4
-      tprobe probe --head all --pool all                      # the sweep, one table
-      tprobe probe --head all --pool layers --store S.zarr    # which layer to probe: auc_by_layer.png
-      tprobe probe --features cellprofiler.csv --id-column FileName_NADH
-      tprobe probe --head all --pool all --executor slurm --partition cpu   # one array task per run
-      tprobe probe --resume runs/20250101-120000-sweep --executor slurm     # only its missing runs
-    """
-    if resume is not None or sweep_task is not None:
-        return _probe_resume(ctx, resume, sweep_task, executor, slurm)
-    if executor == "slurm":
-        _probe_slurm_checks(features, out, slurm)
-    from tprobe.cache.store import POOLS
-    from tprobe.models.tokens import LAYER_POOLS, is_pool
-    from tprobe.probing.heads import HEADS
-    from tprobe.probing.sweep import run_sweep, store_sources
-
-    table = features is not None
-    no_table = "with --features (the table is the features; `tprobe curve` compares a table with stores)"
-    no_views = "with --features (a table has one row per image, no augmented views)"
-    refuse_unused(
-        [
-            ("store", not table, no_table),
-            *[(n, not table, no_table) for n in ("model", "revision")],
-            ("pool", not table, "with --features (it pools a store's tokens)"),
-            *[(n, not table, no_views) for n in ("tta", "train_views")],
-            *[(n, store is None, "with --store (the store fixes the model)") for n in ("model", "revision")],
-            *[(n, table, "without --features TABLE") for n in TABLE_PARAMS],
-            *split_rules(split, with_folds=True),
-            ("penalty", head in ("logreg", "all"), f"to --head {head} (only logreg has a penalty)"),
-            *prep_rules(
-                data is not None or store is None,
-                "with --store and no --data (the store holds its own "
-                "preprocessing; add --data to check the store against those images)",
-            ),
-        ]
-    )
-    heads = list(HEADS) if head == "all" else [head]
-    pools = list(POOLS) if pool == "all" else [pool]
-    for h in heads:
-        if h not in HEADS:
-            raise TprobeError(f"--head {h!r} is not one of {', '.join(HEADS)}, all")
-    for p in pools:
-        if p != "layers" and not is_pool(p):
-            raise TprobeError(f"--pool {p!r} is not one of {', '.join(POOLS + LAYER_POOLS)}, all, layers")
-    if pool == "layers" and features is not None:
-        raise TprobeError("--pool layers pools a store's layers; drop --features or pick --store")
-    if features is not None:
-        pre = prepare_data(data, prep, progress=False)
-        sources = [
-            (
-                "table",
-                lambda _p: table_source(
-                    features, pre.manifest, id_column, exclude, keep_columns, all_table_rows
-                ),
-            )
-        ]
-    else:
-        if store is None:
-            from tprobe.cache.extract import find_store
-            from tprobe.models.backbones import resolve_model
-
-            ref = resolve_model(model, revision, offline=offline)
-            layered = pool == "layers" or any(p == "last4" or "@" in p for p in pools)
-            store = find_store(cache, prepare_data(data, prep, progress=False, ref=ref), ref, layered=layered)
-        elif data is not None:
-            from tprobe.features.assemble import check_store_matches, store_patch
-
-            check_store_matches(
-                store, prepare_data(data, prep, progress=False, patch_size=store_patch(store))
-            )
-        if pool == "layers":
-            from tprobe.cache.store import FeatureStore
-
-            pools = FeatureStore.open(store).layer_pools()
-        sources = store_sources(store, pools)
-
-    probe_kwargs = dict(
-        split=split,
-        test_donor=test_donor,
-        n_splits=folds,
-        tta=tta,
-        train_views=train_views,
-        penalty=penalty,
-        seed=seed,
-        n_boot=n_boot,
-        final_head=not no_final_head,
-        data=str(data) if data else None,
-        normalize=normalize,
-        solver=solver,
-    )
-    if executor == "slurm":
-        from tprobe.probing.sweep import plan_sweep
-
-        sweep = plan_sweep(store, pools, heads, out=out, probe_kwargs=probe_kwargs)
-        click.echo(f"sweep folder {sweep}: one SLURM array task per pool x head", err=True)
-        return _sweep_on_slurm(sweep, slurm)
-    random_seen = []
-    sweep = (
-        len(heads) * len(sources) > 1
-    )  # a sweep prints one summary table; each run's detail goes to its folder
-
-    def report(ev):
-        if ev.kind == "skip":
-            click.echo(ev.message, err=True)
-        elif ev.kind == "start" and not sweep:
-            click.echo(f"== {ev.features.name} · {ev.head}: {ev.message}")
-        elif ev.kind == "run":
-            run = ev.run
-            lines = (
-                [
-                    f"== {ev.features.name} · {ev.head}: {len(ev.features.meta)} rows x "
-                    f"{ev.features.X.shape[1]} features"
-                ]
-                if sweep
-                else []
-            )
-            if run.features_.source.random_init:
-                random_seen.append(True)
-                lines.append(f"   {RANDOM_NOTE}")
-            lines.append(table_text(run.table()))
-            lines.append(
-                f"   accuracy, balanced accuracy, f1: {run.summary_['f1']['note']}; brier, ece: "
-                "calibration (lower is better; ECE over 10 equal-width bins)"
-            )
-            chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in run.chosen_)
-            how = sorted({c.get("selection", "chosen by inner donor CV (mean AP)") for c in run.chosen_})
-            lines.append(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
-            lines.append(f"   {ev.message}")
-            if sweep:
-                (ev.path / RUN_DETAIL).write_text("\n".join(lines) + "\n")
-            else:
-                click.echo("\n".join(lines))
-
-    res = run_sweep(sources, heads, out=out, progress=report, probe_kwargs=probe_kwargs)
-    if res.is_sweep:
-        click.echo(
-            f"== sweep summary (mean over held-out donors); per-donor tables: {res.out}/<run>/{RUN_DETAIL}"
-        )
-        echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
-        click.echo(f"   sweep wall time {res.seconds:.1f} s")
-        if random_seen:
-            click.echo(f"   {RANDOM_NOTE}")
-    if res.runs or res.is_sweep:
-        click.echo(str(res.out))
-
-
-# ---- the probe sweep as a SLURM array (tprobe/probing/sweep.py plan/run_task/collect, tprobe/cluster/slurm.py sweep_array) ----
-def _probe_slurm_checks(features, out, slurm):
-    """Refusals before any work: a feature table, or a value that cannot go into an sbatch script."""
-    from tprobe.cluster.slurm import script_value
-
-    if features is not None:
-        raise TprobeError(
-            "--executor slurm sweeps a feature store (--store/--model); a --features table's "
-            "sweep is small: run it without --executor slurm"
-        )
-    script_value("--out", Path(out).absolute())
-    script_value("the working directory", Path.cwd())
-    sbatch_options(slurm)
-
-
-def _probe_resume(ctx, resume, sweep_task, executor, slurm):
-    """--resume SWEEP [--sweep-task i]: one array task, or the missing tasks here / as an array, then collect."""
-    from tprobe.probing.sweep import SweepPlan, missing_tasks, run_task
-
-    if resume is None:
-        raise TprobeError("--sweep-task i needs --resume SWEEP (the sweep folder whose task i to run)")
-    given = [
-        f"--{p.replace('_', '-')}"
-        for p in ("model", "store", "features", "head", "pool", "out")
-        if ctx.get_parameter_source(p) not in (None, click.core.ParameterSource.DEFAULT)
-    ]
-    if given:
-        raise TprobeError(
-            f"--resume takes the sweep's own settings ({resume / 'sweep.json'}); leave out {', '.join(given)}"
-        )
-    if sweep_task is not None:
-        click.echo(str(run_task(resume, sweep_task, progress=_echo_task_event)))
-        return
-    if executor == "slurm":
-        _probe_slurm_checks(None, resume, slurm)
-        return _sweep_on_slurm(resume, slurm)
-    plan = SweepPlan.load(resume)
-    for i in missing_tasks(resume, plan):
-        run_task(resume, i, progress=_echo_task_event)
-    _echo_collected(resume)
-
-
-def _echo_task_event(ev):
-    if ev.kind == "start":
-        click.echo(f"== {ev.features.name} · {ev.head}: {ev.message}")
-    elif ev.kind == "run":
-        echo_table(ev.run.table())
-        click.echo(f"   {ev.message}")
-
-
-def _sweep_on_slurm(sweep, slurm):
-    from tprobe.cluster.slurm import sweep_array
-
-    sweep_array(sweep, options=sbatch_options(slurm), poll=slurm["poll"])
-    _echo_collected(sweep)
-
-
-def _echo_collected(sweep):
-    from tprobe.probing.sweep import collect_sweep
-
-    res = collect_sweep(sweep)
-    for pool, why in res.skipped.items():
-        click.echo(f"skipped pool {pool}: {why}", err=True)
-    click.echo(f"== sweep summary (mean over held-out donors; {len(res.runs)} runs collected from {sweep})")
-    echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
-    click.echo(f"   run time {res.seconds:.1f} s summed over the tasks")
-    if res.random_init:
-        click.echo(f"   {RANDOM_NOTE}")
-    click.echo(str(res.out))
-
-
-@main.command()
 @source_options
 @click.option(
     "--head",
@@ -1156,64 +803,6 @@ def map_(
 
 
 @main.command()
-@run_option("probe")
-@click.argument("images", type=click.Path(path_type=Path))
-@click.option(
-    "--out",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="CSV to write [default: <run>/predictions-<images-folder>.csv].",
-)
-@click.option("--threshold", default=0.5, show_default=True, help="p_activated at or above -> activated.")
-@click.option(
-    "--masks",
-    type=click.Path(path_type=Path, exists=True, file_okay=False),
-    default=None,
-    help="IMAGES are fields of view and this folder their label images (same pairing as preprocess "
-    "--fov): one row per object and an overlay PNG per field in <csv>-overlays/.",
-)
-@CACHE_OPTION
-@DEVICE_OPTION
-@OFFLINE_OPTION
-def predict(run_dir, images, out, threshold, masks, cache, device, offline):
-    """Label new images with a trained run: path, p_activated, label (CSV).
-
-    Images that fail the quality filters are listed with the reason, not dropped.
-
-    \b
-    Example:
-      tprobe predict --run runs/20261125-101500-dinov2-small-reg-cls-logreg new_plate/
-    """
-    from tprobe.probing.predict import predict as run_predict
-    from tprobe.runs.record import inside, safe_name
-
-    out = out or inside(run_dir, f"predictions-{safe_name(Path(images).resolve().name)}.csv")
-    overlays = Path(out).with_name(Path(out).stem + "-overlays") if masks is not None else None
-    table = run_predict(
-        run_dir,
-        images,
-        cache=cache,
-        device=device,
-        offline=offline,
-        threshold=threshold,
-        masks=masks,
-        overlays=overlays,
-    )
-    table.to_csv(out, index=False)
-    kept = table["kept"].sum()
-    if table["model_random_init"].any():
-        click.echo(RANDOM_NOTE)
-    what = "objects" if masks is not None else "images"
-    click.echo(f"{kept} of {len(table)} {what} scored; {int((table['label'] == 1).sum())} activated")
-    for rec in table[~table["kept"]].itertuples():
-        where = f"{rec.field} object {rec.object}" if masks is not None else rec.path
-        click.echo(f"not scored: {where}: {rec.drop_reason}", err=True)
-    if overlays is not None:
-        click.echo(f"overlays: {overlays}")
-    click.echo(str(out))
-
-
-@main.command()
 @click.argument("runs_dir", type=click.Path(path_type=Path, exists=True), default=Path("runs"))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
 @click.option(
@@ -1289,6 +878,8 @@ def export(store, to, out, overwrite):
     click.echo(str(run_export(store, to, out, overwrite=overwrite)))
 
 
+main.add_command(probe.probe)
+main.add_command(probe.predict)
 main.add_command(train.finetune)
 main.add_command(train.saliency)
 main.add_command(train.baseline)

@@ -47,6 +47,9 @@ __all__ = [
     "sweep_array",
     "sweep_job_name",
     "sweep_commands",
+    "check_sweep",
+    "sweep_on_slurm",
+    "resume_on_slurm",
 ]
 
 SBATCH_TEMPLATE = """\
@@ -549,3 +552,53 @@ def sweep_array(
             f"`tprobe probe --resume {sweep} --executor slurm` resubmits only those"
         )
     return states
+
+
+def check_sweep(out: str | Path, *, store: bool = True) -> None:
+    """Refusals before any work of a sweep on SLURM: features that are not a store (a table's sweep is
+    small), or an ``out`` / working directory that cannot go into an sbatch script."""
+    if not store:
+        raise TprobeError(
+            "--executor slurm sweeps a feature store (--store/--model); a --features table's "
+            "sweep is small: run it without --executor slurm"
+        )
+    script_value("--out", Path(out).absolute())
+    script_value("the working directory", Path.cwd())
+
+
+def sweep_on_slurm(
+    store: str | Path,
+    pools: Sequence[str],
+    heads: Sequence[str],
+    *,
+    out: str | Path = "runs",
+    probe_kwargs: dict | None = None,
+    options: SlurmOptions | None = None,
+    poll: float = 10.0,
+    echo: Callable[[str], None] = _stderr,
+):
+    """The probe sweep as ONE array job: plan the sweep folder (:func:`tprobe.probing.sweep.plan_sweep`),
+    run its tasks (:func:`sweep_array`), collect its summary; returns the
+    :class:`~tprobe.probing.sweep.SweepResult`."""
+    from tprobe.probing.sweep import plan_sweep
+
+    check_sweep(out)
+    sweep = plan_sweep(store, pools, heads, out=out, probe_kwargs=probe_kwargs)
+    echo(f"sweep folder {sweep}: one SLURM array task per pool x head")
+    return resume_on_slurm(sweep, options=options, poll=poll, echo=echo)
+
+
+def resume_on_slurm(
+    sweep: str | Path,
+    *,
+    options: SlurmOptions | None = None,
+    poll: float = 10.0,
+    echo: Callable[[str], None] = _stderr,
+):
+    """A sweep folder's missing tasks as one array job (:func:`sweep_array`), then its summary
+    (:func:`tprobe.probing.sweep.collect_sweep`)."""
+    from tprobe.probing.sweep import collect_sweep
+
+    check_sweep(sweep)
+    sweep_array(sweep, options=options, poll=poll, echo=echo)
+    return collect_sweep(sweep)

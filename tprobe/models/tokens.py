@@ -83,10 +83,11 @@ def _layer_line(pool: str, want, held, what: str) -> str:
     )
 
 
-def check_pool_name(pool: str, where: str = "") -> None:
-    """Refuse a name that is no pool at all (:func:`is_pool`); ``where`` prefixes the message."""
-    if not is_pool(pool):
-        raise TprobeError(f"{where}pool {pool!r} is not one of {', '.join(POOLS + LAYER_POOLS)}")
+def check_pool_name(pool: str, where: str = "", *, also: tuple[str, ...] = ()) -> None:
+    """Refuse a name that is no pool at all (:func:`is_pool`) nor one of ``also`` (more names a caller
+    takes, listed in the message); ``where`` prefixes the message."""
+    if not is_pool(pool) and pool not in also:
+        raise TprobeError(f"{where}pool {pool!r} is not one of {', '.join(POOLS + LAYER_POOLS + also)}")
 
 
 def check_layered_pool(pool: str, registers: int, layers=(-1,), patch_layers=(-1,)) -> None:

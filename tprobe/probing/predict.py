@@ -18,7 +18,7 @@ from tprobe.models.backbones import normalisation, resolve_model
 from tprobe.probing.run import load_head
 from tprobe.runs.record import RunRecord, inside
 
-__all__ = ["predict", "resolve_run"]
+__all__ = ["predict", "resolve_run", "default_csv", "overlay_folder"]
 log = logging.getLogger(__name__)
 
 
@@ -47,6 +47,18 @@ def resolve_run(run: str | Path) -> Path:
         run,
     )
     return chosen
+
+
+def default_csv(run: str | Path, images: str | Path) -> Path:
+    """Where ``tprobe predict`` writes its table by default: ``<run>/predictions-<images folder>.csv``."""
+    from tprobe.runs.record import safe_name
+
+    return inside(run, f"predictions-{safe_name(Path(images).resolve().name)}.csv")
+
+
+def overlay_folder(csv: str | Path) -> Path:
+    """The folder of the per-field overlay PNGs beside a predictions CSV: ``<csv stem>-overlays/``."""
+    return Path(csv).with_name(Path(csv).stem + "-overlays")
 
 
 def predict(

@@ -288,9 +288,10 @@ class ProbeRun:
         command: str = "probe",
         extra_options: dict | None = None,
     ) -> Path:
-        """Write the run directory under ``out``; return its path."""
+        """Write the run directory under ``out``; return its path (also kept as ``path_``)."""
         name = name or f"{self.features_.name}-{self.head}"
         run = make_run_dir(out, name)
+        self.path_ = run
         record = self.record(run.name, command=command, extra=extra_options)
         save_run(
             run,

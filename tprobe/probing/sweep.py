@@ -1,7 +1,9 @@
 """Probe sweeps as a library call: heads x feature sources, one run directory each, one summary.
 
-``run_sweep(sources, heads, out=...)`` is what ``tprobe probe --head all --pool all`` runs; a notebook
-can call it too::
+``tprobe.probe(...)`` (what ``tprobe probe`` calls) checks the names asked for (:func:`expand_names`),
+builds the sources (:func:`probe_sources`: feature sets, a table, a store or a model's cached store) and
+fits one run or the sweep (:func:`run_probes`). ``run_sweep(sources, heads, out=...)`` is the sweep
+itself; a notebook can call it too::
 
     from tprobe.probing.sweep import run_sweep, store_sources
     res = run_sweep(store_sources("cache/.../float16-fp32-<rows>.zarr", ["cls", "mean"]), ["logreg", "xgboost"],
@@ -55,6 +57,13 @@ __all__ = [
     "task_done",
     "missing_tasks",
     "collect_sweep",
+    "resume_sweep",
+    "check_names",
+    "expand_names",
+    "probe_sources",
+    "run_probes",
+    "is_table",
+    "is_store_input",
 ]
 log = logging.getLogger(__name__)
 
@@ -65,7 +74,8 @@ Source = tuple[str, Callable[[str], FeatureSet]]
 
 @dataclass
 class SweepEvent:
-    """One progress report: ``kind`` is "skip", "start", "fold" or "run" (a run finished)."""
+    """One progress report: ``kind`` is "skip", "start", "fold" or "run" (a run finished); ``total``: the
+    number of runs the call makes (more than one: a sweep)."""
 
     kind: str
     source: str
@@ -75,6 +85,7 @@ class SweepEvent:
     run: ProbeRun | None = None
     path: Path | None = None
     fold: FoldProgress | None = None
+    total: int = 1
 
 
 @dataclass
@@ -86,7 +97,8 @@ class SweepResult:
     runs: list[Path] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
-    random_init: bool = False  # set by collect_sweep: the store's model was randomly initialised
+    random_init: bool = False  # a source came from a randomly initialised model
+    collected: bool = False  # written by collect_sweep from the task records (an array or --resume)
 
     @property
     def is_sweep(self) -> bool:
@@ -99,7 +111,21 @@ class SweepResult:
             "runs": [str(r) for r in self.runs],
             "skipped": self.skipped,
             "seconds": self.seconds,
+            "random_init": self.random_init,
+            "collected": self.collected,
         }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SweepResult:
+        return cls(
+            Path(d["out"]),
+            pd.DataFrame(d["summary"]),
+            [Path(r) for r in d.get("runs", [])],
+            dict(d.get("skipped", {})),
+            float(d.get("seconds", 0.0)),
+            bool(d.get("random_init", False)),
+            bool(d.get("collected", False)),
+        )
 
 
 def pool_store(path: str | Path, pools: Sequence[str]) -> dict[str, FeatureSet | TprobeError]:
@@ -157,22 +183,23 @@ def run_sweep(
     sources: Sequence[Source],
     heads: Sequence[str],
     *,
-    out: str | Path = "runs",
+    out: str | Path | None = "runs",
     probe_kwargs: dict | None = None,
     progress: Callable[[SweepEvent], None] | None = None,
 ) -> SweepResult:
     """Fit and save a :class:`ProbeRun` for every source x head; write the sweep summary.
 
     ``probe_kwargs`` are :class:`ProbeRun` parameters shared by every run (split, seed, n_boot, ...).
-    With one source and one head, errors propagate and the run directory goes straight under ``out``;
-    in a sweep a source that cannot load is skipped (a "skip" event) and the rest run.
+    With one source and one head, errors propagate and the run directory goes straight under ``out``
+    (``out=None``: fitted, not saved); in a sweep a source that cannot load is skipped (a "skip" event)
+    and the rest run.
     """
     from tprobe.runs.record import make_run_dir
 
     t_start = time.perf_counter()
     probe_kwargs = dict(probe_kwargs or {})
     sweep = len(heads) * len(sources) > 1
-    base = make_run_dir(out, "sweep") if sweep else Path(out)
+    base = make_run_dir("runs" if out is None else out, "sweep") if sweep else out
 
     n_runs, started = len(heads) * len(sources), [0]
 
@@ -196,30 +223,32 @@ def run_sweep(
             if not sweep:
                 raise
             skipped[name] = str(exc)
-            emit(SweepEvent("skip", name, message=f"skipping pool {name}: {exc}"))
+            emit(SweepEvent("skip", name, message=f"skipping pool {name}: {exc}", total=n_runs))
             continue
         random_init = random_init or bool(fs.source.get("random_init", False))
         for h in heads:
-            emit(SweepEvent("start", name, h, f"{len(fs.meta)} rows x {fs.X.shape[1]} features", features=fs))
+            shape = f"{len(fs.meta)} rows x {fs.X.shape[1]} features"
+            emit(SweepEvent("start", name, h, shape, features=fs, total=n_runs))
 
             def on_fold(fp: FoldProgress, name=name, h=h) -> None:
-                emit(SweepEvent("fold", name, h, str(fp), fold=fp))
+                emit(SweepEvent("fold", name, h, str(fp), fold=fp, total=n_runs))
 
             run = ProbeRun(head=h, **probe_kwargs).fit(fs, progress=on_fold)
+            if base is None:  # one run, not saved
+                emit(SweepEvent("run", name, h, f"{run.seconds_:.1f} s", features=fs, run=run, total=1))
+                continue
             path = run.save(base, f"{fs.name}-{h}")
             runs.append(path)
             rows.append(summary_row(fs, h, run, path))
-            emit(
-                SweepEvent(
-                    "run", name, h, f"{run.seconds_:.1f} s; run dir {path}", features=fs, run=run, path=path
-                )
-            )
+            message = f"{run.seconds_:.1f} s; run dir {path}"
+            emit(SweepEvent("run", name, h, message, features=fs, run=run, path=path, total=n_runs))
         del fs
     summary = pd.DataFrame(rows)
     if sweep:
         write_summary(base, summary, random_init=random_init)
     out_path = base if sweep else (runs[0] if runs else base)
-    return SweepResult(out_path, summary, runs, skipped, time.perf_counter() - t_start)
+    seconds = time.perf_counter() - t_start
+    return SweepResult(out_path, summary, runs, skipped, seconds, random_init=random_init)
 
 
 def write_summary(base: Path, summary: pd.DataFrame, *, random_init: bool = False) -> None:
@@ -231,11 +260,21 @@ def write_summary(base: Path, summary: pd.DataFrame, *, random_init: bool = Fals
     summary.to_parquet(base / "summary.parquet", index=False)
     write_json(base / "summary.json", summary.to_dict("records"))
     if len(summary):
-        sweep_bars(summary, base / "sweep_auc.png")
+        sweep_bars(_bar_rows(summary), base / "sweep_auc.png")
         if summary["pool"].map(pool_layer).nunique() > 1:  # --pool layers
             from tprobe.plot.figures import auc_by_layer
 
             auc_by_layer(summary, base / "auc_by_layer.png", random_init=random_init)
+
+
+def _bar_rows(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary with one bar per (pool, head): sources sharing a pool (several stores' ``cls``, several
+    tables) get a bar each, labelled ``<features> · <pool>`` (``#2``, ... for the same source again)."""
+    if not summary.duplicated(["pool", "head"]).any():
+        return summary
+    label = summary["features"].map(lambda f: Path(str(f)).name) + " · " + summary["pool"].astype(str)
+    n = label.groupby([label, summary["head"]]).cumcount()
+    return summary.assign(pool=label + n.map(lambda k: f" #{k + 1}" if k else ""))
 
 
 # ---- the sweep as separate tasks (a SLURM array): plan, run task i, collect ---------------------------
@@ -294,18 +333,22 @@ class SweepPlan:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise TprobeError(f"{path}: sweep plan lacks or garbles {exc}; start the sweep again") from None
-        _check_names(plan.pools, plan.heads, str(path))
+        check_names(plan.pools, plan.heads, f"{path}: ")
         return plan
 
 
-def _check_names(pools: Sequence[str], heads: Sequence[str], where: str) -> None:
+def check_names(pools: Sequence[str], heads: Sequence[str], where: str = "", *, asked: bool = False) -> None:
+    """The one head and pool name check: of a sweep plan (``where`` names it) and of what a user asks
+    for (``asked``: ``all`` and ``layers`` are names too, and the lines name the options ``--head``/``--pool``).
+    """
     from tprobe.probing.heads import HEADS
 
-    for p in pools:
-        check_pool_name(p, f"{where}: ")
+    where, also = (f"{where}--", ("all",)) if asked else (where, ())
     for h in heads:
-        if h not in HEADS:
-            raise TprobeError(f"{where}: head {h!r} is not one of {', '.join(HEADS)}")
+        if h not in (*HEADS, *also):
+            raise TprobeError(f"{where}head {h!r} is not one of {', '.join(HEADS + also)}")
+    for p in pools:
+        check_pool_name(p, where, also=(*also, "layers") if asked else ())
 
 
 def plan_sweep(
@@ -323,7 +366,7 @@ def plan_sweep(
     """
     from tprobe.runs.record import make_run_dir, write_json
 
-    _check_names(pools, heads, "probe sweep")
+    check_names(pools, heads, "probe sweep: ")
     store = Path(store).absolute()
     st = FeatureStore.open(store)
     ok, skipped = [], {}
@@ -423,6 +466,151 @@ def collect_sweep(sweep: str | Path) -> SweepResult:
     random_init = bool(FeatureStore.open(plan.store).attrs.get("model_random_init", False))
     write_summary(sweep, summary, random_init=random_init)
     runs = [sweep / r["row"]["run"] for r in recs]
-    res = SweepResult(sweep, summary, runs, dict(plan.skipped), float(summary["seconds"].sum()))
-    res.random_init = random_init
-    return res
+    seconds = float(summary["seconds"].sum())
+    return SweepResult(sweep, summary, runs, dict(plan.skipped), seconds, random_init, collected=True)
+
+
+def resume_sweep(sweep: str | Path, *, progress: Callable[[SweepEvent], None] | None = None) -> SweepResult:
+    """Run the sweep folder's missing tasks here, one after another, then :func:`collect_sweep` it."""
+    plan = SweepPlan.load(sweep)
+    for i in missing_tasks(sweep, plan):
+        run_task(sweep, i, progress=progress)
+    return collect_sweep(sweep)
+
+
+# ---- what a user asks for: names, the feature sources, one run or a sweep --------------------------------
+def expand_names(head: str | Sequence[str], pool: str | Sequence[str]) -> tuple[list[str], list[str]]:
+    """``head``/``pool`` as asked (a name, ``all``, ``layers`` or a list of them) -> (heads, pools), checked.
+
+    ``all`` stands for every head (:data:`~tprobe.probing.heads.HEADS`) or pool
+    (:data:`~tprobe.models.tokens.POOLS`); ``layers`` stays for :func:`probe_sources` to expand with
+    the store's layers.
+    """
+    from tprobe.models.tokens import POOLS
+    from tprobe.probing.heads import HEADS
+
+    heads = [head] if isinstance(head, str) else list(head)
+    pools = [pool] if isinstance(pool, str) else list(pool)
+    check_names(pools, heads, asked=True)
+    heads = list(HEADS) if "all" in heads else list(dict.fromkeys(heads))
+    pools = list(dict.fromkeys(q for p in pools for q in (POOLS if p == "all" else [p])))
+    if not heads or not pools:
+        raise TprobeError("--head and --pool: name at least one of each")
+    return heads, pools
+
+
+def is_table(path: str | Path) -> bool:
+    """A feature table path (CSV/Parquet) rather than a feature store (``.zarr``/``.h5``, or a folder)."""
+    from tprobe.cache.store import FORMATS
+
+    path = Path(path)
+    return path.suffix not in FORMATS.values() and not path.is_dir()
+
+
+def is_store_input(features) -> bool:
+    """Whether :func:`probe_sources` reads ``features`` from a feature store (a path, a store, or
+    ``None``: a model's cached store), not from a table or FeatureSets."""
+    if isinstance(features, str | Path):
+        return not is_table(features)
+    return features is None or isinstance(features, FeatureStore)
+
+
+def probe_sources(
+    features=None,
+    pools: Sequence[str] | None = None,
+    *,
+    model: str | None = None,
+    revision: str | None = None,
+    data=None,
+    config=None,
+    canvas_set: bool = False,
+    cache: str | Path = "cache",
+    offline: bool = False,
+    table_options: dict | None = None,
+) -> tuple[list[Source], Path | None, list[str]]:
+    """The sources :func:`run_sweep` fits, the store they come from (``None``: not one store) and the pools.
+
+    ``features``: a :class:`FeatureSet` or a list of them (one source each; ``pools`` do not apply), a
+    feature table path (joined to the images of ``data``; ``table_options``: ``id_column``, ``exclude``,
+    ``keep_columns``, ``all_table_rows``), a store path or :class:`FeatureStore` (checked against ``data``
+    when given), or ``None``: ``model``'s store in ``cache`` for ``data`` preprocessed with ``config``
+    (``canvas_set``: the canvas was set by the user, so it is not rounded to the model's patch size).
+    ``pools`` (of a store; default ``cls``): ``layers`` becomes ``cls@`` each layer the store holds.
+    """
+    from tprobe.data.preprocess import prepare
+
+    def prepared(**kw):
+        pre = prepare(data, config, canvas_set=canvas_set, progress=False, **kw)
+        for s in pre.skipped:
+            log.warning("skipped: %s", s)
+        return pre
+
+    sets = [features] if isinstance(features, FeatureSet) else features
+    table = isinstance(features, str | Path) and is_table(features)
+    if (isinstance(sets, list | tuple) and sets) or table:
+        if pools is not None:
+            raise TprobeError(
+                "pool does not apply to a feature table or a FeatureSet (it pools a store's tokens); drop it"
+            )
+        if table:
+            from tprobe.features.assemble import table_set
+
+            path, opts = features, dict(table_options or {})
+            sets = [table_set(path, prepared().manifest, **opts)]
+        if not all(isinstance(fs, FeatureSet) for fs in sets):
+            raise TprobeError(
+                "features: give FeatureSets, a feature table, a store or None (a model's store)"
+            )
+        names = ["table"] if table else [fs.name for fs in sets]  # a table's progress lines: "table · head"
+        return [(n, lambda _n, fs=fs: fs) for n, fs in zip(names, sets, strict=True)], None, ["cls"]
+    pools = ["cls"] if pools is None else list(pools)
+    if isinstance(features, FeatureStore):
+        features = features.path
+    if features is None:
+        from tprobe.cache.extract import find_store
+        from tprobe.models.backbones import resolve_model
+
+        ref = resolve_model(model or "dinov2-small-reg", revision, offline=offline)
+        layered = any(p in ("layers", "last4") or "@" in p for p in pools)
+        pre = prepared(patch_size=ref.patch_size, model_name=ref.name)
+        store = find_store(cache, pre, ref, layered=layered)
+    elif isinstance(features, str | Path):
+        store = Path(features)
+        if data is not None:
+            from tprobe.features.assemble import check_store_matches, store_patch
+
+            check_store_matches(store, prepared(patch_size=store_patch(store)))
+    else:
+        raise TprobeError(
+            f"features: a {type(features).__name__}; give FeatureSets, a feature table, a store or None"
+        )
+    if "layers" in pools:
+        layer_pools = FeatureStore.open(store).layer_pools()
+        pools = list(dict.fromkeys(q for p in pools for q in (layer_pools if p == "layers" else [p])))
+    return store_sources(store, pools), store, list(pools)
+
+
+def run_probes(
+    sources: Sequence[Source],
+    heads: Sequence[str],
+    *,
+    out: str | Path | None = None,
+    probe_kwargs: dict | None = None,
+    progress: Callable[[SweepEvent], None] | None = None,
+) -> ProbeRun | SweepResult:
+    """One source and one head: the fitted :class:`ProbeRun` (saved under ``out`` when given: its
+    ``path_``); more: the sweep (:func:`run_sweep`, under ``out`` or ``runs``) and its :class:`SweepResult`."""
+    if len(sources) * len(heads) > 1:
+        return run_sweep(
+            sources, heads, out="runs" if out is None else out, probe_kwargs=probe_kwargs, progress=progress
+        )
+    fitted: list[ProbeRun] = []
+
+    def keep(ev: SweepEvent) -> None:
+        if ev.kind == "run":
+            fitted.append(ev.run)
+        if progress is not None:
+            progress(ev)
+
+    run_sweep(sources, heads, out=out, probe_kwargs=probe_kwargs, progress=keep)
+    return fitted[0]
