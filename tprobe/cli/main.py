@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 
 from tprobe import __version__
+from tprobe.cli import science
 from tprobe.cli.echo import RANDOM_NOTE, RUN_DETAIL, echo_table, finish, table_text
-from tprobe.cli.inputs import feature_sources, prepare_data, table_source
+from tprobe.cli.inputs import prepare_data, table_source
 from tprobe.cli.options import (
     CACHE_OPTION,
     DEVICE_OPTION,
@@ -27,8 +28,6 @@ from tprobe.cli.options import (
     run_option,
     sbatch_options,
     slurm_options,
-    source_options,
-    source_rules,
     split_options,
     split_rules,
     token_names,
@@ -876,285 +875,6 @@ def _echo_collected(sweep):
 
 
 @main.command()
-@source_options
-@click.option(
-    "--head",
-    default="logreg",
-    show_default=True,
-    help="Head(s), comma-separated: logreg, mlp, xgboost, knn, prototype; or all.",
-)
-@click.option(
-    "--shots",
-    default="1,2,4,8,16,32,64,all",
-    show_default=True,
-    help="Labelled cells per class, comma-separated; all = every training cell.",
-)
-@click.option("--repeats", default=10, show_default=True, help="Draws per k (all is drawn once).")
-@split_options
-@click.option(
-    "--train-views",
-    type=click.Choice(["orig", "all"]),
-    default="orig",
-    show_default=True,
-    help="Train on a drawn cell's original view, or on all its views (stores only).",
-)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--jobs", default=1, show_default=True, help="Parallel (fold, repeat) fits.")
-@NORMALIZE_OPTION
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-@CACHE_OPTION
-@OFFLINE_OPTION
-@data_options
-def curve(
-    stores,
-    models,
-    revision,
-    pool,
-    features,
-    id_column,
-    exclude,
-    keep_columns,
-    all_table_rows,
-    pixels,
-    head,
-    shots,
-    repeats,
-    split,
-    test_donor,
-    train_views,
-    seed,
-    jobs,
-    normalize,
-    out,
-    cache,
-    offline,
-    data,
-    prep,
-):
-    """Label-efficiency curves: held-out-donor AUC against labelled cells per class, several sources.
-
-    For each held-out donor, k cells per class are drawn from the training donors (a cell brings
-    its views; nothing from the held-out donor), a head with fixed hyperparameters is fitted and
-    scores the held-out donor; repeated --repeats times. Writes curve.parquet, draws.parquet,
-    curve_band.csv and curve.png into a new folder; its path is the last line of stdout.
-
-    \b
-    Examples:
-      tprobe curve --model dinov2-small-reg --pixels
-      tprobe curve --store cache/.../float16-fp32-<rows>.zarr --features cellprofiler.csv --id-column FileName --pixels
-      tprobe curve --pixels --head logreg,knn,prototype --shots 1,4,16,all --repeats 20
-    """
-    import pandas as pd
-
-    from tprobe.runs.record import make_run_dir, write_json
-    from tprobe.science.curve import LabelCurve, curve_band, is_random_source, plot_curves
-
-    try:
-        ks = tuple("all" if k.strip() == "all" else int(k) for k in shots.split(","))
-    except ValueError:
-        raise TprobeError(f"--shots {shots!r}: use comma-separated positive integers and all") from None
-    from tprobe.probing.heads import HEADS
-
-    heads = list(HEADS) if head == "all" else [h.strip() for h in head.split(",")]
-    refuse_unused(
-        [
-            *source_rules(stores, models, features, pixels, data),
-            (
-                "train_views",
-                bool(stores or models),
-                "without --store/--model (tables and pixels have one view per cell)",
-            ),
-            *split_rules(split),
-        ]
-    )
-    sources = feature_sources(
-        stores,
-        models,
-        revision,
-        pool,
-        features,
-        id_column,
-        exclude,
-        pixels,
-        cache,
-        offline,
-        data,
-        prep,
-        keep_columns,
-        all_table_rows,
-    )
-    results, draws, randoms, meta = [], [], [], []
-    for fs in sources:
-        if is_random_source(fs.source):
-            randoms.append(fs.name)
-        for h in heads:
-            c = LabelCurve(
-                head=h,
-                shots=ks,
-                repeats=repeats,
-                seed=seed,
-                split=split,
-                test_donor=test_donor,
-                train_views=train_views,
-                n_jobs=jobs,
-                normalize=normalize,
-            ).fit(fs)
-            click.echo(
-                f"== {fs.name} · {h}: {len(fs.meta)} rows x {fs.X.shape[1]} features, {c.seconds_:.1f} s"
-            )
-            results.append(c.results_)
-            draws.append(c.draws_.assign(head=h))
-            meta.append({"source": fs.source, "head": h, "seconds": round(c.seconds_, 2)})
-    res = pd.concat(results, ignore_index=True)
-    run = make_run_dir(out, "curve")
-    res.to_parquet(run / "curve.parquet", index=False)
-    pd.concat(draws, ignore_index=True).to_parquet(run / "draws.parquet", index=False)
-    band = curve_band(res)
-    band.to_csv(run / "curve_band.csv", index=False)
-    plot_curves(res, run / "curve.png", random_sources=randoms)
-    write_json(
-        run / "config.json",
-        {
-            "command": "curve",
-            "heads": heads,
-            "shots": list(ks),
-            "repeats": repeats,
-            "seed": seed,
-            "split": split,
-            "test_donor": test_donor,
-            "train_views": train_views,
-            "normalize": normalize,
-            "sources": meta,
-            "random_init_sources": randoms,
-        },
-    )
-    click.echo("== mean ROC AUC over held-out donors [95% t-interval over donors]")
-    band = band.assign(
-        auc=[
-            f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
-            for m, lo, hi in zip(band["mean"], band["low"], band["high"], strict=True)
-        ]
-    )
-    wide = band.pivot(index=["source", "head"], columns="shots", values="auc")
-    wide = wide[[str(k) for k in ks if str(k) in wide.columns]]
-    with pd.option_context("display.width", 250, "display.max_columns", 20):
-        click.echo(wide.to_string())
-    for r in randoms:
-        click.echo(f"note: {r} comes from a randomly initialised model: a plumbing check, not a result")
-    click.echo(str(run))
-
-
-@main.command("map")
-@source_options
-@click.option("--no-umap", is_flag=True, help="PCA only (skips umap-learn).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-@CACHE_OPTION
-@OFFLINE_OPTION
-@data_options
-def map_(
-    stores,
-    models,
-    revision,
-    pool,
-    features,
-    id_column,
-    exclude,
-    keep_columns,
-    all_table_rows,
-    pixels,
-    no_umap,
-    seed,
-    out,
-    cache,
-    offline,
-    data,
-    prep,
-):
-    """Embedding map (PCA, UMAP) coloured by label, donor and imaging batch, with donor diagnostics.
-
-    Prints and saves how well activation, donor and batch can be predicted from the features (same
-    classifier, CV grouped by cell, against the majority-class rate) and silhouettes by label, donor
-    and batch, and donor and batch within each class against that class's own chance (every batch holds one
-    class); warns when donor or batch within class is more predictable than activation. Writes map-<source>.png,
-    map-<source>.parquet (coordinates) and diagnostics.json; the folder is the last line of stdout.
-
-    \b
-    Examples:
-      tprobe map --model dinov2-small-reg
-      tprobe map --store cache/.../float16-fp32-<rows>.zarr --pool mean --pixels
-    """
-    from tprobe.plot.figures import source_label
-    from tprobe.runs.record import inside, make_run_dir, safe_name, write_json
-    from tprobe.science.curve import is_random_source
-    from tprobe.science.embedmap import diagnose, embed, map_data, plot_map
-
-    refuse_unused(source_rules(stores, models, features, pixels, data))
-    sources = feature_sources(
-        stores,
-        models,
-        revision,
-        pool,
-        features,
-        id_column,
-        exclude,
-        pixels,
-        cache,
-        offline,
-        data,
-        prep,
-        keep_columns,
-        all_table_rows,
-    )
-    manifest = None  # tables and pixels take the batch column from the data's manifest (stores: their own)
-    run = make_run_dir(out, "map")
-    diags = []
-    for fs in sources:
-        if fs.source.get("kind") != "store" and manifest is None:
-            manifest = prepare_data(data, prep, progress=False).manifest
-        md = map_data(fs, manifest if fs.source.get("kind") != "store" else None)
-        diag = diagnose(md, seed=seed)
-        diag["random_init"] = is_random_source(fs.source)
-        coords = embed(md, umap=not no_umap, seed=seed)
-        safe = safe_name(fs.name)
-        coords.to_parquet(inside(run, f"map-{safe}.parquet"), index=False)
-        what = "pooled tokens" if fs.source.get("kind") == "store" else "features"
-        title = f"{source_label(fs.name)}: {diag['n_cells']} cells (original views), {what}" + (
-            " — random weights: plumbing check" if diag["random_init"] else ""
-        )
-        plot_map(coords, diag, inside(run, f"map-{safe}.png"), title=title)
-        diags.append(diag)
-        click.echo(
-            f"== {fs.name}: {diag['n_cells']} cells x {diag['n_features']} features"
-            + (" (random weights: plumbing check)" if diag["random_init"] else "")
-        )
-        for t, v in diag["predictability"].items():
-            if v["accuracy"] is not None:
-                given = (
-                    f", {v['chance_given_class']:.3f} knowing the class alone"
-                    if "chance_given_class" in v
-                    else ""
-                )
-                click.echo(
-                    f"   {t:<10s} predicted with accuracy {v['accuracy']:.3f} (chance {v['chance']:.3f}{given}, "
-                    f"{v['n_classes']} classes; skill {v['skill']:.2f})"
-                )
-        for t, w in diag["within_class"].items():
-            sk = "–" if w["skill"] is None else f"{w['skill']:.2f}"
-            click.echo(
-                f"   {t:<10s} within each class: accuracy {w['accuracy']:.3f} (chance within class "
-                f"{w['chance']:.3f}; skill {sk})"
-            )
-        sil = ", ".join(f"{k} {v:.3f}" for k, v in diag["silhouette"].items() if v is not None)
-        click.echo(f"   silhouette (cosine): {sil}")
-        if diag["warning"]:
-            click.echo(diag["warning"])
-        click.echo(f"   map: {run / f'map-{safe}.png'}")
-    write_json(run / "diagnostics.json", diags)
-    click.echo(str(run))
-
-
-@main.command()
 @run_option("probe")
 @click.argument("images", type=click.Path(path_type=Path))
 @click.option(
@@ -1484,58 +1204,6 @@ def baseline(
 
 
 @main.command()
-@click.argument("runs_dir", type=click.Path(path_type=Path, exists=True), default=Path("runs"))
-@click.option("--out", type=click.Path(path_type=Path), default=Path("report"), show_default=True)
-@click.option(
-    "--reference",
-    default=None,
-    help="Run folder name every other run is compared with (declare it before looking). Default: the "
-    "logreg probe on CLS tokens, else the frequency baseline, else the first run folder by path.",
-)
-def report(runs_dir, out, reference):
-    """Collect run directories into one table + figures: report.md, report.html, summary.parquet.
-
-    Paired comparisons: every run against one reference fixed in advance (--reference, or the
-    default rule, which reads no result), exact sign-flip test, Holm across those comparisons.
-
-    \b
-    Examples:
-      tprobe report runs/ --out report/
-      tprobe report runs/ --reference 20250101-120000-dinov2-small-reg-cls-logreg
-    """
-    from tprobe.runs.report import PUBLISHED, write_report
-    from tprobe.stats import TEST_NOTE
-
-    res = write_report(runs_dir, out, reference=reference)
-    for run in res["incomplete"]:
-        click.echo(
-            f"incomplete run {run}: no per_donor.parquet (interrupted?); left out of the report", err=True
-        )
-    click.echo("== measured (mean ± sd over held-out donors; 95% CI: t-interval over donors)")
-    click.echo(res["table"].to_string(index=False))
-    click.echo("== published reference numbers (not measured here)")
-    click.echo(PUBLISHED.to_string(index=False, na_rep="–"))
-    for line in res["headline"]:
-        click.echo(line.replace("**", ""))
-    click.echo(res["batch_confound"].replace("`", ""))
-    if len(res["paired"]):
-        click.echo(
-            "== paired comparisons: each run vs the pre-declared reference on the same held-out donors"
-        )
-        click.echo(res["reference_line"].replace("`", ""))
-        click.echo(res["paired"].drop(columns=["AUC diff per donor"]).to_string(index=False))
-        click.echo(res["bound_line"])
-        click.echo(TEST_NOTE)
-    if len(res["map_signal"]):
-        click.echo(
-            "== donor and batch signal within each class (tprobe map folders; chance = the class's majority rate)"
-        )
-        click.echo(res["map_signal"].to_string(index=False))
-    for p in res["paths"]:
-        click.echo(str(p))
-
-
-@main.command()
 @click.argument("store", type=click.Path(path_type=Path, exists=True))
 @click.option(
     "--to",
@@ -1558,6 +1226,10 @@ def export(store, to, out, overwrite):
 
     click.echo(str(run_export(store, to, out, overwrite=overwrite)))
 
+
+main.add_command(science.curve)
+main.add_command(science.map_)
+main.add_command(science.report)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
