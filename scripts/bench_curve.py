@@ -13,9 +13,9 @@ import os
 
 from tprobe.data.dataset import discover
 from tprobe.data.preprocess import preprocess
+from tprobe.features.pixels import pixel_features
 from tprobe.features.sources import from_store
 from tprobe.science.curve import LabelCurve, curve_band
-from tprobe.features.pixels import pixel_features
 
 
 def main():
