@@ -21,6 +21,46 @@ from tprobe.cli.options import (
 from tprobe.science import TRAIN_VIEWS
 
 
+def _echo_curve(c) -> None:
+    """A fitted curve on the console: each source and head, the AUC table, the random-weights notes."""
+    import pandas as pd
+
+    for f in c.fits_:
+        n = f"{f['n_rows']} rows x {f['n_features']} features, {f['seconds']:.1f} s"
+        click.echo(f"== {f['name']} · {f['head']}: {n}")
+    click.echo("== mean ROC AUC over held-out donors [95% t-interval over donors]")
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        click.echo(c.auc_table().to_string())
+    for r in c.random_sources_:
+        click.echo(f"note: {r} comes from a randomly initialised model: a plumbing check, not a result")
+
+
+def _echo_report(res) -> None:
+    """A report on the console: the measured and published tables, the lines, the paired comparisons."""
+    from tprobe.runs.report import PUBLISHED
+    from tprobe.stats import TEST_NOTE
+
+    click.echo("== measured (mean ± sd over held-out donors; 95% CI: t-interval over donors)")
+    click.echo(res.table.to_string(index=False))
+    click.echo("== published reference numbers (not measured here)")
+    click.echo(PUBLISHED.to_string(index=False, na_rep="–"))
+    for line in res.headline:
+        click.echo(line.replace("**", ""))
+    click.echo(res.batch_confound.replace("`", ""))
+    if len(res.paired):
+        click.echo(
+            "== paired comparisons: each run vs the pre-declared reference on the same held-out donors"
+        )
+        click.echo(res.reference_line.replace("`", ""))
+        click.echo(res.paired.drop(columns=["AUC diff per donor"]).to_string(index=False))
+        click.echo(f"{res.bound_line}\n{TEST_NOTE}")
+    if len(res.map_signal):
+        click.echo(
+            "== donor and batch signal within each class (tprobe map folders; chance = the class's majority rate)"
+        )
+        click.echo(res.map_signal.to_string(index=False))
+
+
 def _source_rules(src: dict):
     return source_rules(src["stores"], src["models"], src["features"], src["pixels"], src["data"])
 
@@ -69,8 +109,6 @@ def curve(head, shots, repeats, split, test_donor, train_views, seed, jobs, norm
       tprobe curve --store cache/.../float16-fp32-<rows>.zarr --features cellprofiler.csv --id-column FileName --pixels
       tprobe curve --pixels --head logreg,knn,prototype --shots 1,4,16,all --repeats 20
     """
-    import pandas as pd
-
     from tprobe import api
     from tprobe.science.curve import parse_heads, parse_shots
 
@@ -90,15 +128,8 @@ def curve(head, shots, repeats, split, test_donor, train_views, seed, jobs, norm
         jobs=jobs,
         normalize=normalize,
     )
-    for f in c.fits_:
-        n = f"{f['n_rows']} rows x {f['n_features']} features, {f['seconds']:.1f} s"
-        click.echo(f"== {f['name']} · {f['head']}: {n}")
     run = c.save(out)
-    click.echo("== mean ROC AUC over held-out donors [95% t-interval over donors]")
-    with pd.option_context("display.width", 250, "display.max_columns", 20):
-        click.echo(c.auc_table().to_string())
-    for r in c.random_sources_:
-        click.echo(f"note: {r} comes from a randomly initialised model: a plumbing check, not a result")
+    _echo_curve(c)
     click.echo(str(run))
 
 
@@ -164,32 +195,12 @@ def report(runs_dir, out, reference):
       tprobe report runs/ --reference 20250101-120000-dinov2-small-reg-cls-logreg
     """
     from tprobe import api
-    from tprobe.runs.report import PUBLISHED
-    from tprobe.stats import TEST_NOTE
 
     res = api.report(runs_dir, out, reference=reference)
     for run in res.incomplete:
         click.echo(
             f"incomplete run {run}: no per_donor.parquet (interrupted?); left out of the report", err=True
         )
-    click.echo("== measured (mean ± sd over held-out donors; 95% CI: t-interval over donors)")
-    click.echo(res.table.to_string(index=False))
-    click.echo("== published reference numbers (not measured here)")
-    click.echo(PUBLISHED.to_string(index=False, na_rep="–"))
-    for line in res.headline:
-        click.echo(line.replace("**", ""))
-    click.echo(res.batch_confound.replace("`", ""))
-    if len(res.paired):
-        click.echo(
-            "== paired comparisons: each run vs the pre-declared reference on the same held-out donors"
-        )
-        click.echo(res.reference_line.replace("`", ""))
-        click.echo(res.paired.drop(columns=["AUC diff per donor"]).to_string(index=False))
-        click.echo(f"{res.bound_line}\n{TEST_NOTE}")
-    if len(res.map_signal):
-        click.echo(
-            "== donor and batch signal within each class (tprobe map folders; chance = the class's majority rate)"
-        )
-        click.echo(res.map_signal.to_string(index=False))
+    _echo_report(res)
     for p in res.paths:
         click.echo(str(p))
