@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the typed artifacts the calls return
+    import pandas as pd
+
     from tprobe.cache.store import FeatureStore
     from tprobe.data.dataset import Dataset
     from tprobe.data.preprocess import PreprocessConfig, Preprocessed
@@ -250,7 +252,7 @@ def map(  # noqa: A001 - the public name of the stage, as `tprobe map`
     seed: int = 0,
     data: str | Path | None = None,
     config: PreprocessConfig | None = None,
-    manifest=None,
+    manifest: pd.DataFrame | None = None,
 ) -> EmbeddingMap:
     """Embedding maps (PCA, UMAP) of each source's original views, with donor and batch diagnostics.
 
