@@ -32,6 +32,9 @@ if TYPE_CHECKING:  # the typed artifacts the calls return
     from tprobe.models.backbones import ModelRef
     from tprobe.probing.run import ProbeRun
     from tprobe.probing.sweep import SweepEvent, SweepResult
+    from tprobe.runs.report import Report
+    from tprobe.science.curve import LabelCurve
+    from tprobe.science.embedmap import EmbeddingMap
 
 from tprobe import API
 
@@ -359,6 +362,124 @@ def predict(
 
 
 # ---- science and runs: curve, map, report ---------------------------------------------------------
+def curve(
+    sources: FeatureSet | Sequence[FeatureSet],
+    *,
+    head: str | Sequence[str] = "logreg",
+    shots: Sequence[int | str] = (1, 2, 4, 8, 16, 32, 64, "all"),
+    repeats: int = 10,
+    split: str = "leave-one-donor-out",
+    test_donor: str | None = None,
+    train_views: str = "orig",
+    seed: int = 0,
+    jobs: int = 1,
+    normalize: str = "standard",
+) -> LabelCurve:
+    """Label-efficiency curves: held-out-donor AUC against labelled cells per class, per source and head.
+
+    For each held-out donor, ``k`` cells per class (each of ``shots``; ``"all"``: every training cell)
+    are drawn from the training donors only (a cell brings its views; ``train_views="all"``: its
+    augmented views too, stores only), a head with fixed hyperparameters is fitted and scores the
+    held-out donor; repeated ``repeats`` times. Every source gets the same draws, so the curves are
+    paired. ``sources``: FeatureSets from :func:`feature_sets`; ``head``: a head name, several, or
+    ``"all"``; ``split``: ``leave-one-donor-out`` or ``test-donor`` (with ``test_donor``);
+    ``normalize``: ``none``, ``standard`` or ``donor-center``; ``jobs``: parallel (fold, repeat) fits.
+
+    Returns the fitted :class:`~tprobe.science.curve.LabelCurve`: ``.results_`` (one row per held-out
+    donor, draw and k), ``.draws_``, ``.band()`` (mean AUC and 95% t-interval over donors),
+    ``.auc_table()``, and ``.save(out)``, which writes the run folder ``tprobe curve`` writes
+    (curve.parquet, draws.parquet, curve_band.csv, curve.png, config.json) and returns its path.
+
+    Example::
+
+        sets = tprobe.feature_sets(stores=[store_path], pixels=True)
+        c = tprobe.curve(sets, head=["logreg", "knn"], shots=[1, 4, 16, "all"], repeats=5)
+        c.auc_table()
+        c.save("runs")
+    """
+    from tprobe.science.curve import LabelCurve as _Curve
+
+    return _Curve(
+        head=head if isinstance(head, str) else list(head),
+        shots=tuple(shots),
+        repeats=repeats,
+        seed=seed,
+        split=split,
+        test_donor=test_donor,
+        train_views=train_views,
+        n_jobs=jobs,
+        normalize=normalize,
+    ).fit(sources)
+
+
+def map(  # noqa: A001 - the public name of the stage, as `tprobe map`
+    sources: FeatureSet | Sequence[FeatureSet],
+    *,
+    umap: bool = True,
+    seed: int = 0,
+    data: str | Path | None = None,
+    config: PreprocessConfig | None = None,
+    manifest: pd.DataFrame | None = None,
+) -> EmbeddingMap:
+    """Embedding maps (PCA, UMAP) of each source's original views, with donor and batch diagnostics.
+
+    For each source: how well activation, donor and imaging batch are predicted from the features
+    (the same classifier, CV grouped by cell, against the majority-class rate), donor and batch within
+    each class against that class's own chance, and silhouettes; a warning when donor or batch within
+    class is more predictable than activation. ``umap=False``: PCA only (no umap-learn). Tables and
+    pixels take each cell's imaging batch from the data's manifest: ``manifest`` (e.g.
+    ``pre.manifest``), else ``data`` preprocessed with ``config`` (a store reads its own).
+
+    Returns an :class:`~tprobe.science.embedmap.EmbeddingMap`: one
+    :class:`~tprobe.science.embedmap.SourceMap` per source (``.coords``, ``.diagnostics``, a typed
+    :class:`~tprobe.science.embedmap.MapDiagnostics`), and ``.save(out)``, which writes the run folder
+    ``tprobe map`` writes (map-<source>.png, map-<source>.parquet, diagnostics.json) and returns its path.
+
+    Example::
+
+        m = tprobe.map(tprobe.feature_sets(stores=[store_path], pixels=True), umap=False)
+        m["pixels"].diagnostics.within_class["donor"]
+        m.save("runs")
+    """
+    from tprobe.features.sources import FeatureSet as _Set
+    from tprobe.science.embedmap import embedding_map
+
+    sets = [sources] if isinstance(sources, _Set) else list(sources)
+    if manifest is None and any(fs.source.get("kind") != "store" for fs in sets):
+        from tprobe.data.preprocess import prepare
+
+        manifest = prepare(data, config, progress=False).manifest
+    return embedding_map(sets, manifest, umap=umap, seed=seed)
+
+
+def report(
+    runs_dir: str | Path = "runs", out: str | Path | None = None, *, reference: str | None = None
+) -> Report:
+    """Compare the run folders under ``runs_dir``: one table, paired tests against one reference, figures.
+
+    Every run (probe, baseline, finetune) is compared with one reference run declared in advance
+    (``reference``: a run folder's name; default: the logreg probe on CLS tokens, else the frequency
+    baseline, else the first run folder by path; the rule reads no result) on the same held-out donors:
+    exact sign-flip test, Holm across the comparisons. With ``out`` the report is written there
+    (report.md, report.html, summary.parquet, summary.csv, paired.csv, donor_auc.png), as ``tprobe
+    report`` does; without it nothing is written. A ``reference`` matching no run, or several, is a
+    one-line error before anything is written.
+
+    Returns a :class:`~tprobe.runs.report.Report`: ``.summary`` (one row per run), ``.table`` (its
+    display form), ``.paired`` (each run vs the reference), ``.headline``, ``.map_signal`` (donor and
+    batch signal within class from ``tprobe map`` folders), ``.incomplete`` and ``.paths`` (files written).
+
+    Example::
+
+        rep = tprobe.report("runs", "report")
+        rep.table
+    """
+    from tprobe.runs.report import build_report
+
+    rep = build_report(runs_dir, reference=reference)
+    if out is not None:
+        rep.save(out)
+    return rep
 
 
 # ---- training: finetune, baseline, saliency -------------------------------------------------------

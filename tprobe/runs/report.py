@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import logging
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import matplotlib
@@ -19,6 +20,8 @@ from tprobe.runs.record import RunRecord, inside, read_json
 
 log = logging.getLogger(__name__)
 __all__ = [
+    "Report",
+    "build_report",
     "collect_runs",
     "write_report",
     "display_table",
@@ -472,36 +475,99 @@ def donors_bound_line(n: int, m: int = 1) -> str:
     return line + ": n donors bound what can be ranked, whatever the differences."
 
 
-def write_report(root: str | Path, out: str | Path, *, reference: str | None = None) -> dict:
-    """Write report.md, report.html (figures embedded), summary.parquet and summary.csv into ``out``.
+@dataclass
+class Report:
+    """The runs under ``root`` compared (:func:`build_report`): the tables and lines of the report.
+
+    ``summary``: one row per run (:func:`collect_runs`); ``table``: its display form; ``pairs``: the
+    paired comparisons with the reference (:func:`tprobe.stats.paired_comparisons`) and ``paired`` their
+    display form; ``reference``: the reference run's path, ``reference_line`` how it was chosen;
+    ``headline``, ``bound_line``, ``batch_confound``: the report's sentences; ``map_signal``: donor and
+    batch signal within each class from ``tprobe map`` folders; ``incomplete``: run folders left out
+    (interrupted); ``paths``: the files :meth:`save` wrote (empty until then).
+    """
+
+    root: Path
+    summary: pd.DataFrame
+    table: pd.DataFrame
+    pairs: pd.DataFrame
+    paired: pd.DataFrame
+    headline: list[str]
+    reference: str
+    reference_line: str
+    bound_line: str
+    map_signal: pd.DataFrame
+    incomplete: list[str] = field(default_factory=list)
+    batch_confound: str = BATCH_CONFOUND
+    paths: list[Path] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The fields by name (the tables stay DataFrames); what :func:`write_report` returns."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def save(self, out: str | Path) -> list[Path]:
+        """Write report.md, report.html (figures embedded), summary.parquet, summary.csv, paired.csv and
+        donor_auc.png into ``out``; return (and keep in ``paths``) the report's main files."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.summary.to_parquet(out / "summary.parquet", index=False)
+        self.summary.to_csv(out / "summary.csv", index=False)
+        self.pairs.to_csv(out / "paired.csv", index=False)
+        md, page = _render(self, _donor_auc_plot(self.summary, out / "donor_auc.png"))
+        (out / "report.md").write_text(md)
+        (out / "report.html").write_text(page)
+        self.paths = [out / "report.md", out / "report.html", out / "summary.parquet", out / "paired.csv"]
+        return self.paths
+
+
+def build_report(root: str | Path, *, reference: str | None = None) -> Report:
+    """Compare the run folders under ``root``; write nothing (:meth:`Report.save` does).
 
     Besides the table: each run against one reference run declared in advance (``reference``, a run
     folder name; default :func:`choose_reference`'s rule, which reads no result) on the same held-out
     donors, with the exact paired sign-flip test and Holm's correction across those comparisons
     (:mod:`tprobe.stats`).
     """
-    from tprobe.stats import TEST_NOTE, paired_comparisons
+    from tprobe.stats import paired_comparisons
 
-    out = Path(out)
     summary = collect_runs(root)
-    ref_run, ref_why = choose_reference(
-        summary, reference
-    )  # a bad --reference stops before anything is written
-    out.mkdir(parents=True, exist_ok=True)
-    summary.to_parquet(out / "summary.parquet", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
-    table = display_table(summary)
+    ref_run, ref_why = choose_reference(summary, reference)  # a bad --reference stops before any writing
     pairs = paired_comparisons(summary, against=ref_run)
-    pairs.to_csv(out / "paired.csv", index=False)
-    paired = _paired_display(pairs, summary)
     ref_line = (
         f"Reference: {ref_why}. Every other run is compared with it (declared before looking; Holm "
         "across these comparisons); diff = run minus reference, per held-out donor, then averaged."
     )
     n_ref = int(summary.set_index("run").loc[ref_run, "n_donors"])
     m_tests = int(pairs.loc[pairs["metric"] == "roc_auc", "p"].notna().sum()) if len(pairs) else 0
-    bound_line = donors_bound_line(n_ref, m_tests)
-    signal = map_signal(root)
+    return Report(
+        root=Path(root),
+        summary=summary,
+        table=display_table(summary),
+        pairs=pairs,
+        paired=_paired_display(pairs, summary),
+        headline=_headline(summary),
+        reference=ref_run,
+        reference_line=ref_line,
+        bound_line=donors_bound_line(n_ref, m_tests),
+        map_signal=map_signal(root),
+        incomplete=summary.attrs.get("incomplete", []),
+    )
+
+
+def write_report(root: str | Path, out: str | Path, *, reference: str | None = None) -> dict:
+    """:func:`build_report` then :meth:`Report.save` into ``out``; returns :meth:`Report.to_dict`."""
+    report = build_report(root, reference=reference)
+    report.save(out)
+    return report.to_dict()
+
+
+def _render(report: Report, dots: Path) -> tuple[str, str]:
+    """The report as Markdown and as an HTML page (figures embedded)."""
+    from tprobe.stats import TEST_NOTE
+
+    root, summary, table, paired = report.root, report.summary, report.table, report.paired
+    ref_run, ref_line, bound_line = report.reference, report.reference_line, report.bound_line
+    signal, headline, incomplete = report.map_signal, report.headline, report.incomplete
     map_title = (
         "Donor and batch signal within each class (`tprobe map` folders under the runs; chance = each "
         "class's own majority rate, pooled)"
@@ -510,7 +576,6 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
     map_html = (
         (f"<p>{html.escape(map_title)}</p>" + signal.to_html(index=False, na_rep="–")) if len(signal) else ""
     )
-    dots = _donor_auc_plot(summary, out / "donor_auc.png")
     best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
     best_per_family = summary.loc[summary.groupby("family")["roc_auc_mean"].idxmax()]
     cells = sorted(set(summary["n_cells"]))
@@ -526,7 +591,6 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
         if n_random
         else ""
     )
-    incomplete = summary.attrs.get("incomplete", [])
     incomplete_txt = (
         f" Incomplete (interrupted, no per_donor.parquet), left out: "
         f"{', '.join(Path(r).name for r in incomplete)}."
@@ -541,7 +605,6 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
         "(ECE over 10 equal-width probability bins; per-run reliability.png); accuracy at a fixed 0.5 "
         f"threshold, tuned on no donor.{random_txt}{incomplete_txt}"
     )
-    headline = _headline(summary)
     md = [
         "# tprobe report",
         "",
@@ -587,7 +650,6 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
         for sal in sorted(Path(run).glob("saliency_*.png")):
             if _own_figure(run, sal.name):
                 figs.append(_img(sal, f"saliency {Path(run).name}: {sal.stem}"))
-    (out / "report.md").write_text("\n".join(md))
     table_html = table.to_html(index=False, na_rep="–").replace(
         f"<td>{RANDOM_MARK}</td>", f'<td class="random">{RANDOM_MARK}</td>'
     )
@@ -603,17 +665,4 @@ img{{max-width:100%}}.ref{{background:#f6f6f6}}.random{{color:#b00;font-weight:b
 <p>{html.escape(BATCH_CONFOUND)}</p>{map_html}
 <h2>Paired comparisons (each run vs the pre-declared reference, same held-out donors)</h2><p>{html.escape(ref_line)}</p>{paired_html}<p>{html.escape(bound_line)}</p><p>{html.escape(TEST_NOTE)}</p>
 <h2>Figures</h2>{"".join(figs)}</body></html>"""
-    (out / "report.html").write_text(page)
-    return {
-        "summary": summary,
-        "table": table,
-        "paired": paired,
-        "headline": headline,
-        "reference_line": ref_line,
-        "incomplete": incomplete,
-        "reference": ref_run,
-        "bound_line": bound_line,
-        "batch_confound": BATCH_CONFOUND,
-        "map_signal": signal,
-        "paths": [out / "report.md", out / "report.html", out / "summary.parquet", out / "paired.csv"],
-    }
+    return "\n".join(md), page

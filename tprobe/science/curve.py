@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,18 @@ from tprobe.errors import TprobeError
 from tprobe.features.sources import NORMALIZE, FeatureSet, FeatureSource, donor_center
 from tprobe.probing.evaluate import check_plan, split_plan
 from tprobe.probing.heads import HEADS, make_head
+from tprobe.science import TRAIN_VIEWS
 
-__all__ = ["LabelCurve", "DEFAULT_SHOTS", "curve_band", "plot_curves", "is_random_source"]
+__all__ = [
+    "LabelCurve",
+    "DEFAULT_SHOTS",
+    "TRAIN_VIEWS",
+    "curve_band",
+    "plot_curves",
+    "is_random_source",
+    "parse_shots",
+    "parse_heads",
+]
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16, 32, 64, "all")
 log = logging.getLogger(__name__)
@@ -65,11 +76,39 @@ def is_random_source(source: FeatureSource | dict) -> bool:
     )
 
 
+def parse_shots(text: str) -> tuple:
+    """``"1,2,4,all"`` -> ``(1, 2, 4, "all")``; anything else is a one-line error naming --shots."""
+    try:
+        return tuple("all" if k.strip() == "all" else int(k) for k in str(text).split(","))
+    except ValueError:
+        raise TprobeError(f"--shots {text!r}: use comma-separated positive integers and all") from None
+
+
+def parse_heads(text: str | Sequence[str]) -> list[str]:
+    """``"logreg,knn"`` (or a list of names) -> the head names; ``all`` is every head in :data:`HEADS`."""
+    if isinstance(text, str):
+        if text.strip() == "all":
+            return list(HEADS)
+        text = text.split(",")
+    heads = [str(h).strip() for h in text]
+    for h in heads:
+        if h not in HEADS:
+            raise TprobeError(f"--head {h!r} is not one of {', '.join(HEADS)}")
+    return heads
+
+
 @dataclass
 class LabelCurve:
-    """Parameters of one label-efficiency curve; ``fit`` fills ``results_`` and ``draws_``."""
+    """Label-efficiency curves of one or more feature sources and heads.
 
-    head: str = "logreg"
+    ``fit`` takes a :class:`~tprobe.features.sources.FeatureSet` or a list of them and fits every
+    (source, head) pair (``head``: a name, a list of names, comma-separated names or ``all``); it fills
+    ``results_`` (one row per held-out donor, draw and k), ``draws_`` (the cells each draw used),
+    ``fits_`` (per source and head: the source, rows, features and seconds), ``random_sources_`` (names
+    of sources from randomly initialised models) and ``seconds_``. ``save(out)`` writes the run folder.
+    """
+
+    head: str | Sequence[str] = "logreg"
     shots: tuple = DEFAULT_SHOTS
     repeats: int = 10
     seed: int = 0
@@ -81,14 +120,18 @@ class LabelCurve:
     n_jobs: int = 1
     normalize: str = "standard"  # as ProbeRun.normalize: none, standard or donor-center
 
+    @property
+    def heads(self) -> list[str]:
+        """The head names ``head`` stands for (``all``: every head)."""
+        return parse_heads(self.head)
+
     def _validate(self):
-        if self.head not in HEADS:
-            raise TprobeError(f"--head {self.head!r} is not one of {', '.join(HEADS)}")
+        self.heads  # noqa: B018 - an unknown head is a one-line error
         if self.split not in ("leave-one-donor-out", "test-donor"):
             raise TprobeError(
                 f"--split {self.split!r}: curves hold out whole donors; use leave-one-donor-out or test-donor"
             )
-        if self.train_views not in ("orig", "all"):
+        if self.train_views not in TRAIN_VIEWS:
             raise TprobeError(f"--train-views {self.train_views!r} is not orig or all")
         if self.normalize not in NORMALIZE:
             raise TprobeError(f"--normalize {self.normalize!r} is not one of {', '.join(NORMALIZE)}")
@@ -98,8 +141,39 @@ class LabelCurve:
             if k != "all" and (not isinstance(k, int | np.integer) or k < 1):
                 raise TprobeError(f"--shots {k!r}: use positive integers or all")
 
-    def fit(self, fs: FeatureSet) -> LabelCurve:
+    def fit(self, features: FeatureSet | Sequence[FeatureSet]) -> LabelCurve:
+        """Fit every (source, head) curve; ``features``: one FeatureSet or several (paired draws)."""
         self._validate()
+        sets = [features] if isinstance(features, FeatureSet) else list(features)
+        if not sets:
+            raise TprobeError("no feature sources: give a store, a model, a feature table or the pixels")
+        t0 = time.perf_counter()
+        results, draws, fits = [], [], []
+        for fs in sets:
+            for h in self.heads:
+                res, drawn, seconds = self._fit_one(fs, h)
+                results.append(res)
+                draws.append(drawn.assign(head=h))
+                fits.append(
+                    {
+                        "source": fs.source,
+                        "name": fs.name,
+                        "head": h,
+                        "n_rows": int(len(fs.meta)),
+                        "n_features": int(fs.X.shape[1]),
+                        "seconds": seconds,
+                    }
+                )
+        self.results_ = pd.concat(results, ignore_index=True)
+        self.draws_ = pd.concat(draws, ignore_index=True)
+        self.fits_ = fits
+        self.random_sources_ = [fs.name for fs in sets if is_random_source(fs.source)]
+        self.source_ = sets[0].source if len(sets) == 1 else None
+        self.seconds_ = time.perf_counter() - t0
+        return self
+
+    def _fit_one(self, fs: FeatureSet, head: str) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+        """One source and one head: (results, draws, seconds)."""
         t0 = time.perf_counter()
         meta = fs.meta.reset_index(drop=True)
         if meta["label"].nunique() < 2:
@@ -119,7 +193,7 @@ class LabelCurve:
         log.info(
             "curve %s · %s: %d held-out donor(s) x %d draws x %d k on %d rows x %d features",
             fs.name,
-            self.head,
+            head,
             len(plan),
             self.repeats,
             len(self.shots),
@@ -128,7 +202,7 @@ class LabelCurve:
         )
         out = []
         results = Parallel(n_jobs=self.n_jobs, return_as="generator")(
-            delayed(self._one)(X, meta, fold, r) for fold, r in jobs
+            delayed(self._one)(X, meta, fold, r, head) for fold, r in jobs
         )
         for i, res in enumerate(results, 1):  # in order: a fold is done when its last draw is
             out.append(res)
@@ -137,21 +211,19 @@ class LabelCurve:
                 log.info(
                     "curve %s · %s: held out %s done (%d/%d), %.1f s",
                     fs.name,
-                    self.head,
+                    head,
                     ",".join(fold.test_donors),
                     i // self.repeats,
                     len(plan),
                     time.perf_counter() - t0,
                 )
-        self.results_ = pd.DataFrame([row for rows, _ in out for row in rows])
-        self.draws_ = pd.concat([d for _, d in out], ignore_index=True)
-        self.results_.insert(0, "source", fs.name)
-        self.results_.insert(1, "head", self.head)
-        self.draws_.insert(0, "source", fs.name)
-        self.results_["k"] = self.results_["k"].astype("Int64")
-        self.source_ = fs.source
-        self.seconds_ = time.perf_counter() - t0
-        return self
+        results = pd.DataFrame([row for rows, _ in out for row in rows])
+        draws = pd.concat([d for _, d in out], ignore_index=True)
+        results.insert(0, "source", fs.name)
+        results.insert(1, "head", head)
+        draws.insert(0, "source", fs.name)
+        results["k"] = results["k"].astype("Int64")
+        return results, draws, time.perf_counter() - t0
 
     def _draw_order(self, meta: pd.DataFrame, fold, r: int) -> dict[int, np.ndarray]:
         """Per class, the training donors' cells in this (fold, repeat)'s shuffled order."""
@@ -163,7 +235,7 @@ class LabelCurve:
             order[c] = cells[rng.permutation(len(cells))]
         return order
 
-    def _one(self, X, meta, fold, r):
+    def _one(self, X, meta, fold, r, head):
         y = meta["label"].to_numpy()
         groups = meta["group"].astype(str).to_numpy()
         is_orig = (meta["view"] == "orig").to_numpy()
@@ -172,7 +244,7 @@ class LabelCurve:
         order = self._draw_order(meta, fold, r)
         # the MLP without early stopping: its 15% validation split cannot be drawn from 1-2 cells per class,
         # and one setting for every k keeps the curve's points comparable
-        params = {"clf__early_stopping": False, **self.params} if self.head == "mlp" else self.params
+        params = {"clf__early_stopping": False, **self.params} if head == "mlp" else self.params
         rows, draws = [], []
         for k in self.shots:
             if k == "all" and r > 0:
@@ -182,7 +254,7 @@ class LabelCurve:
                 continue
             cells = np.concatenate(list(drawn.values()))
             tr = train_rows[np.isin(groups[train_rows], cells)]
-            model = make_head(self.head, seed=self.seed + r, scale=self.normalize != "none", **params)
+            model = make_head(head, seed=self.seed + r, scale=self.normalize != "none", **params)
             model = model.fit(X[tr], y[tr])
             p = model.predict_proba(X[test])[:, 1]
             kk = None if k == "all" else int(k)
@@ -224,12 +296,59 @@ class LabelCurve:
                 )
         return rows, pd.concat(draws, ignore_index=True) if draws else pd.DataFrame()
 
-    def save(self, out: str | Path) -> None:
-        """Append-free: write ``curve.parquet`` and ``draws.parquet`` of this curve alone into ``out``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        self.results_.to_parquet(out / "curve.parquet", index=False)
-        self.draws_.to_parquet(out / "draws.parquet", index=False)
+    def band(self) -> pd.DataFrame:
+        """The figure's numbers: per (source, head, shots) the mean AUC and its 95% band (:func:`curve_band`)."""
+        return curve_band(self.results_)
+
+    def auc_table(self) -> pd.DataFrame:
+        """Sources and heads (rows) by labelled cells per class (columns): ``mean [low, high]`` ROC AUC."""
+        band = self.band()
+        band = band.assign(
+            auc=[
+                f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+                for m, lo, hi in zip(band["mean"], band["low"], band["high"], strict=True)
+            ]
+        )
+        wide = band.pivot(index=["source", "head"], columns="shots", values="auc")
+        return wide[[str(k) for k in self.shots if str(k) in wide.columns]]
+
+    def config(self) -> dict:
+        """What ``config.json`` records: the options, each source's provenance and its fitting time."""
+        return {
+            "command": "curve",
+            "heads": self.heads,
+            "shots": list(self.shots),
+            "repeats": self.repeats,
+            "seed": self.seed,
+            "split": self.split,
+            "test_donor": self.test_donor,
+            "train_views": self.train_views,
+            "normalize": self.normalize,
+            "sources": [
+                {"source": f["source"], "head": f["head"], "seconds": round(f["seconds"], 2)}
+                for f in self.fits_
+            ],
+            "random_init_sources": self.random_sources_,
+        }
+
+    def save(self, out: str | Path) -> Path:
+        """Write a new run folder ``out/<timestamp>-curve`` and return its path.
+
+        It holds ``curve.parquet`` (one row per held-out donor, draw and k), ``draws.parquet`` (the cells
+        of every draw), ``curve_band.csv`` (:meth:`band`), ``curve.png`` (:func:`plot_curves`) and
+        ``config.json`` (:meth:`config`), as ``tprobe curve`` writes them.
+        """
+        from tprobe.runs.record import make_run_dir, write_json
+
+        if not hasattr(self, "results_"):
+            raise TprobeError("this LabelCurve is not fitted: call .fit(features) (or tprobe.curve) first")
+        run = make_run_dir(out, "curve")
+        self.results_.to_parquet(run / "curve.parquet", index=False)
+        self.draws_.to_parquet(run / "draws.parquet", index=False)
+        self.band().to_csv(run / "curve_band.csv", index=False)
+        plot_curves(self.results_, run / "curve.png", random_sources=self.random_sources_)
+        write_json(run / "config.json", self.config())
+        return run
 
 
 def curve_band(

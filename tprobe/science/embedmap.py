@@ -29,7 +29,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import matplotlib
@@ -46,6 +47,10 @@ from tprobe.errors import TprobeError
 from tprobe.features.sources import FeatureSet
 
 __all__ = [
+    "EmbeddingMap",
+    "SourceMap",
+    "MapDiagnostics",
+    "embedding_map",
     "MapData",
     "map_data",
     "diagnose",
@@ -236,6 +241,163 @@ def diagnose(data: MapData, *, seed: int = 0) -> dict:
     }
 
 
+@dataclass
+class MapDiagnostics:
+    """:func:`diagnose`'s measures of one feature source, typed (``to_dict``: one entry of diagnostics.json).
+
+    ``predictability``: per target (activation, donor, batch) the cross-validated accuracy, chance,
+    skill and class count; ``within_class``: donor and batch predicted within each class against that
+    class's own chance; ``silhouette``: per grouping; ``warning``: set when donor or batch is more
+    predictable within class than activation; ``random_init``: the source is a random-weights model.
+    """
+
+    source: str
+    n_cells: int
+    n_features: int
+    predictability: dict
+    within_class: dict
+    silhouette: dict
+    warning: str | None = None
+    method: str = ""
+    random_init: bool = False
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> MapDiagnostics:
+        known = {f.name for f in fields(cls)}
+        d = {"within_class": {}, "silhouette": {}, "predictability": {}, **d}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def lines(self) -> list[str]:
+        """The diagnostics in words, one line each (what ``tprobe map`` prints under the source)."""
+        out = []
+        for t, v in self.predictability.items():
+            if v["accuracy"] is not None:
+                given = (
+                    f", {v['chance_given_class']:.3f} knowing the class alone"
+                    if "chance_given_class" in v
+                    else ""
+                )
+                out.append(
+                    f"{t:<10s} predicted with accuracy {v['accuracy']:.3f} (chance {v['chance']:.3f}{given}, "
+                    f"{v['n_classes']} classes; skill {v['skill']:.2f})"
+                )
+        for t, w in self.within_class.items():
+            sk = "–" if w["skill"] is None else f"{w['skill']:.2f}"
+            out.append(
+                f"{t:<10s} within each class: accuracy {w['accuracy']:.3f} (chance within class "
+                f"{w['chance']:.3f}; skill {sk})"
+            )
+        sil = ", ".join(f"{k} {v:.3f}" for k, v in self.silhouette.items() if v is not None)
+        out.append(f"silhouette (cosine): {sil}")
+        return out
+
+
+@dataclass
+class SourceMap:
+    """One feature source's map: PCA (and UMAP) coordinates beside each cell, and its diagnostics."""
+
+    name: str
+    kind: str  # the source's kind: store, table, pixels, ...
+    coords: pd.DataFrame
+    diagnostics: MapDiagnostics
+
+    @property
+    def stem(self) -> str:
+        """The file-name part of this source: ``map-<stem>.png`` and ``map-<stem>.parquet``."""
+        from tprobe.runs.record import safe_name
+
+        return safe_name(self.name)
+
+    @property
+    def title(self) -> str:
+        """The figure's title: the source's readable name, its cells and what was mapped."""
+        from tprobe.plot.figures import source_label
+
+        d = self.diagnostics
+        what = "pooled tokens" if self.kind == "store" else "features"
+        return f"{source_label(self.name)}: {d.n_cells} cells (original views), {what}" + (
+            " — random weights: plumbing check" if d.random_init else ""
+        )
+
+    def plot(self, path: str | Path) -> Path:
+        """Draw the map figure (:func:`plot_map`) to ``path``."""
+        return plot_map(self.coords, self.diagnostics, path, title=self.title)
+
+
+@dataclass
+class EmbeddingMap:
+    """Embedding maps of one or more feature sources (:func:`embedding_map`), typed.
+
+    ``maps``: one :class:`SourceMap` per source, in order; ``diagnostics`` lists their
+    :class:`MapDiagnostics`. ``save(out)`` writes the run folder ``tprobe map`` writes.
+    """
+
+    maps: list[SourceMap] = field(default_factory=list)
+    umap: bool = True
+    seed: int = 0
+
+    @property
+    def diagnostics(self) -> list[MapDiagnostics]:
+        return [m.diagnostics for m in self.maps]
+
+    def __getitem__(self, name: str) -> SourceMap:
+        for m in self.maps:
+            if m.name == name:
+                return m
+        raise KeyError(f"{name!r}: no such source; have {', '.join(m.name for m in self.maps)}")
+
+    def __iter__(self):
+        return iter(self.maps)
+
+    def __len__(self) -> int:
+        return len(self.maps)
+
+    def save(self, out: str | Path) -> Path:
+        """Write a new run folder ``out/<timestamp>-map`` and return its path.
+
+        Per source ``map-<source>.parquet`` (the coordinates) and ``map-<source>.png`` (the figure), and
+        ``diagnostics.json`` (every source's :class:`MapDiagnostics`).
+        """
+        from tprobe.runs.record import inside, make_run_dir, write_json
+
+        run = make_run_dir(out, "map")
+        for m in self.maps:
+            m.coords.to_parquet(inside(run, f"map-{m.stem}.parquet"), index=False)
+            m.plot(inside(run, f"map-{m.stem}.png"))
+        write_json(run / "diagnostics.json", [d.to_dict() for d in self.diagnostics])
+        return run
+
+
+def embedding_map(
+    sources: FeatureSet | Sequence[FeatureSet],
+    manifest: pd.DataFrame | None = None,
+    *,
+    umap: bool = True,
+    seed: int = 0,
+) -> EmbeddingMap:
+    """Diagnose and embed each source's original views (:func:`map_data`, :func:`diagnose`, :func:`embed`).
+
+    ``manifest`` gives tables and pixels their imaging batch (a store reads its own manifest).
+    """
+    from tprobe.science.curve import is_random_source
+
+    sources = [sources] if isinstance(sources, FeatureSet) else list(sources)
+    if not sources:
+        raise TprobeError("no feature sources: give a store, a model, a feature table or the pixels")
+    maps = []
+    for fs in sources:
+        kind = fs.source.get("kind")
+        md = map_data(fs, manifest if kind != "store" else None)
+        diag = MapDiagnostics.from_dict(
+            {**diagnose(md, seed=seed), "random_init": is_random_source(fs.source)}
+        )
+        maps.append(SourceMap(fs.name, kind, embed(md, umap=umap, seed=seed), diag))
+    return EmbeddingMap(maps, umap=umap, seed=seed)
+
+
 def embed(data: MapData, *, umap: bool = True, seed: int = 0) -> pd.DataFrame:
     """2-D PCA (and UMAP) coordinates of the standardised features, beside the cell's metadata."""
     t0 = time.perf_counter()
@@ -334,9 +496,14 @@ def axis_names(method: str, explained=None) -> tuple[str, str]:
 
 
 @matplotlib.rc_context({"text.parse_math": False})  # a $ in a name is text, not mathtext
-def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | None = None) -> Path:
+def plot_map(
+    coords: pd.DataFrame, diag: dict | MapDiagnostics, out: str | Path, *, title: str | None = None
+) -> Path:
     """PCA (top) and UMAP (bottom) coloured by label, donor and batch, with the diagnostics below."""
     import matplotlib
+
+    if isinstance(diag, MapDiagnostics):
+        diag = diag.to_dict()
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -344,8 +511,14 @@ def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | 
     methods = [m for m in ("pca", "umap") if f"{m}1" in coords]
     has_batch = coords["batch"].notna().all()
     by = [("label", "activation"), ("donor", "donor")] + ([("batch", "imaging batch")] if has_batch else [])
+    # constrained layout packs the panels, legends and title; the diagnostics go below the panels and
+    # the saved image grows to hold them (a fixed band reserved for them was left blank, or overflowed)
     fig, axes = plt.subplots(
-        len(methods), len(by), figsize=(5.2 * len(by), 3.9 * len(methods) + 1.2), squeeze=False
+        len(methods),
+        len(by),
+        figsize=(5.2 * len(by), 3.9 * len(methods) + 0.4),
+        squeeze=False,
+        layout="constrained",
     )
     label = coords["label"].map({1: "activated", 0: "quiescent"}).fillna(coords["label"].astype(str))
     ev = coords.attrs.get("pca_explained")
@@ -393,13 +566,14 @@ def plot_map(coords: pd.DataFrame, diag: dict, out: str | Path, *, title: str | 
         + (f"\n{diag['warning']}" if diag.get("warning") else "")
     )
     fig.suptitle(title or f"{diag['source']}: {diag['n_cells']} cells (original views)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.1, 1, 0.97))
+    fig.canvas.draw()  # lay the panels out, then put the text under the lowest one's axis label
+    bottom = min(ax.get_tightbbox().transformed(fig.transFigure.inverted()).y0 for ax in fig.axes)
     fig.text(
         0.01,
-        0.01,
+        bottom - 8 / 72 / fig.get_figheight(),
         text,
         fontsize=7.5,
-        va="bottom",
+        va="top",
         ha="left",
         wrap=True,
         color="firebrick" if diag.get("warning") else "black",
