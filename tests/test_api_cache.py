@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +199,41 @@ def test_the_cache_keys_and_status_and_export_load_no_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr[-500:]
+
+
+FAKE_SBATCH = """#!/bin/bash
+# sbatch --parsable --array=I,J[%K] SCRIPT: runs each array task here, one after the other, then prints the job id
+spec=${2#--array=}; spec=${spec%%%*}
+for i in ${spec//,/ }; do SLURM_ARRAY_TASK_ID=$i SLURM_ARRAY_JOB_ID=42 bash "$3" > "$(dirname "$3")/task_$i.out" 2>&1; done
+echo 42
+"""
+
+
+def test_the_slurm_executor_runs_the_same_command_per_shard_and_builds_the_local_store(
+    tmp_path, small_data, tiny_reg, monkeypatch
+):
+    from click.testing import CliRunner
+
+    from tprobe.cli import main
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "squeue").write_text("#!/bin/bash\n")  # nothing queued: every task has ended
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    args = ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--views", "orig"]
+    args += ["--chunk-rows", "4", "--cache", str(tmp_path / "c")]
+    slurm = ["--executor", "slurm", "--shards", "2", "--poll", "0.1", "--slurm-dir", str(tmp_path / "s")]
+    r = CliRunner().invoke(main, [*args, *slurm])
+    assert r.exit_code == 0, r.output
+    path = Path(r.output.strip().splitlines()[-1])
+    assert "written by SLURM array tasks (42)" in r.output and keys.is_sealed(path)
+    script = next((tmp_path / "s").glob("*.sbatch")).read_text()
+    assert "--precision fp32" in script and "--canvas 140" in script and "--executor" not in script
+    assert "--shards" not in script and script.count("--shard ") == 1
+    local = api.extract(small_data, str(tiny_reg), cache=tmp_path / "c", views="orig", chunk_rows=4)
+    assert local.status == "up to date" and local.path == path
+    again = CliRunner().invoke(main, [*args, *slurm])
+    assert again.exit_code == 0 and "nothing submitted" in again.output
