@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from tprobe.models.backbones import ModelRef
 
 __all__ = [
+    "EXECUTORS",
     "WorkersResult",
     "check_executor",
     "extract_workers",
