@@ -9,7 +9,8 @@ import torch
 from click.testing import CliRunner
 
 import tprobe.cache.store
-from tprobe.cache.extract import extract, find_store, manifest_path
+from tprobe.cache.extract import extract
+from tprobe.cache.keys import find_store, manifest_path
 from tprobe.cache.store import FeatureStore
 from tprobe.cli import main
 from tprobe.data.dataset import discover
@@ -312,7 +313,7 @@ def test_a_killed_worker_units_are_redone_by_a_rerun(tmp_path, small_data, tiny_
 
 
 def test_worker_environment_pins_a_device_or_a_share_of_the_cores(tmp_path, small_data, tiny_reg):
-    from tprobe.cache.extract import worker_env
+    from tprobe.cluster.workers import worker_env
 
     assert worker_env(1, 2, ["2", "3"])["CUDA_VISIBLE_DEVICES"] == "3"
     assert worker_env(2, 3, ["0", "1"])["CUDA_VISIBLE_DEVICES"] == "0"

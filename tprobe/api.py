@@ -24,12 +24,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # the typed artifacts the calls return
     import pandas as pd
 
+    from tprobe.cache.extract import ExtractResult
+    from tprobe.cache.status import StoreStatus
     from tprobe.cache.store import FeatureStore
     from tprobe.cluster.slurm import SlurmOptions
     from tprobe.data.dataset import Dataset
     from tprobe.data.preprocess import PreprocessConfig, Preprocessed
     from tprobe.features.sources import FeatureSet
-    from tprobe.models.backbones import ModelRef
+    from tprobe.models.backbones import Backbone, ModelRef
     from tprobe.probing.run import ProbeRun
     from tprobe.probing.sweep import SweepEvent, SweepResult
     from tprobe.runs.report import Report
@@ -37,6 +39,7 @@ if TYPE_CHECKING:  # the typed artifacts the calls return
     from tprobe.science.embedmap import EmbeddingMap
 
 from tprobe import API
+from tprobe.errors import TprobeError
 
 __all__ = list(API)  # the names, in the order the docs list them: tprobe.API
 
@@ -67,6 +70,10 @@ def preprocess(
     *,
     model: str | ModelRef | None = None,
     out: str | Path | None = None,
+    cache: str | Path | None = None,
+    fov: str | Path | None = None,
+    masks: str | Path | None = None,
+    contact_sheet: bool = False,
     progress: bool = True,
     **options,
 ) -> Preprocessed:
@@ -77,29 +84,104 @@ def preprocess(
     ``config`` (a :class:`~tprobe.data.preprocess.PreprocessConfig`) or keyword ``options`` (its
     fields, e.g. ``views="orig"``) set the preprocessing. With ``model`` (an alias, a folder or a
     :class:`~tprobe.models.backbones.ModelRef`) a canvas left at its default is rounded up to the
-    model's patch size. With ``out`` the result is saved there (manifest, counts, config).
+    model's patch size. With ``out`` the result is saved there (manifest, counts, config); with
+    ``cache`` and no ``out``, in the cache's folder for this data and preprocessing
+    (``cache/<dataset>/<preprocess-hash>/``, where ``tprobe preprocess`` saves). ``contact_sheet``
+    also draws ``contact_sheet.png`` into that folder.
+
+    Fields of view: ``fov`` (a folder laid out like ``data``, or a CSV/Parquet table
+    ``image,mask,label[,donor]``) with ``masks`` (label images; default: beside the fields) cuts each
+    labelled object into one crop (the crop options ``margin``, ``outside``, ``min_object_area``,
+    ``max_object_area`` are ``options``). The crops are written under ``out/crops/`` (default
+    ``out``: ``cache/fov/<key>/``, keyed by the fields' and masks' paths and the options; ``cache``
+    defaults to ``cache``); label images without objects are listed in ``.warnings``.
 
     Returns a :class:`~tprobe.data.preprocess.Preprocessed`: ``.kept`` (the views to embed),
-    ``.manifest``, ``.counts()`` and ``.skipped`` (files that could not be read, with why).
+    ``.manifest``, ``.counts()``, ``.skipped`` (files that could not be read, with why) and
+    ``.folder`` (where it was saved, if it was).
 
     Example::
 
         pre = tprobe.preprocess(views="orig")
         pre.counts()
+        crops = tprobe.preprocess(fov="fields/", masks="masks/", margin=4, out="prep/")
     """
     from dataclasses import replace
 
+    from tprobe.cache.keys import DEFAULT_CACHE, fields_dir, prep_dir
+    from tprobe.data.preprocess import PreprocessConfig as _Config
+
+    config, canvas_set = _config(config, options)
+    ref = _model_ref(model) if model is not None else None
+    if fov is None:
+        crop = [k for k in _CROP_OPTIONS if getattr(config, k) != getattr(_Config(), k)]
+        if masks is not None or crop:
+            raise TprobeError(
+                "--masks, --margin, --outside, --min-object-area and --max-object-area apply to fields "
+                "of view: add --fov FIELDS"
+            )
+        pre = _prepared(data, config, ref, canvas_set=canvas_set, progress=progress)
+        out = out if out is not None or cache is None else prep_dir(cache, pre)
+    else:
+        from tprobe.data.fov import preprocess_fields
+
+        if data is not None:
+            raise TprobeError(
+                "--fov and --data are two inputs; give one (fields of view, or single-cell images)"
+            )
+        config = replace(config, fov=True)
+        if ref is not None:
+            from tprobe.models.backbones import fit_canvas
+
+            config = fit_canvas(config, ref.patch_size, user_set=canvas_set)
+        out = Path(out if out is not None else fields_dir(cache or DEFAULT_CACHE, fov, masks, config))
+        pre, warnings = preprocess_fields(fov, masks, config, out / "crops", progress=progress)
+        pre.warnings = list(warnings)
+    if out is not None:
+        pre.save(out)
+        if contact_sheet:
+            from tprobe.plot.figures import contact_sheet as _sheet
+
+            _sheet(pre.manifest, pre.config, Path(out) / "contact_sheet.png")
+    return pre
+
+
+_CROP_OPTIONS = ("margin", "outside", "min_object_area", "max_object_area")
+
+
+def _config(config: PreprocessConfig | None, options: dict) -> tuple[PreprocessConfig, bool]:
+    """``config`` with ``options`` (its fields) set, and whether the canvas was set by the caller."""
+    from dataclasses import replace
+
+    from tprobe.data.preprocess import PreprocessConfig as _Config
+
+    canvas_set = "canvas" in options or (config is not None and config.canvas != _Config().canvas)
+    return replace(config or _Config(), **options), canvas_set
+
+
+def _model_ref(model) -> ModelRef:
+    return resolve_model(model, offline=True) if isinstance(model, str | Path) else model
+
+
+def _prepared(
+    data, config, ref=None, *, canvas_set: bool | None, progress: bool = False, log_skipped: bool = False
+) -> Preprocessed:
+    """``data`` as a Preprocessed: as it is when it is one, else preprocessed with ``config`` (the canvas
+    fitted to ``ref``'s patch size unless set; ``canvas_set=None``: set when it is not the default)."""
+    import logging
+
     from tprobe.data.dataset import Dataset as _Dataset
     from tprobe.data.preprocess import PreprocessConfig as _Config
+    from tprobe.data.preprocess import Preprocessed as _Pre
     from tprobe.data.preprocess import ome_defaults, prepare
     from tprobe.data.preprocess import preprocess as _preprocess
 
-    canvas_set = "canvas" in options or (config is not None and config.canvas != _Config().canvas)
-    config = replace(config or _Config(), **options)
-    patch = None
-    if model is not None:
-        ref = resolve_model(model, offline=True) if isinstance(model, str | Path) else model
-        patch = ref.patch_size
+    if isinstance(data, _Pre):
+        return data
+    config = config or _Config()
+    if canvas_set is None:
+        canvas_set = config.canvas != _Config().canvas
+    patch = ref.patch_size if ref is not None else None
     if isinstance(data, _Dataset):
         if patch:
             from tprobe.models.backbones import fit_canvas
@@ -107,9 +189,17 @@ def preprocess(
             config = fit_canvas(config, patch, user_set=canvas_set)
         pre = _preprocess(data, ome_defaults(data, config), progress=progress)
     else:
-        pre = prepare(data, config, patch_size=patch, canvas_set=canvas_set, progress=progress)
-    if out is not None:
-        pre.save(out)
+        pre = prepare(
+            data,
+            config,
+            patch_size=patch,
+            canvas_set=canvas_set,
+            model_name=ref.name if ref is not None else "the store's model",
+            progress=progress,
+        )
+    if log_skipped:
+        for s in pre.skipped:
+            logging.getLogger(__name__).warning("skipped: %s", s)
     return pre
 
 
@@ -192,6 +282,179 @@ def feature_sets(
 
 
 # ---- cache: extract, status, export ---------------------------------------------------------------
+def extract(
+    data: str | Path | Dataset | Preprocessed | None = None,
+    model: str | Path | ModelRef | Backbone = "dinov2-small-reg",
+    *,
+    config: PreprocessConfig | None = None,
+    cache: str | Path = "cache",
+    revision: str | None = None,
+    fmt: str = "zarr",
+    dtype: str = "float16",
+    tokens: str | Sequence[str] = ("cls", "registers", "patches"),
+    layers: str | Sequence[int] = "-1",
+    patch_layers: str | Sequence[int] = "-1",
+    compression: str = "zstd",
+    chunk_rows: int = 64,
+    batch_size: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+    loader_workers: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    workers: int = 1,
+    devices: str | Sequence[str] | None = None,
+    executor: str = "local",
+    shards: int | None = None,
+    slurm: SlurmOptions | None = None,
+    poll: float = 10.0,
+    task_args: Sequence[str] | None = None,
+    offline: bool = False,
+    progress: bool | None = None,
+    **options,
+) -> ExtractResult:
+    """Run every kept view through a ViT once and store its CLS, register and patch tokens in the cache.
+
+    ``data``: a :class:`~tprobe.data.preprocess.Preprocessed` (used as it is) or anything
+    :func:`preprocess` takes, with ``config`` / ``options`` (a canvas left at its default is rounded up
+    to the model's patch size). ``model``: an alias (:func:`list_models`), a hub id (``revision``: a
+    branch, tag or commit) or a local folder, or a :class:`~tprobe.models.backbones.ModelRef`.
+
+    The store lands under ``cache/<dataset>/<preprocess-hash>/<model>@<revision>/``, keyed by the
+    data, preprocessing, row order, model content, ``precision``, ``dtype``, ``tokens`` (any of
+    ``cls``, ``registers``, ``patches``) and ``layers`` / ``patch_layers`` (``"-1,-4"``: blocks whose
+    CLS + registers / patches are stored). Calling again resumes an interrupted run; a complete store is
+    left as it is (``status == "up to date"``).
+
+    How it runs: in this process (``shard=(i, N)`` takes units ``i::N``; ``loader_workers`` decoding
+    processes); ``workers=N`` local processes, one device of ``devices`` (``"0,1"``) each; or
+    ``executor="slurm"``: one SLURM array job of ``shards`` tasks with ``slurm``
+    (:class:`~tprobe.cluster.slurm.SlurmOptions`), watched every ``poll`` seconds. Workers and array
+    tasks run ``tprobe extract`` on ``task_args`` (the command's own options, without ``--shard`` and the
+    SLURM options), which are required for them.
+
+    Returns an :class:`~tprobe.cache.extract.ExtractResult`: ``.path`` (the store: open it with
+    :func:`open_store`), ``.status``, ``.rows``, ``.seconds``, ``.model`` and ``.skipped`` (input files
+    that could not be read).
+
+    Example::
+
+        res = tprobe.extract(views="orig", model="path/to/dinov2-small-reg", cache="cache")
+        store = tprobe.open_store(res.path)
+    """
+    from tprobe.cluster.workers import check_executor
+
+    gpus = check_executor(
+        executor=executor, workers=workers, devices=devices, shard=shard, shards=shards, cache=cache
+    )
+    if (workers > 1 or executor == "slurm") and task_args is None:
+        raise TprobeError(
+            "workers > 1 and executor='slurm' run `tprobe extract` processes: pass task_args, the "
+            "command's options (e.g. ['--model', 'dinov2-small-reg', '--data', 'imgs/'])"
+        )
+    from tprobe.data.preprocess import Preprocessed as _Preprocessed
+
+    model = resolve_model(model, revision, offline=offline) if isinstance(model, str | Path) else model
+    ref = getattr(model, "ref", model)  # a loaded Backbone runs as it is, in this process
+    if isinstance(data, _Preprocessed):
+        if config is not None or options:
+            raise TprobeError("data is preprocessed already; drop config and the preprocessing options")
+        pre = data
+    else:
+        config, canvas_set = _config(config, options)
+        pre = _prepared(data, config, ref, canvas_set=canvas_set, progress=False)
+    names = (
+        tuple(t.strip() for t in tokens.split(",") if t.strip()) if isinstance(tokens, str) else tuple(tokens)
+    )
+    common = dict(
+        cache=cache,
+        fmt=fmt,
+        dtype=dtype,
+        precision=precision,
+        tokens=names,
+        layers=layers,
+        patch_layers=patch_layers,
+    )
+    if executor == "slurm":
+        from tprobe.cluster.slurm import extract_slurm
+
+        res = extract_slurm(
+            pre,
+            ref,
+            args=task_args,
+            shards=shards,
+            options=slurm,
+            chunk_rows=chunk_rows,
+            poll=poll,
+            **common,
+        )
+    elif workers > 1:
+        from tprobe.cluster.workers import extract_workers
+
+        res = extract_workers(
+            pre,
+            ref,
+            workers=workers,
+            devices=gpus,
+            args=task_args,
+            device=device,
+            **common,
+        )
+    else:
+        from tprobe.cache.extract import extract as _extract
+
+        res = _extract(
+            pre,
+            model,
+            batch_size=batch_size,
+            chunk_rows=chunk_rows,
+            device=device,
+            compile=compile,
+            workers=loader_workers,
+            shard=tuple(shard),
+            offline=offline,
+            progress=progress,
+            compression=compression,
+            **common,
+        )
+    res.skipped = list(pre.skipped)
+    return res
+
+
+def status(store: str | Path, *, shards: int = 1, deep: bool = False) -> StoreStatus:
+    """How far a store's extraction got and whether it is whole: units done / pending (per shard of
+    ``shards`` workers), seal state, key attributes, row and chunk checks.
+
+    Read-only, so it is what to watch while workers run. ``deep`` re-reads every unit and compares it
+    with the hash recorded when it was written (default: every chunk exists with its recorded size).
+    Returns a :class:`~tprobe.cache.status.StoreStatus` (``.ok`` is False when a chunk is missing,
+    truncated or altered; ``.lines()``, ``.to_dict()``).
+
+    Example::
+
+        st = tprobe.status("cache/.../float16-fp32-1a2b3c4d.zarr", shards=8)
+        print("\\n".join(st.lines()))
+    """
+    from tprobe.cache.status import store_status
+
+    return store_status(store, shards=shards, deep=deep)
+
+
+def export(store: str | Path, to: str, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Export a store's manifest and pooled features (``cls``, ``mean``, ``registers``, ``cls+mean``; per
+    layer for a store of several layers) for other tools; returns the written file.
+
+    ``to``: ``anndata`` (an ``.h5ad``: ``obs`` = the manifest, ``obsm["X_<pool>"]``, provenance in
+    ``uns["tprobe"]``) or ``parquet`` (one fixed-size list column per pooling, provenance in the schema
+    metadata). An existing ``out`` is replaced only with ``overwrite``; never the store or its manifest.
+
+    Example::
+
+        tprobe.export(res.path, "anndata", "cells.h5ad")
+    """
+    from tprobe.cache.export import export as _export
+
+    return _export(store, to, out, overwrite=overwrite)
 
 
 # ---- probing: probe, predict ----------------------------------------------------------------------
@@ -561,7 +824,7 @@ def finetune(
             train=replace(train or _Train(), **train_options),
             data=str(data) if isinstance(data, str | Path) else None,
         )
-    pre = _prepared(data, config, canvas_set=canvas_set, patch_size=job.model.patch_size, name=job.model.name)
+    pre = _prepared(data, config, job.model, canvas_set=canvas_set, log_skipped=True)
     run = Path(resume) if resume is not None else make_run_dir(out, job.record(pre).name)
     job.fit(pre, run, log=log or _row_logger("finetune"))
     job.saliency(saliency_n, pre)
@@ -615,7 +878,7 @@ def baseline(
         prep.require_one_image("the Inception baselines")  # before the hub is contacted
         check_size(inception_size)
         inception_weights = resolve_weights(inception_weights)
-    pre = _prepared(data, config, canvas_set=False)
+    pre = _prepared(data, config, canvas_set=False, log_skipped=True)
     kw = dict(split=split, test_donor=test_donor, seed=seed, n_boot=n_boot, epochs=epochs, device=device)
     return [
         run_baseline(
@@ -648,30 +911,6 @@ def saliency(run: str | Path, n: int = 8, *, data: Preprocessed | None = None) -
     from tprobe.train.saliency_report import saliency_for_run
 
     return saliency_for_run(run, data, n=n)
-
-
-def _prepared(data, config, *, canvas_set: bool | None, patch_size=None, name=None) -> Preprocessed:
-    """``data`` as a Preprocessed (prepared here unless it is one); skipped files are logged."""
-    import logging
-
-    from tprobe.data.preprocess import PreprocessConfig as _Config
-    from tprobe.data.preprocess import Preprocessed as _Pre
-    from tprobe.data.preprocess import prepare
-
-    if isinstance(data, _Pre):
-        return data
-    config = config or _Config()
-    pre = prepare(
-        data,
-        config,
-        patch_size=patch_size,
-        canvas_set=config.canvas != _Config().canvas if canvas_set is None else canvas_set,
-        model_name=name or "the store's model",
-        progress=False,
-    )
-    for s in pre.skipped:
-        logging.getLogger(__name__).warning("skipped: %s", s)
-    return pre
 
 
 def _row_logger(what: str) -> Callable[[dict], None]:

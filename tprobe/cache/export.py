@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tprobe.cache.keys import manifest_path, progress_dir
 from tprobe.cache.store import FeatureStore
 from tprobe.errors import TprobeError
 from tprobe.models.tokens import POOL_NEEDS, pool_needs
@@ -72,8 +73,6 @@ def _gives(store: FeatureStore, pool: str) -> bool:
 
 def store_table(path: str | Path) -> tuple[FeatureStore, pd.DataFrame, dict[str, np.ndarray]]:
     """The store, its own manifest (rows verified) and ``{pool: X (N, F) float32}`` for every exportable pool."""
-    from tprobe.cache.store import manifest_path
-
     store = FeatureStore.open(path)
     mpath = manifest_path(path)
     if not mpath.exists():
@@ -91,11 +90,9 @@ def store_table(path: str | Path) -> tuple[FeatureStore, pd.DataFrame, dict[str,
 def check_target(store: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Refuse an export target that is the store, a file of the store (its manifest, progress folder),
     a folder, or (without ``overwrite``) any existing file; links are followed."""
-    from tprobe.cache.store import manifest_path
-
     out, store = Path(out), Path(store)
     real = out.resolve()
-    own = [store, manifest_path(store), store.with_name(store.name + ".progress")]
+    own = [store, manifest_path(store), progress_dir(store)]
     for p in own:
         rp = p.resolve()
         same = (
@@ -255,7 +252,7 @@ def require_store(path: str | Path) -> Path:
     """``path`` if it is a feature store (a Zarr folder or an ``.h5`` file, sealed or in progress); else one
     line saying it is not one and how to find the stores (the fix is the path, not re-extracting)."""
     path = Path(path)
-    in_progress = path.with_name(path.name + ".progress").exists()
+    in_progress = progress_dir(path).exists()
     zarr_group = path.is_dir() and any((path / f).exists() for f in ("zarr.json", ".zgroup"))
     hdf5 = path.is_file() and path.suffix in (".h5", ".hdf5")
     if not (in_progress or zarr_group or hdf5):

@@ -6,7 +6,7 @@ The pipeline (after clip-retrieval's reader -> mapper -> writer -> runner):
   decodes each of its source images once and ships each cell's canvas once (uint8 when exact); the
   views (rot90/flip) and the normalisation are made on the model's device
   (``--loader-workers`` processes decode ahead of the model; ``--workers N`` is N whole extract
-  processes, one shard each: :func:`run_workers`).
+  processes, one shard each: :func:`tprobe.cluster.workers.run_workers`).
 - **mapper**: the model under ``inference_mode`` and autocast; tokens split by the
   :class:`~tprobe.models.tokens.TokenLayout`.
 - **writer**: background threads behind a bounded queue compress, write and fsync whole units
@@ -32,22 +32,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tprobe import __version__
-from tprobe.cache.store import (
-    FORMATS,
-    TOKENS,
-    FeatureStore,
-    _atomic_write,
-    manifest_hash,
-    manifest_path,
-    rows_hash,
-)
+from tprobe.cache.files import atomic_write
+from tprobe.cache.keys import DEFAULT_CACHE, PRECISIONS, is_sealed, manifest_path, progress_dir, store_path
+from tprobe.cache.store import TOKENS, FeatureStore, manifest_hash
 from tprobe.data.preprocess import PreprocessConfig, Preprocessed, apply_view, load_canvas
 from tprobe.errors import TprobeError
 from tprobe.models.backbones import (
     Backbone,
     ModelRef,
     normalisation,
-    normalisation_tag,
     parse_layers,
     pick_device,
 )
@@ -55,32 +48,15 @@ from tprobe.models.backbones import (
 __all__ = [
     "ExtractResult",
     "StageTimes",
-    "WorkersResult",
     "extract",
-    "run_workers",
-    "worker_env",
-    "store_dir",
-    "store_path",
-    "store_name",
-    "manifest_path",
-    "find_store",
     "resolve_precision",
     "estimate_bytes",
-    "DEFAULT_CACHE",
-    "PRECISIONS",
 ]
 log = logging.getLogger(__name__)
-DEFAULT_CACHE = Path("cache")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROGRESS_EVERY_S = 10.0  # plain progress lines in logs when stderr is not a terminal
 
 
-# ---- keys ------------------------------------------------------------------------------------
-def store_dir(cache: str | Path, pre: Preprocessed, ref: ModelRef) -> Path:
-    """``cache/<dataset-fingerprint>/<preprocess-hash>/<model-slug>@<resolved-revision>``."""
-    return Path(cache) / pre.fingerprint / pre.config.hash / ref.slug
-
-
+# ---- precision and size (the store's names and folders: tprobe.cache.keys) --------------------
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> fp16 on CUDA, fp32 elsewhere; checks the choice against the device."""
     if precision not in PRECISIONS:
@@ -90,104 +66,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "fp16" and device.type == "cpu":
         raise TprobeError("precision fp16 is for GPUs; on CPU use bf16 or fp32")
     return precision
-
-
-def store_name(
-    pre: Preprocessed,
-    *,
-    dtype: str = "float16",
-    precision: str = "fp32",
-    fmt: str = "zarr",
-    tokens=TOKENS,
-    norm: tuple | None = None,
-    layers=(-1,),
-    patch_layers=(-1,),
-) -> str:
-    """``<dtype>-<precision>-<rows-hash>[-<tokens>][-n<norm>][-L<layers>][-P<patch layers>].zarr|.h5``: all that
-    keys a store beyond its folder.
-
-    ``layers`` / ``patch_layers`` (negative indices, :func:`~tprobe.models.backbones.parse_layers`) add
-    ``-L-7_-4_-1`` / ``-P-4_-1`` unless they are ``(-1,)``: a store of the last block keeps today's name.
-
-    ``norm`` (the model's input mean, std) adds ``-n<hash>`` unless it is ImageNet's
-    (:func:`~tprobe.models.backbones.normalisation_tag`); the rest of what changes pixel values (canvas,
-    resize, channel mapping) is in the preprocessing hash of the folder.
-    """
-    if fmt not in FORMATS:
-        raise TprobeError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
-    part = "" if set(tokens) == set(TOKENS) else "-" + "+".join(t for t in TOKENS if t in tokens)
-    part += normalisation_tag(*norm) if norm else ""
-    part += "" if tuple(layers) == (-1,) else "-L" + "_".join(map(str, layers))
-    part += (
-        ""
-        if tuple(patch_layers) == (-1,) or "patches" not in tokens
-        else "-P" + "_".join(map(str, patch_layers))
-    )
-    return f"{dtype}-{precision}-{rows_hash(pre.kept['image_id'])[:8]}{part}{FORMATS[fmt]}"
-
-
-def store_path(
-    cache,
-    pre: Preprocessed,
-    ref: ModelRef,
-    dtype="float16",
-    fmt="zarr",
-    precision="fp32",
-    tokens=TOKENS,
-    norm: tuple | None = None,
-    layers=(-1,),
-    patch_layers=(-1,),
-) -> Path:
-    """The store's path; ``norm`` defaults to the normalisation ``ref``'s files give (read offline);
-    ``layers`` / ``patch_layers`` as given to ``--layers`` (text or ints, checked against the model)."""
-    norm = norm or normalisation(ref, offline=True)
-    layers = parse_layers(layers, ref.num_layers)
-    patch_layers = parse_layers(patch_layers, ref.num_layers, "--patch-layers")
-    return store_dir(cache, pre, ref) / store_name(
-        pre,
-        dtype=dtype,
-        precision=precision,
-        fmt=fmt,
-        tokens=tokens,
-        norm=norm,
-        layers=layers,
-        patch_layers=patch_layers,
-    )
-
-
-def find_store(
-    cache, pre: Preprocessed, ref: ModelRef, dtype=None, fmt=None, precision=None, layered: bool = False
-) -> Path:
-    """The complete store for this data, preprocessing, row order and model; error naming the fix if none.
-
-    ``layered``: first the most recently written complete store of several layers (``--layers``), if any."""
-    norm = normalisation(ref, offline=True)
-    if layered:
-        rows = rows_hash(pre.kept["image_id"])[:8]
-        found = sorted(
-            (
-                p
-                for p in store_dir(cache, pre, ref).glob(f"*-{rows}*-L*")
-                if p.suffix in FORMATS.values() and not p.with_name(p.name + ".progress").exists()
-            ),
-            key=lambda p: p.stat().st_mtime,
-        )
-        if found:
-            return found[-1]
-    candidates = [
-        store_path(cache, pre, ref, d, f, p, norm=norm)
-        for d in ([dtype] if dtype else ["float16", "float32"])
-        for p in ([precision] if precision else ["fp32", "bf16", "fp16"])
-        for f in ([fmt] if fmt else list(FORMATS))
-    ]
-    for path in candidates:
-        if path.exists() and not path.with_name(path.name + ".progress").exists():
-            return path
-    raise TprobeError(
-        f"no complete feature store for model {ref.name!r} on this data and preprocessing under "
-        f"{store_dir(cache, pre, ref)}; run `tprobe extract --model {ref.name}` with the same --data and "
-        "preprocessing options first"
-    )
 
 
 def estimate_bytes(
@@ -378,12 +256,25 @@ class StageTimes:
 
 @dataclass
 class ExtractResult:
+    """What an extract run did: the store's ``path`` and ``status``, its ``rows``, and how it ran.
+
+    ``images`` are the views this run embedded (0 when the store was up to date), in ``seconds``;
+    ``model`` is the resolved model, ``skipped`` the input files preprocessing could not read.
+    ``executor`` is ``local`` (``workers`` processes on ``devices``) or ``slurm`` (array ``job_ids``).
+    """
+
     path: Path
     status: str  # "up to date" | "written" | "partial (shard)"
     rows: int
     seconds: float = 0.0
     images: int = 0
     times: StageTimes = field(default_factory=StageTimes)
+    model: ModelRef | None = None
+    skipped: list = field(default_factory=list)
+    executor: str = "local"
+    workers: int = 1
+    devices: list[str] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
 
     @property
     def images_per_s(self) -> float:
@@ -435,10 +326,10 @@ def extract(
         cache, pre, ref, dtype, fmt, precision, tokens, norm=norm, layers=layers, patch_layers=patch_layers
     )
     kept = pre.kept
-    if path.exists() and not path.with_name(path.name + ".progress").exists():
+    if is_sealed(path):
         FeatureStore.open(path)  # removes what killed workers left beside it; refuses a missing chunk
         _write_manifest(manifest_path(path), kept)  # restores an edited or deleted manifest
-        return ExtractResult(path, "up to date", len(kept))
+        return ExtractResult(path, "up to date", len(kept), model=ref)
     if isinstance(model, Backbone):
         backbone = model
     else:
@@ -447,7 +338,7 @@ def extract(
             raise TprobeError(f"model {ref.name}: its preprocessor_config.json changed while loading; rerun")
     layout = backbone.layout(pre.config.canvas)
     channels = pre.config.per_channel  # a channel axis in per-channel mode
-    if check_disk and not path.with_name(path.name + ".progress").exists():
+    if check_disk and not progress_dir(path).exists():
         _check_disk(
             path,
             estimate_bytes(
@@ -549,50 +440,7 @@ def extract(
     times.total = time.perf_counter() - t0
     sealed = store.finalize()  # any worker that finds every unit done seals the store
     status = "written" if sealed else "partial (shard)"
-    return ExtractResult(path, status, len(kept), times.total, todo, times)
-
-
-# ---- one node, many workers ------------------------------------------------------------------
-@dataclass
-class WorkersResult:
-    status: str  # "written" | "up to date" | "partial (shard)"
-    seconds: float
-    codes: list[int]  # each worker's exit status
-
-
-def worker_env(i: int, n: int, devices: list[str], cores: int | None = None) -> dict[str, str]:
-    """Worker ``i`` of ``n``'s environment: its device (``CUDA_VISIBLE_DEVICES``), or on CPU cores/n threads."""
-    import os
-
-    env = dict(os.environ)
-    if devices:
-        env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
-    else:
-        threads = str(max(1, (cores or _cpus()) // n))
-        env.update(
-            OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads
-        )  # torch takes its thread count from these
-    return env
-
-
-def run_workers(args: list[str], path: Path, n: int, devices: list[str]) -> WorkersResult:
-    """Run ``tprobe extract ARGS --shard i/n`` as ``n`` processes on this node and wait for all of them.
-
-    The same shard contract as SLURM array tasks: each takes units ``i::n``; whichever finds every
-    unit done seals the store. A worker that dies leaves its finished units; the others run on, and a
-    rerun of the same command redoes only the missing units.
-    """
-    import subprocess
-    import sys
-
-    t0 = time.perf_counter()
-    procs = []
-    for i in range(n):
-        cmd = [sys.executable, "-m", "tprobe.cli", "extract", *args, "--shard", f"{i}/{n}"]
-        procs.append(subprocess.Popen(cmd, env=worker_env(i, n, devices), stdout=subprocess.DEVNULL))
-    codes = [p.wait() for p in procs]
-    sealed = path.exists() and not path.with_name(path.name + ".progress").exists()
-    return WorkersResult("written" if sealed else "partial (shard)", time.perf_counter() - t0, codes)
+    return ExtractResult(path, status, len(kept), times.total, todo, times, model=ref)
 
 
 class _Progress:
@@ -756,4 +604,4 @@ def _write_manifest(path: Path, kept: pd.DataFrame) -> None:
             old = None
         if old is not None and manifest_hash(old) == manifest_hash(kept):
             return
-    _atomic_write(path, lambda p: kept.assign(row=np.arange(len(kept))).to_parquet(p, index=False))
+    atomic_write(path, lambda p: kept.assign(row=np.arange(len(kept))).to_parquet(p, index=False))

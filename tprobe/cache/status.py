@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tprobe.cache.keys import progress_dir
 from tprobe.cache.store import FeatureStore
 from tprobe.errors import TprobeError
 
@@ -149,7 +150,7 @@ def store_status(path: str | Path, shards: int = 1, *, deep: bool = False) -> St
     if shards < 1:
         raise TprobeError(f"--shards {shards}: must be at least 1")
     path = Path(path)
-    progress = path.with_name(path.name + ".progress")
+    progress = progress_dir(path)
     if progress.exists() and not (progress / "meta.json").exists():
         raise TprobeError(f"{path}: a worker is creating this store right now; ask again in a moment")
     store = FeatureStore.open(path, allow_incomplete=True, check=False)

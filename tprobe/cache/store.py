@@ -58,6 +58,8 @@ from tprobe.errors import TprobeError
 if TYPE_CHECKING:
     import pandas as pd
 
+from tprobe.cache.files import atomic_write, fsync_path
+from tprobe.cache.keys import FORMATS, manifest_path, progress_dir, rows_hash
 from tprobe.models.tokens import POOLS, TOKENS, check_layered_pool, pool_layered, pool_needs, pool_tokens
 
 __all__ = [
@@ -74,7 +76,6 @@ __all__ = [
 ]
 log = logging.getLogger(__name__)
 
-FORMATS = {"zarr": ".zarr", "hdf5": ".h5"}
 STORE_VERSION = 2  # 2: per-unit hashes and chunk sizes in tprobe_meta["units"]; 1 (no "store_version"): none
 CREATE_WAIT_S = 120.0  # how long a worker waits for a live creator
 _META_KEYS = {"format": str, "n": int, "chunk_rows": int, "dtype": str, "shapes": dict, "attrs": dict}
@@ -99,17 +100,6 @@ def _dims(name: str, channels, layered: bool = False) -> tuple[str, ...]:
         at = 2 if channels else 1
         dims = (*dims[:at], LAYER_DIMS[name], *dims[at:])
     return dims
-
-
-def rows_hash(row_ids: Sequence[str]) -> str:
-    """Hash of the ordered row ids: equal only for the same images in the same order."""
-    return hashlib.sha256("\n".join(map(str, row_ids)).encode()).hexdigest()[:16]
-
-
-def manifest_path(store: str | Path) -> Path:
-    """The store's own manifest (its rows, in order), written beside it before its first row."""
-    store = Path(store)
-    return store.with_name(store.name + ".manifest.parquet")
 
 
 def manifest_hash(manifest) -> str:
@@ -137,23 +127,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError as exc:
         log.debug("cannot remove %s: %s", path, exc)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a private temp file, fsync it, rename it into place, fsync the folder."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    _fsync_path(tmp)
-    os.replace(tmp, path)
-    _fsync_path(path.parent)
 
 
 def _boot_id() -> str:
@@ -231,7 +204,7 @@ class FeatureStore:
     # ---- construction -------------------------------------------------------------------
     @property
     def progress_dir(self) -> Path:
-        return self.path.with_name(self.path.name + ".progress")
+        return progress_dir(self.path)
 
     @classmethod
     def create(
@@ -311,18 +284,18 @@ class FeatureStore:
         store._clean_leftovers()
         if not store.progress_dir.exists():
             store.progress_dir.mkdir(parents=True, exist_ok=True)
-            _fsync_path(store.progress_dir.parent)
+            fsync_path(store.progress_dir.parent)
         end = time.monotonic() + CREATE_WAIT_S
         while not (store.progress_dir / "meta.json").exists():
             if store._claim_creation():
                 try:
                     np.save(store.progress_dir / "row_ids.npy", np.asarray(row_ids, dtype=str))
-                    _fsync_path(store.progress_dir / "row_ids.npy")
+                    fsync_path(store.progress_dir / "row_ids.npy")
                     if fmt == "zarr":
                         # arrays half made by a creator that died (no unit is written before meta.json)
                         shutil.rmtree(path, ignore_errors=True)
                         store._create_zarr(row_ids)
-                    _atomic_write(store.progress_dir / "meta.json", lambda p: p.write_text(json.dumps(meta)))
+                    atomic_write(store.progress_dir / "meta.json", lambda p: p.write_text(json.dumps(meta)))
                 finally:
                     store._release_creation()
                 return store
@@ -386,7 +359,7 @@ class FeatureStore:
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(_owner()).encode(), 0)
             os.fsync(fd)
-            _fsync_path(self.progress_dir)
+            fsync_path(self.progress_dir)
         except BaseException:
             self._release_creation()
             raise
@@ -517,9 +490,9 @@ class FeatureStore:
         # every file and folder made here reaches the disk before meta.json says the arrays exist
         for folder, _, files in os.walk(self.path, topdown=False):
             for f in files:
-                _fsync_path(Path(folder) / f)
-            _fsync_path(Path(folder))
-        _fsync_path(self.path.parent)
+                fsync_path(Path(folder) / f)
+            fsync_path(Path(folder))
+        fsync_path(self.path.parent)
 
     @classmethod
     def open(cls, path: str | Path, *, allow_incomplete: bool = False, check: bool = True) -> FeatureStore:
@@ -529,7 +502,7 @@ class FeatureStore:
         should hold must exist (with its recorded size): one line naming the fix otherwise.
         """
         path = Path(path)
-        progress = path.with_name(path.name + ".progress") / "meta.json"
+        progress = progress_dir(path) / "meta.json"
         if progress.exists():
             store = cls(path, _checked_meta(path, json.loads(progress.read_text())))
             if not allow_incomplete:
@@ -673,8 +646,8 @@ class FeatureStore:
                 record["sizes"][name] = self._chunk_file(name, unit).stat().st_size
         else:
             part = self.progress_dir / f"part_{unit:06d}.npz"
-            _atomic_write(part, lambda p: np.savez(open(p, "wb"), **arrays))
-        _atomic_write(self.progress_dir / f"unit_{unit:06d}.done", lambda p: p.write_text(json.dumps(record)))
+            atomic_write(part, lambda p: np.savez(open(p, "wb"), **arrays))
+        atomic_write(self.progress_dir / f"unit_{unit:06d}.done", lambda p: p.write_text(json.dumps(record)))
 
     def _fsync_chunk(self, name: str, unit: int) -> None:
         """fsync the files of one Zarr chunk (``<array>/c/<unit>/0/...``), their folders and the folders
@@ -682,10 +655,10 @@ class FeatureStore:
         root = self.path / name / "c" / str(unit)
         for folder, _, files in os.walk(root, topdown=False):
             for f in files:
-                _fsync_path(Path(folder) / f)
-            _fsync_path(Path(folder))
-        _fsync_path(root.parent)
-        _fsync_path(root.parent.parent)
+                fsync_path(Path(folder) / f)
+            fsync_path(Path(folder))
+        fsync_path(root.parent)
+        fsync_path(root.parent.parent)
 
     def _unit_records(self) -> dict | None:
         """Every unit's recorded hash (and Zarr chunk sizes), from the markers; None if any marker predates them."""
@@ -722,14 +695,14 @@ class FeatureStore:
                     raise TprobeError(self._missing_line(missing))
                 group = zarr.open_group(self.path, mode="r+")
                 group.attrs.update({**self.attrs, "complete": True, "tprobe_meta": meta})
-                _fsync_path(self.path / "zarr.json")
-                _fsync_path(self.path)
+                fsync_path(self.path / "zarr.json")
+                fsync_path(self.path)
             else:
-                _atomic_write(self.path, lambda p: self._assemble_h5(p, meta))
+                atomic_write(self.path, lambda p: self._assemble_h5(p, meta))
             # one atomic step turns the store complete; a concurrent sealer that lost the race finds it gone
             trash = self.path.with_name(f"{self.path.name}.sealed-{os.getpid()}")
             os.rename(self.progress_dir, trash)
-            _fsync_path(self.path.parent)
+            fsync_path(self.path.parent)
         except FileNotFoundError:
             if not self.complete:
                 raise

@@ -37,6 +37,7 @@ __all__ = [
     "SlurmOptions",
     "ArrayResult",
     "extract_array",
+    "extract_slurm",
     "render_script",
     "job_name",
     "queue_states",
@@ -226,7 +227,9 @@ def queue_states(prefix: str) -> dict[str, dict[int, tuple[str, str]]]:
 
 
 def _complete(store: Path) -> bool:
-    return store.exists() and not store.with_name(store.name + ".progress").exists()
+    from tprobe.cache.keys import is_sealed
+
+    return is_sealed(store)
 
 
 def shard_progress(store: Path, n_units: int, shards: int) -> tuple[int, int, list[int]]:
@@ -236,7 +239,9 @@ def shard_progress(store: Path, n_units: int, shards: int) -> tuple[int, int, li
     store's own chunking counts (a resumed store keeps the ``--chunk-rows`` it was created with).
     """
     store = Path(store)
-    meta = store.with_name(store.name + ".progress") / "meta.json"
+    from tprobe.cache.keys import progress_dir
+
+    meta = progress_dir(store) / "meta.json"
     if _complete(store):
         done = set(range(n_units))
     elif meta.exists():
@@ -336,6 +341,56 @@ def extract_array(
         ) from None
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def extract_slurm(
+    pre,
+    ref,
+    *,
+    args: Sequence[str],
+    shards: int,
+    options: SlurmOptions | None = None,
+    cache: str | Path = "cache",
+    fmt: str = "zarr",
+    dtype: str = "float16",
+    precision: str = "auto",
+    tokens=("cls", "registers", "patches"),
+    layers="-1",
+    patch_layers="-1",
+    chunk_rows: int = 64,
+    poll: float = 10.0,
+    echo: Callable[[str], None] = _stderr,
+):
+    """Extract ``pre`` (a :class:`~tprobe.data.preprocess.Preprocessed`) with ``ref`` as one SLURM array job
+    of ``shards`` tasks (:func:`extract_array`); returns the :class:`~tprobe.cache.extract.ExtractResult`.
+
+    ``args``: the ``tprobe extract`` options each task runs (without ``--shard`` and the SLURM options);
+    the canvas (maybe rounded to the patch size) and the precision (``auto``: fp16 with GPUs per task,
+    else fp32) are set in it here, so the tasks write the store watched here.
+    """
+    from tprobe.cache.extract import ExtractResult
+    from tprobe.cache.keys import store_path
+    from tprobe.cluster.workers import with_options
+
+    options = options or SlurmOptions()
+    if precision == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here
+        precision = "fp16" if options.gpus_per_task else "fp32"
+    path = store_path(
+        cache, pre, ref, dtype, fmt, precision, tokens, layers=layers, patch_layers=patch_layers
+    )
+    res = extract_array(
+        with_options(args, {"--canvas": str(pre.config.canvas), "--precision": precision}),
+        path,
+        rows=len(pre.kept),
+        chunk_rows=chunk_rows,
+        shards=shards,
+        options=options,
+        poll=poll,
+        echo=echo,
+    )
+    return ExtractResult(
+        path, res.status, len(pre.kept), res.seconds, model=ref, executor="slurm", job_ids=res.job_ids
+    )
 
 
 def _watch(store, name, n_units, shards, poll, echo, logs) -> None:

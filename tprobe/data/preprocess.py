@@ -261,12 +261,18 @@ class PreprocessConfig:
 
 @dataclass
 class Preprocessed:
-    """The manifest (one row per view, or per dropped image), its keys and the skipped files."""
+    """The manifest (one row per view, or per dropped image), its keys and the skipped files.
+
+    ``warnings``: notes on the input that are not skipped files (e.g. a field's empty label image);
+    ``folder``: where it was saved or loaded from (``None`` while only in memory). Neither is saved.
+    """
 
     manifest: pd.DataFrame
     config: PreprocessConfig
     fingerprint: str
     skipped: list[Skipped] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list, compare=False)
+    folder: Path | None = field(default=None, compare=False)
 
     @property
     def kept(self) -> pd.DataFrame:
@@ -306,6 +312,7 @@ class Preprocessed:
             "skipped": [{"path": s.path, "reason": s.reason} for s in self.skipped],
         }
         (out / "preprocess.json").write_text(json.dumps(meta, indent=2))
+        self.folder = out
         return path
 
     @classmethod
@@ -354,7 +361,7 @@ class Preprocessed:
                         "run `tprobe preprocess` again"
                     )
         skipped = [Skipped(s["path"], s["reason"]) for s in meta.get("skipped", []) if isinstance(s, dict)]
-        return cls(manifest, config, fingerprint, skipped)
+        return cls(manifest, config, fingerprint, skipped, folder=folder)
 
 
 def _hash(text: str | bytes, n: int = 12) -> str:

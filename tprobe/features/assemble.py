@@ -93,7 +93,7 @@ def feature_sets(
         for st in stores:
             check_store_matches(st, prepared(store_patch(st)))
     if models:
-        from tprobe.cache.extract import find_store
+        from tprobe.cache.keys import find_store
         from tprobe.models.backbones import resolve_model
 
         for m in models:

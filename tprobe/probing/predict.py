@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tprobe.cache.extract import DEFAULT_CACHE, extract
+from tprobe.cache.extract import extract
+from tprobe.cache.keys import DEFAULT_CACHE
 from tprobe.data.dataset import discover_unlabelled
 from tprobe.data.preprocess import preprocess
 from tprobe.errors import TprobeError

@@ -567,7 +567,7 @@ def probe_sources(
     if isinstance(features, FeatureStore):
         features = features.path
     if features is None:
-        from tprobe.cache.extract import find_store
+        from tprobe.cache.keys import find_store
         from tprobe.models.backbones import resolve_model
 
         ref = resolve_model(model or "dinov2-small-reg", revision, offline=offline)

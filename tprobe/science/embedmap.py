@@ -80,7 +80,7 @@ def map_data(fs: FeatureSet, manifest: pd.DataFrame | None = None) -> MapData:
 
     Without ``manifest`` a store source reads the store's own manifest.
     """
-    from tprobe.cache.extract import manifest_path
+    from tprobe.cache.keys import manifest_path
 
     keep = (fs.meta["view"] == "orig").to_numpy()
     meta = fs.meta[keep].reset_index(drop=True).copy()
