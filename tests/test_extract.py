@@ -329,3 +329,27 @@ def test_worker_environment_pins_a_device_or_a_share_of_the_cores(tmp_path, smal
             ["extract", "--model", str(tiny_reg), "--data", str(small_data), "--cache", str(tmp_path), *bad],
         )
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_a_model_loaded_in_the_background_writes_the_same_store_and_is_waited_for_only_when_needed(
+    tmp_path, small_data, tiny_reg, monkeypatch
+):
+    from tprobe.cache.extract import ModelLoading
+
+    pre = preprocess(discover(small_data))
+    ref = resolve_model(str(tiny_reg))
+    threads = torch.get_num_threads()
+    kw = dict(chunk_rows=8, batch_size=5, progress=False, device="cpu")
+    a = extract(pre, ref, cache=tmp_path / "a", **kw)
+    b = extract(pre, ModelLoading(ref, "cpu"), cache=tmp_path / "b", **kw)
+    assert a.status == b.status == "written" and torch.get_num_threads() == threads  # count restored
+    assert _store_tree(tmp_path / "a") == _store_tree(tmp_path / "b")
+
+    def broken(cls, *a, **k):
+        raise TprobeError("model folder is broken")
+
+    monkeypatch.setattr(Backbone, "from_pretrained", classmethod(broken))
+    # up to date: the load is never waited for, its failure never raised
+    assert extract(pre, ModelLoading(ref, "cpu"), cache=tmp_path / "b", **kw).status == "up to date"
+    with pytest.raises(TprobeError, match="model folder is broken"):  # needed: its error, in this thread
+        extract(pre, ModelLoading(ref, "cpu"), cache=tmp_path / "c", **kw)

@@ -437,6 +437,7 @@ def extract(
       tprobe extract --model dinov2-small-reg --executor slurm --shards 8 --partition gpu \\
           --gpus-per-task 1 --time 2:00:00     # one array job, task i runs --shard i/8
     """
+    from tprobe.cache.extract import ModelLoading
     from tprobe.cache.extract import extract as run_extract
     from tprobe.models.backbones import resolve_model
 
@@ -457,6 +458,8 @@ def extract(
         script_value("--cache", Path(cache).absolute())
         script_value("the working directory", Path.cwd())
     ref = resolve_model(model, revision, offline=offline)
+    local = executor != "slurm" and workers == 1
+    loading = ModelLoading(ref, device, offline) if local else None  # loads while the data is prepared
     pre = prepare_data(data, prep, progress=False, ref=ref)
     if executor == "slurm":
         return _extract_slurm(ctx, pre, ref, shard, shards, slurm)
@@ -465,7 +468,7 @@ def extract(
     names = token_names(tokens)
     res = run_extract(
         pre,
-        ref,
+        loading,
         cache=cache,
         fmt=fmt,
         dtype=dtype,
