@@ -364,7 +364,7 @@ def test_every_unit_is_fsynced_file_and_folders_before_its_marker(tmp_path, pre,
     monkeypatch.setattr(os, "replace", replace)
     store = extract(pre, ref, cache=tmp_path / "c", **KW).path
     s = FeatureStore.open(store)
-    assert s.n_units == 2
+    assert s.n_units > 1
     for u in range(s.n_units):
         marker = next(i for i, e in enumerate(events) if e[1].endswith(f"unit_{u:06d}.done"))
         before = {p for kind, p in events[:marker] if kind == "fsync"}
