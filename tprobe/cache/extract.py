@@ -11,7 +11,8 @@ The pipeline (after clip-retrieval's reader -> mapper -> writer -> runner):
   :class:`~tprobe.models.tokens.TokenLayout`.
 - **writer**: background threads behind a bounded queue compress, write and fsync whole units
   (chunks; several at once) and mark each done, while the model computes the next one.
-- **runner** (:func:`extract`): keys, resume, shards, progress and per-stage timings.
+- **runner** (:func:`extract`): keys, resume, shards, progress and per-stage timings; given a
+  :class:`ModelLoading`, the model loads in a thread while the caller prepares the data.
 
 Units already done are skipped, so a rerun resumes; ``shard=(i, N)`` takes units ``i::N``.
 """
@@ -596,9 +597,8 @@ def extract(
                     }
                 at = slice(batches[b][0] - unit.start, batches[b][-1] + 1 - unit.start)
                 with _torch_threads(host_threads):
-                    for (
-                        n
-                    ) in names:  # cast to the store's dtype in torch (on the device: half the copy to host)
+                    # cast to the store's dtype in torch (on the device: half the copy to host)
+                    for n in names:
                         v = parts[n] if dev.type == "cpu" else parts[n].to(out_dtype).cpu()
                         torch.from_numpy(buffer[n][at]).copy_(v)
                 times.forward += time.perf_counter() - tf
