@@ -19,6 +19,7 @@ Units already done are skipped, so a rerun resumes; ``shard=(i, N)`` takes units
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
@@ -310,9 +311,12 @@ def _pixel_values(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def _torch_threads(n: int | None):
-    """Within the block torch's CPU ops use ``n`` threads (then the count set before, restored); None: as set."""
+    """Within the block torch's CPU ops use ``n`` threads (then the count set before, restored); None: as set.
+
+    Only under torch's OpenMP backend (Linux and macOS wheels), whose thread count may change at any
+    time; torch's native backend refuses a change once its pool runs, so there it stays as set."""
     before = torch.get_num_threads()
-    n = n or before
+    n = (n or before) if _openmp_backend() else before
     if before != n:
         torch.set_num_threads(n)
     try:
@@ -320,6 +324,11 @@ def _torch_threads(n: int | None):
     finally:
         if before != n:
             torch.set_num_threads(before)
+
+
+@functools.cache
+def _openmp_backend() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 # ---- writer ----------------------------------------------------------------------------------
