@@ -346,6 +346,35 @@ def test_zarr_metadata_row_ids_lock_and_new_chunk_folders_are_fsynced(tmp_path, 
     assert str(store.parent) in synced  # the folder holding the seal rename
 
 
+def test_every_unit_is_fsynced_file_and_folders_before_its_marker(tmp_path, pre, ref, monkeypatch):
+    """The writer issues a unit's fsyncs together (threads) and ``<array>`` once per process: still every
+    chunk file, every new folder of the unit and ``<array>/c`` reach the disk before the unit's marker."""
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        real_fsync(fd)
+        events.append(("fsync", path))  # recorded once done
+
+    def replace(src, dst, **kw):
+        events.append(("replace", str(dst)))
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    store = extract(pre, ref, cache=tmp_path / "c", **KW).path
+    s = FeatureStore.open(store)
+    assert s.n_units > 1
+    for u in range(s.n_units):
+        marker = next(i for i, e in enumerate(events) if e[1].endswith(f"unit_{u:06d}.done"))
+        before = {p for kind, p in events[:marker] if kind == "fsync"}
+        for name in s.shapes:
+            chunk = s._chunk_file(name, u)
+            need = [chunk, *[p for p in chunk.parents if store in p.parents and p != store]]
+            missing = [str(p.relative_to(store)) for p in need if str(p) not in before]
+            assert not missing, (u, name, missing)
+
+
 # done-when: random kill points over os.replace / os.fsync in extract and sealing ------------------
 class _Killed(BaseException):
     """Stands in for SIGKILL at a kill point: no ``except Exception`` cleanup runs (Zarr's neither)."""

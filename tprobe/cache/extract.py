@@ -18,11 +18,12 @@ Units already done are skipped, so a rerun resumes; ``shard=(i, N)`` takes units
 
 from __future__ import annotations
 
+import functools
 import logging
 import queue
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -168,12 +169,42 @@ def _device_views(
 def _pixel_values(backbone: Backbone, x: torch.Tensor) -> torch.Tensor:
     """The model's normalised input for views ``x`` (0..255): ``backbone.pixel_values(x / 255.0)``, on x's device.
 
-    (A per-channel table of the 256 levels gathered on the CPU was 2x slower than these three
+    On the CPU in numpy, one thread, the same float32 operations in the same order (so the same
+    bytes): torch's thread pool cost more than these passes while the writer threads run. (A
+    per-channel table of the 256 levels gathered on the CPU was 2x slower than these three
     elementwise passes; measured in docs/guide/benchmarks.md.)
     """
-    if x.device.type == "cpu":  # numpy's float32 division, one thread (as the host path always did)
-        return backbone.pixel_values(torch.from_numpy(x.numpy().astype(np.float32) / np.float32(255.0)))
+    if x.device.type == "cpu":
+        a = x.numpy().astype(np.float32) / np.float32(255.0)
+        if a.ndim == 4 and a.shape[1] != 3:  # refused there, in one line
+            return backbone.pixel_values(torch.from_numpy(a))
+        mean, std = (np.asarray(v, np.float32).reshape(1, 3, 1, 1) for v in (backbone.mean, backbone.std))
+        out = np.subtract(a[:, None] if a.ndim == 3 else a, mean)  # grey: copied to R, G, B by broadcasting
+        out /= std
+        return torch.from_numpy(out)
     return backbone.pixel_values(x.to(torch.float32).div_(255.0))
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    """Within the block torch's CPU ops use ``n`` threads (then the count set before, restored); None: as set.
+
+    Only under torch's OpenMP backend (Linux and macOS wheels), whose thread count may change at any
+    time; torch's native backend refuses a change once its pool runs, so there it stays as set."""
+    before = torch.get_num_threads()
+    n = (n or before) if _openmp_backend() else before
+    if before != n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if before != n:
+            torch.set_num_threads(before)
+
+
+@functools.cache
+def _openmp_backend() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 # ---- writer ----------------------------------------------------------------------------------
@@ -334,8 +365,6 @@ def extract(
         backbone = model
     else:
         backbone = Backbone.from_pretrained(ref, device=str(dev), offline=offline)
-        if (backbone.mean, backbone.std) != norm:
-            raise TprobeError(f"model {ref.name}: its preprocessor_config.json changed while loading; rerun")
     layout = backbone.layout(pre.config.canvas)
     channels = pre.config.per_channel  # a channel axis in per-channel mode
     if check_disk and not progress_dir(path).exists():
@@ -390,10 +419,13 @@ def extract(
     times = StageTimes()
     names = list(store.shapes)
     out_dtype = getattr(torch, dtype)  # torch's float16 rounding equals numpy's astype, and is ~10x faster
+    # on a CPU device the per-batch casts run on one torch thread: the pool's hand-offs cost more than the
+    # copies themselves while the writer threads hold the other cores (docs/guide/benchmarks.md)
+    host_threads = 1 if dev.type == "cpu" else None
     t0 = time.perf_counter()
     bar = _Progress(todo, f"extract {ref.name}", progress)
     writer = _Writer(store, threads=write_threads or min(4, _cpus()))
-    buffer: dict[str, list] = {n: [] for n in names}
+    buffer: dict[str, np.ndarray] = {}
     ok = False
     try:
         with backbone.fixed_canvas(pre.config.canvas):
@@ -418,15 +450,22 @@ def extract(
                 parts = dict(zip(TOKENS, layout.split(hidden), strict=True)) if take is None else take(hidden)
                 if channels:
                     parts = {n: v.unflatten(0, (len(images), len(channels))) for n, v in parts.items()}
-                for n in names:  # cast to the store's dtype in torch (on the device: half the copy to host)
-                    buffer[n].append(parts[n].to(out_dtype).cpu().numpy())
+                unit = store.unit_slice(owner[b])
+                if not buffer:  # the unit's rows, filled batch by batch (no list of parts, no concatenation)
+                    buffer = {
+                        n: np.empty((unit.stop - unit.start, *store.shapes[n][1:]), dtype) for n in names
+                    }
+                at = slice(batches[b][0] - unit.start, batches[b][-1] + 1 - unit.start)
+                with _torch_threads(host_threads):
+                    # cast to the store's dtype in torch (on the device: half the copy to host)
+                    for n in names:
+                        v = parts[n] if dev.type == "cpu" else parts[n].to(out_dtype).cpu()
+                        torch.from_numpy(buffer[n][at]).copy_(v)
                 times.forward += time.perf_counter() - tf
                 bar.update(len(images))
                 if b + 1 == len(batches) or owner[b + 1] != owner[b]:  # the unit is whole
-                    times.wait_write += writer.put(
-                        owner[b], {n: np.concatenate(v) for n, v in buffer.items()}
-                    )
-                    buffer = {n: [] for n in names}
+                    times.wait_write += writer.put(owner[b], buffer)
+                    buffer = {}
         ok = True
     except torch.cuda.OutOfMemoryError:
         raise TprobeError(

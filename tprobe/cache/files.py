@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_path"]
+__all__ = ["atomic_write", "fsync_all", "fsync_path"]
 
 
 def fsync_path(path: str | Path) -> None:
@@ -26,3 +27,27 @@ def atomic_write(path: str | Path, write) -> None:
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def fsync_all(paths: list[Path]) -> None:
+    """fsync every path, the calls in flight together (threads: fsync releases the GIL); returns when all
+    are done."""
+    if len(paths) < 2:
+        for p in paths:
+            fsync_path(p)
+        return
+    list(_fsync_pool().map(fsync_path, paths))
+
+
+_FSYNC_POOL = None
+_FSYNC_POOL_LOCK = threading.Lock()
+
+
+def _fsync_pool():
+    global _FSYNC_POOL
+    with _FSYNC_POOL_LOCK:
+        if _FSYNC_POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _FSYNC_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="tprobe-fsync")
+        return _FSYNC_POOL

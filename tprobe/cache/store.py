@@ -46,6 +46,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -58,7 +59,7 @@ from tprobe.errors import TprobeError
 if TYPE_CHECKING:
     import pandas as pd
 
-from tprobe.cache.files import atomic_write, fsync_path
+from tprobe.cache.files import atomic_write, fsync_all, fsync_path
 from tprobe.cache.keys import FORMATS, manifest_path, progress_dir, rows_hash
 from tprobe.models.tokens import POOLS, TOKENS, check_layered_pool, pool_layered, pool_needs, pool_tokens
 
@@ -200,6 +201,9 @@ class FeatureStore:
         self.version = int(meta.get("store_version", 1))
         self.units = meta.get("units")  # sealed format-2 stores: {"hash": [...], "sizes": {array: [...]}}
         self._lock_fd: int | None = None
+        self._zarr_arrays: dict = {}  # writing: each array opened once, not once per unit
+        self._durable_roots: set[str] = set()  # arrays whose chunk folder ``<array>/c`` is known on disk
+        self._roots_lock = threading.Lock()
 
     # ---- construction -------------------------------------------------------------------
     @property
@@ -635,30 +639,53 @@ class FeatureStore:
             arrays[name] = arr.astype(dtype, copy=False)
         record = {"hash": _unit_digest(arrays)}
         if self.format == "zarr":
-            import zarr
-
-            group = zarr.open_group(self.path, mode="r+")
             record["sizes"] = {}
             for name, arr in arrays.items():
+                self._chunk_root(name)
                 # every chunk is written, even one equal to the fill value, so a missing chunk is always damage
-                group[name].with_config({"write_empty_chunks": True})[sl] = arr
-                self._fsync_chunk(name, unit)
+                self._zarr_array(name)[sl] = arr
+            # every file and folder of the unit reaches the disk before its marker; issued together, so
+            # the file system commits them at once rather than one after another
+            fsync_all([p for name in arrays for p in self._chunk_paths(name, unit)])
+            for name in arrays:
                 record["sizes"][name] = self._chunk_file(name, unit).stat().st_size
         else:
             part = self.progress_dir / f"part_{unit:06d}.npz"
             atomic_write(part, lambda p: np.savez(open(p, "wb"), **arrays))
         atomic_write(self.progress_dir / f"unit_{unit:06d}.done", lambda p: p.write_text(json.dumps(record)))
 
-    def _fsync_chunk(self, name: str, unit: int) -> None:
-        """fsync the files of one Zarr chunk (``<array>/c/<unit>/0/...``), their folders and the folders
-        above them that may have gained an entry (``<array>/c``, ``<array>``)."""
+    def _zarr_array(self, name: str):
+        """Array ``name`` opened for writing (once per store object; a race opens it twice, harmlessly)."""
+        arr = self._zarr_arrays.get(name)
+        if arr is None:
+            import zarr
+
+            arr = zarr.open_array(self.path / name, mode="r+").with_config({"write_empty_chunks": True})
+            self._zarr_arrays[name] = arr
+        return arr
+
+    def _chunk_root(self, name: str) -> None:
+        """Make ``<array>/c`` exist on disk (its entry in ``<array>`` fsynced) before this process's first
+        unit of the array, so a unit's own fsyncs stop at ``c``; under a lock, so no writer thread
+        marks a unit done while another has made ``c`` but not yet fsynced ``<array>``."""
+        if name in self._durable_roots:
+            return
+        with self._roots_lock:
+            if name not in self._durable_roots:
+                root = self.path / name / "c"
+                root.mkdir(exist_ok=True)
+                fsync_path(root.parent)
+                self._durable_roots.add(name)
+
+    def _chunk_paths(self, name: str, unit: int) -> list[Path]:
+        """What to fsync for one written Zarr chunk: its files (``<array>/c/<unit>/0/...``), their folders
+        and ``<array>/c``, which gained the unit's folder (``<array>`` holds ``c`` already: :meth:`_chunk_root`)."""
         root = self.path / name / "c" / str(unit)
+        paths = []
         for folder, _, files in os.walk(root, topdown=False):
-            for f in files:
-                fsync_path(Path(folder) / f)
-            fsync_path(Path(folder))
-        fsync_path(root.parent)
-        fsync_path(root.parent.parent)
+            paths += [Path(folder) / f for f in files]
+            paths.append(Path(folder))
+        return [*paths, root.parent]
 
     def _unit_records(self) -> dict | None:
         """Every unit's recorded hash (and Zarr chunk sizes), from the markers; None if any marker predates them."""
