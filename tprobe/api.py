@@ -247,7 +247,7 @@ def feature_sets(
     pool: str = "cls",
     tables: Sequence[str | Path] = (),
     pixels: bool = False,
-    data: str | Path | None = None,
+    data: str | Path | Preprocessed | None = None,
     config: PreprocessConfig | None = None,
     cache: str | Path = "cache",
     offline: bool = False,
@@ -255,7 +255,8 @@ def feature_sets(
 ) -> list[FeatureSet]:
     """Feature sets to compare on the same cells: stores, models' cached stores, tables, raw pixels.
 
-    Each store named is checked against ``data`` when given; each model's store is found in
+    Each store named is checked against ``data`` (a path, or the Preprocessed the store was extracted
+    from) when given; each model's store is found in
     ``cache``; ``tables`` are CSV/Parquet feature tables joined to the images (``table_options``:
     ``id_column``, ``exclude``, ``keep_columns``, ``all_table_rows``; identifier and position columns
     are dropped). Returns :class:`~tprobe.features.sources.FeatureSet` objects (``X``, ``meta``,

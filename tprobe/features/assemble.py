@@ -74,13 +74,16 @@ def feature_sets(
 ) -> list[FeatureSet]:
     """One FeatureSet per source: each store, each model's cached store, each table, and the pixels.
 
-    Stores are checked against ``data`` when it is given; models' stores are found in ``cache`` for
+    ``data``: what :func:`~tprobe.data.preprocess.prepare` takes, or a Preprocessed. Stores are
+    checked against ``data`` when it is given; models' stores are found in ``cache`` for
     ``data`` preprocessed with ``config`` (a canvas left unset is rounded per model's patch size).
     Two sources of one name are told apart as ``name#1``, ``name#2``.
     """
     by_patch: dict[int | None, Preprocessed] = {}  # preprocess once per patch size
 
     def prepared(patch=None) -> Preprocessed:
+        if isinstance(data, Preprocessed):  # prepared already (a notebook's `pre`)
+            return data
         if patch not in by_patch:
             pre = prepare(data, config, patch_size=patch, canvas_set=canvas_set, progress=False)
             for s in pre.skipped:
