@@ -17,7 +17,8 @@ import tprobe
 from tprobe import api
 from tprobe.cache import keys
 from tprobe.cache.store import FeatureStore
-from tprobe.cluster.workers import check_executor, with_options
+from tprobe.cluster.slurm import with_options
+from tprobe.cluster.workers import check_executor
 from tprobe.data.dataset import DEFAULT_DATA
 from tprobe.data.preprocess import Preprocessed
 from tprobe.errors import TprobeError

@@ -5,7 +5,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import save_png
 
-from tprobe import __version__
+from tprobe._version import __version__
 from tprobe.cli import main
 
 COMMANDS = [

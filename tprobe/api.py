@@ -38,10 +38,27 @@ if TYPE_CHECKING:  # the typed artifacts the calls return
     from tprobe.science.curve import LabelCurve
     from tprobe.science.embedmap import EmbeddingMap
 
-from tprobe import API
 from tprobe.errors import TprobeError
 
-__all__ = list(API)  # the names, in the order the docs list them: tprobe.API
+__all__ = [  # one call per stage, in the pipeline's order (the docs list them so)
+    "discover",
+    "preprocess",
+    "list_models",
+    "resolve_model",
+    "extract",
+    "open_store",
+    "status",
+    "export",
+    "feature_sets",
+    "probe",
+    "predict",
+    "curve",
+    "map",
+    "report",
+    "finetune",
+    "baseline",
+    "saliency",
+]
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -909,7 +926,7 @@ def saliency(run: str | Path, n: int = 8, *, data: Preprocessed | None = None) -
 
         tprobe.saliency("runs/20261125-101500-dinov2-small-reg-concat-finetuned", n=8)
     """
-    from tprobe.train.saliency_report import saliency_for_run
+    from tprobe.train.finetune import saliency_for_run
 
     return saliency_for_run(run, data, n=n)
 

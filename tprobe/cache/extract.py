@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from tprobe import __version__
+from tprobe._version import __version__
 from tprobe.cache.files import atomic_write
 from tprobe.cache.keys import DEFAULT_CACHE, PRECISIONS, is_sealed, manifest_path, progress_dir, store_path
 from tprobe.cache.store import TOKENS, FeatureStore, manifest_hash

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from tprobe import __version__
+from tprobe._version import __version__
 from tprobe.cli import cache, data, probe, science, train
 from tprobe.errors import TprobeError
 

@@ -27,13 +27,14 @@ import subprocess
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tprobe.errors import TprobeError
 
 __all__ = [
+    "with_options",
     "SlurmOptions",
     "ArrayResult",
     "extract_array",
@@ -168,6 +169,21 @@ class ArrayResult:
     job_ids: list[str] = field(default_factory=list)  # array jobs submitted by this call
     submitted: list[int] = field(default_factory=list)  # shards submitted by this call
     seconds: float = 0.0
+
+
+def with_options(args: Sequence[str], options: Mapping[str, str | None]) -> list[str]:
+    """``args`` (``--opt value`` pairs and flags) with each option of ``options`` set to its value in place
+    (appended when absent), or removed with its value when the value is ``None``."""
+    out = list(args)
+    for opt, value in options.items():
+        at = next((i for i, a in enumerate(out[:-1]) if a == opt), None)
+        if at is None:
+            out += [] if value is None else [opt, str(value)]
+        elif value is None:
+            del out[at : at + 2]
+        else:
+            out[at + 1] = str(value)
+    return out
 
 
 def job_name(store: str | Path, shards: int) -> str:
@@ -370,7 +386,6 @@ def extract_slurm(
     """
     from tprobe.cache.extract import ExtractResult
     from tprobe.cache.keys import store_path
-    from tprobe.cluster.workers import with_options
 
     options = options or SlurmOptions()
     if precision == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,7 +33,6 @@ __all__ = [
     "extract_workers",
     "parse_devices",
     "run_workers",
-    "with_options",
     "worker_env",
 ]
 
@@ -92,21 +91,6 @@ def check_executor(
         script_value("--cache", Path(cache).absolute())
         script_value("the working directory", Path.cwd())
     return gpus
-
-
-def with_options(args: Sequence[str], options: Mapping[str, str | None]) -> list[str]:
-    """``args`` (``--opt value`` pairs and flags) with each option of ``options`` set to its value in place
-    (appended when absent), or removed with its value when the value is ``None``."""
-    out = list(args)
-    for opt, value in options.items():
-        at = next((i for i, a in enumerate(out[:-1]) if a == opt), None)
-        if at is None:
-            out += [] if value is None else [opt, str(value)]
-        elif value is None:
-            del out[at : at + 2]
-        else:
-            out[at + 1] = str(value)
-    return out
 
 
 def worker_env(i: int, n: int, devices: list[str], cores: int | None = None) -> dict[str, str]:
@@ -186,6 +170,8 @@ def extract_workers(
     }
     if gpus and device.startswith("cuda:"):
         overrides["--device"] = "cuda"  # each worker sees only its own GPU
+    from tprobe.cluster.slurm import with_options
+
     res = run_workers(with_options(args, overrides), path, workers, gpus)
     failed = [f"worker {i} (--shard {i}/{workers}) exit status {c}" for i, c in enumerate(res.codes) if c]
     if failed:

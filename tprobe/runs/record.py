@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tprobe import __version__
+from tprobe._version import __version__
 from tprobe.errors import TprobeError
 
 __all__ = [

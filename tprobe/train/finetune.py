@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import torch
 from torch import nn
 
@@ -22,7 +23,7 @@ from tprobe.probing.evaluate import check_plan, check_train_donors, evaluate, sp
 from tprobe.runs.record import RunRecord, inside, save_run
 from tprobe.train.loop import TrainConfig, run_folds
 
-__all__ = ["DinoClassifier", "FinetuneRun", "load_fold_model"]
+__all__ = ["DinoClassifier", "FinetuneRun", "load_fold_model", "saliency_for_run"]
 
 
 class DinoClassifier(nn.Module):
@@ -219,8 +220,6 @@ class FinetuneRun:
     def saliency(self, n: int = 8, pre: Preprocessed | None = None) -> list[Path]:
         """Saliency grids of ``n`` images per held-out donor into the fitted run's folder (``pre``: its
         images, default read again); kept in ``saliency_``. ``n=0`` writes none."""
-        from tprobe.train.saliency_report import saliency_for_run
-
         self.saliency_ = saliency_for_run(self.run_, pre, n=n) if n else []
         return self.saliency_
 
@@ -256,3 +255,49 @@ def load_fold_model(run: str | Path, fold: int, *, device: str = "cpu", attn_imp
         raise TprobeError(f"{path}: weights do not fit the model; rerun the fine-tuning")
     model.load_state_dict(state, strict=False)
     return model.to(bb.device).eval()
+
+
+def saliency_for_run(run: str | Path, pre: Preprocessed | None, *, n: int = 8) -> list[Path]:
+    """Write ``saliency_<donor>.png`` for each fold of ``run`` (donor made safe by ``runs.safe_name``)."""
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.runs.record import safe_name
+    from tprobe.train.saliency import saliency_grid
+
+    run = Path(run)
+    record = RunRecord.load(run)
+    if record.command != "finetune":
+        raise TprobeError(f"{run}: is not a `tprobe finetune` run; saliency needs a fine-tuned model")
+    try:
+        pred = pd.read_parquet(run / "predictions.parquet")
+    except (OSError, ValueError) as exc:
+        raise TprobeError(
+            f"{run / 'predictions.parquet'}: unreadable ({type(exc).__name__}); rerun the fine-tuning"
+        ) from None
+    prep = record.preprocess_config()
+    if pre is None:
+        pre = preprocess(
+            discover(record.data, channel_files=prep.channel_files, channels=prep.channels), prep
+        )
+    rows = pre.kept.set_index("image_id")
+    pred = pred[pred["image_id"].isin(rows.index)]
+    pred = pred.assign(right=(pred["p_activated"] >= 0.5) == (pred["label"] == 1))
+    paths = []
+    for (fold, donor), d in pred.groupby(["fold", "donor"]):
+        wrong = d[~d["right"]].head(n // 2)
+        right = d[d["right"]].head(n - len(wrong))
+        pick = pd.concat([right, wrong])
+        if pick.empty:
+            continue
+        model = load_fold_model(run, int(fold))
+        sample = rows.loc[pick["image_id"]].reset_index()
+        out = inside(run, f"saliency_{safe_name(donor)}.png")  # a donor name is data: never a path
+        saliency_grid(
+            model,
+            sample,
+            prep,
+            out,
+            title=f"{record.title} — held-out {donor}: {len(right)} right, {len(wrong)} wrong calls",
+        )
+        paths.append(out)
+    return paths
