@@ -194,7 +194,7 @@ def report_paired(w: Work) -> list[float]:
     p = read_csv(out / "paired.csv")
     p = p[p["metric"] == "roc_auc"]
     nums: list[float] = []
-    for key in ("pixel-logreg", "knn", "frequency"):
+    for key in ("pixel-logreg", "frequency", "knn"):
         row = p[p["run"].str.endswith(Path(runs[key]).name)].iloc[0]
         nums += [row["mean_diff"], row["p"], row["p_holm"]]
     return nums
@@ -310,7 +310,7 @@ CHECKS: dict[str, Check] = {
         "tprobe report runs-table",
         report_default,
         fast=True,
-        select=r"AUC (\d\.\d+) ± (\d\.\d+), 95% CI \[(\d\.\d+), (\d\.\d+)\]; Brier (\d\.\d+), ECE (\d\.\d+)",
+        select=r"AUC (\d\.\d+) ± (\d\.\d+),\s+95% CI\s+\[(\d\.\d+), (\d\.\d+)\];\s+Brier (\d\.\d+),\s+ECE (\d\.\d+)",
     ),
     "report-paired": Check(
         "the same four runs; tprobe report runs-table --reference <table logreg run> (paired.csv, AUC)",
