@@ -244,19 +244,19 @@ def curve_sources(w: Work) -> list[float]:
             )
         ),
     )
-    return curve_rows(w.dir / out, ["table", "pixels", "random"])
+    return curve_rows(w.dir / out, ["table", "pixel", "random"])
 
 
 def curve_rows(folder: Path, order: list[str]) -> list[float]:
     band = read_csv(folder / "curve_band.csv")
     nums: list[float] = []
     for key in order:
-        rows = band[band["source"].astype(str).str.contains(key)]
+        rows = band[band["source"].astype(str).str.contains(key) & (band["head"] == "logreg")]
         for shots in ("1", "2", "8", "64", "all"):
             r = rows[rows["shots"].astype(str) == shots].iloc[0]
             nums.append(r["mean"])
             if shots in ("1", "all"):
-                nums += [r["lo"], r["hi"]]
+                nums += [r["low"], r["high"]]
     return nums
 
 
@@ -274,8 +274,32 @@ def map_table(w: Work) -> list[float]:
     return map_rows(diag)
 
 
-def map_rows(diag) -> list[float]:  # filled in below once the diagnostics' layout is read
-    raise CheckFailed("map_rows: not implemented")
+def map_rows(diags) -> list[float]:
+    """The map table: the chances of its header, then per source (random store, table, pixels) accuracy
+    and skill of activation, donor, batch, donor and batch within class, and the three silhouettes."""
+    diags = list(diags.values()) if isinstance(diags, dict) else list(diags)
+
+    def find(key: str) -> dict:
+        return next(d for d in diags if key in str(d["source"]))
+
+    first = find("random")
+    p, wc = first["predictability"], first["within_class"]
+    nums = [
+        p["activation"]["chance"],
+        p["donor"]["chance"],
+        p["batch"]["chance"],
+        wc["donor"]["chance"],
+        wc["batch"]["chance"],
+    ]
+    for key in ("random", "table", "pixel"):
+        d = find(key)
+        p, wc, sil = d["predictability"], d["within_class"], d["silhouette"]
+        for t in ("activation", "donor", "batch"):
+            nums += [p[t]["accuracy"], p[t]["skill"]]
+        for t in ("donor", "batch"):
+            nums += [wc[t]["accuracy"], wc[t]["skill"]]
+        nums += [sil["label"], sil["donor"], sil["batch"]]
+    return nums
 
 
 # ---------------------------------------------------------------------------------------------------
