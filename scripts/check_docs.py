@@ -302,6 +302,86 @@ def map_rows(diags) -> list[float]:
     return nums
 
 
+def removed_counts(w: Work) -> list[float]:
+    """evaluation.md: cells kept against images, and the images the filters removed, by class."""
+    lines = preprocess(w).splitlines()
+    total = [int(v) for v in next(x for x in lines if x.startswith("total")).split()[1:]]
+    removed = {"activated": 0, "quiescent": 0}
+    for line in lines:
+        parts = line.split()
+        if parts and parts[0].startswith("donor_"):
+            parts = parts[1:]
+        if parts and parts[0] in removed:
+            n = [int(v) for v in parts[1:]]
+            removed[parts[0]] += n[0] - n[-2]
+    return [total[-2], total[0], total[0] - total[-2], removed["activated"], removed["quiescent"]]
+
+
+NORMALIZE_COLUMNS = (
+    ("none",),
+    ("standard",),
+    ("donor-center",),
+    ("standard", "--all-table-rows"),
+    ("donor-center", "--all-table-rows"),
+)
+
+
+def normalize_table(w: Work) -> list[float]:
+    """science.md: `tprobe probe --features ... --head H --normalize N [--all-table-rows] --no-final-head`."""
+    preprocess(w)
+    table(w)
+    nums: list[float] = []
+    for head in ("logreg", "knn", "prototype"):
+        for norm, *extra in NORMALIZE_COLUMNS:
+            args = (
+                "probe",
+                *TABLE,
+                "--head",
+                head,
+                "--normalize",
+                norm,
+                *extra,
+                "--no-final-head",
+                "--out",
+                "runs-normalize",
+            )
+            summary = json.loads((w.dir / run(w, *args) / "metrics.json").read_text())["summary"]
+            nums += [summary["roc_auc"]["mean"], summary["accuracy"]["mean"]]
+    return nums
+
+
+def curve_heads(w: Work) -> list[float]:
+    """science.md: `tprobe curve --model models/random-vits14-reg --head logreg,knn,prototype`."""
+    random_store(w)
+    out = w.once(
+        "curve_heads",
+        lambda: last_line(
+            w.tprobe(
+                "curve",
+                "--model",
+                "models/random-vits14-reg",
+                "--head",
+                "logreg,knn,prototype",
+                "--out",
+                "curve-heads",
+            )
+        ),
+    )
+    band = read_csv(w.dir / out / "curve_band.csv")
+
+    def at(head: str, shots: str, col: str = "mean") -> float:
+        return band[(band["head"] == head) & (band["shots"].astype(str) == shots)].iloc[0][col]
+
+    return [
+        *(at(h, k) for h in ("prototype", "knn", "logreg") for k in ("1", "8")),
+        at("knn", "all"),
+        at("knn", "all", "low"),
+        at("knn", "all", "high"),
+        at("logreg", "all"),
+        at("prototype", "all"),
+    ]
+
+
 # ---------------------------------------------------------------------------------------------------
 # the registry
 
@@ -340,6 +420,24 @@ CHECKS: dict[str, Check] = {
         "the same four runs; tprobe report runs-table --reference <table logreg run> (paired.csv, AUC)",
         report_paired,
         fast=True,
+    ),
+    "table-rows": Check(
+        "tprobe preprocess (cells kept, images, removed by class)",
+        removed_counts,
+        fast=True,
+        select=r"(\d+) cells against (\d+) \((\d+) removed: (\d+) activated, (\d+) quiescent\)",
+    ),
+    "normalize-table": Check(
+        "cellprofiler_like.py; 15 x tprobe probe --features ... --head H --normalize N [--all-table-rows] "
+        "--no-final-head (metrics.json)",
+        normalize_table,
+        fast=False,
+    ),
+    "curve-heads": Check(
+        "the random store; tprobe curve --model models/random-vits14-reg --head logreg,knn,prototype",
+        curve_heads,
+        fast=False,
+        select=r"(?<![\w.])\d\.\d{3}(?!\d)",
     ),
     "baselines": Check(
         "tprobe baseline --name all --out runs-baselines; tprobe report runs-baselines (summary.csv, stdout)",
