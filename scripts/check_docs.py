@@ -24,7 +24,8 @@ Prose numbers are only checked where a paragraph is marked.
     python scripts/check_docs.py --only report-paired --workdir /tmp/cd   # one check, reusing a folder
 
 Exit status: 0 all compared numbers match; 1 a mismatch (file:line, the doc's number and the
-recomputed one), a failed command, or an unmarked number block.
+recomputed one), a failed command, an unmarked number block, an unknown check name or a skip
+without its reason (``--list`` exits 1 on the last three too); 2 a bad option.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -163,9 +165,15 @@ def sample_counts(w: Work) -> list[float]:
 REPORT_RUNS = "runs-table"  # a fresh folder: `tprobe report runs/` over older runs compares them all
 
 
+def fresh(w: Work, folder: str) -> None:
+    """Empty a runs folder of an earlier call in a reused --workdir (a report compares every run in it)."""
+    w.once("fresh " + folder, lambda: shutil.rmtree(w.dir / folder, ignore_errors=True))
+
+
 def report_runs(w: Work) -> dict[str, str]:
     preprocess(w)
     table(w)
+    fresh(w, REPORT_RUNS)
     out = ("--out", REPORT_RUNS)
     return {
         "logreg": run(w, "probe", *TABLE, "--head", "logreg", *out),
@@ -202,6 +210,7 @@ def report_paired(w: Work) -> list[float]:
 
 def baselines(w: Work) -> tuple[str, Path]:
     preprocess(w)
+    fresh(w, "runs-baselines")
     run(w, "baseline", "--name", "all", "--out", "runs-baselines")
     return report(w, "runs-baselines", "report-baselines")
 
@@ -600,7 +609,8 @@ def classify(b: Block) -> tuple[str, str]:
             else ("", "")
         )
     if b.marker.startswith("skip"):
-        return "skipped", b.marker[4:].strip() or "(no reason given)"
+        why = b.marker[4:].strip()
+        return ("skipped", why) if why else ("unknown", "a skip marker needs its reason: skip (why)")
     if b.marker not in CHECKS:
         return "unknown", f"no check named {b.marker!r} in scripts/check_docs.py"
     return "checked", CHECKS[b.marker].about
@@ -643,7 +653,7 @@ def main(argv: list[str] | None = None) -> int:
             if r.status == "checked":
                 extra = f" [{r.block.marker}{'' if CHECKS[r.block.marker].fast else ', full only'}]"
             print(f"{r.block.where():36} {r.status:9}{extra} {r.messages[0]}")
-        return 0
+        return 1 if any(r.status in ("unmarked", "unknown") for r in results) else 0
 
     bad = [r for r in results if r.status in ("unmarked", "unknown")]
     todo = [r for r in results if r.status == "checked"]
@@ -669,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
             if name not in cache:
                 try:
                     cache[name] = [float(v) for v in check.produce(w)]
-                except (CheckFailed, OSError, KeyError, IndexError, StopIteration, ValueError) as e:
+                except Exception as e:  # reported as this check's failure; the other checks still run
                     cache[name] = e if isinstance(e, CheckFailed) else CheckFailed(f"{type(e).__name__}: {e}")
             r.seconds = time.perf_counter() - t
             got = cache[name]

@@ -59,6 +59,8 @@ def test_unmarked_number_block_fails_and_code_blocks_do_not(cd, tmp_path, capsys
         "# t\n\nSome prose with 0.93 in it.\n\n```bash\ntprobe curve --lr 0.001\n```\n\n"
         "| a | b |\n|---|---|\n| x | 0.912 |\n",
     )
+    assert cd.main(["--root", str(tmp_path), "--list"]) == 1  # the cheap CI gate: nothing is run
+    capsys.readouterr()
     rc = cd.main(["--root", str(tmp_path), "-q"])
     out = capsys.readouterr().out
     assert rc == 1
@@ -77,10 +79,13 @@ def test_skip_marker_is_listed_with_its_reason_not_ignored(cd, tmp_path, capsys)
     assert "skipped   README.md:6" in out and "timing, machine-dependent" in out
 
 
-def test_unknown_check_name_fails(cd, tmp_path, capsys):
+def test_unknown_check_name_and_skip_without_reason_fail(cd, tmp_path, capsys):
     write_doc(tmp_path, "# t\n\n<!-- check: no-such-check -->\n| a |\n|---|\n| 0.5 |\n")
     assert cd.main(["--root", str(tmp_path), "-q"]) == 1
     assert "no check named 'no-such-check'" in capsys.readouterr().out
+    write_doc(tmp_path, "# t\n\n<!-- check: skip -->\n| a |\n|---|\n| 0.5 |\n")
+    assert cd.main(["--root", str(tmp_path), "--list"]) == 1
+    assert "README.md:4" in capsys.readouterr().out
 
 
 def test_a_registered_check_compares_at_the_printed_precision(cd, tmp_path, monkeypatch, capsys):
