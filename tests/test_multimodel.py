@@ -1,0 +1,142 @@
+"""Several models in one extract pass (issue #20 §5): one read per view, one store per model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tprobe.cache.extract as ex
+from tprobe.cache.extract import extract, extract_many, group_by_patch
+from tprobe.cache.store import FeatureStore
+from tprobe.data.dataset import discover
+from tprobe.data.preprocess import preprocess
+from tprobe.errors import TprobeError
+from tprobe.models.backbones import ALIASES, FAMILIES, Backbone, expand_models, resolve_model
+from tprobe.testing import save_random_dinov2, save_random_vit
+
+
+@pytest.fixture(scope="module")
+def deep_plain(tmp_path_factory) -> Path:
+    """A second tiny model of another shape: 4 blocks, no registers, other weights."""
+    return save_random_dinov2(
+        tmp_path_factory.mktemp("models") / "deep-plain", shape="tiny-deep", registers=0, seed=1
+    )
+
+
+def _files(store: Path) -> dict[str, bytes]:
+    if store.is_file():
+        return {store.name: store.read_bytes()}
+    return {str(p.relative_to(store)): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def _count_decodes(monkeypatch) -> list:
+    calls = []
+    real = ex.load_canvas
+
+    def counting(path, config):
+        calls.append(path)
+        return real(path, config)
+
+    monkeypatch.setattr(ex, "load_canvas", counting)
+    return calls
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_one_pass_stores_are_byte_identical_to_separate_extracts(
+    tmp_path, small_data, tiny_reg, deep_plain, monkeypatch, fmt
+):
+    pre = preprocess(discover(small_data))
+    refs = [resolve_model(str(tiny_reg)), resolve_model(str(deep_plain))]
+    kw = dict(fmt=fmt, chunk_rows=16, batch_size=5, progress=False)
+    calls = _count_decodes(monkeypatch)
+    single = [extract(pre, r, cache=tmp_path / "one", **kw) for r in refs]
+    separate_decodes = len(calls)
+    calls.clear()
+    many = extract_many(pre, refs, cache=tmp_path / "many", **kw)
+    assert len(calls) == separate_decodes // 2 > 0  # each source image decoded once for both models
+    assert [r.status for r in many] == ["written", "written"]
+    assert [r.images for r in many] == [len(pre.kept)] * 2
+    for a, b in zip(single, many, strict=True):
+        assert a.path.relative_to(tmp_path / "one") == b.path.relative_to(tmp_path / "many")  # same key
+        assert _files(a.path) == _files(b.path)
+        assert ex.manifest_path(a.path).read_bytes() == ex.manifest_path(b.path).read_bytes()
+    assert FeatureStore.open(many[0].path).num_registers == 4
+    assert FeatureStore.open(many[1].path).num_registers == 0
+
+
+def test_complete_store_is_skipped_and_partial_one_resumes(
+    tmp_path, small_data, tiny_reg, deep_plain, monkeypatch
+):
+    pre = preprocess(discover(small_data))
+    a, b = resolve_model(str(tiny_reg)), resolve_model(str(deep_plain))
+    kw = dict(cache=tmp_path, chunk_rows=8, batch_size=4, progress=False)
+    done = extract(pre, a, **kw)
+    half = extract(pre, b, shard=(0, 2), **kw)
+    assert half.status == "partial (shard)"
+    loaded = []
+    real = Backbone.from_pretrained.__func__
+
+    def counting(cls, model, *args, **kw2):
+        loaded.append(model.name)
+        return real(cls, model, *args, **kw2)
+
+    monkeypatch.setattr(Backbone, "from_pretrained", classmethod(counting))
+    calls = _count_decodes(monkeypatch)
+    res = extract_many(pre, [a, b], **kw)
+    assert [r.status for r in res] == ["up to date", "written"]
+    assert res[0].path == done.path and loaded == [b.name]  # the complete store's model is not loaded
+    assert res[1].images == len(pre.kept) - half.images > 0  # the other shard's units only
+    resumed = len(calls)
+    assert resumed == res[1].times.decodes
+    calls.clear()
+    ref_store = extract(pre, b, cache=tmp_path / "ref", chunk_rows=8, batch_size=4, progress=False)
+    assert 0 < resumed < len(calls)  # only the missing units were read
+    assert _files(ref_store.path) == _files(res[1].path)
+
+
+def test_shards_are_per_store(tmp_path, small_data, tiny_reg, deep_plain):
+    pre = preprocess(discover(small_data))
+    refs = [resolve_model(str(tiny_reg)), resolve_model(str(deep_plain))]
+    kw = dict(cache=tmp_path, chunk_rows=8, progress=False)
+    first = extract_many(pre, refs, shard=(0, 2), **kw)
+    assert [r.status for r in first] == ["partial (shard)"] * 2
+    second = extract_many(pre, refs, shard=(1, 2), **kw)
+    assert [r.status for r in second] == ["written"] * 2
+    assert all(FeatureStore.open(r.path).complete for r in second)
+
+
+@pytest.mark.refuses("one extract pass mixing models of different patch sizes")
+def test_mixed_patch_sizes_are_refused_and_grouped(tmp_path, small_data, tiny_reg):
+    v3 = resolve_model(str(save_random_vit(tmp_path / "v3", model_type="dinov3_vit")))
+    reg = resolve_model(str(tiny_reg))
+    pre = preprocess(discover(small_data))
+    with pytest.raises(TprobeError, match=r"one patch size.*patch 14.*patch 16.*own pass"):
+        extract_many(pre, [reg, v3], cache=tmp_path, progress=False)
+    assert not (tmp_path / pre.fingerprint).exists()  # refused before anything was written
+    assert [[r.name for r in g] for g in group_by_patch([reg, v3, reg])] == [[reg.name, reg.name], [v3.name]]
+
+
+@pytest.mark.refuses("the same model twice in one extract pass")
+def test_same_model_twice_is_refused(tmp_path, small_data, tiny_reg):
+    pre = preprocess(discover(small_data))
+    ref = resolve_model(str(tiny_reg))
+    with pytest.raises(TprobeError, match="same model.*give it once"):
+        extract_many(pre, [ref, resolve_model(str(tiny_reg))], cache=tmp_path, progress=False)
+
+
+def test_dinov2_family_alias():
+    assert set(FAMILIES["dinov2-all"]) == {
+        "dinov2-small",
+        "dinov2-small-reg",
+        "dinov2-base",
+        "dinov2-base-reg",
+    }
+    assert all(m in ALIASES for m in FAMILIES["dinov2-all"])
+    assert expand_models(["dinov2-small", "dinov2-all", "x/y"]) == [
+        "dinov2-small",
+        "dinov2-small-reg",
+        "dinov2-base",
+        "dinov2-base-reg",
+        "x/y",
+    ]
