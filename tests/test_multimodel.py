@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import tprobe.cache.extract as ex
@@ -140,3 +141,53 @@ def test_dinov2_family_alias():
         "dinov2-base-reg",
         "x/y",
     ]
+
+
+def _probe_runs(tmp_path, small_data, models, pools=("cls", "mean")) -> Path:
+    """Stores of ``models`` in one pass, then a logreg probe of each pool of each store, under runs/."""
+    from tprobe.probing.sweep import run_sweep, store_sources
+
+    pre = preprocess(discover(small_data))
+    res = extract_many(pre, [resolve_model(str(m)) for m in models], cache=tmp_path / "cache", progress=False)
+    runs = tmp_path / "runs"
+    for r in res:
+        run_sweep(store_sources(r.path, list(pools)), ["logreg"], out=runs, probe_kwargs={"n_boot": 50})
+    return runs
+
+
+def test_report_draws_the_variant_comparison(tmp_path, small_data, tiny_reg, deep_plain):
+    from tprobe.runs.report import RANDOM_MARK, write_report
+
+    runs = _probe_runs(tmp_path, small_data, [tiny_reg, deep_plain])
+    rep = write_report(runs, tmp_path / "rep")
+    table = rep["variants"]
+    assert (tmp_path / "rep" / "variants.png").stat().st_size > 10_000
+    # model x pool x head, with the models' names (their folders), never their paths
+    assert sorted(zip(table["model"], table["pool"], table["head"], strict=True)) == [
+        ("deep-plain", "cls", "logreg"),
+        ("deep-plain", "mean", "logreg"),
+        ("tiny-reg", "cls", "logreg"),
+        ("tiny-reg", "mean", "logreg"),
+    ]
+    assert table["random_init"].all() and table["is_reference"].sum() == 1
+    assert table.loc[table["is_reference"], "run"].item() == rep["reference"]
+    # the paired test against the declared reference, as in the report's own paired table
+    others = table[~table["is_reference"]]
+    assert others["p_holm"].between(0, 1).all() and others["diff"].notna().all()
+    pairs = pd.read_csv(tmp_path / "rep" / "paired.csv")
+    auc = pairs[pairs["metric"] == "roc_auc"].set_index("run")
+    for r in others.itertuples():
+        assert r.p_holm == pytest.approx(auc.loc[r.run, "p_holm"])
+        assert r.diff == pytest.approx(auc.loc[r.run, "mean_diff"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "![model variants](variants.png)" in md and RANDOM_MARK in md
+    assert "model variants" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_report_of_one_model_has_no_variant_figure(tmp_path, small_data, tiny_reg):
+    from tprobe.runs.report import write_report
+
+    runs = _probe_runs(tmp_path, small_data, [tiny_reg])
+    rep = write_report(runs, tmp_path / "rep")
+    assert rep["variants"].empty and not (tmp_path / "rep" / "variants.png").exists()
+    assert "Model variants" not in (tmp_path / "rep" / "report.md").read_text()
