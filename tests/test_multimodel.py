@@ -191,3 +191,59 @@ def test_report_of_one_model_has_no_variant_figure(tmp_path, small_data, tiny_re
     rep = write_report(runs, tmp_path / "rep")
     assert rep["variants"].empty and not (tmp_path / "rep" / "variants.png").exists()
     assert "Model variants" not in (tmp_path / "rep" / "report.md").read_text()
+
+
+def test_cli_extract_and_probe_several_models(tmp_path, small_data, tiny_reg, deep_plain):
+    from click.testing import CliRunner
+
+    from tprobe.cli import main
+
+    base = ["--data", str(small_data), "--cache", str(tmp_path / "c")]
+    res = CliRunner().invoke(main, ["extract", "--model", str(tiny_reg), "--model", str(deep_plain), *base])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    paths = [Path(p) for p in lines[-2:]]  # one store per model, last
+    assert all(FeatureStore.open(p).complete for p in paths)
+    assert f"{tiny_reg}: written: " in res.output and f"{deep_plain}: written: " in res.output
+    assert "RANDOM WEIGHTS" in res.output
+    # one model alone finds its store under the same key
+    one = CliRunner().invoke(main, ["extract", "--model", str(deep_plain), *base])
+    assert (
+        one.exit_code == 0
+        and "up to date" in one.output
+        and one.output.strip().splitlines()[-1] == str(paths[1])
+    )
+    out = tmp_path / "runs"
+    probe = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--model",
+            str(tiny_reg),
+            "--model",
+            str(deep_plain),
+            *base,
+            "--pool",
+            "cls",
+            "--out",
+            str(out),
+        ],
+    )
+    assert probe.exit_code == 0, probe.output
+    summary = pd.read_parquet(Path(probe.output.strip().splitlines()[-1]) / "summary.parquet")
+    assert sorted(summary["features"]) == sorted([str(tiny_reg), str(deep_plain)])
+    assert "tiny-reg" in probe.output and "deep-plain" in probe.output  # the table says which model
+    rep = CliRunner().invoke(main, ["report", str(out), "--out", str(tmp_path / "rep")])
+    assert rep.exit_code == 0, rep.output
+    assert (tmp_path / "rep" / "variants.png").exists()
+
+
+@pytest.mark.refuses("extract --workers with several --model")
+def test_cli_several_models_refuse_workers(tmp_path, small_data, tiny_reg, deep_plain):
+    from click.testing import CliRunner
+
+    from tprobe.cli import main
+
+    args = ["extract", "--model", str(tiny_reg), "--model", str(deep_plain), "--data", str(small_data)]
+    res = CliRunner().invoke(main, [*args, "--cache", str(tmp_path), "--workers", "2"])
+    assert res.exit_code == 2 and "--workers does not apply with several --model" in res.output

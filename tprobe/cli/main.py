@@ -317,7 +317,13 @@ def _extract_slurm(ctx, pre, ref, shard, shards, slurm):
 
 
 @main.command()
-@click.option("--model", required=True, help="Alias (see `tprobe models`), hub id or local folder.")
+@click.option(
+    "--model",
+    required=True,
+    multiple=True,
+    help="Alias (see `tprobe models`), hub id or local folder; repeat it (or a family alias such as "
+    "dinov2-all) to feed several models in one pass, one store each.",
+)
 @click.option("--revision", default=None, help="Hub branch, tag or commit [default: main].")
 @data_options
 @CACHE_OPTION
@@ -433,13 +439,18 @@ def extract(
       tprobe extract --model dinov2-base --data path/to/images --format hdf5
       tprobe extract --model ./my-local-dinov2 --batch-size 64 --dtype float32 --device cuda
       tprobe extract --model dinov2-small-reg --layers -1,-2,-3,-4,-7   # then probe --pool layers / last4
+      tprobe extract --model dinov2-small --model dinov2-base   # one pass, one store each (or dinov2-all)
       tprobe extract --model dinov2-small-reg --workers 4 --devices 0,1,2,3   # one node, 4 GPUs
       tprobe extract --model dinov2-small-reg --executor slurm --shards 8 --partition gpu \\
           --gpus-per-task 1 --time 2:00:00     # one array job, task i runs --shard i/8
     """
     from tprobe.cache.extract import extract as run_extract
-    from tprobe.models.backbones import resolve_model
+    from tprobe.models.backbones import expand_models, resolve_model
 
+    models = expand_models(model)
+    if len(models) > 1:
+        return _extract_many(ctx, models, data, prep)
+    ctx.params["model"] = model = models[0]  # one model: as before
     if executor == "local" and shards:
         raise TprobeError("--shards N is for --executor slurm; one local worker takes --shard i/N")
     if workers > 1 and (executor == "slurm" or shard != "0/1"):
@@ -495,6 +506,49 @@ def extract(
     finish(pre)
 
 
+def _extract_many(ctx, models, data, prep):
+    """Several --model: one pass per patch size (:func:`~tprobe.cache.extract.extract_many`), one store each."""
+    from tprobe.cache.extract import extract_many, group_by_patch
+    from tprobe.models.backbones import resolve_model
+
+    p = ctx.params
+    refuse_unused(
+        [
+            ("revision", False, "with several --model (give each hub model's revision in its own command)"),
+            ("workers", False, "with several --model (run one model per command to use --workers)"),
+            ("devices", False, "with several --model"),
+            ("executor", False, "with several --model (run one model per command on SLURM)"),
+            ("shards", False, "with several --model (run one model per command on SLURM)"),
+        ]
+    )
+    refs = [resolve_model(m, offline=p["offline"]) for m in models]
+    paths = []
+    for group in group_by_patch(refs):
+        pre = prepare_data(data, prep, progress=False, ref=group[0])
+        results = extract_many(
+            pre,
+            group,
+            **{k: p[k] for k in ("cache", "fmt", "dtype", "batch_size", "chunk_rows", "device", "precision")},
+            **{k: p[k] for k in ("offline", "compression", "layers", "patch_layers")},
+            compile=p["compile_"],
+            workers=p["loader_workers"],
+            shard=parse_shard(p["shard"]),
+            tokens=token_names(p["tokens"]),
+        )
+        for ref, res in zip(group, results, strict=True):
+            if res.status == "up to date":
+                click.echo(f"{ref.name}: up to date: {res.rows} rows already extracted for {ref.slug}")
+            else:
+                click.echo(
+                    f"{ref.name}: {res.status}: {res.images} views in {res.seconds:.1f} s; {res.times.line()}"
+                )
+            paths.append(str(res.path))
+    if any(r.random_init for r in refs):
+        click.echo(RANDOM_NOTE)
+    click.echo("\n".join(paths))  # one store per model, in --model order within each patch size
+    finish(pre)
+
+
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--shards", type=int, default=1, show_default=True, help="Report per shard for N workers.")
@@ -529,9 +583,11 @@ def status(store, shards, as_json, deep):
 @main.command()
 @click.option(
     "--model",
-    default="dinov2-small-reg",
+    default=("dinov2-small-reg",),
+    multiple=True,
     show_default=True,
-    help="Model whose cached store to use (alias, hub id or local folder).",
+    help="Model whose cached store to use (alias, hub id or local folder); repeat it (or a family alias "
+    "such as dinov2-all) to sweep each model's store.",
 )
 @click.option("--revision", default=None, help="Hub revision of --model.")
 @click.option("--store", type=click.Path(path_type=Path), default=None, help="Use this store directly.")
@@ -660,6 +716,7 @@ def probe(
       tprobe probe --head xgboost --model dinov2-base-reg --pool cls+mean
       tprobe probe --head mlp --pool registers --split test-donor --test-donor 4
       tprobe probe --head all --pool all                      # the sweep, one table
+      tprobe probe --model dinov2-all --head all --pool all   # every variant's store, one sweep
       tprobe probe --head all --pool layers --store S.zarr    # which layer to probe: auc_by_layer.png
       tprobe probe --features cellprofiler.csv --id-column FileName_NADH
       tprobe probe --head all --pool all --executor slurm --partition cpu   # one array task per run
@@ -667,8 +724,13 @@ def probe(
     """
     if resume is not None or sweep_task is not None:
         return _probe_resume(ctx, resume, sweep_task, executor, slurm)
+    from tprobe.models.backbones import expand_models
+
+    models = expand_models(model)
     if executor == "slurm":
         _probe_slurm_checks(features, out, slurm)
+        if len(models) > 1:
+            raise TprobeError("--executor slurm sweeps one store; give one --model per sweep")
     from tprobe.cache.store import POOLS
     from tprobe.models.tokens import LAYER_POOLS, is_pool
     from tprobe.probing.heads import HEADS
@@ -719,9 +781,13 @@ def probe(
             from tprobe.cache.extract import find_store
             from tprobe.models.backbones import resolve_model
 
-            ref = resolve_model(model, revision, offline=offline)
             layered = pool == "layers" or any(p == "last4" or "@" in p for p in pools)
-            store = find_store(cache, prepare_data(data, prep, progress=False, ref=ref), ref, layered=layered)
+            found = {}
+            for m in models:  # each model's store (several: a sweep over them all)
+                ref = resolve_model(m, revision, offline=offline)
+                pre = prepare_data(data, prep, progress=False, ref=ref)
+                found[m] = find_store(cache, pre, ref, layered=layered)
+            store = found[models[0]]
         elif data is not None:
             from tprobe.features.assemble import check_store_matches, store_patch
 
@@ -733,6 +799,16 @@ def probe(
 
             pools = FeatureStore.open(store).layer_pools()
         sources = store_sources(store, pools)
+        if len(models) > 1 and features is None:
+            from tprobe.cache.store import FeatureStore
+            from tprobe.probing.sweep import model_sources
+
+            sources = model_sources(
+                [
+                    (m, s, FeatureStore.open(s).layer_pools() if pool == "layers" else pools)
+                    for m, s in found.items()
+                ]
+            )
 
     probe_kwargs = dict(
         split=split,
@@ -796,7 +872,8 @@ def probe(
         click.echo(
             f"== sweep summary (mean over held-out donors); per-donor tables: {res.out}/<run>/{RUN_DETAIL}"
         )
-        echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
+        hide = ["run", "features"] if len(models) == 1 else ["run"]  # several models: which one is which
+        echo_table(res.summary.drop(columns=hide, errors="ignore"))
         click.echo(f"   sweep wall time {res.seconds:.1f} s")
         if random_seen:
             click.echo(f"   {RANDOM_NOTE}")

@@ -47,6 +47,7 @@ __all__ = [
     "SweepResult",
     "run_sweep",
     "store_sources",
+    "model_sources",
     "pool_store",
     "SUMMARY_METRICS",
     "SweepPlan",
@@ -138,6 +139,16 @@ def store_sources(path: str | Path, pools: Sequence[str]) -> list[Source]:
         return got
 
     return [(p, load) for p in pools]
+
+
+def model_sources(stores: Sequence[tuple[str, str | Path, Sequence[str]]]) -> list[Source]:
+    """Sources for several models' stores (``tprobe probe --model A --model B``): ``(model, store, pools)``
+    each, named ``<model> · <pool>``; each store is read once, on its first load."""
+    out: list[Source] = []
+    for model, path, pools in stores:
+        for pool, load in store_sources(path, pools):
+            out.append((f"{model} · {pool}", lambda _name, load=load, pool=pool: load(pool)))
+    return out
 
 
 def summary_row(fs: FeatureSet, head: str, run: ProbeRun, path: Path) -> dict:
