@@ -247,3 +247,13 @@ def test_cli_several_models_refuse_workers(tmp_path, small_data, tiny_reg, deep_
     args = ["extract", "--model", str(tiny_reg), "--model", str(deep_plain), "--data", str(small_data)]
     res = CliRunner().invoke(main, [*args, "--cache", str(tmp_path), "--workers", "2"])
     assert res.exit_code == 2 and "--workers does not apply with several --model" in res.output
+
+
+def test_models_lists_the_family_alias():
+    from click.testing import CliRunner
+
+    from tprobe.cli import main
+
+    r = CliRunner().invoke(main, ["models"])
+    assert r.exit_code == 0 and "dinov2-all" in r.output
+    assert " + ".join(FAMILIES["dinov2-all"]) in r.output
