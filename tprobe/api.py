@@ -302,7 +302,7 @@ def feature_sets(
 # ---- cache: extract, status, export ---------------------------------------------------------------
 def extract(
     data: str | Path | Dataset | Preprocessed | None = None,
-    model: str | Path | ModelRef | Backbone = "dinov2-small-reg",
+    model: str | Path | ModelRef | Backbone | Sequence[str | Path | ModelRef | Backbone] = "dinov2-small-reg",
     *,
     config: PreprocessConfig | None = None,
     cache: str | Path = "cache",
@@ -330,7 +330,7 @@ def extract(
     offline: bool = False,
     progress: bool | None = None,
     **options,
-) -> ExtractResult:
+) -> ExtractResult | list[ExtractResult]:
     """Run every kept view through a ViT once and store its CLS, register and patch tokens in the cache.
 
     ``data``: a :class:`~tprobe.data.preprocess.Preprocessed` (used as it is) or anything
@@ -355,16 +355,30 @@ def extract(
     :func:`open_store`), ``.status``, ``.rows``, ``.seconds``, ``.model`` and ``.skipped`` (input files
     that could not be read).
 
+    Several models (a list, or a family alias such as ``"dinov2-all"``) run in one pass per patch size
+    (:func:`~tprobe.cache.extract.extract_many`): each view is read and decoded once and fed to every
+    model, and each model gets its own store, the same bytes under the same key as its own extract.
+    That returns a list of :class:`~tprobe.cache.extract.ExtractResult`, one per model in the order
+    given; it runs in this process (no ``workers``, ``devices``, ``executor="slurm"``, ``shards`` or
+    ``revision``).
+
     Example::
 
         res = tprobe.extract(views="orig", model="path/to/dinov2-small-reg", cache="cache")
         store = tprobe.open_store(res.path)
+        small, base = tprobe.extract(views="orig", model=["path/to/small", "path/to/base"])
     """
     from tprobe.cluster.workers import check_executor
 
     gpus = check_executor(
         executor=executor, workers=workers, devices=devices, shard=shard, shards=shards, cache=cache
     )
+    models = _model_list(model)
+    if len(models) > 1 and (workers > 1 or executor != "local" or revision is not None):
+        raise TprobeError(
+            "several models run in one local pass: workers, devices, executor='slurm', shards and "
+            "revision are for one model; extract that model on its own"
+        )
     if (workers > 1 or executor == "slurm") and task_args is None:
         raise TprobeError(
             "workers > 1 and executor='slurm' run `tprobe extract` processes: pass task_args, the "
@@ -372,15 +386,12 @@ def extract(
         )
     from tprobe.data.preprocess import Preprocessed as _Preprocessed
 
-    model = resolve_model(model, revision, offline=offline) if isinstance(model, str | Path) else model
-    ref = getattr(model, "ref", model)  # a loaded Backbone runs as it is, in this process
     if isinstance(data, _Preprocessed):
         if config is not None or options:
             raise TprobeError("data is preprocessed already; drop config and the preprocessing options")
-        pre = data
+        canvas_set = None  # used as it is
     else:
         config, canvas_set = _config(config, options)
-        pre = _prepared(data, config, ref, canvas_set=canvas_set, progress=False)
     names = (
         tuple(t.strip() for t in tokens.split(",") if t.strip()) if isinstance(tokens, str) else tuple(tokens)
     )
@@ -393,6 +404,38 @@ def extract(
         layers=layers,
         patch_layers=patch_layers,
     )
+    if len(models) > 1:
+        from tprobe.cache.extract import extract_many, group_by_patch
+
+        refs = [resolve_model(m, offline=offline) if isinstance(m, str | Path) else m for m in models]
+        done = {}
+        for group in group_by_patch(refs):  # one canvas, so one pass, per patch size
+            pre = _prepared(data, config, getattr(group[0], "ref", group[0]), canvas_set=canvas_set)
+            results = extract_many(
+                pre,
+                group,
+                batch_size=batch_size,
+                chunk_rows=chunk_rows,
+                device=device,
+                compile=compile,
+                workers=loader_workers,
+                shard=tuple(shard),
+                offline=offline,
+                progress=progress,
+                compression=compression,
+                **common,
+            )
+            for m, res in zip(group, results, strict=True):
+                res.skipped = list(pre.skipped)
+                done[id(m)] = res
+        return [done[id(m)] for m in refs]
+    model = (
+        resolve_model(models[0], revision, offline=offline)
+        if isinstance(models[0], str | Path)
+        else models[0]
+    )
+    ref = getattr(model, "ref", model)  # a loaded Backbone runs as it is, in this process
+    pre = _prepared(data, config, ref, canvas_set=canvas_set, progress=False)
     if executor == "slurm":
         from tprobe.cluster.slurm import extract_slurm
 
@@ -437,6 +480,20 @@ def extract(
         )
     res.skipped = list(pre.skipped)
     return res
+
+
+def _model_list(model) -> list:
+    """``extract``'s ``model`` as a list: each family alias (``dinov2-all``) as its models, each model once."""
+    from tprobe.models.backbones import expand_models
+
+    out: list = []
+    for m in model if isinstance(model, list | tuple) else [model]:
+        for x in expand_models([m]) if isinstance(m, str) else [m]:
+            if not any(x is y or (isinstance(x, str) and x == y) for y in out):
+                out.append(x)
+    if not out:
+        raise TprobeError("no model to extract; give at least one model")
+    return out
 
 
 def status(store: str | Path, *, shards: int = 1, deep: bool = False) -> StoreStatus:
@@ -485,7 +542,7 @@ def probe(
     test_donor: str | None = None,
     folds: int = 5,
     out: str | Path | None = None,
-    model: str | None = None,
+    model: str | Sequence[str] | None = None,
     revision: str | None = None,
     data: str | Path | None = None,
     config: PreprocessConfig | None = None,
@@ -511,8 +568,9 @@ def probe(
     a CSV/Parquet feature table (joined to the images of ``data``: ``id_column``, ``exclude``,
     ``keep_columns``, ``all_table_rows``), or ``None``: ``model``'s store in ``cache`` for ``data``
     preprocessed with ``config`` (``canvas_set``: whether the canvas was set by hand; default: it
-    differs from the default canvas). ``head`` and ``pool`` take a name, ``all``, a list, and for
-    ``pool`` also ``layers`` (``cls@`` each layer a ``--layers`` store holds). ``options`` are
+    differs from the default canvas). Several ``model`` values (or a family alias such as
+    ``dinov2-all``) sweep each model's store, the runs named ``<model> · <pool>``. ``head`` and
+    ``pool`` take a name, ``all``, a list, and for ``pool`` also ``layers`` (``cls@`` each layer a ``--layers`` store holds). ``options`` are
     :class:`~tprobe.probing.run.ProbeRun` parameters (``tta``, ``train_views``, ``penalty``, ``seed``,
     ``n_boot``, ``final_head``, ``normalize``, ``solver``, ...). ``progress`` gets every
     :class:`~tprobe.probing.sweep.SweepEvent`.
@@ -552,6 +610,8 @@ def probe(
     if executor == "slurm":
         from tprobe.cluster.slurm import check_sweep
 
+        if features is None and model is not None and len(_model_list(model)) > 1:
+            raise TprobeError("--executor slurm sweeps one store; give one --model per sweep")
         check_sweep("runs" if out is None else out, store=_sweep.is_store_input(features))
     heads, pools = _sweep.expand_names(head, "cls" if pool is None else pool)
     if canvas_set is None:
@@ -742,13 +802,16 @@ def report(
     (``reference``: a run folder's name; default: the logreg probe on CLS tokens, else the frequency
     baseline, else the first run folder by path; the rule reads no result) on the same held-out donors:
     exact sign-flip test, Holm across the comparisons. With ``out`` the report is written there
-    (report.md, report.html, summary.parquet, summary.csv, paired.csv, donor_auc.png), as ``tprobe
-    report`` does; without it nothing is written. A ``reference`` matching no run, or several, is a
+    (report.md, report.html, summary.parquet, summary.csv, paired.csv, donor_auc.png, and variants.png
+    when the runs probe stores of two or more models), as ``tprobe report`` does; without it nothing
+    is written. A ``reference`` matching no run, or several, is a
     one-line error before anything is written.
 
     Returns a :class:`~tprobe.runs.report.Report`: ``.summary`` (one row per run), ``.table`` (its
     display form), ``.paired`` (each run vs the reference), ``.headline``, ``.map_signal`` (donor and
-    batch signal within class from ``tprobe map`` folders), ``.incomplete`` and ``.paths`` (files written).
+    batch signal within class from ``tprobe map`` folders), ``.variants`` (the model variants' AUC by
+    model x pooling x head against the reference; empty with one model), ``.incomplete`` and ``.paths``
+    (files written).
 
     Example::
 

@@ -23,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,8 @@ __all__ = [
     "ExtractResult",
     "StageTimes",
     "extract",
+    "extract_many",
+    "group_by_patch",
     "resolve_precision",
     "estimate_bytes",
 ]
@@ -343,33 +345,175 @@ def extract(
     row order, model content, precision, dtype, tokens and layers; a complete store with the same key
     is left as it is ("up to date"). ``workers`` are the DataLoader's decoding processes (the CLI's
     ``--loader-workers``); ``write_threads`` units are compressed at once [default: min(4, cores)].
+    Several models in one pass: :func:`extract_many`.
     """
-    ref = model.ref if isinstance(model, Backbone) else model
-    dev = model.device if isinstance(model, Backbone) else pick_device(device)
+    return extract_many(
+        pre,
+        [model],
+        cache=cache,
+        fmt=fmt,
+        dtype=dtype,
+        batch_size=batch_size,
+        chunk_rows=chunk_rows,
+        device=device,
+        precision=precision,
+        compile=compile,
+        workers=workers,
+        shard=shard,
+        offline=offline,
+        progress=progress,
+        tokens=tokens,
+        compression=compression,
+        check_disk=check_disk,
+        layers=layers,
+        patch_layers=patch_layers,
+        write_threads=write_threads,
+    )[0]
+
+
+def group_by_patch(refs) -> list[list]:
+    """Models (refs or backbones) grouped by patch size, in first-seen order: each group shares one canvas
+    (the default canvas is rounded up to the patch size), so each group is one :func:`extract_many` pass."""
+    groups: dict[int, list] = {}
+    for m in refs:
+        ref = m.ref if isinstance(m, Backbone) else m
+        groups.setdefault(ref.patch_size, []).append(m)
+    return list(groups.values())
+
+
+@dataclass
+class _Job:
+    """One model's share of a pass: its store, backbone, units to write, writer and timings."""
+
+    ref: ModelRef
+    path: Path
+    norm: tuple
+    layers: tuple
+    patch_layers: tuple
+    backbone: Backbone | None = None
+    store: FeatureStore | None = None
+    layout: object = None
+    units: set = field(default_factory=set)
+    times: StageTimes = field(default_factory=StageTimes)
+    todo: int = 0
+    writer: _Writer | None = None
+    forward: object = None
+    take: object = None
+    buffer: dict = field(default_factory=dict)
+
+
+def extract_many(
+    pre: Preprocessed,
+    models,
+    *,
+    cache: str | Path = DEFAULT_CACHE,
+    fmt: str = "zarr",
+    dtype: str = "float16",
+    batch_size: int | None = None,
+    chunk_rows: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+    compile: bool = False,
+    workers: int | None = None,
+    shard: tuple[int, int] = (0, 1),
+    offline: bool = False,
+    progress: bool | None = None,
+    tokens=TOKENS,
+    compression: str = "zstd",
+    check_disk: bool = True,
+    layers="-1",
+    patch_layers="-1",
+    write_threads: int | None = None,
+) -> list[ExtractResult]:
+    """:func:`extract` for several models in one pass: one :class:`ExtractResult` per model, in order.
+
+    Each view is read, decoded and turned into its views once and fed to every model; each model
+    writes its own store, under the same key and with the same bytes as its own :func:`extract` would
+    (same batches, same units). Resume and shards are per store: a complete store is "up to date" and
+    its model is not even loaded; a partial one writes only its missing units (of ``shard``). One pass
+    takes one canvas, so the models must share a patch size (:func:`group_by_patch` splits a list into
+    passes). ``layers`` / ``patch_layers`` apply to every model. The stage times of each result share the
+    pass's read, wait and total seconds; forward and write are the model's own.
+    """
+    models = list(models)
+    if not models:
+        raise TprobeError("no model to extract; give at least one --model")
+    refs = [m.ref if isinstance(m, Backbone) else m for m in models]
+    patches = {r.patch_size for r in refs}
+    if len(patches) > 1:
+        sizes = ", ".join(f"{r.name} (patch {r.patch_size})" for r in refs)
+        raise TprobeError(
+            f"one extract pass feeds models of one patch size, one canvas; got {sizes}: extract each patch "
+            "size in its own pass (tprobe.cache.extract.group_by_patch; `tprobe extract` does it by itself)"
+        )
+    given = [m.device for m in models if isinstance(m, Backbone)]
+    dev = given[0] if given else pick_device(device)
     precision = resolve_precision(precision, dev)
     tokens = tuple(t for t in TOKENS if t in tokens)
-    layers = parse_layers(layers, ref.num_layers)
-    patch_layers = (
-        parse_layers(patch_layers, ref.num_layers, "--patch-layers") if "patches" in tokens else (-1,)
-    )
-    norm = (model.mean, model.std) if isinstance(model, Backbone) else normalisation(ref, offline)
-    path = store_path(
-        cache, pre, ref, dtype, fmt, precision, tokens, norm=norm, layers=layers, patch_layers=patch_layers
-    )
     kept = pre.kept
-    if is_sealed(path):
-        FeatureStore.open(path)  # removes what killed workers left beside it; refuses a missing chunk
-        _write_manifest(manifest_path(path), kept)  # restores an edited or deleted manifest
-        return ExtractResult(path, "up to date", len(kept), model=ref)
-    if isinstance(model, Backbone):
-        backbone = model
-    else:
-        backbone = Backbone.from_pretrained(ref, device=str(dev), offline=offline)
-    layout = backbone.layout(pre.config.canvas)
+    results: list[ExtractResult | None] = [None] * len(models)
+    jobs: list[tuple[int, _Job]] = []
+    seen: dict[Path, str] = {}
+    for i, (model, ref) in enumerate(zip(models, refs, strict=True)):
+        lay = parse_layers(layers, ref.num_layers)
+        play = parse_layers(patch_layers, ref.num_layers, "--patch-layers") if "patches" in tokens else (-1,)
+        norm = (model.mean, model.std) if isinstance(model, Backbone) else normalisation(ref, offline)
+        path = store_path(
+            cache, pre, ref, dtype, fmt, precision, tokens, norm=norm, layers=lay, patch_layers=play
+        )
+        if path in seen:
+            raise TprobeError(
+                f"models {seen[path]!r} and {ref.name!r} are the same model (one store, {path.parent.name}); "
+                "give it once"
+            )
+        seen[path] = ref.name
+        if is_sealed(path):
+            FeatureStore.open(path)  # removes what killed workers left beside it; refuses a missing chunk
+            _write_manifest(manifest_path(path), kept)  # restores an edited or deleted manifest
+            results[i] = ExtractResult(path, "up to date", len(kept), model=ref)
+            continue
+        job = _Job(ref, path, norm, lay, play)
+        if isinstance(model, Backbone):
+            job.backbone = model
+        else:
+            job.backbone = Backbone.from_pretrained(ref, device=str(dev), offline=offline)
+            if (job.backbone.mean, job.backbone.std) != norm:
+                raise TprobeError(
+                    f"model {ref.name}: its preprocessor_config.json changed while loading; rerun"
+                )
+        jobs.append((i, job))
+    for _, job in jobs:
+        _open_store(job, pre, dtype, precision, tokens, chunk_rows, compression, check_disk, shard)
+    if jobs:
+        _run_pass(
+            pre,
+            [j for _, j in jobs],
+            dev,
+            batch_size,
+            workers,
+            progress,
+            write_threads,
+            precision,
+            compile,
+            dtype,
+        )
+    for i, job in jobs:
+        sealed = job.store.finalize()  # any worker that finds every unit done seals the store
+        status = "written" if sealed else "partial (shard)"
+        results[i] = ExtractResult(
+            job.path, status, len(kept), job.times.total, job.todo, job.times, model=job.ref
+        )
+    return results
+
+
+def _open_store(job: _Job, pre, dtype, precision, tokens, chunk_rows, compression, check_disk, shard) -> None:
+    """Create (or reopen) the job's store and list its units to write."""
+    kept, backbone = pre.kept, job.backbone
+    layout = job.layout = backbone.layout(pre.config.canvas)
     channels = pre.config.per_channel  # a channel axis in per-channel mode
-    if check_disk and not progress_dir(path).exists():
+    if check_disk and not progress_dir(job.path).exists():
         _check_disk(
-            path,
+            job.path,
             estimate_bytes(
                 len(kept),
                 layout.hidden,
@@ -378,13 +522,13 @@ def extract(
                 dtype,
                 tokens,
                 max(1, len(channels)),
-                len(layers),
-                len(patch_layers),
+                len(job.layers),
+                len(job.patch_layers),
             ),
         )
-    _write_manifest(manifest_path(path), kept)
-    store = FeatureStore.create(
-        path,
+    _write_manifest(manifest_path(job.path), kept)
+    job.store = FeatureStore.create(
+        job.path,
         row_ids=kept["image_id"].tolist(),
         hidden=layout.hidden,
         registers=layout.registers,
@@ -394,18 +538,29 @@ def extract(
         tokens=tokens,
         compression=compression,
         channels=channels,
-        attrs=_attrs(pre, backbone, layout, dtype, precision, layers, patch_layers),
-        layers=layers,
-        patch_layers=patch_layers,
+        attrs=_attrs(pre, backbone, layout, dtype, precision, job.layers, job.patch_layers),
+        layers=job.layers,
+        patch_layers=job.patch_layers,
     )
-    units = store.pending_units(shard)
+    job.units = set(job.store.pending_units(shard))
+
+
+def _run_pass(
+    pre, jobs: list[_Job], dev, batch_size, workers, progress, write_threads, precision, compile, dtype
+):
+    """The reader -> mapper -> writer loop: every batch read once, fed to each job whose store needs its unit."""
+    kept = pre.kept
+    channels = pre.config.per_channel
+    first = jobs[0].store  # every store has the same rows and units (same rows, same chunk_rows)
     batch_size = batch_size or (64 if dev.type == "cuda" else 16)
     batches, owner = [], []
-    for u in units:
-        sl = store.unit_slice(u)
+    for u in sorted(set().union(*(j.units for j in jobs))):
+        sl = first.unit_slice(u)
         for s in range(sl.start, sl.stop, batch_size):
             batches.append(list(range(s, min(sl.stop, s + batch_size))))
             owner.append(u)
+    for job in jobs:
+        job.todo = sum(len(b) for b, u in zip(batches, owner, strict=True) if u in job.units)
     workers = workers if workers is not None else (min(8, _cpus()) if dev.type == "cuda" else 0)
     loader = DataLoader(
         _Batches(kept, batches, pre.config),
@@ -416,56 +571,77 @@ def extract(
         prefetch_factor=4 if workers else None,
     )
     todo = sum(len(b) for b in batches)
-    times = StageTimes()
-    names = list(store.shapes)
+    shared = StageTimes()  # the pass's reading, shared by every model
     out_dtype = getattr(torch, dtype)  # torch's float16 rounding equals numpy's astype, and is ~10x faster
     # on a CPU device the per-batch casts run on one torch thread: the pool's hand-offs cost more than the
     # copies themselves while the writer threads hold the other cores (docs/guide/benchmarks.md)
     host_threads = 1 if dev.type == "cpu" else None
     t0 = time.perf_counter()
-    bar = _Progress(todo, f"extract {ref.name}", progress)
-    writer = _Writer(store, threads=write_threads or min(4, _cpus()))
-    buffer: dict[str, np.ndarray] = {}
+    names = " + ".join(j.ref.name for j in jobs)
+    bar = _Progress(todo, f"extract {names}", progress)
+    threads = write_threads or max(1, min(4, _cpus()) // len(jobs))
+    for job in jobs:
+        job.writer = _Writer(job.store, threads=threads)
+        job.buffer = {}
     ok = False
     try:
-        with backbone.fixed_canvas(pre.config.canvas):
-            forward = _forward_fn(
-                backbone, precision, compile, (*layers, *patch_layers) if store.layered else None
-            )
-            take = _token_taker(layout, layers, patch_layers) if store.layered else None
+        with ExitStack() as stack:
+            for job in jobs:
+                stack.enter_context(job.backbone.fixed_canvas(pre.config.canvas))
+                layered = job.store.layered
+                job.forward = _forward_fn(
+                    job.backbone, precision, compile, (*job.layers, *job.patch_layers) if layered else None
+                )
+                job.take = _token_taker(job.layout, job.layers, job.patch_layers) if layered else None
             it = iter(loader)
             for b in range(len(batches)):
                 tw = time.perf_counter()
                 canvases, src, views, decodes, read_s = next(it)
-                times.wait_data += time.perf_counter() - tw
-                times.read += read_s
-                times.decodes += decodes
+                shared.wait_data += time.perf_counter() - tw
+                shared.read += read_s
+                shared.decodes += decodes
                 tf = time.perf_counter()
                 images = _device_views(canvases, src, views, dev)
-                if channels:  # (B, C, H, W): every channel through the model on its own, as grey
-                    hidden = forward(_pixel_values(backbone, images.flatten(0, 1)))
-                else:
-                    hidden = forward(_pixel_values(backbone, images))
-                # {token: (B', ...)}: the last block's split, or each chosen layer's on a layer axis
-                parts = dict(zip(TOKENS, layout.split(hidden), strict=True)) if take is None else take(hidden)
-                if channels:
-                    parts = {n: v.unflatten(0, (len(images), len(channels))) for n, v in parts.items()}
-                unit = store.unit_slice(owner[b])
-                if not buffer:  # the unit's rows, filled batch by batch (no list of parts, no concatenation)
-                    buffer = {
-                        n: np.empty((unit.stop - unit.start, *store.shapes[n][1:]), dtype) for n in names
-                    }
+                t_views = time.perf_counter() - tf
+                unit = first.unit_slice(owner[b])
                 at = slice(batches[b][0] - unit.start, batches[b][-1] + 1 - unit.start)
-                with _torch_threads(host_threads):
-                    # cast to the store's dtype in torch (on the device: half the copy to host)
-                    for n in names:
-                        v = parts[n] if dev.type == "cpu" else parts[n].to(out_dtype).cpu()
-                        torch.from_numpy(buffer[n][at]).copy_(v)
-                times.forward += time.perf_counter() - tf
+                inputs: dict = {}  # the normalised input, made once per normalisation
+                for job in jobs:
+                    if owner[b] not in job.units:
+                        continue
+                    tf = time.perf_counter()
+                    # per channel (B, C, H, W): every channel through the model on its own, as grey
+                    if job.norm not in inputs:
+                        inputs[job.norm] = _pixel_values(
+                            job.backbone, images.flatten(0, 1) if channels else images
+                        )
+                    hidden = job.forward(inputs[job.norm])
+                    # {token: (B', ...)}: the last block's split, or each chosen layer's on a layer axis
+                    layout = job.layout
+                    parts = (
+                        dict(zip(TOKENS, layout.split(hidden), strict=True))
+                        if job.take is None
+                        else job.take(hidden)
+                    )
+                    if channels:
+                        parts = {n: v.unflatten(0, (len(images), len(channels))) for n, v in parts.items()}
+                    store = job.store
+                    # the unit's rows, filled batch by batch (no list of parts, no concatenation)
+                    if not job.buffer:
+                        job.buffer = {
+                            n: np.empty((unit.stop - unit.start, *store.shapes[n][1:]), dtype)
+                            for n in store.shapes
+                        }
+                    with _torch_threads(host_threads):
+                        # cast to the store's dtype in torch (on the device: half the copy to host)
+                        for n, buf in job.buffer.items():
+                            v = parts[n] if dev.type == "cpu" else parts[n].to(out_dtype).cpu()
+                            torch.from_numpy(buf[at]).copy_(v)
+                    job.times.forward += time.perf_counter() - tf + t_views
+                    if b + 1 == len(batches) or owner[b + 1] != owner[b]:  # the unit is whole
+                        job.times.wait_write += job.writer.put(owner[b], job.buffer)
+                        job.buffer = {}
                 bar.update(len(images))
-                if b + 1 == len(batches) or owner[b + 1] != owner[b]:  # the unit is whole
-                    times.wait_write += writer.put(owner[b], buffer)
-                    buffer = {}
         ok = True
     except torch.cuda.OutOfMemoryError:
         raise TprobeError(
@@ -474,12 +650,19 @@ def extract(
         ) from None
     finally:
         bar.close()
-        writer.close(drain=ok)
-    times.write = writer.seconds
-    times.total = time.perf_counter() - t0
-    sealed = store.finalize()  # any worker that finds every unit done seals the store
-    status = "written" if sealed else "partial (shard)"
-    return ExtractResult(path, status, len(kept), times.total, todo, times, model=ref)
+        errors = []
+        for job in jobs:
+            try:
+                job.writer.close(drain=ok)
+            except BaseException as exc:  # noqa: BLE001 - every writer is closed, the first error raised
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+    total = time.perf_counter() - t0
+    for job in jobs:
+        job.times.read, job.times.wait_data, job.times.decodes = shared.read, shared.wait_data, shared.decodes
+        job.times.write = job.writer.seconds
+        job.times.total = total
 
 
 class _Progress:

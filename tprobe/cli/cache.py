@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import click
 
@@ -19,6 +20,7 @@ from tprobe.cli.options import (
     forward_args,
     given,
     parse_shard,
+    refuse_unused,
     sbatch_options,
     slurm_options,
 )
@@ -27,7 +29,13 @@ SBATCH_PARAMS = tuple(p for p in SLURM_PARAMS if p not in ("executor", "shards")
 
 
 @click.command()
-@click.option("--model", required=True, help="Alias (see `tprobe models`), hub id or local folder.")
+@click.option(
+    "--model",
+    required=True,
+    multiple=True,
+    help="Alias (see `tprobe models`), hub id or local folder; repeat it (or a family alias such as "
+    "dinov2-all) to feed several models in one pass, one store each.",
+)
 @click.option("--revision", default=None, help="Hub branch, tag or commit [default: main].")
 @data_options
 @CACHE_OPTION
@@ -117,30 +125,60 @@ def extract(ctx, model, data, prep, shard, compile_, **kw):
       tprobe extract --model dinov2-base --data path/to/images --format hdf5
       tprobe extract --model ./my-local-dinov2 --batch-size 64 --dtype float32 --device cuda
       tprobe extract --model dinov2-small-reg --layers -1,-2,-3,-4,-7   # then probe --pool layers / last4
+      tprobe extract --model dinov2-small --model dinov2-base   # one pass, one store each (or dinov2-all)
       tprobe extract --model dinov2-small-reg --workers 4 --devices 0,1,2,3   # one node, 4 GPUs
       tprobe extract --model dinov2-small-reg --executor slurm --shards 8 --partition gpu \\
           --gpus-per-task 1 --time 2:00:00     # one array job, task i runs --shard i/8
     """
     from tprobe import api
+    from tprobe.models.backbones import expand_models
 
+    models = expand_models(model)
+    if len(models) > 1:
+        refuse_unused(MANY_MODELS_RULES)
+    else:
+        ctx.params["model"] = models[0]  # one model: as before (its workers / array tasks rerun it)
     slurm = {k: kw.pop(k) for k in SBATCH_PARAMS}
     res = api.extract(
         data,
-        model,
+        models if len(models) > 1 else models[0],
         config=prep,
         **({"canvas": prep.canvas} if given("canvas") else {}),  # a canvas given is kept as given
         shard=parse_shard(shard),
         compile=compile_,
         slurm=sbatch_options(slurm) if kw["executor"] == "slurm" else None,  # refused before any work
         poll=slurm["poll"],
-        task_args=forward_args(ctx),
+        task_args=forward_args(ctx) if len(models) == 1 else None,  # several: one pass here, no tasks
         **kw,
     )
-    for s in res.skipped:
+    results = res if isinstance(res, list) else [res]  # several models: one result each
+    skipped = list(dict.fromkeys(s for r in results for s in r.skipped))
+    for s in skipped:
         click.echo(f"skipped: {s}", err=True)
-    for line in _summary(res):
+    for line in _many_summary(results) if len(results) > 1 else _summary(res):
         click.echo(line)
-    finish(res)
+    finish(SimpleNamespace(skipped=skipped))
+
+
+MANY_MODELS_RULES = [
+    ("revision", False, "with several --model (give each hub model's revision in its own command)"),
+    ("workers", False, "with several --model (run one model per command to use --workers)"),
+    ("devices", False, "with several --model"),
+    ("executor", False, "with several --model (run one model per command on SLURM)"),
+    ("shards", False, "with several --model (run one model per command on SLURM)"),
+]
+
+
+def _many_summary(results) -> list[str]:
+    """Several models: a line per model, the random-weights note, then each store's path (in --model order)."""
+    lines = [
+        f"{r.model.name}: up to date: {r.rows} rows already extracted for {r.model.slug}"
+        if r.status == "up to date"
+        else f"{r.model.name}: {r.status}: {r.images} views in {r.seconds:.1f} s; {r.times.line()}"
+        for r in results
+    ]
+    lines += [RANDOM_NOTE] * any(r.model.random_init for r in results)
+    return [*lines, *(str(r.path) for r in results)]
 
 
 def _summary(res) -> list[str]:

@@ -91,10 +91,12 @@ def preprocess(data, prep, out, cache, fov, masks, **crop):
 def models():
     """List the model aliases and the Hugging Face ids they map to."""
     from tprobe import api
-    from tprobe.models.backbones import LAYOUT_TYPES
+    from tprobe.models.backbones import FAMILIES, LAYOUT_TYPES
 
     for alias, hub in api.list_models().items():
         click.echo(f"{alias:20s} {hub}")
+    for family, members in FAMILIES.items():  # extract --model FAMILY: every member in one pass
+        click.echo(f"{family:20s} {' + '.join(members)} (one extract pass, one store each)")
     click.echo(
         "Any other hub id (owner/name) or a local save_pretrained() folder of a ViT whose last_hidden_state "
         f"is CLS + registers + a patch grid works too (model types: {', '.join(LAYOUT_TYPES)})."

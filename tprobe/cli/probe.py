@@ -31,9 +31,11 @@ from tprobe.errors import TprobeError
 @click.command()
 @click.option(
     "--model",
-    default="dinov2-small-reg",
+    default=("dinov2-small-reg",),
+    multiple=True,
     show_default=True,
-    help="Model whose cached store to use (alias, hub id or local folder).",
+    help="Model whose cached store to use (alias, hub id or local folder); repeat it (or a family alias "
+    "such as dinov2-all) to sweep each model's store.",
 )
 @click.option("--revision", default=None, help="Hub revision of --model.")
 @click.option("--store", type=click.Path(path_type=Path), default=None, help="Use this store directly.")
@@ -129,6 +131,7 @@ def probe(store, features, pool, prep, no_final_head, **kw):
       tprobe probe --head xgboost --model dinov2-base-reg --pool cls+mean
       tprobe probe --head mlp --pool registers --split test-donor --test-donor 4
       tprobe probe --head all --pool all                      # the sweep, one table
+      tprobe probe --model dinov2-all --head all --pool all   # every variant's store, one sweep
       tprobe probe --head all --pool layers --store S.zarr    # which layer to probe: auc_by_layer.png
       tprobe probe --features cellprofiler.csv --id-column FileName_NADH
       tprobe probe --head all --pool all --executor slurm --partition cpu   # one array task per run
@@ -143,6 +146,7 @@ def probe(store, features, pool, prep, no_final_head, **kw):
         _refuse_resume_settings(kw["resume"])
     else:
         refuse_unused(_probe_rules(store, features, kw["head"], kw["split"], kw["data"]))
+    kw["model"] = list(kw["model"]) if len(kw["model"]) > 1 else kw["model"][0]
     res = api.probe(
         features or store,
         pool=None if features else pool,
@@ -259,7 +263,8 @@ def _echo_result(res):
         if res.collected
         else f"== sweep summary (mean over held-out donors); per-donor tables: {res.out}/<run>/{RUN_DETAIL}"
     )
-    echo_table(res.summary.drop(columns=["run", "features"], errors="ignore"))
+    several = "features" in res.summary and res.summary["features"].nunique() > 1  # which model is which
+    echo_table(res.summary.drop(columns=["run"] if several else ["run", "features"], errors="ignore"))
     click.echo(
         f"   run time {res.seconds:.1f} s summed over the tasks"
         if res.collected

@@ -32,6 +32,8 @@ from tprobe.models.tokens import TokenLayout
 
 __all__ = [
     "ALIASES",
+    "FAMILIES",
+    "expand_models",
     "LAYOUT_TYPES",
     "ModelRef",
     "Backbone",
@@ -65,6 +67,10 @@ ALIASES = {
     "vit-base-in21k": "google/vit-base-patch16-224-in21k",
     "vit-msn-small": "facebook/vit-msn-small",
     "vit-msn-base": "facebook/vit-msn-base",
+}
+# family aliases: one --model name standing for several models, extracted in one pass / probed together
+FAMILIES = {
+    "dinov2-all": ("dinov2-small", "dinov2-small-reg", "dinov2-base", "dinov2-base-reg"),
 }
 # model types whose last_hidden_state is CLS + num_register_tokens registers + a square patch grid
 LAYOUT_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit", "vit_msn")
@@ -126,6 +132,16 @@ class ModelRef:
     def num_layers(self) -> int:
         """Transformer blocks (``hidden_states`` holds one more: the embeddings, at index 0)."""
         return int(getattr(self.config, "num_hidden_layers", 0) or 0)
+
+
+def expand_models(names) -> list[str]:
+    """``--model`` values with each family alias (:data:`FAMILIES`) replaced by its models, in order, each once."""
+    out: list[str] = []
+    for name in names:
+        for m in FAMILIES.get(name, (name,)):
+            if m not in out:
+                out.append(m)
+    return out
 
 
 def parse_layers(spec, n_layers: int, option: str = "--layers") -> tuple[int, ...]:

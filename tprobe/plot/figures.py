@@ -248,7 +248,12 @@ def reliability_diagram(predictions: pd.DataFrame, out: str | Path, *, title: st
 
 @plain_text
 def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") -> Path:
-    """Bar chart of mean ``metric`` (± sd over donors) by head x pooling, pools and heads in table order."""
+    """Bar chart of mean ``metric`` (± sd over donors) by head x pooling, pools and heads in table order;
+    a sweep over several models' stores groups the bars by model · pooling."""
+    several = "features" in summary and summary["features"].nunique() > 1
+    if several:
+        names = [Path(str(f)).name for f in summary["features"]]
+        summary = summary.assign(pool=[f"{n} · {p}" for n, p in zip(names, summary["pool"], strict=True)])
     pools = list(dict.fromkeys(summary["pool"]))
     heads = list(dict.fromkeys(summary["head"]))
     piv = summary.pivot(index="pool", columns="head", values=f"{metric}_mean").reindex(
@@ -258,13 +263,18 @@ def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") 
         index=pools, columns=heads
     )
     fig, ax = plt.subplots(figsize=(2.6 + 0.35 * len(heads) * len(piv), 3.8))
-    piv.plot.bar(yerr=err, ax=ax, capsize=2, rot=0)
+    piv.plot.bar(yerr=err, ax=ax, capsize=2, rot=20 if several else 0)
     ax.axhline(0.5, ls="--", c="grey", lw=0.8, label="chance (0.5)")
     features = summary["features"].iloc[0] if "features" in summary else ""
-    ax.set(ylabel=f"{metric} (mean ± sd over donors)", ylim=(0, 1.08), xlabel="pooling")
+    ax.set(
+        ylabel=f"{metric} (mean ± sd over donors)",
+        ylim=(0, 1.08),
+        xlabel="model · pooling" if several else "pooling",
+    )
     ax.set_yticks(np.arange(0, 1.01, 0.2))
     rnd = " (random weights: plumbing check)" if "random" in str(features).lower() else ""
-    ax.set_title(f"probe sweep: {Path(str(features)).name}{rnd} · donor-held-out CV", fontsize=9)
+    what = f"{summary['features'].nunique()} models" if several else Path(str(features)).name
+    ax.set_title(f"probe sweep: {what}{rnd} · donor-held-out CV", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head", frameon=False)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)

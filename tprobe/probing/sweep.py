@@ -49,6 +49,7 @@ __all__ = [
     "SweepResult",
     "run_sweep",
     "store_sources",
+    "model_sources",
     "pool_store",
     "SUMMARY_METRICS",
     "SweepPlan",
@@ -164,6 +165,16 @@ def store_sources(path: str | Path, pools: Sequence[str]) -> list[Source]:
         return got
 
     return [(p, load) for p in pools]
+
+
+def model_sources(stores: Sequence[tuple[str, str | Path, Sequence[str]]]) -> list[Source]:
+    """Sources for several models' stores (``tprobe probe --model A --model B``): ``(model, store, pools)``
+    each, named ``<model> · <pool>``; each store is read once, on its first load."""
+    out: list[Source] = []
+    for model, path, pools in stores:
+        for pool, load in store_sources(path, pools):
+            out.append((f"{model} · {pool}", lambda _name, load=load, pool=pool: load(pool)))
+    return out
 
 
 def summary_row(fs: FeatureSet, head: str, run: ProbeRun, path: Path) -> dict:
@@ -519,7 +530,7 @@ def probe_sources(
     features=None,
     pools: Sequence[str] | None = None,
     *,
-    model: str | None = None,
+    model: str | Sequence[str] | None = None,
     revision: str | None = None,
     data=None,
     config=None,
@@ -535,6 +546,8 @@ def probe_sources(
     ``keep_columns``, ``all_table_rows``), a store path or :class:`FeatureStore` (checked against ``data``
     when given), or ``None``: ``model``'s store in ``cache`` for ``data`` preprocessed with ``config``
     (``canvas_set``: the canvas was set by the user, so it is not rounded to the model's patch size).
+    Several models (a list, or a family alias such as ``dinov2-all``): each one's store, the sources
+    named ``<model> · <pool>`` (:func:`model_sources`), and no one store (``None``).
     ``pools`` (of a store; default ``cls``): ``layers`` becomes ``cls@`` each layer the store holds.
     """
     from tprobe.data.preprocess import prepare
@@ -568,12 +581,19 @@ def probe_sources(
         features = features.path
     if features is None:
         from tprobe.cache.keys import find_store
-        from tprobe.models.backbones import resolve_model
+        from tprobe.models.backbones import expand_models, resolve_model
 
-        ref = resolve_model(model or "dinov2-small-reg", revision, offline=offline)
         layered = any(p in ("layers", "last4") or "@" in p for p in pools)
-        pre = prepared(patch_size=ref.patch_size, model_name=ref.name)
-        store = find_store(cache, pre, ref, layered=layered)
+        found = {}
+        for m in expand_models([model] if isinstance(model, str | None) else list(model)):
+            ref = resolve_model(m or "dinov2-small-reg", revision, offline=offline)
+            found[m] = find_store(
+                cache, prepared(patch_size=ref.patch_size, model_name=ref.name), ref, layered=layered
+            )
+        if len(found) > 1:  # several models: each one's store, sources named "<model> · <pool>"
+            stores = [(m, s, _layer_pools(s, pools)) for m, s in found.items()]
+            return model_sources(stores), None, list(dict.fromkeys(q for *_, ps in stores for q in ps))
+        store = next(iter(found.values()))
     elif isinstance(features, str | Path):
         store = Path(features)
         if data is not None:
@@ -584,10 +604,16 @@ def probe_sources(
         raise TprobeError(
             f"features: a {type(features).__name__}; give FeatureSets, a feature table, a store or None"
         )
-    if "layers" in pools:
-        layer_pools = FeatureStore.open(store).layer_pools()
-        pools = list(dict.fromkeys(q for p in pools for q in (layer_pools if p == "layers" else [p])))
-    return store_sources(store, pools), store, list(pools)
+    pools = _layer_pools(store, pools)
+    return store_sources(store, pools), store, pools
+
+
+def _layer_pools(store: Path, pools: Sequence[str]) -> list[str]:
+    """``pools`` with ``layers`` as ``cls@`` each layer ``store`` holds."""
+    if "layers" not in pools:
+        return list(pools)
+    layer_pools = FeatureStore.open(store).layer_pools()
+    return list(dict.fromkeys(q for p in pools for q in (layer_pools if p == "layers" else [p])))
 
 
 def run_probes(

@@ -27,6 +27,7 @@ __all__ = [
     "display_table",
     "is_random_init",
     "choose_reference",
+    "variant_table",
     "PUBLISHED",
     "RANDOM_MARK",
     "REFERENCE_RULE",
@@ -377,6 +378,128 @@ def _donor_auc_plot(summary: pd.DataFrame, out: Path) -> Path:
     return out
 
 
+def variant_table(summary: pd.DataFrame, pairs: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """The model variants' comparison behind ``variants.png``: one row per store probe run (model x pool x
+    head) when the runs hold store probes of two or more models, else empty.
+
+    Columns: model (the model's short name: an alias or the local folder's name, never a path), pool,
+    head, random_init, roc_auc mean/sd/CI, diff and Holm-adjusted p against the report's reference
+    (``pairs``: :func:`tprobe.stats.paired_comparisons`), is_reference, run.
+    """
+    cols = ["command", "pool", "head"]
+    if not all(c in summary for c in cols):
+        return pd.DataFrame()
+    probes = summary[(summary["command"] == "probe") & summary["pool"].notna()].copy()
+    if not len(probes):
+        return pd.DataFrame()
+    probes["backbone"] = [RunRecord.load(run).model_name for run in probes["run"]]
+    if probes["backbone"].nunique() < 2:
+        return pd.DataFrame()
+    auc = pairs[pairs["metric"] == "roc_auc"].set_index("run") if len(pairs) else pd.DataFrame()
+    rows = []
+    for r in probes.itertuples():
+        hit = auc.loc[r.run] if len(auc) and r.run in auc.index else None
+        rows.append(
+            {
+                "model": r.backbone,
+                "pool": r.pool,
+                "head": r.head,
+                "random_init": bool(r.random_init),
+                "roc_auc_mean": r.roc_auc_mean,
+                "roc_auc_sd": r.roc_auc_sd,
+                "roc_auc_ci_low": r.roc_auc_ci_low,
+                "roc_auc_ci_high": r.roc_auc_ci_high,
+                "n_donors": r.n_donors,
+                "diff": np.nan if hit is None else hit["mean_diff"],
+                "p_holm": np.nan if hit is None else hit["p_holm"],
+                "is_reference": r.run == reference,
+                "run": r.run,
+            }
+        )
+    order = list(dict.fromkeys(probes.sort_values("run")["backbone"]))  # models in run-folder order
+    out = pd.DataFrame(rows)
+    out["_m"] = out["model"].map(order.index)
+    return out.sort_values(["_m", "pool", "head"]).drop(columns="_m").reset_index(drop=True)
+
+
+@matplotlib.rc_context({"text.parse_math": False})
+def _variant_plot(table: pd.DataFrame, out: Path, ref_label: str) -> Path:
+    """Mean ROC AUC by model (groups) x pool · head (bars), 95% CI whiskers, each bar's paired difference from
+    the reference and its Holm-adjusted p above it; random-weight models in red."""
+    import matplotlib.pyplot as plt
+
+    combos = list(dict.fromkeys(f"{p} · {h}" for p, h in zip(table["pool"], table["head"], strict=True)))
+    models = list(dict.fromkeys(table["model"]))
+    colours = {c: plt.cm.tab10(i % 10) for i, c in enumerate(combos)}
+    width = 0.8 / len(combos)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 + len(models) * (0.5 + 0.55 * len(combos))), 4.8))
+    for r in table.itertuples():
+        combo = f"{r.pool} · {r.head}"
+        x = models.index(r.model) - 0.4 + width * (combos.index(combo) + 0.5)
+        lo, hi = r.roc_auc_ci_low, r.roc_auc_ci_high
+        err = None
+        if lo is not None and hi is not None and np.isfinite([lo, hi]).all():
+            err = [[max(0.0, r.roc_auc_mean - lo)], [max(0.0, hi - r.roc_auc_mean)]]
+        ax.bar(
+            x,
+            r.roc_auc_mean,
+            width * 0.9,
+            color=colours[combo],
+            edgecolor="k" if r.is_reference else "none",
+            hatch="//" if r.random_init else None,
+            yerr=err,
+            capsize=2,
+            error_kw={"lw": 0.8},
+        )
+        top = hi if err is not None else r.roc_auc_mean
+        if r.is_reference:
+            note = "reference"
+        elif pd.isna(r.p_holm):
+            note = "not paired"
+        else:
+            note = f"{r.diff:+.3f}\np={r.p_holm:.2f}"
+        ax.text(x, min(top, 1.0) + 0.01, note, ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(range(len(models)))
+    rnd = table.groupby("model", sort=False)["random_init"].any()
+    ax.set_xticklabels([m + ("\n(RANDOM WEIGHTS)" if rnd[m] else "") for m in models], fontsize=8)
+    for tick, m in zip(ax.get_xticklabels(), models, strict=True):
+        if rnd[m]:
+            tick.set_color("firebrick")
+    ax.axhline(0.5, ls="--", c="grey", lw=0.8)
+    ax.set_ylim(0.0, 1.15)
+    ax.set_ylabel("ROC AUC, mean over held-out donors (whiskers: 95% CI)", fontsize=8)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colours[c], label=c) for c in combos]
+    handles.append(Patch(facecolor="white", edgecolor="k", label="reference run"))
+    from matplotlib.lines import Line2D
+
+    handles.append(Line2D([], [], c="grey", ls="--", lw=0.8, label="chance (0.5)"))
+    if table["random_init"].any():
+        handles.append(
+            Patch(facecolor="white", edgecolor="grey", hatch="//", label="random weights (plumbing check)")
+        )
+    ax.legend(
+        handles=handles,
+        title="pooling · head",
+        fontsize=7,
+        title_fontsize=7,
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
+        frameon=False,
+    )
+    n = int(table["n_donors"].max())
+    ax.set_title(
+        f"Which model variant? Donor-held-out ROC AUC by model x pooling x head ({n} held-out donors)\n"
+        f"above each bar: AUC difference from the reference ({ref_label}) and its paired sign-flip p, "
+        "Holm-adjusted",
+        fontsize=8,
+    )
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return out
+
+
 def _own_figure(run, name: str) -> Path | None:
     """``run/name`` when it is a file inside the run folder; a link pointing elsewhere is skipped, not embedded."""
     try:
@@ -483,8 +606,10 @@ class Report:
     paired comparisons with the reference (:func:`tprobe.stats.paired_comparisons`) and ``paired`` their
     display form; ``reference``: the reference run's path, ``reference_line`` how it was chosen;
     ``headline``, ``bound_line``, ``batch_confound``: the report's sentences; ``map_signal``: donor and
-    batch signal within each class from ``tprobe map`` folders; ``incomplete``: run folders left out
-    (interrupted); ``paths``: the files :meth:`save` wrote (empty until then).
+    batch signal within each class from ``tprobe map`` folders; ``variants``: the model variants'
+    comparison (:func:`variant_table`; empty unless the runs probe stores of two or more models);
+    ``incomplete``: run folders left out (interrupted); ``paths``: the files :meth:`save` wrote (empty
+    until then).
     """
 
     root: Path
@@ -497,6 +622,7 @@ class Report:
     reference_line: str
     bound_line: str
     map_signal: pd.DataFrame
+    variants: pd.DataFrame = field(default_factory=pd.DataFrame)
     incomplete: list[str] = field(default_factory=list)
     batch_confound: str = BATCH_CONFOUND
     paths: list[Path] = field(default_factory=list)
@@ -506,14 +632,20 @@ class Report:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def save(self, out: str | Path) -> list[Path]:
-        """Write report.md, report.html (figures embedded), summary.parquet, summary.csv, paired.csv and
-        donor_auc.png into ``out``; return (and keep in ``paths``) the report's main files."""
+        """Write report.md, report.html (figures embedded), summary.parquet, summary.csv, paired.csv,
+        donor_auc.png and (with two or more models) variants.png into ``out``; return (and keep in
+        ``paths``) the report's main files."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         self.summary.to_parquet(out / "summary.parquet", index=False)
         self.summary.to_csv(out / "summary.csv", index=False)
         self.pairs.to_csv(out / "paired.csv", index=False)
-        md, page = _render(self, _donor_auc_plot(self.summary, out / "donor_auc.png"))
+        dots = _donor_auc_plot(self.summary, out / "donor_auc.png")
+        variant_fig = None
+        if len(self.variants):
+            ref_label = run_labels(self.summary)[list(self.summary["run"]).index(self.reference)]
+            variant_fig = _variant_plot(self.variants, out / "variants.png", ref_label)
+        md, page = _render(self, dots, variant_fig)
         (out / "report.md").write_text(md)
         (out / "report.html").write_text(page)
         self.paths = [out / "report.md", out / "report.html", out / "summary.parquet", out / "paired.csv"]
@@ -550,6 +682,7 @@ def build_report(root: str | Path, *, reference: str | None = None) -> Report:
         reference_line=ref_line,
         bound_line=donors_bound_line(n_ref, m_tests),
         map_signal=map_signal(root),
+        variants=variant_table(summary, pairs, ref_run),
         incomplete=summary.attrs.get("incomplete", []),
     )
 
@@ -561,8 +694,8 @@ def write_report(root: str | Path, out: str | Path, *, reference: str | None = N
     return report.to_dict()
 
 
-def _render(report: Report, dots: Path) -> tuple[str, str]:
-    """The report as Markdown and as an HTML page (figures embedded)."""
+def _render(report: Report, dots: Path, variant_fig: Path | None = None) -> tuple[str, str]:
+    """The report as Markdown and as an HTML page (figures embedded; ``variant_fig``: variants.png)."""
     from tprobe.stats import TEST_NOTE
 
     root, summary, table, paired = report.root, report.summary, report.table, report.paired
@@ -575,6 +708,16 @@ def _render(report: Report, dots: Path) -> tuple[str, str]:
     map_md = [map_title, "", _md(signal), ""] if len(signal) else []
     map_html = (
         (f"<p>{html.escape(map_title)}</p>" + signal.to_html(index=False, na_rep="–")) if len(signal) else ""
+    )
+    variant_md = (
+        [
+            "## Model variants (one figure: AUC by model x pooling x head, paired test vs the reference)",
+            "",
+            "![model variants](variants.png)",
+            "",
+        ]
+        if variant_fig
+        else []
     )
     best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
     best_per_family = summary.loc[summary.groupby("family")["roc_auc_mean"].idxmax()]
@@ -634,8 +777,15 @@ def _render(report: Report, dots: Path) -> tuple[str, str]:
         "",
         "![per-donor AUC](donor_auc.png)",
         "",
+        *variant_md,
     ]
     figs = [_img(dots, "ROC AUC per held-out donor; colour = donor, bar = mean")]
+    if variant_fig:
+        figs.append(
+            _img(
+                variant_fig, "model variants: ROC AUC by model x pooling x head, paired test vs the reference"
+            )
+        )
     for _, r in best_per_family.iterrows():
         roc = _own_figure(r["run"], "roc.png")
         if roc:
