@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import copy_subset
 
 from tprobe.cli import main
-from tprobe.cli.echo import RANDOM_NOTE
+from tprobe.models.random_weights import NOTE as RANDOM_NOTE
 
 
 @pytest.fixture

@@ -255,7 +255,7 @@ def test_curve_cli_puts_a_store_and_pixels_on_one_figure(small_data_store, tmp_p
 
 
 def test_random_sources_are_marked():
-    from tprobe.science.curve import is_random_source
+    from tprobe.models.random_weights import is_random as is_random_source
 
     assert is_random_source({"kind": "store", "model": "models/random-vits14-reg"})
     assert is_random_source({"kind": "store", "model": "m", "model_random_init": True})
@@ -459,7 +459,7 @@ def test_typed_sources_with_random_weights_are_marked():
     # issue 19: is_random_source read the store attribute's name on a FeatureSource, so a typed source
     # with random_init=True (a store's, a baseline's) was not marked random
     from tprobe.features.sources import FeatureSource
-    from tprobe.science.curve import is_random_source
+    from tprobe.models.random_weights import is_random as is_random_source
 
     assert is_random_source(FeatureSource("store", "tiny-cls", model="m", random_init=True))
     assert is_random_source(FeatureSource("baseline", "inception", random_init=True))

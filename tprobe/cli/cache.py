@@ -10,7 +10,7 @@ import click
 from tprobe.cache.export import EXPORT_FORMATS
 from tprobe.cache.keys import DTYPES, FORMATS, PRECISIONS
 from tprobe.cache.store import COMPRESSIONS
-from tprobe.cli.echo import RANDOM_NOTE, finish
+from tprobe.cli.echo import finish
 from tprobe.cli.options import (
     CACHE_OPTION,
     DEVICE_OPTION,
@@ -24,6 +24,7 @@ from tprobe.cli.options import (
     sbatch_options,
     slurm_options,
 )
+from tprobe.models.random_weights import NOTE as RANDOM_NOTE
 
 SBATCH_PARAMS = tuple(p for p in SLURM_PARAMS if p not in ("executor", "shards"))  # -> SlurmOptions, poll
 

@@ -1,4 +1,4 @@
-"""Console output shared by the commands: tables, exit statuses, the random-weights line."""
+"""Console output shared by the commands: tables, exit statuses."""
 
 from __future__ import annotations
 
@@ -10,9 +10,6 @@ EXIT_SKIPPED = 3  # finished, but some input files were skipped (listed on stder
 
 
 RUN_DETAIL = "details.txt"  # a sweep's run folder: the per-donor table and notes a single run prints
-
-
-RANDOM_NOTE = "RANDOM WEIGHTS: features from a randomly initialised model; a plumbing check, not a result"
 
 
 def finish(pre):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tprobe.cli.echo import RANDOM_NOTE, RUN_DETAIL, echo_table, table_text
+from tprobe.cli.echo import RUN_DETAIL, echo_table, table_text
 from tprobe.cli.options import (
     CACHE_OPTION,
     DEVICE_OPTION,
@@ -26,6 +26,7 @@ from tprobe.cli.options import (
     split_rules,
 )
 from tprobe.errors import TprobeError
+from tprobe.models.random_weights import NOTE as RANDOM_NOTE
 
 
 @click.command()

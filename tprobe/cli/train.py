@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from tprobe.cli.echo import RANDOM_NOTE, echo_table
+from tprobe.cli.echo import echo_table
 from tprobe.cli.options import (
     DEVICE_OPTION,
     OFFLINE_OPTION,
@@ -17,6 +17,7 @@ from tprobe.cli.options import (
     split_options,
     split_rules,
 )
+from tprobe.models.random_weights import NOTE as RANDOM_NOTE
 from tprobe.train import BASELINES, INCEPTION, PRECISIONS, TRAINED, baseline_names
 
 

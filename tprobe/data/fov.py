@@ -44,6 +44,7 @@ from tprobe.data import dataset as ds_mod
 from tprobe.data import images
 from tprobe.data.dataset import Dataset, Skipped
 from tprobe.errors import ChannelError, TprobeError
+from tprobe.models.random_weights import SHORT_NOTE
 
 __all__ = ["discover_fields", "mask_for", "read_mask", "crop_fields", "preprocess_fields", "MASK_SUFFIXES"]
 
@@ -412,7 +413,7 @@ def draw_overlay(
         fraction=0.04,
         label="P(activated); red: not scored",
     )
-    note = "\nRANDOM WEIGHTS: a plumbing check, not a result" if random_weights else ""
+    note = f"\n{SHORT_NOTE}" if random_weights else ""
     ax.set_title(
         f"{Path(field).name}: {int(np.isfinite(p).sum())} of {len(p_by_object)} objects scored{note}",
         fontsize=8,

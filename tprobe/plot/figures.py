@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from tprobe.models.random_weights import TITLE_PREFIX  # noqa: E402
+
 __all__ = [
     "contact_sheet",
     "channel_text",
@@ -384,7 +386,7 @@ def auc_by_layer(
         ylim=(0, 1.05),
     )
     features = summary["features"].iloc[0] if "features" in summary else ""
-    rnd = "RANDOM WEIGHTS (plumbing check, not a result) · " if random_init else ""
+    rnd = TITLE_PREFIX if random_init else ""
     ax.set_title(f"{rnd}{Path(str(features)).name}: AUC by layer", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head", frameon=False)
     fig.savefig(out, dpi=120, bbox_inches="tight")

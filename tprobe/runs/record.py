@@ -24,6 +24,7 @@ import numpy as np
 
 from tprobe._version import __version__
 from tprobe.errors import TprobeError
+from tprobe.models.random_weights import TITLE_SUFFIX, named_random
 
 __all__ = [
     "RunRecord",
@@ -209,7 +210,7 @@ class RunRecord:
             f.model_source,
             f.model_id,
         )
-        return any("random" in str(n).lower() for n in names if n)
+        return named_random(*names)
 
     @property
     def split_text(self) -> str:
@@ -238,7 +239,7 @@ class RunRecord:
         norm = o.get("normalize")
         norm = f"normalize {norm}" if norm not in (None, "standard") else None
         title = " · ".join(filter(None, [*parts, self.channels_text, norm, self.split_text]))
-        return title + (" (random weights: plumbing check)" if self.random_weights else "")
+        return title + (TITLE_SUFFIX if self.random_weights else "")
 
     @property
     def channels_text(self) -> str:

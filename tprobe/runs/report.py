@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from tprobe.errors import TprobeError
+from tprobe.models.random_weights import MARK
 from tprobe.runs.record import RunRecord, inside, read_json
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,6 @@ __all__ = [
     "collect_runs",
     "write_report",
     "display_table",
-    "is_random_init",
     "choose_reference",
     "variant_table",
     "PUBLISHED",
@@ -89,13 +89,6 @@ METRICS = (
 
 
 RANDOM_MARK = "PLUMBING CHECK: random weights, not a result"
-
-
-def is_random_init(config) -> bool:
-    """True when a run's features come from a randomly initialised model (``RunRecord.random_weights``)."""
-    from tprobe.runs.record import RunRecord
-
-    return (config if isinstance(config, RunRecord) else RunRecord.from_dict(config)).random_weights
 
 
 def _family(record) -> tuple[str, str]:
@@ -171,7 +164,7 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         .reset_index(drop=True)
     )
     out["label"] = [
-        f"{m} · {r}" + (" · RANDOM WEIGHTS" if rnd else "")
+        f"{m} · {r}" + (f" · {MARK}" if rnd else "")
         for m, r, rnd in zip(out["model"], out["run_name"], out["random_init"], strict=True)
     ]
     out.attrs["incomplete"] = incomplete  # run folders left out: interrupted before per_donor.parquet
@@ -285,7 +278,7 @@ def run_labels(summary: pd.DataFrame) -> list[str]:
     """Readable run labels for figures: ``model · pool · head`` (the ``model`` column), marked when random;
     runs sharing a label are told apart by what differs (split), else by their folder name."""
     base = [
-        f"{m}" + (" · RANDOM WEIGHTS" if rnd else "")
+        f"{m}" + (f" · {MARK}" if rnd else "")
         for m, rnd in zip(summary["model"], summary["random_init"], strict=True)
     ]
     out = []
@@ -461,7 +454,7 @@ def _variant_plot(table: pd.DataFrame, out: Path, ref_label: str) -> Path:
         ax.text(x, min(top, 1.0) + 0.01, note, ha="center", va="bottom", fontsize=6)
     ax.set_xticks(range(len(models)))
     rnd = table.groupby("model", sort=False)["random_init"].any()
-    ax.set_xticklabels([m + ("\n(RANDOM WEIGHTS)" if rnd[m] else "") for m in models], fontsize=8)
+    ax.set_xticklabels([m + (f"\n({MARK})" if rnd[m] else "") for m in models], fontsize=8)
     for tick, m in zip(ax.get_xticklabels(), models, strict=True):
         if rnd[m]:
             tick.set_color("firebrick")
@@ -540,7 +533,7 @@ def _paired_display(pairs: pd.DataFrame, summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for run, d in pairs.groupby("run", sort=False):
         row = {
-            "run": Path(run).name + (" (RANDOM WEIGHTS)" if rnd.get(run) else ""),
+            "run": Path(run).name + (f" ({MARK})" if rnd.get(run) else ""),
             "n_donors": int(d["n_donors"].iloc[0]),
         }
         for r in d.itertuples():
@@ -571,7 +564,7 @@ def map_signal(root: str | Path) -> pd.DataFrame:
                 continue  # maps written before the within-class measure
             row = {
                 "map": path.parent.name,
-                "source": d.get("source", "") + (" (RANDOM WEIGHTS)" if d.get("random_init") else ""),
+                "source": d.get("source", "") + (f" ({MARK})" if d.get("random_init") else ""),
             }
             act = (d.get("predictability") or {}).get("activation") or {}
             if act.get("skill") is not None:

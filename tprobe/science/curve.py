@@ -40,7 +40,8 @@ from joblib import Parallel, delayed
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
 
 from tprobe.errors import TprobeError
-from tprobe.features.sources import NORMALIZE, FeatureSet, FeatureSource, donor_center
+from tprobe.features.sources import NORMALIZE, FeatureSet, donor_center
+from tprobe.models.random_weights import is_random
 from tprobe.probing.evaluate import check_plan, split_plan
 from tprobe.probing.heads import HEADS, make_head
 from tprobe.science import TRAIN_VIEWS
@@ -51,29 +52,12 @@ __all__ = [
     "TRAIN_VIEWS",
     "curve_band",
     "plot_curves",
-    "is_random_source",
     "parse_shots",
     "parse_heads",
 ]
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16, 32, 64, "all")
 log = logging.getLogger(__name__)
-
-
-def is_random_source(source: FeatureSource | dict) -> bool:
-    """A feature source made by a randomly initialised model: its ``random_init`` (a store's
-    ``model_random_init`` attribute in a dict), else, for a store recorded without it, its model's name."""
-    if isinstance(source, dict):
-        if source.get("model_random_init") is not None:
-            return bool(source["model_random_init"])
-        source = FeatureSource.from_dict(source)
-    if source.random_init:
-        return True
-    if source.kind != "store":
-        return False
-    return any(
-        "random" in str(getattr(source, k) or "").lower() for k in ("model", "model_source", "model_id")
-    )
 
 
 def parse_shots(text: str) -> tuple:
@@ -167,7 +151,7 @@ class LabelCurve:
         self.results_ = pd.concat(results, ignore_index=True)
         self.draws_ = pd.concat(draws, ignore_index=True)
         self.fits_ = fits
-        self.random_sources_ = [fs.name for fs in sets if is_random_source(fs.source)]
+        self.random_sources_ = [fs.name for fs in sets if is_random(fs.source)]
         self.source_ = sets[0].source if len(sets) == 1 else None
         self.seconds_ = time.perf_counter() - t0
         return self

@@ -382,7 +382,7 @@ def embedding_map(
 
     ``manifest`` gives tables and pixels their imaging batch (a store reads its own manifest).
     """
-    from tprobe.science.curve import is_random_source
+    from tprobe.models.random_weights import is_random
 
     sources = [sources] if isinstance(sources, FeatureSet) else list(sources)
     if not sources:
@@ -391,9 +391,7 @@ def embedding_map(
     for fs in sources:
         kind = fs.source.get("kind")
         md = map_data(fs, manifest if kind != "store" else None)
-        diag = MapDiagnostics.from_dict(
-            {**diagnose(md, seed=seed), "random_init": is_random_source(fs.source)}
-        )
+        diag = MapDiagnostics.from_dict({**diagnose(md, seed=seed), "random_init": is_random(fs.source)})
         maps.append(SourceMap(fs.name, kind, embed(md, umap=umap, seed=seed), diag))
     return EmbeddingMap(maps, umap=umap, seed=seed)
 
