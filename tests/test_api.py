@@ -12,7 +12,8 @@ import tprobe
 def test_every_public_name_resolves_and_is_documented():
     from tprobe import api
 
-    assert set(tprobe.API) <= set(tprobe.__all__) and list(api.__all__) == list(tprobe.API)
+    assert set(tprobe.API) - {"map"} <= set(tprobe.__all__) and list(api.__all__) == list(tprobe.API)
+    assert "map" not in tprobe.__all__  # a star import must not shadow the built-in map
     for name in tprobe.API:
         fn = getattr(tprobe, name)
         assert fn is getattr(api, name) and callable(fn), name

@@ -157,3 +157,22 @@ def test_predict_returns_the_table_and_writes_the_csv_with_out(store, data, tmp_
     assert list(written.columns) == list(again.columns) and len(written) == 8
     np.testing.assert_allclose(written["p_activated"], again["p_activated"])
     np.testing.assert_allclose(again["p_activated"], table["p_activated"])
+
+
+@pytest.mark.refuses(
+    "a test donor with a split other than test-donor (library calls too; never recorded as used)"
+)
+def test_a_test_donor_that_does_not_apply_is_refused_not_recorded(store, tmp_path):
+    with pytest.raises(TprobeError, match="applies to split 'test-donor' only"):
+        tprobe.probe(store, pool="cls", head="logreg", test_donor="2", out=tmp_path / "runs", **FAST)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_preprocessed_object_is_accepted_as_data(store, data):
+    pre = tprobe.preprocess(data, views="orig", progress=False)
+    run = tprobe.probe(store, pool="cls", head="logreg", data=pre, **FAST)
+    assert isinstance(run, ProbeRun) and len(run.per_donor_) == 3
+    with pytest.raises(TprobeError, match="preprocessed already"):
+        from tprobe.data.preprocess import PreprocessConfig, prepare
+
+        prepare(pre, PreprocessConfig(views="six", canvas=224))

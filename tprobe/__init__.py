@@ -14,4 +14,5 @@ from tprobe.api import *  # noqa: F403 - the public API is api.__all__
 from tprobe.errors import TprobeError
 
 API = tuple(api.__all__)
-__all__ = ["TprobeError", "__version__", *API]
+# `from tprobe import *` leaves Python's built-in map alone; tprobe.map is the stage
+__all__ = ["TprobeError", "__version__", *(name for name in API if name != "map")]

@@ -261,6 +261,7 @@ def feature_sets(
     *,
     stores: Sequence[str | Path] = (),
     models: Sequence[str] = (),
+    revision: str | None = None,
     pool: str = "cls",
     tables: Sequence[str | Path] = (),
     pixels: bool = False,
@@ -273,8 +274,8 @@ def feature_sets(
     """Feature sets to compare on the same cells: stores, models' cached stores, tables, raw pixels.
 
     Each store named is checked against ``data`` (a path, or the Preprocessed the store was extracted
-    from) when given; each model's store is found in
-    ``cache``; ``tables`` are CSV/Parquet feature tables joined to the images (``table_options``:
+    from) when given; each model's store is found in ``cache`` for ``data`` preprocessed with
+    ``config`` (a canvas set in ``config`` is kept, a default one rounded to the model's patch size); ``tables`` are CSV/Parquet feature tables joined to the images (``table_options``:
     ``id_column``, ``exclude``, ``keep_columns``, ``all_table_rows``; identifier and position columns
     are dropped). Returns :class:`~tprobe.features.sources.FeatureSet` objects (``X``, ``meta``,
     ``source``) that :func:`probe`, :func:`curve` and :func:`map` take.
@@ -288,11 +289,13 @@ def feature_sets(
     return _feature_sets(
         stores=stores,
         models=models,
+        revision=revision,
         pool=pool,
         tables=tables,
         pixels=pixels,
         data=data,
         config=config,
+        canvas_set=_config(config, {})[1],
         cache=cache,
         offline=offline,
         **table_options,
@@ -479,7 +482,7 @@ def extract(
             **common,
         )
     res.skipped = list(pre.skipped)
-    return res
+    return [res] if isinstance(model, list | tuple) else res  # a list in, a list out
 
 
 def _model_list(model) -> list:

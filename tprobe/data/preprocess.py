@@ -628,14 +628,18 @@ def prepare(
     """Discover and preprocess ``data``, or open a saved ``tprobe preprocess --out`` folder.
 
     ``data``: an image folder, a CSV/Parquet manifest, a saved preprocessed folder (verified on
-    opening) or ``None`` for the bundled sample. With a model's ``patch_size``, a canvas the user did
-    not set (``canvas_set=False``) is first rounded up to the patch size; a saved folder whose canvas
-    does not fit the patch size is refused with the fix. Skipped files are listed in
+    opening), a :class:`Preprocessed` (returned as it is) or ``None`` for the bundled sample. With a
+    model's ``patch_size``, a canvas the user did not set (``canvas_set=False``) is first rounded up
+    to the patch size; a saved folder whose canvas does not fit the patch size is refused with the fix. Skipped files are listed in
     :attr:`Preprocessed.skipped`.
     """
     from tprobe.data.dataset import discover
     from tprobe.models.backbones import fit_canvas, round_canvas
 
+    if isinstance(data, Preprocessed):  # prepared already (a notebook's `pre`)
+        if config not in (None, PreprocessConfig(), data.config):
+            raise TprobeError("data is preprocessed already; drop the preprocessing options (config)")
+        return data
     config = config or PreprocessConfig()
     if is_saved(data):
         pre = Preprocessed.load(data)

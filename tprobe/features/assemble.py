@@ -82,8 +82,6 @@ def feature_sets(
     by_patch: dict[int | None, Preprocessed] = {}  # preprocess once per patch size
 
     def prepared(patch=None) -> Preprocessed:
-        if isinstance(data, Preprocessed):  # prepared already (a notebook's `pre`)
-            return data
         if patch not in by_patch:
             pre = prepare(data, config, patch_size=patch, canvas_set=canvas_set, progress=False)
             for s in pre.skipped:

@@ -249,9 +249,12 @@ def reliability_diagram(predictions: pd.DataFrame, out: str | Path, *, title: st
 
 
 @plain_text
-def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") -> Path:
+def sweep_bars(
+    summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc", *, random_init: bool = False
+) -> Path:
     """Bar chart of mean ``metric`` (± sd over donors) by head x pooling, pools and heads in table order;
-    a sweep over several models' stores groups the bars by model · pooling."""
+    a sweep over several models' stores groups the bars by model · pooling. ``random_init``: a source
+    came from a randomly initialised model (the title says so)."""
     several = "features" in summary and summary["features"].nunique() > 1
     if several:
         names = [Path(str(f)).name for f in summary["features"]]
@@ -274,9 +277,9 @@ def sweep_bars(summary: pd.DataFrame, out: str | Path, metric: str = "roc_auc") 
         xlabel="model · pooling" if several else "pooling",
     )
     ax.set_yticks(np.arange(0, 1.01, 0.2))
-    rnd = " (random weights: plumbing check)" if "random" in str(features).lower() else ""
     what = f"{summary['features'].nunique()} models" if several else Path(str(features)).name
-    ax.set_title(f"probe sweep: {what}{rnd} · donor-held-out CV", fontsize=9)
+    rnd = TITLE_PREFIX if random_init else ""
+    ax.set_title(f"{rnd}probe sweep: {what} · donor-held-out CV", fontsize=9)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="head", frameon=False)
     fig.savefig(out, dpi=120, bbox_inches="tight")
     plt.close(fig)

@@ -79,6 +79,11 @@ def split_plan(
     """Outer folds over donors. ``meta`` needs ``donor`` and ``group`` columns."""
     if split not in SPLITS:
         raise TprobeError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    if test_donor is not None and split != "test-donor":  # never recorded as if it had been used
+        raise TprobeError(
+            f"a test donor ({test_donor}) applies to split 'test-donor' only, not {split!r}: drop it or "
+            "pass split='test-donor' (--split test-donor)"
+        )
     donors = np.asarray(meta["donor"].astype(str))
     names = sorted(set(donors))
     if split == "test-donor":

@@ -40,6 +40,7 @@ import pandas as pd
 from tprobe.cache.store import FeatureStore
 from tprobe.errors import TprobeError
 from tprobe.features.sources import META, FeatureSet, store_source, verified_manifest
+from tprobe.models.random_weights import is_random
 from tprobe.models.tokens import check_pool_name, pool_layer
 from tprobe.probing.fastcv import FoldProgress
 from tprobe.probing.run import ProbeRun
@@ -236,7 +237,7 @@ def run_sweep(
             skipped[name] = str(exc)
             emit(SweepEvent("skip", name, message=f"skipping pool {name}: {exc}", total=n_runs))
             continue
-        random_init = random_init or bool(fs.source.get("random_init", False))
+        random_init = random_init or is_random(fs.source)
         for h in heads:
             shape = f"{len(fs.meta)} rows x {fs.X.shape[1]} features"
             emit(SweepEvent("start", name, h, shape, features=fs, total=n_runs))
@@ -271,7 +272,7 @@ def write_summary(base: Path, summary: pd.DataFrame, *, random_init: bool = Fals
     summary.to_parquet(base / "summary.parquet", index=False)
     write_json(base / "summary.json", summary.to_dict("records"))
     if len(summary):
-        sweep_bars(_bar_rows(summary), base / "sweep_auc.png")
+        sweep_bars(_bar_rows(summary), base / "sweep_auc.png", random_init=random_init)
         if summary["pool"].map(pool_layer).nunique() > 1:  # --pool layers
             from tprobe.plot.figures import auc_by_layer
 

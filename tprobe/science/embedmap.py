@@ -91,6 +91,13 @@ def map_data(fs: FeatureSet, manifest: pd.DataFrame | None = None) -> MapData:
         batch = meta["batch"]
     elif manifest is not None and "batch" in manifest.columns:
         batch = meta["image_id"].map(manifest.drop_duplicates("image_id").set_index("image_id")["batch"])
+        if (
+            len(batch) and batch.isna().all()
+        ):  # another dataset's manifest: the batch diagnostics would vanish
+            raise TprobeError(
+                f"{fs.name}: none of its {len(batch)} cells is in the manifest given for the imaging batches; "
+                "pass the data (or manifest) the features come from"
+            )
     if batch is not None and batch.notna().any():
         meta["batch"] = [
             f"{d}·b{b}" if pd.notna(b) else f"{d}·b?" for d, b in zip(meta["donor"], batch, strict=True)
