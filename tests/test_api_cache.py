@@ -119,6 +119,22 @@ def test_workers_and_slurm_from_python_need_the_task_arguments():
     assert check_executor(workers=2, devices="0, 1") == ["0", "1"]
 
 
+@pytest.mark.refuses(
+    "an extract argument the worker processes or array tasks would not see (absent from, or other than, task_args)"
+)
+@pytest.mark.parametrize(
+    "kw",
+    [{"batch_size": 7}, {"compression": "lz4"}, {"compile": True}, {"dtype": "float32"}, {"chunk_rows": 8}],
+)
+def test_arguments_the_worker_processes_would_not_see_are_refused(kw):
+    # review: extract(workers=2, batch_size=7, ...) ran the workers on task_args alone, silently
+    # dropping the argument, and waited for a store the workers never wrote
+    with pytest.raises(TprobeError, match="is not what task_args give the worker processes"):
+        api.extract(None, "no-such-model-is-resolved", workers=2, task_args=["--model", "m"], **kw)
+    with pytest.raises(TprobeError, match="is not what task_args give"):  # given there, with another value
+        api.extract(None, "m", workers=2, task_args=["--model", "m", "--dtype", "float32"])
+
+
 def test_task_arguments_are_set_in_place_appended_or_removed():
     args = ["--model", "m", "--canvas", "140", "--compile", "--workers", "4", "--devices", "0,1"]
     out = with_options(args, {"--canvas": "154", "--workers": "1", "--devices": None, "--precision": "fp32"})

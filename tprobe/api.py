@@ -387,6 +387,17 @@ def extract(
             "workers > 1 and executor='slurm' run `tprobe extract` processes: pass task_args, the "
             "command's options (e.g. ['--model', 'dinov2-small-reg', '--data', 'imgs/'])"
         )
+    if workers > 1 or executor == "slurm":  # the processes run task_args: no argument here may differ
+        _check_task_args(
+            task_args,
+            batch_size=batch_size,
+            compression=compression,
+            loader_workers=loader_workers,
+            chunk_rows=chunk_rows,
+            dtype=dtype,
+            fmt=fmt,
+            compile=compile,
+        )
     from tprobe.data.preprocess import Preprocessed as _Preprocessed
 
     if isinstance(data, _Preprocessed):
@@ -483,6 +494,41 @@ def extract(
         )
     res.skipped = list(pre.skipped)
     return [res] if isinstance(model, list | tuple) else res  # a list in, a list out
+
+
+# extract's arguments that worker processes and array tasks take from task_args: (flag, default)
+_TASK_FLAGS = {
+    "batch_size": ("--batch-size", None),
+    "compression": ("--compression", "zstd"),
+    "loader_workers": ("--loader-workers", None),
+    "chunk_rows": ("--chunk-rows", 64),
+    "dtype": ("--dtype", "float16"),
+    "fmt": ("--format", "zarr"),
+    "compile": ("--compile", False),
+}
+
+
+def _check_task_args(task_args: Sequence[str], **values) -> None:
+    """Refuse an argument whose value the processes would not see: set here but absent from ``task_args``,
+    or given there with another value (they would write a store other than the one waited for)."""
+    args = [str(a) for a in task_args]
+    for name, (flag, default) in _TASK_FLAGS.items():
+        value = values[name]
+        if name == "compile":
+            given = flag in args
+        else:
+            given = args[args.index(flag) + 1] if flag in args[:-1] else None
+        differs = (
+            given != value
+            if name == "compile"
+            else (value != default if given is None else str(given) != str(value))
+        )
+        if differs:
+            shown = ("present" if given else "absent") if name == "compile" else given or "absent"
+            raise TprobeError(
+                f"{name}={value!r} is not what task_args give the worker processes ({flag} {shown}); "
+                "put the same value in task_args"
+            )
 
 
 def _model_list(model) -> list:
