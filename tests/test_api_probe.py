@@ -58,6 +58,9 @@ def test_several_heads_or_pools_are_a_sweep_with_its_summary(store, tmp_path):
     assert len(res.summary) == 10 and set(res.summary["head"]) == {"logreg", "knn"}  # 5 pools x 2 heads
     assert res.random_init  # the tiny model is random
     assert (res.out / "summary.parquet").exists() and len(res.runs) == 10
+    # each run's own lines (per-donor table, notes, the random mark) are in its folder, from Python too
+    details = (res.runs[0] / "details.txt").read_text()
+    assert "RANDOM WEIGHTS" in details and "mean" in details and "grid" in details
     back = SweepResult.from_dict(json.loads(json.dumps(res.to_dict())))
     assert back.out == res.out and back.runs == res.runs and back.random_init
     pd.testing.assert_frame_equal(back.summary, res.summary, check_dtype=False)

@@ -9,9 +9,6 @@ import click
 EXIT_SKIPPED = 3  # finished, but some input files were skipped (listed on stderr)
 
 
-RUN_DETAIL = "details.txt"  # a sweep's run folder: the per-donor table and notes a single run prints
-
-
 def finish(pre):
     if pre.skipped:
         click.echo(f"{len(pre.skipped)} file(s) skipped (listed above); exit status {EXIT_SKIPPED}", err=True)

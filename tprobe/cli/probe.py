@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from tprobe.cli.echo import RUN_DETAIL, echo_table, table_text
+from tprobe.cli.echo import echo_table
 from tprobe.cli.options import (
     CACHE_OPTION,
     DEVICE_OPTION,
@@ -215,30 +215,8 @@ class _Report:
                     click.echo(f"   {line}")
             if not sweep:
                 click.echo(f"== {ev.features.name} · {ev.head}: {ev.message}")
-        elif ev.kind == "run":
-            lines = _run_lines(ev, sweep)
-            if sweep:
-                (ev.path / RUN_DETAIL).write_text("\n".join(lines) + "\n")
-            else:
-                click.echo("\n".join(lines))
-
-
-def _run_lines(ev, sweep: bool) -> list[str]:
-    run = ev.run
-    shape = f"{len(ev.features.meta)} rows x {ev.features.X.shape[1]} features"
-    lines = [f"== {ev.features.name} · {ev.head}: {shape}"] if sweep else []
-    if run.features_.source.random_init:
-        lines.append(f"   {RANDOM_NOTE}")
-    lines.append(table_text(run.table()))
-    lines.append(
-        f"   accuracy, balanced accuracy, f1: {run.summary_['f1']['note']}; brier, ece: "
-        "calibration (lower is better; ECE over 10 equal-width bins)"
-    )
-    chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in run.chosen_)
-    how = sorted({c.get("selection", "chosen by inner donor CV (mean AP)") for c in run.chosen_})
-    lines.append(f"   grid {run.grid_} -> {' / '.join(how)}: {chosen}")
-    lines.append(f"   {ev.message}")
-    return lines
+        elif ev.kind == "run" and not sweep:  # a sweep wrote the run's lines to its details.txt
+            click.echo("\n".join([*ev.run.details(), f"   {ev.message}"]))
 
 
 def _echo_task_event(ev):
@@ -252,7 +230,7 @@ def _echo_task_event(ev):
 
 def _echo_result(res):
     """The sweep summary (a local sweep, or one collected from its tasks); the last line: the folder."""
-    from tprobe.probing.sweep import SweepResult
+    from tprobe.probing.sweep import RUN_DETAIL, SweepResult
 
     if not isinstance(res, SweepResult):  # one run, or one task of a sweep
         click.echo(str(getattr(res, "path_", res)))

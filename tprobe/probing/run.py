@@ -236,6 +236,25 @@ class ProbeRun:
         """Per-donor metrics with mean, sd and frequency rows, for printing."""
         return self.evaluation_.table()
 
+    def details(self) -> list[str]:
+        """The lines a run prints (and a sweep writes to each run folder's ``details.txt``): the random-
+        weights note, the per-donor table, what the metrics mean and the hyperparameters chosen."""
+        from tprobe.models.random_weights import NOTE, is_random
+
+        with pd.option_context(
+            "display.width", 200, "display.max_columns", 30, "display.float_format", "{:.3f}".format
+        ):
+            table = self.table().to_string(index=False)
+        chosen = "; ".join(f"fold {c['fold']}: {c['params']}" for c in self.chosen_)
+        how = sorted({c.get("selection", "chosen by inner donor CV (mean AP)") for c in self.chosen_})
+        return [
+            *([f"   {NOTE}"] if is_random(self.features_.source) else []),
+            table,
+            f"   accuracy, balanced accuracy, f1: {self.summary_['f1']['note']}; brier, ece: "
+            "calibration (lower is better; ECE over 10 equal-width bins)",
+            f"   grid {self.grid_} -> {' / '.join(how)}: {chosen}",
+        ]
+
     def record(self, name: str, *, command: str = "probe", extra: dict | None = None) -> RunRecord:
         """The run record (config.json) of this fitted probe."""
         fs = self.features_

@@ -68,6 +68,7 @@ __all__ = [
     "is_store_input",
 ]
 log = logging.getLogger(__name__)
+RUN_DETAIL = "details.txt"  # a sweep's run folder: the lines a single run prints
 
 SUMMARY_METRICS = ("roc_auc", "average_precision", "accuracy")
 # a source: (name, loader) where loader(name) returns a FeatureSet or raises TprobeError
@@ -253,6 +254,9 @@ def run_sweep(
             runs.append(path)
             rows.append(summary_row(fs, h, run, path))
             message = f"{run.seconds_:.1f} s; run dir {path}"
+            if sweep:  # the console gets one summary table; each run's own lines go into its folder
+                lines = [f"== {fs.name} · {h}: {shape}", *run.details(), f"   {message}"]
+                (path / RUN_DETAIL).write_text("\n".join(lines) + "\n")
             emit(SweepEvent("run", name, h, message, features=fs, run=run, path=path, total=n_runs))
         del fs
     summary = pd.DataFrame(rows)
