@@ -254,3 +254,12 @@ def test_the_slurm_executor_runs_the_same_command_per_shard_and_builds_the_local
     assert local.status == "up to date" and local.path == path
     again = CliRunner().invoke(main, [*args, *slurm])
     assert again.exit_code == 0 and "nothing submitted" in again.output
+
+
+@pytest.mark.refuses("preprocessing options beside data that is preprocessed already (every API call)")
+def test_preprocessing_options_beside_a_preprocessed_are_refused_not_ignored(small_data):
+    # review: tprobe.preprocess(pre, canvas=224) returned pre unchanged, the options silently dropped
+    pre = api.preprocess(small_data, views="orig", progress=False)
+    assert api.preprocess(pre, progress=False) is pre
+    with pytest.raises(TprobeError, match="preprocessed already"):
+        api.preprocess(pre, canvas=224, progress=False)

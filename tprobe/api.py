@@ -183,37 +183,23 @@ def _model_ref(model) -> ModelRef:
 def _prepared(
     data, config, ref=None, *, canvas_set: bool | None, progress: bool = False, log_skipped: bool = False
 ) -> Preprocessed:
-    """``data`` as a Preprocessed: as it is when it is one, else preprocessed with ``config`` (the canvas
-    fitted to ``ref``'s patch size unless set; ``canvas_set=None``: set when it is not the default)."""
+    """``data`` through :func:`~tprobe.data.preprocess.prepare` with ``config`` (the canvas fitted to
+    ``ref``'s patch size unless set; ``canvas_set=None``: set when it is not the default)."""
     import logging
 
-    from tprobe.data.dataset import Dataset as _Dataset
     from tprobe.data.preprocess import PreprocessConfig as _Config
-    from tprobe.data.preprocess import Preprocessed as _Pre
-    from tprobe.data.preprocess import ome_defaults, prepare
-    from tprobe.data.preprocess import preprocess as _preprocess
+    from tprobe.data.preprocess import prepare
 
-    if isinstance(data, _Pre):
-        return data
-    config = config or _Config()
     if canvas_set is None:
-        canvas_set = config.canvas != _Config().canvas
-    patch = ref.patch_size if ref is not None else None
-    if isinstance(data, _Dataset):
-        if patch:
-            from tprobe.models.backbones import fit_canvas
-
-            config = fit_canvas(config, patch, user_set=canvas_set)
-        pre = _preprocess(data, ome_defaults(data, config), progress=progress)
-    else:
-        pre = prepare(
-            data,
-            config,
-            patch_size=patch,
-            canvas_set=canvas_set,
-            model_name=ref.name if ref is not None else "the store's model",
-            progress=progress,
-        )
+        canvas_set = config is not None and config.canvas != _Config().canvas
+    pre = prepare(
+        data,
+        config,
+        patch_size=ref.patch_size if ref is not None else None,
+        canvas_set=canvas_set,
+        model_name=ref.name if ref is not None else "the store's model",
+        progress=progress,
+    )
     if log_skipped:
         for s in pre.skipped:
             logging.getLogger(__name__).warning("skipped: %s", s)

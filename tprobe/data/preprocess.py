@@ -628,10 +628,10 @@ def prepare(
     """Discover and preprocess ``data``, or open a saved ``tprobe preprocess --out`` folder.
 
     ``data``: an image folder, a CSV/Parquet manifest, a saved preprocessed folder (verified on
-    opening), a :class:`Preprocessed` (returned as it is) or ``None`` for the bundled sample. With a
-    model's ``patch_size``, a canvas the user did not set (``canvas_set=False``) is first rounded up
-    to the patch size; a saved folder whose canvas does not fit the patch size is refused with the fix. Skipped files are listed in
-    :attr:`Preprocessed.skipped`.
+    opening), a :class:`Dataset` (from ``discover``), a :class:`Preprocessed` (returned as it is) or
+    ``None`` for the bundled sample. With a model's ``patch_size``, a canvas the user did not set
+    (``canvas_set=False``) is first rounded up to the patch size; a saved folder whose canvas does not
+    fit the patch size is refused with the fix. Skipped files are listed in :attr:`Preprocessed.skipped`.
     """
     from tprobe.data.dataset import discover
     from tprobe.models.backbones import fit_canvas, round_canvas
@@ -657,5 +657,9 @@ def prepare(
         return pre
     if patch_size:
         config = fit_canvas(config, patch_size, user_set=canvas_set)
-    found = discover(data, channel_files=config.channel_files, channels=config.channels)
+    found = (
+        data
+        if isinstance(data, Dataset)
+        else discover(data, channel_files=config.channel_files, channels=config.channels)
+    )
     return preprocess(found, ome_defaults(found, config), progress=progress)  # OME-TIFF names the channels
