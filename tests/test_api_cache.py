@@ -124,7 +124,7 @@ def test_workers_and_slurm_from_python_need_the_task_arguments():
 )
 @pytest.mark.parametrize(
     "kw",
-    [{"batch_size": 7}, {"compression": "lz4"}, {"compile": True}, {"dtype": "float32"}, {"chunk_rows": 8}],
+    [{"batch_size": 7}, {"compression": "zstd"}, {"compile": True}, {"dtype": "float32"}, {"chunk_rows": 8}],
 )
 def test_arguments_the_worker_processes_would_not_see_are_refused(kw):
     # review: extract(workers=2, batch_size=7, ...) ran the workers on task_args alone, silently

@@ -120,6 +120,40 @@ def test_a_zeroed_hdf5_unit_is_found_by_deep(tmp_path, built, pre, ref):
     assert r.exit_code == 2 and "DAMAGED: unit 1 " in r.output, r.output
 
 
+def test_units_hashed_with_xxh3_and_blake2b_hashes_of_0_3_still_verify(tmp_path, built, pre, ref):
+    """New units record an XXH3-128 hash; a store sealed by tprobe 0.3 (blake2b, no prefix), or resumed
+    across versions (both kinds), verifies deep, and an altered unit is found under either hash."""
+    import zarr
+
+    from tprobe.cache.store import _unit_digest
+
+    sealed = FeatureStore.open(built["zarr"])
+    assert all(h.startswith("xxh3_128:") for h in sealed.units["hash"])
+    # uncompressed, so altered bytes stay a readable chunk of the same size: only the hash can tell
+    store = extract(pre, ref, cache=tmp_path / "c", compression="none", **KW).path
+    group = zarr.open_group(store, mode="r+")
+    meta = dict(group.attrs)["tprobe_meta"]
+    fs = FeatureStore.open(store)
+    # unit 0 as 0.3 wrote it (blake2b), unit 1 as this version: a store resumed across versions
+    meta["units"]["hash"][0] = _unit_digest(
+        {n: fs._read_raw(n, fs.unit_slice(0)) for n in fs.shapes}, "blake2b"
+    )
+    assert ":" not in meta["units"]["hash"][0]
+    group.attrs["tprobe_meta"] = meta
+    r = CliRunner().invoke(main, ["status", str(store), "--deep"])
+    assert r.exit_code == 0 and "units re-hashed" in r.output, r.output
+    for unit in (0, 1):  # an altered chunk of either unit (same size, readable) is found by its own hash
+        chunk = store / "patches" / "c" / str(unit) / "0" / "0"
+        good = chunk.read_bytes()
+        raw = bytearray(good)
+        raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+        chunk.write_bytes(raw)
+        r = CliRunner().invoke(main, ["status", str(store), "--deep"])
+        assert r.exit_code == 2 and f"DAMAGED: unit {unit} (rows" in r.output, r.output
+        assert "does not match its recorded hash" in r.output, r.output
+        chunk.write_bytes(good)
+
+
 def test_a_store_from_before_format_2_is_checked_for_existence_with_a_note(tmp_path, built):
     import zarr
 

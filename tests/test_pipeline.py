@@ -263,6 +263,26 @@ def test_device_views_and_pixel_values_equal_the_host_path_bit_for_bit(tiny_reg,
     assert torch_path.numpy().tobytes() == want.numpy().tobytes()
 
 
+@pytest.mark.parametrize("kind", ["uint8", "float32"])
+def test_each_canvas_normalised_once_then_permuted_equals_normalising_each_view(tiny_reg, kind):
+    """The CPU path normalises a cell's canvas once and permutes it into its views: the same bytes."""
+    from tprobe.cache.extract import VIEW_CODES, _host_inputs, _pixel_values
+    from tprobe.data.preprocess import apply_view
+
+    rng = np.random.default_rng(1)
+    canvases = rng.integers(0, 256, (3, 14, 14)).astype(np.uint8)
+    if kind == "float32":
+        canvases = rng.random((3, 14, 14), np.float32) * 255
+    src = np.array([0, 0, 1, 2, 1, 0, 2, 2, 1, 0])
+    views = np.array([0, 1, 2, 3, 4, 5, 6, 7, 7, 3])
+    bb = Backbone.from_pretrained(str(tiny_reg), device="cpu")
+    got = _host_inputs(bb, torch.from_numpy(canvases), torch.from_numpy(src), torch.from_numpy(views))
+    per_view = np.stack([apply_view(canvases[s], VIEW_CODES[v]) for s, v in zip(src, views, strict=True)])
+    want = _pixel_values(bb, torch.from_numpy(per_view))
+    assert got.shape == (len(src), 3, 14, 14) and got.numpy().tobytes() == want.numpy().tobytes()
+    assert got.is_contiguous()
+
+
 def test_resized_canvases_go_as_float32_and_all_eight_views_match_the_per_view_path(
     tmp_path, small_data, tiny_reg
 ):

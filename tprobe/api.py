@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the typed artifacts the calls return
     from tprobe.science.curve import LabelCurve
     from tprobe.science.embedmap import EmbeddingMap
 
+from tprobe.cache.keys import DEFAULT_COMPRESSION
 from tprobe.errors import TprobeError
 
 __all__ = [  # one call per stage, in the pipeline's order (the docs list them so)
@@ -301,7 +302,7 @@ def extract(
     tokens: str | Sequence[str] = ("cls", "registers", "patches"),
     layers: str | Sequence[int] = "-1",
     patch_layers: str | Sequence[int] = "-1",
-    compression: str = "zstd",
+    compression: str = DEFAULT_COMPRESSION,
     chunk_rows: int = 64,
     batch_size: int | None = None,
     device: str = "auto",
@@ -485,7 +486,7 @@ def extract(
 # extract's arguments that worker processes and array tasks take from task_args: (flag, default)
 _TASK_FLAGS = {
     "batch_size": ("--batch-size", None),
-    "compression": ("--compression", "zstd"),
+    "compression": ("--compression", DEFAULT_COMPRESSION),
     "loader_workers": ("--loader-workers", None),
     "chunk_rows": ("--chunk-rows", 64),
     "dtype": ("--dtype", "float16"),

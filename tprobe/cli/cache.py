@@ -8,8 +8,7 @@ from types import SimpleNamespace
 import click
 
 from tprobe.cache.export import EXPORT_FORMATS
-from tprobe.cache.keys import DTYPES, FORMATS, PRECISIONS
-from tprobe.cache.store import COMPRESSIONS
+from tprobe.cache.keys import COMPRESSIONS, DEFAULT_COMPRESSION, DTYPES, FORMATS, PRECISIONS
 from tprobe.cli.echo import finish
 from tprobe.cli.options import (
     CACHE_OPTION,
@@ -104,9 +103,9 @@ SBATCH_PARAMS = tuple(p for p in SLURM_PARAMS if p not in ("executor", "shards")
 @click.option(
     "--compression",
     type=click.Choice(COMPRESSIONS),
-    default="zstd",
+    default=DEFAULT_COMPRESSION,
     show_default=True,
-    help="Chunk compression (recorded in the store).",
+    help="Chunk compression (Blosc level 3, byte shuffle; recorded in the store).",
 )
 @click.option(
     "--shard", default="0/1", show_default=True, help="Take units i::N of the store (SLURM arrays)."
