@@ -120,6 +120,45 @@ def test_a_zeroed_hdf5_unit_is_found_by_deep(tmp_path, built, pre, ref):
     assert r.exit_code == 2 and "DAMAGED: unit 1 " in r.output, r.output
 
 
+@pytest.mark.parametrize("compression", ["lz4", "zstd", "none"])
+def test_chunks_written_by_the_store_are_the_bytes_zarr_writes(tmp_path, compression):
+    """The writer encodes chunks itself (not through Zarr's event loop): the files must be Zarr's own bytes,
+    the last, partial unit padded with the fill value as Zarr pads it."""
+    import zarr
+
+    rng = np.random.default_rng(0)
+    n = 150  # 64 + 64 + 22
+    store = FeatureStore.create(
+        tmp_path / "s.zarr",
+        row_ids=[f"r{i}" for i in range(n)],
+        hidden=8,
+        registers=2,
+        patches=5,
+        compression=compression,
+    )
+    shapes = {"cls": (8,), "registers": (2, 8), "patches": (5, 8)}
+    values = {k: rng.standard_normal((n, *v)).astype(np.float16) for k, v in shapes.items()}
+    for u in range(store.n_units):
+        store.write_unit(u, {k: v[store.unit_slice(u)] for k, v in values.items()})
+    for name, v in values.items():  # the same values through Zarr's own writer, into a fresh array
+        ref = zarr.open_array(store.path / name, mode="r")
+        twin = zarr.create_array(
+            tmp_path / "twin" / name,
+            shape=ref.shape,
+            dtype=ref.dtype,
+            chunks=ref.chunks,
+            compressors=ref.compressors,
+            fill_value=0,
+        )
+        twin[:] = v
+        for u in range(store.n_units):
+            key = ["c", str(u), *["0"] * (v.ndim - 1)]
+            assert (store.path / name).joinpath(*key).read_bytes() == (tmp_path / "twin" / name).joinpath(
+                *key
+            ).read_bytes(), (name, u)
+        np.testing.assert_array_equal(ref[:], v)
+
+
 def test_units_hashed_with_xxh3_and_blake2b_hashes_of_0_3_still_verify(tmp_path, built, pre, ref):
     """New units record an XXH3-128 hash; a store sealed by tprobe 0.3 (blake2b, no prefix), or resumed
     across versions (both kinds), verifies deep, and an altered unit is found under either hash."""

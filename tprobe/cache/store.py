@@ -48,6 +48,7 @@ import shutil
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -228,6 +229,7 @@ class FeatureStore:
         self.units = meta.get("units")  # sealed format-2 stores: {"hash": [...], "sizes": {array: [...]}}
         self._lock_fd: int | None = None
         self._zarr_arrays: dict = {}  # writing: each array opened once, not once per unit
+        self._codecs: dict = {}  # writing: each array's chunk codec (numcodecs), made once
         self._durable_roots: set[str] = set()  # arrays whose chunk folder ``<array>/c`` is known on disk
         self._roots_lock = threading.Lock()
 
@@ -669,7 +671,7 @@ class FeatureStore:
             for name, arr in arrays.items():
                 self._chunk_root(name)
                 # every chunk is written, even one equal to the fill value, so a missing chunk is always damage
-                self._zarr_array(name)[sl] = arr
+                self._write_chunk(name, unit, arr)
             # every file and folder of the unit reaches the disk before its marker; issued together, so
             # the file system commits them at once rather than one after another
             fsync_all([p for name in arrays for p in self._chunk_paths(name, unit)])
@@ -679,6 +681,53 @@ class FeatureStore:
             part = self.progress_dir / f"part_{unit:06d}.npz"
             atomic_write(part, lambda p: np.savez(open(p, "wb"), **arrays))
         atomic_write(self.progress_dir / f"unit_{unit:06d}.done", lambda p: p.write_text(json.dumps(record)))
+
+    def _write_chunk(self, name: str, unit: int, arr: np.ndarray) -> None:
+        """Write ``unit``'s chunk of array ``name`` as Zarr would (the same bytes: a test compares them), from
+        this thread: encoded here (Blosc releases the GIL), not through Zarr's one event-loop thread."""
+        rows = self.chunk_rows
+        if len(arr) < rows:  # the last unit: Zarr pads the chunk to its full shape with the fill value (0)
+            full = np.zeros((rows, *arr.shape[1:]), arr.dtype)
+            full[: len(arr)] = arr
+            arr = full
+        raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))  # Zarr's BytesCodec: little endian
+        codec = self._chunk_codec(name)
+        data = raw.data if codec is None else codec.encode(raw)
+        path = self._chunk_file(name, unit)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # Zarr's own temporary name: cleaned as its
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            tmp.replace(path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def _chunk_codec(self, name: str):
+        """The numcodecs Blosc that Zarr's BloscCodec of array ``name`` encodes with (None: uncompressed)."""
+        if name not in self._codecs:
+            from numcodecs import Blosc
+            from zarr.codecs import BloscCodec
+
+            meta = self._zarr_array(name).metadata
+            found = [c for c in meta.codecs if isinstance(c, BloscCodec)]
+            if not found:
+                self._codecs[name] = None
+            else:
+                c = found[0]
+                shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[
+                    str(getattr(c.shuffle, "value", c.shuffle))
+                ]
+                config = {
+                    "cname": str(getattr(c.cname, "value", c.cname)),
+                    "clevel": c.clevel,
+                    "shuffle": shuffle,
+                    "blocksize": c.blocksize,
+                    "typesize": c.typesize or np.dtype(self.meta["dtype"]).itemsize,
+                }
+                self._codecs[name] = Blosc.from_config(config)
+        return self._codecs[name]
 
     def _zarr_array(self, name: str):
         """Array ``name`` opened for writing (once per store object; a race opens it twice, harmlessly)."""
