@@ -52,6 +52,7 @@ def main():
     ap.add_argument("--compression", default=None, help="[default: extract's]")
     ap.add_argument("--model", choices=["blockless", "null"], default="blockless")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--write-threads", type=int, help="[default: extract's, min(4, cores)]")
     ap.add_argument("--profile", metavar="FILE", help="cProfile the calling thread's extract() into FILE")
     args = ap.parse_args()
     import torch
@@ -78,6 +79,8 @@ def main():
         prof = cProfile.Profile() if args.profile else None
         if prof:
             prof.enable()
+        if args.write_threads:
+            kw["write_threads"] = args.write_threads
         res = extract(pre, bb, cache=Path(tmp) / "cache", progress=False, batch_size=16, **kw)
         if prof:
             prof.disable()
