@@ -90,7 +90,7 @@ def main():
     print(
         f"{args.tag} {args.model} threads {args.threads} {args.compression or 'default'}: {res.images} views, "
         f"work {work:.2f} s ({res.images / work:.0f} views/s); whole call {wall:.2f} s wall, {cpu:.2f} CPU-s "
-        f"(store creation included); {res.times.line()}"
+        f"(store creation included); {res.times.decodes} decodes; {res.times.line()}"
     )
 
 

@@ -127,7 +127,7 @@ def main():
             ["status", str(store)],
             ["report", "--help"],
             ["export", "--help"],
-            ["export", str(store), "--to", "parquet", str(Path(tmp) / "out.parquet")],
+            ["export", str(store), "--to", "parquet", str(Path(tmp) / "out.parquet"), "--overwrite"],
         ):
             runs = [timed([sys.executable, "-c", LIGHT, *cmd], env) for _ in range(args.runs)]
             heavy = runs[-1][2].strip().splitlines()[-1].removeprefix("HEAVY ")
