@@ -105,10 +105,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 # with their int64 partition indices 24 MiB per worker)
 TOPK_BLOCK = 2**21
 # rows L2-normalised (fit) or gathered and standardised (tprobe.probing.rowfit) at a time
-ROW_BLOCK = 4096
+ROW_BLOCK = 2048
 # the kNN search takes its queries this many bytes (float32) at a time: each block of training rows is
 # made once per chunk of queries and compared with every batch of it
-QUERY_CHUNK_BYTES = 2**25
+QUERY_CHUNK_BYTES = 2**23
 
 
 class KNNHead(ClassifierMixin, BaseEstimator):
@@ -195,21 +195,23 @@ def knn_votes(
     per_chunk = max(1, QUERY_CHUNK_BYTES // (4 * max(n_features, 1)) // batch_size) * batch_size
     for c0 in range(0, n_queries, per_chunk):
         c1 = min(c0 + per_chunk, n_queries)
-        Q = queries(c0, c1)
+        Q = np.empty((c1 - c0, n_features), np.float32)
+        for lo in range(c0, c1, ROW_BLOCK):  # made a block at a time: no temporaries of the whole chunk
+            Q[lo - c0 : lo - c0 + ROW_BLOCK] = queries(lo, min(lo + ROW_BLOCK, c1))
         starts = range(0, c1 - c0, batch_size)
-        # training rows per block: TOPK_BLOCK similarities for a full batch (as many as the chunk has)
-        width = max(k_max, TOPK_BLOCK // max(min(batch_size, c1 - c0), 1))
-        best = [
-            (np.empty((m, 0), np.float32), np.empty((m, 0), np.int64))
-            for m in (min(batch_size, c1 - c0 - s) for s in starts)
-        ]
-        for lo in range(0, n_train, width):
-            block = train(lo, min(lo + width, n_train))
-            for i, s in enumerate(starts):
-                best[i] = _merge_top_k(
-                    Q[s : s + batch_size], block, labels[lo : lo + len(block)], *best[i], k_max
-                )
-            del block
+        sizes = [min(batch_size, c1 - c0 - s) for s in starts]
+        best = [(np.empty((m, 0), np.float32), np.empty((m, 0), np.int64)) for m in sizes]
+        # training rows per block: TOPK_BLOCK similarities a batch (a short last batch: wider blocks, its
+        # own pass), so each batch merges the same candidates in the same order however it is chunked
+        widths = [max(k_max, TOPK_BLOCK // max(m, 1)) for m in sizes]
+        for width in dict.fromkeys(widths):
+            batches = [i for i, w in enumerate(widths) if w == width]
+            for lo in range(0, n_train, width):
+                block = train(lo, min(lo + width, n_train))
+                for i in batches:
+                    q = Q[starts[i] : starts[i] + batch_size]
+                    best[i] = _merge_top_k(q, block, labels[lo : lo + len(block)], *best[i], k_max)
+                del block
         for i, s in enumerate(starts):
             sims, lab = best[i]
             order = np.argsort(-sims, axis=1, kind="stable")  # most similar first

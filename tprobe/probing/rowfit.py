@@ -53,39 +53,32 @@ def standard_scaler_rows(X: np.ndarray, rows: np.ndarray, block: int = ROW_BLOCK
     d = X.shape[1]
     buf = np.empty((min(block, n) + 1, d), np.float64)
 
-    def summed(acc, fill):
-        """``acc`` plus every row ``fill(out, lo, hi)`` writes, one row after another, in float64."""
-        for lo in range(0, n, block):
-            hi = min(lo + block, n)
-            part = buf[: hi - lo + 1]
-            fill(part[1:], lo, hi)
-            if acc is None:
-                acc = part[1:].sum(axis=0)  # the first rows start the sum, as in one reduction
-            else:
-                part[0] = acc
-                acc = part.sum(axis=0)
-        return acc
+    def add(acc, part):
+        """``acc`` plus the rows ``part[1:]``, one after another (``part[0]`` is scratch)."""
+        if acc is None:
+            return part[1:].sum(axis=0)  # the first rows start the sum, as in one reduction
+        part[0] = acc
+        return part.sum(axis=0)
 
-    def rows_of(out, lo, hi):
-        out[:] = X[rows[lo:hi]]
-
-    total = summed(None, rows_of)
+    total = None
+    for lo in range(0, n, block):
+        part = buf[: min(block, n - lo) + 1]
+        part[1:] = X[rows[lo : lo + block]]
+        total = add(total, part)
     if not np.isfinite(total).all():
         return None
     count = np.zeros(d) + np.float64(n)  # scikit-learn's per-column counts (no NaN)
     mean = (np.zeros(d) + total) / count
     centre = total / count
-
-    def centred(out, lo, hi):
-        out[:] = X[rows[lo:hi]]
-        out -= centre
-
-    def squared(out, lo, hi):
-        centred(out, lo, hi)
-        out **= 2
-
-    correction = summed(None, centred)
-    var = (summed(None, squared) - correction**2 / count) / count
+    correction = squares = None
+    for lo in range(0, n, block):  # the corrected two-pass variance: sums of x - mean and its squares
+        part = buf[: min(block, n - lo) + 1]
+        part[1:] = X[rows[lo : lo + block]]
+        part[1:] -= centre
+        correction = add(correction, part)
+        part[1:] **= 2
+        squares = add(squares, part)
+    var = (squares - correction**2 / count) / count
     scaler = StandardScaler()
     scaler.n_features_in_ = d
     scaler.n_samples_seen_ = count[0]
@@ -228,7 +221,7 @@ def knn_proba_rows(model, X: np.ndarray, y: np.ndarray, train: np.ndarray, rows:
     )
 
 
-def predict_rows(predict, X: np.ndarray, rows: np.ndarray, block: int = 8 * ROW_BLOCK) -> np.ndarray:
+def predict_rows(predict, X: np.ndarray, rows: np.ndarray, block: int = ROW_BLOCK) -> np.ndarray:
     """``predict(X[rows])`` a block of rows at a time, concatenated: for heads whose prediction of a
     row depends on that row only (XGBoost), the same numbers without a copy of every row."""
     if len(rows) <= block:
