@@ -62,12 +62,12 @@ def _old_knn(X, y, train, rows, ks, scale=True):
 @pytest.mark.parametrize("scale", [True, False])
 def test_knn_from_blocks_equals_the_gathered_fit(monkeypatch, scale):
     X, y, train, rows = _data()
-    # small blocks and chunks: many training blocks and query chunks, a partial last batch
+    # small blocks: many training blocks, a short last batch; the search chunked (many chunks) or not
     monkeypatch.setattr(heads, "TOPK_BLOCK", 2**12)
-    monkeypatch.setattr(heads, "QUERY_CHUNK_BYTES", 2**13)
     ks = [1, 5, 20, 50]
-    new = knn_proba_rows(make_head("knn", clf__k=50, scale=scale), X, y, train, rows, ks)
     old = _old_knn(X, y, train, rows, ks, scale)
+    monkeypatch.setattr(heads, "QUERY_CHUNK_BYTES", 2**13)
+    new = knn_proba_rows(make_head("knn", clf__k=50, scale=scale), X, y, train, rows, ks)
     for k in ks:
         np.testing.assert_array_equal(new[k], old[k])
 

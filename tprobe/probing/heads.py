@@ -101,9 +101,11 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-# KNNHead.predict_proba computes at most this many query x training similarities at a time (float32: 8 MiB,
-# with their int64 partition indices 24 MiB per worker)
+# KNNHead.predict_proba computes at most this many query x training similarities at a time (float32: 8 MiB
+# per worker)
 TOPK_BLOCK = 2**21
+# query rows whose similarities are partitioned at a time (their int64 positions: 4 MiB at 2048 columns)
+TOPK_SLICE = 256
 # rows L2-normalised (fit) or gathered and standardised (tprobe.probing.rowfit) at a time
 ROW_BLOCK = 2048
 # the kNN search takes its queries this many bytes (float32) at a time: each block of training rows is
@@ -193,6 +195,9 @@ def knn_votes(
     if n_queries == 0:
         return out
     per_chunk = max(1, QUERY_CHUNK_BYTES // (4 * max(n_features, 1)) // batch_size) * batch_size
+    # training rows per block: TOPK_BLOCK similarities for a full batch (a short batch takes the same
+    # blocks: before, it took wider ones, a block of the whole training set for a batch of one query)
+    width = max(k_max, TOPK_BLOCK // batch_size, 1)
     for c0 in range(0, n_queries, per_chunk):
         c1 = min(c0 + per_chunk, n_queries)
         Q = np.empty((c1 - c0, n_features), np.float32)
@@ -201,17 +206,12 @@ def knn_votes(
         starts = range(0, c1 - c0, batch_size)
         sizes = [min(batch_size, c1 - c0 - s) for s in starts]
         best = [(np.empty((m, 0), np.float32), np.empty((m, 0), np.int64)) for m in sizes]
-        # training rows per block: TOPK_BLOCK similarities a batch (a short last batch: wider blocks, its
-        # own pass), so each batch merges the same candidates in the same order however it is chunked
-        widths = [max(k_max, TOPK_BLOCK // max(m, 1)) for m in sizes]
-        for width in dict.fromkeys(widths):
-            batches = [i for i, w in enumerate(widths) if w == width]
-            for lo in range(0, n_train, width):
-                block = train(lo, min(lo + width, n_train))
-                for i in batches:
-                    q = Q[starts[i] : starts[i] + batch_size]
-                    best[i] = _merge_top_k(q, block, labels[lo : lo + len(block)], *best[i], k_max)
-                del block
+        for lo in range(0, n_train, width):
+            block = train(lo, min(lo + width, n_train))
+            for i, s in enumerate(starts):
+                q = Q[s : s + batch_size]
+                best[i] = _merge_top_k(q, block, labels[lo : lo + len(block)], *best[i], k_max)
+            del block
         for i, s in enumerate(starts):
             sims, lab = best[i]
             order = np.argsort(-sims, axis=1, kind="stable")  # most similar first
@@ -231,7 +231,13 @@ def _merge_top_k(q, block, block_labels, best_s, best_y, k):
     their labels ``best_y``; empty at first) and this block of training rows."""
     sims = q @ block.T
     kk = min(k, sims.shape[1])
-    top = np.argpartition(sims, sims.shape[1] - kk, axis=1)[:, -kk:]  # the kk largest, no negated copy
+    # the kk largest, no negated copy; partitioned a slice of rows at a time (each row's selection is its
+    # own), so the int64 positions of a whole slice, not of every similarity, are held at once
+    top = np.empty((len(q), kk), np.intp)
+    for r in range(0, len(q), TOPK_SLICE):
+        top[r : r + TOPK_SLICE] = np.argpartition(sims[r : r + TOPK_SLICE], sims.shape[1] - kk, axis=1)[
+            :, -kk:
+        ]
     cand_s = np.concatenate([best_s, np.take_along_axis(sims, top, axis=1)], axis=1)
     cand_y = np.concatenate([best_y, block_labels[top]], axis=1)
     del sims, top
