@@ -132,6 +132,7 @@ def _is_xgb_hist(clf) -> bool:
         and clf.booster != "gblinear"
         and clf.device in (None, "cpu")
         and clf.feature_types is None
+        and getattr(clf, "feature_weights", None) is None
         and not clf.enable_categorical
     )
 
@@ -143,7 +144,7 @@ def fit_rows(model, X: np.ndarray, y: np.ndarray, rows: np.ndarray, block: int =
     clf = model[-1] if hasattr(model, "steps") else None
     if not isinstance(clf, KNNHead) and not _is_xgb_hist(clf):
         return None
-    X = np.asarray(X)
+    X, y = np.asarray(X), np.asarray(y)
     if X.ndim != 2:
         return None
     ok, scaler = _fitted_scaler(model, X, rows)
@@ -179,10 +180,12 @@ def _fit_xgb(clf, read, n: int, y: np.ndarray, block: int) -> None:
 
     blocks = Blocks()
 
-    def create_dmatrix(ref=None, *, data, missing, **_):
+    def create_dmatrix(ref=None, *, data, missing, **info):
         # what XGBClassifier._create_dmatrix builds (with max_bin and nthread), from blocks: the labels
-        # come with them, and weights, margins and feature types are not used by the heads
-        assert data is blocks and ref is None
+        # come with them; weights, margins, groups and feature weights are not used (fit gets none)
+        unused = ("weight", "base_margin", "group", "qid", "feature_weights", "feature_types")
+        if data is not blocks or ref is not None or any(info.get(k) is not None for k in unused):
+            raise RuntimeError(f"XGBoost asked for a DMatrix the row blocks cannot give: {sorted(info)}")
         return xgboost.QuantileDMatrix(blocks, missing=missing, nthread=clf.n_jobs, max_bin=clf.max_bin)
 
     clf._create_dmatrix = create_dmatrix  # this fit only; removed below, so the head saves as before
