@@ -105,6 +105,10 @@ def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
         name = next(n for n, _ in outputs if n in WARM_PARAMS)
         fitted = model[-1].fit_path(X, y, sorted(warm), rows=train)
         return {(name, m.C): m.predict_proba_rows(X, rows)[:, 1] for m in fitted}
+    if not warm:
+        out = _fit_and_predict_rows(model, X, y, train, rows, outputs)
+        if out is not None:
+            return out
     Xt, yt = X[train], y[train]
     if warm:
         Xr = X[rows]
@@ -130,6 +134,28 @@ def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
             for out in outputs
         }
     return {out: _predict(model, Xr, *out).astype(np.float64) for out in outputs}
+
+
+def _fit_and_predict_rows(model, X, y, train, rows, outputs) -> dict | None:
+    """:func:`_fit_and_predict` for kNN and XGBoost reading X's rows a block at a time
+    (:mod:`tprobe.probing.rowfit`: the same numbers, no per-fit copy of the training rows);
+    ``None`` for the other heads and data, which gather their rows."""
+    from tprobe.probing.heads import KNNHead
+    from tprobe.probing.rowfit import fit_rows, knn_proba_rows, predict_rows
+
+    if isinstance(model[-1], KNNHead):
+        if any(name not in (None, "clf__k") for name, _ in outputs):
+            return None
+        k = {out: int(out[1]) if out[0] == "clf__k" else int(model[-1].k) for out in outputs}
+        path = knn_proba_rows(model, X, y, train, rows, sorted(set(k.values())))
+        if path is None:
+            return None
+        return {out: path[k[out]][:, 1].astype(np.float64) for out in outputs}
+    if fit_rows(model, X, y, train) is None:
+        return None
+    outputs = list(outputs)
+    both = predict_rows(lambda Xb: np.column_stack([_predict(model, Xb, *out) for out in outputs]), X, rows)
+    return {out: both[:, i].astype(np.float64) for i, out in enumerate(outputs)}
 
 
 @contextmanager

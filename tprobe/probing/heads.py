@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +101,16 @@ def _softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-# KNNHead.predict_proba computes at most this many query x training similarities at a time (float32: 8 MiB,
-# with their int64 partition indices 24 MiB per worker)
+# KNNHead.predict_proba computes at most this many query x training similarities at a time (float32: 8 MiB
+# per worker)
 TOPK_BLOCK = 2**21
+# query rows whose similarities are partitioned at a time (their int64 positions: 4 MiB at 2048 columns)
+TOPK_SLICE = 256
+# rows L2-normalised (fit) or gathered and standardised (tprobe.probing.rowfit) at a time
+ROW_BLOCK = 2048
+# the kNN search takes its queries this many bytes (float32) at a time: each block of training rows is
+# made once per chunk of queries and compared with every batch of it
+QUERY_CHUNK_BYTES = 2**23
 
 
 class KNNHead(ClassifierMixin, BaseEstimator):
@@ -119,11 +127,20 @@ class KNNHead(ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
 
     def fit(self, X, y):
+        X = np.asarray(X)
+        return self.fit_blocks(len(X), X.shape[1], lambda lo, hi: X[lo:hi], y)
+
+    def fit_blocks(self, n: int, n_features: int, rows: Callable[[int, int], np.ndarray], y):
+        """``fit`` on the ``n`` training rows that ``rows(lo, hi)`` hands out a block at a time (rows
+        ``lo:hi``, as they would reach ``fit``): only their L2-normalised float32 copy is kept, built
+        block by block (no float32 copy, squares and quotient of every row at once: issue 20)."""
         y = np.asarray(y)
         self.classes_ = np.unique(y)
-        self.X_ = _l2(X)
+        self.X_ = np.empty((n, n_features), np.float32)
+        for lo in range(0, n, ROW_BLOCK):
+            self.X_[lo : lo + ROW_BLOCK] = _l2(rows(lo, min(lo + ROW_BLOCK, n)))
         self.y_ = np.searchsorted(self.classes_, y).astype(np.int64)  # index into classes_
-        self.n_features_in_ = int(self.X_.shape[1])
+        self.n_features_in_ = int(n_features)
         return self
 
     def predict_proba(self, X) -> np.ndarray:
@@ -132,48 +149,102 @@ class KNNHead(ClassifierMixin, BaseEstimator):
     def predict_proba_path(self, X, ks) -> dict[int, np.ndarray]:
         """``{k: predict_proba(X) with that k}`` for every ``k`` in ``ks``, from ONE neighbour search (the
         largest k's, sorted): the engine scores a whole ``clf__k`` grid at the cost of one prediction."""
-        Q = _l2(X)
-        ks = sorted({int(k) for k in ks})
-        k_max = int(min(ks[-1], len(self.X_)))
-        out = {k: np.zeros((len(Q), len(self.classes_)), dtype=np.float64) for k in ks}
-        for start in range(0, len(Q), self.batch_size):
-            s, labels = self._top_k(Q[start : start + self.batch_size], k_max)
-            order = np.argsort(-s, axis=1, kind="stable")  # most similar first
-            s, labels = np.take_along_axis(s, order, axis=1), np.take_along_axis(labels, order, axis=1)
-            for k in ks:
-                kk = min(k, k_max)
-                w = _softmax(s[:, :kk].astype(np.float64) / self.temperature)  # exp(s/T) over kk neighbours
-                for c in range(len(self.classes_)):
-                    out[k][start : start + len(s), c] = (w * (labels[:, :kk] == c)).sum(axis=1)
-        return out
-
-    def _top_k(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` largest similarities of each query row and their training labels, by blocks of
-        training rows (at most :data:`TOPK_BLOCK` similarities at a time): memory bounded whatever the
-        training set's size, never a queries x training-rows matrix (400k training rows: issue 20)."""
-        width = max(k, TOPK_BLOCK // max(len(q), 1))
-        best_s = np.empty((len(q), 0), np.float32)
-        best_y = np.empty((len(q), 0), np.int64)
-        for lo in range(0, len(self.X_), width):
-            sims = q @ self.X_[lo : lo + width].T
-            kk = min(k, sims.shape[1])
-            top = np.argpartition(sims, sims.shape[1] - kk, axis=1)[
-                :, -kk:
-            ]  # the kk largest, no negated copy
-            cand_s = np.concatenate([best_s, np.take_along_axis(sims, top, axis=1)], axis=1)
-            cand_y = np.concatenate([best_y, self.y_[lo + top]], axis=1)
-            del sims, top
-            if cand_s.shape[1] > k:  # merge: keep the k best of the running best and this block's
-                keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
-                cand_s, cand_y = (
-                    np.take_along_axis(cand_s, keep, axis=1),
-                    np.take_along_axis(cand_y, keep, axis=1),
-                )
-            best_s, best_y = cand_s, cand_y
-        return best_s, best_y
+        X = np.asarray(X)
+        return knn_votes(
+            lambda lo, hi: _l2(X[lo:hi]),
+            len(X),
+            X.shape[1],
+            lambda lo, hi: self.X_[lo:hi],
+            self.y_,
+            len(self.classes_),
+            ks,
+            temperature=self.temperature,
+            batch_size=self.batch_size,
+        )
 
     def predict(self, X) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+def knn_votes(
+    queries: Callable[[int, int], np.ndarray],
+    n_queries: int,
+    n_features: int,
+    train: Callable[[int, int], np.ndarray],
+    labels: np.ndarray,
+    n_classes: int,
+    ks,
+    *,
+    temperature: float,
+    batch_size: int,
+) -> dict[int, np.ndarray]:
+    """:meth:`KNNHead.predict_proba_path`'s numbers, the rows handed out a block at a time.
+
+    ``queries(lo, hi)`` and ``train(lo, hi)``: the L2-normalised float32 query / training rows
+    ``lo:hi``; ``labels``: each training row's class index. The queries come a chunk of
+    :data:`QUERY_CHUNK_BYTES` at a time; for each chunk every block of training rows is made once
+    and compared with each batch of ``batch_size`` queries (at most :data:`TOPK_BLOCK` similarities
+    at a time), each batch keeping its running ``k`` best: memory bounded whatever the number of
+    rows, never a queries x training-rows matrix (400k training rows: issue 20), and the training
+    rows need not be held normalised (``tprobe.probing.rowfit`` standardises them block by block).
+    """
+    ks = sorted({int(k) for k in ks})
+    n_train = len(labels)
+    k_max = int(min(ks[-1], n_train))
+    out = {k: np.zeros((n_queries, n_classes), dtype=np.float64) for k in ks}
+    if n_queries == 0:
+        return out
+    per_chunk = max(1, QUERY_CHUNK_BYTES // (4 * max(n_features, 1)) // batch_size) * batch_size
+    # training rows per block: TOPK_BLOCK similarities for a full batch (a short batch takes the same
+    # blocks: before, it took wider ones, a block of the whole training set for a batch of one query)
+    width = max(k_max, TOPK_BLOCK // batch_size, 1)
+    for c0 in range(0, n_queries, per_chunk):
+        c1 = min(c0 + per_chunk, n_queries)
+        Q = np.empty((c1 - c0, n_features), np.float32)
+        for lo in range(c0, c1, ROW_BLOCK):  # made a block at a time: no temporaries of the whole chunk
+            Q[lo - c0 : lo - c0 + ROW_BLOCK] = queries(lo, min(lo + ROW_BLOCK, c1))
+        starts = range(0, c1 - c0, batch_size)
+        sizes = [min(batch_size, c1 - c0 - s) for s in starts]
+        best = [(np.empty((m, 0), np.float32), np.empty((m, 0), np.int64)) for m in sizes]
+        for lo in range(0, n_train, width):
+            block = train(lo, min(lo + width, n_train))
+            for i, s in enumerate(starts):
+                q = Q[s : s + batch_size]
+                best[i] = _merge_top_k(q, block, labels[lo : lo + len(block)], *best[i], k_max)
+            del block
+        for i, s in enumerate(starts):
+            sims, lab = best[i]
+            order = np.argsort(-sims, axis=1, kind="stable")  # most similar first
+            sims, lab = np.take_along_axis(sims, order, axis=1), np.take_along_axis(lab, order, axis=1)
+            rows = slice(c0 + s, c0 + s + len(sims))
+            for k in ks:
+                kk = min(k, k_max)
+                w = _softmax(sims[:, :kk].astype(np.float64) / temperature)  # exp(s/T) over kk neighbours
+                for c in range(n_classes):
+                    out[k][rows, c] = (w * (lab[:, :kk] == c)).sum(axis=1)
+        del Q
+    return out
+
+
+def _merge_top_k(q, block, block_labels, best_s, best_y, k):
+    """The ``k`` largest similarities of each query row ``q`` among its running best (``best_s``,
+    their labels ``best_y``; empty at first) and this block of training rows."""
+    sims = q @ block.T
+    kk = min(k, sims.shape[1])
+    # the kk largest, no negated copy; partitioned a slice of rows at a time (each row's selection is its
+    # own), so the int64 positions of a whole slice, not of every similarity, are held at once
+    top = np.empty((len(q), kk), np.intp)
+    for r in range(0, len(q), TOPK_SLICE):
+        top[r : r + TOPK_SLICE] = np.argpartition(sims[r : r + TOPK_SLICE], sims.shape[1] - kk, axis=1)[
+            :, -kk:
+        ]
+    cand_s = np.concatenate([best_s, np.take_along_axis(sims, top, axis=1)], axis=1)
+    cand_y = np.concatenate([best_y, block_labels[top]], axis=1)
+    del sims, top
+    if cand_s.shape[1] > k:  # merge: keep the k best of the running best and this block's
+        keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+        cand_s, cand_y = np.take_along_axis(cand_s, keep, axis=1), np.take_along_axis(cand_y, keep, axis=1)
+    return cand_s, cand_y
 
 
 class PrototypeHead(ClassifierMixin, BaseEstimator):

@@ -37,6 +37,7 @@ from tprobe.probing.heads import (
     save_head,
 )
 from tprobe.probing.linear import make_logreg, resolve_solver
+from tprobe.probing.rowfit import fit_rows
 from tprobe.runs.record import RunRecord, inside, make_run_dir, save_run
 
 __all__ = ["ProbeRun", "load_head", "projection", "ENGINES"]
@@ -214,7 +215,9 @@ class ProbeRun:
             # torch logreg: fitted on X's rows in place, kept as the scikit-learn pipeline of its numbers
             # (StandardScaler + LogisticRegression) so the saved head stays plain data
             return model[-1].fit(X, y, rows=keep).to_sklearn()
-        return model.fit(X[keep], y[keep])
+        # kNN and XGBoost read the rows a block at a time (the same head, without copies of every row)
+        fitted = fit_rows(model, X, y, keep)
+        return fitted if fitted is not None else model.fit(X[keep], y[keep])
 
     @property
     def predictions_(self) -> pd.DataFrame:
