@@ -44,8 +44,10 @@ def standard_scaler_rows(X: np.ndarray, rows: np.ndarray, block: int = ROW_BLOCK
     does not hold or scikit-learn would not accept the rows: a non-float32/64 matrix, one column
     (numpy sums a contiguous column pairwise), no rows, or a non-finite value (NaN is skipped and
     infinity refused by scikit-learn's own fit, which the caller then runs)."""
-    from sklearn.preprocessing._data import _handle_zeros_in_scale, _is_constant_feature
-
+    try:  # scikit-learn's own zero-scale handling; a release that moves it falls back to the gathered fit
+        from sklearn.preprocessing._data import _handle_zeros_in_scale, _is_constant_feature
+    except ImportError:
+        return None
     X = np.asarray(X)
     n = len(rows)
     if X.ndim != 2 or X.dtype not in (np.float32, np.float64) or X.shape[1] < 2 or n == 0:
@@ -127,6 +129,8 @@ def _is_xgb_hist(clf) -> bool:
     """An ``XGBClassifier`` whose own fit would build a ``QuantileDMatrix`` from the rows."""
     if type(clf).__name__ != "XGBClassifier" or type(clf).__module__ != "xgboost.sklearn":
         return False
+    if not callable(getattr(type(clf), "_create_dmatrix", None)):  # the hook _fit_xgb replaces; a release
+        return False  # without it falls back to the gathered fit instead of fitting on the iterator
     return (
         clf.tree_method in ("hist", None, "auto")
         and clf.booster != "gblinear"
