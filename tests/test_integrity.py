@@ -159,6 +159,51 @@ def test_chunks_written_by_the_store_are_the_bytes_zarr_writes(tmp_path, compres
         np.testing.assert_array_equal(ref[:], v)
 
 
+def test_the_chunk_writer_does_as_zarr_does_with_numcodecs_before_0_16(tmp_path, monkeypatch):
+    """Zarr >= 3.0 allows numcodecs 0.14 and 0.15, whose Blosc takes no ``typesize``: Zarr leaves it out
+    there (and Blosc takes the item size of the bytes Zarr hands it). The writer must neither fail nor
+    write other bytes than Zarr's."""
+    import numcodecs
+    import numcodecs.blosc
+    import zarr
+
+    real = numcodecs.blosc.Blosc
+
+    class Blosc015(real):  # numcodecs 0.15's signature: no typesize
+        def __init__(self, cname="lz4", clevel=5, shuffle=1, blocksize=0):
+            super().__init__(cname=cname, clevel=clevel, shuffle=shuffle, blocksize=blocksize)
+
+    monkeypatch.setattr(numcodecs, "__version__", "0.15.1")
+    monkeypatch.setattr(numcodecs, "Blosc", Blosc015)
+    monkeypatch.setattr(numcodecs.blosc, "Blosc", Blosc015)
+    n = 70  # 64 + 6
+    store = FeatureStore.create(
+        tmp_path / "s.zarr", row_ids=[f"r{i}" for i in range(n)], hidden=8, registers=0, patches=3
+    )
+    values = {
+        k: np.random.default_rng(0).standard_normal((n, *s[1:])).astype(np.float16)
+        for k, s in store.shapes.items()
+    }
+    for u in range(store.n_units):
+        store.write_unit(u, {k: v[store.unit_slice(u)] for k, v in values.items()})
+    for name, v in values.items():
+        ref = zarr.open_array(store.path / name, mode="r")
+        twin = zarr.create_array(
+            tmp_path / "twin" / name,
+            shape=ref.shape,
+            dtype=ref.dtype,
+            chunks=ref.chunks,
+            compressors=ref.compressors,
+            fill_value=0,
+        )
+        twin[:] = v
+        for u in range(store.n_units):
+            key = ["c", str(u), *["0"] * (v.ndim - 1)]
+            got = (store.path / name).joinpath(*key).read_bytes()
+            assert got == (tmp_path / "twin" / name).joinpath(*key).read_bytes(), (name, u)
+        np.testing.assert_array_equal(ref[:], v)
+
+
 def test_units_hashed_with_xxh3_and_blake2b_hashes_of_0_3_still_verify(tmp_path, built, pre, ref):
     """New units record an XXH3-128 hash; a store sealed by tprobe 0.3 (blake2b, no prefix), or resumed
     across versions (both kinds), verifies deep, and an altered unit is found under either hash."""

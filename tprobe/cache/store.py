@@ -692,7 +692,8 @@ class FeatureStore:
             arr = full
         raw = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))  # Zarr's BytesCodec: little endian
         codec = self._chunk_codec(name)
-        data = raw.data if codec is None else codec.encode(raw)
+        # Zarr hands Blosc the chunk as bytes (uint8): with numcodecs < 0.16, Blosc's typesize is theirs
+        data = raw.data if codec is None else codec.encode(raw.reshape(-1).view(np.uint8))
         path = self._chunk_file(name, unit)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{uuid.uuid4().hex}.partial")  # Zarr's own temporary name: cleaned as its
@@ -707,7 +708,9 @@ class FeatureStore:
     def _chunk_codec(self, name: str):
         """The numcodecs Blosc that Zarr's BloscCodec of array ``name`` encodes with (None: uncompressed)."""
         if name not in self._codecs:
+            import numcodecs
             from numcodecs import Blosc
+            from packaging.version import Version
             from zarr.codecs import BloscCodec
 
             meta = self._zarr_array(name).metadata
@@ -724,8 +727,11 @@ class FeatureStore:
                     "clevel": c.clevel,
                     "shuffle": shuffle,
                     "blocksize": c.blocksize,
-                    "typesize": c.typesize or np.dtype(self.meta["dtype"]).itemsize,
                 }
+                # as Zarr's BloscCodec: numcodecs 0.16 added Blosc's typesize (Zarr >= 3.0 allows 0.14);
+                # before it, Blosc takes the item size of the buffer, 1 for the bytes Zarr hands it
+                if Version(numcodecs.__version__) >= Version("0.16.0"):
+                    config["typesize"] = c.typesize or np.dtype(self.meta["dtype"]).itemsize
                 self._codecs[name] = Blosc.from_config(config)
         return self._codecs[name]
 
