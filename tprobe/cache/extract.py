@@ -107,7 +107,8 @@ class _Batches(Dataset):
             raise TprobeError(f"unknown view {v!r}; known views: {', '.join(VIEW_CODES)}")
         self.batches = batches
         self.config = config
-        self._last: dict[str, np.ndarray] = {}  # the previous batch's canvases: a cell's views straddle batches
+        # the previous batch's canvases: a cell's views straddle batches
+        self._last: dict[str, np.ndarray] = {}
 
     def __len__(self):
         return len(self.batches)
@@ -352,7 +353,9 @@ class StageTimes:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
     def line(self) -> str:
-        started = "" if self.startup is None else f"first batch {self.startup:.1f} s after the process started; "
+        started = (
+            "" if self.startup is None else f"first batch {self.startup:.1f} s after the process started; "
+        )
         return started + (
             f"read {self.read:.1f} s, model waited {self.wait_data:.1f} s for data, forward {self.forward:.1f} s, "
             f"write {self.write:.1f} s (waited {self.wait_write:.1f} s)"
@@ -665,8 +668,11 @@ def _run_pass(
                     job.backbone, precision, compile, (*job.layers, *job.patch_layers) if layered else None
                 )
                 job.take = _token_taker(job.layout, job.layers, job.patch_layers) if layered else None
-            it = _Prefetch(iter(loader)) if workers == 0 else iter(loader)
-            if workers == 0:
+            # a reader thread ahead of the model on a CPU; on a GPU the pinning stays in this thread (a new
+            # thread's current CUDA device is 0, so pinning there could open a context on another GPU)
+            ahead = workers == 0 and dev.type == "cpu"
+            it = _Prefetch(iter(loader)) if ahead else iter(loader)
+            if ahead:
                 stack.callback(it.close)
             for b in range(len(batches)):
                 tw = time.perf_counter()
