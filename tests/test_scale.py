@@ -116,3 +116,19 @@ def test_knn_k_grid_is_scored_from_one_neighbour_search():
         np.testing.assert_allclose(path[k], KNNHead(k=k).fit(X, y).predict_proba(Q), atol=1e-12)
     fits, where = _split_path(heads.param_grid("knn"))
     assert fits == [{"clf__k": 50}] and {w[2] for w in where.values()} == {5, 10, 20, 50}
+
+
+def test_the_batched_logreg_keeps_one_column_of_predictions_per_c():
+    """Each C's stored predictions own their one column: a view of predict_proba's (n, 2) array kept both
+    columns of every C alive (x2 of the predictions' memory, which grows with donors^2 at 20 donors)."""
+    from tprobe.probing import fastcv
+    from tprobe.probing.linear import make_logreg
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 8)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    train, rows = np.arange(200), np.arange(200, 300)
+    out = fastcv._fit_and_predict(make_logreg, {}, X, y, train, rows, [("clf__C", 0.1), ("clf__C", 1.0)])
+    assert len(out) == 2
+    for p in out.values():
+        assert p.shape == (100,) and p.base is None and p.flags.c_contiguous

@@ -104,7 +104,8 @@ def _fit_and_predict(make, params, X, y, train, rows, outputs) -> dict:
         # the whole path in one batched fit, reading X's training rows in place (tprobe.probing.linear)
         name = next(n for n, _ in outputs if n in WARM_PARAMS)
         fitted = model[-1].fit_path(X, y, sorted(warm), rows=train)
-        return {(name, m.C): m.predict_proba_rows(X, rows)[:, 1] for m in fitted}
+        # a copy of the class-1 column: a view would keep both columns of every C's predictions alive
+        return {(name, m.C): m.predict_proba_rows(X, rows)[:, 1].copy() for m in fitted}
     if not warm:
         out = _fit_and_predict_rows(model, X, y, train, rows, outputs)
         if out is not None:
