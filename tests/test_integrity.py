@@ -120,11 +120,35 @@ def test_a_zeroed_hdf5_unit_is_found_by_deep(tmp_path, built, pre, ref):
     assert r.exit_code == 2 and "DAMAGED: unit 1 " in r.output, r.output
 
 
+def _write_and_compare_with_zarr(store: FeatureStore, values: dict, twin_root: Path) -> None:
+    """Write ``values`` unit by unit through the store, the same values through Zarr's own writer into
+    fresh arrays under ``twin_root``; every chunk file must hold the same bytes and read back equal."""
+    import zarr
+
+    for u in range(store.n_units):
+        store.write_unit(u, {k: v[store.unit_slice(u)] for k, v in values.items()})
+    for name, v in values.items():
+        ref = zarr.open_array(store.path / name, mode="r")
+        twin = zarr.create_array(
+            twin_root / name,
+            shape=ref.shape,
+            dtype=ref.dtype,
+            chunks=ref.chunks,
+            compressors=ref.compressors,
+            fill_value=0,
+        )
+        twin[:] = v
+        for u in range(store.n_units):
+            key = ["c", str(u), *["0"] * (v.ndim - 1)]
+            got = (store.path / name).joinpath(*key).read_bytes()
+            assert got == (twin_root / name).joinpath(*key).read_bytes(), (name, u)
+        np.testing.assert_array_equal(ref[:], v)
+
+
 @pytest.mark.parametrize("compression", ["lz4", "zstd", "none"])
 def test_chunks_written_by_the_store_are_the_bytes_zarr_writes(tmp_path, compression):
     """The writer encodes chunks itself (not through Zarr's event loop): the files must be Zarr's own bytes,
     the last, partial unit padded with the fill value as Zarr pads it."""
-    import zarr
 
     rng = np.random.default_rng(0)
     n = 150  # 64 + 64 + 22
@@ -138,25 +162,7 @@ def test_chunks_written_by_the_store_are_the_bytes_zarr_writes(tmp_path, compres
     )
     shapes = {"cls": (8,), "registers": (2, 8), "patches": (5, 8)}
     values = {k: rng.standard_normal((n, *v)).astype(np.float16) for k, v in shapes.items()}
-    for u in range(store.n_units):
-        store.write_unit(u, {k: v[store.unit_slice(u)] for k, v in values.items()})
-    for name, v in values.items():  # the same values through Zarr's own writer, into a fresh array
-        ref = zarr.open_array(store.path / name, mode="r")
-        twin = zarr.create_array(
-            tmp_path / "twin" / name,
-            shape=ref.shape,
-            dtype=ref.dtype,
-            chunks=ref.chunks,
-            compressors=ref.compressors,
-            fill_value=0,
-        )
-        twin[:] = v
-        for u in range(store.n_units):
-            key = ["c", str(u), *["0"] * (v.ndim - 1)]
-            assert (store.path / name).joinpath(*key).read_bytes() == (tmp_path / "twin" / name).joinpath(
-                *key
-            ).read_bytes(), (name, u)
-        np.testing.assert_array_equal(ref[:], v)
+    _write_and_compare_with_zarr(store, values, tmp_path / "twin")
 
 
 def test_the_chunk_writer_does_as_zarr_does_with_numcodecs_before_0_16(tmp_path, monkeypatch):
@@ -165,7 +171,6 @@ def test_the_chunk_writer_does_as_zarr_does_with_numcodecs_before_0_16(tmp_path,
     write other bytes than Zarr's."""
     import numcodecs
     import numcodecs.blosc
-    import zarr
 
     real = numcodecs.blosc.Blosc
 
@@ -184,24 +189,7 @@ def test_the_chunk_writer_does_as_zarr_does_with_numcodecs_before_0_16(tmp_path,
         k: np.random.default_rng(0).standard_normal((n, *s[1:])).astype(np.float16)
         for k, s in store.shapes.items()
     }
-    for u in range(store.n_units):
-        store.write_unit(u, {k: v[store.unit_slice(u)] for k, v in values.items()})
-    for name, v in values.items():
-        ref = zarr.open_array(store.path / name, mode="r")
-        twin = zarr.create_array(
-            tmp_path / "twin" / name,
-            shape=ref.shape,
-            dtype=ref.dtype,
-            chunks=ref.chunks,
-            compressors=ref.compressors,
-            fill_value=0,
-        )
-        twin[:] = v
-        for u in range(store.n_units):
-            key = ["c", str(u), *["0"] * (v.ndim - 1)]
-            got = (store.path / name).joinpath(*key).read_bytes()
-            assert got == (tmp_path / "twin" / name).joinpath(*key).read_bytes(), (name, u)
-        np.testing.assert_array_equal(ref[:], v)
+    _write_and_compare_with_zarr(store, values, tmp_path / "twin")
 
 
 def test_units_hashed_with_xxh3_and_blake2b_hashes_of_0_3_still_verify(tmp_path, built, pre, ref):
