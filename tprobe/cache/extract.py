@@ -37,7 +37,7 @@ from tprobe._version import __version__
 from tprobe.cache.files import atomic_write
 from tprobe.cache.keys import DEFAULT_CACHE, PRECISIONS, is_sealed, manifest_path, progress_dir, store_path
 from tprobe.cache.store import DEFAULT_COMPRESSION, TOKENS, FeatureStore, manifest_hash
-from tprobe.data.preprocess import PreprocessConfig, Preprocessed, load_canvas
+from tprobe.data.preprocess import VIEW_OPS, PreprocessConfig, Preprocessed, load_canvas
 from tprobe.errors import TprobeError
 from tprobe.models.backbones import (
     Backbone,
@@ -216,17 +216,7 @@ def _host_views(arr: np.ndarray, src: list[int], codes: list[int]) -> np.ndarray
     return out
 
 
-_AX = (-2, -1)
-_VIEW_OPS = (  # apply_view's permutations as views of the input (no copy), in VIEW_CODES order
-    lambda a: a,
-    lambda a: np.rot90(a, 1, axes=_AX),
-    lambda a: np.rot90(a, 2, axes=_AX),
-    lambda a: np.rot90(a, 3, axes=_AX),
-    lambda a: a[..., :, ::-1],
-    lambda a: a[..., ::-1, :],
-    lambda a: np.swapaxes(a, -1, -2),
-    lambda a: np.swapaxes(np.rot90(a, 2, axes=_AX), -1, -2),
-)
+_VIEW_OPS = tuple(VIEW_OPS[v] for v in VIEW_CODES)  # apply_view's permutations (no copy), by view code
 
 
 def _host_inputs(backbone: Backbone, canvases: torch.Tensor, src: torch.Tensor, views: torch.Tensor):
@@ -671,6 +661,8 @@ def _run_pass(
             # a reader thread ahead of the model on a CPU; on a GPU the pinning stays in this thread (a new
             # thread's current CUDA device is 0, so pinning there could open a context on another GPU)
             ahead = workers == 0 and dev.type == "cpu"
+            # on a CPU, grey: each canvas is normalised once and then permuted into its views (below)
+            per_cell = dev.type == "cpu" and not channels
             it = _Prefetch(iter(loader)) if ahead else iter(loader)
             if ahead:
                 stack.callback(it.close)
@@ -683,8 +675,6 @@ def _run_pass(
                 shared.read += read_s
                 shared.decodes += decodes
                 tf = time.perf_counter()
-                # on a CPU, grey: each canvas is normalised once and then permuted into its views (below)
-                per_cell = dev.type == "cpu" and not channels
                 images = None if per_cell else _device_views(canvases, src, views, dev)
                 t_views = time.perf_counter() - tf
                 unit = first.unit_slice(owner[b])

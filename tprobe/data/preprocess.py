@@ -62,6 +62,7 @@ __all__ = [
     "load_canvas",
     "read_cell",
     "apply_view",
+    "VIEW_OPS",
     "pad_to_canvas",
     "measure",
     "VIEW_SETS",
@@ -420,22 +421,25 @@ def pad_to_canvas(img: np.ndarray, config: PreprocessConfig = PreprocessConfig()
     return out
 
 
+_AX = (-2, -1)
+# each view's rotation/flip on the last two axes, as a view of its input (no copy)
+VIEW_OPS = {
+    "orig": lambda a: a,
+    "r90": lambda a: np.rot90(a, 1, axes=_AX),
+    "r180": lambda a: np.rot90(a, 2, axes=_AX),
+    "r270": lambda a: np.rot90(a, 3, axes=_AX),
+    "fliph": lambda a: a[..., :, ::-1],
+    "flipv": lambda a: a[..., ::-1, :],
+    "transpose": lambda a: np.swapaxes(a, -1, -2),
+    "antitranspose": lambda a: np.swapaxes(np.rot90(a, 2, axes=_AX), -1, -2),
+}
+
+
 def apply_view(img: np.ndarray, view: str) -> np.ndarray:
     """Return the named rotation/flip of a square image, (H, W) or (C, H, W) (exact, no interpolation)."""
-    ax = (-2, -1)
-    ops = {
-        "orig": lambda a: a,
-        "r90": lambda a: np.rot90(a, 1, axes=ax),
-        "r180": lambda a: np.rot90(a, 2, axes=ax),
-        "r270": lambda a: np.rot90(a, 3, axes=ax),
-        "fliph": lambda a: a[..., :, ::-1],
-        "flipv": lambda a: a[..., ::-1, :],
-        "transpose": lambda a: np.swapaxes(a, -1, -2),
-        "antitranspose": lambda a: np.swapaxes(np.rot90(a, 2, axes=ax), -1, -2),
-    }
-    if view not in ops:
-        raise TprobeError(f"unknown view {view!r}; known views: {', '.join(ops)}")
-    return np.ascontiguousarray(ops[view](img))
+    if view not in VIEW_OPS:
+        raise TprobeError(f"unknown view {view!r}; known views: {', '.join(VIEW_OPS)}")
+    return np.ascontiguousarray(VIEW_OPS[view](img))
 
 
 def read_cell(path: str | Path, config: PreprocessConfig) -> tuple[np.ndarray, np.ndarray, str]:
