@@ -405,6 +405,18 @@ def extract(
         layers=layers,
         patch_layers=patch_layers,
     )
+    in_process = dict(  # the arguments of an extract in this process (one model or several)
+        batch_size=batch_size,
+        chunk_rows=chunk_rows,
+        device=device,
+        compile=compile,
+        workers=loader_workers,
+        shard=tuple(shard),
+        offline=offline,
+        progress=progress,
+        compression=compression,
+        **common,
+    )
     if len(models) > 1:
         from tprobe.cache.extract import extract_many, group_by_patch
 
@@ -412,20 +424,7 @@ def extract(
         done = {}
         for group in group_by_patch(refs):  # one canvas, so one pass, per patch size
             pre = _prepared(data, config, getattr(group[0], "ref", group[0]), canvas_set=canvas_set)
-            results = extract_many(
-                pre,
-                group,
-                batch_size=batch_size,
-                chunk_rows=chunk_rows,
-                device=device,
-                compile=compile,
-                workers=loader_workers,
-                shard=tuple(shard),
-                offline=offline,
-                progress=progress,
-                compression=compression,
-                **common,
-            )
+            results = extract_many(pre, group, **in_process)
             for m, res in zip(group, results, strict=True):
                 res.skipped = list(pre.skipped)
                 done[id(m)] = res
@@ -465,20 +464,7 @@ def extract(
     else:
         from tprobe.cache.extract import extract as _extract
 
-        res = _extract(
-            pre,
-            model,
-            batch_size=batch_size,
-            chunk_rows=chunk_rows,
-            device=device,
-            compile=compile,
-            workers=loader_workers,
-            shard=tuple(shard),
-            offline=offline,
-            progress=progress,
-            compression=compression,
-            **common,
-        )
+        res = _extract(pre, model, **in_process)
     res.skipped = list(pre.skipped)
     return [res] if isinstance(model, list | tuple) else res  # a list in, a list out
 
