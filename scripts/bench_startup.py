@@ -2,6 +2,10 @@
 """Start-up of the commands: seconds from the interpreter's start to ``tprobe extract``'s first batch,
 and the whole process of the light commands (``--help``, ``status``, ``report --help``, ``export``).
 
+The extract runs once per ``--forward`` value (``TPROBE_FORWARD``), alternately, run after run:
+``auto`` (tprobe's torch-only DINOv2, no transformers import; the default) against ``transformers``
+(transformers' config and model class, what 0.4 always loaded), so one run prints old and new.
+
 ``tprobe extract --model <blockless model> --data data/tcell-sample`` into an empty cache, as a fresh
 process each time: the extract reports the process's age when its first batch was read (``first batch
 ... s after the process started``, from /proc, Linux). The model is a random DINOv2 of ViT-S/14-reg shape
@@ -11,7 +15,8 @@ each phase (imports, model resolution, preprocessing, model load, store creation
 Light commands: whole-process wall and CPU seconds, and whether torch or transformers were imported.
 Nothing here is a test.
 
-    python scripts/bench_startup.py --runs 5 --breakdown
+    python scripts/bench_startup.py --runs 5 --breakdown                 # auto and transformers, alternately
+    python scripts/bench_startup.py --runs 5 --forward auto
 """
 
 from __future__ import annotations
@@ -74,15 +79,22 @@ def breakdown(model: Path, cache: Path) -> None:
     from tprobe.models.backbones import Backbone, resolve_model
 
     marks.append(("import tprobe.models.backbones", _process_age()))
+    from tprobe.cache.extract import forward_engine
+
+    engine = forward_engine()
     ref = resolve_model(str(model))
-    marks.append(("resolve_model (transformers' config)", _process_age()))
+    marks.append(
+        (f"resolve_model (config.json; {type(ref.config).__module__.split('.')[0]})", _process_age())
+    )
     pre = api.preprocess(str(DATA))
     marks.append(("discover + preprocess the sample", _process_age()))
-    backbone = Backbone.from_pretrained(ref, device="cpu")
-    marks.append(("Backbone.from_pretrained (the model class)", _process_age()))
+    backbone = Backbone.from_pretrained(ref, device="cpu", engine=engine)
+    marks.append((f"Backbone.from_pretrained (forward: {backbone.engine})", _process_age()))
     res = api.extract(pre, backbone, cache=cache, progress=False)
     marks.append(("store creation ... first batch read", res.times.startup))
-    print("start-up phases of one extract, in-process (seconds since the process started):")
+    print(
+        f"start-up phases of one extract, TPROBE_FORWARD={engine}, in-process (seconds since the process started):"
+    )
     last = 0.0
     for name, at in marks:
         print(f"  {at:6.2f}  +{at - last:5.2f}  {name}")
@@ -93,6 +105,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument(
+        "--forward", default="auto,transformers", help="TPROBE_FORWARD values to time, comma-separated"
+    )
     ap.add_argument("--phases", nargs=2, metavar=("MODEL", "CACHE"), help=argparse.SUPPRESS)  # the child
     args = ap.parse_args()
     if args.phases:
@@ -105,22 +120,33 @@ def main():
         from tprobe.testing import save_random_dinov2
 
         model = save_random_dinov2(Path(tmp) / "blockless", shape="blockless-small")
-        firsts, walls, cpus = [], [], []
-        for r in range(args.runs):
-            cmd = [sys.executable, "-c", CLI, "extract", "--model", str(model), "--data", str(DATA)]
-            wall, cpu, out = timed([*cmd, "--cache", str(Path(tmp) / f"cache{r}")], env)
-            found = re.search(r"first batch ([\d.]+) s after the process started", out)
-            if not found:
-                sys.exit(f"no first-batch time in the output:\n{out[-2000:]}")
-            firsts.append(float(found[1]))
-            walls.append(wall)
-            cpus.append(cpu)
-        print(
-            f"tprobe extract (blockless ViT-S/14-reg, sample, empty cache), {args.runs} runs: first batch after "
-            f"{statistics.median(firsts):.2f} s median ({min(firsts):.2f}-{max(firsts):.2f}); whole process "
-            f"{statistics.median(walls):.2f} s wall, {statistics.median(cpus):.2f} CPU-s median"
+        engines = [e.strip() for e in args.forward.split(",") if e.strip()]
+        firsts, walls, cpus = ({e: [] for e in engines} for _ in range(3))
+        code = LIGHT.replace("HEAVY", "TRANSFORMERS").replace(
+            '",".join(m for m in ("torch", "transformers") if m in sys.modules) or "neither"',
+            '"transformers" in sys.modules',
         )
-        store = next((Path(tmp) / "cache0").rglob("*.zarr"))
+        for r in range(args.runs):
+            for e in engines:  # alternately, so both see the same machine
+                cmd = [sys.executable, "-c", code, "extract", "--model", str(model), "--data", str(DATA)]
+                cache = Path(tmp) / f"cache-{e}-{r}"
+                wall, cpu, out = timed([*cmd, "--cache", str(cache)], {**env, "TPROBE_FORWARD": e})
+                found = re.search(r"first batch ([\d.]+) s after the process started", out)
+                if not found:
+                    sys.exit(f"no first-batch time in the output:\n{out[-2000:]}")
+                firsts[e].append(float(found[1]))
+                walls[e].append(wall)
+                cpus[e].append(cpu)
+                imported = "TRANSFORMERS True" in out
+        for e in engines:
+            f = firsts[e]
+            print(
+                f"tprobe extract (blockless ViT-S/14-reg, sample, empty cache), TPROBE_FORWARD={e}, {args.runs} runs: "
+                f"first batch after {statistics.median(f):.2f} s median ({min(f):.2f}-{max(f):.2f}); whole process "
+                f"{statistics.median(walls[e]):.2f} s wall, {statistics.median(cpus[e]):.2f} CPU-s median"
+            )
+        print(f"  (transformers imported by the last TPROBE_FORWARD={engines[-1]} run: {imported})")
+        store = next((Path(tmp) / f"cache-{engines[0]}-0").rglob("*.zarr"))
         print(f"{'light command':40s} {'wall s':>7s} {'CPU s':>6s}  torch/transformers imported")
         for cmd in (
             ["--help"],
@@ -137,8 +163,15 @@ def main():
                 f"{statistics.median(r[1] for r in runs):6.2f}  {heavy}"
             )
         if args.breakdown:  # a fresh process: this one has imported torch and transformers already
-            child = [sys.executable, __file__, "--phases", str(model), str(Path(tmp) / "cache-breakdown")]
-            print(timed(child, env)[2].strip())
+            for e in engines:
+                child = [
+                    sys.executable,
+                    __file__,
+                    "--phases",
+                    str(model),
+                    str(Path(tmp) / f"cache-breakdown-{e}"),
+                ]
+                print(timed(child, {**env, "TPROBE_FORWARD": e})[2].strip())
     print(f"# load average at end {os.getloadavg()[0]:.1f}")
 
 

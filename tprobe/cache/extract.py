@@ -40,6 +40,7 @@ from tprobe.cache.store import DEFAULT_COMPRESSION, TOKENS, FeatureStore, manife
 from tprobe.data.preprocess import VIEW_OPS, PreprocessConfig, Preprocessed, load_canvas
 from tprobe.errors import TprobeError
 from tprobe.models.backbones import (
+    ENGINES,
     Backbone,
     ModelRef,
     normalisation,
@@ -541,7 +542,9 @@ def extract_many(
         if isinstance(model, Backbone):
             job.backbone = model
         else:
-            job.backbone = Backbone.from_pretrained(ref, device=str(dev), offline=offline)
+            job.backbone = Backbone.from_pretrained(
+                ref, device=str(dev), offline=offline, engine=forward_engine()
+            )
             if (job.backbone.mean, job.backbone.std) != norm:
                 raise TprobeError(
                     f"model {ref.name}: its preprocessor_config.json changed while loading; rerun"
@@ -807,6 +810,17 @@ def _check_disk(path: Path, need: int) -> None:
         )
 
 
+def forward_engine() -> str:
+    """The engine extraction loads models with: ``TPROBE_FORWARD`` (``auto``, the default: tprobe's
+    torch-only DINOv2 where it applies, transformers otherwise; ``transformers``; ``torch``)."""
+    import os
+
+    engine = os.environ.get("TPROBE_FORWARD", "auto").strip().lower() or "auto"
+    if engine not in ENGINES:
+        raise TprobeError(f"TPROBE_FORWARD={engine!r} is not one of {', '.join(ENGINES)}; unset it for auto")
+    return engine
+
+
 def _cpus() -> int:
     import os
 
@@ -880,6 +894,7 @@ def _attrs(
         "resolved_revision": ref.resolved,
         "model_random_init": ref.random_init,
         "model_type": ref.config.model_type,
+        "forward": backbone.engine,  # transformers, or tprobe's torch-only DINOv2 (the same tokens)
         "hidden_size": layout.hidden,
         "num_register_tokens": layout.registers,
         "patch_size": backbone.patch_size,

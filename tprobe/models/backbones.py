@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from tprobe.errors import TprobeError
+from tprobe.models import dinov2_torch
 from tprobe.models.tokens import TokenLayout
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "FAMILIES",
     "expand_models",
     "LAYOUT_TYPES",
+    "ENGINES",
     "ModelRef",
     "Backbone",
     "resolve_model",
@@ -72,6 +74,8 @@ ALIASES = {
 FAMILIES = {
     "dinov2-all": ("dinov2-small", "dinov2-small-reg", "dinov2-base", "dinov2-base-reg"),
 }
+# what runs a Backbone's forward (Backbone.from_pretrained's engine)
+ENGINES = ("transformers", "auto", "torch")
 # model types whose last_hidden_state is CLS + num_register_tokens registers + a square patch grid
 LAYOUT_TYPES = ("dinov2", "dinov2_with_registers", "dinov3_vit", "vit", "vit_msn")
 # model types known not to fit, and what their output lacks
@@ -275,9 +279,30 @@ def _snapshot_commit(source: str, revision: str | None) -> str:
     return Path(found).parent.name
 
 
-def resolve_model(model: str, revision: str | None = None, *, offline: bool = False) -> ModelRef:
-    """Resolve an alias, hub id or local directory to a :class:`ModelRef` (reads only the config)."""
+def _auto_config(*args, **kw):
+    """transformers' ``AutoConfig.from_pretrained``, imported only when called (~0.7 s)."""
     from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(*args, **kw)
+
+
+def _dinov2_hub_config(source: str, revision: str | None, offline: bool):
+    """A hub DINOv2's config.json read as JSON (:func:`tprobe.models.dinov2_torch.read_config`), or None:
+    another model type, or the file not obtainable (transformers then tries, and its error is reported)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        found = hf_hub_download(source, "config.json", revision=revision, local_files_only=offline)
+    except Exception:  # noqa: BLE001 - transformers' AutoConfig retries and names the error
+        return None
+    return dinov2_torch.read_config(found)
+
+
+def resolve_model(model: str, revision: str | None = None, *, offline: bool = False) -> ModelRef:
+    """Resolve an alias, hub id or local directory to a :class:`ModelRef` (reads only the config).
+
+    A DINOv2 config is read as JSON (no transformers import); other models' through transformers'
+    ``AutoConfig``."""
 
     source = ALIASES.get(model, model)
     local = Path(source).expanduser()
@@ -286,7 +311,7 @@ def resolve_model(model: str, revision: str | None = None, *, offline: bool = Fa
             raise TprobeError(f"{local}: no config.json; save the model with save_pretrained()")
         if revision:
             raise TprobeError(f"--revision {revision} applies to hub models, not {local}")
-        config = AutoConfig.from_pretrained(local)
+        config = dinov2_torch.read_config(local / "config.json") or _auto_config(local)
         resolved = _dir_hash(local)
         source = str(local.resolve())
     else:
@@ -301,8 +326,9 @@ def resolve_model(model: str, revision: str | None = None, *, offline: bool = Fa
         if not offline:
             log.info("contacting the Hugging Face hub for %s ...", source)
             forced = offline = not _hub_reachable()
+        config = _dinov2_hub_config(source, revision, offline)
         try:
-            config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=offline)
+            config = config or _auto_config(source, revision=revision, local_files_only=offline)
         except (OSError, ValueError) as exc:
             raise _hub_error(model, exc) from None
         resolved = _snapshot_commit(source, revision)
@@ -353,10 +379,19 @@ class Backbone:
     aliases (see ``ALIASES``), hub ids, local directories, the HF cache and ``HF_HUB_OFFLINE``.
     """
 
-    def __init__(self, model: torch.nn.Module, ref: ModelRef, mean, std, device: torch.device):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        ref: ModelRef,
+        mean,
+        std,
+        device: torch.device,
+        engine: str = "transformers",
+    ):
         self.model = model
         self.ref = ref
         self.device = device
+        self.engine = engine  # which code runs the forward: "transformers" or "torch" (tprobe's DINOv2)
         cfg = ref.config
         self.hidden_size = int(cfg.hidden_size)
         self.patch_size = ref.patch_size
@@ -374,11 +409,29 @@ class Backbone:
         device: str = "auto",
         offline: bool = False,
         attn_implementation: str = "sdpa",
+        engine: str = "transformers",
     ) -> Backbone:
-        """Load weights (real ``from_pretrained``); ``attn_implementation='eager'`` for attention maps."""
+        """Load weights (real ``from_pretrained``); ``attn_implementation='eager'`` for attention maps.
+
+        ``engine``: ``"transformers"`` loads the model class of transformers (what training needs);
+        ``"auto"`` runs a DINOv2 checkpoint on :mod:`tprobe.models.dinov2_torch` (the same tokens to the
+        bit, without importing transformers) when it can, else transformers; ``"torch"`` insists on it.
+        """
+        if engine not in ENGINES:
+            raise TprobeError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
+        ref = model if isinstance(model, ModelRef) else resolve_model(model, revision, offline=offline)
+        net = _torch_dinov2(ref) if engine != "transformers" and attn_implementation == "sdpa" else None
+        if net is not None:
+            mean, std = _normalisation(ref, offline or ref.is_local)
+            dev = pick_device(device)
+            return cls(net.to(dev), ref, mean, std, dev, engine="torch")
+        if engine == "torch":
+            raise TprobeError(
+                f"model {ref.name!r}: the torch-only forward runs float32 safetensors DINOv2 checkpoints with "
+                "SDPA attention (see the log for what this one lacks); use TPROBE_FORWARD=transformers"
+            )
         from transformers import AutoModel
 
-        ref = model if isinstance(model, ModelRef) else resolve_model(model, revision, offline=offline)
         try:
             net = AutoModel.from_pretrained(
                 ref.source,
@@ -485,6 +538,23 @@ class Backbone:
 
     def __call__(self, pixel_values: torch.Tensor, **kw):
         return self.model(pixel_values=pixel_values, **kw)
+
+
+def _torch_dinov2(ref: ModelRef) -> torch.nn.Module | None:
+    """``ref``'s DINOv2 on :mod:`tprobe.models.dinov2_torch`, or None (not DINOv2, weights not local or
+    not safetensors float32, anything it does not reproduce: the caller loads through transformers)."""
+    if not isinstance(ref.config, dinov2_torch.Dinov2Config):
+        return None
+    if ref.is_local:
+        folder = Path(ref.source)
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(ref.source, "config.json", revision=ref.resolved)
+        if not isinstance(found, str):
+            return None
+        folder = Path(found).parent
+    return dinov2_torch.load(ref.config, folder)
 
 
 def _takes_interpolate(net: torch.nn.Module) -> bool:
