@@ -252,3 +252,14 @@ def test_a_dtype_the_files_name_is_what_transformers_runs(tmp_path, where):
     assert theirs.dtype == torch.bfloat16
     assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
     assert bb.engine == "transformers"
+
+
+def test_a_quantization_config_goes_to_transformers(tmp_path):
+    """transformers quantizes float32 weights as it loads them when config.json asks; the torch forward must not
+    run them unquantized under the same store key."""
+    folder = save_random_dinov2(tmp_path / "m", shape="tiny", registers=4)
+    values = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**values, "quantization_config": {"quant_method": "fp8"}})
+    )
+    assert dinov2_torch.load(dinov2_torch.read_config(folder / "config.json"), folder) is None

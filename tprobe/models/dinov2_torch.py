@@ -368,6 +368,9 @@ def load(config: Dinov2Config, folder: Path) -> Dinov2Torch | None:
     if named not in (None, "float32"):  # transformers would cast the float32 weights and run in that dtype
         log.info("%s: config names dtype %r; loading through transformers", folder, named)
         return None
+    if config.__dict__.get("quantization_config"):  # transformers quantizes the weights as it loads them
+        log.info("%s: config asks for quantization; loading through transformers", folder)
+        return None
     state = _state_dict(files)
     if state is None or "embeddings.position_embeddings" not in state:
         log.info("%s: weights not float32 or not DINOv2's; loading through transformers", folder)
