@@ -263,3 +263,12 @@ def test_a_quantization_config_goes_to_transformers(tmp_path):
         json.dumps({**values, "quantization_config": {"quant_method": "fp8"}})
     )
     assert dinov2_torch.load(dinov2_torch.read_config(folder / "config.json"), folder) is None
+
+
+def test_a_peft_adapter_in_the_folder_goes_to_transformers(tmp_path):
+    """With peft installed, transformers' from_pretrained applies an adapter saved beside the weights."""
+    folder = save_random_dinov2(tmp_path / "m", shape="tiny", registers=4)
+    config = dinov2_torch.read_config(folder / "config.json")
+    assert dinov2_torch.load(config, folder) is not None
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    assert dinov2_torch.load(config, folder) is None

@@ -371,6 +371,9 @@ def load(config: Dinov2Config, folder: Path) -> Dinov2Torch | None:
     if config.__dict__.get("quantization_config"):  # transformers quantizes the weights as it loads them
         log.info("%s: config asks for quantization; loading through transformers", folder)
         return None
+    if (folder / "adapter_config.json").is_file():  # with peft installed, transformers applies the adapter
+        log.info("%s: holds a PEFT adapter; loading through transformers", folder)
+        return None
     state = _state_dict(files)
     if state is None or "embeddings.position_embeddings" not in state:
         log.info("%s: weights not float32 or not DINOv2's; loading through transformers", folder)
