@@ -222,3 +222,53 @@ def test_bad_forward_setting_is_one_line(tmp_path, tiny_reg):
     )
     assert out.returncode == 2
     assert "TPROBE_FORWARD='fast' is not one of transformers, auto, torch" in out.stderr
+
+
+@pytest.mark.parametrize("where", ["dtype", "torch_dtype", "index"])
+def test_a_dtype_the_files_name_is_what_transformers_runs(tmp_path, where):
+    """transformers 5 loads in the dtype config.json names (else a sharded index's metadata), casting float32
+    weights: the torch forward must not run those in float32 under the same store key."""
+    from safetensors.torch import load_file, save_file
+
+    folder = save_random_dinov2(tmp_path / "m", shape="tiny", registers=4, seed=2)
+    values = json.loads((folder / "config.json").read_text())
+    values.pop("dtype", None)
+    if where == "index":
+        state = load_file(folder / "model.safetensors")
+        (folder / "model.safetensors").unlink()
+        save_file(state, folder / "model-00001-of-00001.safetensors", metadata={"format": "pt"})
+        index = {
+            "metadata": {"dtype": "bfloat16"},
+            "weight_map": dict.fromkeys(state, "model-00001-of-00001.safetensors"),
+        }
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        values[where] = "bfloat16"
+    (folder / "config.json").write_text(json.dumps(values))
+    bb = Backbone.from_pretrained(str(folder), device="cpu", engine="auto")
+    x = torch.rand(2, 3, 140, 140)
+    with torch.inference_mode():
+        ours, theirs = bb(x).last_hidden_state, _hf(folder)(pixel_values=x).last_hidden_state
+    assert theirs.dtype == torch.bfloat16
+    assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
+    assert bb.engine == "transformers"
+
+
+def test_a_quantization_config_goes_to_transformers(tmp_path):
+    """transformers quantizes float32 weights as it loads them when config.json asks; the torch forward must not
+    run them unquantized under the same store key."""
+    folder = save_random_dinov2(tmp_path / "m", shape="tiny", registers=4)
+    values = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(
+        json.dumps({**values, "quantization_config": {"quant_method": "fp8"}})
+    )
+    assert dinov2_torch.load(dinov2_torch.read_config(folder / "config.json"), folder) is None
+
+
+def test_a_peft_adapter_in_the_folder_goes_to_transformers(tmp_path):
+    """With peft installed, transformers' from_pretrained applies an adapter saved beside the weights."""
+    folder = save_random_dinov2(tmp_path / "m", shape="tiny", registers=4)
+    config = dinov2_torch.read_config(folder / "config.json")
+    assert dinov2_torch.load(config, folder) is not None
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    assert dinov2_torch.load(config, folder) is None

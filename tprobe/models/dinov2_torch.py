@@ -12,7 +12,8 @@ several input sizes, with the installed transformers).
 
 It serves inference only: :func:`load` returns ``None`` (and the caller loads through transformers)
 for anything it does not reproduce exactly: other model types, attention maps (eager attention),
-non-float32 weights, pickle weights, activations other than GELU / SwiGLU, unknown weights.
+non-float32 weights (or a config naming another dtype), pickle weights, activations other than GELU / SwiGLU,
+unknown weights.
 Training (``finetune``) always loads through transformers; ``TPROBE_FORWARD=transformers`` makes
 ``extract`` do so too.
 """
@@ -340,12 +341,38 @@ def _state_dict(files: list[Path]) -> dict[str, torch.Tensor] | None:
     return out
 
 
+def _load_dtype(config: Dinov2Config, files: list[Path]) -> str | None:
+    """The dtype the files tell transformers' ``from_pretrained`` (``dtype="auto"``, its default in 5.x)
+    to load the model in: config.json's ``dtype``, else its older ``torch_dtype``, else (sharded weights)
+    the index's metadata ``dtype``; None when none is named (the weights' own dtype then)."""
+    named = config.__dict__.get("dtype")
+    if named is None:
+        named = config.__dict__.get("torch_dtype")
+    if named is None and files[0].name != "model.safetensors":
+        try:
+            meta = json.loads((files[0].parent / "model.safetensors.index.json").read_text()).get("metadata")
+        except (OSError, ValueError, AttributeError):
+            meta = None
+        named = meta.get("dtype") if isinstance(meta, dict) else None
+    return named
+
+
 def load(config: Dinov2Config, folder: Path) -> Dinov2Torch | None:
     """The model of ``folder`` (its ``config.json`` read as ``config``), or None when this module cannot
     reproduce transformers' forward for it exactly (the reason is logged)."""
     files = weight_files(folder)
     if files is None:
         log.info("%s: no safetensors weights; loading through transformers", folder)
+        return None
+    named = _load_dtype(config, files)
+    if named not in (None, "float32"):  # transformers would cast the float32 weights and run in that dtype
+        log.info("%s: config names dtype %r; loading through transformers", folder, named)
+        return None
+    if config.__dict__.get("quantization_config"):  # transformers quantizes the weights as it loads them
+        log.info("%s: config asks for quantization; loading through transformers", folder)
+        return None
+    if (folder / "adapter_config.json").is_file():  # with peft installed, transformers applies the adapter
+        log.info("%s: holds a PEFT adapter; loading through transformers", folder)
         return None
     state = _state_dict(files)
     if state is None or "embeddings.position_embeddings" not in state:
