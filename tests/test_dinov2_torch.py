@@ -272,3 +272,14 @@ def test_a_peft_adapter_in_the_folder_goes_to_transformers(tmp_path):
     assert dinov2_torch.load(config, folder) is not None
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
     assert dinov2_torch.load(config, folder) is None
+
+
+def test_bad_forward_setting_is_refused_with_every_store_complete(tmp_path, tiny_reg):
+    data = copy_subset(tmp_path / "data", per_class=1)
+    assert _extract(data, tmp_path / "c", tiny_reg, {}).returncode == 0
+    out = _extract(data, tmp_path / "c", tiny_reg, {"TPROBE_FORWARD": "fast"})
+    assert out.returncode == 2 and "TPROBE_FORWARD='fast'" in out.stderr
+
+
+def test_configs_compare_by_value(tiny_reg):
+    assert resolve_model(str(tiny_reg)) == resolve_model(str(tiny_reg))

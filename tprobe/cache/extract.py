@@ -512,6 +512,7 @@ def extract_many(
             f"one extract pass feeds models of one patch size, one canvas; got {sizes}: extract each patch "
             "size in its own pass (tprobe.cache.extract.group_by_patch; `tprobe extract` does it by itself)"
         )
+    engine = forward_engine()  # a bad TPROBE_FORWARD is refused even when every store is complete
     given = [m.device for m in models if isinstance(m, Backbone)]
     dev = given[0] if given else pick_device(device)
     precision = resolve_precision(precision, dev)
@@ -542,9 +543,7 @@ def extract_many(
         if isinstance(model, Backbone):
             job.backbone = model
         else:
-            job.backbone = Backbone.from_pretrained(
-                ref, device=str(dev), offline=offline, engine=forward_engine()
-            )
+            job.backbone = Backbone.from_pretrained(ref, device=str(dev), offline=offline, engine=engine)
             if (job.backbone.mean, job.backbone.std) != norm:
                 raise TprobeError(
                     f"model {ref.name}: its preprocessor_config.json changed while loading; rerun"

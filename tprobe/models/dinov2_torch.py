@@ -91,6 +91,11 @@ class Dinov2Config:
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def __eq__(self, other) -> bool:  # as transformers' configs compare: by their values
+        return isinstance(other, Dinov2Config) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # mutable, like transformers' configs
+
     @property
     def head_dim(self) -> int:
         return int(self.__dict__.get("head_dim") or self.hidden_size // self.num_attention_heads)
