@@ -7,8 +7,9 @@ columns, rows grouped by donor), then times ``tprobe.probing.run.ProbeRun(head=.
 engine ``tprobe probe`` uses: nested LODO with the inner C / depth / k search and the final head's
 search and refit. It prints one row per configuration - wall time of the fit, mean ROC AUC over held-out
 donors, the peak resident set of the subprocess (VmHWM, or its own worker processes' ru_maxrss if
-larger), the floor: the resident set after the imports and one run of the same head on 1,200 cells
-(the interpreter, torch, scikit-learn, XGBoost, their thread pools: it does not grow with N), the float32 feature matrix's size and (peak - floor) / matrix - and then the
+larger), the floor: the resident set after the imports and one run of the same head, with the logreg
+solver the measured run uses, on 1,200 cells (the interpreter, torch, scikit-learn, XGBoost, their thread
+pools, the code pages of the solver: it does not grow with N), the float32 feature matrix's size and (peak - floor) / matrix - and then the
 growth exponent per head and donor count: the least-squares slope of log(time) on log(cells).
 
 ``--store-views N`` also builds a store of N views of random float16 tokens (``--store-shape``, default
@@ -45,6 +46,7 @@ def one(cells: int, donors: int, head: str, dims: int, n_jobs: int, solver: str)
 
     import tprobe.probing.linear  # noqa: F401
     from tprobe.features.synthetic import peak_rss_mb, synthetic_features
+    from tprobe.probing.linear import resolve_solver
     from tprobe.probing.run import ProbeRun
 
     if head == "xgboost":
@@ -56,8 +58,11 @@ def one(cells: int, donors: int, head: str, dims: int, n_jobs: int, solver: str)
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
 
-    # the same head once on 1,200 cells first: lazily loaded code and thread pools count in the floor
-    ProbeRun(head=head, n_jobs=n_jobs, n_boot=0, solver=solver).fit(synthetic_features(1200, 4, dims, seed=1))
+    # the same head once on 1,200 cells first: lazily loaded code and thread pools count in the floor. With
+    # the solver the measured run resolves to: "auto" picks scikit-learn's lbfgs for 1,200 cells, and the
+    # torch solver's first fit then pages in ~90 MB of torch's code during the measured run
+    warm = resolve_solver(solver, head, "l2", cells) or solver
+    ProbeRun(head=head, n_jobs=n_jobs, n_boot=0, solver=warm).fit(synthetic_features(1200, 4, dims, seed=1))
     floor = rss_mb()
     t0 = time.perf_counter()
     fs = synthetic_features(cells, donors, dims, seed=0)

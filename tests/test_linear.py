@@ -212,3 +212,20 @@ def test_cli_probe_solver_option_is_recorded(tmp_path):
     run = res.output.strip().splitlines()[-1]
     assert json.loads((Path(run) / "config.json").read_text())["options"]["solver"] == "torch"
     assert CliRunner().invoke(main, [*args, "--solver", "nope"]).exit_code == 2
+
+
+def test_predicting_rows_holds_small_chunks_and_the_chunk_does_not_change_a_bit():
+    """The engine predicts each inner fit's held-out rows in chunks; a chunk's temporaries (gathered rows,
+    standardised, float64) took 12 MB a worker at 2048 rows x 384 features. At 512 rows they take 3 MB,
+    and every row's probability is the same to the bit whatever the chunk."""
+    X, y = _data(n=6000, d=384)
+    m = TorchLogisticRegression(C=0.1).fit(X, y, rows=np.arange(4000))
+    rows = np.sort(np.random.default_rng(1).choice(6000, 5000, replace=False))
+    tracemalloc.start()
+    p = m.predict_proba_rows(X, rows)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 5 * 2**20, peak / 2**20  # 12.1 MB with chunks of 2048
+    for chunk in (4, 100, 512, 2048, 5000):
+        assert np.array_equal(m.predict_proba_rows(X, rows, chunk=chunk), p)
+    np.testing.assert_allclose(p, m.predict_proba(X[rows]), rtol=0, atol=1e-12)

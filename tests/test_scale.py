@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.pipeline import Pipeline
 
 from tprobe.features.synthetic import synthetic_features
 from tprobe.probing import heads
@@ -80,10 +82,11 @@ def test_bench_scale_growth_exponent_is_the_log_log_slope():
     assert bench.slope([(1000, 1.0)]) is None
 
 
-def test_inner_searches_hold_one_row_array_per_distinct_training_set():
+def test_inner_searches_hold_one_row_recipe_per_distinct_training_set():
     """Before: every (outer fold, inner donor, grid point) held its own copy of its training rows -
-    20 donors x 19 x 4 grid points of ~360k int64 indices held 4.4 GB at 400k cells. Now one array per
-    distinct training set (all donors but a and b), shared by the grid points and by folds a and b."""
+    20 donors x 19 x 4 grid points of ~360k int64 indices held 4.4 GB at 400k cells. Now one recipe per
+    distinct training set (all donors but a and b), shared by the grid points and by folds a and b, which
+    builds the rows only when its fit runs; one validation array per donor."""
     from tprobe.probing.evaluate import split_plan
     from tprobe.probing.fastcv import _inner_requests
 
@@ -92,17 +95,21 @@ def test_inner_searches_hold_one_row_array_per_distinct_training_set():
     y, donors = meta["label"].to_numpy(), meta["donor"].to_numpy()
     is_orig = np.ones(len(meta), bool)
     grid = [{"clf__C": c} for c in (0.01, 0.1, 1.0, 10.0)]
-    cache, reqs = {}, []
-    for fold in split_plan(meta):
+    cache, reqs, plan = {}, [], split_plan(meta)
+    for fold in plan:
         _, r = _inner_requests(grid, y, donors, fold.train, is_orig, cache)
         reqs += r
         for _, tr, va in r:  # the same rows as before
             (held,) = set(donors[va])
-            assert set(donors[tr]) == set(donors) - {held, fold.test_donors[0]}
-            assert np.array_equal(tr, fold.train[donors[fold.train] != held])
+            rows = tr.rows()
+            assert set(donors[rows]) == set(donors) - {held, fold.test_donors[0]}
+            assert np.array_equal(rows, fold.train[donors[fold.train] != held])
+            assert rows.dtype == np.int32 and rows is not tr.rows()  # built anew, never kept
     assert len(reqs) == 5 * 4 * 4
     assert len({id(tr) for _, tr, _ in reqs}) == 10  # 5 choose 2 training sets
-    assert all(tr.dtype == np.int32 for _, tr, _ in reqs)
+    assert len({id(va) for _, _, va in reqs}) == 5  # a donor's rows, validated on by 4 folds
+    # a recipe refers to its outer fold's training rows, held anyway, and holds no rows of its own
+    assert {id(tr.base) for _, tr, _ in reqs} <= {id(f.train) for f in plan}
 
 
 def test_knn_k_grid_is_scored_from_one_neighbour_search():
@@ -132,3 +139,76 @@ def test_the_batched_logreg_keeps_one_column_of_predictions_per_c():
     assert len(out) == 2
     for p in out.values():
         assert p.shape == (100,) and p.base is None and p.flags.c_contiguous
+
+
+class _MeanDiff(ClassifierMixin, BaseEstimator):
+    """A head with a C axis that costs nothing to fit: the engine's own memory is what a run measures."""
+
+    def __init__(self, C=1.0):
+        self.C = C
+
+    def fit(self, X, y):
+        self.classes_ = np.unique(y)
+        self.w_ = X[y == 1].mean(0) - X[y == 0].mean(0)
+        return self
+
+    def predict_proba(self, X):
+        p = 1 / (1 + np.exp(-self.C * (X @ self.w_)))
+        return np.column_stack([1 - p, p])
+
+
+def _mean_diff(**params):
+    return Pipeline([("clf", _MeanDiff())]).set_params(**params)
+
+
+def test_nested_lodo_at_20_donors_holds_no_per_training_set_arrays():
+    """Before (issue 20): a 20-donor run held, for the whole run, an index array per distinct inner training
+    set (210 x ~19k int32 here: 15 MB), every inner fit's predictions (190 fits x 2,000 rows x 4 C: 12 MB)
+    and per-fit united and validation row arrays: a 40 MB peak on this 0.3 MB feature matrix, growing with
+    donors^2 x cells. Now training rows are built while their fit runs and predictions are scored on arrival
+    and released: the peak stays a few MB."""
+    from tprobe.probing.evaluate import split_plan
+    from tprobe.probing.fastcv import nested_cv_fast
+
+    fs = synthetic_features(20_000, 20, 4, seed=0)
+    plan = split_plan(fs.meta)
+    grid = [{"clf__C": c} for c in (0.01, 0.1, 1.0, 10.0)]
+    tracemalloc.start()
+    cv, final = nested_cv_fast(_mean_diff, grid, fs.X, fs.meta, plan, n_jobs=1)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 10 * 2**20, peak / 2**20  # 40 MB before
+    assert len(cv.chosen) == 20 and final[0] in grid
+    assert all(
+        len(c["inner_ap"]) == 4 and not np.isnan(list(c["inner_ap"].values())).any() for c in cv.chosen
+    )
+
+
+def test_training_rows_exist_only_while_their_fit_runs(monkeypatch):
+    """Every inner training set's rows are built when its fit is dispatched and freed once it is done: a
+    few at a time (joblib dispatches a few jobs ahead of its workers), none after the run."""
+    import gc
+    import weakref
+
+    from tprobe.probing import fastcv
+    from tprobe.probing.evaluate import split_plan
+
+    built, alive_at_build = [], []
+    rows = fastcv._TrainRows.rows
+
+    def tracked(self):
+        out = rows(self)
+        alive_at_build.append(sum(r() is not None for r in built))
+        built.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(fastcv._TrainRows, "rows", tracked)
+    fs = synthetic_features(2_000, 8, 4, seed=1)
+    grid = [{"clf__C": c} for c in (0.1, 1.0)]
+    for n_jobs in (1, 2):
+        built.clear(), alive_at_build.clear()
+        fastcv.nested_cv_fast(_mean_diff, grid, fs.X, fs.meta, split_plan(fs.meta), n_jobs=n_jobs)
+        gc.collect()
+        assert len(built) == 8 * 7 // 2 + 8  # each distinct training set once: 28 pairs, the final search's 8
+        assert max(alive_at_build) <= 3 * n_jobs + 1
+        assert not any(r() is not None for r in built)

@@ -30,6 +30,7 @@ import hashlib
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -175,28 +176,63 @@ def _torch_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _key(j: int, train: np.ndarray) -> tuple[int, str]:
+class _TrainRows:
+    """The training rows of one inner fit, as a recipe: ``base``'s rows whose donor is not ``drop`` (sorted;
+    int32 when ``small``), built by :meth:`rows` when the fit is dispatched and dropped when it is done.
+
+    A request holds this and the rows' content hash (its fit key), not the rows: a 20-donor run has 210
+    distinct training sets of ~90% of the rows each, and holding them all for the whole run took 0.5x the
+    feature matrix (issue 20)."""
+
+    __slots__ = ("base", "donors", "drop", "small", "digest")
+
+    def __init__(self, base: np.ndarray, donors: np.ndarray, drop, small: bool, digest: str):
+        self.base, self.donors, self.drop, self.small, self.digest = base, donors, drop, small, digest
+
+    def rows(self) -> np.ndarray:
+        tr = self.base[self.donors[self.base] != self.drop]
+        return tr.astype(np.int32) if self.small else tr
+
+
+def _rows(train) -> np.ndarray:
+    """A request's training rows as an array (built now for a :class:`_TrainRows`)."""
+    return train.rows() if isinstance(train, _TrainRows) else train
+
+
+def _union(parts: list[np.ndarray]) -> np.ndarray:
+    """The sorted, unique int64 rows of the arrays ``parts``."""
+    return np.unique(np.concatenate([np.empty(0, np.int64), *(np.asarray(p, np.int64) for p in parts)]))
+
+
+def _key(j: int, train) -> tuple[int, str]:
+    """(fit index, content hash of the training rows): int32 and int64 rows of one set hash alike."""
+    if isinstance(train, _TrainRows):
+        return j, train.digest
     return j, hashlib.sha1(np.ascontiguousarray(train, dtype=np.int64).tobytes()).hexdigest()
 
 
 class _Fits:
-    """Each distinct (fit, training rows) once; predictions kept for the rows asked of it."""
+    """Each distinct (fit, training rows) once; predictions kept for the rows asked of it until
+    :meth:`release`. A training set given as a :class:`_TrainRows` is built only while its fit runs."""
 
     def __init__(self, make, fit_grid, where, X, y, n_jobs, backend="threading"):
         self.make, self.fit_grid, self.where, self.X, self.y = make, fit_grid, where, X, y
         self.n_jobs, self.backend = n_jobs, backend
-        self.wanted: dict[tuple, dict] = {}  # key -> {"train", "rows": set, "outputs": set}
+        self.wanted: dict[tuple, dict] = {}  # key -> {"j", "train", "rows": [arrays], "outputs": set}
         self.done: dict[tuple, tuple[np.ndarray, dict]] = {}  # key -> (rows, {output: proba})
 
-    def want(self, g: int, train: np.ndarray, rows: np.ndarray) -> tuple:
+    def want(self, g: int, train, rows: np.ndarray) -> tuple:
         j, name, value = self.where[g]
         key = _key(j, train)
-        w = self.wanted.setdefault(
-            key, {"j": j, "train": train, "rows": np.empty(0, np.int64), "outputs": set()}
-        )
-        if key in self.done and not (np.isin(rows, w["rows"]).all() and (name, value) in w["outputs"]):
+        w = self.wanted.setdefault(key, {"j": j, "train": train, "rows": [], "outputs": set()})
+        if key in self.done and not (
+            np.isin(rows, self.done[key][0]).all() and (name, value) in w["outputs"]
+        ):
             del self.done[key]  # asked for more after it ran: fit again (costs time, never correctness)
-        w["rows"] = np.union1d(w["rows"], np.asarray(rows, np.int64))  # sorted, unique
+        # the arrays asked for, united (sorted, unique) when the fit is dispatched: the requests share
+        # their row arrays, so a planned fit holds no array of its own until it runs
+        if not any(r is rows for r in w["rows"]):
+            w["rows"].append(rows)
         w["outputs"].add((name, value))
         return key
 
@@ -216,33 +252,46 @@ class _Fits:
         jobs = []
         for k in todo:
             w = self.wanted[k]
-            rows = w["rows"]
-            jobs.append((k, self.fit_grid[w["j"]], w["train"], rows, sorted(w["outputs"], key=repr)))
-        n_jobs = min(self.n_jobs, len(jobs)) if self.n_jobs > 0 else self.n_jobs
-        with threadpool_limits(1), _torch_threads(1):
-            fit = delayed(_fit_and_predict)
-            outs = Parallel(n_jobs=n_jobs, backend=self.backend, return_as="generator")(
-                fit(self.make, params, self.X, self.y, train, rows, outputs)
-                for _, params, train, rows, outputs in jobs
+            jobs.append(
+                (k, self.fit_grid[w["j"]], w["train"], list(w["rows"]), sorted(w["outputs"], key=repr))
             )
-            for (k, _, _, rows, _), out in zip(jobs, outs, strict=True):
-                self.done[k] = (rows, out)
+        n_jobs = min(self.n_jobs, len(jobs)) if self.n_jobs > 0 else self.n_jobs
+        sent = {}  # key -> the rows its running fit predicts
+        fit = delayed(_fit_and_predict)
+
+        def dispatch():
+            # joblib reads this as it dispatches (a few jobs ahead of the workers): a job's training rows
+            # (built now for a lazy training set) and predicted rows exist from then until its fit is done
+            for k, params, train, parts, outputs in jobs:
+                sent[k] = rows = _union(parts)
+                yield fit(self.make, params, self.X, self.y, _rows(train), rows, outputs)
+
+        with threadpool_limits(1), _torch_threads(1):
+            outs = Parallel(n_jobs=n_jobs, backend=self.backend, return_as="generator")(dispatch())
+            for (k, *_), out in zip(jobs, outs, strict=True):
+                self.done[k] = (sent.pop(k), out)
                 yield k
 
-    def proba(self, g: int, train: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    def proba(self, g: int, train, rows: np.ndarray) -> np.ndarray:
         j, name, value = self.where[g]
         have, out = self.done[_key(j, train)]
         return out[(name, value)][np.searchsorted(have, rows)]
+
+    def release(self, key: tuple) -> None:
+        """Forget a fit whose predictions nothing will ask for again (asked later, it is fitted again)."""
+        self.done.pop(key, None)
+        self.wanted.pop(key, None)
 
 
 def _inner_requests(grid, y, donors, train, is_orig, rows_cache: dict | None = None):
     """(grid index, inner train rows, validation rows) of one inner leave-one-donor-out search.
 
-    The row arrays are shared: every grid point's request holds the same arrays, and ``rows_cache``
-    (content hash -> array, shared across the searches of a run) hands out one array per distinct
-    training set - outer fold a's inner fit without b trains on exactly the rows of fold b's without a.
-    Held as int32 when the rows allow. Without this, 20 donors x 19 inner donors x 4 grid points of
-    400k-row index arrays held 4.4 GB for the whole run (issue 20)."""
+    The inner training sets are :class:`_TrainRows` recipes, built only while their fit runs, and shared:
+    every grid point's request holds the same one, and ``rows_cache`` (shared across the searches of a
+    run) hands out one per distinct training set - outer fold a's inner fit without b trains on exactly
+    the rows of fold b's without a - and one validation array per distinct set of rows (a donor's rows
+    are validated on by every fold that trains on them). Without sharing, 20 donors x 19 inner donors
+    x 4 grid points of 400k-row index arrays held 4.4 GB for the whole run (issue 20)."""
     inner = sorted(set(donors[train]))
     if len(grid) == 1 or len(inner) < 2:
         return inner, []
@@ -253,9 +302,11 @@ def _inner_requests(grid, y, donors, train, is_orig, rows_cache: dict | None = N
     for d in inner:
         tr, va = train[d_tr != d], train[(d_tr == d) & is_orig[train]]
         if len(np.unique(y[tr])) == 2 and len(np.unique(y[va])) == 2:  # else AP undefined
-            tr = tr.astype(np.int32) if small else tr
-            tr = cache.setdefault(_key(0, tr)[1], tr)
-            per_donor.append((tr, va))
+            digest = _key(0, tr)[1]
+            del tr  # rebuilt by the fit that needs it
+            lazy = cache.setdefault(("train", digest), _TrainRows(train, donors, d, small, digest))
+            va = cache.setdefault(("rows", _key(0, va)[1]), va)
+            per_donor.append((lazy, va))
     return inner, [(g, tr, va) for g in range(len(grid)) for tr, va in per_donor]
 
 
@@ -270,12 +321,13 @@ def average_precision(y: np.ndarray, score: np.ndarray) -> float:
     return float(np.sum(np.diff(tps / tps[-1], prepend=0.0) * tps / (last + 1)))
 
 
-def _choose(grid, reqs, fits, y):
-    """Mean AP per grid point over the inner donors; the best (first on ties), as in ``inner_search``."""
-    aps: dict[int, list[float]] = {g: [] for g in range(len(grid))}
-    for g, tr, va in reqs:
-        aps[g].append(average_precision(y[va], fits.proba(g, tr, va)))
-    scores = {str(p): float(np.mean(aps[g])) if aps[g] else float("nan") for g, p in enumerate(grid)}
+def _choose(grid, reqs, aps):
+    """Mean AP per grid point over the inner donors (``aps[i]``: request ``reqs[i]``'s AP); the best
+    (first on ties), as in ``inner_search``."""
+    per: dict[int, list[float]] = {g: [] for g in range(len(grid))}
+    for (g, _, _), ap in zip(reqs, aps, strict=True):
+        per[g].append(ap)
+    scores = {str(p): float(np.mean(per[g])) if per[g] else float("nan") for g, p in enumerate(grid)}
     best = max(
         range(len(grid)), key=lambda g: -np.inf if np.isnan(scores[str(grid[g])]) else scores[str(grid[g])]
     )
@@ -309,12 +361,14 @@ def nested_cv_fast(
     n_steps = len(plan) + bool(final_head)
 
     def rows_of(fold_test):  # rows whose prediction is scored (all of a cell's views under tta)
-        return fold_test if tta else fold_test[is_orig[fold_test]]
+        return fold_test if tta or is_orig[fold_test].all() else fold_test[is_orig[fold_test]]
 
     # plan every request up front so each fit predicts all the rows any step will score with it
     outer, rows_cache = [], {}
     for fold in plan:
-        train = fold.train if train_views == "all" else fold.train[is_orig[fold.train]]
+        train = fold.train
+        if train_views != "all" and not is_orig[train].all():  # a copy only when there are views to drop
+            train = train[is_orig[train]]
         _, reqs = _inner_requests(grid, y, donors, train, is_orig, rows_cache)
         keys = [fits.want(g, tr, va) for g, tr, va in reqs]
         outer.append((fold, train, reqs, keys))
@@ -326,30 +380,56 @@ def nested_cv_fast(
             log.warning("one training donor: no inner validation; using the first grid point")
         final_keys = [fits.want(g, tr, va) for g, tr, va in final_reqs]
     # an outer refit that a planned fit already is (the final search's) predicts the test rows too
-    for fold, train, _, _ in outer:
+    tests = [rows_of(fold.test) for fold in plan]  # one array per fold: the planned fit and the step share it
+    for (_, train, _, _), test in zip(outer, tests, strict=True):
         for g in range(len(grid)):
             j, *_ = where[g]
             if _key(j, train) in fits.wanted:
-                fits.want(g, train, rows_of(fold.test))
+                fits.want(g, train, test)
 
     # every planned fit in one parallel batch, in the order the steps need them: each outer fold's
     # inner fits plus any final-search fit that is its refit candidate, then the rest of the final search
-    steps, seen = [], set()
+    steps, seen, holds = [], set(), Counter()
     for _, train, _, keys in outer:
-        refit_keys = [k for g in range(len(grid)) if (k := _key(where[g][0], train)) in fits.wanted]
+        refit_keys = list(
+            dict.fromkeys(k for g in range(len(grid)) if (k := _key(where[g][0], train)) in fits.wanted)
+        )
+        holds.update(refit_keys)
         need = list(dict.fromkeys(keys + refit_keys))
-        steps.append((need, [k for k in need if k not in seen]))
+        steps.append((need, [k for k in need if k not in seen], refit_keys))
         seen.update(need)
     final_new = [k for k in dict.fromkeys(final_keys) if k not in seen]
-    with closing(fits.stream([k for _, new in steps for k in new] + final_new)) as batch:
+
+    # each inner request's AP is computed as soon as its fit arrives, and a fit's predictions are
+    # released once its last request is scored and no outer refit may ask for them: a 20-donor run
+    # holds a few fits' predictions at a time, not its 190 inner training sets' (issue 20)
+    all_reqs = [reqs for _, _, reqs, _ in outer] + [final_reqs]
+    consumers: dict[tuple, list[tuple[int, int]]] = {}
+    for s, keys in enumerate([keys for *_, keys in outer] + [final_keys]):
+        for i, k in enumerate(keys):
+            consumers.setdefault(k, []).append((s, i))
+    aps: list[list[float]] = [[np.nan] * len(r) for r in all_reqs]
+    arrived: set[tuple] = set()
+
+    def arrive(k):
+        arrived.add(k)
+        for s, i in consumers.pop(k, ()):
+            g, tr, va = all_reqs[s][i]
+            aps[s][i] = average_precision(y[va], fits.proba(g, tr, va))
+        if not holds[k]:
+            fits.release(k)
+
+    with closing(fits.stream([k for _, new, _ in steps for k in new] + final_new)) as batch:
         t0 = time.perf_counter()
 
         def wait_for(keys):  # consume the batch until these fits are done
-            while any(k not in fits.done for k in keys):
-                next(batch)
+            while any(k not in arrived for k in keys):
+                arrive(next(batch))
 
         preds, chosen = [], []
-        for step, ((fold, train, reqs, _), (need, new)) in enumerate(zip(outer, steps, strict=True), 1):
+        for step, ((fold, train, reqs, _), (need, new, refit_keys), test) in enumerate(
+            zip(outer, steps, tests, strict=True), 1
+        ):
             wait_for(need)
             n_fit, n_reused = len(new), len(need) - len(new)
             if not reqs:
@@ -357,12 +437,15 @@ def nested_cv_fast(
                     log.warning("one training donor: no inner validation; using the first grid point")
                 best, scores = 0, {}
             else:
-                best, scores = _choose(grid, reqs, fits, y)
-            test = rows_of(fold.test)
+                best, scores = _choose(grid, reqs, aps[step - 1])
             k = fits.want(best, train, test)
             more, again = fits.run([k])
             n_fit, n_reused = n_fit + more, n_reused + again
             proba = fits.proba(best, train, test)
+            holds.subtract(refit_keys)
+            for done in dict.fromkeys([*refit_keys, k]):
+                if not holds[done] and done not in consumers:
+                    fits.release(done)
             preds.append(_score_rows(meta, test, proba, tta).assign(fold=fold.index))
             chosen.append(
                 {
@@ -391,7 +474,7 @@ def nested_cv_fast(
     if not final_head:
         return cv, None
     n_fit, n_reused = len(final_new), len(set(final_keys)) - len(final_new)
-    best, scores = _choose(grid, final_reqs, fits, y) if final_reqs else (0, {})
+    best, scores = _choose(grid, final_reqs, aps[-1]) if final_reqs else (0, {})
     if progress is not None:
         progress(
             FoldProgress(
