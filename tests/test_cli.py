@@ -122,3 +122,27 @@ def test_help_status_report_and_export_never_import_torch_or_transformers(tmp_pa
             [sys.executable, "-c", LIGHT, *args], capture_output=True, text=True, timeout=120
         ).stdout
         assert out.strip().splitlines()[-1] == "HEAVY [] 0", (args, out[-500:])
+
+
+def test_help_builds_without_pandas_zarr_or_scikit_learn():
+    """`tprobe --help` and each command's --help start in a fraction of a second: they import neither
+    pandas (~0.2 s, it came with the data and export modules' top-level imports) nor zarr or scikit-learn."""
+    import subprocess
+    import sys
+
+    code = LIGHT.replace(
+        '("torch", "transformers", "skimage")', '("pandas", "zarr", "sklearn", "torch", "transformers")'
+    )
+    for args in (
+        ["--help"],
+        ["extract", "--help"],
+        ["probe", "--help"],
+        ["report", "--help"],
+        ["export", "--help"],
+    ):
+        out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().splitlines()[-1] == "HEAVY [] 0", (
+            args,
+            out.stdout[-500:],
+            out.stderr[-500:],
+        )

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tprobe.cache.keys import manifest_path, progress_dir
+from tprobe.cache.keys import EXPORT_FORMATS, manifest_path, progress_dir
 from tprobe.cache.store import FeatureStore
 from tprobe.errors import TprobeError
 from tprobe.models.tokens import POOL_NEEDS, pool_needs
@@ -43,7 +43,6 @@ __all__ = [
     "check_target",
     "require_store",
 ]
-EXPORT_FORMATS = ("anndata", "parquet")
 EXPORT_POOLS = ("cls", "mean", "registers", "cls+mean")
 
 

@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 COMPRESSIONS = ("lz4", "zstd", "none")
+# what `tprobe export --to` writes (here, not in export.py, so the CLI builds its options without pandas)
+EXPORT_FORMATS = ("anndata", "parquet")
 # Blosc level 3 with byte shuffle; lz4 by default: ~3.5x zstd's speed for ~8% more bytes on float16 tokens
 # (scripts/bench_codecs.py). Stores without the attribute were written with zstd.
 DEFAULT_COMPRESSION = "lz4"

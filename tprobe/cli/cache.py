@@ -7,8 +7,7 @@ from types import SimpleNamespace
 
 import click
 
-from tprobe.cache.export import EXPORT_FORMATS
-from tprobe.cache.keys import COMPRESSIONS, DEFAULT_COMPRESSION, DTYPES, FORMATS, PRECISIONS
+from tprobe.cache.keys import COMPRESSIONS, DEFAULT_COMPRESSION, DTYPES, EXPORT_FORMATS, FORMATS, PRECISIONS
 from tprobe.cli.echo import finish
 from tprobe.cli.options import (
     CACHE_OPTION,

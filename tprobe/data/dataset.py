@@ -22,12 +22,15 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from tprobe.data import images
 from tprobe.errors import TprobeError
+
+if TYPE_CHECKING:  # pandas (~0.2 s) on use: `tprobe --help` builds its options without it
+    import pandas as pd
 
 __all__ = [
     "Dataset",
@@ -312,6 +315,8 @@ def _from_flat(root: Path, group=None) -> Dataset:
 
 
 def _from_table(table_path: Path) -> Dataset:
+    import pandas as pd
+
     suffix = table_path.suffix.lower()
     if suffix not in (".csv", ".parquet", ".pq"):
         raise TprobeError(f"{table_path}: expected a folder, .csv or .parquet manifest")
@@ -365,6 +370,8 @@ def _from_table(table_path: Path) -> Dataset:
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:
+    import pandas as pd
+
     df = pd.DataFrame(rows)
     for col in COLUMNS:
         if col not in df.columns:

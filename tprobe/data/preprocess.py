@@ -35,9 +35,9 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from tprobe.data.dataset import Dataset, Skipped
 from tprobe.data.images import (
@@ -52,6 +52,9 @@ from tprobe.data.images import (
     read_image,
 )
 from tprobe.errors import ChannelError, TprobeError
+
+if TYPE_CHECKING:  # pandas (~0.2 s) on use: `tprobe --help` builds its options without it
+    import pandas as pd
 
 __all__ = [
     "PreprocessConfig",
@@ -281,6 +284,8 @@ class Preprocessed:
 
     def counts(self) -> pd.DataFrame:
         """Per donor x class: images found, dropped by each filter, kept, and views."""
+        import pandas as pd
+
         src = self.manifest[self.manifest["view"] == "orig"]
         src = src.assign(cls=np.where(src["label"] == 1, "activated", "quiescent"))
         table = src.groupby(["donor", "cls"]).size().rename("found").to_frame()
@@ -321,6 +326,8 @@ class Preprocessed:
         """Open a saved artifact and verify it: the manifest's fingerprint and the config's hash must be
         the recorded ones and (``verify_files``) every kept source file must still hash to its ``source_id``.
         """
+        import pandas as pd
+
         folder = Path(folder)
         try:
             meta = json.loads((folder / "preprocess.json").read_text())
@@ -497,6 +504,7 @@ def preprocess(
     together, counted (skipping the bright ones would select cells by brightness); with ``each_file``
     (``predict``, whose scaling is the run's) each is skipped with its line instead.
     """
+    import pandas as pd
     from tqdm.auto import tqdm
 
     rows, skipped, seen = [], list(dataset.skipped), {}
