@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import copy_subset
+from conftest import copy_subset
 from tprobe.errors import TprobeError
 from tprobe.models import dinov2_torch
 from tprobe.models.backbones import Backbone, resolve_model
