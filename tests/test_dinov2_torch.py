@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import copy_subset
+
 from tprobe.errors import TprobeError
 from tprobe.models import dinov2_torch
 from tprobe.models.backbones import Backbone, resolve_model
