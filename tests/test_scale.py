@@ -212,3 +212,39 @@ def test_training_rows_exist_only_while_their_fit_runs(monkeypatch):
         assert len(built) == 8 * 7 // 2 + 8  # each distinct training set once: 28 pairs, the final search's 8
         assert max(alive_at_build) <= 3 * n_jobs + 1
         assert not any(r() is not None for r in built)
+
+
+def test_folds_that_train_on_the_same_rows_share_their_refit():
+    """Donors whose cells have no original view add no training rows under train_views="orig", so the folds
+    holding them out train on the same rows. Their refit is one fit, kept for the next such fold (0.4.0 kept
+    every fit; releasing it after its fold refitted the same rows and counted the fold one fit more)."""
+    import hashlib
+
+    import pandas as pd
+
+    from tprobe.probing.evaluate import split_plan
+    from tprobe.probing.fastcv import nested_cv_fast
+
+    fs = synthetic_features(240, 6, 4, seed=2)
+    meta = fs.meta.copy()
+    meta.loc[meta["donor"].isin(["donor_2", "donor_5"]), "view"] = "aug1"
+    fitted = []
+
+    class Recorded(_MeanDiff):
+        def fit(self, X, y):
+            fitted.append((self.C, len(y), hashlib.sha1(np.ascontiguousarray(X).tobytes()).hexdigest()))
+            return super().fit(X, y)
+
+    def make(**params):
+        return Pipeline([("clf", Recorded())]).set_params(**params)
+
+    grid = [{"clf__C": c} for c in (0.1, 1.0)]
+    steps = []
+    cv, _ = nested_cv_fast(make, grid, fs.X, meta, split_plan(meta), n_jobs=1, progress=steps.append)
+    assert len(fitted) == len(set(fitted))  # every (C, training rows) fitted once
+    # the folds of donor_2 and donor_5 score nothing (no original view) and the second fits nothing
+    fold5 = next(s for s in steps if "donor_5" in s.label)
+    assert fold5.fits == 0
+    assert isinstance(cv.predictions, pd.DataFrame) and set(cv.predictions["donor"]) == {
+        f"donor_{i}" for i in (1, 3, 4, 6)
+    }

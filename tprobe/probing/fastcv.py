@@ -389,14 +389,15 @@ def nested_cv_fast(
 
     # every planned fit in one parallel batch, in the order the steps need them: each outer fold's
     # inner fits plus any final-search fit that is its refit candidate, then the rest of the final search
+    # ``holds`` counts the folds yet to refit on a key: a planned fit, or a refit no plan asked for that a
+    # later fold trains on too (folds whose donors add no original view train on the same rows)
     steps, seen, holds = [], set(), Counter()
     for _, train, _, keys in outer:
-        refit_keys = list(
-            dict.fromkeys(k for g in range(len(grid)) if (k := _key(where[g][0], train)) in fits.wanted)
-        )
-        holds.update(refit_keys)
+        candidates = list(dict.fromkeys(_key(where[g][0], train) for g in range(len(grid))))
+        refit_keys = [k for k in candidates if k in fits.wanted]
+        holds.update(candidates)
         need = list(dict.fromkeys(keys + refit_keys))
-        steps.append((need, [k for k in need if k not in seen], refit_keys))
+        steps.append((need, [k for k in need if k not in seen], candidates))
         seen.update(need)
     final_new = [k for k in dict.fromkeys(final_keys) if k not in seen]
 
@@ -427,7 +428,7 @@ def nested_cv_fast(
                 arrive(next(batch))
 
         preds, chosen = [], []
-        for step, ((fold, train, reqs, _), (need, new, refit_keys), test) in enumerate(
+        for step, ((fold, train, reqs, _), (need, new, candidates), test) in enumerate(
             zip(outer, steps, tests, strict=True), 1
         ):
             wait_for(need)
@@ -442,8 +443,8 @@ def nested_cv_fast(
             more, again = fits.run([k])
             n_fit, n_reused = n_fit + more, n_reused + again
             proba = fits.proba(best, train, test)
-            holds.subtract(refit_keys)
-            for done in dict.fromkeys([*refit_keys, k]):
+            holds.subtract(candidates)
+            for done in candidates:  # the refit k is one of them
                 if not holds[done] and done not in consumers:
                     fits.release(done)
             preds.append(_score_rows(meta, test, proba, tta).assign(fold=fold.index))

@@ -277,8 +277,10 @@ class TorchLogisticRegression(ClassifierMixin, BaseEstimator):
         """``predict_proba(X[rows])`` without copying more than ``chunk`` rows of ``X`` at a time.
 
         A chunk's temporaries (the gathered rows, standardised, then in float64) take ~16 bytes a value:
-        3 MB a worker at 512 rows x 384 features (2048 rows held 12 MB). Each row's probability is its own
-        dot product: the same to the bit whatever the chunk (a test compares chunk sizes)."""
+        3 MB a worker at 512 rows x 384 features (2048 rows held 12 MB). A row's bits depend on where the BLAS
+        matrix-vector kernel meets it within its chunk (OpenBLAS sums a few rows at a time; chunks of 513 or of
+        4 rows change last bits), so chunks keep to multiples of 512: 512 gives the bits 2048 gave (a test
+        compares them)."""
         rows = np.asarray(rows, dtype=np.int64)
         out = np.empty((len(rows), 2))
         for i in range(0, len(rows), chunk):
