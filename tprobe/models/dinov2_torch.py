@@ -38,34 +38,23 @@ TYPES = ("dinov2", "dinov2_with_registers")
 # transformers' own defaults (Dinov2Config(), Dinov2WithRegistersConfig(), transformers 5.x) for the keys
 # the forward reads; a config.json written by save_pretrained may leave any of them out.
 # tests/test_dinov2_torch.py checks this table against the installed transformers.
+_DINOV2 = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    mlp_ratio=4,
+    hidden_act="gelu",
+    layer_norm_eps=1e-6,
+    image_size=224,
+    patch_size=14,
+    num_channels=3,
+    qkv_bias=True,
+    use_swiglu_ffn=False,
+)
 DEFAULTS = {
-    "dinov2": dict(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        mlp_ratio=4,
-        hidden_act="gelu",
-        layer_norm_eps=1e-6,
-        image_size=224,
-        patch_size=14,
-        num_channels=3,
-        qkv_bias=True,
-        use_swiglu_ffn=False,
-    ),
-    "dinov2_with_registers": dict(
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        mlp_ratio=4,
-        hidden_act="gelu",
-        layer_norm_eps=1e-6,
-        image_size=224,
-        patch_size=16,
-        num_channels=3,
-        qkv_bias=True,
-        use_swiglu_ffn=False,
-        num_register_tokens=4,
-    ),
+    "dinov2": _DINOV2,
+    # the registers config differs in its patch size default, and has registers
+    "dinov2_with_registers": {**_DINOV2, "patch_size": 16, "num_register_tokens": 4},
 }
 # checkpoint names (the hub's, and what save_pretrained writes) -> this module's (transformers 5's)
 RENAMES = (
