@@ -421,44 +421,17 @@ class Backbone:
             raise TprobeError(f"engine {engine!r} is not one of {', '.join(ENGINES)}")
         ref = model if isinstance(model, ModelRef) else resolve_model(model, revision, offline=offline)
         net = _torch_dinov2(ref) if engine != "transformers" and attn_implementation == "sdpa" else None
-        if net is not None:
-            mean, std = _normalisation(ref, offline or ref.is_local)
-            dev = pick_device(device)
-            return cls(net.to(dev), ref, mean, std, dev, engine="torch")
-        if engine == "torch":
+        used = "transformers" if net is None else "torch"
+        if net is None and engine == "torch":
             raise TprobeError(
                 f"model {ref.name!r}: the torch-only forward runs float32 safetensors DINOv2 checkpoints with "
                 "SDPA attention (see the log for what this one lacks); use TPROBE_FORWARD=transformers"
             )
-        from transformers import AutoModel
-
-        try:
-            net = AutoModel.from_pretrained(
-                ref.source,
-                revision=ref.load_revision,
-                local_files_only=offline or ref.is_local,
-                attn_implementation=attn_implementation,
-            )
-        except pickle.UnpicklingError:  # torch's weights-only loader refused a pickle weight file
-            raise TprobeError(
-                f"model {ref.name!r}: {ref.source} holds only pickle weights (pytorch_model.bin) that are not plain "
-                "tensors, and tprobe never runs code from a file; convert them to safetensors where you trust them "
-                "(model.save_pretrained(folder, safe_serialization=True))"
-            ) from None
-        except (OSError, ValueError) as exc:
-            raise _hub_error(ref.name, exc) from None
-        if _takes_interpolate(net):
-            # ViT / ViT-MSN check the input size against config.image_size unless told to interpolate
-            # their position embeddings; DINOv2 always interpolates, DINOv3 uses RoPE
-            net.forward = functools.partial(net.forward, interpolate_pos_encoding=True)
-        if ref.config.model_type == "dinov3_vit":
-            # DINOv3 jitters and rescales its RoPE patch coordinates in train mode (a pretraining
-            # augmentation); off, so a frozen or partly frozen backbone computes in training exactly
-            # what the store holds
-            net.config.pos_embed_shift = net.config.pos_embed_jitter = net.config.pos_embed_rescale = None
+        if net is None:
+            net = _transformers_model(ref, offline, attn_implementation)
         mean, std = _normalisation(ref, offline or ref.is_local)
         dev = pick_device(device)
-        return cls(net.eval().to(dev), ref, mean, std, dev)
+        return cls(net.eval().to(dev), ref, mean, std, dev, engine=used)
 
     @property
     def blocks(self) -> torch.nn.ModuleList:
@@ -538,6 +511,37 @@ class Backbone:
 
     def __call__(self, pixel_values: torch.Tensor, **kw):
         return self.model(pixel_values=pixel_values, **kw)
+
+
+def _transformers_model(ref: ModelRef, offline: bool, attn_implementation: str) -> torch.nn.Module:
+    """``ref``'s model class of transformers, loaded with its weights and set up as tprobe reads it."""
+    from transformers import AutoModel
+
+    try:
+        net = AutoModel.from_pretrained(
+            ref.source,
+            revision=ref.load_revision,
+            local_files_only=offline or ref.is_local,
+            attn_implementation=attn_implementation,
+        )
+    except pickle.UnpicklingError:  # torch's weights-only loader refused a pickle weight file
+        raise TprobeError(
+            f"model {ref.name!r}: {ref.source} holds only pickle weights (pytorch_model.bin) that are not plain "
+            "tensors, and tprobe never runs code from a file; convert them to safetensors where you trust them "
+            "(model.save_pretrained(folder, safe_serialization=True))"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise _hub_error(ref.name, exc) from None
+    if _takes_interpolate(net):
+        # ViT / ViT-MSN check the input size against config.image_size unless told to interpolate
+        # their position embeddings; DINOv2 always interpolates, DINOv3 uses RoPE
+        net.forward = functools.partial(net.forward, interpolate_pos_encoding=True)
+    if ref.config.model_type == "dinov3_vit":
+        # DINOv3 jitters and rescales its RoPE patch coordinates in train mode (a pretraining
+        # augmentation); off, so a frozen or partly frozen backbone computes in training exactly
+        # what the store holds
+        net.config.pos_embed_shift = net.config.pos_embed_jitter = net.config.pos_embed_rescale = None
+    return net
 
 
 def _torch_dinov2(ref: ModelRef) -> torch.nn.Module | None:
