@@ -43,7 +43,6 @@ except SystemExit:
     pass
 print("HEAVY", ",".join(m for m in ("torch", "transformers") if m in sys.modules) or "neither")
 """
-CLI = "import sys; from tprobe.cli import main; main(sys.argv[1:], prog_name='tprobe')"
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, float, str]:
@@ -122,13 +121,9 @@ def main():
         model = save_random_dinov2(Path(tmp) / "blockless", shape="blockless-small")
         engines = [e.strip() for e in args.forward.split(",") if e.strip()]
         firsts, walls, cpus = ({e: [] for e in engines} for _ in range(3))
-        code = LIGHT.replace("HEAVY", "TRANSFORMERS").replace(
-            '",".join(m for m in ("torch", "transformers") if m in sys.modules) or "neither"',
-            '"transformers" in sys.modules',
-        )
         for r in range(args.runs):
             for e in engines:  # alternately, so both see the same machine
-                cmd = [sys.executable, "-c", code, "extract", "--model", str(model), "--data", str(DATA)]
+                cmd = [sys.executable, "-c", LIGHT, "extract", "--model", str(model), "--data", str(DATA)]
                 cache = Path(tmp) / f"cache-{e}-{r}"
                 wall, cpu, out = timed([*cmd, "--cache", str(cache)], {**env, "TPROBE_FORWARD": e})
                 found = re.search(r"first batch ([\d.]+) s after the process started", out)
@@ -137,7 +132,7 @@ def main():
                 firsts[e].append(float(found[1]))
                 walls[e].append(wall)
                 cpus[e].append(cpu)
-                imported = "TRANSFORMERS True" in out
+                imported = "transformers" in re.search(r"^HEAVY (.*)$", out, re.M)[1]
         for e in engines:
             f = firsts[e]
             print(
