@@ -382,10 +382,7 @@ def measure(img: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> d
     hist = np.bincount(np.clip(img, 0, 255).astype(np.uint8).ravel(), minlength=256)
     p = hist[hist > 0] / img.size
     entropy = float(-(p * np.log2(p)).sum())
-    from skimage.measure import label as label_components  # scikit-image on use: `tprobe --help` stays light
-
-    labels = label_components(img > config.binary_threshold, connectivity=1)
-    areas = np.bincount(labels.ravel())[1:]
+    areas = np.bincount(_components(img > config.binary_threshold).ravel())[1:]
     return {
         "height": int(img.shape[0]),
         "width": int(img.shape[1]),
@@ -393,6 +390,24 @@ def measure(img: np.ndarray, config: PreprocessConfig = PreprocessConfig()) -> d
         "total_intensity": float(img.sum()),
         "n_components": int((areas >= config.min_component_area).sum()),
     }
+
+
+def _components(mask: np.ndarray) -> np.ndarray:
+    """The 4-connected components of a 2-D boolean mask, labelled 1..n (0: background), as
+    ``skimage.measure.label(mask, connectivity=1)`` labels them.
+
+    scikit-image's union-find labeller is called on the mask's bytes: its public ``label`` hands a
+    boolean mask to ``scipy.ndimage.label``, whose import (with scikit-image's morphology) was
+    0.2-0.4 s of ``tprobe extract``'s start-up (issue 20), for the same labels. The labeller is
+    private to scikit-image, so any version without it gets the public function.
+    """
+    try:
+        from skimage.measure._ccomp import label_cython
+    except ImportError:  # another scikit-image: the public function, the same labels
+        from skimage.measure import label
+
+        return label(mask, connectivity=1)
+    return label_cython(np.ascontiguousarray(mask).view(np.uint8), 0, False, 1)
 
 
 def _drop_reason(m: dict, config: PreprocessConfig) -> str | None:
