@@ -30,7 +30,6 @@ def test_component_count_ignores_specks_and_uses_4_connectivity():
     assert measure(img)["n_components"] == 2
 
 
-
 def test_components_label_as_scikit_image_does():
     """The labeller called on the mask's bytes gives skimage.measure.label(connectivity=1)'s labels."""
     from skimage.measure import label
@@ -71,6 +70,7 @@ def test_measuring_does_not_import_scipy_ndimage():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
 
 def _dataset_of(tmp_path, images: dict):
     for name, arr in images.items():
