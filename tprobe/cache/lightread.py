@@ -41,9 +41,8 @@ def group_attributes(path: Path) -> dict | None:
     if (
         not isinstance(meta, dict)
         or set(meta) != {"zarr_format", "node_type", "attributes"}
-        or not _is_int(meta["zarr_format"])
-        or meta["zarr_format"] != 3
-        or meta["node_type"] != "group"
+        or not _same(meta["zarr_format"], 3)
+        or not _same(meta["node_type"], "group")
         or not isinstance(meta["attributes"], dict)
         or (path / ".zgroup").exists()  # Zarr warns of both formats (and takes v3)
     ):
@@ -59,34 +58,37 @@ _ARRAY_KEYS = {
     "fill_value",
     "codecs",
     "attributes",
-    "dimension_names",
     "zarr_format",
     "node_type",
     "storage_transformers",
-}
+}  # and, optionally, "dimension_names"
+
+
+def _same(a, b) -> bool:
+    """JSON equality that tells 3 from 3.0 and 1 from true (Python's == does not)."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def _string_layout(meta) -> dict | None:
     """The zstd configuration (``{}`` when there is no zstd) of a one-chunk vlen-utf8 string array, or None."""
-    if not isinstance(meta, dict) or set(meta) != _ARRAY_KEYS:
+    if not isinstance(meta, dict) or set(meta) - {"dimension_names"} != _ARRAY_KEYS:
         return None
-    shape = meta["shape"]
+    shape, codecs, dims = meta["shape"], meta["codecs"], meta.get("dimension_names")
     if not (isinstance(shape, list) and len(shape) == 1 and _is_int(shape[0]) and shape[0] >= 1):
         return None
-    codecs = meta["codecs"]
     ok = (
-        _is_int(meta["zarr_format"])
-        and meta["zarr_format"] == 3
-        and meta["node_type"] == "array"
-        and meta["data_type"] == "string"
-        and meta["chunk_grid"] == {"name": "regular", "configuration": {"chunk_shape": shape}}
-        and meta["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
-        and meta["fill_value"] == ""
-        and meta["storage_transformers"] == []
+        _same(meta["zarr_format"], 3)
+        and _same(meta["node_type"], "array")
+        and _same(meta["data_type"], "string")
+        and _same(meta["chunk_grid"], {"name": "regular", "configuration": {"chunk_shape": shape}})
+        and _same(meta["chunk_key_encoding"], {"name": "default", "configuration": {"separator": "/"}})
+        and _same(meta["fill_value"], "")
+        and _same(meta["storage_transformers"], [])
         and isinstance(meta["attributes"], dict)
+        and (dims is None or (isinstance(dims, list) and len(dims) == 1 and isinstance(dims[0], str | None)))
         and isinstance(codecs, list)
         and 1 <= len(codecs) <= 2
-        and codecs[0] == {"name": "vlen-utf8", "configuration": {}}
+        and _same(codecs[0], {"name": "vlen-utf8", "configuration": {}})
     )
     if not ok:
         return None
@@ -95,11 +97,12 @@ def _string_layout(meta) -> dict | None:
     zstd = codecs[1]
     conf = zstd.get("configuration") if isinstance(zstd, dict) else None
     if (
-        set(zstd) != {"name", "configuration"}
-        or zstd["name"] != "zstd"
-        or not isinstance(conf, dict)
+        not isinstance(conf, dict)
+        or set(zstd) != {"name", "configuration"}
+        or not _same(zstd["name"], "zstd")
         or set(conf) != {"level", "checksum"}
         or not _is_int(conf["level"])
+        or not 0 <= conf["level"] <= 22  # what Zarr's ZstdCodec accepts (it refuses 23 and above)
         or type(conf["checksum"]) is not bool
     ):
         return None
