@@ -157,7 +157,7 @@ def string_array(path: Path) -> list[str] | None:
 _KEY_NUMPY_TYPES = {
     "int": {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "object"},
     "bool": {"bool", "object"},
-    "string": {"object", "str"},
+    "string": {"object", "str", "string"},  # "string": StringDtype, whose values are str too
     "float": {"float32", "float64", "object"},  # other columns only: they must convert, not format
 }
 
