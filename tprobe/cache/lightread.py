@@ -152,13 +152,13 @@ def string_array(path: Path) -> list[str] | None:
     return _vlen_utf8(data, meta["shape"][0])
 
 
-# pyarrow types whose pandas conversion (the default numpy-backed dtypes; strings as object or str)
-# gives one Python value per row that formats as pyarrow's own ``to_pylist`` value does; no nulls
-_KEY_NUMPY_TYPES = {
+# per kind of pyarrow column, the dtypes named in pandas' metadata (``numpy_type``) with which pandas
+# converts it as it would without metadata: int64 & co., bool, object / str / StringDtype of str, float
+_NUMPY_TYPES = {
     "int": {"int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "object"},
     "bool": {"bool", "object"},
     "string": {"object", "str", "string"},  # "string": StringDtype, whose values are str too
-    "float": {"float32", "float64", "object"},  # other columns only: they must convert, not format
+    "float": {"float32", "float64", "object"},  # not a key column: it only has to convert
 }
 
 
@@ -207,7 +207,7 @@ def _plain_pandas_metadata(schema) -> bool:
         if col.get("name") != field.name or col.get("field_name", col.get("name")) != field.name:
             return False
         kind = _kind(field.type)
-        if kind is None or col.get("numpy_type") not in _KEY_NUMPY_TYPES[kind]:
+        if kind is None or col.get("numpy_type") not in _NUMPY_TYPES[kind]:
             return False
     return True
 
