@@ -146,3 +146,29 @@ def test_help_builds_without_pandas_zarr_or_scikit_learn():
             out.stdout[-500:],
             out.stderr[-500:],
         )
+
+
+def test_status_imports_neither_pandas_nor_zarr(tmp_path, small_data, tiny_reg):
+    """`tprobe status STORE` of a Zarr store reads its attributes, row ids and manifest without pandas
+    (~0.3 s to import) or zarr (~0.2 s), and without torch or transformers (issue 20)."""
+    import subprocess
+    import sys
+
+    from tprobe.cache.extract import extract
+    from tprobe.data.dataset import discover
+    from tprobe.data.preprocess import preprocess
+    from tprobe.models.backbones import resolve_model
+
+    store = extract(
+        preprocess(discover(small_data)), resolve_model(str(tiny_reg)), cache=tmp_path, progress=False
+    ).path
+    code = LIGHT.replace(
+        '("torch", "transformers", "skimage")', '("pandas", "zarr", "sklearn", "torch", "transformers")'
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "status", str(store)], capture_output=True, text=True, timeout=120
+    )
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "HEAVY [] 0", (out.stdout[-800:], out.stderr[-500:])
+    checks = [line.split(None, 2)[2] for line in lines if line.startswith(("rows check", "chunks check"))]
+    assert len(checks) == 2 and all(c.startswith("ok: ") for c in checks), out.stdout  # the checks still ran

@@ -113,11 +113,11 @@ def seal_state(store: FeatureStore) -> str:
 
 def _row_check(store: FeatureStore) -> str:
     """Row identity of the store against its own manifest (every row's image id, in order)."""
-    from tprobe.cache.store import manifest_path, verified_manifest
+    from tprobe.cache.store import manifest_path, verify_own_manifest
     from tprobe.errors import TprobeError
 
     try:
-        verified_manifest(store)
+        verify_own_manifest(store)
     except TprobeError as exc:
         return f"NOT VERIFIED: {exc}"
     return f"ok: {store.n} rows match {manifest_path(store.path).name} (rows hash {store.attrs.get('rows_hash')})"
