@@ -261,6 +261,48 @@ def test_status_of_a_garbage_tprobe_meta_or_no_row_ids_is_one_line(tmp_path, bui
         from_store(store, "cls")
 
 
+@pytest.mark.refuses("a store whose row_ids chunk is truncated or garbage (status, export, probe)")
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_a_damaged_row_ids_chunk_is_one_line(tmp_path, built, damage):
+    """zstd's RuntimeError on a damaged row_ids chunk was an 'unexpected' error (exit 1)."""
+    store = _copy(built["zarr"], tmp_path / "a")
+    chunk = store / "row_ids" / "c" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10] if damage == "truncated" else b"garbage")
+    for cmd in (
+        ["status", str(store)],
+        ["export", str(store), "--to", "parquet", str(tmp_path / "out.parquet")],
+        ["probe", "--store", str(store), "--bootstrap", "5", "--out", str(tmp_path / "runs")],
+    ):
+        r = CliRunner().invoke(main, cmd)
+        _one_line_exit_2(r)
+        assert "row_ids array is missing or unreadable" in r.output and "re-extract" in r.output
+
+
+@pytest.mark.refuses("a store manifest that is not a parquet file, or lacks its donor column")
+@pytest.mark.parametrize("damage", ["truncated", "no donor"])
+def test_a_damaged_or_cut_store_manifest_is_one_line(tmp_path, built, damage):
+    """A truncated manifest (pyarrow's ArrowInvalid) or one without its donor column (KeyError) was an
+    'unexpected' error (exit 1) in status, export and probe."""
+    store = _copy(built["zarr"], tmp_path / "a")
+    mpath = manifest_path(store)
+    if damage == "truncated":
+        mpath.write_bytes(mpath.read_bytes()[:100])
+        said = "cannot be read as the store's manifest"
+    else:
+        pd.read_parquet(mpath).drop(columns="donor").to_parquet(mpath, index=False)
+        said = "has no donor column"
+    for cmd in (
+        ["export", str(store), "--to", "parquet", str(tmp_path / "out.parquet")],
+        ["probe", "--store", str(store), "--bootstrap", "5", "--out", str(tmp_path / "runs")],
+    ):
+        r = CliRunner().invoke(main, cmd)
+        _one_line_exit_2(r)
+        assert said in r.output, r.output
+    r = CliRunner().invoke(main, ["status", str(store)])  # the report, its rows check failed: exit 2
+    assert r.exit_code == 2 and "unexpected" not in r.output, r.output
+    assert "NOT VERIFIED: " in r.output and said in r.output, r.output
+
+
 # 4: labels edited in a store's manifest ---------------------------------------------------------
 @pytest.mark.refuses("a store manifest whose labels or donors were edited")
 def test_an_edited_label_in_the_stores_manifest_is_refused_and_extract_restores_it(tmp_path, pre, ref):
@@ -278,6 +320,7 @@ def test_an_edited_label_in_the_stores_manifest_is_refused_and_extract_restores_
         )
     )
     r = CliRunner().invoke(main, ["status", str(store)])
+    assert r.exit_code == 2, r.output  # a store whose rows cannot be trusted is not reported as fine
     assert "NOT VERIFIED" in r.output and "other labels" in r.output, r.output
     m.loc[3, "label"] = 1 - m.loc[3, "label"]
     m.loc[5, "donor"] = "donor_9"

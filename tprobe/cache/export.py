@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from tprobe.cache.keys import EXPORT_FORMATS, manifest_path, progress_dir
-from tprobe.cache.store import FeatureStore
+from tprobe.cache.store import FeatureStore, verified_manifest
 from tprobe.errors import TprobeError
 from tprobe.models.tokens import POOL_NEEDS, pool_needs
 
@@ -73,11 +73,7 @@ def _gives(store: FeatureStore, pool: str) -> bool:
 def store_table(path: str | Path) -> tuple[FeatureStore, pd.DataFrame, dict[str, np.ndarray]]:
     """The store, its own manifest (rows verified) and ``{pool: X (N, F) float32}`` for every exportable pool."""
     store = FeatureStore.open(path)
-    mpath = manifest_path(path)
-    if not mpath.exists():
-        raise TprobeError(f"{path}: its manifest {mpath.name} is missing; re-extract the store")
-    manifest = pd.read_parquet(mpath)
-    store.verify_manifest(manifest, mpath.name)
+    manifest = verified_manifest(store)
     pools = pools_of(store)
     if not pools:
         raise TprobeError(

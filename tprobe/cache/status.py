@@ -61,8 +61,9 @@ class StoreStatus:
 
     @property
     def ok(self) -> bool:
-        """False when the chunk check found damage (a missing, truncated or altered chunk)."""
-        return not self.chunk_check.startswith("DAMAGED")
+        """False when the chunk check found damage (a missing, truncated or altered chunk) or the rows
+        check failed (the manifest is missing, unreadable, or lists other rows, labels or donors)."""
+        return not self.chunk_check.startswith("DAMAGED") and not self.row_check.startswith("NOT VERIFIED")
 
     @property
     def units_pending(self) -> int:

@@ -85,6 +85,7 @@ __all__ = [
     "STORE_VERSION",
     "verified_manifest",
     "verify_own_manifest",
+    "read_own_manifest",
 ]
 log = logging.getLogger(__name__)
 
@@ -877,7 +878,7 @@ class FeatureStore:
 
                 with h5py.File(self.path, "r") as f:
                     ids = f["row_ids"].asstr()[:].astype(str)
-        except (OSError, KeyError, ValueError, TypeError) as exc:
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: zstd's
             raise TprobeError(
                 f"{self.path}: its row_ids array is missing or unreadable ({type(exc).__name__}); "
                 "delete the store and re-extract"
@@ -915,9 +916,15 @@ class FeatureStore:
     def verify_manifest(self, manifest, source: str = "the manifest") -> None:
         """:meth:`verify_rows`, then the manifest's labels and donors against the store's ``manifest_hash``
         (stores written before it was recorded are checked for rows only)."""
+        want = self.attrs.get("manifest_hash")
+        missing = [c for c in ("image_id", "label", "donor")[: 3 if want else 1] if c not in manifest]
+        if missing:
+            raise TprobeError(
+                f"{self.path}: {source} has no {', '.join(missing)} column; use the store's own manifest "
+                "(restore it if edited) or re-extract"
+            )
         ids = manifest["image_id"]  # a DataFrame's column, or a list (:func:`verify_own_manifest`)
         self.verify_rows(ids.tolist() if hasattr(ids, "tolist") else ids, source)
-        want = self.attrs.get("manifest_hash")
         if want and manifest_hash(manifest) != want:
             raise TprobeError(
                 f"{self.path}: {source} lists the store's rows with other labels or donors than it was "
@@ -1024,16 +1031,28 @@ def verified_manifest(store: FeatureStore, manifest: pd.DataFrame | None = None)
     ``manifest`` defaults to the store's own (``<store>.manifest.parquet``); any manifest given must
     list exactly the store's rows, in order, with the labels and donors it was extracted with, or this raises.
     """
-    import pandas as pd
-
     source_name = "the manifest given"
     if manifest is None:
-        mpath = manifest_path(store.path)
-        if not mpath.exists():
-            raise TprobeError(f"{store.path}: its manifest {mpath.name} is missing; re-extract the store")
-        manifest, source_name = pd.read_parquet(mpath), mpath.name
+        manifest, source_name = read_own_manifest(store.path), manifest_path(store.path).name
     store.verify_manifest(manifest, source_name)
     return manifest
+
+
+def read_own_manifest(store_path: str | Path) -> pd.DataFrame:
+    """The store's own manifest (``<store>.manifest.parquet``), unverified; a missing or unreadable
+    file is one line naming it and the fix."""
+    import pandas as pd
+
+    mpath = manifest_path(store_path)
+    if not mpath.exists():
+        raise TprobeError(f"{store_path}: its manifest {mpath.name} is missing; re-extract the store")
+    try:
+        return pd.read_parquet(mpath)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError: not a parquet file
+        raise TprobeError(
+            f"{mpath}: cannot be read as the store's manifest ({type(exc).__name__}: {str(exc)[:80]}); "
+            "it is damaged — restore it or re-extract the store"
+        ) from None
 
 
 def verify_own_manifest(store: FeatureStore) -> None:

@@ -215,7 +215,8 @@ def _summary(res) -> list[str]:
 def status(store, shards, as_json, deep):
     """Units done / pending (in total and per shard), seal state, key attributes and integrity of a store.
 
-    Exits with status 2 when a chunk is missing, truncated or (--deep) altered.
+    Exits with status 2 when a chunk is missing, truncated or (--deep) altered, or the rows check
+    fails (the store's manifest is missing, unreadable, or lists other rows, labels or donors).
 
     \b
     Examples:

@@ -80,12 +80,12 @@ def map_data(fs: FeatureSet, manifest: pd.DataFrame | None = None) -> MapData:
 
     Without ``manifest`` a store source reads the store's own manifest.
     """
-    from tprobe.cache.keys import manifest_path
+    from tprobe.cache.store import read_own_manifest
 
     keep = (fs.meta["view"] == "orig").to_numpy()
     meta = fs.meta[keep].reset_index(drop=True).copy()
     if manifest is None and fs.source.get("kind") == "store":
-        manifest = pd.read_parquet(manifest_path(fs.source["store"]))
+        manifest = read_own_manifest(fs.source["store"])
     batch = None
     if "batch" in meta.columns:
         batch = meta["batch"]
