@@ -332,6 +332,41 @@ def test_an_edited_label_in_the_stores_manifest_is_refused_and_extract_restores_
     assert from_store(store, "cls").meta["label"].tolist() == pre.kept["label"].tolist()
 
 
+@pytest.mark.parametrize("damage", ["labels as text", "no view", "no path", "no group"])
+def test_a_manifest_with_text_labels_or_without_a_row_column_is_one_line_and_extract_restores_it(
+    tmp_path, pre, ref, damage
+):
+    """Labels saved as text ("0"/"1") hash as the integers do (``f"{v}"``), so the labels check passed
+    them: probe failed with an 'unexpected' TypeError (exit 1) and map ran on them (exit 0). A manifest
+    without its path, group or view column passed too and was an 'unexpected' KeyError in probe and map.
+    Both are one line now, and extracting again restores the manifest (its hash alone called it the same)."""
+    store = extract(pre, ref, cache=tmp_path / "c", **KW).path
+    mpath = manifest_path(store)
+    original = mpath.read_bytes()
+    m = pd.read_parquet(mpath)
+    if damage == "labels as text":
+        m.assign(label=m["label"].astype(str)).to_parquet(mpath, index=False)
+        said = "label column holds"
+    else:
+        m.drop(columns=damage.removeprefix("no ")).to_parquet(mpath, index=False)
+        said = f"has no {damage.removeprefix('no ')} column"
+    for cmd in (
+        ["probe", "--store", str(store), "--bootstrap", "5", "--out", str(tmp_path / "runs")],
+        ["map", "--store", str(store), "--out", str(tmp_path / "map")],
+    ):
+        r = CliRunner().invoke(main, cmd)
+        _one_line_exit_2(r)
+        assert said in r.output and "re-extract" in r.output, r.output
+    with pytest.raises(TprobeError, match=said):
+        from_store(store, "cls")
+    if damage == "labels as text":  # the rows check of status (light reader and pandas alike) fails
+        r = CliRunner().invoke(main, ["status", str(store)])
+        assert r.exit_code == 2 and "NOT VERIFIED: " in r.output and said in r.output, r.output
+    assert extract(pre, ref, cache=tmp_path / "c", **KW).status == "up to date"  # restores it
+    assert mpath.read_bytes() == original
+    assert from_store(store, "cls").meta["label"].tolist() == pre.kept["label"].tolist()
+
+
 # 2: the model's input normalisation keys the store and is checked by predict ------------------------
 @pytest.mark.refuses("predict with a model whose input normalisation changed since the run")
 def test_a_preprocessor_config_added_to_the_same_snapshot_keys_a_new_store_and_predict_refuses(

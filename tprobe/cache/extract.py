@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 from tprobe._version import __version__
 from tprobe.cache.files import atomic_write
 from tprobe.cache.keys import DEFAULT_CACHE, PRECISIONS, is_sealed, manifest_path, progress_dir, store_path
-from tprobe.cache.store import DEFAULT_COMPRESSION, TOKENS, FeatureStore, manifest_hash
+from tprobe.cache.store import DEFAULT_COMPRESSION, TOKENS, FeatureStore, label_kind, manifest_hash
 from tprobe.data.preprocess import VIEW_OPS, PreprocessConfig, Preprocessed, load_canvas
 from tprobe.errors import TprobeError
 from tprobe.models.backbones import (
@@ -923,9 +923,14 @@ def _write_manifest(path: Path, kept: pd.DataFrame) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         try:
-            old = pd.read_parquet(path, columns=["image_id", "label", "donor"])
-        except (OSError, ValueError, KeyError):
+            old = pd.read_parquet(path)
+        except (OSError, ValueError):
             old = None
-        if old is not None and manifest_hash(old) == manifest_hash(kept):
+        if (  # the same rows, labels and donors, every column there and the labels integers
+            old is not None
+            and set(kept.columns) <= set(old.columns)
+            and label_kind(old["label"]) is None
+            and manifest_hash(old) == manifest_hash(kept)
+        ):
             return
     atomic_write(path, lambda p: kept.assign(row=np.arange(len(kept))).to_parquet(p, index=False))

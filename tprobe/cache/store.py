@@ -86,6 +86,7 @@ __all__ = [
     "verified_manifest",
     "verify_own_manifest",
     "read_own_manifest",
+    "label_kind",
 ]
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,16 @@ def manifest_hash(manifest) -> str:
         for i, lab, d in zip(manifest["image_id"], manifest["label"], manifest["donor"], strict=True)
     )
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
+
+
+def label_kind(labels) -> str | None:
+    """None when ``labels`` (a pandas column, or a list from :func:`tprobe.cache.lightread.manifest_keys`)
+    are integers, as tprobe writes them; else what they are, for the refusal (text, floats, booleans)."""
+    if hasattr(labels, "dtype"):  # a column: its dtype (Int64 and the other integer dtypes are kind "i")
+        kind = getattr(labels.dtype, "kind", "O")
+        return None if kind in "iu" else {"b": "booleans", "f": "floats"}.get(kind, f"{labels.dtype} values")
+    bad = next((v for v in labels if type(v) is not int), None)
+    return None if bad is None else f"{type(bad).__name__} values"
 
 
 def _unit_digest(arrays: dict[str, np.ndarray], algo: str = "xxh3_128") -> str:
@@ -928,6 +939,12 @@ class FeatureStore:
         if want and manifest_hash(manifest) != want:
             raise TprobeError(
                 f"{self.path}: {source} lists the store's rows with other labels or donors than it was "
+                "extracted with (edited?); restore it or re-extract"
+            )
+        odd = "label" in manifest and label_kind(manifest["label"])
+        if odd:  # "0" and 0 hash alike (``f"{v}"``): text labels pass the hash, then break the probes
+            raise TprobeError(
+                f"{self.path}: {source}'s label column holds {odd}, not the integer labels it was "
                 "extracted with (edited?); restore it or re-extract"
             )
 

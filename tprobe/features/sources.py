@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tprobe.cache.store import FeatureStore, verified_manifest
+from tprobe.cache.store import FeatureStore, manifest_path, verified_manifest
 from tprobe.data.dataset import table_rows
 from tprobe.errors import TprobeError
 
@@ -40,6 +40,7 @@ __all__ = [
     "FeatureSet",
     "FeatureSource",
     "from_store",
+    "store_meta",
     "verified_manifest",
     "store_source",
     "from_table",
@@ -160,8 +161,23 @@ def from_store(path: str | Path, pool: str = "cls", *, manifest: pd.DataFrame | 
     """Pool a store's tokens (chunk by chunk) with its manifest, verifying row identity
     (:func:`verified_manifest`)."""
     store = FeatureStore.open(path)
+    meta = store_meta(store, manifest)
+    return FeatureSet(store.pooled(pool), meta, store_source(store, pool))
+
+
+def store_meta(store: FeatureStore, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The :data:`META` columns of the store's verified manifest (:func:`verified_manifest`; ``manifest``
+    defaults to the store's own), one row per store row; a manifest without one of them is one line."""
+    given = manifest is not None
     manifest = verified_manifest(store, manifest)
-    return FeatureSet(store.pooled(pool), manifest[META].reset_index(drop=True), store_source(store, pool))
+    missing = [c for c in META if c not in manifest.columns]
+    if missing:
+        source = "the manifest given" if given else manifest_path(store.path).name
+        raise TprobeError(
+            f"{store.path}: {source} has no {', '.join(missing)} column; use the store's own manifest "
+            "(restore it if edited) or re-extract"
+        )
+    return manifest[META].reset_index(drop=True)
 
 
 def column_rule(table: pd.DataFrame, id_column: str, exclude=(), keep=()) -> tuple[list[str], dict[str, str]]:

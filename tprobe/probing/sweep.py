@@ -39,7 +39,7 @@ import pandas as pd
 
 from tprobe.cache.store import FeatureStore
 from tprobe.errors import TprobeError
-from tprobe.features.sources import META, FeatureSet, store_source, verified_manifest
+from tprobe.features.sources import FeatureSet, store_meta, store_source
 from tprobe.models.random_weights import is_random
 from tprobe.models.tokens import check_pool_name, pool_layer
 from tprobe.probing.fastcv import FoldProgress
@@ -140,7 +140,7 @@ def pool_store(path: str | Path, pools: Sequence[str]) -> dict[str, FeatureSet |
     for p in pools:
         check_pool_name(p)
     store = FeatureStore.open(path)
-    meta = verified_manifest(store)[META].reset_index(drop=True)
+    meta = store_meta(store)
     out: dict[str, FeatureSet | TprobeError] = {}
     ok = []
     for p in dict.fromkeys(pools):
