@@ -7,6 +7,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from click.testing import CliRunner
@@ -128,6 +129,21 @@ def test_preprocessed_artifact_round_trips_and_detects_changed_files(tmp_path, s
     m.loc[0, "label"] = 1 - m.loc[0, "label"]  # a manifest edited by hand
     m.to_parquet(tmp_path / "prep" / "manifest.parquet")
     with pytest.raises(TprobeError, match="does not match preprocess.json"):
+        Preprocessed.load(tmp_path / "prep", verify_files=False)
+
+
+@pytest.mark.parametrize(
+    "edit", ["labels as text", "no label", "no view", "no source_id", "no kept", "no path", "no image_id"]
+)
+def test_a_saved_manifest_with_text_labels_or_without_a_column_is_one_line(tmp_path, small_data, edit):
+    """Labels saved as text hash as the integers do (its fingerprint takes ``f"{label}"``), so such a
+    manifest loaded and reached the store's manifest; one without a column was a KeyError (exit 1)."""
+    preprocess(discover(small_data)).save(tmp_path / "prep")
+    path = tmp_path / "prep" / "manifest.parquet"
+    m = pd.read_parquet(path)
+    edited = m.assign(label=m["label"].astype(str)) if edit == "labels as text" else m.drop(columns=edit[3:])
+    edited.to_parquet(path, index=False)
+    with pytest.raises(TprobeError, match="manifest.parquet.* run `tprobe preprocess` again"):
         Preprocessed.load(tmp_path / "prep", verify_files=False)
 
 

@@ -342,6 +342,17 @@ class Preprocessed:
                 f"{folder}: preprocess.json or manifest.parquet is unreadable ({type(exc).__name__}); "
                 "run `tprobe preprocess` again"
             ) from None
+        missing = [c for c in _SAVED_COLUMNS if c not in manifest.columns]
+        if missing:
+            raise TprobeError(
+                f"{folder}: manifest.parquet has no {', '.join(missing)} column (edited or mixed up); "
+                "run `tprobe preprocess` again"
+            )
+        if manifest["label"].dtype.kind not in "iu":  # "0" and 0 alike in the fingerprint (f"{label}")
+            raise TprobeError(
+                f"{folder}: manifest.parquet's label column holds {manifest['label'].dtype} values, not "
+                "the integer labels it was written with (edited?); run `tprobe preprocess` again"
+            )
         config = PreprocessConfig.from_dict(meta["config"])
         fingerprint = _fingerprint(manifest)
         if (
@@ -370,6 +381,10 @@ class Preprocessed:
                     )
         skipped = [Skipped(s["path"], s["reason"]) for s in meta.get("skipped", []) if isinstance(s, dict)]
         return cls(manifest, config, fingerprint, skipped, folder=folder)
+
+
+# the columns of a saved manifest that opening it and extracting from it read
+_SAVED_COLUMNS = ("path", "label", "donor", "source_id", "image_id", "group", "view", "kept")
 
 
 def _hash(text: str | bytes, n: int = 12) -> str:
