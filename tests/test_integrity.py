@@ -303,6 +303,35 @@ def test_a_damaged_or_cut_store_manifest_is_one_line(tmp_path, built, damage):
     assert "NOT VERIFIED: " in r.output and said in r.output, r.output
 
 
+@pytest.mark.parametrize(
+    "where,content",
+    [
+        ("zarr.json", "[]"),
+        ("zarr.json", '{"zarr_format": 3, "node_type": "group", "attributes": []}'),
+        ("zarr.json", '{"zarr_format": 3, "node_type": "group", "attributes": {}, "extra": 1}'),
+        ("row_ids/zarr.json", "null"),
+        ("cls/zarr.json", "[]"),
+        ("cls/zarr.json", "shape"),
+    ],
+)
+def test_a_zarr_json_of_the_wrong_shape_is_one_line(tmp_path, built, where, content):
+    """Valid JSON that is not Zarr's metadata (a list, attributes that are a list, an unknown key, a
+    shape that is text) raised Zarr's TypeError or AttributeError: an 'unexpected' error (exit 1)."""
+    store = _copy(built["zarr"], tmp_path / "a")
+    meta = store / where
+    if content == "shape":
+        content = json.dumps({**json.loads(meta.read_text()), "shape": "x"})
+    meta.write_text(content)
+    cmds = [["export", str(store), "--to", "parquet", str(tmp_path / "out.parquet")]]
+    cmds += [["status", "--deep", str(store)]] if where.startswith("cls") else [["status", str(store)]]
+    for cmd in cmds:
+        r = CliRunner().invoke(main, cmd)
+        assert r.exit_code == 2 and "unexpected" not in r.output, r.output
+        assert "re-extract" in r.output, r.output
+    with pytest.raises(TprobeError, match="re-extract"):
+        from_store(store, "cls")
+
+
 # 4: labels edited in a store's manifest ---------------------------------------------------------
 @pytest.mark.refuses("a store manifest whose labels or donors were edited")
 def test_an_edited_label_in_the_stores_manifest_is_refused_and_extract_restores_it(tmp_path, pre, ref):

@@ -573,7 +573,8 @@ class FeatureStore:
 
                     attrs = dict(zarr.open_group(path, mode="r").attrs)
                 meta = attrs["tprobe_meta"]
-        except (OSError, KeyError, ValueError) as exc:
+        except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:  # the last two: Zarr's, on
+            # JSON that is not its metadata (a list, attributes that are not a dict, an unknown key)
             raise TprobeError(
                 f"{path}: not a readable tprobe store ({type(exc).__name__}); re-extract it"
             ) from None
@@ -889,7 +890,9 @@ class FeatureStore:
 
                 with h5py.File(self.path, "r") as f:
                     ids = f["row_ids"].asstr()[:].astype(str)
-        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: zstd's
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
+            # RuntimeError: zstd's on a damaged chunk; TypeError / AttributeError: Zarr's on a zarr.json that
+            # is JSON but not its metadata
             raise TprobeError(
                 f"{self.path}: its row_ids array is missing or unreadable ({type(exc).__name__}); "
                 "delete the store and re-extract"
@@ -973,7 +976,8 @@ class FeatureStore:
                 raise TprobeError(self._missing_line(bad))
         try:
             return self._read_raw(name, rows)
-        except (OSError, RuntimeError, ValueError, KeyError) as exc:  # a damaged chunk or file
+        except (OSError, RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # a damaged chunk or file; TypeError / AttributeError: Zarr's on a zarr.json that is not its metadata
             raise TprobeError(
                 f"{self.path}: {name} rows {rows.start or 0}-{rows.stop or self.n} cannot be read "
                 f"({type(exc).__name__}: {str(exc)[:80]}); the store is damaged — delete it and "
