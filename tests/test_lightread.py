@@ -24,6 +24,7 @@ from tprobe.cache.store import FeatureStore, manifest_hash, manifest_path
 from tprobe.cli import main
 from tprobe.data.dataset import discover
 from tprobe.data.preprocess import preprocess
+from tprobe.errors import TprobeError
 from tprobe.models.backbones import resolve_model
 
 N = 6
@@ -243,7 +244,6 @@ def test_string_array_leaves_other_layouts_and_damage_to_zarr(tmp_path):
             (good, b"garbage"),
             (tmp_path / "raw", raw_chunk[:-1]),  # an item cut short
             (tmp_path / "raw", raw_chunk + b"\x00"),  # bytes after the last item
-            (tmp_path / "raw", b"\x0b" + raw_chunk[1:]),  # 11 items said, 10 there
             (tmp_path / "raw", raw_chunk.replace(b"r9", b"\xff9")),  # not UTF-8
         ]
     ):
@@ -275,6 +275,29 @@ def test_string_array_leaves_other_layouts_and_damage_to_zarr(tmp_path):
         assert string_array(copy) is None, change
     (good / "c" / "0").unlink()  # Zarr reads a missing chunk as the fill value
     assert string_array(good) is None
+
+
+@pytest.mark.parametrize("count", [11, 9, 0xF0000000])
+def test_a_row_ids_chunk_whose_item_count_is_damaged_is_refused_without_zarr(tmp_path, monkeypatch, count):
+    """A chunk of tprobe's layout that decodes but says another item count than the array's length:
+    Zarr fails on it only after allocating that many items (30 GiB of object pointers for 0xF0000000:
+    a MemoryError, or the process killed), so the light reader refuses it (ValueError) instead."""
+    ids = [f"r{i}" for i in range(10)]
+    store = FeatureStore.create(
+        tmp_path / "s.zarr", row_ids=ids, hidden=2, registers=0, patches=1, chunk_rows=10, compression="none"
+    )
+    store.write_unit(0, {"cls": np.ones((10, 2)), "patches": np.ones((10, 1, 2))})
+    assert store.finalize()
+    chunk = store.path / "row_ids" / "c" / "0"
+    from numcodecs.zstd import Zstd
+
+    raw = bytes(Zstd().decode(chunk.read_bytes()))
+    chunk.write_bytes(Zstd(level=0).encode(count.to_bytes(4, "little") + raw[4:]))
+    with pytest.raises(ValueError, match="items"):
+        string_array(store.path / "row_ids")
+    monkeypatch.setattr(zarr, "open_array", lambda *a, **k: pytest.fail("zarr was asked"))
+    with pytest.raises(TprobeError, match="row_ids array is missing or unreadable .*re-extract"):
+        FeatureStore.open(store.path).row_ids()
 
 
 def test_group_attributes_are_zarrs(tmp_path):

@@ -7,7 +7,8 @@ falls back to pandas / zarr and their own results and errors:
 * :func:`group_attributes`: a Zarr v3 group's attributes, from its ``zarr.json`` as plain JSON (what
   ``zarr.open_group(path, mode="r").attrs`` parses it with).
 * :func:`string_array`: a one-chunk Zarr v3 ``string`` array with codecs ``vlen-utf8`` (then ``zstd``),
-  Zarr's defaults for ``dtype=str`` (the store's ``row_ids``), decoded as the Zarr v3 spec says.
+  Zarr's defaults for ``dtype=str`` (the store's ``row_ids``), decoded as the Zarr v3 spec says; a chunk
+  of that layout saying another item count is a ValueError (Zarr would allocate that many items first).
 * :func:`manifest_keys`: a manifest's ``image_id``, ``label`` and ``donor`` columns read with pyarrow, as
   lists of the Python values that iterating ``pd.read_parquet(path)[column]`` gives (the same
   ``f"{v}"``), so :func:`tprobe.cache.store.manifest_hash` and the row check come out the same.
@@ -133,7 +134,12 @@ def _vlen_utf8(data: bytes, n: int) -> list[str] | None:
 def string_array(path: Path) -> list[str] | None:
     """The values of the Zarr v3 string array at ``path`` (one chunk, ``vlen-utf8`` then optionally
     ``zstd``: what ``zarr.create_array(dtype=str, chunks=shape)`` writes), or None to ask Zarr (another
-    layout, a missing chunk, which Zarr reads as the fill value, or any chunk it may refuse)."""
+    layout, a missing chunk, which Zarr reads as the fill value, or any chunk it may refuse).
+
+    Raises ValueError for a chunk of this layout whose item count is not the array's length: Zarr
+    refuses it as well, but allocates that many items first (a damaged count: tens of GiB, or the
+    process killed), so it is not asked.
+    """
     meta = _json(path / "zarr.json")
     conf = _string_layout(meta)
     if conf is None:
@@ -149,7 +155,11 @@ def string_array(path: Path) -> list[str] | None:
             data = bytes(Zstd(level=conf["level"], checksum=conf["checksum"]).decode(data))
         except Exception:  # noqa: BLE001 - Zarr decodes it again and fails its own way
             return None
-    return _vlen_utf8(data, meta["shape"][0])
+    n = meta["shape"][0]
+    said = struct.unpack_from("<I", data, 0)[0] if len(data) >= 4 else n
+    if said != n:  # Zarr fails on it too, but only after allocating that many items (up to 2**32: 32 GiB)
+        raise ValueError(f"its chunk says {said} items, the array holds {n} (a damaged chunk)")
+    return _vlen_utf8(data, n)
 
 
 # per kind of pyarrow column, the dtypes named in pandas' metadata (``numpy_type``) with which pandas
