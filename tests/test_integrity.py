@@ -314,6 +314,7 @@ def test_a_damaged_or_cut_store_manifest_is_one_line(tmp_path, built, damage):
         ("cls/zarr.json", "shape"),
     ],
 )
+@pytest.mark.refuses("a store zarr.json that is JSON but not Zarr metadata")
 def test_a_zarr_json_of_the_wrong_shape_is_one_line(tmp_path, built, where, content):
     """Valid JSON that is not Zarr's metadata (a list, attributes that are a list, an unknown key, a
     shape that is text) raised Zarr's TypeError or AttributeError: an 'unexpected' error (exit 1)."""
@@ -361,6 +362,7 @@ def test_an_edited_label_in_the_stores_manifest_is_refused_and_extract_restores_
     assert from_store(store, "cls").meta["label"].tolist() == pre.kept["label"].tolist()
 
 
+@pytest.mark.refuses("a store manifest whose labels became text, or without its path, group or view column")
 @pytest.mark.parametrize("damage", ["labels as text", "no view", "no path", "no group"])
 def test_a_manifest_with_text_labels_or_without_a_row_column_is_one_line_and_extract_restores_it(
     tmp_path, pre, ref, damage

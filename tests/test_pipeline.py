@@ -135,6 +135,7 @@ def test_preprocessed_artifact_round_trips_and_detects_changed_files(tmp_path, s
 @pytest.mark.parametrize(
     "edit", ["labels as text", "no label", "no view", "no source_id", "no kept", "no path", "no image_id"]
 )
+@pytest.mark.refuses("a saved preprocess folder whose manifest holds text labels or lacks a column")
 def test_a_saved_manifest_with_text_labels_or_without_a_column_is_one_line(tmp_path, small_data, edit):
     """Labels saved as text hash as the integers do (its fingerprint takes ``f"{label}"``), so such a
     manifest loaded and reached the store's manifest; one without a column was a KeyError (exit 1)."""
