@@ -27,9 +27,10 @@ What a fit frees is not all handed back to the OS: glibc keeps freed blocks of e
 (its mmap threshold rises to the size of the largest block freed, up to 32 MiB, so a fit's blocks,
 similarity matrices and XGBoost's quantised matrices come from the heap after the first fit). At 100k
 cells the engine's two workers kept ~0.8x the feature matrix of freed memory resident into the final
-head's fit, which adds its own (kNN: the 1x normalised rows): 3.1x for kNN, 3.4-3.6x for XGBoost.
-:func:`release_free_heap` hands it back after each engine fit (``tprobe.probing.fastcv``) and
-before the final head (``tprobe.probing.run``); it changes no number.
+head's fit, which adds its own (kNN: the 1x normalised rows): a peak of 2.97-3.11x the matrix above
+the floor for kNN, 3.11-3.62x for XGBoost (``scripts/bench_scale.py``, 6 donors). :func:`release_free_heap`
+hands it back after each engine fit (``tprobe.probing.fastcv``) and before the final head
+(``tprobe.probing.run``): 2.78x and 2.93-2.95x, the same numbers to the bit and no slower.
 """
 
 from __future__ import annotations
