@@ -37,7 +37,7 @@ from tprobe.probing.heads import (
     save_head,
 )
 from tprobe.probing.linear import make_logreg, resolve_solver
-from tprobe.probing.rowfit import fit_rows
+from tprobe.probing.rowfit import fit_rows, release_free_heap
 from tprobe.runs.record import RunRecord, inside, make_run_dir, save_run
 
 __all__ = ["ProbeRun", "load_head", "projection", "ENGINES"]
@@ -178,6 +178,8 @@ class ProbeRun:
         self.evaluation_ = evaluate(
             cv.predictions, meta, plan, tta=self.tta, n_boot=self.n_boot, seed=self.seed
         )
+        if self.final_head:
+            release_free_heap()  # the engine's freed memory, before the final head's fit adds its own
         self.final_ = self._final_head(make, grid, X, fs.meta, final) if self.final_head else None
         self.seconds_ = time.perf_counter() - t0
         return self
