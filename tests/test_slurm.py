@@ -208,6 +208,14 @@ def test_status_seal_states_and_cli(tmp_path):
     assert store_status(store.path).state == "written, not sealed"  # any worker's next run seals it
     assert store.finalize()
     res = CliRunner().invoke(main, ["status", str(store.path), "--shards", "3", "--json"])
+    assert res.exit_code == 2, res.output  # made without `tprobe extract`: no manifest, the rows unverified
+    assert "NOT VERIFIED" in json.loads(res.output)["row_check"]
+    import pandas as pd
+
+    pd.DataFrame({"image_id": [f"r{i}" for i in range(10)]}).to_parquet(
+        manifest_path(store.path), index=False
+    )
+    res = CliRunner().invoke(main, ["status", str(store.path), "--shards", "3", "--json"])
     assert res.exit_code == 0, res.output
     d = json.loads(res.output)
     assert (
