@@ -63,7 +63,7 @@ def _col(kind: str) -> pd.Series:
     return make[kind]()
 
 
-FAST = {
+FAST_KINDS = [  # the dtypes whose key columns pyarrow reads as pandas does
     "int64",
     "int8",
     "uint64",
@@ -74,7 +74,8 @@ FAST = {
     "string_pyarrow",
     "string_python",
     "empty_str",
-}
+]
+FAST = set(FAST_KINDS)
 
 
 def _lines(m) -> list[str]:
@@ -113,16 +114,7 @@ def _frame(image_id: str, label: str, donor: str) -> pd.DataFrame:
 
 
 KINDS = [
-    "int64",
-    "int8",
-    "uint64",
-    "int32",
-    "bool",
-    "str",
-    "object",
-    "string_pyarrow",
-    "string_python",
-    "empty_str",
+    *FAST_KINDS,
     "Int64",
     "Int64_na",
     "int_na",
