@@ -36,6 +36,7 @@ hands it back after each engine fit (``tprobe.probing.fastcv``) and before the f
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 import numpy as np
@@ -52,20 +53,18 @@ __all__ = [
     "ROW_BLOCK",
 ]
 
-_TRIM: list = []  # glibc's malloc_trim once looked up (None: this C library has none)
 
-
+@functools.cache
 def _malloc_trim():
-    if not _TRIM:
-        trim = None
-        if sys.platform.startswith("linux"):
-            try:
-                trim = ctypes.CDLL(None).malloc_trim  # glibc; musl and others have none
-                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):
-                trim = None
-        _TRIM.append(trim)
-    return _TRIM[0]
+    """glibc's ``malloc_trim``, looked up once; None where this C library has none (musl, macOS)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def release_free_heap() -> bool:
