@@ -47,3 +47,22 @@ def test_corrupt_and_empty_files(tmp_path):
     (tmp_path / "zero.png").write_bytes(b"")
     with pytest.raises(TprobeError, match="zero.png"):
         read_image(tmp_path / "zero.png")
+
+
+def test_palette_png_is_read_as_its_palette_values_not_its_indices(tmp_path):
+    from PIL import Image
+
+    from tprobe.data.fov import read_mask
+
+    index = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    im = Image.fromarray(index, "P")
+    im.putpalette([255 - i for i in range(256) for _ in range(3)])  # a grey palette, inverted
+    im.save(tmp_path / "p.png")
+    assert np.array_equal(read_image(tmp_path / "p.png"), 255 - index)  # was the indices 0..63
+    colour = Image.fromarray(index, "P")
+    colour.putpalette([v for i in range(256) for v in (i, 0, 255 - i)])
+    colour.save(tmp_path / "c.png")
+    with pytest.raises(TprobeError, match="c.png: RGB colour image"):
+        read_image(tmp_path / "c.png")
+    # a label image saved with a palette (as VOC-style tools write them): its indices are the labels
+    assert np.array_equal(read_mask(tmp_path / "c.png"), index)

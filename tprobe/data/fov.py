@@ -199,7 +199,7 @@ def read_mask(
                 f"{path}: cannot be read as a .npy array ({type(exc).__name__}); replace it"
             ) from None
     else:
-        arr = images._read_raw(path, max_pixels)
+        arr = images._read_raw(path, max_pixels, palette=False)  # a palette mask's indices are its labels
     arr = np.squeeze(arr) if arr.ndim > 2 else arr
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)

@@ -6,7 +6,9 @@ linearly by ``255 / max_value``; ``max_value`` defaults to 65535 (the full 16-bi
 be set to the camera's range (e.g. 4095 for 12-bit data), per channel when channels differ. A pixel
 above ``max_value`` is an error, never silently clipped. Nothing is pushed through PIL's
 ``convert("RGB")``, which would clip 16-bit data. Only unsigned 8- and 16-bit integers (and 1-bit)
-are read: signed, 32-bit and float pixels are refused, naming the type found.
+are read: signed, 32-bit and float pixels are refused, naming the type found. A palette PNG is read
+as its palette's colours, never as its indices (a label image's indices are its labels:
+:func:`tprobe.data.fov.read_mask`).
 
 Before anything is decoded, the file must be a regular file (never a FIFO, device or folder: a
 FIFO would block, ``/dev/zero`` never ends) and its header must declare at most ``max_pixels``
@@ -174,8 +176,14 @@ def ome_info(path: str | Path) -> dict | None:
 
 
 def _read_raw(
-    path: Path, max_pixels: int | None = None, z: int | None = None, t: int | None = None
+    path: Path,
+    max_pixels: int | None = None,
+    z: int | None = None,
+    t: int | None = None,
+    *,
+    palette: bool = True,
 ) -> np.ndarray:
+    """A file's pixels as stored; a palette image's colours (``palette``), or its indices (a label image)."""
     if path.suffix.lower() in (".tif", ".tiff"):
         return _read_tiff(path, max_pixels, z, t)[0]
     check_regular(path)
@@ -185,6 +193,9 @@ def _read_raw(
             with Image.open(path) as im:  # reads the header only
                 _check_pixels(path, (im.height, im.width, len(im.getbands())), max_pixels)
                 im.load()
+                if palette and im.mode in ("P", "PA"):  # the indices are not intensities: their colours are
+                    transparent = im.mode == "PA" or "transparency" in im.info
+                    return np.asarray(im.convert("RGBA" if transparent else "RGB"))
                 return np.asarray(im)
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit, above --max-pixels' default
         found = re.search(r"\((\d+) pixels\)", str(exc))
