@@ -6,8 +6,9 @@ linearly by ``255 / max_value``; ``max_value`` defaults to 65535 (the full 16-bi
 be set to the camera's range (e.g. 4095 for 12-bit data), per channel when channels differ. A pixel
 above ``max_value`` is an error, never silently clipped. Nothing is pushed through PIL's
 ``convert("RGB")``, which would clip 16-bit data. Only unsigned 8- and 16-bit integers (and 1-bit)
-are read: signed, 32-bit and float pixels are refused, naming the type found. A palette PNG is read
-as its palette's colours, never as its indices (a label image's indices are its labels:
+are read: signed, 32-bit and float pixels are refused, naming the type found, and so is a 16-bit
+colour PNG (grey+alpha, RGB, RGBA), which Pillow decodes to 8 bits. A palette PNG is read as its
+palette's colours, never as its indices (a label image's indices are its labels:
 :func:`tprobe.data.fov.read_mask`).
 
 Before anything is decoded, the file must be a regular file (never a FIFO, device or folder: a
@@ -175,6 +176,18 @@ def ome_info(path: str | Path) -> dict | None:
     }
 
 
+def _png_colour_16bit(path: Path) -> bool:
+    """Whether a PNG's header says 16-bit colour (grey+alpha, RGB, RGBA): Pillow decodes those to 8 bits."""
+    with open(path, "rb") as f:
+        head = f.read(26)  # signature, IHDR length and type, width, height, bit depth, colour type
+    return (
+        head[:8] == b"\x89PNG\r\n\x1a\n"
+        and head[12:16] == b"IHDR"
+        and head[24] == 16
+        and head[25] in (2, 4, 6)
+    )
+
+
 def _read_raw(
     path: Path,
     max_pixels: int | None = None,
@@ -192,6 +205,12 @@ def _read_raw(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
             with Image.open(path) as im:  # reads the header only
                 _check_pixels(path, (im.height, im.width, len(im.getbands())), max_pixels)
+                if im.format == "PNG" and _png_colour_16bit(path):
+                    raise UnsupportedPixels(
+                        f"{path}: 16-bit colour PNG, which Pillow decodes to 8 bits (the low byte of "
+                        "every pixel lost, --max-value not applied); save it as a 16-bit TIFF, or as "
+                        "greyscale PNGs, one per channel"
+                    )
                 im.load()
                 if palette and im.mode in ("P", "PA"):  # the indices are not intensities: their colours are
                     transparent = im.mode == "PA" or "transparency" in im.info
