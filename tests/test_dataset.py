@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -78,3 +79,29 @@ def test_empty_and_missing(tmp_path):
         discover(tmp_path / "nope")
     save_png(tmp_path / "donor_1" / "activated" / "a.png", __import__("numpy").zeros((3, 3), "uint8"))
     assert len(discover(tmp_path).table) == 1
+
+
+def test_class_folders_without_donor_folders_keep_the_donors_the_names_give(tmp_path):
+    """``activated/`` and ``quiescent/`` straight under the root, holding Wang-named files: each image's
+    donor is its name's (was 'donor_unknown' for all: one donor, so no donor-held-out split)."""
+    names = {
+        "activated": ["CD3_1_act_9_1_12.png", "CD3_2_act_2_1_23.png"],
+        "quiescent": ["CD3_1_noact_10_1_103.png", "CD3_03_noact_8_1_110.png", "cell_9.png"],
+    }
+    src = next((SAMPLE / "donor_1" / "activated").glob("*.png"))
+    for cls, files in names.items():
+        (tmp_path / cls).mkdir()
+        for name in files:
+            shutil.copy(src, tmp_path / cls / name)
+    t = discover(tmp_path).table
+    assert dict(zip(t["path"].map(lambda p: Path(p).name), t["donor"], strict=True)) == {
+        "CD3_1_act_9_1_12.png": "donor_1",
+        "CD3_2_act_2_1_23.png": "donor_2",
+        "CD3_1_noact_10_1_103.png": "donor_1",
+        "CD3_03_noact_8_1_110.png": "donor_3",
+        "cell_9.png": "donor_unknown",  # a name without a donor: as before
+    }
+    # a donor folder still names the donor of the images in it
+    shutil.copytree(tmp_path / "activated", tmp_path / "more" / "donor_7" / "activated")
+    t = discover(tmp_path / "more").table
+    assert t["donor"].eq("donor_7").all()

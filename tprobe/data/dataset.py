@@ -2,7 +2,9 @@
 
 Three layouts are accepted:
 
-(a) ``DIR/donor_<N>/{activated,quiescent}/*.png`` (the bundled sample's layout);
+(a) ``DIR/donor_<N>/{activated,quiescent}/*.png`` (the bundled sample's layout), or
+    ``DIR/{activated,quiescent}/*.png`` (each image's donor from its Wang et al. name, else
+    ``donor_unknown``);
 (b) a flat folder of Wang et al. names ``CD{3|8}_{donor}_{act|noact}_{batch}_{plate}_{cell}.png``;
 (c) a CSV or Parquet table with at least ``path,label`` (paths relative to the table's folder),
     optional ``donor`` and any other columns (kept as they are).
@@ -266,7 +268,7 @@ def _from_folders(root: Path, group=None) -> Dataset:
                     for p in direct
                 ]
             continue
-        donor = sub.parent.name if sub.parent != root else "donor_unknown"
+        donor = sub.parent.name if sub.parent != root else None  # no donor folder: the name's donor
         cells = _cells(sub, group, skipped)
         other = [
             f
@@ -292,7 +294,14 @@ def _from_folders(root: Path, group=None) -> Dataset:
                     )
                 )
                 continue
-            rows.append({**parsed, "path": str(path), "label": label, "donor": donor})
+            rows.append(
+                {
+                    **parsed,
+                    "path": str(path),
+                    "label": label,
+                    "donor": donor or parsed.get("donor", "donor_unknown"),
+                }
+            )
     return Dataset(root, _frame(rows), skipped, "folders")
 
 
