@@ -357,3 +357,20 @@ def test_a_saved_folder_whose_image_became_a_fifo_or_vanished_is_refused_not_hun
     os.remove(second)
     with pytest.raises(TprobeError, match="changed or missing since"):
         Preprocessed.load(tmp_path / "p")
+
+
+def test_grey_images_of_two_bit_depths_are_one_line_not_two_scales(tmp_path):
+    """8-bit files are read as they are and 16-bit ones scaled by 255/--max-value: in one dataset the
+    two parts are on one scale only by chance, so (as for channels) the mix is refused, both files named."""
+    data = copy_subset(tmp_path / "data", donors=("donor_1",), per_class=2)
+    png = sorted((data / "donor_1" / "quiescent").glob("*.png"))[-1]
+    wide = np.asarray(read_image(png), np.uint16) * 16  # the same cell as 12-bit data
+    tifffile.imwrite(png.with_suffix(".tif"), wide)
+    png.unlink()
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(data), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and not (tmp_path / "p").exists(), r.output
+    line = r.output.strip().splitlines()[-1]
+    assert png.with_suffix(".tif").name in line and "16-bit" in line and "8-bit" in line, line
+    # one bit depth: accepted, as before
+    (data / "donor_1" / "quiescent" / png.with_suffix(".tif").name).unlink()
+    assert len(preprocess(discover(data), PreprocessConfig()).kept) > 0

@@ -241,11 +241,23 @@ def read_image(
     (``max_pixels``, default :data:`DEFAULT_MAX_PIXELS`) or out-of-range images, and for anything
     but a regular file.
     """
+    return read_grey(path, max_value=max_value, max_pixels=max_pixels, z=z, t=t)[0]
+
+
+def read_grey(
+    path: str | Path,
+    *,
+    max_value: float | None = None,
+    max_pixels: int | None = None,
+    z: int | None = None,
+    t: int | None = None,
+) -> tuple[np.ndarray, str]:
+    """:func:`read_image` and the file's raw pixel type (``uint8``, ``uint16``, ``bool``)."""
     path = Path(path)
     arr = _to_grey(_read_raw(path, max_pixels, z, t), path)
     if arr.size == 0 or min(arr.shape) == 0:
         raise TprobeError(f"{path}: image has zero size; delete the file")
-    return _to_8bit_scale(arr, path, max_value)
+    return _to_8bit_scale(arr, path, max_value), arr.dtype.name
 
 
 def read_channels(
