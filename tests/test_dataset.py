@@ -105,3 +105,21 @@ def test_class_folders_without_donor_folders_keep_the_donors_the_names_give(tmp_
     shutil.copytree(tmp_path / "activated", tmp_path / "more" / "donor_7" / "activated")
     t = discover(tmp_path / "more").table
     assert t["donor"].eq("donor_7").all()
+
+
+def test_a_donor_folder_named_like_a_label_is_refused_not_read_as_one_class(tmp_path):
+    """Donor folders numbered 1, 2, 3: '1' is also a label name (activated), so the quiescent images of
+    donor 1 were all read as activated, without a line. Labels that disagree along a path are one line."""
+    src = sorted((SAMPLE / "donor_1" / "activated").glob("*.png"))
+    for donor in ("1", "2"):
+        for cls in ("activated", "quiescent"):
+            (tmp_path / "d" / donor / cls).mkdir(parents=True)
+            shutil.copy(src[0 if cls == "activated" else 1], tmp_path / "d" / donor / cls / f"cell_{cls}.png")
+    with pytest.raises(TprobeError, match=r"d/1: .*label 1 .*'quiescent' inside it.*label 0.*donor_1"):
+        discover(tmp_path / "d")
+    # labels that agree along the path (a plate folder '1' in activated/) read as before
+    (tmp_path / "e" / "activated" / "1").mkdir(parents=True)
+    (tmp_path / "e" / "quiescent").mkdir(parents=True)
+    shutil.copy(src[0], tmp_path / "e" / "activated" / "1" / "a.png")
+    shutil.copy(src[1], tmp_path / "e" / "quiescent" / "q.png")
+    assert discover(tmp_path / "e").table["label"].tolist() == [1, 0]

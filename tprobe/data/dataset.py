@@ -13,7 +13,9 @@ With one file per channel (``channel_files="{cell}_{channel}"`` and the ``channe
 files of each cell are grouped into one row whose ``path`` is a template holding ``{channel}``
 (:func:`tprobe.data.images.channel_files`); a table may list such templates itself.
 
-Files that cannot be used are returned as :class:`Skipped` rows with a reason naming the fix.
+Files that cannot be used are returned as :class:`Skipped` rows with a reason naming the fix. A
+class folder holding a folder of the other class (a donor folder named ``1``, which reads as
+activated, holding ``quiescent/``) is one line: the path gives two labels.
 Symlinked donor, class and image folders are followed; a link back to a folder above it (a loop)
 is not, and is listed as skipped, so no folder is lost without a line.
 """
@@ -268,6 +270,14 @@ def _from_folders(root: Path, group=None) -> Dataset:
                     for p in direct
                 ]
             continue
+        inner = next((f for f in _walk(sub)[0] if _label_of(f.name) not in (None, label)), None)
+        if inner is not None:  # a donor folder '1' holding quiescent/: which label, the path cannot say
+            raise TprobeError(
+                f"{sub}: the folder name '{sub.name}' reads as label {label} "
+                f"({'activated' if label else 'quiescent'}) but '{inner.relative_to(sub)}' inside it "
+                f"reads as label {_label_of(inner.name)}; rename the outer folder if it is a donor "
+                f"(e.g. 'donor_{sub.name}'), or the inner one if it is not a class"
+            )
         donor = sub.parent.name if sub.parent != root else None  # no donor folder: the name's donor
         cells = _cells(sub, group, skipped)
         other = [
