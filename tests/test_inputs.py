@@ -374,3 +374,17 @@ def test_grey_images_of_two_bit_depths_are_one_line_not_two_scales(tmp_path):
     # one bit depth: accepted, as before
     (data / "donor_1" / "quiescent" / png.with_suffix(".tif").name).unlink()
     assert len(preprocess(discover(data), PreprocessConfig()).kept) > 0
+
+
+def test_a_tiff_holding_several_images_is_one_line_not_its_first_image(tmp_path):
+    """An OME-TIFF of two positions (two series of one size): only the first was read, the second lost
+    without a line. A smaller extra series (a thumbnail or preview) still reads the first."""
+    first, second = np.full((16, 16), 100, np.uint8), np.full((16, 16), 200, np.uint8)
+    with tifffile.TiffWriter(tmp_path / "two.ome.tif", ome=True) as w:
+        w.write(first, metadata={"axes": "YX"})
+        w.write(second, metadata={"axes": "YX"})
+    with pytest.raises(TprobeError, match=r"two.ome.tif: holds 2 images .*16x16.*one image per file"):
+        read_image(tmp_path / "two.ome.tif")
+    tifffile.imwrite(tmp_path / "thumb.tif", first)
+    tifffile.imwrite(tmp_path / "thumb.tif", np.zeros((4, 4), np.uint8), append=True)
+    assert np.array_equal(read_image(tmp_path / "thumb.tif"), first)

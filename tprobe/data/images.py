@@ -96,10 +96,19 @@ def _unreadable(path: Path, exc: BaseException) -> TprobeError:
     )
 
 
+def _plane_size(series) -> tuple[int, int]:
+    """A TIFF series' height and width (its Y and X axes)."""
+    sizes = dict(zip(series.axes, series.shape, strict=True))
+    return sizes.get("Y", 0), sizes.get("X", 0)
+
+
 def _read_tiff(
     path: Path, max_pixels: int | None, z: int | None = None, t: int | None = None
 ) -> tuple[np.ndarray, str]:
     """A TIFF's first series and its axes, its declared size checked before it is decoded.
+
+    A file holding another series of the same height and width (an OME-TIFF of several positions) is
+    refused in one line, never read as its first image; a smaller series (a thumbnail) is ignored.
 
     A series with a Z or T axis longer than one (an OME-TIFF's (T, C, Z, Y, X)) keeps the plane ``z`` /
     ``t`` chosen (``--z`` / ``--t``); one not chosen is refused in one line. An axis the file lacks
@@ -110,6 +119,14 @@ def _read_tiff(
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             _check_pixels(path, series.shape, max_pixels)
+            size = _plane_size(series)
+            alike = [s for s in tif.series[1:] if 0 not in size and _plane_size(s) == size]  # not a thumbnail
+            if alike:
+                raise TprobeError(
+                    f"{path}: holds {len(alike) + 1} images (TIFF series) of {size[0]}x{size[1]} px, "
+                    "and tprobe reads one image per file; save one image per file (a stack's planes "
+                    "as C, Z or T axes of one series)"
+                )
             arr, axes = series.asarray(), series.axes
     except (OSError, ValueError, IndexError, MemoryError, tifffile.TiffFileError) as exc:
         if isinstance(exc, TprobeError):
