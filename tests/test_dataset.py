@@ -123,3 +123,16 @@ def test_a_donor_folder_named_like_a_label_is_refused_not_read_as_one_class(tmp_
     shutil.copy(src[0], tmp_path / "e" / "activated" / "1" / "a.png")
     shutil.copy(src[1], tmp_path / "e" / "quiescent" / "q.png")
     assert discover(tmp_path / "e").table["label"].tolist() == [1, 0]
+
+
+def test_images_outside_every_class_folder_each_have_a_line(small_data):
+    """An image beside the donor folders, or in a donor folder beside its class folders, was left out
+    without a line (the class it belongs to is unknown)."""
+    src = next((small_data / "donor_1" / "activated").glob("*.png"))
+    shutil.copy(src, small_data / "stray.png")
+    shutil.copy(src, small_data / "donor_1" / "loose.png")
+    ds = discover(small_data)
+    assert len(ds.table) == 24
+    lines = {Path(s.path).name: s.reason for s in ds.skipped}
+    assert sorted(lines) == ["loose.png", "stray.png"]
+    assert all("not inside an activated or quiescent folder" in why for why in lines.values())

@@ -312,6 +312,17 @@ def _from_folders(root: Path, group=None) -> Dataset:
                     "donor": donor or parsed.get("donor", "donor_unknown"),
                 }
             )
+    listed = {s.path for s in skipped}
+    for path in _images(root):  # beside the donor folders, or beside a donor's class folders
+        inside = any(_label_of(part) is not None for part in path.relative_to(root).parts[:-1])
+        if not inside and str(path) not in listed:
+            skipped.append(
+                Skipped(
+                    str(path),
+                    "not inside an activated or quiescent folder, so its class is unknown; move it "
+                    "into one (DIR/donor_N/activated/) or list it in a CSV manifest",
+                )
+            )
     return Dataset(root, _frame(rows), skipped, "folders")
 
 
