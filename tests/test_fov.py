@@ -485,3 +485,17 @@ def test_a_fields_table_gives_labels_and_donors(tmp_path):
     pd.DataFrame([{**rows[0], "mask": "gone.tif"}]).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(TprobeError, match=r"bad.csv: line 2 .*mask gone.tif of .* is missing"):
         preprocess_fields(tmp_path / "bad.csv", None, PreprocessConfig(), tmp_path / "o2" / "crops")
+
+
+def test_a_fields_table_listing_one_field_twice_names_both_lines(tmp_path):
+    """Twice, with two labels: its crops were cut twice to one file and the second row's cells dropped as
+    'same content as' themselves; as for single-cell manifests, both lines are named."""
+    fields, masks, _, where = make_fields(tmp_path, donors=("donor_1",), per_class=2, per_field=2)
+    rows = [
+        {"image": f, "label": "activated" if "/activated/" in f else 0, "mask": str(m)}
+        for f in sorted({f for f, _ in where})
+        for m in [(masks / Path(f).relative_to(fields)).with_name("field0_masks.tif")]
+    ]
+    pd.DataFrame([*rows, {**rows[0], "label": 0}]).to_csv(tmp_path / "fields.csv", index=False)
+    with pytest.raises(TprobeError, match=r"fields.csv: lines 2 and 4 .* both list .*field0.png"):
+        preprocess_fields(tmp_path / "fields.csv", None, PreprocessConfig(), tmp_path / "o" / "crops")
