@@ -499,3 +499,16 @@ def test_a_fields_table_listing_one_field_twice_names_both_lines(tmp_path):
     pd.DataFrame([*rows, {**rows[0], "label": 0}]).to_csv(tmp_path / "fields.csv", index=False)
     with pytest.raises(TprobeError, match=r"fields.csv: lines 2 and 4 .* both list .*field0.png"):
         preprocess_fields(tmp_path / "fields.csv", None, PreprocessConfig(), tmp_path / "o" / "crops")
+
+
+def test_a_fields_table_with_an_empty_donor_is_one_line_not_donor_nan(tmp_path):
+    fields, masks, _, where = make_fields(tmp_path, donors=("donor_1",), per_class=2, per_field=2)
+    rows = [
+        {"image": f, "label": 1 if "/activated/" in f else 0, "mask": str(m), "donor": "p7"}
+        for f in sorted({f for f, _ in where})
+        for m in [(masks / Path(f).relative_to(fields)).with_name("field0_masks.tif")]
+    ]
+    rows[1]["donor"] = ""  # read as NaN: its cells formed a donor 'nan'
+    pd.DataFrame(rows).to_csv(tmp_path / "fields.csv", index=False)
+    with pytest.raises(TprobeError, match=r"fields.csv: 1 row\(s\) have an empty donor \(line 3\)"):
+        preprocess_fields(tmp_path / "fields.csv", None, PreprocessConfig(), tmp_path / "o" / "crops")

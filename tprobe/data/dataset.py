@@ -44,6 +44,7 @@ __all__ = [
     "parse_wang_name",
     "DEFAULT_DATA",
     "table_rows",
+    "check_donors",
 ]
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "tcell-sample"
@@ -364,15 +365,7 @@ def _from_table(table_path: Path) -> Dataset:
     missing = {"path", "label"} - set(df.columns)
     if missing:
         raise TprobeError(f"{table_path}: manifest lacks column(s) {sorted(missing)}; it needs path,label")
-    if "donor" in df.columns:
-        empty = df["donor"].isna() | (df["donor"].astype(str).str.strip() == "")
-        if empty.any():
-            rows = (np.flatnonzero(empty.to_numpy()) + 2).tolist()  # +2: header line, 1-based
-            raise TprobeError(
-                f"{table_path}: {int(empty.sum())} row(s) have an empty donor (line {rows[0]}"
-                f"{', ...' if len(rows) > 1 else ''}); fill the donor column, or drop it to "
-                "treat all images as one donor"
-            )
+    check_donors(table_path, df)
     rows, skipped, seen = [], [], {}
     for i, rec in enumerate(df.to_dict("records")):
         path = Path(str(rec["path"]))
@@ -397,6 +390,19 @@ def _from_table(table_path: Path) -> Dataset:
             {**rec, "path": str(path), "label": label, "donor": str(rec.get("donor", "donor_unknown"))}
         )
     return Dataset(table_path, _frame(rows), skipped, "table")
+
+
+def check_donors(table_path: Path, df: pd.DataFrame) -> None:
+    """A table's donor column, where it has one, must name a donor on every row (an empty one reads as NaN)."""
+    if "donor" in df.columns:
+        empty = df["donor"].isna() | (df["donor"].astype(str).str.strip() == "")
+        if empty.any():
+            rows = (np.flatnonzero(empty.to_numpy()) + 2).tolist()  # +2: header line, 1-based
+            raise TprobeError(
+                f"{table_path}: {int(empty.sum())} row(s) have an empty donor (line {rows[0]}"
+                f"{', ...' if len(rows) > 1 else ''}); fill the donor column, or drop it to "
+                "treat all images as one donor"
+            )
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:

@@ -144,6 +144,7 @@ def _fields_table(path: Path) -> Dataset:
             f"{path}: lacks column(s) {sorted(c.replace('path', 'image') for c in missing)}; "
             "it needs image,mask,label[,donor]"
         )
+    ds_mod.check_donors(path, df)
     rows, skipped, seen = [], [], {}
     for i, rec in enumerate(df.to_dict("records")):
         field, mask = (Path(str(rec[c])) for c in ("path", "mask"))
