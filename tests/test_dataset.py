@@ -102,9 +102,9 @@ def test_class_folders_without_donor_folders_keep_the_donors_the_names_give(tmp_
         "cell_9.png": "donor_unknown",  # a name without a donor: as before
     }
     # a donor folder still names the donor of the images in it
-    shutil.copytree(tmp_path / "activated", tmp_path / "more" / "donor_7" / "activated")
+    shutil.copytree(tmp_path / "activated", tmp_path / "more" / "patient_x" / "activated")
     t = discover(tmp_path / "more").table
-    assert t["donor"].eq("donor_7").all()
+    assert t["donor"].eq("patient_x").all()
 
 
 def test_a_donor_folder_named_like_a_label_is_refused_not_read_as_one_class(tmp_path):
@@ -136,3 +136,16 @@ def test_images_outside_every_class_folder_each_have_a_line(small_data):
     lines = {Path(s.path).name: s.reason for s in ds.skipped}
     assert sorted(lines) == ["loose.png", "stray.png"]
     assert all("not inside an activated or quiescent folder" in why for why in lines.values())
+
+
+def test_a_file_whose_name_gives_another_donor_than_its_folder_is_skipped_with_a_line(small_data):
+    """As a name and a folder giving two labels are: donor_2/activated/CD3_1_act_... was read as donor_2
+    without a line, though its name says donor 1 (a misplaced file puts one cell in two donors' reach)."""
+    src = next((small_data / "donor_1" / "activated").glob("CD3_1_*.png"))
+    shutil.move(src, small_data / "donor_2" / "activated" / src.name)
+    (small_data / "donor_01" / "activated").mkdir(parents=True)  # 01 is donor 1: agrees
+    other = next((small_data / "donor_1" / "activated").glob("CD3_1_*.png"))
+    shutil.move(other, small_data / "donor_01" / "activated" / other.name)
+    ds = discover(small_data)
+    assert len(ds.table) == 23 and [Path(s.path).name for s in ds.skipped] == [src.name]
+    assert "name says donor_1 but folder 'donor_2'" in ds.skipped[0].reason

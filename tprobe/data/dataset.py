@@ -13,7 +13,8 @@ With one file per channel (``channel_files="{cell}_{channel}"`` and the ``channe
 files of each cell are grouped into one row whose ``path`` is a template holding ``{channel}``
 (:func:`tprobe.data.images.channel_files`); a table may list such templates itself.
 
-Files that cannot be used are returned as :class:`Skipped` rows with a reason naming the fix. A
+Files that cannot be used are returned as :class:`Skipped` rows with a reason naming the fix (among
+them a Wang-named file whose name gives another label, or another donor number, than its folders). A
 class folder holding a folder of the other class (a donor folder named ``1``, which reads as
 activated, holding ``quiescent/``) is one line: the path gives two labels.
 Symlinked donor, class and image folders are followed; a link back to a folder above it (a loop)
@@ -302,6 +303,16 @@ def _from_folders(root: Path, group=None) -> Dataset:
                         str(path),
                         f"name says label {parsed['label']} but folder "
                         f"'{sub.name}' says {label}; move or rename the file",
+                    )
+                )
+                continue
+            number = re.fullmatch(r"(?:donor[_\- ]?)?(\d+)", donor or "", re.IGNORECASE)
+            if parsed and number and f"donor_{int(number[1])}" != parsed["donor"]:
+                skipped.append(
+                    Skipped(
+                        str(path),
+                        f"name says {parsed['donor']} but folder '{donor}' says donor_{int(number[1])}; "
+                        "move or rename the file",
                     )
                 )
                 continue
