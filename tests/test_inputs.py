@@ -388,3 +388,21 @@ def test_a_tiff_holding_several_images_is_one_line_not_its_first_image(tmp_path)
     tifffile.imwrite(tmp_path / "thumb.tif", first)
     tifffile.imwrite(tmp_path / "thumb.tif", np.zeros((4, 4), np.uint8), append=True)
     assert np.array_equal(read_image(tmp_path / "thumb.tif"), first)
+
+
+def test_a_manifests_own_cell_id_column_is_kept_not_taken_for_a_crops_id(tmp_path):
+    """A CSV manifest's extra column cell_id (text, 'cell_1' in each donor) was read as a field crop's id:
+    it replaced the content hash as source_id, so donor_2's cells were dropped as 'same content as'
+    donor_1's. Extra columns are kept as they are; a crop_id column (tprobe's own) is one line."""
+    files = [f for d in ("donor_1", "donor_2") for f in sorted((SAMPLE / d / "activated").glob("*.png"))[:3]]
+    df = pd.DataFrame(
+        {"path": list(map(str, files)), "label": 1, "donor": [f.parts[-3] for f in files]}
+    ).assign(cell_id=["cell_1", "cell_2", "cell_3"] * 2)
+    df.to_csv(tmp_path / "m.csv", index=False)
+    pre = preprocess(discover(tmp_path / "m.csv"), PreprocessConfig(views="orig"))
+    assert not pre.skipped and (pre.manifest["drop_reason"] != "duplicate").all()
+    assert pre.manifest["cell_id"].tolist() == df["cell_id"].tolist()  # kept as it is
+    assert not pre.manifest["source_id"].isin(df["cell_id"]).any() and "crop_id" not in pre.manifest
+    df.rename(columns={"cell_id": "crop_id"}).to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(TprobeError, match=r"c.csv: column crop_id is tprobe's own .*rename it"):
+        discover(tmp_path / "c.csv")

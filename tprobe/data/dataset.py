@@ -376,6 +376,10 @@ def _from_table(table_path: Path) -> Dataset:
     missing = {"path", "label"} - set(df.columns)
     if missing:
         raise TprobeError(f"{table_path}: manifest lacks column(s) {sorted(missing)}; it needs path,label")
+    if "crop_id" in df.columns:  # read back as a field crop's own hash when a saved folder is opened
+        raise TprobeError(
+            f"{table_path}: column crop_id is tprobe's own (a field crop's file hash); rename it"
+        )
     check_donors(table_path, df)
     rows, skipped, seen = [], [], {}
     for i, rec in enumerate(df.to_dict("records")):

@@ -576,7 +576,7 @@ def preprocess(
                 "dataset to one bit depth (or preprocess the two parts separately)"
             )
         sid = _hash(raw, 16)
-        if isinstance(rec.get("cell_id"), str) and rec["cell_id"]:  # a crop of a field: field hash + label
+        if dataset.layout == "crops" and rec.get("cell_id"):  # a crop of a field: field hash + label
             base["crop_id"], sid = sid, rec["cell_id"]
         base.update(ome)
         m = measure(img, config)
