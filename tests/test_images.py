@@ -103,7 +103,7 @@ def test_16bit_colour_png_is_refused_not_read_as_its_top_byte(tmp_path, samples)
         arr[..., 3] = 65535
     # Pillow decodes it as 8-bit: the low byte lost, --max-value ignored
     _write_png16(tmp_path / "rgb.png", arr)
-    with pytest.raises(UnsupportedPixels, match="rgb.png: 16-bit colour PNG.*TIFF"):
+    with pytest.raises(UnsupportedPixels, match=r"rgb.png: 16-bit colour or grey\+alpha PNG.*TIFF"):
         read_image(tmp_path / "rgb.png", max_value=4095)
-    with pytest.raises(UnsupportedPixels, match="rgb.png: 16-bit colour PNG"):
+    with pytest.raises(UnsupportedPixels, match=r"rgb.png: 16-bit colour or grey\+alpha PNG"):
         read_channels(tmp_path / "rgb.png", "a,b,c", max_value=4095)

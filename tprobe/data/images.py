@@ -224,9 +224,9 @@ def _read_raw(
                 _check_pixels(path, (im.height, im.width, len(im.getbands())), max_pixels)
                 if im.format == "PNG" and _png_colour_16bit(path):
                     raise UnsupportedPixels(
-                        f"{path}: 16-bit colour PNG, which Pillow decodes to 8 bits (the low byte of "
-                        "every pixel lost, --max-value not applied); save it as a 16-bit TIFF, or as "
-                        "greyscale PNGs, one per channel"
+                        f"{path}: 16-bit colour or grey+alpha PNG, which Pillow decodes to 8 bits (the "
+                        "low byte of every pixel lost, --max-value not applied); save it as a 16-bit "
+                        "TIFF, or as greyscale PNGs, one per channel"
                     )
                 im.load()
                 if palette and im.mode in ("P", "PA"):  # the indices are not intensities: their colours are
