@@ -404,3 +404,28 @@ def test_a_row_counter_is_an_identifier_not_a_feature(tmp_path, leak):
     assert fs.source.columns == ["Intensity_A"], fs.source.columns
     assert fs.source.dropped_columns[leak].startswith("identifier")
     assert leak in column_rule(pd.read_csv(tmp_path / "cp.csv"), "file", keep=[leak])[0]  # --keep-columns
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Cells_Neighbors_FirstClosestObjectNumber_Adjacent",  # a neighbour's ObjectNumber
+        "Cells_Neighbors_SecondClosestObjectNumber_5",
+        "TrackObjects_ParentImageNumber_50",  # a parent's ImageNumber / ObjectNumber
+        "TrackObjects_ParentObjectNumber_50",
+        "TrackObjects_Label_50",  # a track's id
+        "Image_Group_Length",
+        "Image_Series_DNA",  # the image's index in its file
+        "Image_Frame_DNA",
+        "Image_ExecutionTime_01Images",  # the pipeline's timing and error flags, not the cell's
+        "Image_ModuleError_01Images",
+    ],
+)
+def test_cellprofiler_bookkeeping_with_a_suffix_is_not_a_feature(name):
+    """CellProfiler's object and image numbers also sit inside longer names (a neighbour's, a track
+    parent's), and its image tables carry the pipeline's own bookkeeping: none is a cell's feature."""
+    from tprobe.features.sources import column_rule
+
+    table = pd.DataFrame({"file": ["a.png", "b.png"], name: [1.0, 2.0], "Cells_AreaShape_Area": [3.0, 4.0]})
+    cols, dropped = column_rule(table, "file")
+    assert cols == ["Cells_AreaShape_Area"] and dropped[name].startswith("identifier"), (cols, dropped)
