@@ -149,3 +149,19 @@ def test_a_file_whose_name_gives_another_donor_than_its_folder_is_skipped_with_a
     ds = discover(small_data)
     assert len(ds.table) == 23 and [Path(s.path).name for s in ds.skipped] == [src.name]
     assert "name says donor_1 but folder 'donor_2'" in ds.skipped[0].reason
+
+
+def test_a_jpeg_beside_a_class_s_pngs_has_a_line(small_data, tmp_path):
+    """A class folder of PNGs and a few JPEGs: the JPEGs were left out without a line (only a class with
+    no PNG/TIFF at all had one). A folder of Wang-named files, likewise."""
+    jpg = small_data / "donor_1" / "activated" / "CD3_1_act_9_9_9.jpg"
+    jpg.write_bytes(b"\xff\xd8\xff")
+    (small_data / "donor_1" / "activated" / "notes.txt").write_text("not an image")  # no line
+    ds = discover(small_data)
+    assert len(ds.table) == 24 and [Path(s.path).name for s in ds.skipped] == [jpg.name]
+    assert "tprobe reads PNG and TIFF" in ds.skipped[0].reason
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(next((small_data / "donor_1" / "activated").glob("*.png")), flat)
+    shutil.copy(jpg, flat)
+    assert [Path(s.path).name for s in discover(flat).skipped] == [jpg.name]

@@ -67,6 +67,8 @@ LABEL_NAMES = {
     "0": 0,
 }
 COLUMNS = ["path", "label", "donor", "cell_type", "batch", "plate", "cell"]
+# images in formats tprobe does not read: each has a line where it sits beside readable ones
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jp2", ".czi", ".nd2", ".lif")
 
 
 @dataclass(frozen=True)
@@ -295,6 +297,8 @@ def _from_folders(root: Path, group=None) -> Dataset:
                     f"e.g. {other[0].name}); convert them to PNG or TIFF",
                 )
             )
+        elif cells:  # nor an image beside the class's readable ones
+            skipped += _unread(other)
         for path in cells:
             parsed = parse_wang_name(path.name) or {}
             if parsed and parsed["label"] != label:
@@ -338,8 +342,18 @@ def _from_folders(root: Path, group=None) -> Dataset:
     return Dataset(root, _frame(rows), skipped, "folders")
 
 
+def _unread(files) -> list[Skipped]:
+    """A line for each image in a format tprobe does not read."""
+    return [
+        Skipped(str(f), f"a {f.suffix} image; tprobe reads PNG and TIFF: convert it (losslessly)")
+        for f in files
+        if f.suffix.lower() in OTHER_IMAGE_SUFFIXES
+    ]
+
+
 def _from_flat(root: Path, group=None) -> Dataset:
     rows, skipped = [], []
+    skipped += _unread(f for f in _walk(root)[1] if not f.name.startswith("."))
     for path in _cells(root, group, skipped):
         parsed = parse_wang_name(path.name)
         if parsed is None:
