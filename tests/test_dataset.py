@@ -165,3 +165,18 @@ def test_a_jpeg_beside_a_class_s_pngs_has_a_line(small_data, tmp_path):
     shutil.copy(next((small_data / "donor_1" / "activated").glob("*.png")), flat)
     shutil.copy(jpg, flat)
     assert [Path(s.path).name for s in discover(flat).skipped] == [jpg.name]
+
+
+def test_a_donor_with_stray_spaces_is_the_same_donor(tmp_path, small_data):
+    """'donor_1' and 'donor_1 ' (a hand-edited CSV) were two donors, so one donor's cells could sit on
+    both sides of a donor-held-out split; labels were stripped already, donors now too."""
+    files = sorted(small_data.rglob("*.png"))
+    df = pd.DataFrame(
+        {
+            "path": [str(f.relative_to(tmp_path)) for f in files],
+            "label": [f.parts[-2] for f in files],
+            "donor": [f.parts[-3] + (" " if i % 2 else "") for i, f in enumerate(files)],
+        }
+    )
+    df.to_csv(tmp_path / "m.csv", index=False)
+    assert sorted(discover(tmp_path / "m.csv").table["donor"].unique()) == ["donor_1", "donor_2"]

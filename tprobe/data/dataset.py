@@ -416,7 +416,12 @@ def _from_table(table_path: Path) -> Dataset:
             )
             continue
         rows.append(
-            {**rec, "path": str(path), "label": label, "donor": str(rec.get("donor", "donor_unknown"))}
+            {
+                **rec,
+                "path": str(path),
+                "label": label,
+                "donor": str(rec.get("donor", "donor_unknown")).strip(),
+            }
         )
     return Dataset(table_path, _frame(rows), skipped, "table")
 

@@ -176,7 +176,7 @@ def _fields_table(path: Path) -> Dataset:
                 "path": str(field),
                 "mask": str(mask),
                 "label": label,
-                "donor": str(rec.get("donor", "donor_unknown")),
+                "donor": str(rec.get("donor", "donor_unknown")).strip(),
             }
         )
     if not rows:
