@@ -281,7 +281,7 @@ def crop_fields(fields: Dataset, config, crops: str | Path, *, progress: bool = 
             )
         shutil.rmtree(crops)
     crops.mkdir(parents=True)
-    rows, dropped, warnings = [], [], []
+    rows, dropped, warnings, seen = [], [], [], {}
     records = fields.table.to_dict("records")
     for rec in tqdm(records, desc="crop", unit="field", disable=None if progress else True):
         field, mask_path = Path(rec["path"]), Path(rec["mask"])
@@ -296,6 +296,12 @@ def crop_fields(fields: Dataset, config, crops: str | Path, *, progress: bool = 
         mask = read_mask(mask_path, pixels.shape[-2:], max_pixels=config.max_pixels)
         images.check_regular(field)
         field_id = hashlib.sha256(field.read_bytes()).hexdigest()[:16]
+        if field_id in seen:  # its cells' ids (field hash + label) are taken: one crop file, counted twice
+            fields.skipped.append(
+                Skipped(str(field), f"same content as {seen[field_id]}; delete the duplicate")
+            )
+            continue
+        seen[field_id] = field
         base = {k: v for k, v in rec.items() if k not in ("path", "mask")}
         base.update(extra, field=str(field), mask=str(mask_path), field_id=field_id)
         boxes = ndimage.find_objects(mask)
