@@ -180,3 +180,27 @@ def test_a_donor_with_stray_spaces_is_the_same_donor(tmp_path, small_data):
     )
     df.to_csv(tmp_path / "m.csv", index=False)
     assert sorted(discover(tmp_path / "m.csv").table["donor"].unique()) == ["donor_1", "donor_2"]
+
+
+def test_unlabelled_images_in_donor_class_folders_take_the_donor_folder(tmp_path):
+    """predict reads donors as discover does (a donor-centred run centres each donor on its own cells):
+    donor_7/activated/cell.png was donor 'unknown' unless its name was Wang-style, so every donor's
+    new cells were centred together."""
+    from tprobe.data.dataset import discover_unlabelled
+
+    src = sorted((SAMPLE / "donor_1" / "activated").glob("*.png"))
+    for donor, cls, i in [("donor_7", "activated", 0), ("donor_8", "quiescent", 1)]:
+        (tmp_path / "new" / donor / cls).mkdir(parents=True)
+        shutil.copy(src[i], tmp_path / "new" / donor / cls / f"cell{i}.png")
+    shutil.copy(src[2], tmp_path / "new" / "loose.png")
+    t = discover_unlabelled(tmp_path / "new").table
+    got = dict(zip(t["path"].map(lambda p: Path(p).name), t["donor"], strict=True))
+    assert got == {"cell0.png": "donor_7", "cell1.png": "donor_8", "loose.png": "unknown"}
+    assert discover(tmp_path / "new").table["donor"].tolist() == [
+        "donor_7",
+        "donor_8",
+    ]  # as training reads them
+    # a Wang name still gives its own donor
+    shutil.copy(src[0], tmp_path / "new" / src[0].name)
+    t = discover_unlabelled(tmp_path / "new").table
+    assert t.loc[t["path"].str.endswith(src[0].name), "donor"].item() == "donor_1"

@@ -137,7 +137,11 @@ def discover(data: str | Path | None = None, *, channel_files: str | None = None
 
 
 def discover_unlabelled(data: str | Path, *, channel_files: str | None = None, channels=()) -> Dataset:
-    """Every image under ``data`` (file or folder) for prediction; label -1 where unknown."""
+    """Every image under ``data`` (file or folder) for prediction; label -1 where unknown.
+
+    A donor is its Wang name's, else the folder above its class folder (``donor_7/activated/x.png``,
+    below ``data``), as :func:`discover` reads it, else ``unknown``.
+    """
     root = Path(data)
     if not root.exists():
         raise TprobeError(f"{root}: no such file or folder; pass the images to label")
@@ -161,7 +165,11 @@ def discover_unlabelled(data: str | Path, *, channel_files: str | None = None, c
         parsed = parse_wang_name(path.name) or {}
         folder = _label_of(path.parent.name)
         label = parsed.get("label", folder if folder is not None else -1)
-        rows.append({**parsed, "path": str(path), "label": label, "donor": parsed.get("donor", "unknown")})
+        above = path.parent.parent  # a class folder's donor folder, as discover reads it
+        donor = above.name if folder is not None and above != root and not parsed else None
+        rows.append(
+            {**parsed, "path": str(path), "label": label, "donor": donor or parsed.get("donor", "unknown")}
+        )
     if not rows:
         raise TprobeError(f"{root}: no .png/.tif images found")
     return Dataset(root, _frame(rows), list(dict.fromkeys(skipped)), "unlabelled")
