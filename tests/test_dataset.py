@@ -117,12 +117,16 @@ def test_a_donor_folder_named_like_a_label_is_refused_not_read_as_one_class(tmp_
             shutil.copy(src[0 if cls == "activated" else 1], tmp_path / "d" / donor / cls / f"cell_{cls}.png")
     with pytest.raises(TprobeError, match=r"d/1: .*label 1 .*'quiescent' inside it.*label 0.*donor_1"):
         discover(tmp_path / "d")
-    # labels that agree along the path (a plate folder '1' in activated/) read as before
-    (tmp_path / "e" / "activated" / "1").mkdir(parents=True)
-    (tmp_path / "e" / "quiescent").mkdir(parents=True)
-    shutil.copy(src[0], tmp_path / "e" / "activated" / "1" / "a.png")
-    shutil.copy(src[1], tmp_path / "e" / "quiescent" / "q.png")
-    assert discover(tmp_path / "e").table["label"].tolist() == [1, 0]
+    # a named class folder holding numbered folders (plates 0 and 1) reads as before: by its name
+    for cls in ("activated", "quiescent"):
+        for plate in ("0", "1"):
+            (tmp_path / "e" / cls / plate).mkdir(parents=True)
+            shutil.copy(src[int(plate)], tmp_path / "e" / cls / plate / f"{cls[0]}{plate}.png")
+    assert discover(tmp_path / "e").table["label"].tolist() == [1, 1, 0, 0]
+    (tmp_path / "e" / "activated" / "quiescent").mkdir()  # two named classes along one path
+    shutil.copy(src[0], tmp_path / "e" / "activated" / "quiescent" / "x.png")
+    with pytest.raises(TprobeError, match=r"activated: .*label 1 .*'quiescent' inside it"):
+        discover(tmp_path / "e")
 
 
 def test_images_outside_every_class_folder_each_have_a_line(small_data):

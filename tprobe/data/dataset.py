@@ -282,7 +282,14 @@ def _from_folders(root: Path, group=None) -> Dataset:
                     for p in direct
                 ]
             continue
-        inner = next((f for f in _walk(sub)[0] if _label_of(f.name) not in (None, label)), None)
+        inner = next(  # a numbered folder inside a named class (quiescent/1/: a plate) is no class
+            (
+                f
+                for f in _walk(sub)[0]
+                if _label_of(f.name) not in (None, label) and (sub.name.isdigit() or not f.name.isdigit())
+            ),
+            None,
+        )
         if inner is not None:  # a donor folder '1' holding quiescent/: which label, the path cannot say
             raise TprobeError(
                 f"{sub}: the folder name '{sub.name}' reads as label {label} "
