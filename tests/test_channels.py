@@ -305,6 +305,10 @@ def test_a_missing_channel_file_is_one_line(tmp_path):
         (["--channels", "a,b", "--use", "c"], "channel 'c' is not one of --channels a,b"),
         (["--channel-mode", "per-channel"], "need --channels"),
         (["--channels", "a,b", "--max-value", "a=4095"], "give NAME=NUMBER for each of --channels a,b"),
+        (  # a channel named twice: the second value was taken, the first dropped without a line
+            ["--channels", "a,b", "--max-value", "a=4095,a=65535,b=4095"],
+            "names a twice; give NAME=NUMBER once for each of --channels a,b",
+        ),
         (["--channels", "a,a"], "names must be non-empty and unique"),
         (["--channels", "a,b", "--channel-files", "{channel}"], "must hold {cell} and {channel}"),
     ],

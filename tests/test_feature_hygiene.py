@@ -370,3 +370,62 @@ def test_predict_centres_new_images_per_donor_for_a_donor_centred_run(tmp_path, 
     got = table.set_index(table["path"].map(lambda p: p.split("/")[-1]))["p_activated"]
     names = fs.meta.loc[orig, "path"].map(lambda p: p.split("/")[-1])
     assert np.allclose(got.loc[names].to_numpy(), want, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "leak", ["Unnamed: 0", "index", "level_0", "Group_Index", "Group_Number", "Image_Group_Index"]
+)
+def test_a_row_counter_is_an_identifier_not_a_feature(tmp_path, leak):
+    """pandas writes its row index as 'Unnamed: 0' (to_csv's default) or 'index'/'level_0'
+    (reset_index); CellProfiler counts images in 'Group_Index'/'Group_Number'. In a table sorted by
+    class, each counter is the label: a feature it must never be."""
+    from tprobe.features.sources import column_rule, from_table
+
+    n = 40
+    manifest = pd.DataFrame(
+        {
+            "image_id": [f"c{i}_orig" for i in range(n)],
+            "path": [f"donor_{i % 4 + 1}/x{i}.png" for i in range(n)],
+            "label": [int(i < n // 2) for i in range(n)],
+            "donor": [f"donor_{i % 4 + 1}" for i in range(n)],
+            "group": [f"c{i}" for i in range(n)],
+            "view": "orig",
+            "kept": True,
+        }
+    )
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame({"file": [f"x{i}.png" for i in range(n)], "Intensity_A": rng.normal(size=n)})
+    if leak == "Unnamed: 0":
+        table.to_csv(tmp_path / "cp.csv")  # pandas' default: the index written as a first, unnamed column
+    else:
+        table.insert(1, leak, np.arange(n))
+        table.to_csv(tmp_path / "cp.csv", index=False)
+    fs = from_table(tmp_path / "cp.csv", manifest)
+    assert fs.source.columns == ["Intensity_A"], fs.source.columns
+    assert fs.source.dropped_columns[leak].startswith("identifier")
+    assert leak in column_rule(pd.read_csv(tmp_path / "cp.csv"), "file", keep=[leak])[0]  # --keep-columns
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Cells_Neighbors_FirstClosestObjectNumber_Adjacent",  # a neighbour's ObjectNumber
+        "Cells_Neighbors_SecondClosestObjectNumber_5",
+        "TrackObjects_ParentImageNumber_50",  # a parent's ImageNumber / ObjectNumber
+        "TrackObjects_ParentObjectNumber_50",
+        "TrackObjects_Label_50",  # a track's id
+        "Image_Group_Length",
+        "Image_Series_DNA",  # the image's index in its file
+        "Image_Frame_DNA",
+        "Image_ExecutionTime_01Images",  # the pipeline's timing and error flags, not the cell's
+        "Image_ModuleError_01Images",
+    ],
+)
+def test_cellprofiler_bookkeeping_with_a_suffix_is_not_a_feature(name):
+    """CellProfiler's object and image numbers also sit inside longer names (a neighbour's, a track
+    parent's), and its image tables carry the pipeline's own bookkeeping: none is a cell's feature."""
+    from tprobe.features.sources import column_rule
+
+    table = pd.DataFrame({"file": ["a.png", "b.png"], name: [1.0, 2.0], "Cells_AreaShape_Area": [3.0, 4.0]})
+    cols, dropped = column_rule(table, "file")
+    assert cols == ["Cells_AreaShape_Area"] and dropped[name].startswith("identifier"), (cols, dropped)

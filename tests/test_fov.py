@@ -485,3 +485,47 @@ def test_a_fields_table_gives_labels_and_donors(tmp_path):
     pd.DataFrame([{**rows[0], "mask": "gone.tif"}]).to_csv(tmp_path / "bad.csv", index=False)
     with pytest.raises(TprobeError, match=r"bad.csv: line 2 .*mask gone.tif of .* is missing"):
         preprocess_fields(tmp_path / "bad.csv", None, PreprocessConfig(), tmp_path / "o2" / "crops")
+
+
+def test_a_fields_table_listing_one_field_twice_names_both_lines(tmp_path):
+    """Twice, with two labels: its crops were cut twice to one file and the second row's cells dropped as
+    'same content as' themselves; as for single-cell manifests, both lines are named."""
+    fields, masks, _, where = make_fields(tmp_path, donors=("donor_1",), per_class=2, per_field=2)
+    rows = [
+        {"image": f, "label": "activated" if "/activated/" in f else 0, "mask": str(m)}
+        for f in sorted({f for f, _ in where})
+        for m in [(masks / Path(f).relative_to(fields)).with_name("field0_masks.tif")]
+    ]
+    pd.DataFrame([*rows, {**rows[0], "label": 0}]).to_csv(tmp_path / "fields.csv", index=False)
+    with pytest.raises(TprobeError, match=r"fields.csv: lines 2 and 4 .* both list .*field0.png"):
+        preprocess_fields(tmp_path / "fields.csv", None, PreprocessConfig(), tmp_path / "o" / "crops")
+
+
+def test_a_fields_table_with_an_empty_donor_is_one_line_not_donor_nan(tmp_path):
+    fields, masks, _, where = make_fields(tmp_path, donors=("donor_1",), per_class=2, per_field=2)
+    rows = [
+        {"image": f, "label": 1 if "/activated/" in f else 0, "mask": str(m), "donor": "p7"}
+        for f in sorted({f for f, _ in where})
+        for m in [(masks / Path(f).relative_to(fields)).with_name("field0_masks.tif")]
+    ]
+    rows[1]["donor"] = ""  # read as NaN: its cells formed a donor 'nan'
+    pd.DataFrame(rows).to_csv(tmp_path / "fields.csv", index=False)
+    with pytest.raises(TprobeError, match=r"fields.csv: 1 row\(s\) have an empty donor \(line 3\)"):
+        preprocess_fields(tmp_path / "fields.csv", None, PreprocessConfig(), tmp_path / "o" / "crops")
+
+
+def test_a_field_found_twice_is_skipped_once_with_a_line_naming_both(tmp_path):
+    """The same field in two class folders: its cells were cut twice to one crop file, the second copy's
+    cells dropped as 'same content as' that same file, and its border objects counted twice."""
+    fields, masks, _, where = make_fields(tmp_path, donors=("donor_1",), per_class=2, per_field=2)
+    src = fields / "donor_1" / "activated" / "field0.png"
+    shutil.copy(src, fields / "donor_1" / "quiescent" / "field9.png")
+    shutil.copy(
+        masks / "donor_1" / "activated" / "field0_masks.tif",
+        masks / "donor_1" / "quiescent" / "field9_masks.tif",
+    )
+    pre, _ = preprocess_fields(fields, masks, PreprocessConfig(), tmp_path / "o" / "crops")
+    lines = [str(s) for s in pre.skipped]
+    assert len(lines) == 1 and "field9.png: same content as" in lines[0] and "field0.png" in lines[0]
+    orig = pre.manifest[pre.manifest["view"] == "orig"]
+    assert len(orig) == len(where) and not orig["path"].str.contains("field9").any()

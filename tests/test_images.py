@@ -47,3 +47,63 @@ def test_corrupt_and_empty_files(tmp_path):
     (tmp_path / "zero.png").write_bytes(b"")
     with pytest.raises(TprobeError, match="zero.png"):
         read_image(tmp_path / "zero.png")
+
+
+def _write_png16(path, arr: np.ndarray) -> None:
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA), written by hand: Pillow cannot write 16-bit colour."""
+    import struct
+    import zlib
+
+    h, w = arr.shape[:2]
+    samples = 1 if arr.ndim == 2 else arr.shape[2]
+    rows = arr.astype(">u2").reshape(h, -1).tobytes()
+    n = w * samples * 2
+    raw = b"".join(b"\x00" + rows[i * n : (i + 1) * n] for i in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ctype = {1: 0, 2: 4, 3: 2, 4: 6}[samples]
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, ctype, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_palette_png_is_read_as_its_palette_values_not_its_indices(tmp_path):
+    from PIL import Image
+
+    from tprobe.data.fov import read_mask
+
+    index = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    im = Image.fromarray(index, "P")
+    im.putpalette([255 - i for i in range(256) for _ in range(3)])  # a grey palette, inverted
+    im.save(tmp_path / "p.png")
+    assert np.array_equal(read_image(tmp_path / "p.png"), 255 - index)  # was the indices 0..63
+    colour = Image.fromarray(index, "P")
+    colour.putpalette([v for i in range(256) for v in (i, 0, 255 - i)])
+    colour.save(tmp_path / "c.png")
+    with pytest.raises(TprobeError, match="c.png: RGB colour image"):
+        read_image(tmp_path / "c.png")
+    # a label image saved with a palette (as VOC-style tools write them): its indices are the labels
+    assert np.array_equal(read_mask(tmp_path / "c.png"), index)
+
+
+@pytest.mark.parametrize("samples", [3, 4])
+def test_16bit_colour_png_is_refused_not_read_as_its_top_byte(tmp_path, samples):
+    from tprobe.data.images import UnsupportedPixels, read_channels
+
+    grey = np.arange(64, dtype=np.uint16).reshape(8, 8) * 64  # 12-bit data: 0..4032
+    _write_png16(tmp_path / "g.png", grey)  # 16-bit grey PNG: read exactly
+    assert np.allclose(read_image(tmp_path / "g.png", max_value=4095), grey * (255 / 4095))
+    arr = np.stack([grey] * samples, -1)
+    if samples == 4:
+        arr[..., 3] = 65535
+    # Pillow decodes it as 8-bit: the low byte lost, --max-value ignored
+    _write_png16(tmp_path / "rgb.png", arr)
+    with pytest.raises(UnsupportedPixels, match=r"rgb.png: 16-bit colour or grey\+alpha PNG.*TIFF"):
+        read_image(tmp_path / "rgb.png", max_value=4095)
+    with pytest.raises(UnsupportedPixels, match=r"rgb.png: 16-bit colour or grey\+alpha PNG"):
+        read_channels(tmp_path / "rgb.png", "a,b,c", max_value=4095)

@@ -357,3 +357,52 @@ def test_a_saved_folder_whose_image_became_a_fifo_or_vanished_is_refused_not_hun
     os.remove(second)
     with pytest.raises(TprobeError, match="changed or missing since"):
         Preprocessed.load(tmp_path / "p")
+
+
+def test_grey_images_of_two_bit_depths_are_one_line_not_two_scales(tmp_path):
+    """8-bit files are read as they are and 16-bit ones scaled by 255/--max-value: in one dataset the
+    two parts are on one scale only by chance, so (as for channels) the mix is refused, both files named."""
+    data = copy_subset(tmp_path / "data", donors=("donor_1",), per_class=2)
+    png = sorted((data / "donor_1" / "quiescent").glob("*.png"))[-1]
+    wide = np.asarray(read_image(png), np.uint16) * 16  # the same cell as 12-bit data
+    tifffile.imwrite(png.with_suffix(".tif"), wide)
+    png.unlink()
+    r = CliRunner().invoke(main, ["preprocess", "--data", str(data), "--out", str(tmp_path / "p")])
+    assert r.exit_code == 2 and not (tmp_path / "p").exists(), r.output
+    line = r.output.strip().splitlines()[-1]
+    assert png.with_suffix(".tif").name in line and "16-bit" in line and "8-bit" in line, line
+    # one bit depth: accepted, as before
+    (data / "donor_1" / "quiescent" / png.with_suffix(".tif").name).unlink()
+    assert len(preprocess(discover(data), PreprocessConfig()).kept) > 0
+
+
+def test_a_tiff_holding_several_images_is_one_line_not_its_first_image(tmp_path):
+    """An OME-TIFF of two positions (two series of one size): only the first was read, the second lost
+    without a line. A smaller extra series (a thumbnail or preview) still reads the first."""
+    first, second = np.full((16, 16), 100, np.uint8), np.full((16, 16), 200, np.uint8)
+    with tifffile.TiffWriter(tmp_path / "two.ome.tif", ome=True) as w:
+        w.write(first, metadata={"axes": "YX"})
+        w.write(second, metadata={"axes": "YX"})
+    with pytest.raises(TprobeError, match=r"two.ome.tif: holds 2 images .*16x16.*one image per file"):
+        read_image(tmp_path / "two.ome.tif")
+    tifffile.imwrite(tmp_path / "thumb.tif", first)
+    tifffile.imwrite(tmp_path / "thumb.tif", np.zeros((4, 4), np.uint8), append=True)
+    assert np.array_equal(read_image(tmp_path / "thumb.tif"), first)
+
+
+def test_a_manifests_own_cell_id_column_is_kept_not_taken_for_a_crops_id(tmp_path):
+    """A CSV manifest's extra column cell_id (text, 'cell_1' in each donor) was read as a field crop's id:
+    it replaced the content hash as source_id, so donor_2's cells were dropped as 'same content as'
+    donor_1's. Extra columns are kept as they are; a crop_id column (tprobe's own) is one line."""
+    files = [f for d in ("donor_1", "donor_2") for f in sorted((SAMPLE / d / "activated").glob("*.png"))[:3]]
+    df = pd.DataFrame(
+        {"path": list(map(str, files)), "label": 1, "donor": [f.parts[-3] for f in files]}
+    ).assign(cell_id=["cell_1", "cell_2", "cell_3"] * 2)
+    df.to_csv(tmp_path / "m.csv", index=False)
+    pre = preprocess(discover(tmp_path / "m.csv"), PreprocessConfig(views="orig"))
+    assert not pre.skipped and (pre.manifest["drop_reason"] != "duplicate").all()
+    assert pre.manifest["cell_id"].tolist() == df["cell_id"].tolist()  # kept as it is
+    assert not pre.manifest["source_id"].isin(df["cell_id"]).any() and "crop_id" not in pre.manifest
+    df.rename(columns={"cell_id": "crop_id"}).to_csv(tmp_path / "c.csv", index=False)
+    with pytest.raises(TprobeError, match=r"c.csv: column crop_id is tprobe's own .*rename it"):
+        discover(tmp_path / "c.csv")

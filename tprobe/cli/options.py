@@ -184,9 +184,16 @@ def _parse_max_value(value: str | None, channels: tuple[str, ...]):
     try:
         if "=" not in value:
             return float(value)
-        pairs = dict((k.strip(), float(v)) for k, v in (item.split("=") for item in value.split(",")))
+        items = [(k.strip(), float(v)) for k, v in (item.split("=") for item in value.split(","))]
     except ValueError:
         raise TprobeError(f"--max-value {value!r}: give a number, or NAME=NUMBER for each channel") from None
+    pairs = dict(items)
+    twice = next((k for i, (k, _) in enumerate(items) if k in dict(items[:i])), None)
+    if twice is not None:
+        raise TprobeError(
+            f"--max-value {value!r} names {twice} twice; give NAME=NUMBER once for each of "
+            f"--channels {','.join(channels) or '(none given)'}"
+        )
     if set(pairs) != set(channels):
         raise TprobeError(
             f"--max-value {value!r} names {','.join(pairs)}; give NAME=NUMBER for each of "

@@ -2,7 +2,9 @@
 
 Three layouts are accepted:
 
-(a) ``DIR/donor_<N>/{activated,quiescent}/*.png`` (the bundled sample's layout);
+(a) ``DIR/donor_<N>/{activated,quiescent}/*.png`` (the bundled sample's layout), or
+    ``DIR/{activated,quiescent}/*.png`` (each image's donor from its Wang et al. name, else
+    ``donor_unknown``);
 (b) a flat folder of Wang et al. names ``CD{3|8}_{donor}_{act|noact}_{batch}_{plate}_{cell}.png``;
 (c) a CSV or Parquet table with at least ``path,label`` (paths relative to the table's folder),
     optional ``donor`` and any other columns (kept as they are).
@@ -11,7 +13,10 @@ With one file per channel (``channel_files="{cell}_{channel}"`` and the ``channe
 files of each cell are grouped into one row whose ``path`` is a template holding ``{channel}``
 (:func:`tprobe.data.images.channel_files`); a table may list such templates itself.
 
-Files that cannot be used are returned as :class:`Skipped` rows with a reason naming the fix.
+Files that cannot be used are returned as :class:`Skipped` rows with a reason naming the fix (among
+them a Wang-named file whose name gives another label, or another donor number, than its folders). A
+class folder holding a folder of the other class (a donor folder named ``1``, which reads as
+activated, holding ``quiescent/``) is one line: the path gives two labels.
 Symlinked donor, class and image folders are followed; a link back to a folder above it (a loop)
 is not, and is listed as skipped, so no folder is lost without a line.
 """
@@ -40,6 +45,7 @@ __all__ = [
     "parse_wang_name",
     "DEFAULT_DATA",
     "table_rows",
+    "check_donors",
 ]
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "data" / "tcell-sample"
@@ -61,6 +67,8 @@ LABEL_NAMES = {
     "0": 0,
 }
 COLUMNS = ["path", "label", "donor", "cell_type", "batch", "plate", "cell"]
+# images in formats tprobe does not read: each has a line where it sits beside readable ones
+OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".jp2", ".czi", ".nd2", ".lif")
 
 
 @dataclass(frozen=True)
@@ -129,7 +137,11 @@ def discover(data: str | Path | None = None, *, channel_files: str | None = None
 
 
 def discover_unlabelled(data: str | Path, *, channel_files: str | None = None, channels=()) -> Dataset:
-    """Every image under ``data`` (file or folder) for prediction; label -1 where unknown."""
+    """Every image under ``data`` (file or folder) for prediction; label -1 where unknown.
+
+    A donor is its Wang name's, else the folder above its class folder (``donor_7/activated/x.png``,
+    below ``data``), as :func:`discover` reads it, else ``unknown``.
+    """
     root = Path(data)
     if not root.exists():
         raise TprobeError(f"{root}: no such file or folder; pass the images to label")
@@ -153,7 +165,11 @@ def discover_unlabelled(data: str | Path, *, channel_files: str | None = None, c
         parsed = parse_wang_name(path.name) or {}
         folder = _label_of(path.parent.name)
         label = parsed.get("label", folder if folder is not None else -1)
-        rows.append({**parsed, "path": str(path), "label": label, "donor": parsed.get("donor", "unknown")})
+        above = path.parent.parent  # a class folder's donor folder, as discover reads it
+        donor = above.name if folder is not None and above != root and not parsed else None
+        rows.append(
+            {**parsed, "path": str(path), "label": label, "donor": donor or parsed.get("donor", "unknown")}
+        )
     if not rows:
         raise TprobeError(f"{root}: no .png/.tif images found")
     return Dataset(root, _frame(rows), list(dict.fromkeys(skipped)), "unlabelled")
@@ -266,7 +282,22 @@ def _from_folders(root: Path, group=None) -> Dataset:
                     for p in direct
                 ]
             continue
-        donor = sub.parent.name if sub.parent != root else "donor_unknown"
+        inner = next(  # a numbered folder inside a named class (quiescent/1/: a plate) is no class
+            (
+                f
+                for f in _walk(sub)[0]
+                if _label_of(f.name) not in (None, label) and (sub.name.isdigit() or not f.name.isdigit())
+            ),
+            None,
+        )
+        if inner is not None:  # a donor folder '1' holding quiescent/: which label, the path cannot say
+            raise TprobeError(
+                f"{sub}: the folder name '{sub.name}' reads as label {label} "
+                f"({'activated' if label else 'quiescent'}) but '{inner.relative_to(sub)}' inside it "
+                f"reads as label {_label_of(inner.name)}; rename the outer folder if it is a donor "
+                f"(e.g. 'donor_{sub.name}'), or the inner one if it is not a class"
+            )
+        donor = sub.parent.name if sub.parent != root else None  # no donor folder: the name's donor
         cells = _cells(sub, group, skipped)
         other = [
             f
@@ -281,6 +312,8 @@ def _from_folders(root: Path, group=None) -> Dataset:
                     f"e.g. {other[0].name}); convert them to PNG or TIFF",
                 )
             )
+        elif cells:  # nor an image beside the class's readable ones
+            skipped += _unread(other)
         for path in cells:
             parsed = parse_wang_name(path.name) or {}
             if parsed and parsed["label"] != label:
@@ -292,12 +325,50 @@ def _from_folders(root: Path, group=None) -> Dataset:
                     )
                 )
                 continue
-            rows.append({**parsed, "path": str(path), "label": label, "donor": donor})
+            number = re.fullmatch(r"(?:donor[_\- ]?)?(\d+)", donor or "", re.IGNORECASE)
+            if parsed and number and f"donor_{int(number[1])}" != parsed["donor"]:
+                skipped.append(
+                    Skipped(
+                        str(path),
+                        f"name says {parsed['donor']} but folder '{donor}' says donor_{int(number[1])}; "
+                        "move or rename the file",
+                    )
+                )
+                continue
+            rows.append(
+                {
+                    **parsed,
+                    "path": str(path),
+                    "label": label,
+                    "donor": donor or parsed.get("donor", "donor_unknown"),
+                }
+            )
+    listed = {s.path for s in skipped}
+    for path in _images(root):  # beside the donor folders, or beside a donor's class folders
+        inside = any(_label_of(part) is not None for part in path.relative_to(root).parts[:-1])
+        if not inside and str(path) not in listed:
+            skipped.append(
+                Skipped(
+                    str(path),
+                    "not inside an activated or quiescent folder, so its class is unknown; move it "
+                    "into one (DIR/donor_N/activated/) or list it in a CSV manifest",
+                )
+            )
     return Dataset(root, _frame(rows), skipped, "folders")
+
+
+def _unread(files) -> list[Skipped]:
+    """A line for each image in a format tprobe does not read."""
+    return [
+        Skipped(str(f), f"a {f.suffix} image; tprobe reads PNG and TIFF: convert it (losslessly)")
+        for f in files
+        if f.suffix.lower() in OTHER_IMAGE_SUFFIXES
+    ]
 
 
 def _from_flat(root: Path, group=None) -> Dataset:
     rows, skipped = [], []
+    skipped += _unread(f for f in _walk(root)[1] if not f.name.startswith("."))
     for path in _cells(root, group, skipped):
         parsed = parse_wang_name(path.name)
         if parsed is None:
@@ -334,15 +405,11 @@ def _from_table(table_path: Path) -> Dataset:
     missing = {"path", "label"} - set(df.columns)
     if missing:
         raise TprobeError(f"{table_path}: manifest lacks column(s) {sorted(missing)}; it needs path,label")
-    if "donor" in df.columns:
-        empty = df["donor"].isna() | (df["donor"].astype(str).str.strip() == "")
-        if empty.any():
-            rows = (np.flatnonzero(empty.to_numpy()) + 2).tolist()  # +2: header line, 1-based
-            raise TprobeError(
-                f"{table_path}: {int(empty.sum())} row(s) have an empty donor (line {rows[0]}"
-                f"{', ...' if len(rows) > 1 else ''}); fill the donor column, or drop it to "
-                "treat all images as one donor"
-            )
+    if "crop_id" in df.columns:  # read back as a field crop's own hash when a saved folder is opened
+        raise TprobeError(
+            f"{table_path}: column crop_id is tprobe's own (a field crop's file hash); rename it"
+        )
+    check_donors(table_path, df)
     rows, skipped, seen = [], [], {}
     for i, rec in enumerate(df.to_dict("records")):
         path = Path(str(rec["path"]))
@@ -364,9 +431,27 @@ def _from_table(table_path: Path) -> Dataset:
             )
             continue
         rows.append(
-            {**rec, "path": str(path), "label": label, "donor": str(rec.get("donor", "donor_unknown"))}
+            {
+                **rec,
+                "path": str(path),
+                "label": label,
+                "donor": str(rec.get("donor", "donor_unknown")).strip(),
+            }
         )
     return Dataset(table_path, _frame(rows), skipped, "table")
+
+
+def check_donors(table_path: Path, df: pd.DataFrame) -> None:
+    """A table's donor column, where it has one, must name a donor on every row (an empty one reads as NaN)."""
+    if "donor" in df.columns:
+        empty = df["donor"].isna() | (df["donor"].astype(str).str.strip() == "")
+        if empty.any():
+            rows = (np.flatnonzero(empty.to_numpy()) + 2).tolist()  # +2: header line, 1-based
+            raise TprobeError(
+                f"{table_path}: {int(empty.sum())} row(s) have an empty donor (line {rows[0]}"
+                f"{', ...' if len(rows) > 1 else ''}); fill the donor column, or drop it to "
+                "treat all images as one donor"
+            )
 
 
 def _frame(rows: list[dict]) -> pd.DataFrame:

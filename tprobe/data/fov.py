@@ -31,6 +31,7 @@ be drawn back onto its field. ``crop_id`` is the crop file's own hash (checked w
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import shutil
 from dataclasses import replace
@@ -143,10 +144,18 @@ def _fields_table(path: Path) -> Dataset:
             f"{path}: lacks column(s) {sorted(c.replace('path', 'image') for c in missing)}; "
             "it needs image,mask,label[,donor]"
         )
-    rows, skipped = [], []
+    ds_mod.check_donors(path, df)
+    rows, skipped, seen = [], [], {}
     for i, rec in enumerate(df.to_dict("records")):
         field, mask = (Path(str(rec[c])) for c in ("path", "mask"))
         field, mask = (p if p.is_absolute() else path.parent / p for p in (field, mask))
+        same = os.path.normpath(os.path.abspath(field))
+        if same in seen:
+            raise TprobeError(
+                f"{path}: {ds_mod.table_rows(path, seen[same], i)} both list {rec['path']}; keep one "
+                "row per field"
+            )
+        seen[same] = i
         if str(rec["mask"]).strip() in ("", "nan") or not mask.exists():
             raise TprobeError(
                 f"{path}: {ds_mod.table_rows(path, i)}: mask {rec['mask']} of {field} is missing; "
@@ -167,7 +176,7 @@ def _fields_table(path: Path) -> Dataset:
                 "path": str(field),
                 "mask": str(mask),
                 "label": label,
-                "donor": str(rec.get("donor", "donor_unknown")),
+                "donor": str(rec.get("donor", "donor_unknown")).strip(),
             }
         )
     if not rows:
@@ -199,7 +208,7 @@ def read_mask(
                 f"{path}: cannot be read as a .npy array ({type(exc).__name__}); replace it"
             ) from None
     else:
-        arr = images._read_raw(path, max_pixels)
+        arr = images._read_raw(path, max_pixels, palette=False)  # a palette mask's indices are its labels
     arr = np.squeeze(arr) if arr.ndim > 2 else arr
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
@@ -272,7 +281,7 @@ def crop_fields(fields: Dataset, config, crops: str | Path, *, progress: bool = 
             )
         shutil.rmtree(crops)
     crops.mkdir(parents=True)
-    rows, dropped, warnings = [], [], []
+    rows, dropped, warnings, seen = [], [], [], {}
     records = fields.table.to_dict("records")
     for rec in tqdm(records, desc="crop", unit="field", disable=None if progress else True):
         field, mask_path = Path(rec["path"]), Path(rec["mask"])
@@ -287,6 +296,12 @@ def crop_fields(fields: Dataset, config, crops: str | Path, *, progress: bool = 
         mask = read_mask(mask_path, pixels.shape[-2:], max_pixels=config.max_pixels)
         images.check_regular(field)
         field_id = hashlib.sha256(field.read_bytes()).hexdigest()[:16]
+        if field_id in seen:  # its cells' ids (field hash + label) are taken: one crop file, counted twice
+            fields.skipped.append(
+                Skipped(str(field), f"same content as {seen[field_id]}; delete the duplicate")
+            )
+            continue
+        seen[field_id] = field
         base = {k: v for k, v in rec.items() if k not in ("path", "mask")}
         base.update(extra, field=str(field), mask=str(mask_path), field_id=field_id)
         boxes = ndimage.find_objects(mask)

@@ -6,7 +6,10 @@ linearly by ``255 / max_value``; ``max_value`` defaults to 65535 (the full 16-bi
 be set to the camera's range (e.g. 4095 for 12-bit data), per channel when channels differ. A pixel
 above ``max_value`` is an error, never silently clipped. Nothing is pushed through PIL's
 ``convert("RGB")``, which would clip 16-bit data. Only unsigned 8- and 16-bit integers (and 1-bit)
-are read: signed, 32-bit and float pixels are refused, naming the type found.
+are read: signed, 32-bit and float pixels are refused, naming the type found, and so is a 16-bit
+colour PNG (grey+alpha, RGB, RGBA), which Pillow decodes to 8 bits. A palette PNG is read as its
+palette's colours, never as its indices (a label image's indices are its labels:
+:func:`tprobe.data.fov.read_mask`).
 
 Before anything is decoded, the file must be a regular file (never a FIFO, device or folder: a
 FIFO would block, ``/dev/zero`` never ends) and its header must declare at most ``max_pixels``
@@ -93,10 +96,19 @@ def _unreadable(path: Path, exc: BaseException) -> TprobeError:
     )
 
 
+def _plane_size(series) -> tuple[int, int]:
+    """A TIFF series' height and width (its Y and X axes)."""
+    sizes = dict(zip(series.axes, series.shape, strict=True))
+    return sizes.get("Y", 0), sizes.get("X", 0)
+
+
 def _read_tiff(
     path: Path, max_pixels: int | None, z: int | None = None, t: int | None = None
 ) -> tuple[np.ndarray, str]:
     """A TIFF's first series and its axes, its declared size checked before it is decoded.
+
+    A file holding another series of the same height and width (an OME-TIFF of several positions) is
+    refused in one line, never read as its first image; a smaller series (a thumbnail) is ignored.
 
     A series with a Z or T axis longer than one (an OME-TIFF's (T, C, Z, Y, X)) keeps the plane ``z`` /
     ``t`` chosen (``--z`` / ``--t``); one not chosen is refused in one line. An axis the file lacks
@@ -107,6 +119,14 @@ def _read_tiff(
         with tifffile.TiffFile(path) as tif:
             series = tif.series[0]
             _check_pixels(path, series.shape, max_pixels)
+            size = _plane_size(series)
+            alike = [s for s in tif.series[1:] if 0 not in size and _plane_size(s) == size]  # not a thumbnail
+            if alike:
+                raise TprobeError(
+                    f"{path}: holds {len(alike) + 1} images (TIFF series) of {size[0]}x{size[1]} px, "
+                    "and tprobe reads one image per file; save one image per file (a stack's planes "
+                    "as C, Z or T axes of one series)"
+                )
             arr, axes = series.asarray(), series.axes
     except (OSError, ValueError, IndexError, MemoryError, tifffile.TiffFileError) as exc:
         if isinstance(exc, TprobeError):
@@ -173,9 +193,27 @@ def ome_info(path: str | Path) -> dict | None:
     }
 
 
+def _png_colour_16bit(path: Path) -> bool:
+    """Whether a PNG's header says 16-bit colour (grey+alpha, RGB, RGBA): Pillow decodes those to 8 bits."""
+    with open(path, "rb") as f:
+        head = f.read(26)  # signature, IHDR length and type, width, height, bit depth, colour type
+    return (
+        head[:8] == b"\x89PNG\r\n\x1a\n"
+        and head[12:16] == b"IHDR"
+        and head[24] == 16
+        and head[25] in (2, 4, 6)
+    )
+
+
 def _read_raw(
-    path: Path, max_pixels: int | None = None, z: int | None = None, t: int | None = None
+    path: Path,
+    max_pixels: int | None = None,
+    z: int | None = None,
+    t: int | None = None,
+    *,
+    palette: bool = True,
 ) -> np.ndarray:
+    """A file's pixels as stored; a palette image's colours (``palette``), or its indices (a label image)."""
     if path.suffix.lower() in (".tif", ".tiff"):
         return _read_tiff(path, max_pixels, z, t)[0]
     check_regular(path)
@@ -184,7 +222,16 @@ def _read_raw(
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
             with Image.open(path) as im:  # reads the header only
                 _check_pixels(path, (im.height, im.width, len(im.getbands())), max_pixels)
+                if im.format == "PNG" and _png_colour_16bit(path):
+                    raise UnsupportedPixels(
+                        f"{path}: 16-bit colour or grey+alpha PNG, which Pillow decodes to 8 bits (the "
+                        "low byte of every pixel lost, --max-value not applied); save it as a 16-bit "
+                        "TIFF, or as greyscale PNGs, one per channel"
+                    )
                 im.load()
+                if palette and im.mode in ("P", "PA"):  # the indices are not intensities: their colours are
+                    transparent = im.mode == "PA" or "transparency" in im.info
+                    return np.asarray(im.convert("RGBA" if transparent else "RGB"))
                 return np.asarray(im)
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit, above --max-pixels' default
         found = re.search(r"\((\d+) pixels\)", str(exc))
@@ -211,11 +258,23 @@ def read_image(
     (``max_pixels``, default :data:`DEFAULT_MAX_PIXELS`) or out-of-range images, and for anything
     but a regular file.
     """
+    return read_grey(path, max_value=max_value, max_pixels=max_pixels, z=z, t=t)[0]
+
+
+def read_grey(
+    path: str | Path,
+    *,
+    max_value: float | None = None,
+    max_pixels: int | None = None,
+    z: int | None = None,
+    t: int | None = None,
+) -> tuple[np.ndarray, str]:
+    """:func:`read_image` and the file's raw pixel type (``uint8``, ``uint16``, ``bool``)."""
     path = Path(path)
     arr = _to_grey(_read_raw(path, max_pixels, z, t), path)
     if arr.size == 0 or min(arr.shape) == 0:
         raise TprobeError(f"{path}: image has zero size; delete the file")
-    return _to_8bit_scale(arr, path, max_value)
+    return _to_8bit_scale(arr, path, max_value), arr.dtype.name
 
 
 def read_channels(

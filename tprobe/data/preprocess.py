@@ -49,7 +49,7 @@ from tprobe.data.images import (
     check_regular,
     ome_info,
     read_channels,
-    read_image,
+    read_grey,
 )
 from tprobe.errors import ChannelError, TprobeError
 
@@ -486,10 +486,10 @@ def read_cell(path: str | Path, config: PreprocessConfig) -> tuple[np.ndarray, n
             raise ChannelError(
                 f"{path}: is a per-channel template; pass --channels NAME,NAME,... naming its channels"
             )
-        img = read_image(
+        img, dtype = read_grey(
             path, max_value=config.max_value, max_pixels=config.max_pixels, z=config.z, t=config.t
         )
-        return img, img, ""
+        return img, img, dtype
     names = config.channels
     tops = config.max_value if isinstance(config.max_value, tuple) else (config.max_value,) * len(names)
     needed = {*config.used_channels, config.segment}  # a channel nobody reads is not range-checked
@@ -532,13 +532,15 @@ def preprocess(
 
     Images above ``--max-value`` or with pixels of no fixed scale (signed, 32-bit, float) are refused
     together, counted (skipping the bright ones would select cells by brightness); with ``each_file``
-    (``predict``, whose scaling is the run's) each is skipped with its line instead.
+    (``predict``, whose scaling is the run's) each is skipped with its line instead. Files of two bit
+    depths (8-bit read as they are, 16-bit scaled by ``max_value``) are one line: the two parts would
+    be on one scale only by chance.
     """
     import pandas as pd
     from tqdm.auto import tqdm
 
     rows, skipped, seen = [], list(dataset.skipped), {}
-    first = None  # (pixel type, path) of the first multi-channel cell read
+    first = None  # (pixel type, path) of the first cell read: the others must share its bit depth
     above: list[AboveMaxValue] = []  # cells over --max-value: refused together, never skipped one by one
     untyped: list[UnsupportedPixels] = []  # signed/32-bit/float cells: refused together, counted
     records = dataset.table.to_dict("records")
@@ -567,14 +569,14 @@ def preprocess(
             skipped.append(Skipped(path, msg))
             rows.append({**base, "kept": False, "drop_reason": "unreadable"})
             continue
-        first = first or ((depth, path) if config.channels else None)
-        if first and first[0] != depth:
+        first = first or (depth, path)
+        if first[0] != depth:
             raise ChannelError(
                 f"{path}: {bit_depth(depth)} pixels, but {first[1]} is {bit_depth(first[0])}; convert the "
                 "dataset to one bit depth (or preprocess the two parts separately)"
             )
         sid = _hash(raw, 16)
-        if isinstance(rec.get("cell_id"), str) and rec["cell_id"]:  # a crop of a field: field hash + label
+        if dataset.layout == "crops" and rec.get("cell_id"):  # a crop of a field: field hash + label
             base["crop_id"], sid = sid, rec["cell_id"]
         base.update(ome)
         m = measure(img, config)

@@ -12,9 +12,14 @@ name that several donors share is refused rather than guessed.
 Feature columns (:func:`column_rule`) are the numeric columns, minus ``--drop-columns`` and minus, by
 rule, identifiers and positions named as CellProfiler names them (with or without an object prefix
 such as ``Cells_``): ``ImageNumber``, ``ObjectNumber``, ``Number_Object_Number``, ``Metadata_*``,
-``FileName_*``, ``PathName_*``, ``URL_*``, ``Parent_*``, ``Children_*``; the names label, donor, group,
-batch, plate, cell, row; names containing Location, Center, Centroid or BoundingBox (``*_Center_X``,
-``Location_*``), or ending in _X, _Y or _Z. Non-numeric and boolean columns are never features.
+``FileName_*``, ``PathName_*``, ``URL_*``, ``Parent_*``, ``Children_*``, ``Group_Index``,
+``Group_Number``, ``Group_Length``, ``Series_*``, ``Frame_*``, ``TrackObjects_Label_*``, any name
+holding ``ImageNumber`` or ``ObjectNumber`` (``Neighbors_FirstClosestObjectNumber_5``,
+``TrackObjects_ParentImageNumber_50``), the pipeline's ``ExecutionTime_*`` and ``ModuleError_*``;
+pandas' row index as written to a CSV (``Unnamed: 0``, ``index``, ``level_0``); the names label,
+donor, group, batch, plate, cell, row; names containing Location, Center, Centroid or BoundingBox
+(``*_Center_X``, ``Location_*``), or ending in _X, _Y or _Z. Non-numeric and boolean columns are
+never features.
 ``--keep-columns`` overrides the identifier and position rule for the columns it names. Every
 column left out is recorded with its reason (``FeatureSource.dropped_columns``).
 
@@ -57,7 +62,11 @@ META = ["image_id", "path", "label", "donor", "group", "view"]
 _ID_NAMES = {"label", "donor", "group", "batch", "plate", "cell", "row"}
 # CellProfiler's bookkeeping columns, bare or after an object prefix (Cells_Number_Object_Number)
 _IDENTIFIER = re.compile(
-    r"(^|_)(imagenumber|objectnumber|number_object_number)$|(^|_)(metadata|filename|pathname|url|parent|children)_",
+    r"imagenumber|objectnumber"  # also inside longer names: a neighbour's, a track parent's
+    r"|(^|_)(number_object_number|group_index|group_number|group_length)$"
+    r"|(^|_)(metadata|filename|pathname|url|parent|children|series|frame|executiontime|moduleerror)_"
+    r"|(^|_)trackobjects_label_"
+    r"|^(index|level_0|unnamed: \d+(\.\d+)?)$",  # pandas' row index, written by to_csv or reset_index
     re.IGNORECASE,
 )
 _POSITION = re.compile(r"location|center|centroid|boundingbox|_[xyz]$", re.IGNORECASE)
