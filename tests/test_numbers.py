@@ -1,0 +1,44 @@
+"""Numbers tprobe prints or saves, recomputed independently (scikit-learn, by hand) on odd but legal inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from tprobe.features.sources import FeatureSet
+
+
+def _features(n_donors=4, cells=40, seed=0, one_class=()):
+    """Two separable-ish classes per donor; donors in ``one_class`` hold activated cells only."""
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    for d in range(1, n_donors + 1):
+        for c in range(cells):
+            label = 1 if f"donor_{d}" in one_class else int(c % 2)
+            X.append(rng.normal(0, 1, 6) + 1.0 * label)
+            rows.append(
+                {
+                    "image_id": f"d{d}c{c}",
+                    "path": f"donor_{d}/c{c}.png",
+                    "label": label,
+                    "donor": f"donor_{d}",
+                    "group": f"d{d}c{c}",
+                    "view": "orig",
+                }
+            )
+    return FeatureSet(np.asarray(X, np.float32), pd.DataFrame(rows), {"kind": "table", "name": "syn"})
+
+
+def test_report_bound_line_counts_the_donors_the_paired_test_used(tmp_path):
+    """A one-class held-out donor has no AUC: the paired test runs on the other donors, so the floor
+    the report states (2/2^n) is that of n = the donors with an AUC, not of every held-out donor."""
+    from tprobe.probing.run import ProbeRun
+    from tprobe.runs.report import build_report
+
+    fs = _features(n_donors=4, one_class=("donor_4",))
+    for head in ("logreg", "prototype"):
+        ProbeRun(head=head, final_head=False, n_jobs=1).fit(fs).save(tmp_path / "runs")
+    rep = build_report(tmp_path / "runs")
+    auc = rep.pairs[rep.pairs["metric"] == "roc_auc"]
+    assert auc["n_donors"].tolist() == [3] and auc["p"].iloc[0] >= 2 / 2**3
+    assert "With 3 held-out donors" in rep.bound_line and "2/2^3 = 0.250" in rep.bound_line
