@@ -42,3 +42,21 @@ def test_report_bound_line_counts_the_donors_the_paired_test_used(tmp_path):
     auc = rep.pairs[rep.pairs["metric"] == "roc_auc"]
     assert auc["n_donors"].tolist() == [3] and auc["p"].iloc[0] >= 2 / 2**3
     assert "With 3 held-out donors" in rep.bound_line and "2/2^3 = 0.250" in rep.bound_line
+
+
+def test_curve_refuses_more_shots_than_a_class_has_cells():
+    """k cells per class cannot be drawn when the training donors hold fewer cells of a class: the point
+    was plotted and tabled at k while it used fewer (every cell of the rare class)."""
+    import pytest
+
+    from tprobe.errors import TprobeError
+    from tprobe.science.curve import LabelCurve
+
+    fs = _features(n_donors=3, cells=40)
+    meta = fs.meta.assign(label=((np.arange(len(fs.meta)) % 8) == 1).astype(int))  # 5 activated per donor
+    rare = FeatureSet(fs.X, meta, fs.source)
+    with pytest.raises(TprobeError, match=r"--shots 16: .*10 activated cells.*--shots up to 10"):
+        LabelCurve(shots=(4, 16, "all"), repeats=1).fit(rare)
+    res = LabelCurve(shots=(4, 10, "all"), repeats=1).fit(rare).results_
+    drawn = res[res["shots"] == "10"]
+    assert (drawn["n_train_activated"] == 10).all() and (drawn["n_train_quiescent"] == 10).all()
