@@ -11,8 +11,10 @@ name that several donors share is refused rather than guessed.
 
 Feature columns (:func:`column_rule`) are the numeric columns, minus ``--drop-columns`` and minus, by
 rule, identifiers and positions named as CellProfiler names them (with or without an object prefix
-such as ``Cells_``): ``ImageNumber``, ``ObjectNumber``, ``Number_Object_Number``, ``Metadata_*``,
-``FileName_*``, ``PathName_*``, ``URL_*``, ``Parent_*``, ``Children_*``; the names label, donor, group,
+such as ``Cells_``): ``ImageNumber``, ``ObjectNumber``, ``Number_Object_Number``, ``Group_Number``,
+``Group_Index``, ``Group_Length`` (the Groups module's, e.g. one group per plate or batch), ``Metadata_*``,
+``FileName_*``, ``PathName_*``, ``URL_*``, ``Parent_*``, ``Children_*``, ``ExecutionTime_*``,
+``ModuleError_*`` (run bookkeeping, ordered by batch); the names label, donor, group,
 batch, plate, cell, row; names containing Location, Center, Centroid or BoundingBox (``*_Center_X``,
 ``Location_*``), or ending in _X, _Y or _Z. Non-numeric and boolean columns are never features.
 ``--keep-columns`` overrides the identifier and position rule for the columns it names. Every
@@ -57,7 +59,8 @@ META = ["image_id", "path", "label", "donor", "group", "view"]
 _ID_NAMES = {"label", "donor", "group", "batch", "plate", "cell", "row"}
 # CellProfiler's bookkeeping columns, bare or after an object prefix (Cells_Number_Object_Number)
 _IDENTIFIER = re.compile(
-    r"(^|_)(imagenumber|objectnumber|number_object_number)$|(^|_)(metadata|filename|pathname|url|parent|children)_",
+    r"(^|_)(imagenumber|objectnumber|number_object_number|group_number|group_index|group_length)$"
+    r"|(^|_)(metadata|filename|pathname|url|parent|children|executiontime|moduleerror)_",
     re.IGNORECASE,
 )
 _POSITION = re.compile(r"location|center|centroid|boundingbox|_[xyz]$", re.IGNORECASE)
