@@ -60,3 +60,23 @@ def test_curve_refuses_more_shots_than_a_class_has_cells():
     res = LabelCurve(shots=(4, 10, "all"), repeats=1).fit(rare).results_
     drawn = res[res["shots"] == "10"]
     assert (drawn["n_train_activated"] == 10).all() and (drawn["n_train_quiescent"] == 10).all()
+
+
+def test_one_held_out_donor_has_no_sd_over_donors(tmp_path):
+    """With one held-out donor the sd over donors is undefined: it was saved as 0.0 and printed
+    "0.812 ± 0.000" (no spread) in the run's table, the sweep summary and the report."""
+    from tprobe.probing.sweep import run_sweep
+    from tprobe.runs.report import build_report
+
+    fs = _features(n_donors=3)
+    res = run_sweep(
+        [("syn", lambda name: fs)],
+        ["logreg", "prototype"],
+        out=tmp_path / "runs",
+        probe_kwargs={"split": "test-donor", "test_donor": "2", "final_head": False, "n_jobs": 1},
+    )
+    assert res.summary["roc_auc_sd"].isna().all() and res.summary["roc_auc_mean"].notna().all()
+    assert (res.out / "sweep_auc.png").stat().st_size > 0
+    rep = build_report(res.out)
+    assert not rep.table["roc_auc"].str.contains("±").any()
+    assert rep.table["roc_auc"].str.fullmatch(r"\d\.\d{3}").all()

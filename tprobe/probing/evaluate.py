@@ -319,7 +319,7 @@ def summarise(per_donor: pd.DataFrame, *, n_boot: int | None = None, seed: int =
         lo, hi = t_interval(v)
         out[m] = {
             "mean": float(v.mean()),
-            "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "sd": float(v.std(ddof=1)) if len(v) > 1 else None,  # one donor: no spread to measure
             "ci_low": None if np.isnan(lo) else lo,
             "ci_high": None if np.isnan(hi) else hi,
             "n_donors": int(len(v)),
