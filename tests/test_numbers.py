@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from tprobe.features.sources import FeatureSet
 
@@ -47,8 +48,6 @@ def test_report_bound_line_counts_the_donors_the_paired_test_used(tmp_path):
 def test_curve_refuses_more_shots_than_a_class_has_cells():
     """k cells per class cannot be drawn when the training donors hold fewer cells of a class: the point
     was plotted and tabled at k while it used fewer (every cell of the rare class)."""
-    import pytest
-
     from tprobe.errors import TprobeError
     from tprobe.science.curve import LabelCurve
 
@@ -80,3 +79,19 @@ def test_one_held_out_donor_has_no_sd_over_donors(tmp_path):
     rep = build_report(res.out)
     assert not rep.table["roc_auc"].str.contains("±").any()
     assert rep.table["roc_auc"].str.fullmatch(r"\d\.\d{3}").all()
+
+
+def test_table_mean_row_averages_prevalence_over_the_donors_of_its_metrics():
+    """The mean row's metrics average the donors with both classes (auc_donors); its prevalence averaged
+    every donor, a one-class donor's 1.0 too, so the AP mean sat beside another set of donors' prevalence."""
+    from tprobe.probing.run import ProbeRun
+
+    run = ProbeRun(head="logreg", final_head=False, n_jobs=1).fit(
+        _features(n_donors=4, one_class=("donor_4",))
+    )
+    per = run.per_donor_.set_index("donor")
+    mean = run.table().set_index("donor").loc["mean"]
+    two = per.drop(index="donor_4")
+    assert mean["prevalence"] == pytest.approx(two["prevalence"].mean())
+    assert mean["average_precision"] == pytest.approx(two["average_precision"].mean())
+    assert mean["accuracy"] == pytest.approx(two["accuracy"].mean())

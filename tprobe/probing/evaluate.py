@@ -358,7 +358,7 @@ class Evaluation:
         extra = [  # the mean row averages the metrics; n (cells per donor) is not summed into it
             {
                 "donor": "mean",
-                "prevalence": t["prevalence"].mean(),
+                "prevalence": auc_donors(self.per_donor)["prevalence"].mean(),  # the metrics' donors
                 **{m: self.summary[m]["mean"] for m in METRICS},
             },
             {"donor": "sd", **{m: self.summary[m]["sd"] for m in METRICS}},
