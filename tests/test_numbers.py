@@ -95,3 +95,49 @@ def test_table_mean_row_averages_prevalence_over_the_donors_of_its_metrics():
     assert mean["prevalence"] == pytest.approx(two["prevalence"].mean())
     assert mean["average_precision"] == pytest.approx(two["average_precision"].mean())
     assert mean["accuracy"] == pytest.approx(two["accuracy"].mean())
+
+
+def _store_with(tmp_path, bad: float):
+    """A finished 6-row store (with its manifest) whose row 3 holds ``bad`` in one CLS value."""
+    from tprobe.cache.store import FeatureStore, manifest_path
+
+    ids = [f"c{i}_orig" for i in range(6)]
+    store = FeatureStore.create(
+        tmp_path / "s.zarr", row_ids=ids, hidden=4, registers=0, patches=2, chunk_rows=2
+    )
+    rng = np.random.default_rng(0)
+    cls = rng.standard_normal((6, 4)).astype(np.float16)
+    cls[3, 1] = bad
+    for u in range(store.n_units):
+        sl = slice(2 * u, 2 * u + 2)
+        store.write_unit(u, {"cls": cls[sl], "patches": np.ones((2, 2, 4), np.float16)})
+    assert store.finalize()
+    manifest = pd.DataFrame(
+        {
+            "image_id": ids,
+            "path": [f"donor_{i % 2}/c{i}.png" for i in range(6)],
+            "label": [0, 1] * 3,
+            "donor": [f"donor_{i % 2}" for i in range(6)],
+            "group": [f"c{i}" for i in range(6)],
+            "view": "orig",
+        }
+    )
+    manifest.to_parquet(manifest_path(store.path))
+    return store.path
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_store_with_non_finite_features_is_refused_in_one_line(tmp_path, bad):
+    """Tokens that overflowed (float16) reached the heads: XGBoost scored NaN as missing values (a number
+    from a broken feature), the other heads stopped on scikit-learn's ValueError (exit 1)."""
+    from tprobe.errors import TprobeError
+    from tprobe.features.sources import from_store
+    from tprobe.probing.sweep import pool_store
+
+    path = _store_with(tmp_path, bad)
+    with pytest.raises(
+        TprobeError, match=r"s\.zarr: 1 of 6 rows .*NaN or infinite cls.*c3_orig.*--precision fp32"
+    ):
+        from_store(path, "cls")
+    assert isinstance(pool_store(path, ["cls"])["cls"], TprobeError)
+    assert from_store(path, "mean").X.shape == (6, 4)  # the patches are finite: that pooling is usable
