@@ -202,3 +202,18 @@ def test_predict_gives_a_duplicate_image_no_probability(tmp_path, tiny_reg):
     assert len(dup) == 3 and not dup["kept"].any()
     assert dup["p_activated"].isna().all() and dup["label"].isna().all()
     assert table["p_activated"].notna().sum() == table["kept"].sum() > 0
+
+
+@pytest.mark.parametrize("head", ["mlp", "logreg"])
+def test_a_fold_whose_training_donors_hold_one_class_is_refused(head):
+    """Two donors, one with activated cells only: holding out the other trains on one class. The MLP
+    fitted it anyway and its per-donor AUC and accuracy were reported (P(activated) from a model that
+    never saw a quiescent cell); the other heads stopped on scikit-learn's or an IndexError (exit 1)."""
+    from tprobe.errors import TprobeError
+    from tprobe.probing.run import ProbeRun
+
+    fs = _features(n_donors=2, one_class=("donor_2",))
+    with pytest.raises(
+        TprobeError, match=r"held out donor_1\): its training donors \(donor_2\) hold only activated"
+    ):
+        ProbeRun(head=head, final_head=False, n_jobs=1).fit(fs)
