@@ -217,3 +217,29 @@ def test_a_fold_whose_training_donors_hold_one_class_is_refused(head):
         TprobeError, match=r"held out donor_1\): its training donors \(donor_2\) hold only activated"
     ):
         ProbeRun(head=head, final_head=False, n_jobs=1).fit(fs)
+
+
+def test_a_table_keyed_by_image_id_joins_when_the_data_holds_unreadable_images(tmp_path):
+    """Unreadable images have no image id (""): two of them made the id lookup non-unique and the join
+    stopped on pandas' InvalidIndexError (exit 1)."""
+    from tprobe.features.sources import from_table
+
+    rows = [
+        {"path": f"d/donor_{d}/{c}/x{i}.png", "label": int(c == "activated"), "donor": f"donor_{d}"}
+        for d in (1, 2)
+        for c in ("activated", "quiescent")
+        for i in range(3)
+    ]
+    manifest = pd.DataFrame(rows)
+    manifest["image_id"] = [f"s{i}_orig" for i in range(len(manifest))]
+    manifest["group"] = [f"s{i}" for i in range(len(manifest))]
+    manifest["view"], manifest["kept"], manifest["drop_reason"] = "orig", True, ""
+    broken = manifest.iloc[:2].assign(image_id="", group="", kept=False, drop_reason="unreadable")
+    broken["path"] = ["d/donor_1/activated/bad0.png", "d/donor_2/quiescent/bad1.png"]
+    manifest = pd.concat([manifest, broken], ignore_index=True)
+    kept = manifest[manifest["kept"]]
+    table = pd.DataFrame({"image_id": kept["image_id"], "Intensity_A": np.arange(len(kept), dtype=float)})
+    table.to_csv(tmp_path / "t.csv", index=False)
+    fs = from_table(tmp_path / "t.csv", manifest)
+    assert fs.meta["image_id"].tolist() == kept["image_id"].tolist()
+    assert fs.X[:, 0].tolist() == list(range(len(kept)))

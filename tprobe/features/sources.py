@@ -337,9 +337,10 @@ def from_table(
         )
     orig = manifest[manifest["view"] == "orig"].reset_index(drop=True)  # every image, filtered or not
     ids = table[id_column].astype(str)
-    if ids.isin(orig["image_id"]).any():
+    named = orig["image_id"] != ""  # unreadable images have no id (several of them: not a unique key)
+    if ids.isin(orig.loc[named, "image_id"]).any():
         _no_duplicates(path, id_column, ids)
-        image_of = ids.map(pd.Series(np.arange(len(orig)), index=orig["image_id"].to_numpy()))
+        image_of = ids.map(pd.Series(np.flatnonzero(named), index=orig.loc[named, "image_id"].to_numpy()))
     else:
         keys = _path_keys(orig["path"])
         norm = ids.map(lambda s: Path(s).as_posix().removeprefix("./"))
