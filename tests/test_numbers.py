@@ -243,3 +243,14 @@ def test_a_table_keyed_by_image_id_joins_when_the_data_holds_unreadable_images(t
     fs = from_table(tmp_path / "t.csv", manifest)
     assert fs.meta["image_id"].tolist() == kept["image_id"].tolist()
     assert fs.X[:, 0].tolist() == list(range(len(kept)))
+
+
+def test_curve_refuses_a_fold_whose_training_donors_hold_one_class():
+    """The curve left such a fold out without a word (no draw has both classes): its held-out donor was
+    missing from every mean and band."""
+    from tprobe.errors import TprobeError
+    from tprobe.science.curve import LabelCurve
+
+    fs = _features(n_donors=3, one_class=("donor_2", "donor_3"))
+    with pytest.raises(TprobeError, match=r"held out donor_1\): its training donors \(donor_2, donor_3\)"):
+        LabelCurve(shots=(2, "all"), repeats=1).fit(fs)

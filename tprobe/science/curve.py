@@ -42,7 +42,7 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 from tprobe.errors import TprobeError
 from tprobe.features.sources import NORMALIZE, FeatureSet, donor_center
 from tprobe.models.random_weights import is_random
-from tprobe.probing.evaluate import check_plan, split_plan
+from tprobe.probing.evaluate import check_plan, check_train_classes, split_plan
 from tprobe.probing.heads import HEADS, make_head
 from tprobe.science import TRAIN_VIEWS
 
@@ -164,6 +164,7 @@ class LabelCurve:
             raise TprobeError("the data has one class only; a curve needs activated and quiescent cells")
         plan = split_plan(meta, self.split, test_donor=self.test_donor)
         check_plan(plan, meta)
+        check_train_classes(plan, meta)  # such a fold's draws never hold both classes: it was left out
         self._check_shots(meta, plan)
         X = fs.X
         if self.max_dims is not None and X.shape[1] > self.max_dims:
@@ -220,7 +221,7 @@ class LabelCurve:
             train = meta.iloc[fold.train]
             for c in (1, 0):
                 n = int(train.loc[train["label"] == c, "group"].nunique())
-                if 0 < n < max(ks):  # none at all: the fold cannot be fitted, and is left out as before
+                if n < max(ks):
                     k = min(k for k in ks if k > n)
                     raise TprobeError(
                         f"--shots {k}: the training donors of held-out {','.join(fold.test_donors)} hold "
