@@ -254,3 +254,18 @@ def test_curve_refuses_a_fold_whose_training_donors_hold_one_class():
     fs = _features(n_donors=3, one_class=("donor_2", "donor_3"))
     with pytest.raises(TprobeError, match=r"held out donor_1\): its training donors \(donor_2, donor_3\)"):
         LabelCurve(shots=(2, "all"), repeats=1).fit(fs)
+
+
+def test_early_stopping_leaves_both_classes_to_train_on():
+    """Fine-tuning (and LeNet, Inception) hold out one two-class training donor for early stopping and
+    train on the rest: when the rest held one class, the network learned from one class and its
+    held-out AUC was reported."""
+    from tprobe.errors import TprobeError
+    from tprobe.train.loop import pick_validation_donor
+
+    rows = _features(n_donors=3, cells=10, one_class=("donor_2", "donor_3")).meta
+    train = rows[rows["donor"] != "donor_3"]  # donor_1 (both classes) and donor_2 (activated only)
+    with pytest.raises(TprobeError, match=r"fold 0: .*donor_1 .*donor_2.* hold only activated"):
+        pick_validation_donor(train, 0)
+    mixed = _features(n_donors=3, cells=10, one_class=("donor_3",)).meta
+    assert pick_validation_donor(mixed, 0) == "donor_1" and pick_validation_donor(mixed, 1) == "donor_2"
