@@ -56,6 +56,7 @@ __all__ = [
     "CLASS_NAMES",
     "NORMALIZE",
     "donor_center",
+    "check_finite",
 ]
 
 META = ["image_id", "path", "label", "donor", "group", "view"]
@@ -171,7 +172,24 @@ def from_store(path: str | Path, pool: str = "cls", *, manifest: pd.DataFrame | 
     (:func:`verified_manifest`)."""
     store = FeatureStore.open(path)
     meta = store_meta(store, manifest)
-    return FeatureSet(store.pooled(pool), meta, store_source(store, pool))
+    return FeatureSet(check_finite(store, pool, store.pooled(pool), meta), meta, store_source(store, pool))
+
+
+def check_finite(store: FeatureStore, pool: str, X: np.ndarray, meta: pd.DataFrame, block: int = 4096):
+    """``X`` (a store's ``pool`` features), or one line when a row holds NaN or infinity: tokens that
+    overflowed (float16 storage or fp16 compute) would reach the heads (XGBoost scores NaN as a missing
+    value; the others stop on scikit-learn's ValueError). Read ``block`` rows at a time."""
+    bad = np.concatenate(
+        [np.empty(0, bool)] + [~np.isfinite(X[lo : lo + block]).all(axis=1) for lo in range(0, len(X), block)]
+    )
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise TprobeError(
+            f"{store.path}: {int(bad.sum())} of {len(X)} rows have NaN or infinite {pool} features (first: "
+            f"row {first}, {meta['image_id'].iloc[first]}): the model's output overflowed; re-extract with "
+            "--precision fp32 --dtype float32"
+        )
+    return X
 
 
 def store_meta(store: FeatureStore, manifest: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -325,9 +343,10 @@ def from_table(
         )
     orig = manifest[manifest["view"] == "orig"].reset_index(drop=True)  # every image, filtered or not
     ids = table[id_column].astype(str)
-    if ids.isin(orig["image_id"]).any():
+    named = orig["image_id"] != ""  # unreadable images have no id (several of them: not a unique key)
+    if ids.isin(orig.loc[named, "image_id"]).any():
         _no_duplicates(path, id_column, ids)
-        image_of = ids.map(pd.Series(np.arange(len(orig)), index=orig["image_id"].to_numpy()))
+        image_of = ids.map(pd.Series(np.flatnonzero(named), index=orig.loc[named, "image_id"].to_numpy()))
     else:
         keys = _path_keys(orig["path"])
         norm = ids.map(lambda s: Path(s).as_posix().removeprefix("./"))

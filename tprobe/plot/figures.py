@@ -264,8 +264,10 @@ def sweep_bars(
     piv = summary.pivot(index="pool", columns="head", values=f"{metric}_mean").reindex(
         index=pools, columns=heads
     )
-    err = summary.pivot(index="pool", columns="head", values=f"{metric}_sd").reindex(
-        index=pools, columns=heads
+    err = (  # None (one held-out donor: no sd over donors) draws no bar
+        summary.pivot(index="pool", columns="head", values=f"{metric}_sd")
+        .reindex(index=pools, columns=heads)
+        .astype(float)
     )
     fig, ax = plt.subplots(figsize=(2.6 + 0.35 * len(heads) * len(piv), 3.8))
     piv.plot.bar(yerr=err, ax=ax, capsize=2, rot=20 if several else 0)
@@ -372,7 +374,7 @@ def auc_by_layer(
         ax.errorbar(
             r["layer"] + dodge,
             r[f"{metric}_mean"],
-            yerr=r[f"{metric}_sd"],
+            yerr=r[f"{metric}_sd"].astype(float),  # None (one held-out donor: no sd) -> no bar
             marker="o",
             ms=4,
             capsize=2,

@@ -31,6 +31,7 @@ __all__ = [
     "Fold",
     "split_plan",
     "check_plan",
+    "check_train_classes",
     "check_train_donors",
     "nested_cv",
     "donor_metrics",
@@ -133,6 +134,21 @@ def check_plan(plan: list[Fold], meta: pd.DataFrame) -> None:
         d_tr = set(meta["donor"].iloc[f.train])
         if set(f.test_donors) <= set(meta["donor"].iloc[f.test]) and d_tr & set(f.test_donors):
             raise TprobeError(f"fold {f.index}: donor on both sides: {sorted(d_tr & set(f.test_donors))}")
+
+
+def check_train_classes(plan: list[Fold], meta: pd.DataFrame) -> None:
+    """Raise if a fold's training rows hold one class: a head fitted on them scores nothing (the MLP fitted
+    one anyway, and its AUC was reported; the other heads stopped on scikit-learn's errors)."""
+    names = {1: "activated", 0: "quiescent"}
+    for f in plan:
+        classes = np.unique(meta["label"].iloc[f.train])
+        if len(classes) < 2:
+            donors = sorted(set(meta["donor"].iloc[f.train].astype(str)))
+            raise TprobeError(
+                f"fold {f.index} (held out {', '.join(f.test_donors)}): its training donors "
+                f"({', '.join(donors)}) hold only {names.get(classes[0], classes[0])} cells, and a head needs "
+                "both classes to learn: add donors with both classes, or hold out others (--split)"
+            )
 
 
 def check_train_donors(plan: list[Fold], meta: pd.DataFrame, *, what: str, split: str) -> None:
@@ -319,7 +335,7 @@ def summarise(per_donor: pd.DataFrame, *, n_boot: int | None = None, seed: int =
         lo, hi = t_interval(v)
         out[m] = {
             "mean": float(v.mean()),
-            "sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "sd": float(v.std(ddof=1)) if len(v) > 1 else None,  # one donor: no spread to measure
             "ci_low": None if np.isnan(lo) else lo,
             "ci_high": None if np.isnan(hi) else hi,
             "n_donors": int(len(v)),
@@ -358,7 +374,7 @@ class Evaluation:
         extra = [  # the mean row averages the metrics; n (cells per donor) is not summed into it
             {
                 "donor": "mean",
-                "prevalence": t["prevalence"].mean(),
+                "prevalence": auc_donors(self.per_donor)["prevalence"].mean(),  # the metrics' donors
                 **{m: self.summary[m]["mean"] for m in METRICS},
             },
             {"donor": "sd", **{m: self.summary[m]["sd"] for m in METRICS}},

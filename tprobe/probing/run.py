@@ -21,6 +21,7 @@ from tprobe.errors import TprobeError
 from tprobe.features.sources import NORMALIZE, FeatureSet, donor_center
 from tprobe.probing.evaluate import (
     check_plan,
+    check_train_classes,
     evaluate,
     inner_search,
     nested_cv,
@@ -126,6 +127,7 @@ class ProbeRun:
             raise TprobeError("the data has one class only; a probe needs activated and quiescent cells")
         plan = split_plan(meta, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
         check_plan(plan, meta)
+        check_train_classes(plan, meta)
         n_train = (
             len(meta) if (self.tta or self.train_views == "all") else int((meta["view"] == "orig").sum())
         )

@@ -39,7 +39,7 @@ import pandas as pd
 
 from tprobe.cache.store import FeatureStore
 from tprobe.errors import TprobeError
-from tprobe.features.sources import FeatureSet, store_meta, store_source
+from tprobe.features.sources import FeatureSet, check_finite, store_meta, store_source
 from tprobe.models.random_weights import is_random
 from tprobe.models.tokens import check_pool_name, pool_layer
 from tprobe.probing.fastcv import FoldProgress
@@ -150,7 +150,10 @@ def pool_store(path: str | Path, pools: Sequence[str]) -> dict[str, FeatureSet |
         except TprobeError as exc:
             out[p] = TprobeError(f"{path}: {exc}")
     for p, X in (store.pooled_many(ok) if ok else {}).items():
-        out[p] = FeatureSet(X, meta, store_source(store, p))
+        try:
+            out[p] = FeatureSet(check_finite(store, p, X, meta), meta, store_source(store, p))
+        except TprobeError as exc:
+            out[p] = exc
     return out
 
 

@@ -662,7 +662,9 @@ def build_report(root: str | Path, *, reference: str | None = None) -> Report:
         f"Reference: {ref_why}. Every other run is compared with it (declared before looking; Holm "
         "across these comparisons); diff = run minus reference, per held-out donor, then averaged."
     )
-    n_ref = int(summary.set_index("run").loc[ref_run, "n_donors"])
+    # the donors the paired AUC test runs on: a one-class held-out donor has no AUC (so no difference)
+    ref_auc = pd.read_parquet(Path(ref_run) / "per_donor.parquet", columns=["roc_auc"])["roc_auc"]
+    n_ref = int(ref_auc.notna().sum())
     m_tests = int(pairs.loc[pairs["metric"] == "roc_auc", "p"].notna().sum()) if len(pairs) else 0
     return Report(
         root=Path(root),

@@ -42,7 +42,7 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 from tprobe.errors import TprobeError
 from tprobe.features.sources import NORMALIZE, FeatureSet, donor_center
 from tprobe.models.random_weights import is_random
-from tprobe.probing.evaluate import check_plan, split_plan
+from tprobe.probing.evaluate import check_plan, check_train_classes, split_plan
 from tprobe.probing.heads import HEADS, make_head
 from tprobe.science import TRAIN_VIEWS
 
@@ -164,6 +164,8 @@ class LabelCurve:
             raise TprobeError("the data has one class only; a curve needs activated and quiescent cells")
         plan = split_plan(meta, self.split, test_donor=self.test_donor)
         check_plan(plan, meta)
+        check_train_classes(plan, meta)  # such a fold's draws never hold both classes: it was left out
+        self._check_shots(meta, plan)
         X = fs.X
         if self.max_dims is not None and X.shape[1] > self.max_dims:
             from sklearn.random_projection import GaussianRandomProjection
@@ -208,6 +210,24 @@ class LabelCurve:
         draws.insert(0, "source", fs.name)
         results["k"] = results["k"].astype("Int64")
         return results, draws, time.perf_counter() - t0
+
+    def _check_shots(self, meta: pd.DataFrame, plan) -> None:
+        """Every numeric ``k`` must be drawable per class in every fold: with fewer cells of a class the draw
+        took them all, and the point was plotted and tabled at ``k`` cells per class all the same."""
+        ks = [int(k) for k in self.shots if k != "all"]
+        if not ks:
+            return
+        for fold in plan:
+            train = meta.iloc[fold.train]
+            for c in (1, 0):
+                n = int(train.loc[train["label"] == c, "group"].nunique())
+                if n < max(ks):
+                    k = min(k for k in ks if k > n)
+                    raise TprobeError(
+                        f"--shots {k}: the training donors of held-out {','.join(fold.test_donors)} hold "
+                        f"{n} {'activated' if c else 'quiescent'} cells, fewer than {k} per class; use "
+                        f"--shots up to {n} (all draws every cell)"
+                    )
 
     def _draw_order(self, meta: pd.DataFrame, fold, r: int) -> dict[int, np.ndarray]:
         """Per class, the training donors' cells in this (fold, repeat)'s shuffled order."""

@@ -102,7 +102,17 @@ def pick_validation_donor(rows: pd.DataFrame, fold_index: int) -> str:
     both = sorted(d for d, g in rows.groupby("donor") if g["label"].nunique() == 2)
     if not both:
         raise TprobeError("no training donor has both classes; early stopping needs one")
-    return both[fold_index % len(both)]
+    val = both[fold_index % len(both)]
+    rest = rows[rows["donor"] != val]
+    if (
+        len(rest) and rest["label"].nunique() < 2
+    ):  # the network would learn from one class (and its AUC be reported)
+        kind = {1: "activated", 0: "quiescent"}.get(rest["label"].iloc[0], rest["label"].iloc[0])
+        raise TprobeError(
+            f"fold {fold_index}: with {val} held out for early stopping, the other training donors "
+            f"({', '.join(sorted(map(str, set(rest['donor']))))}) hold only {kind} cells: add donors with both classes"
+        )
+    return val
 
 
 def _autocast(device: torch.device, precision: str):
@@ -266,9 +276,11 @@ def run_folds(
     if checkpoints:
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     preds, curves = [], []
-    for fold in plan:
+    # every fold's validation donor first: a fold that cannot train on both classes stops the run before
+    # any fold has spent its training time
+    val_donors = [pick_validation_donor(rows.iloc[fold.train], fold.index) for fold in plan]
+    for fold, val_donor in zip(plan, val_donors, strict=True):
         train_rows = rows.iloc[fold.train]
-        val_donor = pick_validation_donor(train_rows, fold.index)
         is_val = train_rows["donor"] == val_donor
         log({"fold": fold.index, "test": ",".join(fold.test_donors), "validation": val_donor})
         try:
