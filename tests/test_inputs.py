@@ -406,3 +406,37 @@ def test_a_manifests_own_cell_id_column_is_kept_not_taken_for_a_crops_id(tmp_pat
     df.rename(columns={"cell_id": "crop_id"}).to_csv(tmp_path / "c.csv", index=False)
     with pytest.raises(TprobeError, match=r"c.csv: column crop_id is tprobe's own .*rename it"):
         discover(tmp_path / "c.csv")
+
+
+def test_predict_refuses_images_of_another_bit_depth_than_the_runs(tmp_path, tiny_reg):
+    # a run trained on 8-bit PNGs (read as they are) scored 16-bit TIFFs scaled by --max-value 65535:
+    # 12-bit cells 16x too dark, every score silently off; the run records its images' bit depth
+    from tprobe.cache.extract import extract
+    from tprobe.data.images import read_image
+    from tprobe.features.sources import from_store
+    from tprobe.models.backbones import resolve_model
+    from tprobe.probing.predict import predict
+    from tprobe.probing.run import ProbeRun
+    from tprobe.runs.record import RunRecord
+
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
+    store = extract(
+        preprocess(discover(data)), resolve_model(str(tiny_reg)), cache=tmp_path / "c1", progress=False
+    )
+    run_dir = ProbeRun(head="logreg", n_boot=20).fit(from_store(store.path, "cls")).save(tmp_path / "runs")
+    assert RunRecord.load(run_dir).features.pixel_type == "uint8"
+    new = copy_subset(tmp_path / "new", donors=("donor_4",), per_class=2)
+    assert predict(run_dir, new, cache=tmp_path / "c2")["p_activated"].notna().any()  # same depth: fine
+    for png in sorted(new.rglob("*.png")):  # the same cells as 12-bit TIFFs
+        tifffile.imwrite(png.with_suffix(".tif"), np.asarray(read_image(png), np.uint16) * 16)
+        png.unlink()
+    with pytest.raises(
+        ChannelError, match=r"\.tif: 16-bit pixels, but run .* was trained on 8-bit .*convert"
+    ):
+        predict(run_dir, new, cache=tmp_path / "c2")
+    # a run recorded before the bit depth was: scored as before, no refusal
+    cfg = run_dir / "config.json"
+    old = cfg.read_text().replace('"pixel_type": "uint8",', "")
+    assert old != cfg.read_text()
+    cfg.write_text(old)
+    assert predict(run_dir, new, cache=tmp_path / "c2")["path"].str.endswith(".tif").sum() == 4

@@ -96,6 +96,7 @@ class FeatureSource:
     preprocess: dict | None = None
     preprocess_hash: str | None = None
     dataset_fingerprint: str | None = None
+    pixel_type: str | None = None  # the training images' raw pixel type (uint8, uint16); predict checks it
     table: str | None = None
     id_column: str | None = None
     columns: list | None = None
@@ -161,6 +162,7 @@ def store_source(store: FeatureStore, pool: str) -> FeatureSource:
         preprocess=a.get("preprocess"),
         preprocess_hash=a.get("preprocess_hash"),
         dataset_fingerprint=a.get("dataset_fingerprint"),
+        pixel_type=a.get("pixel_type"),
         image_mean=a.get("image_mean"),
         image_std=a.get("image_std"),
     )
