@@ -365,6 +365,7 @@ def from_table(
         raise TprobeError(
             f"{path}: feature column {col!r} holds NaN or infinite values; fill them or --drop-columns {col}"
         )
+    _no_label_copy(path, cols, X, meta["label"].to_numpy())
     filtered = orig["label"].iloc[hit[~kept[hit.to_numpy()]].to_numpy()]
     unused = {
         "filtered": {
@@ -388,6 +389,23 @@ def from_table(
         all_rows=bool(all_rows),
     )
     return FeatureSet(X, meta[META], source)
+
+
+def _no_label_copy(path: Path, cols: list, X: np.ndarray, labels: np.ndarray) -> None:
+    """A feature column that is the label in every scored row (``activated`` 0/1, ``class`` = 1 - label,
+    ``y`` 1/2: two values, one per class) is one line: the probe would read the answer."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(np.unique(labels)) != 2:
+        return
+    for j, col in enumerate(cols):
+        x = X[:, j]
+        one, zero = np.unique(x[labels == 1]), np.unique(x[labels == 0])
+        if len(one) == 1 and len(zero) == 1 and one[0] != zero[0]:
+            raise TprobeError(
+                f"{path}: column {str(col)!r} is the label ({one[0]:g} for every activated cell, "
+                f"{zero[0]:g} for every quiescent one), not a feature; drop it from the table or pass "
+                f"--drop-columns {col}"
+            )
 
 
 def table_note(source: FeatureSource) -> list[str]:
