@@ -440,3 +440,33 @@ def test_predict_refuses_images_of_another_bit_depth_than_the_runs(tmp_path, tin
     assert old != cfg.read_text()
     cfg.write_text(old)
     assert predict(run_dir, new, cache=tmp_path / "c2")["path"].str.endswith(".tif").sum() == 4
+
+
+def test_hidden_files_and_folders_are_ignored_by_discovery(tmp_path):
+    # macOS writes ._NAME.png (AppleDouble) beside every file copied to a non-Mac disk, and .DS_Store;
+    # each ._ file was an image row, then 'unreadable' (a line each, exit 3)
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2"), per_class=2)
+    n = len(discover(data).table)
+    for png in list(data.rglob("*.png")):
+        (png.parent / f"._{png.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+        (png.parent / ".DS_Store").write_bytes(bytes(10))
+        hidden = png.parent / ".thumbnails"
+        hidden.mkdir(exist_ok=True)
+        shutil.copy(png, hidden / png.name)
+    (data / "._donor_3").write_bytes(bytes(10))
+    found = discover(data)
+    assert len(found.table) == n and not found.skipped, found.skipped
+    assert not any("/." in p for p in found.table["path"])
+    for folder in (data, data / "donor_1" / "activated"):  # predict's discovery too
+        new = discover_unlabelled(folder)
+        assert not new.skipped and not any("/." in p for p in new.table["path"]), new.table["path"]
+    # a flat folder of Wang-named files
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for png in list(data.rglob("*.png"))[:3]:
+        if not png.name.startswith(".") and ".thumbnails" not in str(png):
+            shutil.copy(png, flat / png.name)
+            (flat / f"._{png.name}").write_bytes(bytes(10))
+    (flat / ".Trash-1000" / "activated").mkdir(parents=True)  # a hidden class folder: still a flat folder
+    found = discover(flat)
+    assert found.layout == "flat" and not found.skipped and not any("/." in p for p in found.table["path"])
