@@ -21,6 +21,7 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 from conftest import SAMPLE, copy_subset, save_png
+from PIL import Image
 
 from tprobe.cli import main
 from tprobe.data.dataset import discover, discover_unlabelled
@@ -470,3 +471,24 @@ def test_hidden_files_and_folders_are_ignored_by_discovery(tmp_path):
     (flat / ".Trash-1000" / "activated").mkdir(parents=True)  # a hidden class folder: still a flat folder
     found = discover(flat)
     assert found.layout == "flat" and not found.skipped and not any("/." in p for p in found.table["path"])
+
+
+def test_a_grey_alpha_png_is_read_as_grey_when_opaque_and_refused_accurately_when_not(tmp_path):
+    # an 8-bit grey+alpha PNG (what some viewers export) stopped preprocess with "name a stack's
+    # planes with --channels": it is one grey image when its alpha is opaque everywhere
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2"), per_class=2)
+    png = sorted(data.rglob("*.png"))[0]
+    grey = np.asarray(read_image(png), np.uint8)
+    la = np.stack([grey, np.full_like(grey, 255)], axis=-1)
+    save_png(png, la)
+    assert Image.open(png).mode == "LA"
+    assert (read_image(png) == grey).all()
+    pre = preprocess(discover(data))
+    assert png.name in " ".join(pre.manifest["path"]) and not pre.skipped
+    la[0, 0, 1] = 0  # one transparent pixel: tprobe cannot say what the pixel is
+    save_png(png, la)
+    with pytest.raises(TprobeError, match=r"grey\+alpha PNG with transparent pixels") as exc:
+        read_image(png)
+    assert "--channels" not in str(exc.value) and str(png) in str(exc.value)
+    pre = preprocess(discover(data), each_file=True)
+    assert [s.path for s in pre.skipped] == [str(png)]
