@@ -434,3 +434,27 @@ def test_cellprofiler_bookkeeping_with_a_suffix_is_not_a_feature(name):
     table = pd.DataFrame({"file": ["a.png", "b.png"], name: [1.0, 2.0], "Cells_AreaShape_Area": [3.0, 4.0]})
     cols, dropped = column_rule(table, "file")
     assert cols == ["Cells_AreaShape_Area"] and dropped[name].startswith("identifier"), (cols, dropped)
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [("activated", lambda y: y), ("class", lambda y: 1 - y), ("y", lambda y: y + 1.0)],
+)
+def test_a_column_that_is_the_label_is_one_line_not_a_feature(sample_manifest, tmp_path, name, code):
+    """A table's own class column (activated 0/1, class 1-label, y 1/2) was a feature: the probe read
+    the answer and scored AUC 1.0 without a word."""
+    from tprobe.errors import TprobeError
+    from tprobe.features.sources import from_table
+
+    table = leak_table(sample_manifest, "")
+    orig = sample_manifest[sample_manifest["view"] == "orig"]
+    table[name] = code(orig["label"].to_numpy())
+    table.to_csv(tmp_path / "cp.csv", index=False)
+    with pytest.raises(TprobeError, match=rf"cp.csv: column '{name}' is the label .*--drop-columns {name}"):
+        from_table(tmp_path / "cp.csv", sample_manifest)
+    fs = from_table(tmp_path / "cp.csv", sample_manifest, exclude=[name])
+    assert fs.source.columns == ["Intensity_A", "Intensity_B", "Texture_C"]
+    # a two-valued column that is not the label (one row off) stays a feature
+    table.loc[0, name] = code(1 - orig["label"].to_numpy()[:1])[0]
+    table.to_csv(tmp_path / "cp.csv", index=False)
+    assert name in from_table(tmp_path / "cp.csv", sample_manifest).source.columns

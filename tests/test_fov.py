@@ -529,3 +529,21 @@ def test_a_field_found_twice_is_skipped_once_with_a_line_naming_both(tmp_path):
     assert len(lines) == 1 and "field9.png: same content as" in lines[0] and "field0.png" in lines[0]
     orig = pre.manifest[pre.manifest["view"] == "orig"]
     assert len(orig) == len(where) and not orig["path"].str.contains("field9").any()
+
+
+@pytest.mark.parametrize("on", [1, 255])
+def test_a_binary_mask_of_several_cells_is_one_line_not_one_object(tmp_path, on):
+    # a 0/1 or 0/255 segmentation mask is one object spanning every cell: it was cut to one crop of
+    # the whole field and dropped as multi_cell (or touches_border), without a line
+    fields, masks, _, _ = make_fields(tmp_path, donors=("donor_1",), per_class=3, per_field=3)
+    mask = masks / "donor_1" / "activated" / "field0_masks.tif"
+    labels = tifffile.imread(mask)
+    tifffile.imwrite(mask, ((labels > 0) * on).astype(np.uint8))
+    with pytest.raises(
+        TprobeError, match=r"field0_masks.tif: a binary mask .*3 separate .*skimage.measure.label"
+    ):
+        preprocess_fields(fields, masks, PreprocessConfig(), tmp_path / "c")
+    # a label image with a single cell (one object, one piece) is fine, whatever its value
+    one = np.where(labels == 2, on, 0).astype(np.uint8)
+    tifffile.imwrite(mask, one)
+    assert (read_mask(mask) == one).all()

@@ -21,6 +21,7 @@ import pytest
 import tifffile
 from click.testing import CliRunner
 from conftest import SAMPLE, copy_subset, save_png
+from PIL import Image
 
 from tprobe.cli import main
 from tprobe.data.dataset import discover, discover_unlabelled
@@ -406,3 +407,88 @@ def test_a_manifests_own_cell_id_column_is_kept_not_taken_for_a_crops_id(tmp_pat
     df.rename(columns={"cell_id": "crop_id"}).to_csv(tmp_path / "c.csv", index=False)
     with pytest.raises(TprobeError, match=r"c.csv: column crop_id is tprobe's own .*rename it"):
         discover(tmp_path / "c.csv")
+
+
+def test_predict_refuses_images_of_another_bit_depth_than_the_runs(tmp_path, tiny_reg):
+    # a run trained on 8-bit PNGs (read as they are) scored 16-bit TIFFs scaled by --max-value 65535:
+    # 12-bit cells 16x too dark, every score silently off; the run records its images' bit depth
+    from tprobe.cache.extract import extract
+    from tprobe.data.images import read_image
+    from tprobe.features.sources import from_store
+    from tprobe.models.backbones import resolve_model
+    from tprobe.probing.predict import predict
+    from tprobe.probing.run import ProbeRun
+    from tprobe.runs.record import RunRecord
+
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
+    store = extract(
+        preprocess(discover(data)), resolve_model(str(tiny_reg)), cache=tmp_path / "c1", progress=False
+    )
+    run_dir = ProbeRun(head="logreg", n_boot=20).fit(from_store(store.path, "cls")).save(tmp_path / "runs")
+    assert RunRecord.load(run_dir).features.pixel_type == "uint8"
+    new = copy_subset(tmp_path / "new", donors=("donor_4",), per_class=2)
+    assert predict(run_dir, new, cache=tmp_path / "c2")["p_activated"].notna().any()  # same depth: fine
+    for png in sorted(new.rglob("*.png")):  # the same cells as 12-bit TIFFs
+        tifffile.imwrite(png.with_suffix(".tif"), np.asarray(read_image(png), np.uint16) * 16)
+        png.unlink()
+    with pytest.raises(
+        ChannelError, match=r"\.tif: 16-bit pixels, but run .* was trained on 8-bit .*convert"
+    ):
+        predict(run_dir, new, cache=tmp_path / "c2")
+    # a run recorded before the bit depth was: scored as before, no refusal
+    cfg = run_dir / "config.json"
+    old = cfg.read_text().replace('"pixel_type": "uint8",', "")
+    assert old != cfg.read_text()
+    cfg.write_text(old)
+    assert predict(run_dir, new, cache=tmp_path / "c2")["path"].str.endswith(".tif").sum() == 4
+
+
+def test_hidden_files_and_folders_are_ignored_by_discovery(tmp_path):
+    # macOS writes ._NAME.png (AppleDouble) beside every file copied to a non-Mac disk, and .DS_Store;
+    # each ._ file was an image row, then 'unreadable' (a line each, exit 3)
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2"), per_class=2)
+    n = len(discover(data).table)
+    for png in list(data.rglob("*.png")):
+        (png.parent / f"._{png.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(60))
+        (png.parent / ".DS_Store").write_bytes(bytes(10))
+        hidden = png.parent / ".thumbnails"
+        hidden.mkdir(exist_ok=True)
+        shutil.copy(png, hidden / png.name)
+    (data / "._donor_3").write_bytes(bytes(10))
+    found = discover(data)
+    assert len(found.table) == n and not found.skipped, found.skipped
+    assert not any("/." in p for p in found.table["path"])
+    for folder in (data, data / "donor_1" / "activated"):  # predict's discovery too
+        new = discover_unlabelled(folder)
+        assert not new.skipped and not any("/." in p for p in new.table["path"]), new.table["path"]
+    # a flat folder of Wang-named files
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for png in list(data.rglob("*.png"))[:3]:
+        if not png.name.startswith(".") and ".thumbnails" not in str(png):
+            shutil.copy(png, flat / png.name)
+            (flat / f"._{png.name}").write_bytes(bytes(10))
+    (flat / ".Trash-1000" / "activated").mkdir(parents=True)  # a hidden class folder: still a flat folder
+    found = discover(flat)
+    assert found.layout == "flat" and not found.skipped and not any("/." in p for p in found.table["path"])
+
+
+def test_a_grey_alpha_png_is_read_as_grey_when_opaque_and_refused_accurately_when_not(tmp_path):
+    # an 8-bit grey+alpha PNG (what some viewers export) stopped preprocess with "name a stack's
+    # planes with --channels": it is one grey image when its alpha is opaque everywhere
+    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2"), per_class=2)
+    png = sorted(data.rglob("*.png"))[0]
+    grey = np.asarray(read_image(png), np.uint8)
+    la = np.stack([grey, np.full_like(grey, 255)], axis=-1)
+    save_png(png, la)
+    assert Image.open(png).mode == "LA"
+    assert (read_image(png) == grey).all()
+    pre = preprocess(discover(data))
+    assert png.name in " ".join(pre.manifest["path"]) and not pre.skipped
+    la[0, 0, 1] = 0  # one transparent pixel: tprobe cannot say what the pixel is
+    save_png(png, la)
+    with pytest.raises(TprobeError, match=r"grey\+alpha PNG with transparent pixels") as exc:
+        read_image(png)
+    assert "--channels" not in str(exc.value) and str(png) in str(exc.value)
+    pre = preprocess(discover(data), each_file=True)
+    assert [s.path for s in pre.skipped] == [str(png)]

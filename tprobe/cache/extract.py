@@ -911,11 +911,19 @@ def _attrs(
             layered if (tuple(layers), tuple(patch_layers)) != ((-1,), (-1,)) else {}
         ),  # last block: as before
         "dataset_fingerprint": pre.fingerprint,
+        **_pixel_type(pre.kept),  # the images' raw bit depth (uint8, uint16): predict refuses another
         "manifest_hash": manifest_hash(
             pre.kept
         ),  # rows, labels, donors: checked on every read of the manifest
         "tprobe_version": __version__,
     }
+
+
+def _pixel_type(kept: pd.DataFrame) -> dict:
+    """``{"pixel_type": "uint8"}``: the one raw pixel type of the kept images; ``{}`` when the manifest
+    (saved by an older tprobe) does not give it."""
+    types = set(kept["pixel_type"].dropna()) - {""} if "pixel_type" in kept.columns else set()
+    return {"pixel_type": str(types.pop())} if len(types) == 1 else {}
 
 
 def _write_manifest(path: Path, kept: pd.DataFrame) -> None:

@@ -120,9 +120,10 @@ def discover(data: str | Path | None = None, *, channel_files: str | None = None
     group = (channel_files, tuple(channels)) if channel_files else None
     if root.is_file():
         ds = _from_table(root)
-    elif any(p.is_dir() and _label_of(p.name) is not None for p in root.glob("*/*")) or any(
-        p.is_dir() and _label_of(p.name) is not None for p in root.iterdir()
-    ):
+    elif any(
+        p.is_dir() and _label_of(p.name) is not None and not p.parent.name.startswith(".")
+        for p in root.glob("*/*")
+    ) or any(p.is_dir() and _label_of(p.name) is not None for p in root.iterdir()):
         ds = _from_folders(root, group)
     else:
         ds = _from_flat(root, group)
@@ -193,6 +194,8 @@ def _walk(top: Path, skipped: list | None = None) -> tuple[list[Path], list[Path
 
     A folder that is one of its own ancestors (a symlink loop) is not entered and is listed in
     ``skipped``; ancestors above ``top`` count too, so a walk started inside a tree still sees them.
+    Hidden entries (names starting with '.': macOS's ``._NAME.png`` and ``.DS_Store``, ``.git``,
+    a viewer's ``.thumbnails``) are left out, as most tools do; ``top`` itself is walked whatever its name.
     """
     skipped = [] if skipped is None else skipped
     folders: list[Path] = []
@@ -211,6 +214,8 @@ def _walk(top: Path, skipped: list | None = None) -> tuple[list[Path], list[Path
             )
             return
         for entry in entries:
+            if entry.name.startswith("."):
+                continue
             path = Path(entry.path)
             try:
                 is_dir = entry.is_dir()  # follows a symlink
@@ -270,7 +275,11 @@ def _from_folders(root: Path, group=None) -> Dataset:
     for sub in sorted(_walk(root, skipped)[0]):
         if any(_label_of(part) is not None for part in sub.relative_to(root).parts[:-1]):
             continue  # nested inside a label folder: read with it
-        direct = [p for p in sub.iterdir() if p.suffix.lower() in images.IMAGE_SUFFIXES]
+        direct = [
+            p
+            for p in sub.iterdir()
+            if p.suffix.lower() in images.IMAGE_SUFFIXES and not p.name.startswith(".")
+        ]
         label = _label_of(sub.name)
         if label is None:
             if direct and not any(_label_of(c.name) is not None for c in sub.iterdir()):

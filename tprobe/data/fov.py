@@ -189,8 +189,9 @@ def read_mask(
 ) -> np.ndarray:
     """A label image as a 2-D integer array (0 = background; its own unsigned type, else int64); never unpickles.
 
-    A float mask, a negative label, a pickled ``.npy`` (a Cellpose ``_seg.npy``) and a mask of
-    another shape than its field (``shape``) are errors naming the file and the fix.
+    A float mask, a negative label, a pickled ``.npy`` (a Cellpose ``_seg.npy``), a mask of
+    another shape than its field (``shape``) and a binary (0/1, 0/255) mask of several separate
+    pieces are errors naming the file and the fix.
     """
     path = Path(path)
     if path.suffix.lower() == ".npy":
@@ -232,9 +233,30 @@ def read_mask(
             f"{path}: mask is {arr.shape[0]}x{arr.shape[1]} px but its field is {shape[0]}x{shape[1]} "
             "px; give each field the label image made from it"
         )
+    _refuse_binary(path, arr)
     return (
         arr if arr.dtype.kind == "u" and arr.dtype.itemsize <= 4 else arr.astype(np.int64)
     )  # no copy for uint
+
+
+def _refuse_binary(path: Path, arr: np.ndarray) -> None:
+    """A 0/1 or 0/255 segmentation mask (one value on every object pixel, in separate pieces) is one line.
+
+    Read as a label image it is one object spanning all its cells, cut to one crop of the whole field
+    and dropped (multi_cell, touches_border) without a word. One piece is a label image of one cell.
+    """
+    from scipy import ndimage
+
+    top = arr.max() if arr.size else 0
+    if not top or arr[arr != 0].min() != top:
+        return
+    n = ndimage.label(arr != 0, structure=np.ones((3, 3), bool))[1]
+    if n > 1:
+        raise TprobeError(
+            f"{path}: a binary mask (every object pixel is {int(top)}, in {n} separate pieces), read as "
+            "one object spanning all cells; give a label image, one integer per cell, e.g. "
+            "skimage.measure.label(mask > 0)"
+        )
 
 
 def _field_pixels(path: Path, config) -> np.ndarray:

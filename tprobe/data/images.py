@@ -213,7 +213,11 @@ def _read_raw(
     *,
     palette: bool = True,
 ) -> np.ndarray:
-    """A file's pixels as stored; a palette image's colours (``palette``), or its indices (a label image)."""
+    """A file's pixels as stored; a palette image's colours (``palette``), or its indices (a label image).
+
+    An 8-bit grey+alpha PNG is its grey plane when its alpha is opaque everywhere; with transparent
+    pixels it is one line (an error naming the file), never read as a two-plane stack.
+    """
     if path.suffix.lower() in (".tif", ".tiff"):
         return _read_tiff(path, max_pixels, z, t)[0]
     check_regular(path)
@@ -232,7 +236,17 @@ def _read_raw(
                 if palette and im.mode in ("P", "PA"):  # the indices are not intensities: their colours are
                     transparent = im.mode == "PA" or "transparency" in im.info
                     return np.asarray(im.convert("RGBA" if transparent else "RGB"))
-                return np.asarray(im)
+                arr = np.asarray(im)
+                if im.mode == "LA":  # 8-bit grey+alpha: grey when the alpha is opaque everywhere
+                    clear = int((arr[..., 1] != 255).sum())
+                    if clear:
+                        raise TprobeError(
+                            f"{path}: grey+alpha PNG with transparent pixels ({clear:,} below alpha 255); "
+                            "tprobe reads intensities, not transparency: save it as a greyscale PNG "
+                            "without alpha, the background filled as you mean it"
+                        )
+                    return arr[..., 0]
+                return arr
     except Image.DecompressionBombError as exc:  # Pillow's own hard limit, above --max-pixels' default
         found = re.search(r"\((\d+) pixels\)", str(exc))
         n, limit = int(found[1]) if found else 0, DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels

@@ -578,7 +578,7 @@ def preprocess(
         sid = _hash(raw, 16)
         if dataset.layout == "crops" and rec.get("cell_id"):  # a crop of a field: field hash + label
             base["crop_id"], sid = sid, rec["cell_id"]
-        base.update(ome)
+        base.update(ome, pixel_type=depth)  # the raw bit depth: a run records it, predict checks it
         m = measure(img, config)
         base.update(m, source_id=sid, group=sid, image_id=f"{sid}_orig")
         if sid in seen:

@@ -97,6 +97,7 @@ class FeatureSource:
     preprocess: dict | None = None
     preprocess_hash: str | None = None
     dataset_fingerprint: str | None = None
+    pixel_type: str | None = None  # the training images' raw pixel type (uint8, uint16); predict checks it
     table: str | None = None
     id_column: str | None = None
     columns: list | None = None
@@ -162,6 +163,7 @@ def store_source(store: FeatureStore, pool: str) -> FeatureSource:
         preprocess=a.get("preprocess"),
         preprocess_hash=a.get("preprocess_hash"),
         dataset_fingerprint=a.get("dataset_fingerprint"),
+        pixel_type=a.get("pixel_type"),
         image_mean=a.get("image_mean"),
         image_std=a.get("image_std"),
     )
@@ -382,6 +384,7 @@ def from_table(
         raise TprobeError(
             f"{path}: feature column {col!r} holds NaN or infinite values; fill them or --drop-columns {col}"
         )
+    _no_label_copy(path, cols, X, meta["label"].to_numpy())
     filtered = orig["label"].iloc[hit[~kept[hit.to_numpy()]].to_numpy()]
     unused = {
         "filtered": {
@@ -405,6 +408,23 @@ def from_table(
         all_rows=bool(all_rows),
     )
     return FeatureSet(X, meta[META], source)
+
+
+def _no_label_copy(path: Path, cols: list, X: np.ndarray, labels: np.ndarray) -> None:
+    """A feature column that is the label in every scored row (``activated`` 0/1, ``class`` = 1 - label,
+    ``y`` 1/2: two values, one per class) is one line: the probe would read the answer."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(np.unique(labels)) != 2:
+        return
+    for j, col in enumerate(cols):
+        x = X[:, j]
+        one, zero = np.unique(x[labels == 1]), np.unique(x[labels == 0])
+        if len(one) == 1 and len(zero) == 1 and one[0] != zero[0]:
+            raise TprobeError(
+                f"{path}: column {str(col)!r} is the label ({one[0]:g} for every activated cell, "
+                f"{zero[0]:g} for every quiescent one), not a feature; drop it from the table or pass "
+                f"--drop-columns {col}"
+            )
 
 
 def table_note(source: FeatureSource) -> list[str]:

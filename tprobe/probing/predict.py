@@ -13,7 +13,7 @@ from tprobe.cache.extract import extract
 from tprobe.cache.keys import DEFAULT_CACHE
 from tprobe.data.dataset import discover_unlabelled
 from tprobe.data.preprocess import preprocess
-from tprobe.errors import TprobeError
+from tprobe.errors import ChannelError, TprobeError
 from tprobe.features.sources import from_store
 from tprobe.models.backbones import normalisation, resolve_model
 from tprobe.probing.run import load_head
@@ -122,6 +122,7 @@ def predict(
             "bbox_x1",
         ]
     pre = preprocess(found, config, each_file=True)  # every input keeps its row, out-of-range ones too
+    _check_pixel_type(run, src, pre.manifest)
     source = src.model_source or src.model
     if not source:
         raise TprobeError(f"{run}/config.json: records no model to extract with; retrain the probe")
@@ -177,6 +178,24 @@ def predict(
         if overlays is not None:
             _overlays(out, config, Path(overlays), record.random_weights)
     return out[[*cols, "p_activated", "label", "label_name", "kept", "drop_reason", "model_random_init"]]
+
+
+def _check_pixel_type(run: Path, src, manifest: pd.DataFrame) -> None:
+    """The new images must have the training images' raw bit depth: 8-bit pixels are read as they are,
+    16-bit ones scaled by the run's ``--max-value``, so the other depth would be scored on another scale.
+    A run recorded before the bit depth was (no ``pixel_type``) is scored as before."""
+    from tprobe.data.images import bit_depth
+
+    if not src.pixel_type or "pixel_type" not in manifest.columns:
+        return
+    read = manifest[manifest["pixel_type"].notna() & (manifest["pixel_type"] != "")]
+    other = read[read["pixel_type"] != src.pixel_type]
+    if len(other):
+        got, want = bit_depth(other["pixel_type"].iloc[0]), bit_depth(src.pixel_type)
+        raise ChannelError(
+            f"{other['path'].iloc[0]}: {got} pixels, but run {run.name} was trained on {want} images; "
+            f"convert the new images to {want} as the training images were, or retrain on {got} images"
+        )
 
 
 def _crops(data, masks, config, cache):
