@@ -191,3 +191,30 @@ def test_cli_finetune_interrupted_then_resumed(tmp_path, tiny_reg, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "recorded options" in r.output and (run / "metrics.json").exists()
     assert (run / "saliency_donor_1.png").exists()
+
+
+def test_an_interrupted_then_resumed_fold_trains_as_an_uninterrupted_one(learnable, tiny_reg, tmp_path):
+    """A fold interrupted after epoch 1 and resumed from its checkpoint sees the same random views,
+    so its losses and best weights equal the uninterrupted fold's (the run does not depend on the stop)."""
+    train, val = _split(learnable)
+    cfg = TrainConfig(epochs=3, batch_size=8, patience=9)
+    run = lambda **kw: train_fold(  # noqa: E731
+        _make(tiny_reg), train, val, learnable.config, cfg, torch.device("cpu"), **kw
+    )
+    whole_model, whole = run(log=lambda r: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_2(row):
+        if row.get("epoch") == 2:  # before epoch 2's checkpoint: the resume starts from epoch 1's
+            raise Stop
+
+    ck = tmp_path / "fold0.pt"
+    with pytest.raises(Stop):
+        run(checkpoint=ck, log=stop_in_epoch_2)
+    assert torch.load(ck, weights_only=True)["state"]["epoch"] == 1
+    model, resumed = run(checkpoint=ck, log=lambda r: None)
+    assert resumed["train_loss"].tolist() == whole["train_loss"].tolist()
+    a, b = whole_model.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
