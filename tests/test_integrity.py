@@ -540,6 +540,81 @@ def test_leftovers_beside_a_finished_store_are_removed_and_it_is_byte_identical(
     assert _tree(work) == _tree(cache)
 
 
+# finished units whose data went missing before sealing ------------------------------------------------
+def _interrupted(cache: Path, pre, ref, fmt: str, monkeypatch, units: int = 3) -> FeatureStore:
+    """A store of ``pre`` whose extract was interrupted after ``units`` units were written and marked done."""
+    real, written = FeatureStore.write_unit, []
+
+    def write_unit(self, unit, tokens):
+        if len(written) == units:
+            raise KeyboardInterrupt
+        written.append(unit)
+        return real(self, unit, tokens)
+
+    with monkeypatch.context() as m:
+        m.setattr(FeatureStore, "write_unit", write_unit)
+        with pytest.raises(KeyboardInterrupt):
+            extract(pre, ref, cache=cache, fmt=fmt, **KW)
+    store = FeatureStore.open(_store_path(cache, pre, ref, fmt), allow_incomplete=True)
+    assert sorted(store.done_units()) == sorted(written) and not store.complete
+    return store
+
+
+def _store_path(cache, pre, ref, fmt):
+    from tprobe.cache.keys import store_path
+
+    return store_path(cache, pre, ref, fmt="hdf5" if fmt == "hdf5" else "zarr")
+
+
+def _same_values(a: Path, b: Path) -> None:
+    sa, sb = FeatureStore.open(a), FeatureStore.open(b)
+    assert sa.shapes == sb.shapes and not sb.verify(deep=True)
+    for name in sa.shapes:
+        assert np.array_equal(sa.read(name), sb.read(name)), name
+
+
+@pytest.mark.parametrize(
+    "fmt, damage",
+    [("zarr", "delete"), ("zarr", "truncate"), ("hdf5", "delete"), ("hdf5", "truncate")],
+)
+def test_a_finished_unit_whose_data_went_missing_is_written_again_on_resume(
+    tmp_path, built, pre, ref, monkeypatch, caplog, fmt, damage
+):
+    """A resumed extract never seals a unit marked done whose chunk (Zarr) or part (HDF5) is gone or cut:
+    it writes it again, and the store equals an uninterrupted one (before: "written" with a store every
+    reader refuses, or a one-line "delete it and re-extract", or an unexpected error on every rerun)."""
+    store = _interrupted(tmp_path / "cache", pre, ref, fmt, monkeypatch)
+    hit = store.progress_dir / "part_000001.npz" if fmt == "hdf5" else store.path / "patches/c/1/0/0"
+    if damage == "delete":
+        hit.unlink()
+    else:
+        hit.write_bytes(hit.read_bytes()[:100])
+    res = extract(pre, ref, cache=tmp_path / "cache", fmt=fmt, **KW)
+    assert res.status == "written" and res.path == store.path
+    _same_values(built[fmt], store.path)
+    assert "unit 1 (rows 8-16) was marked done but its data is missing" in caplog.text
+
+
+def test_a_damaged_hdf5_part_found_while_sealing_is_one_line_and_the_rerun_redoes_it(
+    tmp_path, built, pre, ref, monkeypatch
+):
+    """A part whose values no longer hash to its marker's hash is never assembled into the store: sealing
+    stops in one line, the unit is marked to be written again, and the next run seals the right values."""
+    store = _interrupted(tmp_path / "cache", pre, ref, "hdf5", monkeypatch)
+    part = store.progress_dir / "part_000002.npz"
+    with np.load(part) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["cls"] = arrays["cls"] + 1
+    np.savez(part, **arrays)
+    with pytest.raises(TprobeError, match="rerun the same `tprobe extract` command") as exc:
+        extract(pre, ref, cache=tmp_path / "cache", fmt="hdf5", **KW)
+    assert "unit 2, rows 16-24" in str(exc.value) and "\n" not in str(exc.value)
+    assert 2 not in store.done_units() and not part.exists() and not store.complete
+    assert not list(store.path.parent.glob(f"{store.path.name}.tmp*"))
+    assert extract(pre, ref, cache=tmp_path / "cache", fmt="hdf5", **KW).status == "written"
+    _same_values(built["hdf5"], store.path)
+
+
 # 16: fsync coverage -----------------------------------------------------------------------------
 def test_zarr_metadata_row_ids_lock_and_new_chunk_folders_are_fsynced(tmp_path, pre, ref, monkeypatch):
     synced = []

@@ -609,6 +609,7 @@ def _open_store(job: _Job, pre, dtype, precision, tokens, chunk_rows, compressio
         layers=job.layers,
         patch_layers=job.patch_layers,
     )
+    job.store.drop_damaged_units()  # finished units whose data went missing are written again (a warning each)
     job.units = set(job.store.pending_units(shard))
 
 

@@ -49,6 +49,7 @@ import socket
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -161,6 +162,14 @@ def _digest_matches(arrays: dict[str, np.ndarray], recorded: str) -> bool:
     newer tprobe holds both kinds)."""
     algo = "xxh3_128" if recorded.startswith("xxh3_128:") else "blake2b"
     return _unit_digest(arrays, algo) == recorded
+
+
+class _DamagedParts(Exception):
+    """Raised while assembling an HDF5 store: these units' parts were missing or damaged (markers removed)."""
+
+    def __init__(self, units: list[int]):
+        super().__init__(units)
+        self.units = units
 
 
 def _remove(path: Path) -> None:
@@ -698,6 +707,7 @@ class FeatureStore:
         else:
             part = self.progress_dir / f"part_{unit:06d}.npz"
             atomic_write(part, lambda p: np.savez(open(p, "wb"), **arrays))
+            record["part_size"] = part.stat().st_size
         atomic_write(self.progress_dir / f"unit_{unit:06d}.done", lambda p: p.write_text(json.dumps(record)))
 
     def _write_chunk(self, name: str, unit: int, arr: np.ndarray) -> None:
@@ -786,6 +796,69 @@ class FeatureStore:
             paths.append(Path(folder))
         return [*paths, root.parent]
 
+    def drop_damaged_units(self, units=None) -> list[int]:
+        """Units marked done whose data is gone: a Zarr chunk or an HDF5 store's part missing or not the size
+        its marker recorded. Their markers (and parts) are removed, so they are written again; returns
+        them. A marker is renamed into place after its unit's data reached the disk, so only damage from
+        outside (a cut copy, a lost file) makes one; sealing such a store would seal a store that reads
+        zeros, or that every reader refuses."""
+        if self.complete:
+            return []
+        bad = []
+        for u in sorted(self.done_units()) if units is None else units:
+            marker = self.progress_dir / f"unit_{u:06d}.done"
+            try:
+                rec = json.loads(marker.read_text() or "{}")
+            except FileNotFoundError:
+                continue  # not done (a concurrent sealer renamed the folder away)
+            except (OSError, ValueError):
+                rec = None
+            sizes = rec.get("sizes") if isinstance(rec, dict) else None
+            if rec is None:
+                damaged = True
+            elif self.format == "zarr":
+                damaged = False
+                for name in self.shapes:
+                    want = sizes.get(name) if isinstance(sizes, dict) else None
+                    try:
+                        st = self._chunk_file(name, u).stat()
+                    except (FileNotFoundError, NotADirectoryError):
+                        damaged = True
+                        break
+                    if want is not None and st.st_size != want:
+                        damaged = True
+                        break
+            else:
+                part = self.progress_dir / f"part_{u:06d}.npz"
+                want = rec.get("part_size") if isinstance(rec, dict) else None
+                damaged = not part.is_file() or (want is not None and part.stat().st_size != want)
+            if damaged:
+                sl = self.unit_slice(u)
+                log.warning(
+                    "%s: unit %d (rows %d-%d) was marked done but its data is missing or truncated; "
+                    "it is written again",
+                    self.path,
+                    u,
+                    sl.start,
+                    sl.stop,
+                )
+                self._drop_unit(u)
+                bad.append(u)
+        return bad
+
+    def _drop_unit(self, unit: int) -> None:
+        """Mark a finished unit not done (its marker first), so the next run writes it again."""
+        _remove(self.progress_dir / f"unit_{unit:06d}.done")
+        _remove(self.progress_dir / f"part_{unit:06d}.npz")
+
+    def _redo_line(self, bad: list[int]) -> str:
+        sl = self.unit_slice(bad[0])
+        return (
+            f"{self.path}: {len(bad)} finished unit(s) (first: unit {bad[0]}, rows {sl.start}-{sl.stop}) were "
+            "missing or damaged on disk, so the store was not sealed; they are marked to be written again — "
+            "rerun the same `tprobe extract` command"
+        )
+
     def _unit_records(self) -> dict | None:
         """Every unit's recorded hash (and Zarr chunk sizes), from the markers; None if any marker predates them."""
         hashes, sizes = [], {name: [] for name in self.shapes} if self.format == "zarr" else {}
@@ -807,6 +880,9 @@ class FeatureStore:
             return True
         if len(self.done_units()) < self.n_units:
             return False
+        bad = self.drop_damaged_units()
+        if bad:
+            raise TprobeError(self._redo_line(bad))
         meta = dict(self.meta)
         try:
             units = self._unit_records()
@@ -824,7 +900,11 @@ class FeatureStore:
                 fsync_path(self.path / "zarr.json")
                 fsync_path(self.path)
             else:
-                atomic_write(self.path, lambda p: self._assemble_h5(p, meta))
+                try:
+                    atomic_write(self.path, lambda p: self._assemble_h5(p, meta))
+                except _DamagedParts as exc:
+                    _remove(self.path.with_name(self.path.name + f".tmp{os.getpid()}"))
+                    raise TprobeError(self._redo_line(exc.units)) from None
             # one atomic step turns the store complete; a concurrent sealer that lost the race finds it gone
             trash = self.path.with_name(f"{self.path.name}.sealed-{os.getpid()}")
             os.rename(self.progress_dir, trash)
@@ -861,10 +941,27 @@ class FeatureStore:
                 )
             for dim, values in self._layer_coords().items():
                 f.create_dataset(dim, data=np.asarray(values, dtype=np.int64))
+            hashes, bad = (meta.get("units") or {}).get("hash"), []
             for unit in range(self.n_units):
-                with np.load(self.progress_dir / f"part_{unit:06d}.npz", allow_pickle=False) as part:
-                    for name, ds in dsets.items():
-                        ds[self.unit_slice(unit)] = part[name]
+                try:
+                    with np.load(self.progress_dir / f"part_{unit:06d}.npz", allow_pickle=False) as part:
+                        arrays = {name: part[name] for name in dsets}
+                    ok = hashes is None or _digest_matches(arrays, hashes[unit])
+                except FileNotFoundError:
+                    if not self.progress_dir.exists():
+                        raise  # sealed meanwhile by another worker
+                    ok = False
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a cut or damaged part
+                    ok = False
+                if not ok:
+                    bad.append(unit)
+                    continue
+                for name, ds in dsets.items():
+                    ds[self.unit_slice(unit)] = arrays[name]
+            if bad:
+                for unit in bad:
+                    self._drop_unit(unit)
+                raise _DamagedParts(bad)
             for name, ds in dsets.items():
                 for i, dim in enumerate(_dims(name, self.channels, self.layered)):
                     ds.dims[i].label = dim
