@@ -615,6 +615,28 @@ def test_a_damaged_hdf5_part_found_while_sealing_is_one_line_and_the_rerun_redoe
     _same_values(built["hdf5"], store.path)
 
 
+@pytest.mark.parametrize("executor", [["--workers", "2"], ["--executor", "slurm", "--shards", "2"]])
+def test_up_to_date_with_workers_or_slurm_checks_the_store_and_restores_its_manifest(
+    tmp_path, built, data, tiny_reg, executor
+):
+    """`extract --workers N` and `--executor slurm` find a sealed store as a one-process extract does: its
+    deleted manifest restored (before: "up to date" and the manifest still missing, so every reader asked to
+    re-extract, and re-extracting said "up to date" again), a missing chunk refused in one line."""
+    cache = built["zarr"].parents[3]
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    store = work / built["zarr"].relative_to(cache)
+    manifest_path(store).unlink()
+    args = ["extract", "--model", str(tiny_reg), "--data", str(data), "--cache", str(work), *executor]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "up to date" in r.output, r.output
+    assert manifest_path(store).read_bytes() == manifest_path(built["zarr"]).read_bytes()
+    (store / "cls" / "c" / "1" / "0").unlink()
+    r = CliRunner().invoke(main, args)
+    _one_line_exit_2(r)
+    assert "chunk cls/c/1 is missing" in r.output
+
+
 # 16: fsync coverage -----------------------------------------------------------------------------
 def test_zarr_metadata_row_ids_lock_and_new_chunk_folders_are_fsynced(tmp_path, pre, ref, monkeypatch):
     synced = []
