@@ -637,6 +637,30 @@ def test_up_to_date_with_workers_or_slurm_checks_the_store_and_restores_its_mani
     assert "chunk cls/c/1 is missing" in r.output
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_a_second_extract_of_the_same_store_never_overwrites_what_the_first_finished_or_sealed(tmp_path, fmt):
+    """Two extracts of one store at once (another node, another device: other bits): a unit the first marked
+    done, or a store it sealed, is left as it is by the second (before: the second rewrote the sealed
+    store's chunks, which then read its values under the first's hashes, then failed with FileNotFoundError)."""
+    path = tmp_path / f"s{'.zarr' if fmt == 'zarr' else '.h5'}"
+    kw = dict(row_ids=[f"r{i}" for i in range(8)], hidden=4, registers=0, patches=2, chunk_rows=4)
+    first = FeatureStore.create(path, compression="none", **kw)
+    second = FeatureStore.create(path, compression="none", **kw)
+
+    def tokens(v):
+        return {"cls": np.full((4, 4), v, np.float16), "patches": np.full((4, 2, 4), v, np.float16)}
+
+    first.write_unit(0, tokens(1.0))
+    second.write_unit(0, tokens(2.0))  # done meanwhile by the first: skipped
+    first.write_unit(1, tokens(1.0))
+    assert first.finalize()
+    second.write_unit(1, tokens(2.0))  # sealed meanwhile: skipped
+    assert second.finalize()
+    sealed = FeatureStore.open(path)
+    assert (sealed.read("cls") == 1).all() and (sealed.read("patches") == 1).all()
+    assert sealed.verify(deep=True) == []
+
+
 # 16: fsync coverage -----------------------------------------------------------------------------
 def test_zarr_metadata_row_ids_lock_and_new_chunk_folders_are_fsynced(tmp_path, pre, ref, monkeypatch):
     synced = []

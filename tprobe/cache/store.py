@@ -692,6 +692,11 @@ class FeatureStore:
             if arr.shape != (rows, *shape[1:]):
                 raise ValueError(f"unit {unit} {name}: shape {arr.shape} != {(rows, *shape[1:])}")
             arrays[name] = arr.astype(dtype, copy=False)
+        marker = self.progress_dir / f"unit_{unit:06d}.done"
+        if marker.exists() or not self.progress_dir.exists():
+            # written meanwhile by another extract of this store, or sealed by it: its rows stand (never
+            # overwrite a sealed store's chunks, whose sizes and hashes are recorded)
+            return
         record = {"hash": _unit_digest(arrays)}
         if self.format == "zarr":
             record["sizes"] = {}
@@ -708,7 +713,15 @@ class FeatureStore:
             part = self.progress_dir / f"part_{unit:06d}.npz"
             atomic_write(part, lambda p: np.savez(open(p, "wb"), **arrays))
             record["part_size"] = part.stat().st_size
-        atomic_write(self.progress_dir / f"unit_{unit:06d}.done", lambda p: p.write_text(json.dumps(record)))
+        try:
+            atomic_write(marker, lambda p: p.write_text(json.dumps(record)))
+        except FileNotFoundError:
+            if self.progress_dir.exists():
+                raise
+            raise TprobeError(
+                f"{self.path}: another extract of this store sealed it while this one wrote unit {unit}; "
+                f"check it with `tprobe status --deep {self.path.name}` (delete and re-extract if damaged)"
+            ) from None
 
     def _write_chunk(self, name: str, unit: int, arr: np.ndarray) -> None:
         """Write ``unit``'s chunk of array ``name`` as Zarr would (the same bytes: a test compares them), from
