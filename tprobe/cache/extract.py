@@ -616,7 +616,10 @@ def _open_store(job: _Job, pre, dtype, precision, tokens, chunk_rows, compressio
         layers=job.layers,
         patch_layers=job.patch_layers,
     )
-    job.store.drop_damaged_units()  # finished units whose data went missing are written again (a warning each)
+    # this shard's finished units whose data went missing are written again (a warning each); other shards'
+    # may be in flight on other nodes: the worker that seals checks them all
+    i, k = shard
+    job.store.drop_damaged_units([u for u in sorted(job.store.done_units()) if u % k == i])
     job.units = set(job.store.pending_units(shard))
 
 
