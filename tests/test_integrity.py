@@ -661,6 +661,42 @@ def test_a_second_extract_of_the_same_store_never_overwrites_what_the_first_fini
     assert sealed.verify(deep=True) == []
 
 
+def test_a_temp_file_of_a_writer_on_another_node_is_left_alone(tmp_path, built, monkeypatch):
+    """Nodes of a cluster share the cache and their pids repeat: a store opened (or created, as every array
+    task does) on node B never removes the temp file node A is writing beside it, whose pid is no process on
+    B (before: removed, so A's extract failed with FileNotFoundError; two nodes' processes of one pid also
+    wrote one temp file). A dead process's temp file on this node is still removed."""
+    import socket
+
+    from tprobe.cache.files import atomic_write
+
+    store = _copy(built["zarr"], tmp_path / "cache")
+    target = manifest_path(store)
+    want = target.read_bytes()
+    node_a_pid, real_pid = _dead_pid(), os.getpid()  # a pid with no process on this node (B)
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(want[:10])
+        with monkeypatch.context() as b:  # meanwhile node B opens the store
+            b.setattr(socket, "gethostname", lambda: "node-b")
+            b.setattr(os, "getpid", lambda: real_pid)
+            FeatureStore.open(store)
+        assert tmp.exists(), "node B removed node A's temp file"
+        tmp.write_bytes(want)
+
+    with monkeypatch.context() as a:  # node A writes the store's manifest
+        a.setattr(socket, "gethostname", lambda: "node-a")
+        a.setattr(os, "getpid", lambda: node_a_pid)
+        atomic_write(target, write)
+    assert target.read_bytes() == want
+    mine = Path(f"{target}.tmp@{socket.gethostname()}@{node_a_pid}")
+    theirs = Path(f"{target}.tmp@node-a@{node_a_pid}")
+    for p in (mine, theirs):
+        p.write_bytes(b"half a parquet")
+    FeatureStore.open(store)
+    assert not mine.exists() and theirs.exists()
+
+
 # 16: fsync coverage -----------------------------------------------------------------------------
 def test_zarr_metadata_row_ids_lock_and_new_chunk_folders_are_fsynced(tmp_path, pre, ref, monkeypatch):
     synced = []

@@ -61,7 +61,7 @@ from tprobe.errors import TprobeError
 if TYPE_CHECKING:
     import pandas as pd
 
-from tprobe.cache.files import atomic_write, fsync_all, fsync_path
+from tprobe.cache.files import atomic_write, fsync_all, fsync_path, temp_path
 from tprobe.cache.keys import (
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
@@ -430,12 +430,17 @@ class FeatureStore:
         its manifest's) and progress folders already renamed away, unless their process still runs."""
         removed = []
         names = (self.path.name, self.path.name + ".manifest.parquet")
+        here = socket.gethostname()
         for name in names:
             for pattern, sep in ((".tmp*", ".tmp"), (".sealed-*", ".sealed-")):
                 for p in self.path.parent.glob(name + pattern):
-                    pid = p.name.rsplit(sep, 1)[-1]
-                    if not pid.isdigit() or (
-                        int(pid) != os.getpid() and _alive({"host": socket.gethostname(), "pid": int(pid)})
+                    tag = p.name[len(name) + len(sep) :]
+                    # ".tmp@<host>@<pid>" (temp_path); a bare pid: this host's, as tprobe <= 0.6.0 named them
+                    host, _, pid = tag[1:].rpartition("@") if tag.startswith("@") else (here, "", tag)
+                    if (
+                        not pid.isdigit()
+                        or host != here  # another node's: its pid says nothing here, it may still run
+                        or (int(pid) != os.getpid() and _alive({"host": here, "pid": int(pid)}))
                     ):
                         continue
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else _remove(p)
@@ -916,7 +921,7 @@ class FeatureStore:
                 try:
                     atomic_write(self.path, lambda p: self._assemble_h5(p, meta))
                 except _DamagedParts as exc:
-                    _remove(self.path.with_name(self.path.name + f".tmp{os.getpid()}"))
+                    _remove(temp_path(self.path))
                     raise TprobeError(self._redo_line(exc.units)) from None
             # one atomic step turns the store complete; a concurrent sealer that lost the race finds it gone
             trash = self.path.with_name(f"{self.path.name}.sealed-{os.getpid()}")
