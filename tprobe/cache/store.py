@@ -30,7 +30,7 @@ Integrity (store format 2): each unit's marker records a hash of its decoded val
 the size of every chunk file; sealing copies them into the store's metadata (``tprobe_meta["units"]``).
 Opening a sealed Zarr store checks that every chunk file exists with its recorded size (a deleted
 chunk would otherwise read as zeros, Zarr's fill value) and removes what killed writers leave
-(``*.partial`` files, ``.sealed-<pid>`` folders, ``.tmp<pid>`` files); :meth:`FeatureStore.verify`
+(``*.partial`` files, ``.sealed-<pid>`` folders, ``.tmp@<host>@<pid>`` files of this host); :meth:`FeatureStore.verify`
 with ``deep=True`` re-hashes every unit (``tprobe status --deep``), for HDF5 stores too. Stores
 written before format 2 carry no hashes: they are checked for chunk existence only, with a note.
 A creator holds an ``fcntl.flock`` on ``create.lock`` while it creates the arrays; a lock nobody
