@@ -844,3 +844,26 @@ def test_a_moved_model_folder_is_one_line_without_the_hub(tmp_path, data, pre, r
     )
     _one_line_exit_2(r)
     assert "is not there" in r.output and "contacting the Hugging Face hub" not in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "zarr"])
+def test_an_unreadable_sealed_store_names_a_fix_that_works(tmp_path, built, data, tiny_reg, fmt):
+    """A sealed store tprobe cannot open (a cut HDF5 file, a Zarr group without its metadata) is one line
+    whose fix works: it said "re-extract it", and `tprobe extract` refused with that same line forever."""
+    cache = built[fmt].parents[3]
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    store = work / built[fmt].relative_to(cache)
+    if fmt == "hdf5":
+        store.write_bytes(store.read_bytes()[: store.stat().st_size // 2])
+    else:
+        (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    args = ["extract", "--model", str(tiny_reg), "--data", str(data), "--cache", str(work)]
+    args += ["--chunk-rows", "8", "--batch-size", "8", "--format", fmt]
+    r = CliRunner().invoke(main, args)
+    _one_line_exit_2(r)
+    assert "delete it and re-extract" in r.output
+    shutil.rmtree(store) if store.is_dir() else store.unlink()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    _same_values(built[fmt], store)

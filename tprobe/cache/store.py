@@ -590,7 +590,7 @@ class FeatureStore:
         except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:  # the last two: Zarr's, on
             # JSON that is not its metadata (a list, attributes that are not a dict, an unknown key)
             raise TprobeError(
-                f"{path}: not a readable tprobe store ({type(exc).__name__}); re-extract it"
+                f"{path}: not a readable tprobe store ({type(exc).__name__}); delete it and re-extract"
             ) from None
         store = cls(path, _checked_meta(path, meta))
         store._clean_leftovers()
