@@ -867,3 +867,27 @@ def test_an_unreadable_sealed_store_names_a_fix_that_works(tmp_path, built, data
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     _same_values(built[fmt], store)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+@pytest.mark.parametrize("damage", ['{"format": "za', "[]"])
+def test_a_damaged_progress_meta_is_one_line_naming_what_to_delete(
+    tmp_path, built, pre, ref, data, tiny_reg, monkeypatch, fmt, damage
+):
+    """A store being written whose progress meta.json is cut or not tprobe's: one line naming the progress
+    folder (before: an unexpected JSONDecodeError on every command, or "delete the store", which left the
+    progress folder and the same refusal; an HDF5 store being written has no store file to delete)."""
+    store = _interrupted(tmp_path / "cache", pre, ref, fmt, monkeypatch)
+    (store.progress_dir / "meta.json").write_text(damage)
+    args = ["extract", "--model", str(tiny_reg), "--data", str(data), "--cache", str(tmp_path / "cache")]
+    args += ["--chunk-rows", "8", "--batch-size", "8", "--format", fmt]
+    for cmd in (args, ["status", str(store.path)]):
+        r = CliRunner().invoke(main, cmd)
+        _one_line_exit_2(r)
+        assert f"delete {store.progress_dir.name}" in r.output
+        assert (f" and {store.path.name} beside" in r.output) == (fmt == "zarr")
+    shutil.rmtree(store.progress_dir)
+    shutil.rmtree(store.path, ignore_errors=True)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    _same_values(built[fmt], store.path)

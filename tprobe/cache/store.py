@@ -206,7 +206,7 @@ def _alive(owner: dict) -> bool:
     return True
 
 
-def _checked_meta(path: Path, meta) -> dict:
+def _checked_meta(path: Path, meta, fix: str = "delete the store and re-extract") -> dict:
     """The store's ``tprobe_meta``, its keys and types checked (one line naming the fix otherwise)."""
     ok = isinstance(meta, dict) and all(isinstance(meta.get(k), t) for k, t in _META_KEYS.items())
     if ok:
@@ -226,8 +226,7 @@ def _checked_meta(path: Path, meta) -> dict:
         )
     if not ok:
         raise TprobeError(
-            f"{path}: its tprobe_meta attribute is damaged (not the metadata tprobe writes); "
-            "delete the store and re-extract"
+            f"{path}: its tprobe_meta attribute is damaged (not the metadata tprobe writes); {fix}"
         )
     return meta
 
@@ -564,7 +563,16 @@ class FeatureStore:
         path = Path(path)
         progress = progress_dir(path) / "meta.json"
         if progress.exists():
-            store = cls(path, _checked_meta(path, json.loads(progress.read_text())))
+            # a store being written: its metadata is the progress folder's (the store, if any, is not whole)
+            fix = (
+                f"delete {progress.parent.name}{' and ' + path.name if path.exists() else ''} "
+                "beside it and rerun `tprobe extract`"
+            )
+            try:
+                meta = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                raise TprobeError(f"{progress}: is damaged (not the JSON tprobe writes); {fix}") from None
+            store = cls(path, _checked_meta(progress, meta, fix))
             if not allow_incomplete:
                 done, total = len(store.done_units()), store.n_units
                 raise TprobeError(
