@@ -891,3 +891,24 @@ def test_a_damaged_progress_meta_is_one_line_naming_what_to_delete(
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     _same_values(built[fmt], store.path)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+@pytest.mark.parametrize("damage", ["delete", "cut"])
+def test_a_store_being_written_that_lost_its_row_ids_is_restored_by_the_rerun(
+    tmp_path, built, pre, ref, monkeypatch, fmt, damage
+):
+    """A store being written whose progress row_ids.npy is gone or cut: status says so in one line, and the
+    rerun of extract restores it from its own rows (before: an unexpected FileNotFoundError / ValueError
+    from status and, for HDF5, from every extract that sealed it, so the store could never be finished)."""
+    store = _interrupted(tmp_path / "cache", pre, ref, fmt, monkeypatch)
+    ids = store.progress_dir / "row_ids.npy"
+    if damage == "delete":
+        ids.unlink()
+    else:
+        ids.write_bytes(ids.read_bytes()[:100])
+    r = CliRunner().invoke(main, ["status", str(store.path)])
+    _one_line_exit_2(r)
+    assert "row_ids.npy: missing or damaged; rerun the same `tprobe extract`" in r.output
+    assert extract(pre, ref, cache=tmp_path / "cache", fmt=fmt, **KW).status == "written"
+    _same_values(built[fmt], store.path)

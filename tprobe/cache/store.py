@@ -361,7 +361,31 @@ class FeatureStore:
                     f"and has not finished; if it is dead, delete {store.progress_dir} and rerun"
                 )
             time.sleep(0.2)
-        return cls.open(path, allow_incomplete=True)._check_layout(meta)
+        store = cls.open(path, allow_incomplete=True)._check_layout(meta)
+        if not store.complete:
+            store._restore_row_ids(row_ids)
+        return store
+
+    def _restore_row_ids(self, row_ids: list[str]) -> None:
+        """A store being written that lost its ``row_ids.npy`` (an HDF5 store's rows, read at sealing) gets it
+        back from the rows it is resumed with: their hash is the store's (:meth:`_check_layout`)."""
+        ids = np.asarray(row_ids, dtype=str)
+        f = self.progress_dir / "row_ids.npy"
+        try:
+            if np.array_equal(np.load(f, allow_pickle=False), ids):
+                return
+        except FileNotFoundError:
+            if not self.progress_dir.exists():
+                return  # sealed meanwhile
+        except (OSError, ValueError):
+            pass
+        log.warning("%s: its row ids (%s) were missing or damaged; restored", self.path, f.name)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, ids)
+
+        atomic_write(f, write)
 
     def _claim_creation(self) -> bool:
         """Exactly one of several concurrent workers creates the arrays: the one holding ``create.lock``'s flock.
@@ -999,7 +1023,13 @@ class FeatureStore:
     def row_ids(self) -> np.ndarray:
         """The ``image_id`` of every row, in store order."""
         if not self.complete:
-            return np.load(self.progress_dir / "row_ids.npy", allow_pickle=False)
+            f = self.progress_dir / "row_ids.npy"
+            try:
+                return np.load(f, allow_pickle=False)
+            except (OSError, ValueError):
+                raise TprobeError(
+                    f"{f}: missing or damaged; rerun the same `tprobe extract` command (it restores it)"
+                ) from None
         try:
             if self.format == "zarr":
                 values = string_array(self.path / "row_ids")  # tprobe's layout, read without zarr
