@@ -218,3 +218,22 @@ def test_an_interrupted_then_resumed_fold_trains_as_an_uninterrupted_one(learnab
     assert resumed["train_loss"].tolist() == whole["train_loss"].tolist()
     a, b = whole_model.state_dict(), model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_an_fp32_fold_resumes_under_a_gradient_scaler(learnable, tiny_reg, tmp_path):
+    """precision auto is fp32 on a CPU and fp16 (a GradScaler) on a GPU: a fold checkpointed on one resumes
+    on the other (an fp32 checkpoint holds the disabled scaler's empty state, which a scaler refuses)."""
+    train, val = _split(learnable)
+    ck = tmp_path / "fold0.pt"
+    for epochs, precision in ((1, "fp32"), (2, "fp16")):
+        _, curves = train_fold(
+            _make(tiny_reg),
+            train,
+            val,
+            learnable.config,
+            TrainConfig(epochs=epochs, batch_size=8, precision=precision),
+            torch.device("cpu"),
+            checkpoint=ck,
+            log=lambda r: None,
+        )
+    assert curves["epoch"].tolist() == [1, 2]

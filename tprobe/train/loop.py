@@ -179,7 +179,7 @@ def train_fold(
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         state = ck["state"]
-        if "scaler" in ck:  # older checkpoints lack it
+        if ck.get("scaler") and scaler.is_enabled():  # older checkpoints, and fp32 runs' (empty), have none
             scaler.load_state_dict(ck["scaler"])
     data = ImageRows(train, prep, augment=True, seed=cfg.seed)
     while state["epoch"] < cfg.epochs and state["bad"] < cfg.patience:
