@@ -220,9 +220,13 @@ def test_an_interrupted_then_resumed_fold_trains_as_an_uninterrupted_one(learnab
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_a_checkpoint_of_an_fp32_fold_resumes_under_a_gradient_scaler(learnable, tiny_reg, tmp_path):
+def test_a_checkpoint_of_an_fp32_fold_resumes_under_a_gradient_scaler(
+    learnable, tiny_reg, tmp_path, monkeypatch
+):
     """precision auto is fp32 on a CPU and fp16 (a GradScaler) on a GPU: a fold checkpointed on one resumes
     on the other (an fp32 checkpoint holds the disabled scaler's empty state, which a scaler refuses)."""
+    real = torch.amp.GradScaler  # a CUDA scaler disables itself without CUDA: here it scales on the CPU
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda enabled=True: real("cpu", enabled=enabled))
     train, val = _split(learnable)
     ck = tmp_path / "fold0.pt"
     for epochs, precision in ((1, "fp32"), (2, "fp16")):
