@@ -912,3 +912,35 @@ def test_a_store_being_written_that_lost_its_row_ids_is_restored_by_the_rerun(
     assert "row_ids.npy: missing or damaged; rerun the same `tprobe extract`" in r.output
     assert extract(pre, ref, cache=tmp_path / "cache", fmt=fmt, **KW).status == "written"
     _same_values(built[fmt], store.path)
+
+
+def test_status_of_a_store_whose_creator_died_says_to_rerun_not_to_wait(tmp_path):
+    """A creator killed before meta.json leaves a progress folder without it: status said "a worker is
+    creating this store right now; ask again in a moment" forever. Now only while a worker holds create.lock
+    (or made it a moment ago); otherwise one line saying the rerun takes over, which it does."""
+    import fcntl
+
+    path = tmp_path / "s.zarr"
+    progress = path.with_name("s.zarr.progress")
+    progress.mkdir()
+    lock = progress / "create.lock"
+    lock.write_text("")
+    old = time.time() - 60
+    for p in (lock, progress):
+        os.utime(p, (old, old))
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live creator
+    try:
+        r = CliRunner().invoke(main, ["status", str(path)])
+        _one_line_exit_2(r)
+        assert "creating this store right now" in r.output
+    finally:
+        os.close(fd)  # ... that dies
+    r = CliRunner().invoke(main, ["status", str(path)])
+    _one_line_exit_2(r)
+    assert "the worker that began creating this store is gone" in r.output and "rerun" in r.output
+    _create(path)  # the rerun takes over
+    r = CliRunner().invoke(
+        main, ["status", str(path)]
+    )  # exit 2: a store made without extract has no manifest
+    assert "creating this store" not in r.output and "incomplete" in r.output, r.output
