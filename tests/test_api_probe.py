@@ -179,3 +179,23 @@ def test_a_preprocessed_object_is_accepted_as_data(store, data):
         from tprobe.data.preprocess import PreprocessConfig, prepare
 
         prepare(pre, PreprocessConfig(views="six", canvas=224))
+
+
+def test_predict_gives_a_dropped_duplicate_no_probability(store, data, tmp_path):
+    """A copy of a scored image is dropped as a duplicate and, like every dropped image, has no probability
+    (before: the scored copy's, beside an empty label, so counting probabilities counted it twice)."""
+    import shutil
+    from pathlib import Path
+
+    run = tprobe.probe(store, out=tmp_path / "runs", **FAST)
+    folder = tmp_path / "new"
+    shutil.copytree(data / "donor_1", folder)
+    first = tprobe.predict(run.path_, folder, cache=store.parents[3], threshold=0.0)
+    scored = first[first["kept"]].iloc[0]
+    src = Path(scored["path"])
+    shutil.copy(src, src.with_name("copy_of_" + src.name))
+    table = tprobe.predict(run.path_, folder, cache=store.parents[3], threshold=0.0)
+    copy = table[table["path"].str.contains("copy_of_")].iloc[0]
+    assert copy["drop_reason"] == "duplicate" and not copy["kept"]
+    assert pd.isna(copy["p_activated"]) and pd.isna(copy["label"])
+    assert table["p_activated"].notna().sum() == first["p_activated"].notna().sum()

@@ -191,3 +191,53 @@ def test_cli_finetune_interrupted_then_resumed(tmp_path, tiny_reg, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "recorded options" in r.output and (run / "metrics.json").exists()
     assert (run / "saliency_donor_1.png").exists()
+
+
+def test_an_interrupted_then_resumed_fold_trains_as_an_uninterrupted_one(learnable, tiny_reg, tmp_path):
+    """A fold interrupted after epoch 1 and resumed from its checkpoint sees the same random views,
+    so its losses and best weights equal the uninterrupted fold's (the run does not depend on the stop)."""
+    train, val = _split(learnable)
+    cfg = TrainConfig(epochs=3, batch_size=8, patience=9)
+    run = lambda **kw: train_fold(  # noqa: E731
+        _make(tiny_reg), train, val, learnable.config, cfg, torch.device("cpu"), **kw
+    )
+    whole_model, whole = run(log=lambda r: None)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_epoch_2(row):
+        if row.get("epoch") == 2:  # before epoch 2's checkpoint: the resume starts from epoch 1's
+            raise Stop
+
+    ck = tmp_path / "fold0.pt"
+    with pytest.raises(Stop):
+        run(checkpoint=ck, log=stop_in_epoch_2)
+    assert torch.load(ck, weights_only=True)["state"]["epoch"] == 1
+    model, resumed = run(checkpoint=ck, log=lambda r: None)
+    assert resumed["train_loss"].tolist() == whole["train_loss"].tolist()
+    a, b = whole_model.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_checkpoint_of_an_fp32_fold_resumes_under_a_gradient_scaler(
+    learnable, tiny_reg, tmp_path, monkeypatch
+):
+    """precision auto is fp32 on a CPU and fp16 (a GradScaler) on a GPU: a fold checkpointed on one resumes
+    on the other (an fp32 checkpoint holds the disabled scaler's empty state, which a scaler refuses)."""
+    real = torch.amp.GradScaler  # a CUDA scaler disables itself without CUDA: here it scales on the CPU
+    monkeypatch.setattr(torch.amp, "GradScaler", lambda enabled=True: real("cpu", enabled=enabled))
+    train, val = _split(learnable)
+    ck = tmp_path / "fold0.pt"
+    for epochs, precision in ((1, "fp32"), (2, "fp16")):
+        _, curves = train_fold(
+            _make(tiny_reg),
+            train,
+            val,
+            learnable.config,
+            TrainConfig(epochs=epochs, batch_size=8, precision=precision),
+            torch.device("cpu"),
+            checkpoint=ck,
+            log=lambda r: None,
+        )
+    assert curves["epoch"].tolist() == [1, 2]

@@ -308,3 +308,28 @@ def test_report_does_not_embed_a_figure_linked_from_outside_the_run(tmp_path):
         base64.b64encode(secret.read_bytes()).decode()[:16]
         not in (tmp_path / "rep" / "report.html").read_text()
     )
+
+
+def test_a_run_file_rewrite_that_fails_on_a_full_disk_leaves_the_old_file(tmp_path, monkeypatch):
+    """Fine-tuning rewrites config.json after its last fold, when checkpoints may have filled the disk: a
+    write that fails there leaves the record whole (before: cut, so `finetune --resume` refused the run
+    as not valid JSON and every trained fold was lost)."""
+    import errno
+    from pathlib import Path
+
+    from tprobe.runs.record import read_json, write_json
+
+    path = tmp_path / "config.json"
+    write_json(path, {"command": "finetune", "options": {"pool": "cls"}, "n": 1})
+
+    def disk_full(self, data, *a, **kw):
+        with open(self, "w") as f:
+            f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "write_text", disk_full)
+        with pytest.raises(OSError):
+            write_json(path, {"command": "finetune", "options": {"pool": "cls"}, "n": 2})
+    assert read_json(path) == {"command": "finetune", "options": {"pool": "cls"}, "n": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]

@@ -540,6 +540,163 @@ def test_leftovers_beside_a_finished_store_are_removed_and_it_is_byte_identical(
     assert _tree(work) == _tree(cache)
 
 
+# finished units whose data went missing before sealing ------------------------------------------------
+def _interrupted(cache: Path, pre, ref, fmt: str, monkeypatch, units: int = 3) -> FeatureStore:
+    """A store of ``pre`` whose extract was interrupted after ``units`` units were written and marked done."""
+    real, written = FeatureStore.write_unit, []
+
+    def write_unit(self, unit, tokens):
+        if len(written) == units:
+            raise KeyboardInterrupt
+        written.append(unit)
+        return real(self, unit, tokens)
+
+    with monkeypatch.context() as m:
+        m.setattr(FeatureStore, "write_unit", write_unit)
+        with pytest.raises(KeyboardInterrupt):
+            extract(pre, ref, cache=cache, fmt=fmt, **KW)
+    store = FeatureStore.open(_store_path(cache, pre, ref, fmt), allow_incomplete=True)
+    assert sorted(store.done_units()) == sorted(written) and not store.complete
+    return store
+
+
+def _store_path(cache, pre, ref, fmt):
+    from tprobe.cache.keys import store_path
+
+    return store_path(cache, pre, ref, fmt="hdf5" if fmt == "hdf5" else "zarr")
+
+
+def _same_values(a: Path, b: Path) -> None:
+    sa, sb = FeatureStore.open(a), FeatureStore.open(b)
+    assert sa.shapes == sb.shapes and not sb.verify(deep=True)
+    for name in sa.shapes:
+        assert np.array_equal(sa.read(name), sb.read(name)), name
+
+
+@pytest.mark.parametrize(
+    "fmt, damage",
+    [("zarr", "delete"), ("zarr", "truncate"), ("hdf5", "delete"), ("hdf5", "truncate")],
+)
+def test_a_finished_unit_whose_data_went_missing_is_written_again_on_resume(
+    tmp_path, built, pre, ref, monkeypatch, caplog, fmt, damage
+):
+    """A resumed extract never seals a unit marked done whose chunk (Zarr) or part (HDF5) is gone or cut:
+    it writes it again, and the store equals an uninterrupted one (before: "written" with a store every
+    reader refuses, or a one-line "delete it and re-extract", or an unexpected error on every rerun)."""
+    store = _interrupted(tmp_path / "cache", pre, ref, fmt, monkeypatch)
+    hit = store.progress_dir / "part_000001.npz" if fmt == "hdf5" else store.path / "patches/c/1/0/0"
+    if damage == "delete":
+        hit.unlink()
+    else:
+        hit.write_bytes(hit.read_bytes()[:100])
+    res = extract(pre, ref, cache=tmp_path / "cache", fmt=fmt, **KW)
+    assert res.status == "written" and res.path == store.path
+    _same_values(built[fmt], store.path)
+    assert "unit 1 (rows 8-16) was marked done but its data is missing" in caplog.text
+
+
+def test_a_damaged_hdf5_part_found_while_sealing_is_one_line_and_the_rerun_redoes_it(
+    tmp_path, built, pre, ref, monkeypatch
+):
+    """A part whose values no longer hash to its marker's hash is never assembled into the store: sealing
+    stops in one line, the unit is marked to be written again, and the next run seals the right values."""
+    store = _interrupted(tmp_path / "cache", pre, ref, "hdf5", monkeypatch)
+    part = store.progress_dir / "part_000002.npz"
+    with np.load(part) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["cls"] = arrays["cls"] + 1
+    np.savez(part, **arrays)
+    with pytest.raises(TprobeError, match="rerun the same `tprobe extract` command") as exc:
+        extract(pre, ref, cache=tmp_path / "cache", fmt="hdf5", **KW)
+    assert "unit 2, rows 16-24" in str(exc.value) and "\n" not in str(exc.value)
+    assert 2 not in store.done_units() and not part.exists() and not store.complete
+    assert not list(store.path.parent.glob(f"{store.path.name}.tmp*"))
+    assert extract(pre, ref, cache=tmp_path / "cache", fmt="hdf5", **KW).status == "written"
+    _same_values(built["hdf5"], store.path)
+
+
+@pytest.mark.parametrize("executor", [["--workers", "2"], ["--executor", "slurm", "--shards", "2"]])
+def test_up_to_date_with_workers_or_slurm_checks_the_store_and_restores_its_manifest(
+    tmp_path, built, data, tiny_reg, executor
+):
+    """`extract --workers N` and `--executor slurm` find a sealed store as a one-process extract does: its
+    deleted manifest restored (before: "up to date" and the manifest still missing, so every reader asked to
+    re-extract, and re-extracting said "up to date" again), a missing chunk refused in one line."""
+    cache = built["zarr"].parents[3]
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    store = work / built["zarr"].relative_to(cache)
+    manifest_path(store).unlink()
+    args = ["extract", "--model", str(tiny_reg), "--data", str(data), "--cache", str(work), *executor]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0 and "up to date" in r.output, r.output
+    assert manifest_path(store).read_bytes() == manifest_path(built["zarr"]).read_bytes()
+    (store / "cls" / "c" / "1" / "0").unlink()
+    r = CliRunner().invoke(main, args)
+    _one_line_exit_2(r)
+    assert "chunk cls/c/1 is missing" in r.output
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+def test_a_second_extract_of_the_same_store_never_overwrites_what_the_first_finished_or_sealed(tmp_path, fmt):
+    """Two extracts of one store at once (another node, another device: other bits): a unit the first marked
+    done, or a store it sealed, is left as it is by the second (before: the second rewrote the sealed
+    store's chunks, which then read its values under the first's hashes, then failed with FileNotFoundError)."""
+    path = tmp_path / f"s{'.zarr' if fmt == 'zarr' else '.h5'}"
+    kw = dict(row_ids=[f"r{i}" for i in range(8)], hidden=4, registers=0, patches=2, chunk_rows=4)
+    first = FeatureStore.create(path, compression="none", **kw)
+    second = FeatureStore.create(path, compression="none", **kw)
+
+    def tokens(v):
+        return {"cls": np.full((4, 4), v, np.float16), "patches": np.full((4, 2, 4), v, np.float16)}
+
+    first.write_unit(0, tokens(1.0))
+    second.write_unit(0, tokens(2.0))  # done meanwhile by the first: skipped
+    first.write_unit(1, tokens(1.0))
+    assert first.finalize()
+    second.write_unit(1, tokens(2.0))  # sealed meanwhile: skipped
+    assert second.finalize()
+    sealed = FeatureStore.open(path)
+    assert (sealed.read("cls") == 1).all() and (sealed.read("patches") == 1).all()
+    assert sealed.verify(deep=True) == []
+
+
+def test_a_temp_file_of_a_writer_on_another_node_is_left_alone(tmp_path, built, monkeypatch):
+    """Nodes of a cluster share the cache and their pids repeat: a store opened (or created, as every array
+    task does) on node B never removes the temp file node A is writing beside it, whose pid is no process on
+    B (before: removed, so A's extract failed with FileNotFoundError; two nodes' processes of one pid also
+    wrote one temp file). A dead process's temp file on this node is still removed."""
+    import socket
+
+    from tprobe.cache.files import atomic_write
+
+    store = _copy(built["zarr"], tmp_path / "cache")
+    target = manifest_path(store)
+    want = target.read_bytes()
+    node_a_pid, real_pid = _dead_pid(), os.getpid()  # a pid with no process on this node (B)
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(want[:10])
+        with monkeypatch.context() as b:  # meanwhile node B opens the store
+            b.setattr(socket, "gethostname", lambda: "node-b")
+            b.setattr(os, "getpid", lambda: real_pid)
+            FeatureStore.open(store)
+        assert tmp.exists(), "node B removed node A's temp file"
+        tmp.write_bytes(want)
+
+    with monkeypatch.context() as a:  # node A writes the store's manifest
+        a.setattr(socket, "gethostname", lambda: "node-a")
+        a.setattr(os, "getpid", lambda: node_a_pid)
+        atomic_write(target, write)
+    assert target.read_bytes() == want
+    mine = Path(f"{target}.tmp@{socket.gethostname()}@{node_a_pid}")
+    theirs = Path(f"{target}.tmp@node-a@{node_a_pid}")
+    for p in (mine, theirs):
+        p.write_bytes(b"half a parquet")
+    FeatureStore.open(store)
+    assert not mine.exists() and theirs.exists()
+
+
 # 16: fsync coverage -----------------------------------------------------------------------------
 def test_zarr_metadata_row_ids_lock_and_new_chunk_folders_are_fsynced(tmp_path, pre, ref, monkeypatch):
     synced = []
@@ -687,3 +844,103 @@ def test_a_moved_model_folder_is_one_line_without_the_hub(tmp_path, data, pre, r
     )
     _one_line_exit_2(r)
     assert "is not there" in r.output and "contacting the Hugging Face hub" not in caplog.text
+
+
+@pytest.mark.parametrize("fmt", ["hdf5", "zarr"])
+def test_an_unreadable_sealed_store_names_a_fix_that_works(tmp_path, built, data, tiny_reg, fmt):
+    """A sealed store tprobe cannot open (a cut HDF5 file, a Zarr group without its metadata) is one line
+    whose fix works: it said "re-extract it", and `tprobe extract` refused with that same line forever."""
+    cache = built[fmt].parents[3]
+    work = tmp_path / "cache"
+    shutil.copytree(cache, work)
+    store = work / built[fmt].relative_to(cache)
+    if fmt == "hdf5":
+        store.write_bytes(store.read_bytes()[: store.stat().st_size // 2])
+    else:
+        (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    args = ["extract", "--model", str(tiny_reg), "--data", str(data), "--cache", str(work)]
+    args += ["--chunk-rows", "8", "--batch-size", "8", "--format", fmt]
+    r = CliRunner().invoke(main, args)
+    _one_line_exit_2(r)
+    assert "delete it and re-extract" in r.output
+    shutil.rmtree(store) if store.is_dir() else store.unlink()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    _same_values(built[fmt], store)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+@pytest.mark.parametrize("damage", ['{"format": "za', "[]"])
+def test_a_damaged_progress_meta_is_one_line_naming_what_to_delete(
+    tmp_path, built, pre, ref, data, tiny_reg, monkeypatch, fmt, damage
+):
+    """A store being written whose progress meta.json is cut or not tprobe's: one line naming the progress
+    folder (before: an unexpected JSONDecodeError on every command, or "delete the store", which left the
+    progress folder and the same refusal; an HDF5 store being written has no store file to delete)."""
+    store = _interrupted(tmp_path / "cache", pre, ref, fmt, monkeypatch)
+    (store.progress_dir / "meta.json").write_text(damage)
+    args = ["extract", "--model", str(tiny_reg), "--data", str(data), "--cache", str(tmp_path / "cache")]
+    args += ["--chunk-rows", "8", "--batch-size", "8", "--format", fmt]
+    for cmd in (args, ["status", str(store.path)]):
+        r = CliRunner().invoke(main, cmd)
+        _one_line_exit_2(r)
+        assert f"delete {store.progress_dir.name}" in r.output
+        assert (f" and {store.path.name} beside" in r.output) == (fmt == "zarr")
+    shutil.rmtree(store.progress_dir)
+    shutil.rmtree(store.path, ignore_errors=True)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    _same_values(built[fmt], store.path)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "hdf5"])
+@pytest.mark.parametrize("damage", ["delete", "cut"])
+def test_a_store_being_written_that_lost_its_row_ids_is_restored_by_the_rerun(
+    tmp_path, built, pre, ref, monkeypatch, fmt, damage
+):
+    """A store being written whose progress row_ids.npy is gone or cut: status says so in one line, and the
+    rerun of extract restores it from its own rows (before: an unexpected FileNotFoundError / ValueError
+    from status and, for HDF5, from every extract that sealed it, so the store could never be finished)."""
+    store = _interrupted(tmp_path / "cache", pre, ref, fmt, monkeypatch)
+    ids = store.progress_dir / "row_ids.npy"
+    if damage == "delete":
+        ids.unlink()
+    else:
+        ids.write_bytes(ids.read_bytes()[:100])
+    r = CliRunner().invoke(main, ["status", str(store.path)])
+    _one_line_exit_2(r)
+    assert "row_ids.npy: missing or damaged; rerun the same `tprobe extract`" in r.output
+    assert extract(pre, ref, cache=tmp_path / "cache", fmt=fmt, **KW).status == "written"
+    _same_values(built[fmt], store.path)
+
+
+def test_status_of_a_store_whose_creator_died_says_to_rerun_not_to_wait(tmp_path):
+    """A creator killed before meta.json leaves a progress folder without it: status said "a worker is
+    creating this store right now; ask again in a moment" forever. Now only while a worker holds create.lock
+    (or made it a moment ago); otherwise one line saying the rerun takes over, which it does."""
+    import fcntl
+
+    path = tmp_path / "s.zarr"
+    progress = path.with_name("s.zarr.progress")
+    progress.mkdir()
+    lock = progress / "create.lock"
+    lock.write_text("")
+    old = time.time() - 60
+    for p in (lock, progress):
+        os.utime(p, (old, old))
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a live creator
+    try:
+        r = CliRunner().invoke(main, ["status", str(path)])
+        _one_line_exit_2(r)
+        assert "creating this store right now" in r.output
+    finally:
+        os.close(fd)  # ... that dies
+    r = CliRunner().invoke(main, ["status", str(path)])
+    _one_line_exit_2(r)
+    assert "the worker that began creating this store is gone" in r.output and "rerun" in r.output
+    _create(path)  # the rerun takes over
+    r = CliRunner().invoke(
+        main, ["status", str(path)]
+    )  # exit 2: a store made without extract has no manifest
+    assert "creating this store" not in r.output and "incomplete" in r.output, r.output

@@ -50,6 +50,7 @@ from tprobe.models.backbones import (
 
 __all__ = [
     "ExtractResult",
+    "check_sealed",
     "StageTimes",
     "extract",
     "extract_many",
@@ -535,8 +536,7 @@ def extract_many(
             )
         seen[path] = ref.name
         if is_sealed(path):
-            FeatureStore.open(path)  # removes what killed workers left beside it; refuses a missing chunk
-            _write_manifest(manifest_path(path), kept)  # restores an edited or deleted manifest
+            check_sealed(path, kept)
             results[i] = ExtractResult(path, "up to date", len(kept), model=ref)
             continue
         job = _Job(ref, path, norm, lay, play)
@@ -571,6 +571,13 @@ def extract_many(
             job.path, status, len(kept), job.times.total, job.todo, job.times, model=job.ref
         )
     return results
+
+
+def check_sealed(path: Path, kept: pd.DataFrame) -> None:
+    """A complete store found again (every executor's "up to date"): remove what killed workers left beside
+    it, refuse a missing chunk, and restore its manifest if it was edited or deleted."""
+    FeatureStore.open(path)
+    _write_manifest(manifest_path(path), kept)
 
 
 def _open_store(job: _Job, pre, dtype, precision, tokens, chunk_rows, compression, check_disk, shard) -> None:
@@ -609,6 +616,10 @@ def _open_store(job: _Job, pre, dtype, precision, tokens, chunk_rows, compressio
         layers=job.layers,
         patch_layers=job.patch_layers,
     )
+    # this shard's finished units whose data went missing are written again (a warning each); other shards'
+    # may be in flight on other nodes: the worker that seals checks them all
+    i, k = shard
+    job.store.drop_damaged_units([u for u in sorted(job.store.done_units()) if u % k == i])
     job.units = set(job.store.pending_units(shard))
 
 

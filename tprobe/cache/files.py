@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_all", "fsync_path"]
+__all__ = ["atomic_write", "fsync_all", "fsync_path", "temp_path"]
 
 
 def fsync_path(path: str | Path) -> None:
@@ -18,11 +19,20 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Write ``path`` through a private temp file (``write(tmp)``), fsync it, rename it into place, fsync
-    the folder: readers see the old file or the whole new one, never a part."""
+def temp_path(path: str | Path) -> Path:
+    """``<name>.tmp@<host>@<pid>``: this process's private temp file for ``path``. The host is in the name
+    because a store is shared by the nodes of a cluster, where pids repeat and a pid says nothing of
+    another node's processes (:meth:`tprobe.cache.store.FeatureStore._clean_leftovers` removes only its
+    own host's, of dead pids)."""
     path = Path(path)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    return path.with_name(f"{path.name}.tmp@{socket.gethostname()}@{os.getpid()}")
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Write ``path`` through a private temp file (``write(tmp)``, :func:`temp_path`), fsync it, rename it
+    into place, fsync the folder: readers see the old file or the whole new one, never a part."""
+    path = Path(path)
+    tmp = temp_path(path)
     write(tmp)
     fsync_path(tmp)
     os.replace(tmp, path)

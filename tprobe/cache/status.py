@@ -153,7 +153,12 @@ def store_status(path: str | Path, shards: int = 1, *, deep: bool = False) -> St
     path = Path(path)
     progress = progress_dir(path)
     if progress.exists() and not (progress / "meta.json").exists():
-        raise TprobeError(f"{path}: a worker is creating this store right now; ask again in a moment")
+        if _creator_alive(progress):
+            raise TprobeError(f"{path}: a worker is creating this store right now; ask again in a moment")
+        raise TprobeError(
+            f"{path}: the worker that began creating this store is gone ({progress.name} has no meta.json); "
+            "rerun the same `tprobe extract` command (it takes over)"
+        )
     store = FeatureStore.open(path, allow_incomplete=True, check=False)
     store.row_ids()  # a store without its row ids is damaged beyond a report: one line
     done = store.done_units()
@@ -175,3 +180,28 @@ def store_status(path: str | Path, shards: int = 1, *, deep: bool = False) -> St
         row_check=_row_check(store),
         chunk_check=_chunk_check(store, deep),
     )
+
+
+def _creator_alive(progress: Path, grace_s: float = 2.0) -> bool:
+    """Whether a worker may still be creating the store: it holds ``create.lock``'s flock (the kernel drops
+    it when the worker dies), or made the folder or lock within ``grace_s`` (it may not hold it yet)."""
+    import fcntl
+    import os
+    import time
+
+    lock = progress / "create.lock"
+    try:
+        if time.time() - max(progress.stat().st_mtime, lock.stat().st_mtime) < grace_s:
+            return True
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return progress.exists() and time.time() - progress.stat().st_mtime < grace_s
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held (BlockingIOError), or no flock on this file system: it may run
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)

@@ -30,7 +30,7 @@ Integrity (store format 2): each unit's marker records a hash of its decoded val
 the size of every chunk file; sealing copies them into the store's metadata (``tprobe_meta["units"]``).
 Opening a sealed Zarr store checks that every chunk file exists with its recorded size (a deleted
 chunk would otherwise read as zeros, Zarr's fill value) and removes what killed writers leave
-(``*.partial`` files, ``.sealed-<pid>`` folders, ``.tmp<pid>`` files); :meth:`FeatureStore.verify`
+(``*.partial`` files, ``.sealed-<pid>`` folders, ``.tmp@<host>@<pid>`` files of this host); :meth:`FeatureStore.verify`
 with ``deep=True`` re-hashes every unit (``tprobe status --deep``), for HDF5 stores too. Stores
 written before format 2 carry no hashes: they are checked for chunk existence only, with a note.
 A creator holds an ``fcntl.flock`` on ``create.lock`` while it creates the arrays; a lock nobody
@@ -49,6 +49,7 @@ import socket
 import threading
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,7 +61,7 @@ from tprobe.errors import TprobeError
 if TYPE_CHECKING:
     import pandas as pd
 
-from tprobe.cache.files import atomic_write, fsync_all, fsync_path
+from tprobe.cache.files import atomic_write, fsync_all, fsync_path, temp_path
 from tprobe.cache.keys import (
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
@@ -163,6 +164,14 @@ def _digest_matches(arrays: dict[str, np.ndarray], recorded: str) -> bool:
     return _unit_digest(arrays, algo) == recorded
 
 
+class _DamagedParts(Exception):
+    """Raised while assembling an HDF5 store: these units' parts were missing or damaged (markers removed)."""
+
+    def __init__(self, units: list[int]):
+        super().__init__(units)
+        self.units = units
+
+
 def _remove(path: Path) -> None:
     """Remove a leftover file; a store on a read-only file system keeps it (it is harmless to readers)."""
     try:
@@ -197,7 +206,7 @@ def _alive(owner: dict) -> bool:
     return True
 
 
-def _checked_meta(path: Path, meta) -> dict:
+def _checked_meta(path: Path, meta, fix: str = "delete the store and re-extract") -> dict:
     """The store's ``tprobe_meta``, its keys and types checked (one line naming the fix otherwise)."""
     ok = isinstance(meta, dict) and all(isinstance(meta.get(k), t) for k, t in _META_KEYS.items())
     if ok:
@@ -217,8 +226,7 @@ def _checked_meta(path: Path, meta) -> dict:
         )
     if not ok:
         raise TprobeError(
-            f"{path}: its tprobe_meta attribute is damaged (not the metadata tprobe writes); "
-            "delete the store and re-extract"
+            f"{path}: its tprobe_meta attribute is damaged (not the metadata tprobe writes); {fix}"
         )
     return meta
 
@@ -353,7 +361,31 @@ class FeatureStore:
                     f"and has not finished; if it is dead, delete {store.progress_dir} and rerun"
                 )
             time.sleep(0.2)
-        return cls.open(path, allow_incomplete=True)._check_layout(meta)
+        store = cls.open(path, allow_incomplete=True)._check_layout(meta)
+        if not store.complete:
+            store._restore_row_ids(row_ids)
+        return store
+
+    def _restore_row_ids(self, row_ids: list[str]) -> None:
+        """A store being written that lost its ``row_ids.npy`` (an HDF5 store's rows, read at sealing) gets it
+        back from the rows it is resumed with: their hash is the store's (:meth:`_check_layout`)."""
+        ids = np.asarray(row_ids, dtype=str)
+        f = self.progress_dir / "row_ids.npy"
+        try:
+            if np.array_equal(np.load(f, allow_pickle=False), ids):
+                return
+        except FileNotFoundError:
+            if not self.progress_dir.exists():
+                return  # sealed meanwhile
+        except (OSError, ValueError):
+            pass
+        log.warning("%s: its row ids (%s) were missing or damaged; restored", self.path, f.name)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:
+                np.save(fh, ids)
+
+        atomic_write(f, write)
 
     def _claim_creation(self) -> bool:
         """Exactly one of several concurrent workers creates the arrays: the one holding ``create.lock``'s flock.
@@ -421,12 +453,17 @@ class FeatureStore:
         its manifest's) and progress folders already renamed away, unless their process still runs."""
         removed = []
         names = (self.path.name, self.path.name + ".manifest.parquet")
+        here = socket.gethostname()
         for name in names:
             for pattern, sep in ((".tmp*", ".tmp"), (".sealed-*", ".sealed-")):
                 for p in self.path.parent.glob(name + pattern):
-                    pid = p.name.rsplit(sep, 1)[-1]
-                    if not pid.isdigit() or (
-                        int(pid) != os.getpid() and _alive({"host": socket.gethostname(), "pid": int(pid)})
+                    tag = p.name[len(name) + len(sep) :]
+                    # ".tmp@<host>@<pid>" (temp_path); a bare pid: this host's, as tprobe <= 0.6.0 named them
+                    host, _, pid = tag[1:].rpartition("@") if tag.startswith("@") else (here, "", tag)
+                    if (
+                        not pid.isdigit()
+                        or host != here  # another node's: its pid says nothing here, it may still run
+                        or (int(pid) != os.getpid() and _alive({"host": here, "pid": int(pid)}))
                     ):
                         continue
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else _remove(p)
@@ -550,7 +587,16 @@ class FeatureStore:
         path = Path(path)
         progress = progress_dir(path) / "meta.json"
         if progress.exists():
-            store = cls(path, _checked_meta(path, json.loads(progress.read_text())))
+            # a store being written: its metadata is the progress folder's (the store, if any, is not whole)
+            fix = (
+                f"delete {progress.parent.name}{' and ' + path.name if path.exists() else ''} "
+                "beside it and rerun `tprobe extract`"
+            )
+            try:
+                meta = json.loads(progress.read_text())
+            except (OSError, ValueError):
+                raise TprobeError(f"{progress}: is damaged (not the JSON tprobe writes); {fix}") from None
+            store = cls(path, _checked_meta(progress, meta, fix))
             if not allow_incomplete:
                 done, total = len(store.done_units()), store.n_units
                 raise TprobeError(
@@ -576,7 +622,7 @@ class FeatureStore:
         except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:  # the last two: Zarr's, on
             # JSON that is not its metadata (a list, attributes that are not a dict, an unknown key)
             raise TprobeError(
-                f"{path}: not a readable tprobe store ({type(exc).__name__}); re-extract it"
+                f"{path}: not a readable tprobe store ({type(exc).__name__}); delete it and re-extract"
             ) from None
         store = cls(path, _checked_meta(path, meta))
         store._clean_leftovers()
@@ -683,6 +729,11 @@ class FeatureStore:
             if arr.shape != (rows, *shape[1:]):
                 raise ValueError(f"unit {unit} {name}: shape {arr.shape} != {(rows, *shape[1:])}")
             arrays[name] = arr.astype(dtype, copy=False)
+        marker = self.progress_dir / f"unit_{unit:06d}.done"
+        if marker.exists() or not self.progress_dir.exists():
+            # written meanwhile by another extract of this store, or sealed by it: its rows stand (never
+            # overwrite a sealed store's chunks, whose sizes and hashes are recorded)
+            return
         record = {"hash": _unit_digest(arrays)}
         if self.format == "zarr":
             record["sizes"] = {}
@@ -698,7 +749,16 @@ class FeatureStore:
         else:
             part = self.progress_dir / f"part_{unit:06d}.npz"
             atomic_write(part, lambda p: np.savez(open(p, "wb"), **arrays))
-        atomic_write(self.progress_dir / f"unit_{unit:06d}.done", lambda p: p.write_text(json.dumps(record)))
+            record["part_size"] = part.stat().st_size
+        try:
+            atomic_write(marker, lambda p: p.write_text(json.dumps(record)))
+        except FileNotFoundError:
+            if self.progress_dir.exists():
+                raise
+            raise TprobeError(
+                f"{self.path}: another extract of this store sealed it while this one wrote unit {unit}; "
+                f"check it with `tprobe status --deep {self.path.name}` (delete and re-extract if damaged)"
+            ) from None
 
     def _write_chunk(self, name: str, unit: int, arr: np.ndarray) -> None:
         """Write ``unit``'s chunk of array ``name`` as Zarr would (the same bytes: a test compares them), from
@@ -786,6 +846,69 @@ class FeatureStore:
             paths.append(Path(folder))
         return [*paths, root.parent]
 
+    def drop_damaged_units(self, units=None) -> list[int]:
+        """Units marked done whose data is gone: a Zarr chunk or an HDF5 store's part missing or not the size
+        its marker recorded. Their markers (and parts) are removed, so they are written again; returns
+        them. A marker is renamed into place after its unit's data reached the disk, so only damage from
+        outside (a cut copy, a lost file) makes one; sealing such a store would seal a store that reads
+        zeros, or that every reader refuses."""
+        if self.complete:
+            return []
+        bad = []
+        for u in sorted(self.done_units()) if units is None else units:
+            marker = self.progress_dir / f"unit_{u:06d}.done"
+            try:
+                rec = json.loads(marker.read_text() or "{}")
+            except FileNotFoundError:
+                continue  # not done (a concurrent sealer renamed the folder away)
+            except (OSError, ValueError):
+                rec = None
+            sizes = rec.get("sizes") if isinstance(rec, dict) else None
+            if rec is None:
+                damaged = True
+            elif self.format == "zarr":
+                damaged = False
+                for name in self.shapes:
+                    want = sizes.get(name) if isinstance(sizes, dict) else None
+                    try:
+                        st = self._chunk_file(name, u).stat()
+                    except (FileNotFoundError, NotADirectoryError):
+                        damaged = True
+                        break
+                    if want is not None and st.st_size != want:
+                        damaged = True
+                        break
+            else:
+                part = self.progress_dir / f"part_{u:06d}.npz"
+                want = rec.get("part_size") if isinstance(rec, dict) else None
+                damaged = not part.is_file() or (want is not None and part.stat().st_size != want)
+            if damaged:
+                sl = self.unit_slice(u)
+                log.warning(
+                    "%s: unit %d (rows %d-%d) was marked done but its data is missing or truncated; "
+                    "it is written again",
+                    self.path,
+                    u,
+                    sl.start,
+                    sl.stop,
+                )
+                self._drop_unit(u)
+                bad.append(u)
+        return bad
+
+    def _drop_unit(self, unit: int) -> None:
+        """Mark a finished unit not done (its marker first), so the next run writes it again."""
+        _remove(self.progress_dir / f"unit_{unit:06d}.done")
+        _remove(self.progress_dir / f"part_{unit:06d}.npz")
+
+    def _redo_line(self, bad: list[int]) -> str:
+        sl = self.unit_slice(bad[0])
+        return (
+            f"{self.path}: {len(bad)} finished unit(s) (first: unit {bad[0]}, rows {sl.start}-{sl.stop}) were "
+            "missing or damaged on disk, so the store was not sealed; they are marked to be written again — "
+            "rerun the same `tprobe extract` command"
+        )
+
     def _unit_records(self) -> dict | None:
         """Every unit's recorded hash (and Zarr chunk sizes), from the markers; None if any marker predates them."""
         hashes, sizes = [], {name: [] for name in self.shapes} if self.format == "zarr" else {}
@@ -807,6 +930,9 @@ class FeatureStore:
             return True
         if len(self.done_units()) < self.n_units:
             return False
+        bad = self.drop_damaged_units()
+        if bad:
+            raise TprobeError(self._redo_line(bad))
         meta = dict(self.meta)
         try:
             units = self._unit_records()
@@ -824,7 +950,11 @@ class FeatureStore:
                 fsync_path(self.path / "zarr.json")
                 fsync_path(self.path)
             else:
-                atomic_write(self.path, lambda p: self._assemble_h5(p, meta))
+                try:
+                    atomic_write(self.path, lambda p: self._assemble_h5(p, meta))
+                except _DamagedParts as exc:
+                    _remove(temp_path(self.path))
+                    raise TprobeError(self._redo_line(exc.units)) from None
             # one atomic step turns the store complete; a concurrent sealer that lost the race finds it gone
             trash = self.path.with_name(f"{self.path.name}.sealed-{os.getpid()}")
             os.rename(self.progress_dir, trash)
@@ -861,10 +991,27 @@ class FeatureStore:
                 )
             for dim, values in self._layer_coords().items():
                 f.create_dataset(dim, data=np.asarray(values, dtype=np.int64))
+            hashes, bad = (meta.get("units") or {}).get("hash"), []
             for unit in range(self.n_units):
-                with np.load(self.progress_dir / f"part_{unit:06d}.npz", allow_pickle=False) as part:
-                    for name, ds in dsets.items():
-                        ds[self.unit_slice(unit)] = part[name]
+                try:
+                    with np.load(self.progress_dir / f"part_{unit:06d}.npz", allow_pickle=False) as part:
+                        arrays = {name: part[name] for name in dsets}
+                    ok = hashes is None or _digest_matches(arrays, hashes[unit])
+                except FileNotFoundError:
+                    if not self.progress_dir.exists():
+                        raise  # sealed meanwhile by another worker
+                    ok = False
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile):  # a cut or damaged part
+                    ok = False
+                if not ok:
+                    bad.append(unit)
+                    continue
+                for name, ds in dsets.items():
+                    ds[self.unit_slice(unit)] = arrays[name]
+            if bad:
+                for unit in bad:
+                    self._drop_unit(unit)
+                raise _DamagedParts(bad)
             for name, ds in dsets.items():
                 for i, dim in enumerate(_dims(name, self.channels, self.layered)):
                     ds.dims[i].label = dim
@@ -876,7 +1023,13 @@ class FeatureStore:
     def row_ids(self) -> np.ndarray:
         """The ``image_id`` of every row, in store order."""
         if not self.complete:
-            return np.load(self.progress_dir / "row_ids.npy", allow_pickle=False)
+            f = self.progress_dir / "row_ids.npy"
+            try:
+                return np.load(f, allow_pickle=False)
+            except (OSError, ValueError):
+                raise TprobeError(
+                    f"{f}: missing or damaged; rerun the same `tprobe extract` command (it restores it)"
+                ) from None
         try:
             if self.format == "zarr":
                 values = string_array(self.path / "row_ids")  # tprobe's layout, read without zarr

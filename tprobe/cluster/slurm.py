@@ -384,8 +384,8 @@ def extract_slurm(
     the canvas (maybe rounded to the patch size) and the precision (``auto``: fp16 with GPUs per task,
     else fp32) are set in it here, so the tasks write the store watched here.
     """
-    from tprobe.cache.extract import ExtractResult
-    from tprobe.cache.keys import store_path
+    from tprobe.cache.extract import ExtractResult, check_sealed
+    from tprobe.cache.keys import is_sealed, store_path
 
     options = options or SlurmOptions()
     if precision == "auto":  # resolved here, so the tasks (maybe on GPUs) write the store watched here
@@ -393,6 +393,8 @@ def extract_slurm(
     path = store_path(
         cache, pre, ref, dtype, fmt, precision, tokens, layers=layers, patch_layers=patch_layers
     )
+    if is_sealed(path):  # as a one-process extract: a missing chunk refused, the manifest restored
+        check_sealed(path, pre.kept)
     res = extract_array(
         with_options(args, {"--canvas": str(pre.config.canvas), "--precision": precision}),
         path,

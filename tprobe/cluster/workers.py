@@ -146,7 +146,7 @@ def extract_workers(
     (maybe rounded to the patch size), the resolved precision, ``--workers 1`` and one device per
     worker are set in it here, so every worker writes the store computed here.
     """
-    from tprobe.cache.extract import ExtractResult, resolve_precision
+    from tprobe.cache.extract import ExtractResult, check_sealed, resolve_precision
     from tprobe.models.backbones import pick_device
 
     dev = pick_device(device)
@@ -161,6 +161,8 @@ def extract_workers(
     )
     done = dict(rows=len(pre.kept), model=ref, workers=workers, devices=gpus)
     if is_sealed(path):
+        # as a one-process extract: a missing chunk refused, the manifest restored
+        check_sealed(path, pre.kept)
         return ExtractResult(path, "up to date", **done)
     overrides = {
         "--canvas": str(pre.config.canvas),

@@ -167,8 +167,8 @@ def predict(
         if record.options.get("tta"):
             scored["p"] = scored.groupby("group")["p"].transform("mean")
         p = scored[scored["view"] == "orig"].set_index("group")["p"]
-        # only scored rows: a duplicate's row shares its first copy's id, and is not scored a second time
-        out["p_activated"] = out["source_id"].map(p).where(out["kept"].astype(bool))
+        # by content, so only a kept row: a dropped copy of a scored image (a "duplicate") has no probability
+        out["p_activated"] = out["source_id"].map(p).where(out["kept"].eq(True))
     out["label"] = (out["p_activated"] >= threshold).astype("Int64").where(out["kept"])
     out["label_name"] = out["label"].map({1: "activated", 0: "quiescent"})
     out["model_random_init"] = record.random_weights  # True: a plumbing check, not a result

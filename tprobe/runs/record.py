@@ -107,8 +107,20 @@ def _nan_to_none(obj):
 
 
 def write_json(path: Path, obj) -> None:
-    """Write JSON with NaN as null (strict JSON), leaving strings that mention NaN alone."""
-    Path(path).write_text(json.dumps(_nan_to_none(obj), indent=2, default=_default, allow_nan=False))
+    """Write JSON with NaN as null (strict JSON), leaving strings that mention NaN alone.
+
+    Through a temp file renamed into place: a write that fails (a full disk, a kill) leaves the file as it
+    was, never cut (a cut config.json would make an interrupted fine-tuning run impossible to resume)."""
+    import os
+
+    text = json.dumps(_nan_to_none(obj), indent=2, default=_default, allow_nan=False)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: Path) -> dict:

@@ -189,9 +189,15 @@ def train_fold(
         opt.load_state_dict(ck["opt"])
         sched.load_state_dict(ck["sched"])
         state = ck["state"]
-    data = ImageRows(train, prep, augment=True, seed=cfg.seed + state["epoch"])
+        if ck.get("scaler") and scaler.is_enabled():  # older checkpoints, and fp32 runs' (empty), have none
+            scaler.load_state_dict(ck["scaler"])
+    data = ImageRows(train, prep, augment=True, seed=cfg.seed)
     while state["epoch"] < cfg.epochs and state["bad"] < cfg.patience:
         model.train()
+        # each epoch's random views (and dropout) are drawn from its own seed, so a fold resumed from a
+        # checkpoint trains exactly as it would have without the interruption
+        data.rng = np.random.default_rng(cfg.seed + state["epoch"])
+        torch.manual_seed(cfg.seed + state["epoch"])
         t0, total, n = time.perf_counter(), 0.0, 0
         gen = torch.Generator().manual_seed(cfg.seed + state["epoch"])
         for x, t in DataLoader(data, batch_size=cfg.batch_size, shuffle=True, generator=gen):
@@ -244,6 +250,7 @@ def train_fold(
                     "model": model.state_dict(),
                     "opt": opt.state_dict(),
                     "sched": sched.state_dict(),
+                    "scaler": scaler.state_dict(),
                     "state": state,
                 },
                 tmp,
