@@ -170,40 +170,6 @@ def test_sign_flip_test_is_exact_beyond_20_donors():
     assert 0 < p <= 1
 
 
-def test_predict_gives_a_duplicate_image_no_probability(tmp_path, tiny_reg):
-    """A second copy of an image is not scored (kept False, "duplicate"), yet its row carried the first
-    copy's p_activated: the CSV counted that cell twice to whoever reads the probabilities."""
-    import shutil
-
-    from conftest import copy_subset
-
-    from tprobe.cache.extract import extract
-    from tprobe.data.dataset import discover
-    from tprobe.data.preprocess import preprocess
-    from tprobe.features.sources import from_store
-    from tprobe.models.backbones import resolve_model
-    from tprobe.probing.predict import predict
-    from tprobe.probing.run import ProbeRun
-
-    data = copy_subset(tmp_path / "d", donors=("donor_1", "donor_2", "donor_3"), per_class=3)
-    store = extract(
-        preprocess(discover(data)), resolve_model(str(tiny_reg)), cache=tmp_path / "c1", progress=False
-    )
-    run_dir = (
-        ProbeRun(head="logreg", final_head=True, n_jobs=1)
-        .fit(from_store(store.path, "cls"))
-        .save(tmp_path / "r")
-    )
-    new = copy_subset(tmp_path / "new", donors=("donor_4",), per_class=3)
-    for i, image in enumerate(sorted((new / "donor_4" / "activated").iterdir())):  # a copy of each
-        shutil.copy(image, image.with_name(f"zz-copy{i}{image.suffix}"))
-    table = predict(run_dir, new, cache=tmp_path / "c2")
-    dup = table[table["drop_reason"] == "duplicate"]
-    assert len(dup) == 3 and not dup["kept"].any()
-    assert dup["p_activated"].isna().all() and dup["label"].isna().all()
-    assert table["p_activated"].notna().sum() == table["kept"].sum() > 0
-
-
 @pytest.mark.parametrize("head", ["mlp", "logreg"])
 def test_a_fold_whose_training_donors_hold_one_class_is_refused(head):
     """Two donors, one with activated cells only: holding out the other trains on one class. The MLP
