@@ -107,6 +107,9 @@ def test_class_folders_without_donor_folders_keep_the_donors_the_names_give(tmp_
     assert t["donor"].eq("patient_x").all()
 
 
+@pytest.mark.refuses(
+    "a class folder holding a folder of the other class (donor folders named like labels: `1/`, `0/`)"
+)
 def test_a_donor_folder_named_like_a_label_is_refused_not_read_as_one_class(tmp_path):
     """Donor folders numbered 1, 2, 3: '1' is also a label name (activated), so the quiescent images of
     donor 1 were all read as activated, without a line. Labels that disagree along a path are one line."""
@@ -129,6 +132,7 @@ def test_a_donor_folder_named_like_a_label_is_refused_not_read_as_one_class(tmp_
         discover(tmp_path / "e")
 
 
+@pytest.mark.refuses("an image beside the donor folders or the class folders (skipped, listed)")
 def test_images_outside_every_class_folder_each_have_a_line(small_data):
     """An image beside the donor folders, or in a donor folder beside its class folders, was left out
     without a line (the class it belongs to is unknown)."""
@@ -142,6 +146,9 @@ def test_images_outside_every_class_folder_each_have_a_line(small_data):
     assert all("not inside an activated or quiescent folder" in why for why in lines.values())
 
 
+@pytest.mark.refuses(
+    "a Wang-named file whose name gives another donor than its donor folder (skipped, listed)"
+)
 def test_a_file_whose_name_gives_another_donor_than_its_folder_is_skipped_with_a_line(small_data):
     """As a name and a folder giving two labels are: donor_2/activated/CD3_1_act_... was read as donor_2
     without a line, though its name says donor 1 (a misplaced file puts one cell in two donors' reach)."""
@@ -155,6 +162,7 @@ def test_a_file_whose_name_gives_another_donor_than_its_folder_is_skipped_with_a
     assert "name says donor_1 but folder 'donor_2'" in ds.skipped[0].reason
 
 
+@pytest.mark.refuses("a file of a format tprobe does not read beside the images (skipped, listed)")
 def test_a_jpeg_beside_a_class_s_pngs_has_a_line(small_data, tmp_path):
     """A class folder of PNGs and a few JPEGs: the JPEGs were left out without a line (only a class with
     no PNG/TIFF at all had one). A folder of Wang-named files, likewise."""

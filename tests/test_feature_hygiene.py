@@ -436,6 +436,7 @@ def test_cellprofiler_bookkeeping_with_a_suffix_is_not_a_feature(name):
     assert cols == ["Cells_AreaShape_Area"] and dropped[name].startswith("identifier"), (cols, dropped)
 
 
+@pytest.mark.refuses("a feature-table column that is the label itself (one value per class)")
 @pytest.mark.parametrize(
     ("name", "code"),
     [("activated", lambda y: y), ("class", lambda y: 1 - y), ("y", lambda y: y + 1.0)],

@@ -487,6 +487,7 @@ def test_a_fields_table_gives_labels_and_donors(tmp_path):
         preprocess_fields(tmp_path / "bad.csv", None, PreprocessConfig(), tmp_path / "o2" / "crops")
 
 
+@pytest.mark.refuses("a fields table listing one field twice (both lines named)")
 def test_a_fields_table_listing_one_field_twice_names_both_lines(tmp_path):
     """Twice, with two labels: its crops were cut twice to one file and the second row's cells dropped as
     'same content as' themselves; as for single-cell manifests, both lines are named."""
@@ -501,6 +502,7 @@ def test_a_fields_table_listing_one_field_twice_names_both_lines(tmp_path):
         preprocess_fields(tmp_path / "fields.csv", None, PreprocessConfig(), tmp_path / "o" / "crops")
 
 
+@pytest.mark.refuses("a fields table with an empty donor cell")
 def test_a_fields_table_with_an_empty_donor_is_one_line_not_donor_nan(tmp_path):
     fields, masks, _, where = make_fields(tmp_path, donors=("donor_1",), per_class=2, per_field=2)
     rows = [
@@ -514,6 +516,7 @@ def test_a_fields_table_with_an_empty_donor_is_one_line_not_donor_nan(tmp_path):
         preprocess_fields(tmp_path / "fields.csv", None, PreprocessConfig(), tmp_path / "o" / "crops")
 
 
+@pytest.mark.refuses("one field file found in two class folders (skipped once, both named)")
 def test_a_field_found_twice_is_skipped_once_with_a_line_naming_both(tmp_path):
     """The same field in two class folders: its cells were cut twice to one crop file, the second copy's
     cells dropped as 'same content as' that same file, and its border objects counted twice."""
@@ -531,6 +534,7 @@ def test_a_field_found_twice_is_skipped_once_with_a_line_naming_both(tmp_path):
     assert len(orig) == len(where) and not orig["path"].str.contains("field9").any()
 
 
+@pytest.mark.refuses("a binary mask (one value in several pieces) given as a label image")
 @pytest.mark.parametrize("on", [1, 255])
 def test_a_binary_mask_of_several_cells_is_one_line_not_one_object(tmp_path, on):
     # a 0/1 or 0/255 segmentation mask is one object spanning every cell: it was cut to one crop of

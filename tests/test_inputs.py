@@ -360,6 +360,7 @@ def test_a_saved_folder_whose_image_became_a_fifo_or_vanished_is_refused_not_hun
         Preprocessed.load(tmp_path / "p")
 
 
+@pytest.mark.refuses("grey images of two bit depths in one dataset (8-bit beside 16-bit)")
 def test_grey_images_of_two_bit_depths_are_one_line_not_two_scales(tmp_path):
     """8-bit files are read as they are and 16-bit ones scaled by 255/--max-value: in one dataset the
     two parts are on one scale only by chance, so (as for channels) the mix is refused, both files named."""
@@ -377,6 +378,7 @@ def test_grey_images_of_two_bit_depths_are_one_line_not_two_scales(tmp_path):
     assert len(preprocess(discover(data), PreprocessConfig()).kept) > 0
 
 
+@pytest.mark.refuses("a TIFF holding several images of one size (an OME-TIFF of several positions)")
 def test_a_tiff_holding_several_images_is_one_line_not_its_first_image(tmp_path):
     """An OME-TIFF of two positions (two series of one size): only the first was read, the second lost
     without a line. A smaller extra series (a thumbnail or preview) still reads the first."""
@@ -391,6 +393,7 @@ def test_a_tiff_holding_several_images_is_one_line_not_its_first_image(tmp_path)
     assert np.array_equal(read_image(tmp_path / "thumb.tif"), first)
 
 
+@pytest.mark.refuses("a manifest column named crop_id (tprobe's own)")
 def test_a_manifests_own_cell_id_column_is_kept_not_taken_for_a_crops_id(tmp_path):
     """A CSV manifest's extra column cell_id (text, 'cell_1' in each donor) was read as a field crop's id:
     it replaced the content hash as source_id, so donor_2's cells were dropped as 'same content as'
@@ -409,6 +412,7 @@ def test_a_manifests_own_cell_id_column_is_kept_not_taken_for_a_crops_id(tmp_pat
         discover(tmp_path / "c.csv")
 
 
+@pytest.mark.refuses("predict on images of another bit depth than the run's training images")
 def test_predict_refuses_images_of_another_bit_depth_than_the_runs(tmp_path, tiny_reg):
     # a run trained on 8-bit PNGs (read as they are) scored 16-bit TIFFs scaled by --max-value 65535:
     # 12-bit cells 16x too dark, every score silently off; the run records its images' bit depth
@@ -473,6 +477,7 @@ def test_hidden_files_and_folders_are_ignored_by_discovery(tmp_path):
     assert found.layout == "flat" and not found.skipped and not any("/." in p for p in found.table["path"])
 
 
+@pytest.mark.refuses("a grey+alpha PNG with transparent pixels (skipped, listed)")
 def test_a_grey_alpha_png_is_read_as_grey_when_opaque_and_refused_accurately_when_not(tmp_path):
     # an 8-bit grey+alpha PNG (what some viewers export) stopped preprocess with "name a stack's
     # planes with --channels": it is one grey image when its alpha is opaque everywhere

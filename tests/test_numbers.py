@@ -45,6 +45,7 @@ def test_report_bound_line_counts_the_donors_the_paired_test_used(tmp_path):
     assert "With 3 held-out donors" in rep.bound_line and "2/2^3 = 0.250" in rep.bound_line
 
 
+@pytest.mark.refuses("curve --shots above a class's cells in a fold's training donors")
 def test_curve_refuses_more_shots_than_a_class_has_cells():
     """k cells per class cannot be drawn when the training donors hold fewer cells of a class: the point
     was plotted and tabled at k while it used fewer (every cell of the rare class)."""
@@ -126,6 +127,7 @@ def _store_with(tmp_path, bad: float):
     return store.path
 
 
+@pytest.mark.refuses("store features with NaN or infinity")
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_store_with_non_finite_features_is_refused_in_one_line(tmp_path, bad):
     """Tokens that overflowed (float16) reached the heads: XGBoost scored NaN as missing values (a number
@@ -170,6 +172,7 @@ def test_sign_flip_test_is_exact_beyond_20_donors():
     assert 0 < p <= 1
 
 
+@pytest.mark.refuses("a probe fold whose training donors hold one class")
 @pytest.mark.parametrize("head", ["mlp", "logreg"])
 def test_a_fold_whose_training_donors_hold_one_class_is_refused(head):
     """Two donors, one with activated cells only: holding out the other trains on one class. The MLP
@@ -211,6 +214,7 @@ def test_a_table_keyed_by_image_id_joins_when_the_data_holds_unreadable_images(t
     assert fs.X[:, 0].tolist() == list(range(len(kept)))
 
 
+@pytest.mark.refuses("a curve fold whose training donors hold one class")
 def test_curve_refuses_a_fold_whose_training_donors_hold_one_class():
     """The curve left such a fold out without a word (no draw has both classes): its held-out donor was
     missing from every mean and band."""
@@ -222,6 +226,7 @@ def test_curve_refuses_a_fold_whose_training_donors_hold_one_class():
         LabelCurve(shots=(2, "all"), repeats=1).fit(fs)
 
 
+@pytest.mark.refuses("fine-tuning folds left with one class once the early-stopping donor is taken out")
 def test_early_stopping_leaves_both_classes_to_train_on():
     """Fine-tuning (and LeNet, Inception) hold out one two-class training donor for early stopping and
     train on the rest: when the rest held one class, the network learned from one class and its
