@@ -475,8 +475,9 @@ def test_two_sources_of_the_same_name_stay_distinguishable(tmp_path):
     from tprobe.features.assemble import feature_sets
 
     data = copy_subset(tmp_path / "data", donors=("donor_1", "donor_2"), per_class=4)
-    rows = [
-        {"FileName": p.name, "f1": float(p.parent.name == "activated")} for p in sorted(data.rglob("*.png"))
+    rows = [  # f1 follows the class with one exception (a column that IS the label is refused)
+        {"FileName": p.name, "f1": float(p.parent.name == "activated") + 0.5 * (i == 0)}
+        for i, p in enumerate(sorted(data.rglob("*.png")))
     ]
     pd.DataFrame(rows).to_csv(tmp_path / "t.csv", index=False)
     out = feature_sets(tables=[tmp_path / "t.csv"] * 2, id_column="FileName", data=data, offline=True)
