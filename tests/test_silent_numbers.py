@@ -6,7 +6,11 @@ import shutil
 
 import numpy as np
 import pandas as pd
+import pytest
 from conftest import copy_subset
+
+from tprobe.errors import TprobeError
+from tprobe.features.sources import FeatureSet
 
 
 # ---- 1. --all-table-rows: unreadable and duplicate images are never scored ------------------------------
@@ -49,3 +53,94 @@ def test_all_table_rows_never_scores_unreadable_or_duplicate_images(tmp_path):
     fs2 = from_table(tmp_path / "cp.csv", manifest.drop(columns="drop_reason"), all_rows=True)
     assert fs2.meta["image_id"].tolist() == fs.meta["image_id"].tolist()
     assert fs2.source.unused_rows == unused
+
+
+# ---- 2. one donor: no split holds a donor out ----------------------------------------------------------
+def _features(n_donors=4, cells=20, seed=0, donor=None, labels=(0, 1)):
+    """Two shifted classes per donor (``labels``: the two values written to the label column); every row
+    in donor ``donor`` when it is given."""
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    for d in range(1, n_donors + 1):
+        for c in range(cells):
+            k = c % 2
+            X.append(rng.normal(0, 1, 6) + 1.0 * k)
+            rows.append(
+                {
+                    "image_id": f"d{d}c{c}",
+                    "path": f"donor_{d}/c{c}.png",
+                    "label": labels[k],
+                    "donor": donor or f"donor_{d}",
+                    "group": f"d{d}c{c}",
+                    "view": "orig",
+                }
+            )
+    return FeatureSet(np.asarray(X, np.float32), pd.DataFrame(rows), {"kind": "table", "name": "syn"})
+
+
+ONE_DONOR = (
+    r"the data has one donor \(donor_unknown\), so no split holds a donor out.*give each image its donor"
+)
+SPLITS = [
+    ("leave-one-donor-out", {}),
+    ("group-kfold", {"n_splits": 2}),
+    ("test-donor", {"test_donor": "donor_unknown"}),
+]
+
+
+@pytest.mark.parametrize("split, kw", SPLITS)
+def test_one_donor_is_refused_by_probe_and_curve_with_the_fix(split, kw):
+    """With every image in one donor, leave-one-donor-out pointed to group-kfold, which check_plan then
+    refused as 'donor on both sides'; test-donor stopped on an IndexError (nothing left to train on)."""
+    from tprobe.probing.run import ProbeRun
+    from tprobe.science.curve import LabelCurve
+
+    fs = _features(donor="donor_unknown")
+    with pytest.raises(TprobeError, match=ONE_DONOR):
+        ProbeRun(split=split, final_head=False, **kw).fit(fs)
+    if split != "group-kfold":  # curves hold out whole donors only
+        with pytest.raises(TprobeError, match=ONE_DONOR):
+            LabelCurve(shots=(1, "all"), repeats=1, split=split, test_donor=kw.get("test_donor")).fit(fs)
+
+
+def test_check_plan_says_a_one_donor_plan_has_one_donor():
+    from tprobe.probing.evaluate import Fold, check_plan
+
+    meta = _features(donor="donor_unknown").meta
+    idx = np.arange(len(meta))
+    plan = [Fold(0, ["donor_unknown"], idx[idx % 2 == 0], idx[idx % 2 == 1])]  # cells split, one donor
+    with pytest.raises(TprobeError, match=ONE_DONOR) as exc:
+        check_plan(plan, meta)
+    assert "\n" not in str(exc.value)
+
+
+def test_cli_probe_refuses_a_manifest_without_donors_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from tprobe.cli import main
+    from tprobe.data.dataset import DEFAULT_DATA
+
+    paths = [
+        p
+        for d in ("donor_1", "donor_2")
+        for c in ("activated", "quiescent")
+        for p in sorted((DEFAULT_DATA / d / c).glob("*.png"))[:4]
+    ]
+    pd.DataFrame({"path": [str(p) for p in paths], "label": [p.parent.name for p in paths]}).to_csv(
+        tmp_path / "manifest.csv", index=False
+    )
+    rng = np.random.default_rng(0)
+    pd.DataFrame(
+        {"FileName": ["/".join(p.parts[-3:]) for p in paths], "Intensity_A": rng.normal(size=len(paths))}
+    ).to_csv(tmp_path / "cp.csv", index=False)
+    base = ["--features", str(tmp_path / "cp.csv"), "--data", str(tmp_path / "manifest.csv")]
+    for args in (
+        ["probe", *base, "--no-final-head", "--out", str(tmp_path / "runs")],
+        ["probe", *base, "--split", "group-kfold", "--folds", "2", "--out", str(tmp_path / "runs")],
+        ["curve", *base, "--shots", "1", "--repeats", "1", "--out", str(tmp_path / "curve")],
+    ):
+        res = CliRunner().invoke(main, args)
+        assert res.exit_code == 2, res.output
+        last = res.output.strip().splitlines()[-1]  # after the table's notes: the refusal, one line
+        assert "give each image its donor" in last and res.output.count("give each image") == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.json"))
