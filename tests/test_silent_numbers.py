@@ -144,3 +144,35 @@ def test_cli_probe_refuses_a_manifest_without_donors_in_one_line(tmp_path):
         last = res.output.strip().splitlines()[-1]  # after the table's notes: the refusal, one line
         assert "give each image its donor" in last and res.output.count("give each image") == 1
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.json"))
+
+
+# ---- 3. predict's rebuilt random projection is checked against the run's checksum ------------------------
+def test_a_rebuilt_projection_that_differs_from_the_trained_one_is_refused(tmp_path, monkeypatch):
+    """predict rebuilt the projection from scikit-learn and the seed alone: another random stream (a
+    scikit-learn change) would have changed every prediction without a word."""
+    import json
+
+    import tprobe.probing.run as run_module
+    from tprobe.probing.heads import projection
+    from tprobe.probing.run import ProbeRun, load_head
+
+    fs = _features(n_donors=3)
+    fitted = ProbeRun(max_dims=4, n_boot=10).fit(fs)
+    run = fitted.save(tmp_path)
+    record = json.loads((run / "config.json").read_text())
+    assert record["projection"]["checksum"].startswith("xxh3_128:")
+    # the same matrix: loads, and scores as the fitted model does
+    assert np.allclose(load_head(run).predict_proba(fs.X), fitted.final_["model"].predict_proba(fs.X))
+
+    def other_stream(n_features, n_components, seed):  # another scikit-learn: another matrix, same seed
+        return projection(n_features, n_components, seed + 1)
+
+    monkeypatch.setattr(run_module, "projection", other_stream)
+    with pytest.raises(
+        TprobeError, match=r"random projection rebuilt from its seed .* is not the one"
+    ) as exc:
+        load_head(run)
+    assert "\n" not in str(exc.value)
+    del record["projection"]["checksum"]  # a run written before the checksum: loads as before
+    (run / "config.json").write_text(json.dumps(record))
+    assert load_head(run).predict_proba(fs.X).shape == (len(fs.X), 2)

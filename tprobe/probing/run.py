@@ -34,6 +34,7 @@ from tprobe.probing.heads import (
     make_head,
     param_grid,
     projection,
+    projection_checksum,
     projection_width,
     save_head,
 )
@@ -64,9 +65,17 @@ def load_head(run: str | Path):
     head = load_head_file(path)
     p = record.projection
     if p:
-        return Pipeline(
-            [("project", projection(p["n_features"], p["n_components"], p["seed"])), ("head", head)]
-        )
+        proj = projection(p["n_features"], p["n_components"], p["seed"])
+        if p.get("checksum") and projection_checksum(proj) != p["checksum"]:  # runs before it: unchecked
+            import sklearn
+
+            raise TprobeError(
+                f"{run}: the random projection rebuilt from its seed ({p['n_features']} -> {p['n_components']} "
+                f"columns, seed {p['seed']}) is not the one the head was trained on (scikit-learn "
+                f"{sklearn.__version__} here, {record.versions.get('scikit-learn')} in the run); install the "
+                "run's scikit-learn or rerun `tprobe probe`"
+            )
+        return Pipeline([("project", proj), ("head", head)])
     return head
 
 
@@ -290,6 +299,7 @@ class ProbeRun:
                 "n_components": int(p.n_components_),
                 "n_features": int(p.n_features_in_),
                 "seed": self.seed,
+                "checksum": projection_checksum(p),  # predict refuses a rebuilt matrix that differs
             }
         )
         return RunRecord(
