@@ -176,3 +176,62 @@ def test_a_rebuilt_projection_that_differs_from_the_trained_one_is_refused(tmp_p
     del record["projection"]["checksum"]  # a run written before the checksum: loads as before
     (run / "config.json").write_text(json.dumps(record))
     assert load_head(run).predict_proba(fs.X).shape == (len(fs.X), 2)
+
+
+# ---- 4. report: n_donors counts the donors of the means; a one-donor run is never the unmarked best ----------
+def _uneven(one_class=(), seed=0):
+    """Four donors; donor_1's classes far apart (AUC ~1 when it is held out), the others' barely."""
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    for d in range(1, 5):
+        for c in range(30):
+            label = 1 if f"donor_{d}" in one_class else c % 2
+            X.append(rng.normal(0, 1, 6) + (4.0 if d == 1 else 0.3) * label)
+            rows.append(
+                {
+                    "image_id": f"d{d}c{c}",
+                    "path": f"donor_{d}/c{c}.png",
+                    "label": label,
+                    "donor": f"donor_{d}",
+                    "group": f"d{d}c{c}",
+                    "view": "orig",
+                }
+            )
+    return FeatureSet(np.asarray(X, np.float32), pd.DataFrame(rows), {"kind": "table", "name": "uneven"})
+
+
+def test_report_n_donors_is_the_donors_its_means_cover(tmp_path):
+    """n_donors counted one-class held-out donors, whose metrics every mean beside it leaves out."""
+    from tprobe.probing.run import ProbeRun
+    from tprobe.runs.report import build_report, collect_runs
+
+    fitted = ProbeRun(n_boot=10, final_head=False).fit(_uneven(one_class=("donor_4",)))
+    fitted.save(tmp_path / "runs", "lodo")
+    row = collect_runs(tmp_path / "runs").iloc[0]
+    assert row["n_donors"] == fitted.summary_["roc_auc"]["n_donors"] == 3
+    assert row["n_donors"] == fitted.summary_["accuracy"]["n_donors"]
+    assert row["n_held_out"] == 4
+    table = build_report(tmp_path / "runs").table
+    assert table[["n_donors", "n_held_out"]].iloc[0].tolist() == [3, 4]
+
+
+def test_report_best_run_is_never_a_one_donor_run_unannounced(tmp_path):
+    """The headline's 'best run' was the highest mean AUC whatever its donors: a test-donor run on the
+    easiest donor (one AUC, no spread) beat every leave-one-donor-out run."""
+    from tprobe.probing.run import ProbeRun
+    from tprobe.runs.report import build_report
+
+    fs = _uneven()
+    one = ProbeRun(split="test-donor", test_donor="donor_1", n_boot=10, final_head=False).fit(fs)
+    lodo = ProbeRun(n_boot=10, final_head=False).fit(fs)
+    assert one.summary_["roc_auc"]["mean"] > lodo.summary_["roc_auc"]["mean"]  # the trap is set
+    one.save(tmp_path / "runs", "easy-donor")
+    lodo.save(tmp_path / "runs", "all-donors")
+    report = build_report(tmp_path / "runs")
+    assert "all-donors" in report.headline[0] and "easy-donor" not in report.headline[0]
+    assert any("Not ranked" in line and "easy-donor" in line for line in report.headline)
+    # only one-donor runs: the best is named, with the warning
+    only = tmp_path / "only"
+    one.save(only, "easy-donor")
+    lines = build_report(only).headline
+    assert "easy-donor" in lines[0] and any("ranks nothing" in line for line in lines)
