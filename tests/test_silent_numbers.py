@@ -235,3 +235,22 @@ def test_report_best_run_is_never_a_one_donor_run_unannounced(tmp_path):
     one.save(only, "easy-donor")
     lines = build_report(only).headline
     assert "easy-donor" in lines[0] and any("ranks nothing" in line for line in lines)
+
+
+# ---- 5. labels other than 0/1 are one line ---------------------------------------------------------------
+@pytest.mark.parametrize("labels", [(1, 2), (-1, 1), ("quiescent", "activated"), (0.0, 0.5)])
+def test_labels_other_than_0_and_1_are_one_line(labels):
+    """A hand-built FeatureSet with labels 1/2, -1/1 or text stopped on pandas' or scikit-learn's own errors."""
+    from tprobe.probing.run import ProbeRun
+    from tprobe.science.curve import LabelCurve
+
+    fs = _features(labels=labels)
+    for fit in (
+        lambda: ProbeRun(n_boot=10, final_head=False).fit(fs),
+        lambda: LabelCurve(shots=(1, "all"), repeats=1).fit(fs),
+    ):
+        with pytest.raises(TprobeError, match=r"labels must be 0 \(quiescent\) or 1 \(activated\)") as exc:
+            fit()
+        assert "\n" not in str(exc.value)
+    ok = _features(labels=(False, True))  # booleans and 0.0/1.0 are 0 and 1
+    assert ProbeRun(n_boot=10, final_head=False).fit(ok).summary_["roc_auc"]["mean"] > 0.5

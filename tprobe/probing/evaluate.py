@@ -32,6 +32,7 @@ __all__ = [
     "split_plan",
     "check_plan",
     "one_donor",
+    "check_labels",
     "check_train_classes",
     "check_train_donors",
     "nested_cv",
@@ -138,6 +139,19 @@ def check_plan(plan: list[Fold], meta: pd.DataFrame) -> None:
         d_tr = set(meta["donor"].iloc[f.train])
         if set(f.test_donors) <= set(meta["donor"].iloc[f.test]) and d_tr & set(f.test_donors):
             raise TprobeError(f"fold {f.index}: donor on both sides: {sorted(d_tr & set(f.test_donors))}")
+
+
+def check_labels(meta: pd.DataFrame) -> None:
+    """Raise unless every label is 0 (quiescent) or 1 (activated): the metrics score class 1 as activated,
+    so 1/2, -1/1 or text labels stopped on pandas' or scikit-learn's errors, or scored the wrong class."""
+    y = meta["label"]
+    bad = y[y.isna() | ~y.isin([0, 1])]  # "1" (text) is not 1
+    if len(bad):
+        values = sorted({repr(v) for v in pd.unique(y)})
+        raise TprobeError(
+            f"the label column holds {', '.join(values[:6])}{', ...' if len(values) > 6 else ''}; labels must be "
+            "0 (quiescent) or 1 (activated): map them (e.g. label = (label == 'activated').astype(int))"
+        )
 
 
 def check_train_classes(plan: list[Fold], meta: pd.DataFrame) -> None:

@@ -20,6 +20,7 @@ from sklearn.pipeline import Pipeline
 from tprobe.errors import TprobeError
 from tprobe.features.sources import NORMALIZE, FeatureSet, donor_center
 from tprobe.probing.evaluate import (
+    check_labels,
     check_plan,
     check_train_classes,
     evaluate,
@@ -132,6 +133,7 @@ class ProbeRun:
         self._validate()
         t0 = time.perf_counter()
         meta = fs.meta
+        check_labels(meta)
         if meta["label"].nunique() < 2:
             raise TprobeError("the data has one class only; a probe needs activated and quiescent cells")
         plan = split_plan(meta, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
