@@ -25,7 +25,9 @@ column left out is recorded with its reason (``FeatureSource.dropped_columns``).
 
 Only table rows whose image passed the quality filters are scored; the rows left unused are
 counted by class (``FeatureSource.unused_rows``). ``all_rows=True`` (``--all-table-rows``) scores
-every table row that names an image of the data, filtered or not.
+every table row that names an image of the data, filtered or not, except unreadable images (no id, no
+donor group) and duplicates (another image's cell, which would be counted twice): those stay unused,
+counted by class and by reason (``unused_rows["not_scorable"]``).
 """
 
 from __future__ import annotations
@@ -367,7 +369,10 @@ def from_table(
     _one_row_per_image(path, id_column, ids.reset_index(drop=True), image_of.fillna(-1).astype(int), orig)
     if image_of.isna().all():
         raise TprobeError(f"{path}: no {id_column} value matches a file name or image id of the data")
-    kept = orig["kept"].to_numpy(bool) | all_rows
+    # an unreadable image has no id or group, a duplicate is another image's cell: never scored, even with
+    # all_rows (counted as filtered, with their reasons in unused_rows["not_scorable"])
+    never = _not_scorable(orig)
+    kept = orig["kept"].to_numpy(bool) | (all_rows & (never == ""))
     hit = image_of.dropna().astype(int)  # table row -> image row
     used = hit[kept[hit.to_numpy()]]
     if not len(used):
@@ -393,6 +398,9 @@ def from_table(
         },
         "no_image": int(image_of.isna().sum()),
     }
+    reasons = pd.Series(never[hit.to_numpy()]).value_counts()
+    if all_rows and (reasons.index != "").any():
+        unused["not_scorable"] = {str(k): int(v) for k, v in reasons.items() if k}
     has_row = np.zeros(len(orig), bool)
     has_row[hit.to_numpy()] = True
     name = f"table:{path.stem}" + ("+all-rows" if all_rows else "")  # both cell counts can be reported
@@ -408,6 +416,18 @@ def from_table(
         all_rows=bool(all_rows),
     )
     return FeatureSet(X, meta[META], source)
+
+
+def _not_scorable(orig: pd.DataFrame) -> np.ndarray:
+    """Per original image: ``"unreadable"`` (no id, no group), ``"duplicate"`` (the same bytes as an earlier
+    image: scoring it would count one cell twice) or ``""``."""
+    ids = orig["image_id"].astype(str)
+    if "drop_reason" in orig.columns:
+        reason = orig["drop_reason"].fillna("").astype(str)
+    else:  # a manifest saved without it: the ids tell (preprocess: "" unreadable, "<source>_dup<n>")
+        reason = pd.Series(np.where(ids.str.contains(r"_dup\d+$"), "duplicate", ""), index=orig.index)
+    reason = reason.where(reason.isin(["unreadable", "duplicate"]), "")
+    return np.where(ids == "", "unreadable", reason.to_numpy(str)).astype(object)
 
 
 def _no_label_copy(path: Path, cols: list, X: np.ndarray, labels: np.ndarray) -> None:
@@ -442,13 +462,13 @@ def table_note(source: FeatureSource) -> list[str]:
     n_filtered, no_image = sum(filtered.values()), unused.get("no_image", 0)
     if n_filtered or no_image:
         by_class = ", ".join(f"{n} {c}" for c, n in filtered.items())
-        parts = (
-            [
-                f"{n_filtered} name images the quality filters removed ({by_class}; --all-table-rows scores them)"
-            ]
-            if n_filtered
-            else []
-        )
+        never = unused.get("not_scorable") or {}
+        if source.all_rows:  # only unreadable and duplicate images are left out then
+            why = ", ".join(f"{n} {r}" for r, n in never.items())
+            what = f"name unreadable or duplicate images ({by_class}; {why}), never scored"
+        else:
+            what = f"name images the quality filters removed ({by_class}; --all-table-rows scores them)"
+        parts = [f"{n_filtered} {what}"] if n_filtered else []
         parts += [f"{no_image} name no image of the data"] if no_image else []
         lines.append(f"{source.name}: {n_filtered + no_image} table rows unused: {'; '.join(parts)}")
     return lines

@@ -31,6 +31,8 @@ __all__ = [
     "Fold",
     "split_plan",
     "check_plan",
+    "one_donor",
+    "check_labels",
     "check_train_classes",
     "check_train_donors",
     "nested_cv",
@@ -87,6 +89,8 @@ def split_plan(
         )
     donors = np.asarray(meta["donor"].astype(str))
     names = sorted(set(donors))
+    if len(names) < 2:  # every split would hold out nothing, or put the donor's cells on both sides
+        raise TprobeError(one_donor(names, split))
     if split == "test-donor":
         if test_donor is None:
             raise TprobeError("split 'test-donor' needs a test donor (--test-donor NAME)")
@@ -95,28 +99,16 @@ def split_plan(
             raise TprobeError(f"test donor {test_donor} is not in the data; donors: {', '.join(names)}")
         sets = [[test_donor]]
     elif split == "leave-one-donor-out":
-        if len(names) < 2:
-            raise TprobeError(
-                f"leave-one-donor-out needs at least 2 donors, found {names}; "
-                "split 'group-kfold' splits the cells of one donor instead (not donor-held-out)"
-            )
         sets = [[d] for d in names]
-    else:  # group-kfold on donors; on the cells of a single donor (not donor-held-out)
-        if 1 < len(names) < n_splits:
+    else:  # group-kfold on donors
+        if len(names) < n_splits:
             raise TprobeError(
                 f"split 'group-kfold' with {n_splits} folds needs at least {n_splits} donors; the data has "
                 f"{len(names)} ({', '.join(names)}): pass --folds {len(names)} or use leave-one-donor-out"
             )
-        key = donors if len(names) > 1 else np.asarray(meta["group"])
-        n_cells = len(set(key))
-        if n_cells < n_splits:
-            raise TprobeError(
-                f"split 'group-kfold' with {n_splits} folds on the cells of one donor needs at least "
-                f"{n_splits} cells; the data has {n_cells}: pass --folds {max(n_cells, 2)}"
-            )
         gkf = GroupKFold(n_splits=n_splits)
         folds = []
-        for i, (tr, te) in enumerate(gkf.split(np.zeros(len(meta)), groups=key)):
+        for i, (tr, te) in enumerate(gkf.split(np.zeros(len(meta)), groups=donors)):
             folds.append(Fold(i, sorted(set(donors[te])), tr, te))
         return folds
     return [
@@ -125,8 +117,21 @@ def split_plan(
     ]
 
 
+def one_donor(names: list[str], split: str | None = None) -> str:
+    """The one line for data of fewer than 2 donors: no split of it holds a donor out."""
+    have = f"one donor ({names[0]})" if names else "no donor"
+    return (
+        f"{f'split {split!r}' if split else 'the split'}: the data has {have}, so no split holds a donor "
+        "out (its cells would be on both sides, or nothing left to train on); give each image its donor: "
+        "a donor column in the table, or one folder per donor (DIR/donor_1/activated/...)"
+    )
+
+
 def check_plan(plan: list[Fold], meta: pd.DataFrame) -> None:
     """Raise if any cell group (or, for donor splits, any donor) is on both sides of a fold."""
+    names = sorted(set(meta["donor"].astype(str)))
+    if len(names) < 2:  # a hand-made plan: say why, not only that the donor is on both sides
+        raise TprobeError(one_donor(names))
     for f in plan:
         g_tr, g_te = set(meta["group"].iloc[f.train]), set(meta["group"].iloc[f.test])
         if g_tr & g_te:
@@ -134,6 +139,19 @@ def check_plan(plan: list[Fold], meta: pd.DataFrame) -> None:
         d_tr = set(meta["donor"].iloc[f.train])
         if set(f.test_donors) <= set(meta["donor"].iloc[f.test]) and d_tr & set(f.test_donors):
             raise TprobeError(f"fold {f.index}: donor on both sides: {sorted(d_tr & set(f.test_donors))}")
+
+
+def check_labels(meta: pd.DataFrame) -> None:
+    """Raise unless every label is 0 (quiescent) or 1 (activated): the metrics score class 1 as activated,
+    so 1/2, -1/1 or text labels stopped on pandas' or scikit-learn's errors, or scored the wrong class."""
+    y = meta["label"]
+    bad = y[y.isna() | ~y.isin([0, 1])]  # "1" (text) is not 1
+    if len(bad):
+        values = sorted({repr(v) for v in pd.unique(y)})
+        raise TprobeError(
+            f"the label column holds {', '.join(values[:6])}{', ...' if len(values) > 6 else ''}; labels must be "
+            "0 (quiescent) or 1 (activated): map them (e.g. label = (label == 'activated').astype(int))"
+        )
 
 
 def check_train_classes(plan: list[Fold], meta: pd.DataFrame) -> None:

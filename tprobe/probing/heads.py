@@ -35,6 +35,7 @@ __all__ = [
     "make_head",
     "param_grid",
     "projection",
+    "projection_checksum",
     "projection_width",
     "save_head",
     "load_head_file",
@@ -380,6 +381,17 @@ def projection(n_features: int, n_components: int, seed: int):
     if big is None or n_components > big.n_components_:
         _PROJECTIONS[(n_features, seed)] = proj
     return proj
+
+
+def projection_checksum(proj) -> str:
+    """``"xxh3_128:<hex>"`` of a projection's matrix (dtype, shape and bytes): a run records it, and
+    ``predict`` refuses a rebuilt matrix that differs (another scikit-learn drawing another stream)."""
+    import xxhash
+
+    a = np.ascontiguousarray(proj.components_)
+    h = xxhash.xxh3_128(f"{a.dtype.str}:{a.shape}".encode())
+    h.update(a.data)
+    return "xxh3_128:" + h.hexdigest()
 
 
 def save_head(model, path: str | Path) -> Path:

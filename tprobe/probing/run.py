@@ -20,6 +20,7 @@ from sklearn.pipeline import Pipeline
 from tprobe.errors import TprobeError
 from tprobe.features.sources import NORMALIZE, FeatureSet, donor_center
 from tprobe.probing.evaluate import (
+    check_labels,
     check_plan,
     check_train_classes,
     evaluate,
@@ -34,6 +35,7 @@ from tprobe.probing.heads import (
     make_head,
     param_grid,
     projection,
+    projection_checksum,
     projection_width,
     save_head,
 )
@@ -64,9 +66,17 @@ def load_head(run: str | Path):
     head = load_head_file(path)
     p = record.projection
     if p:
-        return Pipeline(
-            [("project", projection(p["n_features"], p["n_components"], p["seed"])), ("head", head)]
-        )
+        proj = projection(p["n_features"], p["n_components"], p["seed"])
+        if p.get("checksum") and projection_checksum(proj) != p["checksum"]:  # runs before it: unchecked
+            import sklearn
+
+            raise TprobeError(
+                f"{run}: the random projection rebuilt from its seed ({p['n_features']} -> {p['n_components']} "
+                f"columns, seed {p['seed']}) is not the one the head was trained on (scikit-learn "
+                f"{sklearn.__version__} here, {record.versions.get('scikit-learn')} in the run); install the "
+                "run's scikit-learn or rerun `tprobe probe`"
+            )
+        return Pipeline([("project", proj), ("head", head)])
     return head
 
 
@@ -123,6 +133,7 @@ class ProbeRun:
         self._validate()
         t0 = time.perf_counter()
         meta = fs.meta
+        check_labels(meta)
         if meta["label"].nunique() < 2:
             raise TprobeError("the data has one class only; a probe needs activated and quiescent cells")
         plan = split_plan(meta, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
@@ -290,6 +301,7 @@ class ProbeRun:
                 "n_components": int(p.n_components_),
                 "n_features": int(p.n_features_in_),
                 "seed": self.seed,
+                "checksum": projection_checksum(p),  # predict refuses a rebuilt matrix that differs
             }
         )
         return RunRecord(

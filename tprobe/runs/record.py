@@ -180,7 +180,9 @@ class RunRecord:
     n_rows: int = 0
     n_features: int = 0
     grid: list = field(default_factory=list)
-    projection: dict | None = None  # {"method", "n_components", "n_features", "seed"}: rebuilt, never stored
+    # {"method", "n_components", "n_features", "seed", "checksum"}: rebuilt from the seed, never stored; the
+    # checksum (heads.projection_checksum, absent in older runs) is of the matrix the head was trained on
+    projection: dict | None = None
     head_file: str | None = None
     seconds: float = 0.0
     versions: dict = field(default_factory=dict)

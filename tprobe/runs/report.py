@@ -115,7 +115,9 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
 
     Columns: family, model (model · pool · head), run_name (the run folder), random_init, command, head,
     pool (store runs), baseline (baseline runs), split,
-    n_donors, n_cells (cells scored, summed over held-out donors), ``<metric>_{mean,sd,ci_low,ci_high}``,
+    n_donors (the held-out donors the metric means average over: those with both classes, as
+    :func:`~tprobe.probing.evaluate.auc_donors`), n_held_out (every held-out donor, one-class ones too),
+    n_cells (cells scored, summed over held-out donors), ``<metric>_{mean,sd,ci_low,ci_high}``,
     run (path) and label (model + run name, unique per run).
     """
     rows, incomplete = [], []
@@ -145,7 +147,8 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
             "pool": record.features.pool if record.features.kind == "store" else None,
             "baseline": record.options.get("baseline"),
             "split": record.options.get("split"),
-            "n_donors": len(folds),
+            "n_donors": _donors_in_means(folds),
+            "n_held_out": len(folds),
             "n_cells": int(sum(int(f.get("n") or 0) for f in folds)),
             "run": str(run),
         }
@@ -169,6 +172,24 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
     ]
     out.attrs["incomplete"] = incomplete  # run folders left out: interrupted before per_donor.parquet
     return out
+
+
+def _donors_in_means(folds: list) -> int:
+    """How many held-out donors a run's metric means cover: those whose ROC AUC is defined (both classes),
+    or every one when none is (:func:`tprobe.probing.evaluate.auc_donors`' rule)."""
+    defined = [f for f in folds if isinstance(f.get("roc_auc"), int | float) and np.isfinite(f["roc_auc"])]
+    return len(defined) if defined else len(folds)
+
+
+# the headline and the "best run" figures rank runs whose means cover at least this many held-out donors
+MIN_RANKED_DONORS = 2
+
+
+def ranked_runs(summary: pd.DataFrame) -> pd.DataFrame:
+    """The runs a "best run" is picked from: those whose means cover at least :data:`MIN_RANKED_DONORS`
+    held-out donors (one donor's AUC has no spread to rank by), or every run when none does."""
+    many = summary[summary["n_donors"] >= MIN_RANKED_DONORS]
+    return many if len(many) else summary
 
 
 REFERENCE_RULE = (
@@ -253,7 +274,7 @@ def _ci(lo, hi) -> str:
 
 def display_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Printable table: mean ± sd over donors, the 95% CI of the mean (t over donors), and the status mark."""
-    t = summary[["family", "model", "run_name", "n_donors", "n_cells"]].copy()
+    t = summary[["family", "model", "run_name", "n_donors", "n_held_out", "n_cells"]].copy()
     for m in METRICS:
         t[m] = [_fmt(a, b) for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_sd"], strict=True)]
     for m, short in (("average_precision", "AP"), ("roc_auc", "AUC")):
@@ -509,12 +530,24 @@ def _img(path: Path, caption: str) -> str:
 
 
 def _headline(summary: pd.DataFrame) -> list[str]:
-    best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
+    ranked = ranked_runs(summary)
+    best = ranked.loc[ranked["roc_auc_mean"].astype(float).idxmax()]
     lines = [
         f"Best measured run by mean ROC AUC: {best['family']} · {best['model']} (`{best['run_name']}`)"
         + (f" — **{RANDOM_MARK}**." if best["random_init"] else ".")
     ]
-    real = summary[~summary["random_init"].astype(bool)]
+    few = summary[summary["n_donors"] < MIN_RANKED_DONORS]
+    if len(few) and len(ranked) < len(summary):
+        lines.append(
+            f"Not ranked: {len(few)} run(s) whose means cover fewer than {MIN_RANKED_DONORS} held-out donors "
+            f"(one donor's AUC has no spread): {', '.join(f'`{r}`' for r in few['run_name'])}."
+        )
+    elif len(few):
+        lines.append(
+            f"Every run's means cover fewer than {MIN_RANKED_DONORS} held-out donors: one donor's AUC has no "
+            "spread, so this ranking ranks nothing; hold out more donors (leave-one-donor-out)."
+        )
+    real = ranked[~ranked["random_init"].astype(bool)]
     if best["random_init"] and len(real):
         b = real.loc[real["roc_auc_mean"].astype(float).idxmax()]
         lines.append(
@@ -714,8 +747,14 @@ def _render(report: Report, dots: Path, variant_fig: Path | None = None) -> tupl
         if variant_fig
         else []
     )
-    best = summary.loc[summary["roc_auc_mean"].astype(float).idxmax()]
-    best_per_family = summary.loc[summary.groupby("family")["roc_auc_mean"].idxmax()]
+    ranked = ranked_runs(summary)  # the "best" figures: from the runs the headline ranks
+    best = ranked.loc[ranked["roc_auc_mean"].astype(float).idxmax()]
+    best_per_family = pd.DataFrame(
+        [
+            ranked_runs(g).loc[ranked_runs(g)["roc_auc_mean"].astype(float).idxmax()]
+            for _, g in summary.groupby("family")
+        ]
+    )
     cells = sorted(set(summary["n_cells"]))
     cells_txt = (
         f"{cells[0]:,} cells scored per run"
@@ -737,7 +776,8 @@ def _render(report: Report, dots: Path, variant_fig: Path | None = None) -> tupl
     )
     header = (
         f"Runs under `{root}`: {len(summary)}; {cells_txt} (original views of the held-out donors). "
-        "Metrics: mean ± sd over held-out donors; 95% CI: t-interval over donors of the mean, "
+        "Metrics: mean ± sd over held-out donors (n_donors: those with both classes, which the means cover; "
+        "n_held_out: every held-out donor, one-class ones too); 95% CI: t-interval over donors of the mean, "
         "mean ± t(0.975, n-1)·sd/√n (metrics.json summary.<metric>.ci_low/ci_high; runs written before "
         "it carry a donor bootstrap CI, too narrow at 6 donors). brier and ece: calibration, lower is better "
         "(ECE over 10 equal-width probability bins; per-run reliability.png); accuracy at a fixed 0.5 "

@@ -42,7 +42,7 @@ from sklearn.metrics import average_precision_score, balanced_accuracy_score, ro
 from tprobe.errors import TprobeError
 from tprobe.features.sources import NORMALIZE, FeatureSet, donor_center
 from tprobe.models.random_weights import is_random
-from tprobe.probing.evaluate import check_plan, check_train_classes, split_plan
+from tprobe.probing.evaluate import check_labels, check_plan, check_train_classes, split_plan
 from tprobe.probing.heads import HEADS, make_head
 from tprobe.science import TRAIN_VIEWS
 
@@ -160,6 +160,7 @@ class LabelCurve:
         """One source and one head: (results, draws, seconds)."""
         t0 = time.perf_counter()
         meta = fs.meta.reset_index(drop=True)
+        check_labels(meta)
         if meta["label"].nunique() < 2:
             raise TprobeError("the data has one class only; a curve needs activated and quiescent cells")
         plan = split_plan(meta, self.split, test_donor=self.test_donor)
