@@ -458,8 +458,8 @@ def check_donors(table_path: Path, df: pd.DataFrame) -> None:
             rows = (np.flatnonzero(empty.to_numpy()) + 2).tolist()  # +2: header line, 1-based
             raise TprobeError(
                 f"{table_path}: {int(empty.sum())} row(s) have an empty donor (line {rows[0]}"
-                f"{', ...' if len(rows) > 1 else ''}); fill the donor column, or drop it to "
-                "treat all images as one donor"
+                f"{', ...' if len(rows) > 1 else ''}); fill the donor column (probes hold out donors: "
+                "each cell's donor is needed)"
             )
 
 
