@@ -88,6 +88,9 @@ SPLITS = [
 ]
 
 
+@pytest.mark.refuses(
+    "data from a single donor (probe, curve, baselines, finetune: no split holds a donor out)"
+)
 @pytest.mark.parametrize("split, kw", SPLITS)
 def test_one_donor_is_refused_by_probe_and_curve_with_the_fix(split, kw):
     """With every image in one donor, leave-one-donor-out pointed to group-kfold, which check_plan then
@@ -114,6 +117,7 @@ def test_check_plan_says_a_one_donor_plan_has_one_donor():
     assert "\n" not in str(exc.value)
 
 
+@pytest.mark.refuses("a manifest without donors given to probe")
 def test_cli_probe_refuses_a_manifest_without_donors_in_one_line(tmp_path):
     from click.testing import CliRunner
 
@@ -146,6 +150,9 @@ def test_cli_probe_refuses_a_manifest_without_donors_in_one_line(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.json"))
 
 
+@pytest.mark.refuses(
+    "a run whose random projection, rebuilt at predict, differs from the trained one (its checksum)"
+)
 # ---- 3. predict's rebuilt random projection is checked against the run's checksum ------------------------
 def test_a_rebuilt_projection_that_differs_from_the_trained_one_is_refused(tmp_path, monkeypatch):
     """predict rebuilt the projection from scikit-learn and the seed alone: another random stream (a
@@ -237,6 +244,7 @@ def test_report_best_run_is_never_a_one_donor_run_unannounced(tmp_path):
     assert "easy-donor" in lines[0] and any("ranks nothing" in line for line in lines)
 
 
+@pytest.mark.refuses("labels other than 0/1 in a FeatureSet (probe, curve)")
 # ---- 5. labels other than 0/1 are one line ---------------------------------------------------------------
 @pytest.mark.parametrize("labels", [(1, 2), (-1, 1), ("quiescent", "activated"), (0.0, 0.5)])
 def test_labels_other_than_0_and_1_are_one_line(labels):
