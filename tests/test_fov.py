@@ -551,3 +551,41 @@ def test_a_binary_mask_of_several_cells_is_one_line_not_one_object(tmp_path, on)
     one = np.where(labels == 2, on, 0).astype(np.uint8)
     tifffile.imwrite(mask, one)
     assert (read_mask(mask) == one).all()
+
+
+def test_huge_label_ids_are_cut_and_drawn_as_their_objects_without_one_entry_per_id(tmp_path):
+    """Label ids near 4e9 in a uint32 mask (ids hashed or offset per tile): find_objects, bincount and
+    the overlay's score table allocated one entry per id up to the largest (tens of GB: MemoryError, or
+    the process killed). The objects are now numbered 1..n for the work, and keep their own ids."""
+    from tprobe.data.fov import draw_overlay
+
+    fields, masks, _, _ = make_fields(tmp_path, donors=("donor_1",), per_class=3, per_field=3)
+    mask_file = masks / "donor_1" / "activated" / "field0_masks.tif"
+    ref, _ = preprocess_fields(fields, masks, PreprocessConfig(), tmp_path / "ref" / "crops")
+    labels = tifffile.imread(mask_file)
+    big = {1: 4_294_967_000, 2: 7, 3: 3_000_000_001}
+    huge = np.zeros(labels.shape, np.uint32)
+    for k, v in big.items():
+        huge[labels == k] = v
+    tifffile.imwrite(mask_file, huge)
+    pre, _ = preprocess_fields(fields, masks, PreprocessConfig(), tmp_path / "o" / "crops")
+    cols = ["area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "crop_id"]
+
+    def objects(p):
+        orig = p.manifest[(p.manifest["view"] == "orig") & p.manifest["field"].str.contains("activated")]
+        return orig.set_index("object")
+
+    got, want = objects(pre), objects(ref)
+    assert sorted(got.index) == sorted(big.values())
+    for k, v in big.items():
+        assert got.loc[v, cols].tolist() == want.loc[k, cols].tolist()
+        assert got.loc[v, "source_id"] == f"{got.loc[v, 'field_id']}_{v}"
+    png = draw_overlay(
+        fields / "donor_1" / "activated" / "field0.png",
+        mask_file,
+        {big[1]: 0.9, 7: float("nan"), big[3]: 0.1},
+        PreprocessConfig(),
+        tmp_path / "overlay.png",
+    )
+    assert png.stat().st_size > 0
+
