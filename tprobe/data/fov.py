@@ -422,7 +422,7 @@ def preprocess_fields(fov, masks, config, crops, *, progress: bool = False):
         raise TprobeError(f"{fov}: no objects found in any field ({len(warnings)} empty label image(s))")
     if "crop_id" in manifest.columns:
         manifest["crop_id"] = manifest["crop_id"].fillna("").astype(str)
-    return Preprocessed(manifest, config, _fingerprint(manifest), pre.skipped), warnings
+    return Preprocessed(manifest, config, _fingerprint(manifest), pre.skipped), [*warnings, *pre.warnings]
 
 
 def draw_overlay(
