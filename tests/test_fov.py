@@ -589,3 +589,41 @@ def test_huge_label_ids_are_cut_and_drawn_as_their_objects_without_one_entry_per
     )
     assert png.stat().st_size > 0
 
+
+def test_predict_on_fields_gives_a_skipped_field_its_row(tmp_path, tiny_reg):
+    """A field predict cannot cut (unreadable, or a copy of another field) had no CSV row, only a
+    'skipped:' line, though predict gives every input its row: it has one, kept False, with its reason."""
+    fields, masks, singles, where = make_fields(tmp_path, per_class=2, per_field=2)
+    here, there = fields / "donor_1" / "activated", masks / "donor_1" / "activated"
+    (here / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    shutil.copy(there / "field0_masks.tif", there / "broken_masks.tif")
+    shutil.copy(here / "field0.png", here / "field7.png")  # the same field twice
+    shutil.copy(there / "field0_masks.tif", there / "field7_masks.tif")
+    run = CliRunner().invoke
+    cache = ["--cache", str(tmp_path / "c")]
+    r = run(main, ["extract", "--model", str(tiny_reg), "--data", str(singles), *cache])
+    assert r.exit_code == 0, r.output
+    r = run(
+        main,
+        ["probe", "--model", str(tiny_reg), "--data", str(singles), *cache, "--head", "logreg"]
+        + ["--bootstrap", "20", "--out", str(tmp_path / "runs")],
+    )
+    assert r.exit_code == 0, r.output
+    run_dir = r.output.strip().splitlines()[-1]
+    csv = tmp_path / "fields.csv"
+    r = run(
+        main, ["predict", "--run", run_dir, str(fields), "--masks", str(masks), *cache, "--out", str(csv)]
+    )
+    assert r.exit_code == 0, r.output
+    objects = pd.read_csv(csv)
+    assert len(objects) == len(where) + 2
+    bad = objects[objects["field"].str.endswith(("broken.png", "field7.png"))].set_index("field")
+    assert {Path(f).name: why for f, why in bad["drop_reason"].items()} == {
+        "broken.png": "unreadable",
+        "field7.png": "duplicate",
+    }
+    assert not bad["kept"].any() and bad["p_activated"].isna().all() and bad["object"].isna().all()
+    assert bad["mask"].map(lambda m: Path(m).name).tolist() == ["broken_masks.tif", "field7_masks.tif"]
+    assert f"not scored: {here / 'broken.png'}: unreadable" in r.output
+    pngs = sorted(p.name for p in (tmp_path / "fields-overlays").glob("*.png"))
+    assert "donor_1-activated-broken.png" not in pngs and "donor_1-activated-field0.png" in pngs
