@@ -216,3 +216,30 @@ def test_unlabelled_images_in_donor_class_folders_take_the_donor_folder(tmp_path
     shutil.copy(src[0], tmp_path / "new" / src[0].name)
     t = discover_unlabelled(tmp_path / "new").table
     assert t.loc[t["path"].str.endswith(src[0].name), "donor"].item() == "donor_1"
+
+
+def test_donor_folders_inside_class_folders_are_refused_not_read_as_one_donor(tmp_path):
+    """DIR/activated/donor_1/cell.png (class folders first, donors inside) with names that give no donor:
+    every image was read as one donor, 'donor_unknown', without a line (no donor-held-out split is then
+    possible). It is one line naming the accepted layout."""
+    src = sorted((SAMPLE / "donor_1" / "activated").glob("*.png"))[:2]
+    for cls in ("activated", "quiescent"):
+        for donor in ("donor_1", "donor_2"):
+            for k, f in enumerate(src):
+                (tmp_path / "d" / cls / donor).mkdir(parents=True, exist_ok=True)
+                shutil.copy(f, tmp_path / "d" / cls / donor / f"cell_{k}.png")
+    with pytest.raises(
+        TprobeError, match=r"activated/donor_1: .*inside the class folder .*donor_N/activated"
+    ):
+        discover(tmp_path / "d")
+    # Wang-named files there give their donors by name, as before; numbered (plate) folders are no donors
+    for cls, cond in (("activated", "act"), ("quiescent", "noact")):
+        for donor in (1, 2):
+            (tmp_path / "w" / cls / f"donor_{donor}").mkdir(parents=True)
+            shutil.copy(
+                src[0], tmp_path / "w" / cls / f"donor_{donor}" / f"CD3_{donor}_{cond}_1_1_{donor}.png"
+            )
+            (tmp_path / "p" / cls / str(donor)).mkdir(parents=True)
+            shutil.copy(src[0], tmp_path / "p" / cls / str(donor) / f"cell_{donor}.png")
+    assert sorted(discover(tmp_path / "w").table["donor"]) == ["donor_1", "donor_1", "donor_2", "donor_2"]
+    assert discover(tmp_path / "p").table["donor"].eq("donor_unknown").all()

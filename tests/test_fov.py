@@ -551,3 +551,79 @@ def test_a_binary_mask_of_several_cells_is_one_line_not_one_object(tmp_path, on)
     one = np.where(labels == 2, on, 0).astype(np.uint8)
     tifffile.imwrite(mask, one)
     assert (read_mask(mask) == one).all()
+
+
+def test_huge_label_ids_are_cut_and_drawn_as_their_objects_without_one_entry_per_id(tmp_path):
+    """Label ids near 4e9 in a uint32 mask (ids hashed or offset per tile): find_objects, bincount and
+    the overlay's score table allocated one entry per id up to the largest (tens of GB: MemoryError, or
+    the process killed). The objects are now numbered 1..n for the work, and keep their own ids."""
+    from tprobe.data.fov import draw_overlay
+
+    fields, masks, _, _ = make_fields(tmp_path, donors=("donor_1",), per_class=3, per_field=3)
+    mask_file = masks / "donor_1" / "activated" / "field0_masks.tif"
+    ref, _ = preprocess_fields(fields, masks, PreprocessConfig(), tmp_path / "ref" / "crops")
+    labels = tifffile.imread(mask_file)
+    big = {1: 4_294_967_000, 2: 7, 3: 3_000_000_001}
+    huge = np.zeros(labels.shape, np.uint32)
+    for k, v in big.items():
+        huge[labels == k] = v
+    tifffile.imwrite(mask_file, huge)
+    pre, _ = preprocess_fields(fields, masks, PreprocessConfig(), tmp_path / "o" / "crops")
+    cols = ["area", "centroid_y", "centroid_x", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "crop_id"]
+
+    def objects(p):
+        orig = p.manifest[(p.manifest["view"] == "orig") & p.manifest["field"].str.contains("activated")]
+        return orig.set_index("object")
+
+    got, want = objects(pre), objects(ref)
+    assert sorted(got.index) == sorted(big.values())
+    for k, v in big.items():
+        assert got.loc[v, cols].tolist() == want.loc[k, cols].tolist()
+        assert got.loc[v, "source_id"] == f"{got.loc[v, 'field_id']}_{v}"
+    png = draw_overlay(
+        fields / "donor_1" / "activated" / "field0.png",
+        mask_file,
+        {big[1]: 0.9, 7: float("nan"), big[3]: 0.1},
+        PreprocessConfig(),
+        tmp_path / "overlay.png",
+    )
+    assert png.stat().st_size > 0
+
+
+def test_predict_on_fields_gives_a_skipped_field_its_row(tmp_path, tiny_reg):
+    """A field predict cannot cut (unreadable, or a copy of another field) had no CSV row, only a
+    'skipped:' line, though predict gives every input its row: it has one, kept False, with its reason."""
+    fields, masks, singles, where = make_fields(tmp_path, per_class=2, per_field=2)
+    here, there = fields / "donor_1" / "activated", masks / "donor_1" / "activated"
+    (here / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not a png")
+    shutil.copy(there / "field0_masks.tif", there / "broken_masks.tif")
+    shutil.copy(here / "field0.png", here / "field7.png")  # the same field twice
+    shutil.copy(there / "field0_masks.tif", there / "field7_masks.tif")
+    run = CliRunner().invoke
+    cache = ["--cache", str(tmp_path / "c")]
+    r = run(main, ["extract", "--model", str(tiny_reg), "--data", str(singles), *cache])
+    assert r.exit_code == 0, r.output
+    r = run(
+        main,
+        ["probe", "--model", str(tiny_reg), "--data", str(singles), *cache, "--head", "logreg"]
+        + ["--bootstrap", "20", "--out", str(tmp_path / "runs")],
+    )
+    assert r.exit_code == 0, r.output
+    run_dir = r.output.strip().splitlines()[-1]
+    csv = tmp_path / "fields.csv"
+    r = run(
+        main, ["predict", "--run", run_dir, str(fields), "--masks", str(masks), *cache, "--out", str(csv)]
+    )
+    assert r.exit_code == 0, r.output
+    objects = pd.read_csv(csv)
+    assert len(objects) == len(where) + 2
+    bad = objects[objects["field"].str.endswith(("broken.png", "field7.png"))].set_index("field")
+    assert {Path(f).name: why for f, why in bad["drop_reason"].items()} == {
+        "broken.png": "unreadable",
+        "field7.png": "duplicate",
+    }
+    assert not bad["kept"].any() and bad["p_activated"].isna().all() and bad["object"].isna().all()
+    assert bad["mask"].map(lambda m: Path(m).name).tolist() == ["broken_masks.tif", "field7_masks.tif"]
+    assert f"not scored: {here / 'broken.png'}: unreadable" in r.output
+    pngs = sorted(p.name for p in (tmp_path / "fields-overlays").glob("*.png"))
+    assert "donor_1-activated-broken.png" not in pngs and "donor_1-activated-field0.png" in pngs

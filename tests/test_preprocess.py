@@ -188,3 +188,33 @@ def test_bad_files_are_reported_and_the_rest_processed(small_data):
 def test_invalid_config_names_the_choices():
     with pytest.raises(TprobeError, match="pad, resize, fill"):
         PreprocessConfig(fit="stretch")
+
+
+def test_16_bit_data_far_below_max_value_is_a_warning_naming_its_brightest_pixel(tmp_path):
+    """12-bit camera data saved as 16-bit TIFFs, preprocessed with the default --max-value 65535: every cell
+    is scaled 16x too dark and dropped as dim (or kept dim) without a hint. One warning line names the
+    brightest pixel and --max-value; the numbers are unchanged."""
+    import tifffile
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from tprobe.cli import main
+
+    pngs = copy_subset(tmp_path / "png", donors=("donor_1",), per_class=3)
+    tifs = tmp_path / "tif"
+    brightest = 0
+    for png in sorted(pngs.rglob("*.png")):
+        arr = np.asarray(Image.open(png), np.uint16) * 16  # the same cell from a 12-bit camera: 0..4080
+        brightest = max(brightest, int(arr.max()))
+        (tifs / png.relative_to(pngs)).parent.mkdir(parents=True, exist_ok=True)
+        tifffile.imwrite((tifs / png.relative_to(pngs)).with_suffix(".tif"), arr)
+    pre = preprocess(discover(tifs))
+    assert len(pre.warnings) == 1, pre.warnings
+    assert f"brightest pixel of the 6 16-bit images is {brightest}" in pre.warnings[0]
+    assert "--max-value 65535" in pre.warnings[0] and "--max-value 4095" in pre.warnings[0]
+    res = CliRunner().invoke(main, ["preprocess", "--data", str(tifs), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    assert sum(line.startswith("warning: ") and "brightest" in line for line in res.output.splitlines()) == 1
+    # the camera's range given, or 8-bit data: no warning
+    assert not preprocess(discover(tifs), PreprocessConfig(max_value=4095)).warnings
+    assert not preprocess(discover(pngs)).warnings

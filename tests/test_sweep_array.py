@@ -238,3 +238,22 @@ def test_a_failing_task_is_named_with_its_log_line_and_leaves_no_record(tmp_path
     assert "ends: " in str(e.value) and "gone.zarr" in str(e.value).split("ends: ")[1]  # the task's own error
     assert lines[-1] == "running - | queued - | done - | failed 0,1", lines
     assert missing_tasks(sweep) == [0, 1] and not (sweep / "tasks").exists()
+
+
+def test_a_task_run_twice_at_once_is_reported_once(tmp_path, store, caplog):
+    """A SLURM requeue and a local --resume both ran task 0 (neither saw the other's record): two complete
+    run folders of one pool x head, and `report` listed both. It takes the one the task's record names
+    and says it left the other out; the collected summary has one row per task."""
+    from tprobe.probing.sweep import resume_sweep
+    from tprobe.runs.report import collect_runs
+
+    kw = {"n_boot": 20, "final_head": False}
+    sweep = plan_sweep(store, ["cls"], ["logreg", "knn"], out=tmp_path / "runs", probe_kwargs=kw)
+    pool, head = SweepPlan.load(sweep).tasks[0]
+    twin = run_sweep(store_sources(store, [pool]), [head], out=sweep, probe_kwargs=kw).runs[0]  # no record
+    res = resume_sweep(sweep)
+    assert len(res.summary) == 2 and twin not in res.runs
+    with caplog.at_level("WARNING", logger="tprobe.runs.report"):
+        runs = collect_runs(tmp_path / "runs")
+    assert sorted(runs["run"]) == sorted(map(str, res.runs))
+    assert f"{twin}: a second run of sweep task {pool} · {head}" in caplog.text

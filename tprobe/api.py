@@ -182,10 +182,18 @@ def _model_ref(model) -> ModelRef:
 
 
 def _prepared(
-    data, config, ref=None, *, canvas_set: bool | None, progress: bool = False, log_skipped: bool = False
+    data,
+    config,
+    ref=None,
+    *,
+    canvas_set: bool | None,
+    progress: bool = False,
+    log_skipped: bool = False,
+    log_warnings: bool = False,
 ) -> Preprocessed:
     """``data`` through :func:`~tprobe.data.preprocess.prepare` with ``config`` (the canvas fitted to
-    ``ref``'s patch size unless set; ``canvas_set=None``: set when it is not the default)."""
+    ``ref``'s patch size unless set; ``canvas_set=None``: set when it is not the default); its skipped
+    files (``log_skipped``) and its warnings (``log_skipped`` or ``log_warnings``) logged."""
     import logging
 
     from tprobe.data.preprocess import PreprocessConfig as _Config
@@ -201,6 +209,9 @@ def _prepared(
         model_name=ref.name if ref is not None else "the store's model",
         progress=progress,
     )
+    if log_skipped or log_warnings:
+        for line in pre.warnings:  # e.g. 16-bit data far below --max-value
+            logging.getLogger(__name__).warning("warning: %s", line)
     if log_skipped:
         for s in pre.skipped:
             logging.getLogger(__name__).warning("skipped: %s", s)
@@ -423,7 +434,9 @@ def extract(
         refs = [resolve_model(m, offline=offline) if isinstance(m, str | Path) else m for m in models]
         done = {}
         for group in group_by_patch(refs):  # one canvas, so one pass, per patch size
-            pre = _prepared(data, config, getattr(group[0], "ref", group[0]), canvas_set=canvas_set)
+            pre = _prepared(
+                data, config, getattr(group[0], "ref", group[0]), canvas_set=canvas_set, log_warnings=True
+            )
             results = extract_many(pre, group, **in_process)
             for m, res in zip(group, results, strict=True):
                 res.skipped = list(pre.skipped)
@@ -435,7 +448,7 @@ def extract(
         else models[0]
     )
     ref = getattr(model, "ref", model)  # a loaded Backbone runs as it is, in this process
-    pre = _prepared(data, config, ref, canvas_set=canvas_set, progress=False)
+    pre = _prepared(data, config, ref, canvas_set=canvas_set, progress=False, log_warnings=True)
     if executor == "slurm":
         from tprobe.cluster.slurm import extract_slurm
 

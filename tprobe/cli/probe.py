@@ -283,6 +283,8 @@ def predict(run_dir, images, out, threshold, masks, cache, device, offline):
     Example:
       tprobe predict --run runs/20261125-101500-dinov2-small-reg-cls-logreg new_plate/
     """
+    import pandas as pd
+
     from tprobe import api
     from tprobe.probing.predict import default_csv, overlay_folder
 
@@ -304,7 +306,8 @@ def predict(run_dir, images, out, threshold, masks, cache, device, offline):
         f"{table['kept'].sum()} of {len(table)} {what} scored; {int((table['label'] == 1).sum())} activated"
     )
     for rec in table[~table["kept"]].itertuples():
-        where = f"{rec.field} object {rec.object}" if masks is not None else rec.path
+        cut = masks is not None and pd.notna(rec.object)  # none: a field not cut into objects
+        where = f"{rec.field} object {rec.object}" if cut else rec.field if masks is not None else rec.path
         click.echo(f"not scored: {where}: {rec.drop_reason}", err=True)
     if masks is not None:
         click.echo(f"overlays: {overlay_folder(out)}")

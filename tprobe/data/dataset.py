@@ -308,6 +308,8 @@ def _from_folders(root: Path, group=None) -> Dataset:
             )
         donor = sub.parent.name if sub.parent != root else None  # no donor folder: the name's donor
         cells = _cells(sub, group, skipped)
+        if donor is None:  # DIR/activated/donor_1/x.png: donors inside the class would all be one donor
+            _refuse_inner_donor(root, sub, cells)
         other = [
             f
             for f in _walk(sub)[1]
@@ -364,6 +366,20 @@ def _from_folders(root: Path, group=None) -> Dataset:
                 )
             )
     return Dataset(root, _frame(rows), skipped, "folders")
+
+
+def _refuse_inner_donor(root: Path, sub: Path, cells: list[Path]) -> None:
+    """A donor folder inside a class folder (``DIR/activated/donor_1/``) holding images whose names give
+    no donor is one line: read as the documented layouts read it, every such image is ``donor_unknown``."""
+    for path in cells:
+        inner = next((p for p in path.relative_to(sub).parents if p.name.lower().startswith("donor")), None)
+        if inner is not None and parse_wang_name(path.name) is None:
+            raise TprobeError(
+                f"{sub / inner}: a donor folder inside the class folder '{sub.name}', whose images "
+                f"would all be read as one donor (donor_unknown); put the donor folders first "
+                f"({root}/donor_N/activated/, {root}/donor_N/quiescent/) or list the images in a CSV "
+                "with path,label,donor"
+            )
 
 
 def _unread(files) -> list[Skipped]:

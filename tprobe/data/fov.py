@@ -259,6 +259,20 @@ def _refuse_binary(path: Path, arr: np.ndarray) -> None:
         )
 
 
+def _sequential(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, seq)``: a label image whose largest id exceeds its pixel count (ids near 4e9 in a uint32
+    mask) renumbered 1..n in id order (``seq``), with ``ids[k]`` the own id of object ``k`` (``ids[0]``
+    is 0). Any other mask is returned as it is, with ``ids`` the identity."""
+    top = int(mask.max()) if mask.size else 0
+    if top <= mask.size:
+        return np.arange(top + 1), mask
+    ids, seq = np.unique(mask, return_inverse=True)
+    seq = seq.reshape(mask.shape)
+    if ids[0] != 0:  # no background pixel: 0 stays the background's number
+        ids, seq = np.concatenate([[0], ids]), seq + 1
+    return ids, seq
+
+
 def _field_pixels(path: Path, config) -> np.ndarray:
     """A field's raw pixels (no scaling): (H, W) for grey input, (C, H, W) in ``config.channels`` order."""
     if not config.channels:
@@ -326,6 +340,7 @@ def crop_fields(fields: Dataset, config, crops: str | Path, *, progress: bool = 
         seen[field_id] = field
         base = {k: v for k, v in rec.items() if k not in ("path", "mask")}
         base.update(extra, field=str(field), mask=str(mask_path), field_id=field_id)
+        ids, mask = _sequential(mask)  # objects 1..n: per-id work never scales with the largest id
         boxes = ndimage.find_objects(mask)
         if not any(b is not None for b in boxes):
             warnings.append(f"{mask_path}: label image has no objects; field {field.name} gives no cells")
@@ -337,10 +352,10 @@ def crop_fields(fields: Dataset, config, crops: str | Path, *, progress: bool = 
         for lab, (cy, cx) in zip(labels, centres, strict=True):
             ys, xs = boxes[lab - 1]
             y0, y1, x0, x1 = ys.start, ys.stop, xs.start, xs.stop
-            cell_id = f"{field_id}_{lab}"
+            cell_id = f"{field_id}_{ids[lab]}"  # the label image's own id
             row = {
                 **base,
-                "object": lab,
+                "object": int(ids[lab]),
                 "area": int(areas[lab]),
                 "centroid_y": float(cy),
                 "centroid_x": float(cx),
@@ -407,7 +422,7 @@ def preprocess_fields(fov, masks, config, crops, *, progress: bool = False):
         raise TprobeError(f"{fov}: no objects found in any field ({len(warnings)} empty label image(s))")
     if "crop_id" in manifest.columns:
         manifest["crop_id"] = manifest["crop_id"].fillna("").astype(str)
-    return Preprocessed(manifest, config, _fingerprint(manifest), pre.skipped), warnings
+    return Preprocessed(manifest, config, _fingerprint(manifest), pre.skipped), [*warnings, *pre.warnings]
 
 
 def draw_overlay(
@@ -430,10 +445,12 @@ def draw_overlay(
     from tprobe.data.preprocess import read_cell
 
     img = read_cell(field, config)[0]
-    labels = read_mask(mask, img.shape, max_pixels=config.max_pixels)
-    p = np.full(int(labels.max()) + 1, np.nan)
+    ids, labels = _sequential(read_mask(mask, img.shape, max_pixels=config.max_pixels))
+    p = np.full(len(ids), np.nan)
     for obj, value in p_by_object.items():
-        p[int(obj)] = value
+        k = int(np.searchsorted(ids, int(obj)))  # ids are sorted
+        if k < len(ids) and ids[k] == int(obj):
+            p[k] = value
     edge = find_boundaries(labels, mode="inner")
     cmap = plt.get_cmap("viridis")  # no red and no grey in it: red marks the objects not scored
     rgba = np.zeros((*labels.shape, 4))

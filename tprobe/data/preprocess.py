@@ -543,6 +543,7 @@ def preprocess(
     first = None  # (pixel type, path) of the first cell read: the others must share its bit depth
     above: list[AboveMaxValue] = []  # cells over --max-value: refused together, never skipped one by one
     untyped: list[UnsupportedPixels] = []  # signed/32-bit/float cells: refused together, counted
+    wide = [0, 0.0]  # 16-bit cells read, and their brightest pixel on the 8-bit scale
     records = dataset.table.to_dict("records")
     for rec in tqdm(records, desc="preprocess", unit="img", disable=None if progress else True):
         path = rec["path"]
@@ -570,6 +571,8 @@ def preprocess(
             rows.append({**base, "kept": False, "drop_reason": "unreadable"})
             continue
         first = first or (depth, path)
+        if depth == "uint16":
+            wide[0], wide[1] = wide[0] + 1, max(wide[1], float(img.max()))
         if first[0] != depth:
             raise ChannelError(
                 f"{path}: {bit_depth(depth)} pixels, but {first[1]} is {bit_depth(first[0])}; convert the "
@@ -608,7 +611,25 @@ def preprocess(
         )
     manifest = pd.DataFrame(rows)
     fingerprint = _fingerprint(manifest)
-    return Preprocessed(manifest, config, fingerprint, skipped)
+    return Preprocessed(manifest, config, fingerprint, skipped, warnings=_dark_16bit(config, *wide))
+
+
+def _dark_16bit(config: PreprocessConfig, n: int, brightest: float) -> list[str]:
+    """A warning when no 16-bit cell reaches 1/8 of ``--max-value`` (12-bit data under the default 65535):
+    every cell is then scaled dim, and the dim filter drops them without another hint."""
+    tops = config.max_value if isinstance(config.max_value, tuple) else (config.max_value,)
+    top = tops[config.channels.index(config.segment)] if len(tops) > 1 else tops[0]
+    top = 65535.0 if top is None else float(top)
+    raw = round(brightest * top / 255.0)  # the raw value: cells are scaled by 255 / top
+    if not n or raw >= top / 8:
+        return []
+    camera = next(2**b - 1 for b in (8, 10, 12, 14, 16) if raw <= 2**b - 1)
+    channel = f" (channel {config.segment})" if config.channels else ""
+    return [
+        f"the brightest pixel of the {n} 16-bit images{channel} is {raw}, under 1/8 of --max-value "
+        f"{top:g}: every cell is scaled to under 32 of 255, so the dim filter sees dark cells; give the "
+        f"camera's range, e.g. --max-value {camera} ({camera.bit_length()}-bit)"
+    ]
 
 
 def _ome_columns(path: str, config: PreprocessConfig) -> dict:

@@ -174,6 +174,8 @@ def predict(
     out["model_random_init"] = record.random_weights  # True: a plumbing check, not a result
     out = out.drop(columns="source_id").reset_index(drop=True)
     if masks is not None:
+        whole = ["object", "area", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1"]  # a field's row has none
+        out[whole] = out[whole].astype("Int64")
         out = out.sort_values(["field", "object"], kind="stable").reset_index(drop=True)
         if overlays is not None:
             _overlays(out, config, Path(overlays), record.random_weights)
@@ -210,9 +212,17 @@ def _crops(data, masks, config, cache):
     config = replace(config, fov=True)
     key = f"{Path(data).resolve()}|{Path(masks).resolve()}|{config.hash}"
     crops = Path(cache) / "fov-predict" / hashlib.sha256(key.encode()).hexdigest()[:12] / "crops"
+    before = len(fields.skipped)
     found, dropped, warnings = crop_fields(fields, config, crops)
     for line in warnings:
         log.warning("warning: %s", line)
+    # a field not cut (unreadable, a copy of another field) keeps its row too, as every input does
+    mask = dict(zip(map(str, fields.table["path"]), fields.table["mask"], strict=True))
+    for s in fields.skipped[before:]:
+        reason = "duplicate" if s.reason.startswith("same content as") else "unreadable"
+        dropped.append(
+            {"field": s.path, "mask": mask.get(s.path), "source_id": "", "kept": False, "drop_reason": reason}
+        )
     return found, dropped, config
 
 
@@ -225,7 +235,7 @@ def _overlays(out: pd.DataFrame, config, folder: Path, random_weights: bool) -> 
 
     fields = sorted(set(map(str, out["field"])))
     top = os.path.commonpath([os.path.dirname(f) for f in fields]) if fields else ""
-    for field, rows in out.groupby("field", sort=True):
+    for field, rows in out[out["object"].notna()].groupby("field", sort=True):  # a field not cut: none
         p = dict(zip(rows["object"], rows["p_activated"], strict=True))
         rel = os.path.relpath(str(field), top) if top else Path(str(field)).name  # donor_1/activated/f.tif
         stem = rel[: -len(".ome.tif")] if rel.lower().endswith(".ome.tif") else str(Path(rel).with_suffix(""))

@@ -161,6 +161,7 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         raise TprobeError(
             f"{root}: no run directories (readable metrics.json + config.json) found; run `tprobe probe` first"
         )
+    rows = _one_per_task(rows)
     out = (
         pd.DataFrame(rows)
         .sort_values(["family", "roc_auc_mean"], ascending=[True, False])
@@ -190,6 +191,42 @@ def ranked_runs(summary: pd.DataFrame) -> pd.DataFrame:
     held-out donors (one donor's AUC has no spread to rank by), or every run when none does."""
     many = summary[summary["n_donors"] >= MIN_RANKED_DONORS]
     return many if len(many) else summary
+
+
+def _one_per_task(rows: list[dict]) -> list[dict]:
+    """One run per task of a planned sweep (a folder holding ``sweep.json``, :func:`tprobe.probing.sweep.plan_sweep`).
+
+    A task run twice at once (a requeued array task and a local ``--resume``) leaves two complete run
+    folders of one pool x head there; the one the task's record (``tasks/<i>.json``) names counts (else
+    the first by path), the other is left out with a line."""
+    tasks: dict[tuple, list[dict]] = {}
+    for row in rows:
+        run = Path(row["run"])
+        if (run.parent / "sweep.json").is_file():  # sweep.PLAN_FILE (not imported: report starts light)
+            tasks.setdefault((str(run.parent), row["pool"], row["head"]), []).append(row)
+    dropped = set()
+    for (sweep, pool, head), group in tasks.items():
+        if len(group) < 2:
+            continue
+        named = set()
+        for rec in sorted(Path(sweep, "tasks").glob("*.json")):
+            try:
+                named.add(read_json(rec)["row"]["run"])
+            except (TprobeError, OSError, KeyError, TypeError):  # a damaged record names none
+                continue
+        keep = next((r for r in group if r["run_name"] in named), group[0])
+        for row in group:
+            if row is not keep:
+                dropped.add(id(row))
+                log.warning(
+                    "%s: a second run of sweep task %s · %s (the task ran twice at once: a requeued array "
+                    "task and a --resume?); left out of the report, which takes %s",
+                    row["run"],
+                    pool,
+                    head,
+                    keep["run_name"],
+                )
+    return [row for row in rows if id(row) not in dropped]
 
 
 REFERENCE_RULE = (
