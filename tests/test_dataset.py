@@ -218,6 +218,7 @@ def test_unlabelled_images_in_donor_class_folders_take_the_donor_folder(tmp_path
     assert t.loc[t["path"].str.endswith(src[0].name), "donor"].item() == "donor_1"
 
 
+@pytest.mark.refuses("donor folders inside class folders (`DIR/activated/donor_1/`) without Wang names")
 def test_donor_folders_inside_class_folders_are_refused_not_read_as_one_donor(tmp_path):
     """DIR/activated/donor_1/cell.png (class folders first, donors inside) with names that give no donor:
     every image was read as one donor, 'donor_unknown', without a line (no donor-held-out split is then
