@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -41,6 +42,31 @@ def copy_subset(dst: Path, donors=("donor_1", "donor_2"), per_class: int = 6) ->
 @pytest.fixture
 def small_data(tmp_path) -> Path:
     return copy_subset(tmp_path / "data")
+
+
+def donor_features(n_donors=4, cells=40, seed=0, one_class=(), shift=1.0, source=None):
+    """A FeatureSet of ``n_donors`` donors x ``cells`` cells (6 Gaussian features; activated cells shifted by
+    ``shift``, or ``shift(d)`` for donor d); donors named in ``one_class`` hold activated cells only."""
+    from tprobe.features.sources import FeatureSet
+
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    for d in range(1, n_donors + 1):
+        for c in range(cells):
+            label = 1 if f"donor_{d}" in one_class else int(c % 2)
+            X.append(rng.normal(0, 1, 6) + (shift(d) if callable(shift) else shift) * label)
+            rows.append(
+                {
+                    "image_id": f"d{d}c{c}",
+                    "path": f"donor_{d}/c{c}.png",
+                    "label": label,
+                    "donor": f"donor_{d}",
+                    "group": f"d{d}c{c}",
+                    "view": "orig",
+                }
+            )
+    src = source or {"kind": "table", "name": "syn"}
+    return FeatureSet(np.asarray(X, np.float32), pd.DataFrame(rows), src)
 
 
 def save_png(path: Path, arr: np.ndarray) -> Path:

@@ -5,29 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import donor_features
 
 from tprobe.features.sources import FeatureSet
 
 
 def _features(n_donors=4, cells=40, seed=0, one_class=()):
     """Two separable-ish classes per donor; donors in ``one_class`` hold activated cells only."""
-    rng = np.random.default_rng(seed)
-    rows, X = [], []
-    for d in range(1, n_donors + 1):
-        for c in range(cells):
-            label = 1 if f"donor_{d}" in one_class else int(c % 2)
-            X.append(rng.normal(0, 1, 6) + 1.0 * label)
-            rows.append(
-                {
-                    "image_id": f"d{d}c{c}",
-                    "path": f"donor_{d}/c{c}.png",
-                    "label": label,
-                    "donor": f"donor_{d}",
-                    "group": f"d{d}c{c}",
-                    "view": "orig",
-                }
-            )
-    return FeatureSet(np.asarray(X, np.float32), pd.DataFrame(rows), {"kind": "table", "name": "syn"})
+    return donor_features(n_donors, cells, seed, one_class)
 
 
 def test_report_bound_line_counts_the_donors_the_paired_test_used(tmp_path):

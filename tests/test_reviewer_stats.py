@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import donor_features
 
 from tprobe.probing.evaluate import METRICS, summarise
 from tprobe.science.curve import all_label, curve_band
@@ -244,26 +245,7 @@ def test_brier_and_ece_by_hand():
 
 
 def _synthetic(n_donors=3, cells=30, seed=0, source=None):
-    from tprobe.features.sources import FeatureSet
-
-    rng = np.random.default_rng(seed)
-    rows, X = [], []
-    for d in range(1, n_donors + 1):
-        for c in range(cells):
-            label = int(c % 2)
-            X.append(rng.normal(0, 1, 6) + 1.2 * label)
-            rows.append(
-                {
-                    "image_id": f"d{d}c{c}",
-                    "path": f"donor_{d}/c{c}.png",
-                    "label": label,
-                    "donor": f"donor_{d}",
-                    "group": f"d{d}c{c}",
-                    "view": "orig",
-                }
-            )
-    src = source or {"kind": "table", "name": "syn"}
-    return FeatureSet(np.asarray(X, np.float32), pd.DataFrame(rows), src)
+    return donor_features(n_donors, cells, seed, shift=1.2, source=source)
 
 
 def test_probe_run_reports_calibration_and_draws_a_reliability_diagram(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import copy_subset
+from conftest import copy_subset, donor_features
 
 from tprobe.errors import TprobeError
 from tprobe.features.sources import FeatureSet
@@ -188,23 +188,8 @@ def test_a_rebuilt_projection_that_differs_from_the_trained_one_is_refused(tmp_p
 # ---- 4. report: n_donors counts the donors of the means; a one-donor run is never the unmarked best ----------
 def _uneven(one_class=(), seed=0):
     """Four donors; donor_1's classes far apart (AUC ~1 when it is held out), the others' barely."""
-    rng = np.random.default_rng(seed)
-    rows, X = [], []
-    for d in range(1, 5):
-        for c in range(30):
-            label = 1 if f"donor_{d}" in one_class else c % 2
-            X.append(rng.normal(0, 1, 6) + (4.0 if d == 1 else 0.3) * label)
-            rows.append(
-                {
-                    "image_id": f"d{d}c{c}",
-                    "path": f"donor_{d}/c{c}.png",
-                    "label": label,
-                    "donor": f"donor_{d}",
-                    "group": f"d{d}c{c}",
-                    "view": "orig",
-                }
-            )
-    return FeatureSet(np.asarray(X, np.float32), pd.DataFrame(rows), {"kind": "table", "name": "uneven"})
+    shift = lambda d: 4.0 if d == 1 else 0.3  # noqa: E731
+    return donor_features(4, 30, seed, one_class, shift, {"kind": "table", "name": "uneven"})
 
 
 def test_report_n_donors_is_the_donors_its_means_cover(tmp_path):
