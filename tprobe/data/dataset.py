@@ -189,6 +189,16 @@ def table_rows(table_path: Path, *rows: int) -> str:
     return f"{word} {nums} ({'line 1 is the header' if csv else 'counted from 1'})"
 
 
+def listed_once(table_path: Path, seen: dict, i: int, path: Path, shown, what: str) -> None:
+    """Refuse a table's ``i``-th row when an earlier one (``seen``: resolved path -> row) lists the same file."""
+    same = os.path.normpath(os.path.abspath(path))
+    if same in seen:
+        raise TprobeError(
+            f"{table_path}: {table_rows(table_path, seen[same], i)} both list {shown}; keep one row per {what}"
+        )
+    seen[same] = i
+
+
 def _walk(top: Path, skipped: list | None = None) -> tuple[list[Path], list[Path]]:
     """Every folder and every other entry under ``top``, in name order, following symlinked folders.
 
@@ -439,13 +449,7 @@ def _from_table(table_path: Path) -> Dataset:
     for i, rec in enumerate(df.to_dict("records")):
         path = Path(str(rec["path"]))
         path = path if path.is_absolute() else table_path.parent / path
-        same = os.path.normpath(os.path.abspath(path))
-        if same in seen:
-            raise TprobeError(
-                f"{table_path}: {table_rows(table_path, seen[same], i)} both list {rec['path']}; "
-                "keep one row per image"
-            )
-        seen[same] = i
+        listed_once(table_path, seen, i, path, rec["path"], "image")
         label = _label_of(str(rec["label"]).strip().removesuffix(".0"))
         if label is None:
             skipped.append(

@@ -31,7 +31,6 @@ be drawn back onto its field. ``crop_id`` is the crop file's own hash (checked w
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 from dataclasses import replace
@@ -149,13 +148,7 @@ def _fields_table(path: Path) -> Dataset:
     for i, rec in enumerate(df.to_dict("records")):
         field, mask = (Path(str(rec[c])) for c in ("path", "mask"))
         field, mask = (p if p.is_absolute() else path.parent / p for p in (field, mask))
-        same = os.path.normpath(os.path.abspath(field))
-        if same in seen:
-            raise TprobeError(
-                f"{path}: {ds_mod.table_rows(path, seen[same], i)} both list {rec['path']}; keep one "
-                "row per field"
-            )
-        seen[same] = i
+        ds_mod.listed_once(path, seen, i, field, rec["path"], "field")
         if str(rec["mask"]).strip() in ("", "nan") or not mask.exists():
             raise TprobeError(
                 f"{path}: {ds_mod.table_rows(path, i)}: mask {rec['mask']} of {field} is missing; "
