@@ -1,3 +1,3 @@
 """tprobe's version (read by the build and recorded in every store and run)."""
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
