@@ -157,6 +157,24 @@ def test_sign_flip_test_is_exact_beyond_20_donors():
     assert 0 < p <= 1
 
 
+def test_sign_flip_test_above_40_donors_uses_seeded_random_patterns_and_says_so(tmp_path):
+    """Above 40 donors the exact count stopped on a ValueError (`tprobe report` exit 1). It now draws 100,000
+    seeded sign patterns, p = (1 + k) / (1 + draws): close to the exact p where both exist, the same on
+    every call, never 0, and the paired table says how it was computed."""
+    from tprobe.stats import SIGN_FLIP_NOTE, sign_flip_test, sign_flip_test_mc
+
+    rng = np.random.default_rng(1)
+    for n in (12, 22, 30):  # the Monte Carlo p against the exact one (binomial sd <= 0.0016 at 100k draws)
+        d = rng.normal(0.01, 0.03, n)
+        assert sign_flip_test_mc(d) == pytest.approx(sign_flip_test(d), abs=0.01)
+    d = rng.normal(0.02, 0.05, 50)
+    p = sign_flip_test(d)
+    assert p == sign_flip_test(d) == sign_flip_test_mc(d) and 0 < p <= 1
+    assert sign_flip_test(np.full(50, 0.1)) == pytest.approx(1 / 100_001)  # never 0
+    assert sign_flip_test(np.zeros(45)) == 1.0
+    assert "random sign patterns" in SIGN_FLIP_NOTE
+
+
 @pytest.mark.refuses("a probe fold whose training donors hold one class")
 @pytest.mark.parametrize("head", ["mlp", "logreg"])
 def test_a_fold_whose_training_donors_hold_one_class_is_refused(head):
