@@ -30,12 +30,17 @@ def temp_path(path: str | Path) -> Path:
 
 def atomic_write(path: str | Path, write) -> None:
     """Write ``path`` through a private temp file (``write(tmp)``, :func:`temp_path`), fsync it, rename it
-    into place, fsync the folder: readers see the old file or the whole new one, never a part."""
+    into place, fsync the folder: readers see the old file or the whole new one, never a part. A write
+    that fails (a full disk, a damaged input) removes its temp file and leaves ``path`` as it was."""
     path = Path(path)
     tmp = temp_path(path)
-    write(tmp)
-    fsync_path(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)
 
 

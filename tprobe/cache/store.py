@@ -61,7 +61,7 @@ from tprobe.errors import TprobeError
 if TYPE_CHECKING:
     import pandas as pd
 
-from tprobe.cache.files import atomic_write, fsync_all, fsync_path, temp_path
+from tprobe.cache.files import atomic_write, fsync_all, fsync_path
 from tprobe.cache.keys import (
     COMPRESSIONS,
     DEFAULT_COMPRESSION,
@@ -952,8 +952,7 @@ class FeatureStore:
             else:
                 try:
                     atomic_write(self.path, lambda p: self._assemble_h5(p, meta))
-                except _DamagedParts as exc:
-                    _remove(temp_path(self.path))
+                except _DamagedParts as exc:  # atomic_write removed its temp file
                     raise TprobeError(self._redo_line(exc.units)) from None
             # one atomic step turns the store complete; a concurrent sealer that lost the race finds it gone
             trash = self.path.with_name(f"{self.path.name}.sealed-{os.getpid()}")

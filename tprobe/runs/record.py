@@ -109,18 +109,13 @@ def _nan_to_none(obj):
 def write_json(path: Path, obj) -> None:
     """Write JSON with NaN as null (strict JSON), leaving strings that mention NaN alone.
 
-    Through a temp file renamed into place: a write that fails (a full disk, a kill) leaves the file as it
-    was, never cut (a cut config.json would make an interrupted fine-tuning run impossible to resume)."""
-    import os
+    Through :func:`~tprobe.cache.files.atomic_write`: a write that fails (a full disk, a kill) leaves the
+    file as it was, never cut (a cut config.json would make an interrupted fine-tuning run impossible to
+    resume)."""
+    from tprobe.cache.files import atomic_write
 
     text = json.dumps(_nan_to_none(obj), indent=2, default=_default, allow_nan=False)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def read_json(path: Path) -> dict:
