@@ -24,6 +24,7 @@ from sklearn.metrics import (
 from sklearn.model_selection import GroupKFold
 
 from tprobe.errors import TprobeError
+from tprobe.features.sources import CLASS_NAMES
 
 __all__ = [
     "Evaluation",
@@ -34,6 +35,7 @@ __all__ = [
     "one_donor",
     "check_labels",
     "check_train_classes",
+    "checked_plan",
     "check_train_donors",
     "nested_cv",
     "donor_metrics",
@@ -157,16 +159,34 @@ def check_labels(meta: pd.DataFrame) -> None:
 def check_train_classes(plan: list[Fold], meta: pd.DataFrame) -> None:
     """Raise if a fold's training rows hold one class: a head fitted on them scores nothing (the MLP fitted
     one anyway, and its AUC was reported; the other heads stopped on scikit-learn's errors)."""
-    names = {1: "activated", 0: "quiescent"}
     for f in plan:
         classes = np.unique(meta["label"].iloc[f.train])
         if len(classes) < 2:
             donors = sorted(set(meta["donor"].iloc[f.train].astype(str)))
             raise TprobeError(
                 f"fold {f.index} (held out {', '.join(f.test_donors)}): its training donors "
-                f"({', '.join(donors)}) hold only {names.get(classes[0], classes[0])} cells, and a head needs "
+                f"({', '.join(donors)}) hold only {CLASS_NAMES.get(classes[0], classes[0])} cells, and a head needs "
                 "both classes to learn: add donors with both classes, or hold out others (--split)"
             )
+
+
+def checked_plan(
+    meta: pd.DataFrame,
+    split: str = "leave-one-donor-out",
+    *,
+    test_donor: str | None = None,
+    n_splits: int = 5,
+    what: str = "probe",
+) -> list[Fold]:
+    """:func:`split_plan`'s folds for a head fitted on ``meta`` (a ``what``: probe, curve), checked: labels
+    0/1 and both classes, no cell or donor on both sides, both classes in every fold's training rows."""
+    check_labels(meta)
+    if meta["label"].nunique() < 2:
+        raise TprobeError(f"the data has one class only; a {what} needs activated and quiescent cells")
+    plan = split_plan(meta, split, test_donor=test_donor, n_splits=n_splits)
+    check_plan(plan, meta)
+    check_train_classes(plan, meta)
+    return plan
 
 
 def check_train_donors(plan: list[Fold], meta: pd.DataFrame, *, what: str, split: str) -> None:

@@ -14,7 +14,7 @@ from tprobe.cache.keys import DEFAULT_CACHE
 from tprobe.data.dataset import discover_unlabelled
 from tprobe.data.preprocess import preprocess
 from tprobe.errors import ChannelError, TprobeError
-from tprobe.features.sources import from_store
+from tprobe.features.sources import CLASS_NAMES, from_store
 from tprobe.models.backbones import normalisation, resolve_model
 from tprobe.probing.run import load_head
 from tprobe.runs.record import RunRecord, inside
@@ -170,7 +170,7 @@ def predict(
         # by content, so only a kept row: a dropped copy of a scored image (a "duplicate") has no probability
         out["p_activated"] = out["source_id"].map(p).where(out["kept"].eq(True))
     out["label"] = (out["p_activated"] >= threshold).astype("Int64").where(out["kept"])
-    out["label_name"] = out["label"].map({1: "activated", 0: "quiescent"})
+    out["label_name"] = out["label"].map(CLASS_NAMES)
     out["model_random_init"] = record.random_weights  # True: a plumbing check, not a result
     out = out.drop(columns="source_id").reset_index(drop=True)
     if masks is not None:

@@ -20,13 +20,10 @@ from sklearn.pipeline import Pipeline
 from tprobe.errors import TprobeError
 from tprobe.features.sources import NORMALIZE, FeatureSet, donor_center
 from tprobe.probing.evaluate import (
-    check_labels,
-    check_plan,
-    check_train_classes,
+    checked_plan,
     evaluate,
     inner_search,
     nested_cv,
-    split_plan,
 )
 from tprobe.probing.fastcv import FoldProgress, nested_cv_fast, projected
 from tprobe.probing.heads import (
@@ -133,12 +130,7 @@ class ProbeRun:
         self._validate()
         t0 = time.perf_counter()
         meta = fs.meta
-        check_labels(meta)
-        if meta["label"].nunique() < 2:
-            raise TprobeError("the data has one class only; a probe needs activated and quiescent cells")
-        plan = split_plan(meta, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
-        check_plan(plan, meta)
-        check_train_classes(plan, meta)
+        plan = checked_plan(meta, self.split, test_donor=self.test_donor, n_splits=self.n_splits)
         n_train = (
             len(meta) if (self.tta or self.train_views == "all") else int((meta["view"] == "orig").sum())
         )

@@ -40,9 +40,9 @@ from joblib import Parallel, delayed
 from sklearn.metrics import average_precision_score, balanced_accuracy_score, roc_auc_score
 
 from tprobe.errors import TprobeError
-from tprobe.features.sources import NORMALIZE, FeatureSet, donor_center
+from tprobe.features.sources import CLASS_NAMES, NORMALIZE, FeatureSet, donor_center
 from tprobe.models.random_weights import is_random
-from tprobe.probing.evaluate import check_labels, check_plan, check_train_classes, split_plan
+from tprobe.probing.evaluate import checked_plan
 from tprobe.probing.heads import HEADS, make_head
 from tprobe.science import TRAIN_VIEWS
 
@@ -160,12 +160,8 @@ class LabelCurve:
         """One source and one head: (results, draws, seconds)."""
         t0 = time.perf_counter()
         meta = fs.meta.reset_index(drop=True)
-        check_labels(meta)
-        if meta["label"].nunique() < 2:
-            raise TprobeError("the data has one class only; a curve needs activated and quiescent cells")
-        plan = split_plan(meta, self.split, test_donor=self.test_donor)
-        check_plan(plan, meta)
-        check_train_classes(plan, meta)  # such a fold's draws never hold both classes: it was left out
+        # a fold whose training donors hold one class is refused: its draws never held both (it was left out)
+        plan = checked_plan(meta, self.split, test_donor=self.test_donor, what="curve")
         self._check_shots(meta, plan)
         X = fs.X
         if self.max_dims is not None and X.shape[1] > self.max_dims:
@@ -226,7 +222,7 @@ class LabelCurve:
                     k = min(k for k in ks if k > n)
                     raise TprobeError(
                         f"--shots {k}: the training donors of held-out {','.join(fold.test_donors)} hold "
-                        f"{n} {'activated' if c else 'quiescent'} cells, fewer than {k} per class; use "
+                        f"{n} {CLASS_NAMES[c]} cells, fewer than {k} per class; use "
                         f"--shots up to {n} (all draws every cell)"
                     )
 

@@ -44,7 +44,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from tprobe.errors import TprobeError
-from tprobe.features.sources import FeatureSet
+from tprobe.features.sources import CLASS_NAMES, FeatureSet
 
 __all__ = [
     "EmbeddingMap",
@@ -190,7 +190,7 @@ def diagnose(data: MapData, *, seed: int = 0) -> dict:
     if len(meta) < 10:
         raise TprobeError(f"{data.name}: {len(meta)} cells; the diagnostics need at least 10")
     groups = meta["group"].astype(str).to_numpy()
-    label = meta["label"].map({1: "activated", 0: "quiescent"}).fillna(meta["label"].astype(str))
+    label = meta["label"].map(CLASS_NAMES).fillna(meta["label"].astype(str))
     targets = {"activation": label, "donor": meta["donor"]}
     if meta["batch"].notna().all():
         targets["batch"] = meta["batch"]
@@ -525,7 +525,7 @@ def plot_map(
         squeeze=False,
         layout="constrained",
     )
-    label = coords["label"].map({1: "activated", 0: "quiescent"}).fillna(coords["label"].astype(str))
+    label = coords["label"].map(CLASS_NAMES).fillna(coords["label"].astype(str))
     ev = coords.attrs.get("pca_explained")
     plural = {"activation": "classes", "donor": "donors", "imaging batch": "imaging batches"}
     for r, m in enumerate(methods):

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from tprobe.data.preprocess import PreprocessConfig, load_view
 from tprobe.errors import TprobeError
+from tprobe.features.sources import CLASS_NAMES
 from tprobe.train import PRECISIONS
 
 __all__ = [
@@ -107,7 +108,7 @@ def pick_validation_donor(rows: pd.DataFrame, fold_index: int) -> str:
     if (
         len(rest) and rest["label"].nunique() < 2
     ):  # the network would learn from one class (and its AUC be reported)
-        kind = {1: "activated", 0: "quiescent"}.get(rest["label"].iloc[0], rest["label"].iloc[0])
+        kind = CLASS_NAMES.get(rest["label"].iloc[0], rest["label"].iloc[0])
         raise TprobeError(
             f"fold {fold_index}: with {val} held out for early stopping, the other training donors "
             f"({', '.join(sorted(map(str, set(rest['donor']))))}) hold only {kind} cells: add donors with both classes"
