@@ -193,6 +193,11 @@ def ranked_runs(summary: pd.DataFrame) -> pd.DataFrame:
     return many if len(many) else summary
 
 
+def _top(runs: pd.DataFrame) -> pd.Series:
+    """The run of ``runs`` with the highest mean ROC AUC."""
+    return runs.loc[runs["roc_auc_mean"].astype(float).idxmax()]
+
+
 def _one_per_task(rows: list[dict]) -> list[dict]:
     """One run per task of a planned sweep (a folder holding ``sweep.json``, :func:`tprobe.probing.sweep.plan_sweep`).
 
@@ -568,7 +573,7 @@ def _img(path: Path, caption: str) -> str:
 
 def _headline(summary: pd.DataFrame) -> list[str]:
     ranked = ranked_runs(summary)
-    best = ranked.loc[ranked["roc_auc_mean"].astype(float).idxmax()]
+    best = _top(ranked)
     lines = [
         f"Best measured run by mean ROC AUC: {best['family']} · {best['model']} (`{best['run_name']}`)"
         + (f" — **{RANDOM_MARK}**." if best["random_init"] else ".")
@@ -586,7 +591,7 @@ def _headline(summary: pd.DataFrame) -> list[str]:
         )
     real = ranked[~ranked["random_init"].astype(bool)]
     if best["random_init"] and len(real):
-        b = real.loc[real["roc_auc_mean"].astype(float).idxmax()]
+        b = _top(real)
         lines.append(
             f"Best run without random weights: {b['family']} · {b['model']} (`{b['run_name']}`), "
             f"mean ROC AUC {b['roc_auc_mean']:.3f}."
@@ -784,14 +789,8 @@ def _render(report: Report, dots: Path, variant_fig: Path | None = None) -> tupl
         if variant_fig
         else []
     )
-    ranked = ranked_runs(summary)  # the "best" figures: from the runs the headline ranks
-    best = ranked.loc[ranked["roc_auc_mean"].astype(float).idxmax()]
-    best_per_family = pd.DataFrame(
-        [
-            ranked_runs(g).loc[ranked_runs(g)["roc_auc_mean"].astype(float).idxmax()]
-            for _, g in summary.groupby("family")
-        ]
-    )
+    best = _top(ranked_runs(summary))  # the "best" figures: from the runs the headline ranks
+    best_per_family = pd.DataFrame([_top(ranked_runs(g)) for _, g in summary.groupby("family")])
     cells = sorted(set(summary["n_cells"]))
     cells_txt = (
         f"{cells[0]:,} cells scored per run"
