@@ -301,10 +301,11 @@ def _from_folders(root: Path, group=None) -> Dataset:
                     for p in direct
                 ]
             continue
+        sub_folders, sub_files = _walk(sub)  # once: the checks below read both
         inner = next(  # a numbered folder inside a named class (quiescent/1/: a plate) is no class
             (
                 f
-                for f in _walk(sub)[0]
+                for f in sub_folders
                 if _label_of(f.name) not in (None, label) and (sub.name.isdigit() or not f.name.isdigit())
             ),
             None,
@@ -322,7 +323,7 @@ def _from_folders(root: Path, group=None) -> Dataset:
             _refuse_inner_donor(root, sub, cells)
         other = [
             f
-            for f in _walk(sub)[1]
+            for f in sub_files
             if not f.name.startswith(".") and f.suffix.lower() not in images.IMAGE_SUFFIXES
         ]
         if not cells and other:  # never lose a class without a line
